@@ -1,0 +1,51 @@
+#pragma once
+// One thread pool for all of spex: OpenMP when the build has it, serial otherwise.
+// Parallelize at one level only (DESIGN.md, Threading): inside parallel_for, Eigen's GEMMs see
+// an active parallel region and run single-threaded, so the two pools never nest.
+#include <exception>
+#include <mutex>
+
+#include "types.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace spex {
+
+/// Threads a parallel_for may use (OMP_NUM_THREADS / omp_set_num_threads), 1 without OpenMP.
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+/// Runs f(i, thread) for i in [0, n), statically partitioned over at most max_threads()
+/// threads; `thread` is in [0, max_threads()) and picks the caller's per-thread scratch.
+/// The first exception thrown by any f is rethrown on the calling thread after all finish.
+template <class F>
+void parallel_for(Index n, F&& f) {
+  if (n <= 0) return;
+#if defined(_OPENMP)
+  if (n > 1 && max_threads() > 1 && !omp_in_parallel()) {
+    std::exception_ptr error;
+    std::mutex error_mutex;
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < n; ++i) {
+      try {
+        f(i, omp_get_thread_num());
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  for (Index i = 0; i < n; ++i) f(i, 0);
+}
+
+}  // namespace spex

@@ -1,0 +1,67 @@
+#pragma once
+// A small seeded generator with the same sequence on every platform and standard library
+// (std::normal_distribution is implementation-defined), and the initializers the specs name.
+#include <cmath>
+#include <cstdint>
+
+#include "types.hpp"
+
+namespace spex {
+
+/// splitmix64: fast, 64-bit state, good enough for initialization and synthetic data.
+class Rng {
+ public:
+  explicit Rng(std::uint64_t seed = 0) : state_(seed) {}
+
+  std::uint64_t next_u64() {
+    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  /// Uniform in [0, 1) with 53 random bits.
+  double uniform() { return static_cast<double>(next_u64() >> 11) * (1.0 / 9007199254740992.0); }
+  double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
+  /// Uniform integer in [0, n).
+  std::uint64_t below(std::uint64_t n) { return n == 0 ? 0 : next_u64() % n; }
+  /// Standard normal (Box-Muller; the second value is kept for the next call).
+  double normal() {
+    if (has_spare_) {
+      has_spare_ = false;
+      return spare_;
+    }
+    double u1 = uniform();
+    while (u1 <= 0.0) u1 = uniform();
+    const double u2 = uniform();
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    const double t = 6.283185307179586 * u2;
+    spare_ = r * std::sin(t);
+    has_spare_ = true;
+    return r * std::cos(t);
+  }
+  /// An independent stream for a named sub-part (e.g. one table of a layer).
+  Rng split(std::uint64_t salt) { return Rng(next_u64() ^ (salt * 0xD1B54A32D192ED03ull)); }
+
+ private:
+  std::uint64_t state_;
+  double spare_ = 0.0;
+  bool has_spare_ = false;
+};
+
+/// Fills m with U(lo, hi).
+template <class Derived>
+void fill_uniform(Eigen::DenseBase<Derived>& m, double lo, double hi, Rng& rng) {
+  for (Eigen::Index r = 0; r < m.rows(); ++r)
+    for (Eigen::Index c = 0; c < m.cols(); ++c)
+      m(r, c) = static_cast<typename Derived::Scalar>(rng.uniform(lo, hi));
+}
+
+/// Fills m with N(0, stddev^2).
+template <class Derived>
+void fill_normal(Eigen::DenseBase<Derived>& m, double stddev, Rng& rng) {
+  for (Eigen::Index r = 0; r < m.rows(); ++r)
+    for (Eigen::Index c = 0; c < m.cols(); ++c)
+      m(r, c) = static_cast<typename Derived::Scalar>(stddev * rng.normal());
+}
+
+}  // namespace spex

@@ -1,0 +1,33 @@
+#pragma once
+// Shared types: a batch is a row-major matrix, one token per row, so a token's vector is
+// contiguous. Public functions take CMatRef for inputs and MatRef for outputs: callers pass
+// their own matrices, blocks or Eigen::Maps over their own buffers, with no copies.
+#include <cstdint>
+
+#include <Eigen/Core>
+
+namespace spex {
+
+/// Signed index for rows, columns and expert ids (N up to 2^31 and beyond must work).
+using Index = std::int64_t;
+
+template <class T>
+using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// Read-only view of a row-major matrix with any row stride (a Map, a block, a whole matrix).
+template <class T>
+using CMatRef = Eigen::Ref<const RowMat<T>, 0, Eigen::OuterStride<>>;
+
+/// Writable view of a row-major matrix with any row stride.
+template <class T>
+using MatRef = Eigen::Ref<RowMat<T>, 0, Eigen::OuterStride<>>;
+
+/// Expert ids of a batch: one row per token.
+using IndexMat = RowMat<Index>;
+using IndexMatRef = MatRef<Index>;
+using CIndexMatRef = CMatRef<Index>;
+
+template <class T>
+using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+}  // namespace spex

@@ -1,0 +1,51 @@
+#pragma once
+// The SIMD layer's common ground. Kernels are templates on `Arch` (default: the best ISA the
+// translation unit's compiler flags enable); there is no runtime dispatch, because xsimd 8.1
+// cannot instantiate an ISA's batch in a TU compiled without that ISA's flags.
+// Kernels work on pointers and lengths only and never include Eigen.
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include <xsimd/xsimd.hpp>
+
+#if defined(XSIMD_NO_SUPPORTED_ARCHITECTURE)
+#define SPEX_SIMD 0
+#else
+#define SPEX_SIMD 1
+#endif
+
+namespace spex {
+
+#if SPEX_SIMD
+using default_arch = xsimd::default_arch;
+#else
+/// No SIMD ISA is enabled: every kernel runs its scalar twin.
+struct default_arch {
+  static constexpr const char* name() { return "scalar"; }
+};
+#endif
+
+namespace kernels {
+
+template <class T>
+constexpr bool is_simd_scalar_v = std::is_same<T, float>::value || std::is_same<T, double>::value;
+
+/// Lanes of a batch of T on Arch (1 without SIMD).
+template <class T, class Arch>
+constexpr std::size_t simd_width() {
+#if SPEX_SIMD
+  return xsimd::batch<T, Arch>::size;
+#else
+  return 1;
+#endif
+}
+
+/// Hints the hardware to bring the first `lines` cache lines at p into cache.
+inline void prefetch_lines(const void* p, int lines) {
+  const char* c = static_cast<const char*>(p);
+  for (int i = 0; i < lines; ++i) __builtin_prefetch(c + 64 * i, 0, 3);
+}
+
+}  // namespace kernels
+}  // namespace spex

@@ -1,0 +1,64 @@
+#include <atomic>
+#include <set>
+
+#include <spex/core/check.hpp>
+#include <spex/core/parallel.hpp>
+#include <spex/core/random.hpp>
+#include <spex/core/types.hpp>
+
+#include "test_util.hpp"
+
+using namespace spex;
+
+TEST_CASE("SPEX_CHECK throws spex::Error with the message", "[core]") {
+  auto f = [](int x) { SPEX_CHECK(x > 0, "x = " << x << " must be positive"); };
+  CHECK_NOTHROW(f(1));
+  CHECK_THROWS_AS(f(0), Error);
+  CHECK_THROWS_WITH(f(-3), Catch::Contains("x = -3 must be positive"));
+}
+
+TEST_CASE("check_finite and check_shape name the argument", "[core]") {
+  RowMat<float> m = RowMat<float>::Zero(3, 4);
+  CHECK_NOTHROW(check_finite(m, "m"));
+  m(2, 1) = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH(check_finite(m, "queries"), Catch::Contains("queries") && Catch::Contains("(2, 1)"));
+  CHECK_THROWS_WITH(check_shape(m, 3, 5, "scores"), Catch::Contains("scores is 3 x 4, expected 3 x 5"));
+}
+
+TEST_CASE("Rng is deterministic and its normals have the right moments", "[core]") {
+  Rng a(42), b(42), c(43);
+  for (int i = 0; i < 10; ++i) CHECK(a.next_u64() == b.next_u64());
+  CHECK(Rng(42).next_u64() != c.next_u64());
+  Rng r(7);
+  const int n = 200000;
+  double s = 0, s2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const double x = r.normal();
+    s += x;
+    s2 += x * x;
+  }
+  CHECK(s / n == Approx(0.0).margin(0.01));
+  CHECK(s2 / n == Approx(1.0).epsilon(0.01));
+  double u_min = 1, u_max = 0;
+  for (int i = 0; i < 10000; ++i) {
+    const double u = r.uniform(-2, 3);
+    u_min = std::min(u_min, u);
+    u_max = std::max(u_max, u);
+  }
+  CHECK(u_min >= -2);
+  CHECK(u_max < 3);
+  CHECK(u_min < -1.99);
+  CHECK(u_max > 2.99);
+}
+
+TEST_CASE("parallel_for visits every index once and rethrows the first error", "[core]") {
+  std::vector<std::atomic<int>> hits(1000);
+  parallel_for(1000, [&](Index i, int thread) {
+    CHECK(thread >= 0);
+    CHECK(thread < max_threads());
+    hits[i]++;
+  });
+  for (auto& h : hits) CHECK(h.load() == 1);
+  CHECK_THROWS_AS(parallel_for(100, [](Index i, int) { SPEX_CHECK(i != 57, "bad index " << i); }), Error);
+  parallel_for(0, [](Index, int) { FAIL("called for an empty range"); });
+}

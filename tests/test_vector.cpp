@@ -1,0 +1,47 @@
+#include <spex/kernels/vector.hpp>
+
+#include "test_util.hpp"
+
+using namespace spex;
+using spex_test::randn;
+
+TEMPLATE_TEST_CASE("dot, sum and max match the scalar twins on every length and misalignment", "[kernels]", float,
+                   double) {
+  using T = TestType;
+  for (std::size_t off : {0, 1})
+    for (std::size_t n : spex_test::kernel_lengths<T>()) {
+      CAPTURE(n, off);
+      const auto x = randn<T>(n, 1 + n, off), y = randn<T>(n, 2 + n, off);
+      const T* px = x.data() + off;
+      const T* py = y.data() + off;
+      const double scale = std::sqrt(double(n)) + 1;
+      CHECK(kernels::dot(px, py, n) == Approx(kernels::scalar::dot(px, py, n)).margin(spex_test::tol<T>() * scale));
+      CHECK(kernels::sum(px, n) == Approx(kernels::scalar::sum(px, n)).margin(spex_test::tol<T>() * scale));
+      CHECK(kernels::max(px, n) == kernels::scalar::max(px, n));
+    }
+}
+
+TEMPLATE_TEST_CASE("axpy and scale match the scalar twins", "[kernels]", float, double) {
+  using T = TestType;
+  for (std::size_t off : {0, 1})
+    for (std::size_t n : spex_test::kernel_lengths<T>()) {
+      CAPTURE(n, off);
+      const auto x = randn<T>(n, 3 + n, off);
+      auto y = randn<T>(n, 4 + n, off), y_ref = y;
+      kernels::axpy(T(0.75), x.data() + off, y.data() + off, n);
+      kernels::scalar::axpy(T(0.75), x.data() + off, y_ref.data() + off, n);
+      for (std::size_t i = 0; i < y.size(); ++i) CHECK(y[i] == Approx(y_ref[i]).margin(spex_test::tol<T>()));
+      kernels::scale(T(-1.5), y.data() + off, n);
+      kernels::scalar::scale(T(-1.5), y_ref.data() + off, n);
+      for (std::size_t i = 0; i < y.size(); ++i) CHECK(y[i] == Approx(y_ref[i]).margin(spex_test::tol<T>()));
+    }
+}
+
+TEST_CASE("max skips NaN and is -inf on an empty range", "[kernels]") {
+  std::vector<float> v(37, -5.f);
+  v[3] = std::numeric_limits<float>::quiet_NaN();
+  v[20] = 2.f;
+  v[36] = std::numeric_limits<float>::quiet_NaN();
+  CHECK(kernels::max(v.data(), v.size()) == 2.f);
+  CHECK(kernels::max(v.data(), 0) == -std::numeric_limits<float>::infinity());
+}
