@@ -54,4 +54,13 @@ void check_shape(const Mat& m, Eigen::Index rows, Eigen::Index cols, const char*
              what << " is " << m.rows() << " x " << m.cols() << ", expected " << rows << " x " << cols);
 }
 
+/// Throws unless every id lies in [0, n), naming the first bad one.
+template <class Mat>
+void check_ids(const Mat& ids, Index n) {
+  for (Eigen::Index r = 0; r < ids.rows(); ++r)
+    for (Eigen::Index c = 0; c < ids.cols(); ++c)
+      SPEX_CHECK(ids(r, c) >= 0 && ids(r, c) < n,
+                 "expert id " << ids(r, c) << " at (" << r << ", " << c << ") is outside [0, " << n << ")");
+}
+
 }  // namespace spex

@@ -30,4 +30,22 @@ using CIndexMatRef = CMatRef<Index>;
 template <class T>
 using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 
+namespace detail {
+template <class T>
+struct identity {
+  using type = T;
+};
+}  // namespace detail
+
+/// Keeps a parameter out of template argument deduction, so that a RowMat<T> argument can bind
+/// to a CMatRef<T> parameter of a function template that deduces T elsewhere.
+template <class T>
+using no_deduce = typename detail::identity<T>::type;
+
+/// Pointer to row r of a row-major matrix or view (const views have no lvalue operator()).
+template <class M>
+auto row_ptr(M& m, Index r) -> decltype(m.data()) {
+  return m.data() + r * m.outerStride();
+}
+
 }  // namespace spex

@@ -6,43 +6,100 @@
 // increasing order, a score equal to the threshold can never win its tie, so the filter
 // is a strict '>'.
 // NaN scores are never selected; a row with fewer than k other scores pads with -inf / -1.
+#include <algorithm>
+
 #include "scalar/topk.hpp"
 #include "simd.hpp"
 
 namespace spex::kernels {
 
+namespace detail {
+#if SPEX_SIMD
+/// Bit l set iff lane l of `m` is true (xsimd 8.1 has no batch_bool::mask()): select the
+/// lane weights 2^l and add them up; exact, since W <= 16 keeps the sum below 2^24.
+template <class Arch, class T>
+std::uint32_t lane_bits(const xsimd::batch_bool<T, Arch>& m) {
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  static_assert(W <= 16, "lane_bits packs at most 16 lanes");
+  alignas(Arch::alignment()) T w[W];
+  for (std::size_t l = 0; l < W; ++l) w[l] = static_cast<T>(1u << l);
+  return static_cast<std::uint32_t>(xsimd::hadd(xsimd::select(m, B::load_aligned(w), B(T(0)))));
+}
+#endif
+}  // namespace detail
+
 /// Offers scores[0..n) with ids first_id + i to the top-k heap (vals, ids, size) of
 /// capacity k. Successive calls for one heap must pass increasing ids (blocks in order).
+/// Scores below `floor` are skipped: pass a value known to be <= the k-th best score of the
+/// whole row (or -inf) to keep them off the heap while it fills.
 template <class Arch = default_arch, class T>
 void topk_push_block(const T* scores, std::size_t n, std::int64_t first_id, std::size_t k, T* vals,
-                     std::int64_t* ids, std::size_t& size) {
+                     std::int64_t* ids, std::size_t& size, T floor = -std::numeric_limits<T>::infinity()) {
   if (k == 0) return;
   std::size_t i = 0;
-  // Fill phase: the first k non-NaN scores go in unconditionally.
-  for (; i < n && size < k; ++i)
-    if (!std::isnan(scores[i])) heap::push(vals, ids, size, scores[i], first_id + static_cast<std::int64_t>(i));
-  if (i == n) return;
 #if SPEX_SIMD
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
-  B thr(vals[0]);
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const B v0 = B::load_unaligned(scores + i), v1 = B::load_unaligned(scores + i + W);
-    if (!xsimd::any((v0 > thr) | (v1 > thr))) continue;
-    for (std::size_t j = i; j < i + 2 * W; ++j)
-      if (scores[j] > vals[0]) heap::replace_top(vals, ids, size, scores[j], first_id + static_cast<std::int64_t>(j));
-    thr = B(vals[0]);
+  // While the heap fills, admit scores >= floor; once full, only scores above its root can
+  // enter ('>' suffices, see the file comment; '>=' here costs nothing and offer() decides).
+  B thr(size < k ? floor : std::max(floor, vals[0]));
+  for (; i + W <= n; i += W) {
+    const auto pass = B::load_unaligned(scores + i) >= thr;
+    if (!xsimd::any(pass)) continue;
+    // Visit only the passing lanes: most vectors that pass at all pass in one or two lanes.
+    for (std::uint32_t bits = detail::lane_bits<Arch, T>(pass); bits != 0; bits &= bits - 1) {
+      const std::size_t j = i + static_cast<std::size_t>(__builtin_ctz(bits));
+      heap::offer(vals, ids, size, k, scores[j], first_id + static_cast<std::int64_t>(j));
+    }
+    if (size == k) thr = B(std::max(floor, vals[0]));
   }
 #endif
   for (; i < n; ++i)
-    if (scores[i] > vals[0]) heap::replace_top(vals, ids, size, scores[i], first_id + static_cast<std::int64_t>(i));
+    if (scores[i] >= floor) heap::offer(vals, ids, size, k, scores[i], first_id + static_cast<std::int64_t>(i));
+}
+
+/// A lower bound on the k-th best of scores[0..n): the k-th best of the maxima of G >= k
+/// disjoint groups (element i is in group i mod G), each maximum being a distinct element.
+/// -inf when the row is too short for the bound to pay off. NaN elements are ignored.
+template <class Arch = default_arch, class T>
+T topk_floor(const T* scores, std::size_t n, std::size_t k) {
+  T floor = -std::numeric_limits<T>::infinity();
+#if SPEX_SIMD
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  constexpr std::size_t kMaxAcc = 8;
+  // 2k groups make the bound tight (about 2k elements pass it on random rows).
+  const std::size_t acc = (2 * k + W - 1) / W;
+  if (acc > kMaxAcc || n < 4 * acc * W) return floor;
+  B m[kMaxAcc];
+  for (std::size_t a = 0; a < acc; ++a) m[a] = B::load_unaligned(scores + a * W);
+  std::size_t i = acc * W;
+  for (; i + acc * W <= n; i += acc * W)
+    for (std::size_t a = 0; a < acc; ++a) {
+      const B v = B::load_unaligned(scores + i + a * W);
+      m[a] = xsimd::select(v > m[a], v, m[a]);  // a NaN lane never replaces the maximum
+    }
+  alignas(Arch::alignment()) T maxima[kMaxAcc * W];
+  for (std::size_t a = 0; a < acc; ++a) m[a].store_aligned(maxima + a * W);
+  const std::size_t g = acc * W;
+  for (std::size_t j = 0; j < g; ++j)
+    if (std::isnan(maxima[j])) maxima[j] = -std::numeric_limits<T>::infinity();
+  std::nth_element(maxima, maxima + (k - 1), maxima + g, [](T a, T b) { return a > b; });
+  floor = maxima[k - 1];
+#else
+  (void)scores;
+  (void)n;
+  (void)k;
+#endif
+  return floor;
 }
 
 /// Top-k of scores[0..n) into vals/ids (k entries each), best first, ties to the smaller index.
 template <class Arch = default_arch, class T>
 void topk(const T* scores, std::size_t n, std::size_t k, T* vals, std::int64_t* ids) {
   std::size_t size = 0;
-  topk_push_block<Arch>(scores, n, 0, k, vals, ids, size);
+  topk_push_block<Arch>(scores, n, 0, k, vals, ids, size, topk_floor<Arch>(scores, n, k));
   topk_finish(k, vals, ids, size);
 }
 

@@ -81,10 +81,11 @@ class ProductKeys {
     return keys;
   }
 
-  /// The k-product step measured fastest for this k (bench/bench_retrieval.cpp).
+  /// The k-product step measured fastest for this k: the heap walk, at every k from 8 to 64
+  /// (BM_ProductStep_* in bench/bench_retrieval.cpp; README, "Retrieval benchmark").
   static kernels::ProductTopK default_method(Index k) {
     (void)k;
-    return kernels::ProductTopK::pruned;
+    return kernels::ProductTopK::heap;
   }
 
   /// Exact top-k over the N keys for each query (row of `queries`, B x d_key): scores and ids

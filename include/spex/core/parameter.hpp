@@ -1,0 +1,48 @@
+#pragma once
+// A named view of one parameter tensor and its gradient, the list every layer hands to
+// optimizers (and later to serialization). Views alias the layer's and the grads' storage.
+#include <string>
+#include <vector>
+
+#include "sparse_rows.hpp"
+#include "types.hpp"
+
+namespace spex {
+
+/// One parameter: `rows x cols` row-major values at `value`; its gradient is dense (`grad`,
+/// same shape), row-sparse (`sparse_grad`), or absent (both null: a buffer such as BatchNorm's
+/// running statistics, listed for saving, never stepped).
+template <class T>
+struct Parameter {
+  std::string name;
+  T* value = nullptr;
+  Index rows = 0, cols = 0;
+  T* grad = nullptr;
+  SparseRowGrad<T>* sparse_grad = nullptr;
+
+  Eigen::Map<RowMat<T>> value_map() const { return Eigen::Map<RowMat<T>>(value, rows, cols); }
+  Eigen::Map<RowMat<T>> grad_map() const { return Eigen::Map<RowMat<T>>(grad, rows, cols); }
+  bool trainable() const { return grad != nullptr || sparse_grad != nullptr; }
+};
+
+template <class T>
+using ParameterList = std::vector<Parameter<T>>;
+
+namespace detail {
+template <class T, class M>
+Parameter<T> dense_param(std::string name, M& value, M* grad) {
+  return Parameter<T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()),
+                      grad ? grad->data() : nullptr, nullptr};
+}
+}  // namespace detail
+
+/// Appends `more` to `list` with `prefix` before each name ("block3." + "peer.query.weight").
+template <class T>
+void append_parameters(ParameterList<T>& list, const ParameterList<T>& more, const std::string& prefix = "") {
+  for (auto p : more) {
+    p.name = prefix + p.name;
+    list.push_back(std::move(p));
+  }
+}
+
+}  // namespace spex

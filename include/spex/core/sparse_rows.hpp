@@ -1,0 +1,156 @@
+#pragma once
+// Row-sparse gradients for expert tables: only the rows a batch retrieved are stored, each
+// once, however many tokens or heads picked it. A 1M-row table never gets a dense gradient.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../kernels/vector.hpp"
+#include "check.hpp"
+#include "parallel.hpp"
+#include "types.hpp"
+
+namespace spex {
+
+/// Gradient of an (n_rows x width) table that is zero outside a set of rows.
+/// rows()[s] is the table row held in values().row(s); a row appears once. Rows are kept in
+/// the order they were first touched. Accumulates until zero(); zero() costs O(rows touched).
+/// A row lookup table of n_rows int32 (4 bytes per table row) makes find-or-add O(1).
+/// Thread safety: none; writers coordinate through RowScatterPlan (see accumulate_rows).
+///
+///   spex::SparseRowGrad<float> g(table.rows(), table.cols());
+///   g.add_row(42, grad_row);            // g.rows() == {42}
+///   g.apply_sgd(table, 0.1f);           // table.row(42) -= 0.1 * grad_row
+template <class T>
+class SparseRowGrad {
+ public:
+  SparseRowGrad() = default;
+  SparseRowGrad(Index n_rows, Index width) { reset(n_rows, width); }
+
+  /// Re-shapes for a table of n_rows x width and clears.
+  void reset(Index n_rows, Index width) {
+    SPEX_CHECK(n_rows >= 0 && width >= 0, "table shape " << n_rows << " x " << width << " is negative");
+    SPEX_CHECK(n_rows <= Index(INT32_MAX), "n_rows = " << n_rows << " exceeds the 2^31 - 1 rows a slot table indexes");
+    n_rows_ = n_rows;
+    width_ = width;
+    slot_of_row_.assign(static_cast<std::size_t>(n_rows), -1);
+    rows_.clear();
+    values_.resize(0, width);
+  }
+
+  Index n_rows() const { return n_rows_; }
+  Index width() const { return width_; }
+  /// Number of rows holding a gradient.
+  Index nnz_rows() const { return static_cast<Index>(rows_.size()); }
+  const std::vector<Index>& rows() const { return rows_; }
+  /// nnz_rows() x width: values().row(s) is the gradient of table row rows()[s].
+  auto values() { return values_.topRows(nnz_rows()); }
+  auto values() const { return values_.topRows(nnz_rows()); }
+
+  /// Slot of `row`, adding it (zeroed) if absent.
+  Index slot(Index row) {
+    SPEX_CHECK(row >= 0 && row < n_rows_, "row " << row << " is outside [0, " << n_rows_ << ")");
+    std::int32_t& s = slot_of_row_[static_cast<std::size_t>(row)];
+    if (s < 0) {
+      s = static_cast<std::int32_t>(rows_.size());
+      rows_.push_back(row);
+      if (values_.rows() < nnz_rows()) grow(nnz_rows());
+      values_.row(s).setZero();
+    }
+    return s;
+  }
+
+  /// Slot of `row`, or -1.
+  Index find(Index row) const {
+    return (row >= 0 && row < n_rows_) ? slot_of_row_[static_cast<std::size_t>(row)] : -1;
+  }
+
+  /// Adds g[0..width) to the gradient of `row`.
+  void add_row(Index row, const T* g) {
+    const Index s = slot(row);
+    kernels::axpy(T(1), g, values_.row(s).data(), static_cast<std::size_t>(width_));
+  }
+
+  /// Makes room for `n` rows without reallocating later.
+  void reserve(Index n) {
+    if (values_.rows() < n) grow(n);
+    rows_.reserve(static_cast<std::size_t>(n));
+  }
+
+  /// Clears the gradient (keeps the memory).
+  void zero() {
+    for (Index r : rows_) slot_of_row_[static_cast<std::size_t>(r)] = -1;
+    rows_.clear();
+  }
+
+  /// table.row(r) -= lr * grad(r) for the rows held.
+  void apply_sgd(MatRef<T> table, T lr) const {
+    check_shape(table, n_rows_, width_, "table");
+    for (Index s = 0; s < nnz_rows(); ++s) table.row(rows_[s]) -= lr * values_.row(s);
+  }
+
+  /// The dense n_rows x width gradient (tests and small tables).
+  RowMat<T> to_dense() const {
+    RowMat<T> d = RowMat<T>::Zero(n_rows_, width_);
+    for (Index s = 0; s < nnz_rows(); ++s) d.row(rows_[s]) = values_.row(s);
+    return d;
+  }
+
+ private:
+  void grow(Index n) {
+    const Index cap = std::max<Index>(n, 2 * values_.rows());
+    values_.conservativeResize(cap, width_);
+  }
+
+  Index n_rows_ = 0, width_ = 0;
+  std::vector<std::int32_t> slot_of_row_;
+  std::vector<Index> rows_;
+  RowMat<T> values_;
+};
+
+/// Groups the (token, position) occurrences of a batch's expert ids by gradient row, so the
+/// rows can be accumulated in parallel, each by one thread, in a fixed order (deterministic).
+struct RowScatterPlan {
+  std::vector<Index> slot;       // per occurrence
+  std::vector<Index> offsets;    // per slot, into order (CSR)
+  std::vector<Index> order;      // occurrences grouped by slot, ascending within a slot
+  std::vector<Index> cursor;     // per slot, filling position
+};
+
+/// grad.row(ids(t, j)) += coef(t, j) * src.row(t) for every occurrence with ids(t, j) >= 0,
+/// parallel over gradient rows. ids and coef are B x m; src is B x width.
+template <class Arch = default_arch, class T>
+void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no_deduce<CMatRef<T>> src,
+                     SparseRowGrad<T>& grad, RowScatterPlan& plan) {
+  const Index batch = ids.rows(), m = ids.cols(), occ = batch * m;
+  check_shape(coef, batch, m, "coef");
+  check_shape(src, batch, grad.width(), "src");
+  plan.slot.resize(static_cast<std::size_t>(occ));
+  grad.reserve(grad.nnz_rows() + occ);
+  for (Index t = 0; t < batch; ++t)
+    for (Index j = 0; j < m; ++j) {
+      const Index id = ids(t, j);
+      plan.slot[t * m + j] = id < 0 ? -1 : grad.slot(id);
+    }
+  // Counting sort of occurrences by slot; slots touched before this call are included too.
+  const Index n_slots = grad.nnz_rows();
+  plan.offsets.assign(static_cast<std::size_t>(n_slots + 1), 0);
+  for (Index o = 0; o < occ; ++o)
+    if (plan.slot[o] >= 0) ++plan.offsets[plan.slot[o] + 1];
+  for (Index s = 0; s < n_slots; ++s) plan.offsets[s + 1] += plan.offsets[s];
+  plan.order.resize(static_cast<std::size_t>(plan.offsets[n_slots]));
+  plan.cursor.assign(plan.offsets.begin(), plan.offsets.end() - 1);
+  for (Index o = 0; o < occ; ++o)
+    if (plan.slot[o] >= 0) plan.order[plan.cursor[plan.slot[o]]++] = o;
+  const std::size_t w = static_cast<std::size_t>(grad.width());
+  auto values = grad.values();
+  parallel_for(n_slots, [&](Index s, int) {
+    T* row = values.row(s).data();
+    for (Index p = plan.offsets[s]; p < plan.offsets[s + 1]; ++p) {
+      const Index o = plan.order[p], t = o / m;
+      kernels::axpy<Arch>(coef(t, o % m), row_ptr(src, t), row, w);
+    }
+  });
+}
+
+}  // namespace spex

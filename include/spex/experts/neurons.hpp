@@ -1,0 +1,125 @@
+#pragma once
+// PEER's single-neuron experts (He 2024, Eq. 6): expert i is a pair of rows u_i (down, d_in)
+// and v_i (up, d_out), e_i(x) = act(u_i . x) v_i. A token with retrieved ids e_j and gates g_j
+// gets y = sum_j g_j act(u_{e_j} . x) v_{e_j}. Per token this is one fused pass: gather-dot of
+// the u rows, the activation and the gate on m scalars, gather-axpy of the v rows. The
+// gathered rows are never copied out (PEER-pytorch's einsum materializes them: 512 MiB per
+// call at its sizes).
+#include <cmath>
+
+#include "../core/check.hpp"
+#include "../core/parallel.hpp"
+#include "../core/random.hpp"
+#include "../core/sparse_rows.hpp"
+#include "../core/types.hpp"
+#include "../kernels/activation.hpp"
+#include "../kernels/gather.hpp"
+
+namespace spex {
+
+/// Thread safety: const methods; distinct caches and grads per concurrent caller.
+template <class T = float, class Arch = default_arch>
+class NeuronExperts {
+ public:
+  struct Cache {
+    RowMat<T> pre;                    // B x m pre-activations u . x
+    RowMat<T> coef_down, coef_up;     // backward scratch, B x m
+    RowScatterPlan plan;
+  };
+  struct Grads {
+    SparseRowGrad<T> down, up;
+    void zero() {
+      down.zero();
+      up.zero();
+    }
+  };
+
+  NeuronExperts() = default;
+  /// N experts; u, v ~ N(0, 1/d_in) and N(0, 1/d_out) (the spec's suggested default).
+  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng)
+      : down_(n_experts, d_in), up_(n_experts, d_out), act_(act) {
+    SPEX_CHECK(n_experts >= 1 && d_in >= 1 && d_out >= 1,
+               "NeuronExperts(" << n_experts << ", " << d_in << ", " << d_out << ") needs positive sizes");
+    Rng r1 = rng.split(11), r2 = rng.split(12);
+    fill_normal(down_, 1.0 / std::sqrt(double(d_in)), r1);
+    fill_normal(up_, 1.0 / std::sqrt(double(d_out)), r2);
+  }
+
+  Index n_experts() const { return down_.rows(); }
+  Index d_in() const { return down_.cols(); }
+  Index d_out() const { return up_.cols(); }
+  kernels::Activation activation() const { return act_; }
+  RowMat<T>& down() { return down_; }
+  const RowMat<T>& down() const { return down_; }
+  RowMat<T>& up() { return up_; }
+  const RowMat<T>& up() const { return up_; }
+
+  Grads make_grads() const { return Grads{SparseRowGrad<T>(n_experts(), d_in()), SparseRowGrad<T>(n_experts(), d_out())}; }
+
+  /// y (B x d_out, assigned) = sum_j gates(t, j) act(u_{ids(t,j)} . x_t) v_{ids(t,j)};
+  /// keeps the pre-activations in `pre` (B x m) for backward. Ids must lie in [0, N).
+  void forward(CMatRef<T> x, CIndexMatRef ids, CMatRef<T> gates, MatRef<T> y, RowMat<T>& pre) const {
+    const Index b = x.rows(), m = ids.cols();
+    check_inputs(x, ids, gates);
+    check_shape(y, b, d_out(), "y");
+    pre.resize(b, m);
+    const std::size_t ms = static_cast<std::size_t>(m), din = static_cast<std::size_t>(d_in()),
+                      dout = static_cast<std::size_t>(d_out());
+    parallel_for(b, [&](Index t, int) {
+      T* a = &pre(t, 0);
+      kernels::gather_dot<Arch>(down_.data(), din, row_ptr(ids, t), ms, row_ptr(x, t), din, a);
+      // Gate-scaled activations in chunks on the stack, then one gather-axpy of the v rows.
+      T* y_row = &y(t, 0);
+      for (std::size_t i = 0; i < dout; ++i) y_row[i] = T(0);
+      constexpr std::size_t kChunk = 64;
+      T c[kChunk];
+      for (std::size_t j0 = 0; j0 < ms; j0 += kChunk) {
+        const std::size_t len = std::min(kChunk, ms - j0);
+        for (std::size_t j = 0; j < len; ++j) c[j] = gates(t, Index(j0 + j)) * kernels::scalar::activate(act_, a[j0 + j]);
+        kernels::gather_axpy<Arch>(up_.data(), dout, row_ptr(ids, t) + j0, c, len, y_row, dout);
+      }
+    });
+  }
+
+  /// From dy (B x d_out): dgates (B x m, assigned); grads.down/up accumulate row-sparse;
+  /// *dx += the input gradient when dx is given.
+  void backward(CMatRef<T> x, CIndexMatRef ids, CMatRef<T> gates, const RowMat<T>& pre, CMatRef<T> dy,
+                MatRef<T> dgates, MatRef<T>* dx, Grads& g, Cache& c) const {
+    const Index b = x.rows(), m = ids.cols();
+    check_inputs(x, ids, gates);
+    check_shape(pre, b, m, "pre");
+    check_shape(dy, b, d_out(), "dy");
+    check_shape(dgates, b, m, "dgates");
+    if (dx) check_shape(*dx, b, d_in(), "dx");
+    c.coef_down.resize(b, m);
+    c.coef_up.resize(b, m);
+    const std::size_t ms = static_cast<std::size_t>(m), din = static_cast<std::size_t>(d_in()),
+                      dout = static_cast<std::size_t>(d_out());
+    parallel_for(b, [&](Index t, int) {
+      T* tv = &dgates(t, 0);  // first v . dy, then overwritten by dgates
+      kernels::gather_dot<Arch>(up_.data(), dout, row_ptr(ids, t), ms, row_ptr(dy, t), dout, tv);
+      for (Index j = 0; j < m; ++j) {
+        const T a = pre(t, j), z = kernels::scalar::activate(act_, a), vdy = tv[j];
+        c.coef_up(t, j) = gates(t, j) * z;                                          // dv += g z dy
+        c.coef_down(t, j) = gates(t, j) * vdy * kernels::scalar::derivative(act_, a);  // du += g (v.dy) act'(a) x
+        tv[j] = z * vdy;                                                            // dL/dg
+      }
+      if (dx) kernels::gather_axpy<Arch>(down_.data(), din, row_ptr(ids, t), &c.coef_down(t, 0), ms, &(*dx)(t, 0), din);
+    });
+    accumulate_rows<Arch>(ids, c.coef_up, dy, g.up, c.plan);
+    accumulate_rows<Arch>(ids, c.coef_down, x, g.down, c.plan);
+  }
+
+ private:
+  void check_inputs(const CMatRef<T>& x, const CIndexMatRef& ids, const CMatRef<T>& gates) const {
+    SPEX_CHECK(x.cols() == d_in(), "x has " << x.cols() << " columns, expected d_in = " << d_in());
+    SPEX_CHECK(ids.rows() == x.rows(), "ids have " << ids.rows() << " rows, x has " << x.rows());
+    check_shape(gates, ids.rows(), ids.cols(), "gates");
+    check_ids(ids, n_experts());
+  }
+
+  RowMat<T> down_, up_;
+  kernels::Activation act_ = kernels::Activation::gelu_erf;
+};
+
+}  // namespace spex

@@ -1,0 +1,74 @@
+#pragma once
+// Product-key memory's value-only experts (Lample et al. 2019): slot i holds one vector v_i and
+// a token with retrieved ids e_j and gates g_j gets y = sum_j g_j v_{e_j} (EmbeddingBag with
+// per-sample weights in the reference). PKM "retrieves memory vectors instead of functions".
+#include <cmath>
+
+#include "../core/check.hpp"
+#include "../core/parallel.hpp"
+#include "../core/random.hpp"
+#include "../core/sparse_rows.hpp"
+#include "../core/types.hpp"
+#include "../kernels/gather.hpp"
+
+namespace spex {
+
+/// Thread safety: const methods; distinct caches and grads per concurrent caller.
+template <class T = float, class Arch = default_arch>
+class ValueExperts {
+ public:
+  struct Cache {
+    RowScatterPlan plan;
+  };
+  struct Grads {
+    SparseRowGrad<T> values;
+    void zero() { values.zero(); }
+  };
+
+  ValueExperts() = default;
+  /// N slots of d_out; values ~ N(0, 1/d_out) (the PKM reference's N(0, v_dim^-1/2)).
+  ValueExperts(Index n_slots, Index d_out, Rng& rng) : values_(n_slots, d_out) {
+    SPEX_CHECK(n_slots >= 1 && d_out >= 1, "ValueExperts(" << n_slots << ", " << d_out << ") needs positive sizes");
+    Rng r = rng.split(13);
+    fill_normal(values_, 1.0 / std::sqrt(double(d_out)), r);
+  }
+
+  Index n_experts() const { return values_.rows(); }
+  Index d_out() const { return values_.cols(); }
+  RowMat<T>& values() { return values_; }
+  const RowMat<T>& values() const { return values_; }
+  Grads make_grads() const { return Grads{SparseRowGrad<T>(n_experts(), d_out())}; }
+
+  /// y (B x d_out, assigned) = sum_j gates(t, j) v_{ids(t, j)}.
+  void forward(CIndexMatRef ids, CMatRef<T> gates, MatRef<T> y) const {
+    check_inputs(ids, gates);
+    check_shape(y, ids.rows(), d_out(), "y");
+    const std::size_t m = static_cast<std::size_t>(ids.cols()), d = static_cast<std::size_t>(d_out());
+    parallel_for(ids.rows(), [&](Index t, int) {
+      y.row(t).setZero();
+      kernels::gather_axpy<Arch>(values_.data(), d, row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0), d);
+    });
+  }
+
+  /// From dy (B x d_out): dgates (B x m, assigned) = v . dy; grads.values accumulate g dy.
+  void backward(CIndexMatRef ids, CMatRef<T> gates, CMatRef<T> dy, MatRef<T> dgates, Grads& g, Cache& c) const {
+    check_inputs(ids, gates);
+    check_shape(dy, ids.rows(), d_out(), "dy");
+    check_shape(dgates, ids.rows(), ids.cols(), "dgates");
+    const std::size_t m = static_cast<std::size_t>(ids.cols()), d = static_cast<std::size_t>(d_out());
+    parallel_for(ids.rows(), [&](Index t, int) {
+      kernels::gather_dot<Arch>(values_.data(), d, row_ptr(ids, t), m, row_ptr(dy, t), d, &dgates(t, 0));
+    });
+    accumulate_rows<Arch>(ids, gates, dy, g.values, c.plan);
+  }
+
+ private:
+  void check_inputs(const CIndexMatRef& ids, const CMatRef<T>& gates) const {
+    check_shape(gates, ids.rows(), ids.cols(), "gates");
+    check_ids(ids, n_experts());
+  }
+
+  RowMat<T> values_;
+};
+
+}  // namespace spex

@@ -1,0 +1,54 @@
+#pragma once
+// PEER (He 2024, "Mixture of A Million Experts"): h heads of exact product-key retrieval pick
+// h * k of N = n^2 single-neuron experts per token from one shared pool, and the layer
+// returns f(x) = sum over heads and picks of g_j act(u_j . x) v_j. Use it in place of a
+// feed-forward block.
+#include "../experts/neurons.hpp"
+#include "detail/product_key_layer.hpp"
+
+namespace spex {
+
+/// PEER layer.
+///
+///   spex::Peer<float>::Config cfg;
+///   cfg.d_in = 512; cfg.n_experts = 1024 * 1024; cfg.heads = 8; cfg.top_k = 16; cfg.d_key = 256;
+///   spex::Peer<float> peer(cfg, /*seed=*/1);
+///   spex::Peer<float>::Cache cache;
+///   auto grads = peer.make_grads();
+///   peer.forward(x, y, cache);              // training: x B x 512 -> y B x 512
+///   peer.backward(dy, cache, &dx, grads);   // row-sparse grads for experts.down/up
+///   peer.infer(x, y);                       // inference
+template <class T = float, class Arch = default_arch>
+class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExperts<T, Arch>> {
+  using Base = detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExperts<T, Arch>>;
+  friend Base;
+
+ public:
+  using typename Base::Cache;
+  using typename Base::Config;
+  using typename Base::Grads;
+  static constexpr const char* kName = "peer";
+
+  explicit Peer(const Config& cfg, std::uint64_t seed = 0) : Peer(cfg, Rng(seed)) {}
+
+ private:
+  Peer(const Config& cfg, Rng rng) : Base(cfg, rng) {
+    this->experts_ = NeuronExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_in, this->cfg_.d_out,
+                                            this->cfg_.activation, rng);
+  }
+
+  void experts_forward(CMatRef<T> x, Cache& c, MatRef<T> y) const {
+    this->experts_.forward(x, c.retrieval.ids, c.retrieval.gates, y, c.pre);
+  }
+  void experts_backward(CMatRef<T> dy, Cache& c, MatRef<T>* dx, Grads& g) const {
+    this->experts_.backward(c.x, c.retrieval.ids, c.retrieval.gates, c.pre, dy, c.dgates, dx, g.experts, c.experts);
+  }
+  void expert_parameters(ParameterList<T>& list, typename NeuronExperts<T, Arch>::Grads* g) {
+    list.push_back(Parameter<T>{"peer.experts.down", this->experts_.down().data(), this->experts_.down().rows(),
+                                this->experts_.down().cols(), nullptr, g ? &g->down : nullptr});
+    list.push_back(Parameter<T>{"peer.experts.up", this->experts_.up().data(), this->experts_.up().rows(),
+                                this->experts_.up().cols(), nullptr, g ? &g->up : nullptr});
+  }
+};
+
+}  // namespace spex

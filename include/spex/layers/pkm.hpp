@@ -1,0 +1,47 @@
+#pragma once
+// Product-key memory (Lample et al. 2019): the same retrieval as PEER, with value-only experts:
+// m(x) = sum over heads and picks of g_j v_j. Shares KeyRetrieval and the layer skeleton
+// with Peer; only the experts differ.
+#include "../experts/values.hpp"
+#include "detail/product_key_layer.hpp"
+
+namespace spex {
+
+/// PKM layer (the `activation` field of the config is unused).
+///
+///   spex::Pkm<float>::Config cfg;
+///   cfg.d_in = 512; cfg.n_keys = 512; cfg.heads = 4; cfg.top_k = 32; cfg.d_key = 256;
+///   cfg.shared_keys = false;                 // the PKM reference's per-head keys
+///   spex::Pkm<float> pkm(cfg, /*seed=*/1);
+///   pkm.infer(x, y);
+template <class T = float, class Arch = default_arch>
+class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T, Arch>> {
+  using Base = detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T, Arch>>;
+  friend Base;
+
+ public:
+  using typename Base::Cache;
+  using typename Base::Config;
+  using typename Base::Grads;
+  static constexpr const char* kName = "pkm";
+
+  explicit Pkm(const Config& cfg, std::uint64_t seed = 0) : Pkm(cfg, Rng(seed)) {}
+
+ private:
+  Pkm(const Config& cfg, Rng rng) : Base(cfg, rng) {
+    this->experts_ = ValueExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_out, rng);
+  }
+
+  void experts_forward(CMatRef<T>, Cache& c, MatRef<T> y) const {
+    this->experts_.forward(c.retrieval.ids, c.retrieval.gates, y);
+  }
+  void experts_backward(CMatRef<T> dy, Cache& c, MatRef<T>*, Grads& g) const {
+    this->experts_.backward(c.retrieval.ids, c.retrieval.gates, dy, c.dgates, g.experts, c.experts);
+  }
+  void expert_parameters(ParameterList<T>& list, typename ValueExperts<T, Arch>::Grads* g) {
+    list.push_back(Parameter<T>{"pkm.values", this->experts_.values().data(), this->experts_.values().rows(),
+                                this->experts_.values().cols(), nullptr, g ? &g->values : nullptr});
+  }
+};
+
+}  // namespace spex

@@ -1,0 +1,209 @@
+#pragma once
+// Normalization of a batch of feature rows (PEER's query norm; spec peer.md section 2.2):
+//  - batch: BatchNorm1d over the tokens of the batch, per feature; training uses the batch's
+//    statistics and updates running ones (momentum, unbiased variance, as PyTorch), eval
+//    uses the running ones. It couples the tokens of a batch, so in a causal model it leaks
+//    statistics of later tokens into earlier ones.
+//  - layer: LayerNorm over each group of `group` consecutive features of a row (per head).
+//  - none: identity.
+// Affine weight (gamma) and bias (beta) per feature in both.
+#include <cmath>
+
+#include "../core/check.hpp"
+#include "../core/types.hpp"
+
+namespace spex {
+
+enum class NormKind { none, batch, layer };
+
+inline const char* to_string(NormKind k) {
+  switch (k) {
+    case NormKind::none: return "none";
+    case NormKind::batch: return "batch";
+    case NormKind::layer: return "layer";
+  }
+  return "?";
+}
+
+/// Thread safety: forward in eval mode and backward are const; forward in training mode
+/// updates the running statistics (BatchNorm), like PyTorch's train mode.
+///
+///   spex::Norm<float> bn(spex::NormKind::batch, 256);
+///   bn.forward(q_raw, q, cache, /*training=*/true);
+///   bn.backward(dq, cache, grads, dq_raw);
+template <class T>
+class Norm {
+ public:
+  struct Cache {
+    RowMat<T> xhat;  // normalized input, B x features
+    Vec<T> inv_std;  // per feature (batch) or per (row, group) (layer)
+    bool training = false;
+  };
+  struct Grads {
+    Vec<T> weight, bias;
+    void zero() {
+      weight.setZero();
+      bias.setZero();
+    }
+  };
+
+  Norm() = default;
+  /// `group` is the LayerNorm group size (features must divide by it); ignored otherwise.
+  Norm(NormKind kind, Index features, Index group = 0, T eps = T(1e-5), T momentum = T(0.1))
+      : kind_(kind), features_(features), group_(group > 0 ? group : features), eps_(eps), momentum_(momentum) {
+    SPEX_CHECK(features >= 1, "features = " << features << " must be >= 1");
+    SPEX_CHECK(features % group_ == 0, "features = " << features << " is not a multiple of group = " << group_);
+    SPEX_CHECK(eps > T(0), "eps = " << eps << " must be > 0");
+    SPEX_CHECK(momentum >= T(0) && momentum <= T(1), "momentum = " << momentum << " must be in [0, 1]");
+    if (kind_ != NormKind::none) {
+      weight_ = Vec<T>::Ones(features);
+      bias_ = Vec<T>::Zero(features);
+    }
+    if (kind_ == NormKind::batch) {
+      running_mean_ = Vec<T>::Zero(features);
+      running_var_ = Vec<T>::Ones(features);
+    }
+  }
+
+  NormKind kind() const { return kind_; }
+  Index features() const { return features_; }
+  Vec<T>& weight() { return weight_; }
+  const Vec<T>& weight() const { return weight_; }
+  Vec<T>& bias() { return bias_; }
+  const Vec<T>& bias() const { return bias_; }
+  Vec<T>& running_mean() { return running_mean_; }
+  const Vec<T>& running_mean() const { return running_mean_; }
+  Vec<T>& running_var() { return running_var_; }
+  const Vec<T>& running_var() const { return running_var_; }
+
+  Grads make_grads() const { return Grads{Vec<T>::Zero(weight_.size()), Vec<T>::Zero(bias_.size())}; }
+
+  /// Inference: y = norm(x) with running statistics (BatchNorm). y may alias x.
+  void forward(CMatRef<T> x, MatRef<T> y) const {
+    check_input(x, y);
+    if (kind_ == NormKind::none) {
+      y = x;
+    } else if (kind_ == NormKind::batch) {
+      const Vec<T> scale = weight_.array() / (running_var_.array() + eps_).sqrt();
+      const Vec<T> shift = bias_.array() - running_mean_.array() * scale.array();
+      y = (x.array().rowwise() * scale.transpose().array()).rowwise() + shift.transpose().array();
+    } else {
+      layer_forward(x, y, nullptr);
+    }
+  }
+
+  /// Training (batch statistics, running ones updated) or eval (running statistics) forward
+  /// that keeps what backward needs in `cache`. BatchNorm in training needs B >= 2.
+  void forward(CMatRef<T> x, MatRef<T> y, Cache& cache, bool training) {
+    if (training)
+      forward_train(x, y, cache);
+    else
+      forward_eval(x, y, cache);
+  }
+
+  /// Eval-mode forward keeping what backward needs in `cache`.
+  void forward_eval(CMatRef<T> x, MatRef<T> y, Cache& cache) const {
+    check_input(x, y);
+    cache.training = false;
+    if (kind_ == NormKind::none) {
+      y = x;
+    } else if (kind_ == NormKind::layer) {
+      layer_forward(x, y, &cache);
+    } else {
+      cache.inv_std = (running_var_.array() + eps_).rsqrt();
+      cache.xhat = (x.rowwise() - running_mean_.transpose()).array().rowwise() * cache.inv_std.transpose().array();
+      y = (cache.xhat.array().rowwise() * weight_.transpose().array()).rowwise() + bias_.transpose().array();
+    }
+  }
+
+  /// Training-mode forward: batch statistics (BatchNorm), running statistics updated.
+  void forward_train(CMatRef<T> x, MatRef<T> y, Cache& cache) {
+    if (kind_ != NormKind::batch) return forward_eval(x, y, cache);
+    check_input(x, y);
+    cache.training = true;
+    const Index b = x.rows();
+    SPEX_CHECK(b >= 2, "BatchNorm in training needs a batch of at least 2 tokens, got " << b);
+    const Vec<T> mean = x.colwise().mean().transpose();
+    cache.xhat = x.rowwise() - mean.transpose();
+    const Vec<T> var = cache.xhat.array().square().colwise().sum().transpose() / T(b);  // biased, for normalizing
+    cache.inv_std = (var.array() + eps_).rsqrt();
+    cache.xhat.array().rowwise() *= cache.inv_std.transpose().array();
+    running_mean_ = (T(1) - momentum_) * running_mean_ + momentum_ * mean;
+    running_var_ = (T(1) - momentum_) * running_var_ + momentum_ * var * (T(b) / T(b - 1));
+    y = (cache.xhat.array().rowwise() * weight_.transpose().array()).rowwise() + bias_.transpose().array();
+  }
+
+  /// grads += d(weight, bias); dx = d(input) (assigned). dx may alias dy.
+  void backward(CMatRef<T> dy, const Cache& cache, Grads& grads, MatRef<T> dx) const {
+    check_shape(dx, dy.rows(), features_, "dx");
+    if (kind_ == NormKind::none) {
+      dx = dy;
+      return;
+    }
+    check_shape(dy, cache.xhat.rows(), features_, "dy");
+    grads.weight += (dy.array() * cache.xhat.array()).colwise().sum().transpose().matrix();
+    grads.bias += dy.colwise().sum().transpose();
+    const Index b = dy.rows();
+    if (kind_ == NormKind::batch) {
+      const Vec<T> g = weight_.array() * cache.inv_std.array();
+      if (!cache.training) {
+        dx = dy.array().rowwise() * g.transpose().array();
+        return;
+      }
+      // dx = g (dy - mean(dy) - xhat mean(dy xhat)), per feature over the batch.
+      const Vec<T> mean_dy = dy.colwise().mean().transpose();
+      const Vec<T> mean_dy_xhat = (dy.array() * cache.xhat.array()).colwise().sum().transpose() / T(b);
+      dx = ((dy.rowwise() - mean_dy.transpose()).array() -
+            cache.xhat.array().rowwise() * mean_dy_xhat.transpose().array())
+               .rowwise() *
+           g.transpose().array();
+      return;
+    }
+    // LayerNorm: the same formula within each group of a row.
+    const Index groups = features_ / group_;
+    for (Index r = 0; r < b; ++r)
+      for (Index gi = 0; gi < groups; ++gi) {
+        const auto dyg = dy.row(r).segment(gi * group_, group_).array() *
+                         weight_.segment(gi * group_, group_).transpose().array();
+        const auto xh = cache.xhat.row(r).segment(gi * group_, group_).array();
+        const T m1 = dyg.mean(), m2 = (dyg * xh).mean();
+        dx.row(r).segment(gi * group_, group_) = ((dyg - m1 - xh * m2) * cache.inv_std(r * groups + gi)).matrix();
+      }
+  }
+
+ private:
+  void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {
+    SPEX_CHECK(x.cols() == features_, "input has " << x.cols() << " columns, expected " << features_ << " features");
+    check_shape(y, x.rows(), features_, "output");
+  }
+
+  /// LayerNorm per group; keeps xhat and 1/std in `cache` when given. y may alias x.
+  void layer_forward(CMatRef<T> x, MatRef<T> y, Cache* cache) const {
+    const Index b = x.rows(), groups = features_ / group_;
+    if (cache) {
+      cache->xhat.resize(b, features_);
+      cache->inv_std.resize(b * groups);
+    }
+    for (Index r = 0; r < b; ++r)
+      for (Index gi = 0; gi < groups; ++gi) {
+        const Index c0 = gi * group_;
+        const T mean = x.row(r).segment(c0, group_).mean();
+        const T var = (x.row(r).segment(c0, group_).array() - mean).square().mean();
+        const T inv = T(1) / std::sqrt(var + eps_);
+        if (cache) {
+          cache->inv_std(r * groups + gi) = inv;
+          cache->xhat.row(r).segment(c0, group_) = (x.row(r).segment(c0, group_).array() - mean) * inv;
+        }
+        y.row(r).segment(c0, group_) = ((x.row(r).segment(c0, group_).array() - mean) * inv *
+                                        weight_.segment(c0, group_).transpose().array() +
+                                        bias_.segment(c0, group_).transpose().array()).matrix();
+      }
+  }
+
+  NormKind kind_ = NormKind::none;
+  Index features_ = 0, group_ = 1;
+  T eps_ = T(1e-5), momentum_ = T(0.1);
+  Vec<T> weight_, bias_, running_mean_, running_var_;
+};
+
+}  // namespace spex

@@ -1,0 +1,256 @@
+#pragma once
+// The retrieval half of PEER and PKM, shared by both: query network -> query norm -> h heads of
+// exact product-key top-k -> score function. Produces, per token, h * k expert ids and gates;
+// backward turns gate gradients into gradients for the query network, the norm, the sub-keys
+// (only the rows retrieved get non-zero gradient; the tables are small, so they are dense)
+// and the input.
+#include <string>
+#include <vector>
+
+#include "../core/check.hpp"
+#include "../core/parallel.hpp"
+#include "../core/parameter.hpp"
+#include "../core/types.hpp"
+#include "../kernels/activation.hpp"
+#include "../kernels/vector.hpp"
+#include "../nn/linear.hpp"
+#include "../nn/norm.hpp"
+#include "product_keys.hpp"
+
+namespace spex {
+
+/// How the k retrieval scores of a head become gates: softmax over the head's k (the PEER
+/// paper's default), an independent sigmoid, or ReLU (PEER-pytorch's "non-competing" scores).
+enum class ScoreFn { softmax, sigmoid, relu };
+
+inline const char* to_string(ScoreFn s) {
+  switch (s) {
+    case ScoreFn::softmax: return "softmax";
+    case ScoreFn::sigmoid: return "sigmoid";
+    case ScoreFn::relu: return "relu";
+  }
+  return "?";
+}
+
+struct KeyRetrievalConfig {
+  Index d_in = 0;
+  Index n_keys = 0;                     ///< n: rows per sub-key half; N = n^2 experts
+  Index heads = 8;                      ///< h
+  Index top_k = 16;                     ///< k experts per head
+  Index d_key = 128;                    ///< query dimension per head (even)
+  ScoreFn score = ScoreFn::softmax;
+  NormKind norm = NormKind::batch;
+  bool shared_keys = true;              ///< one sub-key set for all heads (PEER) or one per head (PKM)
+  bool query_bias = false;
+  double norm_eps = 1e-5, norm_momentum = 0.1;
+};
+
+/// Thread safety: infer() and backward() are const (distinct caches per thread); train-mode
+/// forward() updates BatchNorm's running statistics.
+template <class T = float, class Arch = default_arch>
+class KeyRetrieval {
+ public:
+  using Config = KeyRetrievalConfig;
+
+  struct Cache {
+    RowMat<T> q_raw, q;             // B x h*d_key, before and after the norm
+    typename Norm<T>::Cache norm;
+    RowMat<T> scores, gates;        // B x h*k
+    IndexMat ids;                   // B x h*k, expert id = i1 * n + i2
+    ProductKeysWorkspace<T> search;
+    RowMat<T> dscores, dq;          // backward scratch
+    std::vector<std::vector<RowMat<T>>> key_partials;  // [thread][set * 2 + half]
+  };
+
+  struct Grads {
+    typename Linear<T>::Grads query;
+    typename Norm<T>::Grads norm;
+    std::vector<RowMat<T>> keys;    // [set * 2 + half], n x d_key/2 each
+    void zero() {
+      query.zero();
+      norm.zero();
+      for (auto& k : keys) k.setZero();
+    }
+  };
+
+  KeyRetrieval() = default;
+  KeyRetrieval(const Config& cfg, Rng& rng) : cfg_(cfg) {
+    SPEX_CHECK(cfg.d_in >= 1, "d_in = " << cfg.d_in << " must be >= 1");
+    SPEX_CHECK(cfg.n_keys >= 1, "n_keys = " << cfg.n_keys << " must be >= 1");
+    SPEX_CHECK(cfg.heads >= 1, "heads = " << cfg.heads << " must be >= 1");
+    SPEX_CHECK(cfg.d_key >= 2 && cfg.d_key % 2 == 0, "d_key = " << cfg.d_key << " must be even and >= 2");
+    SPEX_CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.n_keys,
+               "top_k = " << cfg.top_k << " must be in [1, n_keys = " << cfg.n_keys << "]");
+    query_ = Linear<T>(cfg.d_in, cfg.heads * cfg.d_key, cfg.query_bias, rng);
+    norm_ = Norm<T>(cfg.norm, cfg.heads * cfg.d_key, cfg.d_key, T(cfg.norm_eps), T(cfg.norm_momentum));
+    const Index sets = cfg.shared_keys ? 1 : cfg.heads;
+    for (Index s = 0; s < sets; ++s) keys_.emplace_back(cfg.n_keys, cfg.d_key, rng.next_u64());
+  }
+
+  const Config& config() const { return cfg_; }
+  Index n_experts() const { return cfg_.n_keys * cfg_.n_keys; }
+  /// Experts a token retrieves: h * k.
+  Index per_token() const { return cfg_.heads * cfg_.top_k; }
+  Linear<T>& query() { return query_; }
+  const Linear<T>& query() const { return query_; }
+  Norm<T>& norm() { return norm_; }
+  const Norm<T>& norm() const { return norm_; }
+  /// Sub-key set of a head (all heads share set 0 when shared_keys).
+  ProductKeys<T, Arch>& keys(Index head) { return keys_[key_set(head)]; }
+  const ProductKeys<T, Arch>& keys(Index head) const { return keys_[key_set(head)]; }
+  Index key_sets() const { return static_cast<Index>(keys_.size()); }
+
+  Grads make_grads() const {
+    Grads g{query_.make_grads(), norm_.make_grads(), {}};
+    for (const auto& k : keys_) {
+      g.keys.push_back(RowMat<T>::Zero(k.n(), k.d_key() / 2));
+      g.keys.push_back(RowMat<T>::Zero(k.n(), k.d_key() / 2));
+    }
+    return g;
+  }
+
+  /// Training forward: batch statistics in the norm (running ones updated).
+  void forward(CMatRef<T> x, Cache& c) {
+    project(x, c);
+    norm_.forward_train(c.q_raw, c.q, c.norm);
+    retrieve(c);
+  }
+
+  /// Eval forward: running statistics, nothing in the layer changes.
+  void infer(CMatRef<T> x, Cache& c) const {
+    project(x, c);
+    norm_.forward_eval(c.q_raw, c.q, c.norm);
+    retrieve(c);
+  }
+
+  /// From dgates (B x h*k): grads accumulate; *dx += the input gradient when dx is given.
+  void backward(CMatRef<T> x, CMatRef<T> dgates, Cache& c, Grads& g, MatRef<T>* dx) const {
+    const Index b = x.rows(), hk = per_token(), k = cfg_.top_k;
+    check_shape(dgates, b, hk, "dgates");
+    c.dscores.resize(b, hk);
+    parallel_for(b, [&](Index t, int) {
+      for (Index h = 0; h < cfg_.heads; ++h) {
+        const T* gt = &c.gates(t, h * k);
+        const T* dg = row_ptr(dgates, t) + h * k;
+        T* ds = &c.dscores(t, h * k);
+        switch (cfg_.score) {
+          case ScoreFn::softmax: kernels::softmax_backward<Arch>(gt, dg, ds, static_cast<std::size_t>(k)); break;
+          case ScoreFn::sigmoid:
+            for (Index j = 0; j < k; ++j) ds[j] = dg[j] * gt[j] * (T(1) - gt[j]);
+            break;
+          case ScoreFn::relu:
+            for (Index j = 0; j < k; ++j) ds[j] = c.scores(t, h * k + j) > T(0) ? dg[j] : T(0);
+            break;
+        }
+      }
+    });
+    sub_key_backward(c, g);
+    norm_.backward(c.dq, c.norm, g.norm, c.dq);
+    query_.backward(x, c.dq, g.query, dx);
+  }
+
+  /// Named parameters ("query.weight", "norm.weight", "keys.c1" or "keys.h3.c1", ...) with
+  /// their gradients in `g` (or none when g is null).
+  ParameterList<T> parameters(Grads* g) {
+    ParameterList<T> list;
+    list.push_back(detail::dense_param<T>("query.weight", query_.weight(), g ? &g->query.weight : nullptr));
+    if (query_.has_bias()) list.push_back(detail::dense_param<T>("query.bias", query_.bias(), g ? &g->query.bias : nullptr));
+    if (norm_.kind() != NormKind::none) {
+      list.push_back(detail::dense_param<T>("norm.weight", norm_.weight(), g ? &g->norm.weight : nullptr));
+      list.push_back(detail::dense_param<T>("norm.bias", norm_.bias(), g ? &g->norm.bias : nullptr));
+    }
+    if (norm_.kind() == NormKind::batch) {
+      list.push_back(detail::dense_param<T>("norm.running_mean", norm_.running_mean(), static_cast<Vec<T>*>(nullptr)));
+      list.push_back(detail::dense_param<T>("norm.running_var", norm_.running_var(), static_cast<Vec<T>*>(nullptr)));
+    }
+    for (Index s = 0; s < key_sets(); ++s) {
+      const std::string base = cfg_.shared_keys ? "keys." : "keys.h" + std::to_string(s) + ".";
+      for (int half = 0; half < 2; ++half)
+        list.push_back(detail::dense_param<T>(base + (half == 0 ? "c1" : "c2"), keys_[s].sub_keys(half),
+                                              g ? &g->keys[2 * s + half] : nullptr));
+    }
+    return list;
+  }
+
+ private:
+  Index key_set(Index head) const { return cfg_.shared_keys ? 0 : head; }
+
+  void project(CMatRef<T> x, Cache& c) const {
+    SPEX_CHECK(x.cols() == cfg_.d_in, "x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
+    c.q_raw.resize(x.rows(), cfg_.heads * cfg_.d_key);
+    c.q.resize(x.rows(), cfg_.heads * cfg_.d_key);
+    query_.forward(x, c.q_raw);
+  }
+
+  void retrieve(Cache& c) const {
+    const Index b = c.q.rows(), k = cfg_.top_k, dk = cfg_.d_key;
+    c.scores.resize(b, per_token());
+    c.gates.resize(b, per_token());
+    c.ids.resize(b, per_token());
+    for (Index h = 0; h < cfg_.heads; ++h) {
+      MatRef<T> s = c.scores.middleCols(h * k, k);
+      IndexMatRef ids = c.ids.middleCols(h * k, k);
+      keys(h).search(c.q.middleCols(h * dk, dk), k, s, ids, c.search);
+    }
+    parallel_for(b, [&](Index t, int) {
+      const T* s = &c.scores(t, 0);
+      T* g = &c.gates(t, 0);
+      switch (cfg_.score) {
+        case ScoreFn::softmax:
+          for (Index h = 0; h < cfg_.heads; ++h) kernels::softmax<Arch>(s + h * k, g + h * k, static_cast<std::size_t>(k));
+          break;
+        case ScoreFn::sigmoid:
+          kernels::activate<Arch>(kernels::Activation::sigmoid, s, g, static_cast<std::size_t>(per_token()));
+          break;
+        case ScoreFn::relu:
+          kernels::activate<Arch>(kernels::Activation::relu, s, g, static_cast<std::size_t>(per_token()));
+          break;
+      }
+    });
+  }
+
+  /// score = q1 . C1[i1] + q2 . C2[i2]: dq gets ds * C rows (per token, parallel); the sub-key
+  /// gradients get ds * q halves, summed in per-thread partials (rows collide across tokens).
+  void sub_key_backward(Cache& c, Grads& g) const {
+    const Index b = c.q.rows(), k = cfg_.top_k, dk = cfg_.d_key, half = dk / 2, n = cfg_.n_keys;
+    const int threads = max_threads();
+    c.dq.setZero(b, cfg_.heads * dk);
+    if (static_cast<int>(c.key_partials.size()) < threads) c.key_partials.resize(threads);
+    for (auto& p : c.key_partials) {
+      p.resize(static_cast<std::size_t>(2 * key_sets()));
+      for (auto& m : p) m.setZero(n, half);
+    }
+    const std::size_t hs = static_cast<std::size_t>(half);
+    parallel_for(b, [&](Index t, int thread) {
+      auto& part = c.key_partials[thread];
+      for (Index h = 0; h < cfg_.heads; ++h) {
+        const Index set = key_set(h);
+        const RowMat<T>& c1 = keys_[set].sub_keys(0);
+        const RowMat<T>& c2 = keys_[set].sub_keys(1);
+        const T* q1 = &c.q(t, h * dk);
+        const T* q2 = q1 + half;
+        T* dq1 = &c.dq(t, h * dk);
+        T* dq2 = dq1 + half;
+        for (Index j = 0; j < k; ++j) {
+          const Index e = c.ids(t, h * k + j);
+          const T ds = c.dscores(t, h * k + j);
+          if (e < 0 || ds == T(0)) continue;
+          const Index i1 = e / n, i2 = e % n;
+          kernels::axpy<Arch>(ds, c1.row(i1).data(), dq1, hs);
+          kernels::axpy<Arch>(ds, c2.row(i2).data(), dq2, hs);
+          kernels::axpy<Arch>(ds, q1, part[2 * set].row(i1).data(), hs);
+          kernels::axpy<Arch>(ds, q2, part[2 * set + 1].row(i2).data(), hs);
+        }
+      }
+    });
+    for (const auto& part : c.key_partials)
+      for (std::size_t m = 0; m < part.size(); ++m) g.keys[m] += part[m];
+  }
+
+  Config cfg_;
+  Linear<T> query_;
+  Norm<T> norm_;
+  std::vector<ProductKeys<T, Arch>> keys_;
+};
+
+}  // namespace spex

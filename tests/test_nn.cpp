@@ -1,0 +1,118 @@
+#include <spex/nn/linear.hpp>
+#include <spex/nn/norm.hpp>
+
+#include "test_util.hpp"
+
+using namespace spex;
+
+namespace {
+RowMat<double> randn_mat(Index r, Index c, std::uint64_t seed) {
+  RowMat<double> m(r, c);
+  Rng rng(seed);
+  fill_normal(m, 1.0, rng);
+  return m;
+}
+}  // namespace
+
+TEST_CASE("Linear forward and backward match the formulas and finite differences", "[nn][gradcheck]") {
+  Rng rng(1);
+  Linear<double> lin(5, 3, true, rng);
+  const RowMat<double> x = randn_mat(4, 5, 2), w = randn_mat(4, 3, 3);
+  RowMat<double> y(4, 3);
+  lin.forward(x, y);
+  CHECK((y - ((x * lin.weight().transpose()).rowwise() + lin.bias().transpose())).cwiseAbs().maxCoeff() < 1e-12);
+  auto g = lin.make_grads();
+  RowMat<double> dx = RowMat<double>::Zero(4, 5);
+  MatRef<double> dxr(dx);
+  lin.backward(x, w, g, &dxr);
+  auto loss = [&](const RowMat<double>& xin) {
+    RowMat<double> yy(4, 3);
+    lin.forward(xin, yy);
+    return (yy.array() * w.array()).sum();
+  };
+  const double eps = 1e-6;
+  for (Index r = 0; r < 3; ++r)
+    for (Index c = 0; c < 5; ++c) {
+      const double v = lin.weight()(r, c);
+      lin.weight()(r, c) = v + eps;
+      const double lp = loss(x);
+      lin.weight()(r, c) = v - eps;
+      const double lm = loss(x);
+      lin.weight()(r, c) = v;
+      CHECK(g.weight(r, c) == Approx((lp - lm) / (2 * eps)).epsilon(1e-6));
+    }
+  CHECK((g.bias - w.colwise().sum().transpose()).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((dx - w * lin.weight()).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK_THROWS_WITH(lin.forward(RowMat<double>::Ones(2, 4), y), Catch::Contains("in_features = 5"));
+}
+
+TEST_CASE("Norm gradients match finite differences in training and eval", "[nn][gradcheck]") {
+  for (NormKind kind : {NormKind::batch, NormKind::layer})
+    for (bool training : {true, false}) {
+      CAPTURE(to_string(kind), training);
+      Norm<double> norm(kind, 6, 3);
+      norm.weight() = randn_mat(6, 1, 4);
+      norm.bias() = randn_mat(6, 1, 5);
+      const RowMat<double> x = randn_mat(7, 6, 6), w = randn_mat(7, 6, 7);
+      if (kind == NormKind::batch) {  // non-trivial running statistics for eval
+        norm.running_mean() = randn_mat(6, 1, 8);
+        norm.running_var() = randn_mat(6, 1, 9).cwiseAbs().array() + 0.5;
+      }
+      typename Norm<double>::Cache cache;
+      RowMat<double> y(7, 6), dx(7, 6);
+      const Vec<double> rm = norm.running_mean(), rv = norm.running_var();
+      auto forward = [&](const RowMat<double>& xin, RowMat<double>& out, typename Norm<double>::Cache& c) {
+        norm.forward(xin, out, c, training);
+        if (kind == NormKind::batch) {  // keep the running statistics fixed across evaluations
+          norm.running_mean() = rm;
+          norm.running_var() = rv;
+        }
+      };
+      forward(x, y, cache);
+      auto g = norm.make_grads();
+      norm.backward(w, cache, g, dx);
+      auto loss = [&](const RowMat<double>& xin) {
+        typename Norm<double>::Cache c;
+        RowMat<double> yy(7, 6);
+        forward(xin, yy, c);
+        return (yy.array() * w.array()).sum();
+      };
+      const double eps = 1e-6;
+      for (Index r = 0; r < 7; ++r)
+        for (Index c = 0; c < 6; ++c) {
+          RowMat<double> xp = x, xm = x;
+          xp(r, c) += eps;
+          xm(r, c) -= eps;
+          CHECK(dx(r, c) == Approx((loss(xp) - loss(xm)) / (2 * eps)).epsilon(1e-5).margin(1e-8));
+        }
+      for (Index f = 0; f < 6; ++f) {
+        const double v = norm.weight()(f);
+        norm.weight()(f) = v + eps;
+        const double lp = loss(x);
+        norm.weight()(f) = v - eps;
+        const double lm = loss(x);
+        norm.weight()(f) = v;
+        CHECK(g.weight(f) == Approx((lp - lm) / (2 * eps)).epsilon(1e-5).margin(1e-8));
+      }
+      // The inference forward agrees with the eval-mode training forward.
+      if (!training) {
+        RowMat<double> y2(7, 6);
+        norm.forward(x, y2);
+        CHECK((y2 - y).cwiseAbs().maxCoeff() < 1e-12);
+      }
+    }
+}
+
+TEST_CASE("BatchNorm updates running statistics like PyTorch", "[nn]") {
+  Norm<double> bn(NormKind::batch, 2, 0, 1e-5, 0.1);
+  RowMat<double> x(3, 2), y(3, 2);
+  x << 1, 10, 2, 20, 6, 30;
+  typename Norm<double>::Cache c;
+  bn.forward(x, y, c, true);
+  // mean (3, 20), unbiased var (7, 100)
+  CHECK(bn.running_mean()(0) == Approx(0.3));
+  CHECK(bn.running_mean()(1) == Approx(2.0));
+  CHECK(bn.running_var()(0) == Approx(0.9 + 0.1 * 7));
+  CHECK(bn.running_var()(1) == Approx(0.9 + 0.1 * 100));
+  CHECK(y.col(0).mean() == Approx(0.0).margin(1e-12));
+}

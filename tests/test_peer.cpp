@@ -1,0 +1,270 @@
+#include <set>
+
+#include <spex/layers/peer.hpp>
+#include <spex/layers/pkm.hpp>
+
+#include "peer_reference.hpp"
+#include "test_util.hpp"
+
+using namespace spex;
+using kernels::Activation;
+
+namespace {
+
+ProductKeyLayerConfig small_config(ScoreFn score, NormKind norm, Activation act, bool shared) {
+  ProductKeyLayerConfig cfg;
+  cfg.d_in = 6;
+  cfg.d_out = 5;
+  cfg.n_keys = 5;
+  cfg.heads = 2;
+  cfg.top_k = 3;
+  cfg.d_key = 4;
+  cfg.score = score;
+  cfg.norm = norm;
+  cfg.activation = act;
+  cfg.shared_keys = shared;
+  cfg.query_bias = true;
+  return cfg;
+}
+
+RowMat<double> randn_mat(Index r, Index c, std::uint64_t seed) {
+  RowMat<double> m(r, c);
+  Rng rng(seed);
+  fill_normal(m, 1.0, rng);
+  return m;
+}
+
+// Training forward and eval forward against the reference that scores all N keys.
+template <class Layer>
+void check_forward(Layer& layer, const RowMat<double>& x) {
+  typename Layer::Cache cache;
+  RowMat<double> y(x.rows(), layer.d_out());
+  layer.forward(x, y, cache);
+  const auto ref = spex_test::reference_forward(layer, x, true);
+  CHECK(cache.retrieval.ids == ref.ids);
+  CHECK((y - ref.y).cwiseAbs().maxCoeff() < 1e-10);
+  CHECK((cache.retrieval.gates - ref.gates).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK(cache.retrieval.ids.minCoeff() >= 0);
+  CHECK(cache.retrieval.ids.maxCoeff() < layer.n_experts());
+  // Eval mode uses the running statistics the training pass just updated.
+  RowMat<double> y_eval(x.rows(), layer.d_out());
+  layer.infer(x, y_eval);
+  const auto ref_eval = spex_test::reference_forward(layer, x, false);
+  CHECK((y_eval - ref_eval.y).cwiseAbs().maxCoeff() < 1e-10);
+}
+
+// Central differences of L = sum(w .* y) for every trainable entry and every entry of x.
+template <class Layer>
+void check_gradients(Layer& layer, const RowMat<double>& x) {
+  const Index b = x.rows();
+  const RowMat<double> w = randn_mat(b, layer.d_out(), 99);
+  typename Layer::Cache cache;
+  auto grads = layer.make_grads();
+  RowMat<double> y(b, layer.d_out()), dx(b, layer.d_in());
+  layer.forward(x, y, cache);
+  const IndexMat ids = cache.retrieval.ids;
+  MatRef<double> dx_ref(dx);
+  layer.backward(w, cache, &dx_ref, grads);
+
+  auto loss = [&](const RowMat<double>& xin) {
+    typename Layer::Cache c;
+    RowMat<double> yy(b, layer.d_out());
+    layer.forward(xin, yy, c);
+    REQUIRE(c.retrieval.ids == ids);  // the selection must not move under the perturbation
+    return (yy.array() * w.array()).sum();
+  };
+  const double eps = 1e-6;
+  auto fd_check = [&](double& v, double analytic, const std::string& what) {
+    const double saved = v;
+    v = saved + eps;
+    const double lp = loss(x);
+    v = saved - eps;
+    const double lm = loss(x);
+    v = saved;
+    CAPTURE(what);
+    CHECK(analytic == Approx((lp - lm) / (2 * eps)).epsilon(1e-5).margin(1e-7));
+  };
+  std::set<Index> picked(ids.data(), ids.data() + ids.size());
+  for (const auto& p : layer.parameters(&grads)) {
+    if (!p.trainable()) continue;
+    RowMat<double> g = p.grad ? RowMat<double>(p.grad_map()) : p.sparse_grad->to_dense();
+    if (p.sparse_grad) {  // only the rows retrieved in the batch, each once
+      std::set<Index> rows(p.sparse_grad->rows().begin(), p.sparse_grad->rows().end());
+      CHECK(rows == picked);
+      CHECK(Index(p.sparse_grad->rows().size()) == Index(rows.size()));
+    }
+    auto v = p.value_map();
+    for (Index r = 0; r < p.rows; ++r)
+      for (Index c = 0; c < p.cols; ++c) fd_check(v(r, c), g(r, c), p.name + "(" + std::to_string(r) + "," + std::to_string(c) + ")");
+  }
+  for (Index r = 0; r < b; ++r)
+    for (Index c = 0; c < x.cols(); ++c) {
+      RowMat<double> xp = x, xm = x;
+      xp(r, c) += eps;
+      xm(r, c) -= eps;
+      CAPTURE(r, c);
+      CHECK(dx(r, c) == Approx((loss(xp) - loss(xm)) / (2 * eps)).epsilon(1e-5).margin(1e-7));
+    }
+}
+
+const ScoreFn kScores[] = {ScoreFn::softmax, ScoreFn::sigmoid, ScoreFn::relu};
+const NormKind kNorms[] = {NormKind::none, NormKind::batch, NormKind::layer};
+
+}  // namespace
+
+TEST_CASE("PEER forward equals the all-keys reference in every mode", "[peer]") {
+  for (ScoreFn s : kScores)
+    for (NormKind nk : kNorms)
+      for (Activation a : {Activation::relu, Activation::gelu_erf, Activation::gelu_tanh})
+        for (bool shared : {true, false}) {
+          CAPTURE(to_string(s), to_string(nk), kernels::to_string(a), shared);
+          Peer<double> peer(small_config(s, nk, a, shared), 7);
+          check_forward(peer, randn_mat(9, 6, 3));
+        }
+}
+
+TEST_CASE("PEER forward on larger shapes, float, and a batch of one in eval mode", "[peer]") {
+  ProductKeyLayerConfig cfg;
+  cfg.d_in = 24;
+  cfg.d_out = 17;
+  cfg.n_experts = 16 * 16;
+  cfg.heads = 3;
+  cfg.top_k = 8;
+  cfg.d_key = 10;
+  Peer<double> peer(cfg, 5);
+  check_forward(peer, randn_mat(40, 24, 4));
+
+  Peer<float> pf(cfg, 5);
+  const RowMat<double> xd = randn_mat(40, 24, 4);
+  RowMat<float> x = xd.cast<float>(), y(40, 17);
+  Peer<float>::Cache cache;
+  pf.forward(x, y, cache);
+  const auto ref = spex_test::reference_forward(pf, x.cast<double>(), true);
+  Index same = 0;
+  for (Index t = 0; t < 40; ++t) same += cache.retrieval.ids.row(t) == ref.ids.row(t);
+  CHECK(same >= 38);  // float rounding may reorder a near-tie in a row or two
+  for (Index t = 0; t < 40; ++t)
+    if (cache.retrieval.ids.row(t) == ref.ids.row(t))
+      CHECK((y.row(t).cast<double>() - ref.y.row(t)).cwiseAbs().maxCoeff() < 1e-4);
+
+  RowMat<double> one = randn_mat(1, 24, 8), y1(1, 17);
+  peer.infer(one, y1);
+  CHECK((y1 - spex_test::reference_forward(peer, one, false).y).cwiseAbs().maxCoeff() < 1e-10);
+}
+
+TEST_CASE("PEER gradients match finite differences in every mode", "[peer][gradcheck]") {
+  for (ScoreFn s : kScores)
+    for (NormKind nk : kNorms)
+      for (int variant = 0; variant < 2; ++variant) {
+        const Activation a = variant == 0 ? Activation::gelu_erf : Activation::relu;
+        const bool shared = variant == 0;
+        CAPTURE(to_string(s), to_string(nk), kernels::to_string(a), shared);
+        Peer<double> peer(small_config(s, nk, a, shared), 11 + variant);
+        check_gradients(peer, randn_mat(6, 6, 21 + variant));
+      }
+}
+
+TEST_CASE("PEER backward accumulates across calls until zeroed", "[peer]") {
+  Peer<double> peer(small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, true), 3);
+  const RowMat<double> x = randn_mat(8, 6, 1), dy = randn_mat(8, 5, 2);
+  RowMat<double> y(8, 5);
+  Peer<double>::Cache cache;
+  auto g1 = peer.make_grads(), g2 = peer.make_grads();
+  peer.forward(x, y, cache);
+  peer.backward(dy, cache, nullptr, g1);
+  peer.backward(dy, cache, nullptr, g2);
+  peer.backward(dy, cache, nullptr, g2);
+  CHECK((g2.retrieval.query.weight - 2 * g1.retrieval.query.weight).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((g2.experts.up.to_dense() - 2 * g1.experts.up.to_dense()).cwiseAbs().maxCoeff() < 1e-12);
+  g2.zero();
+  CHECK(g2.experts.up.nnz_rows() == 0);
+  CHECK(g2.retrieval.query.weight.cwiseAbs().maxCoeff() == 0);
+}
+
+TEST_CASE("PEER with k = 1 and a fixed selection is a dense MLP with h hidden units", "[peer]") {
+  // [P] Eq. 8: with k = 1 the softmax gate is 1 and f(x) = V act(W^T x) over the h picked experts.
+  ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::none, Activation::gelu_erf, true);
+  cfg.top_k = 1;
+  cfg.heads = 4;
+  Peer<double> peer(cfg, 2);
+  const RowMat<double> x = randn_mat(5, 6, 6);
+  RowMat<double> y(5, 5);
+  Peer<double>::Cache cache;
+  peer.forward(x, y, cache);
+  for (Index t = 0; t < 5; ++t) {
+    RowMat<double> w(4, 6), v(5, 4);
+    for (Index h = 0; h < 4; ++h) {
+      w.row(h) = peer.experts().down().row(cache.retrieval.ids(t, h));
+      v.col(h) = peer.experts().up().row(cache.retrieval.ids(t, h)).transpose();
+    }
+    Vec<double> hidden = w * x.row(t).transpose();
+    for (Index h = 0; h < 4; ++h) hidden(h) = kernels::scalar::activate(Activation::gelu_erf, hidden(h));
+    CHECK((v * hidden - y.row(t).transpose()).cwiseAbs().maxCoeff() < 1e-12);
+  }
+}
+
+TEST_CASE("PEER is deterministic for a seed", "[peer]") {
+  ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, true);
+  Peer<float> a(cfg, 42), b(cfg, 42), c(cfg, 43);
+  const RowMat<float> x = randn_mat(7, 6, 5).cast<float>();
+  RowMat<float> ya(7, 5), yb(7, 5), yc(7, 5);
+  a.infer(x, ya);
+  b.infer(x, yb);
+  c.infer(x, yc);
+  CHECK(ya == yb);
+  CHECK(ya != yc);
+}
+
+TEST_CASE("PEER names every parameter", "[peer]") {
+  Peer<float> peer(small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, false), 1);
+  std::set<std::string> names;
+  for (const auto& p : peer.parameters()) names.insert(p.name);
+  for (const char* n : {"peer.query.weight", "peer.query.bias", "peer.norm.weight", "peer.norm.bias",
+                        "peer.norm.running_mean", "peer.norm.running_var", "peer.keys.h0.c1", "peer.keys.h1.c2",
+                        "peer.experts.down", "peer.experts.up"})
+    CHECK(names.count(n) == 1);
+}
+
+TEST_CASE("PEER rejects bad configurations and inputs with clear errors", "[peer]") {
+  ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, true);
+  auto make = [](ProductKeyLayerConfig c) { Peer<float> p(c); };
+  ProductKeyLayerConfig c1 = cfg;
+  c1.n_keys = 0;
+  c1.n_experts = 50;
+  CHECK_THROWS_WITH(make(c1), Catch::Contains("n_experts = 50 is not a perfect square"));
+  ProductKeyLayerConfig c2 = cfg;
+  c2.top_k = 6;
+  CHECK_THROWS_WITH(make(c2), Catch::Contains("top_k = 6"));
+  ProductKeyLayerConfig c3 = cfg;
+  c3.d_key = 5;
+  CHECK_THROWS_WITH(make(c3), Catch::Contains("d_key = 5"));
+  ProductKeyLayerConfig c4 = cfg;
+  c4.d_in = 0;
+  CHECK_THROWS_WITH(make(c4), Catch::Contains("d_in = 0"));
+
+  Peer<float> peer(cfg, 1);
+  Peer<float>::Cache cache;
+  RowMat<float> x = RowMat<float>::Ones(4, 7), y(4, 5);
+  CHECK_THROWS_WITH(peer.forward(x, y, cache), Catch::Contains("x has 7 columns, expected d_in = 6"));
+  RowMat<float> x6 = randn_mat(4, 6, 1).cast<float>();
+  x6(2, 3) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(peer.forward(x6, y, cache), Catch::Contains("x holds a non-finite value"));
+  RowMat<float> one = RowMat<float>::Ones(1, 6), y1(1, 5);
+  CHECK_THROWS_WITH(peer.forward(one, y1, cache), Catch::Contains("at least 2 tokens"));
+  RowMat<float> ok = randn_mat(4, 6, 2).cast<float>();
+  peer.forward(ok, y, cache);
+  auto g = peer.make_grads();
+  RowMat<float> dy_bad = RowMat<float>::Ones(3, 5);
+  CHECK_THROWS_WITH(peer.backward(dy_bad, cache, nullptr, g), Catch::Contains("dy has 3 rows"));
+}
+
+TEST_CASE("PKM forward equals the reference and its gradients match finite differences", "[peer][gradcheck]") {
+  for (ScoreFn s : kScores)
+    for (NormKind nk : kNorms) {
+      CAPTURE(to_string(s), to_string(nk));
+      ProductKeyLayerConfig cfg = small_config(s, nk, Activation::identity, nk != NormKind::layer);
+      Pkm<double> pkm(cfg, 4);
+      check_forward(pkm, randn_mat(9, 6, 8));
+      check_gradients(pkm, randn_mat(6, 6, 9));
+    }
+}
