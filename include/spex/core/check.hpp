@@ -41,6 +41,7 @@ namespace spex {
 /// Throws naming `what` and the first (row, col) holding NaN or Inf.
 template <class Mat>
 void check_finite(const Mat& m, const char* what) {
+  if (m.allFinite()) return;  // vectorized; the loop below only locates the culprit
   for (Eigen::Index r = 0; r < m.rows(); ++r)
     for (Eigen::Index c = 0; c < m.cols(); ++c)
       SPEX_CHECK(std::isfinite(m(r, c)),

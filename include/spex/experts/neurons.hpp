@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "../core/check.hpp"
+#include "../core/memory.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../core/sparse_rows.hpp"
@@ -40,6 +41,8 @@ class NeuronExperts {
       : down_(n_experts, d_in), up_(n_experts, d_out), act_(act) {
     SPEX_CHECK(n_experts >= 1 && d_in >= 1 && d_out >= 1,
                "NeuronExperts(" << n_experts << ", " << d_in << ", " << d_out << ") needs positive sizes");
+    advise_huge_pages(down_.data(), sizeof(T) * std::size_t(down_.size()));
+    advise_huge_pages(up_.data(), sizeof(T) * std::size_t(up_.size()));
     Rng r1 = rng.split(11), r2 = rng.split(12);
     fill_normal(down_, 1.0 / std::sqrt(double(d_in)), r1);
     fill_normal(up_, 1.0 / std::sqrt(double(d_out)), r2);

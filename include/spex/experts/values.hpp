@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "../core/check.hpp"
+#include "../core/memory.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../core/sparse_rows.hpp"
@@ -29,6 +30,7 @@ class ValueExperts {
   /// N slots of d_out; values ~ N(0, 1/d_out) (the PKM reference's N(0, v_dim^-1/2)).
   ValueExperts(Index n_slots, Index d_out, Rng& rng) : values_(n_slots, d_out) {
     SPEX_CHECK(n_slots >= 1 && d_out >= 1, "ValueExperts(" << n_slots << ", " << d_out << ") needs positive sizes");
+    advise_huge_pages(values_.data(), sizeof(T) * std::size_t(values_.size()));
     Rng r = rng.split(13);
     fill_normal(values_, 1.0 / std::sqrt(double(d_out)), r);
   }

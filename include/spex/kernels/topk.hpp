@@ -59,19 +59,42 @@ void topk_push_block(const T* scores, std::size_t n, std::int64_t first_id, std:
     if (scores[i] >= floor) heap::offer(vals, ids, size, k, scores[i], first_id + static_cast<std::int64_t>(i));
 }
 
-/// A lower bound on the k-th best of scores[0..n): the k-th best of the maxima of G >= k
-/// disjoint groups (element i is in group i mod G), each maximum being a distinct element.
-/// -inf when the row is too short for the bound to pay off. NaN elements are ignored.
+namespace detail {
+#if SPEX_SIMD
+/// Ranks of the values v[a0 .. a0+W) among v[0..c): rank(a) = #{j : v[j] > v[a], or v[j] == v[a]
+/// and j < a}, i.e. their positions in the order "larger first, ties to the smaller index".
+/// Distinct for distinct a. v must be readable up to a0 + W. Branch-free: one broadcast and
+/// two compares per j, for W candidates at once.
+template <class Arch, class T>
+xsimd::batch<T, Arch> rank_block(const T* v, std::size_t c, std::size_t a0) {
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  alignas(Arch::alignment()) T lane_index[W];
+  for (std::size_t l = 0; l < W; ++l) lane_index[l] = static_cast<T>(a0 + l);
+  const B va = B::load_unaligned(v + a0), ia = B::load_aligned(lane_index), one(T(1)), zero(T(0));
+  B count = zero;
+  for (std::size_t j = 0; j < c; ++j) {
+    const B vj(v[j]);
+    count += xsimd::select((vj > va) | ((vj == va) & (B(static_cast<T>(j)) < ia)), one, zero);
+  }
+  return count;
+}
+#endif
+}  // namespace detail
+
+/// A lower bound on the k-th best of scores[0..n): the k-th best of the maxima of G >= 2k
+/// disjoint groups (element i is in group i mod G). Those maxima are distinct elements, so at
+/// least k elements are >= the bound; with 2k groups only about 2k elements pass it on random
+/// rows. -inf when the row is too short for the bound to pay off. NaN is ignored.
 template <class Arch = default_arch, class T>
 T topk_floor(const T* scores, std::size_t n, std::size_t k) {
   T floor = -std::numeric_limits<T>::infinity();
 #if SPEX_SIMD
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
-  constexpr std::size_t kMaxAcc = 8;
-  // 2k groups make the bound tight (about 2k elements pass it on random rows).
+  constexpr std::size_t kMaxAcc = 16;
   const std::size_t acc = (2 * k + W - 1) / W;
-  if (acc > kMaxAcc || n < 4 * acc * W) return floor;
+  if (k == 0 || acc > kMaxAcc || n < 4 * acc * W) return floor;
   B m[kMaxAcc];
   for (std::size_t a = 0; a < acc; ++a) m[a] = B::load_unaligned(scores + a * W);
   std::size_t i = acc * W;
@@ -81,12 +104,15 @@ T topk_floor(const T* scores, std::size_t n, std::size_t k) {
       m[a] = xsimd::select(v > m[a], v, m[a]);  // a NaN lane never replaces the maximum
     }
   alignas(Arch::alignment()) T maxima[kMaxAcc * W];
-  for (std::size_t a = 0; a < acc; ++a) m[a].store_aligned(maxima + a * W);
+  const B neg_inf(-std::numeric_limits<T>::infinity());
+  for (std::size_t a = 0; a < acc; ++a) xsimd::select(m[a] != m[a], neg_inf, m[a]).store_aligned(maxima + a * W);
   const std::size_t g = acc * W;
-  for (std::size_t j = 0; j < g; ++j)
-    if (std::isnan(maxima[j])) maxima[j] = -std::numeric_limits<T>::infinity();
-  std::nth_element(maxima, maxima + (k - 1), maxima + g, [](T a, T b) { return a > b; });
-  floor = maxima[k - 1];
+  alignas(Arch::alignment()) T ranks[W];
+  for (std::size_t a0 = 0; a0 < g; a0 += W) {
+    detail::rank_block<Arch>(maxima, g, a0).store_aligned(ranks);
+    for (std::size_t l = 0; l < W; ++l)
+      if (ranks[l] == static_cast<T>(k - 1)) return maxima[a0 + l];
+  }
 #else
   (void)scores;
   (void)n;
@@ -95,11 +121,70 @@ T topk_floor(const T* scores, std::size_t n, std::size_t k) {
   return floor;
 }
 
+namespace detail {
+#if SPEX_SIMD
+/// Top-k of the scores >= floor by rank: the candidates (about 2k once the floor is tight) are
+/// copied out in index order and ranked with rank_block; rank r goes to slot r. Branch-free,
+/// unlike heap sifts. False when more than kCapacity candidates pass (heavy ties): the caller
+/// then uses the heap.
+template <class Arch, class T>
+bool topk_by_rank(const T* scores, std::size_t n, std::size_t k, T floor, T* vals, std::int64_t* ids) {
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  constexpr std::size_t kCapacity = 256;
+  alignas(Arch::alignment()) T cv[kCapacity + W];
+  std::int32_t ci[kCapacity];
+  std::size_t c = 0;
+  const B thr(floor);
+  std::size_t i = 0;
+  for (; i + W <= n; i += W) {
+    const auto pass = B::load_unaligned(scores + i) >= thr;
+    if (!xsimd::any(pass)) continue;
+    for (std::uint32_t bits = lane_bits<Arch, T>(pass); bits != 0; bits &= bits - 1) {
+      if (c == kCapacity) return false;
+      const std::size_t j = i + static_cast<std::size_t>(__builtin_ctz(bits));
+      cv[c] = scores[j];
+      ci[c++] = static_cast<std::int32_t>(j);
+    }
+  }
+  for (; i < n; ++i)
+    if (scores[i] >= floor) {
+      if (c == kCapacity) return false;
+      cv[c] = scores[i];
+      ci[c++] = static_cast<std::int32_t>(i);
+    }
+  for (std::size_t p = c; p < c + W; ++p) cv[p] = -std::numeric_limits<T>::infinity();  // lanes past c
+  alignas(Arch::alignment()) T ranks[W];
+  for (std::size_t a0 = 0; a0 < c; a0 += W) {
+    rank_block<Arch>(cv, c, a0).store_aligned(ranks);
+    for (std::size_t l = 0; l < W && a0 + l < c; ++l) {
+      const std::size_t r = static_cast<std::size_t>(ranks[l]);
+      if (r < k) {
+        vals[r] = cv[a0 + l];
+        ids[r] = ci[a0 + l];
+      }
+    }
+  }
+  for (std::size_t r = c; r < k; ++r) {
+    vals[r] = -std::numeric_limits<T>::infinity();
+    ids[r] = -1;
+  }
+  return true;
+}
+#endif
+}  // namespace detail
+
 /// Top-k of scores[0..n) into vals/ids (k entries each), best first, ties to the smaller index.
 template <class Arch = default_arch, class T>
 void topk(const T* scores, std::size_t n, std::size_t k, T* vals, std::int64_t* ids) {
+  const T floor = topk_floor<Arch>(scores, n, k);
+#if SPEX_SIMD
+  if (floor != -std::numeric_limits<T>::infinity() && n <= std::size_t(INT32_MAX) &&
+      detail::topk_by_rank<Arch>(scores, n, k, floor, vals, ids))
+    return;
+#endif
   std::size_t size = 0;
-  topk_push_block<Arch>(scores, n, 0, k, vals, ids, size, topk_floor<Arch>(scores, n, k));
+  topk_push_block<Arch>(scores, n, 0, k, vals, ids, size, floor);
   topk_finish(k, vals, ids, size);
 }
 

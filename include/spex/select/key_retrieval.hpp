@@ -187,10 +187,20 @@ class KeyRetrieval {
     c.scores.resize(b, per_token());
     c.gates.resize(b, per_token());
     c.ids.resize(b, per_token());
-    for (Index h = 0; h < cfg_.heads; ++h) {
-      MatRef<T> s = c.scores.middleCols(h * k, k);
-      IndexMatRef ids = c.ids.middleCols(h * k, k);
-      keys(h).search(c.q.middleCols(h * dk, dk), k, s, ids, c.search);
+    if (cfg_.shared_keys) {
+      // One search over all B * h head queries: row t of the B x h*d_key queries is h rows of
+      // d_key back to back, and likewise for the B x h*k results, so plain Maps reshape them.
+      const Index rows = b * cfg_.heads;
+      Eigen::Map<const RowMat<T>> q(c.q.data(), rows, dk);
+      Eigen::Map<RowMat<T>> s(c.scores.data(), rows, k);
+      Eigen::Map<IndexMat> ids(c.ids.data(), rows, k);
+      keys_[0].search(q, k, s, ids, c.search);
+    } else {
+      for (Index h = 0; h < cfg_.heads; ++h) {
+        MatRef<T> s = c.scores.middleCols(h * k, k);
+        IndexMatRef ids = c.ids.middleCols(h * k, k);
+        keys(h).search(c.q.middleCols(h * dk, dk), k, s, ids, c.search);
+      }
     }
     parallel_for(b, [&](Index t, int) {
       const T* s = &c.scores(t, 0);
