@@ -45,3 +45,16 @@ TEST_CASE("max skips NaN and is -inf on an empty range", "[kernels]") {
   CHECK(kernels::max(v.data(), v.size()) == 2.f);
   CHECK(kernels::max(v.data(), 0) == -std::numeric_limits<float>::infinity());
 }
+
+TEMPLATE_TEST_CASE("scale_to matches the scalar twin", "[kernels]", float, double) {
+  using T = TestType;
+  for (std::size_t off : {0, 1})
+    for (std::size_t n : spex_test::kernel_lengths<T>()) {
+      CAPTURE(n, off);
+      const auto x = randn<T>(n, 5 + n, off);
+      std::vector<T> y(n + off, T(7)), y_ref(n + off, T(7));
+      kernels::scale_to(T(-0.25), x.data() + off, y.data() + off, n);
+      kernels::scalar::scale_to(T(-0.25), x.data() + off, y_ref.data() + off, n);
+      CHECK(y == y_ref);
+    }
+}

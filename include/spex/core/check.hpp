@@ -41,7 +41,10 @@ namespace spex {
 /// Throws naming `what` and the first (row, col) holding NaN or Inf.
 template <class Mat>
 void check_finite(const Mat& m, const char* what) {
-  if (m.allFinite()) return;  // vectorized; the loop below only locates the culprit
+  // x * 0 is 0 for finite x and NaN for NaN and Inf; Eigen's sum() is vectorized (allFinite()
+  // is not). The loop below only runs to name the culprit.
+  using S = typename Mat::Scalar;
+  if (!std::isnan(static_cast<double>((m.array() * S(0)).sum()))) return;
   for (Eigen::Index r = 0; r < m.rows(); ++r)
     for (Eigen::Index c = 0; c < m.cols(); ++c)
       SPEX_CHECK(std::isfinite(m(r, c)),

@@ -49,13 +49,21 @@ class SparseRowGrad {
 
   /// Slot of `row`, adding it (zeroed) if absent.
   Index slot(Index row) {
+    const Index before = nnz_rows();
+    const Index s = slot_unset(row);
+    if (s >= before) values_.row(s).setZero();
+    return s;
+  }
+
+  /// Slot of `row`, adding it with its values left unset: the caller writes every new row
+  /// (accumulate_rows does, and so skips a memset of every new row).
+  Index slot_unset(Index row) {
     SPEX_CHECK(row >= 0 && row < n_rows_, "row " << row << " is outside [0, " << n_rows_ << ")");
     std::int32_t& s = slot_of_row_[static_cast<std::size_t>(row)];
     if (s < 0) {
       s = static_cast<std::int32_t>(rows_.size());
       rows_.push_back(row);
       if (values_.rows() < nnz_rows()) grow(nnz_rows());
-      values_.row(s).setZero();
     }
     return s;
   }
@@ -127,10 +135,11 @@ void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no
   check_shape(src, batch, grad.width(), "src");
   plan.slot.resize(static_cast<std::size_t>(occ));
   grad.reserve(grad.nnz_rows() + occ);
+  const Index first_new = grad.nnz_rows();
   for (Index t = 0; t < batch; ++t)
     for (Index j = 0; j < m; ++j) {
       const Index id = ids(t, j);
-      plan.slot[t * m + j] = id < 0 ? -1 : grad.slot(id);
+      plan.slot[t * m + j] = id < 0 ? -1 : grad.slot_unset(id);
     }
   // Counting sort of occurrences by slot; slots touched before this call are included too.
   const Index n_slots = grad.nnz_rows();
@@ -146,7 +155,12 @@ void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no
   auto values = grad.values();
   parallel_for(n_slots, [&](Index s, int) {
     T* row = values.row(s).data();
-    for (Index p = plan.offsets[s]; p < plan.offsets[s + 1]; ++p) {
+    Index p = plan.offsets[s];
+    if (s >= first_new) {  // a row new in this call has at least one occurrence: it sets the row
+      const Index o = plan.order[p++], t = o / m;
+      kernels::scale_to<Arch>(coef(t, o % m), row_ptr(src, t), row, w);
+    }
+    for (; p < plan.offsets[s + 1]; ++p) {
       const Index o = plan.order[p], t = o / m;
       kernels::axpy<Arch>(coef(t, o % m), row_ptr(src, t), row, w);
     }

@@ -1,5 +1,5 @@
 #pragma once
-// Vector kernels: dot, axpy, scale, sum, max. Four independent accumulators hide the FMA
+// Vector kernels: dot, axpy, scale_to, scale, sum, max. Four independent accumulators hide the FMA
 // latency (2 FMA ports x 4 cycles); unaligned loads; whole vectors, then a scalar tail.
 #include <algorithm>
 
@@ -48,6 +48,22 @@ void axpy(T a, const T* x, T* y, std::size_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 #else
   scalar::axpy(a, x, y, n);
+#endif
+}
+
+/// y = a * x
+template <class Arch = default_arch, class T>
+void scale_to(T a, const T* x, T* y, std::size_t n) {
+#if SPEX_SIMD
+  static_assert(is_simd_scalar_v<T>, "spex kernels take float or double");
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  const B va(a);
+  std::size_t i = 0;
+  for (; i + W <= n; i += W) (va * B::load_unaligned(x + i)).store_unaligned(y + i);
+  for (; i < n; ++i) y[i] = a * x[i];
+#else
+  scalar::scale_to(a, x, y, n);
 #endif
 }
 

@@ -18,6 +18,12 @@ void axpy(T a, const T* x, T* y, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+/// y = a * x
+template <class T>
+void scale_to(T a, const T* x, T* y, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) y[i] = a * x[i];
+}
+
 /// x *= a
 template <class T>
 void scale(T a, T* x, std::size_t n) {
