@@ -1,0 +1,215 @@
+#pragma once
+// FFN experts for mixture-of-experts layers: E independent MLPs, each a GELU MLP
+// W2 gelu(W1 x) or a SwiGLU MLP W2 (silu(W1a x) * (W1b x)) (the ReMoE reference's choice),
+// bias-free. Weights are stacked: W1 is (E * h1) x d (h1 = hidden, or 2 * hidden for SwiGLU:
+// the a half, then the b half) and W2 is (E * d_out) x hidden; expert e owns a block of rows
+// of each. Tokens are grouped per expert (a counting sort), gathered into one contiguous
+// block per expert and run through that expert as two GEMMs: never one GEMV per token.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../core/check.hpp"
+#include "../core/parallel.hpp"
+#include "../core/random.hpp"
+#include "../core/types.hpp"
+#include "../kernels/activation.hpp"
+
+namespace spex {
+
+enum class FfnKind { gelu, swiglu };
+
+inline const char* to_string(FfnKind k) { return k == FfnKind::gelu ? "gelu" : "swiglu"; }
+
+/// Token groups of a B x E gate matrix: the active (token, expert) pairs (gate != 0), sorted by
+/// expert then token. Pair p = rows [offsets[e], offsets[e+1]) of expert e; row_of(t, e) is the
+/// pair's row or -1.
+struct ExpertGroups {
+  std::vector<Index> offsets;  // E + 1
+  std::vector<Index> token;    // per row
+  RowMat<Index> row_of;        // B x E
+
+  Index rows() const { return offsets.empty() ? 0 : offsets.back(); }
+  Index count(Index e) const { return offsets[e + 1] - offsets[e]; }
+
+  template <class Derived>
+  void build(const Eigen::MatrixBase<Derived>& gates) {
+    const Index b = gates.rows(), n_e = gates.cols();
+    offsets.assign(static_cast<std::size_t>(n_e + 1), 0);
+    for (Index t = 0; t < b; ++t)
+      for (Index e = 0; e < n_e; ++e) offsets[e + 1] += gates(t, e) != 0;
+    for (Index e = 0; e < n_e; ++e) offsets[e + 1] += offsets[e];
+    token.resize(static_cast<std::size_t>(offsets[n_e]));
+    row_of.resize(b, n_e);
+    std::vector<Index>& next = cursor_;
+    next.assign(offsets.begin(), offsets.end() - 1);
+    for (Index t = 0; t < b; ++t)
+      for (Index e = 0; e < n_e; ++e) {
+        if (gates(t, e) != 0) {
+          row_of(t, e) = next[e];
+          token[next[e]++] = t;
+        } else {
+          row_of(t, e) = -1;
+        }
+      }
+  }
+
+ private:
+  std::vector<Index> cursor_;
+};
+
+/// Thread safety: const methods; one cache and grads per concurrent caller.
+///
+///   spex::FfnExperts<float> ffn(FfnKind::swiglu, /*experts=*/8, /*d=*/512, /*hidden=*/1024, rng);
+///   ffn.forward(x, gates, groups, y, cache);      // gates: B x E, zero = not routed
+template <class T = float, class Arch = default_arch>
+class FfnExperts {
+ public:
+  struct Cache {
+    RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
+    RowMat<T> dyg, da, dh, dxg;
+  };
+  struct Grads {
+    RowMat<T> w1, w2;
+    void zero() {
+      w1.setZero();
+      w2.setZero();
+    }
+  };
+
+  FfnExperts() = default;
+  /// Init N(0, std^2) with std = 1/sqrt(d) for W1 and 1/sqrt(hidden) for W2.
+  FfnExperts(FfnKind kind, Index n_experts, Index d, Index hidden, Rng& rng, Index d_out = 0)
+      : kind_(kind), n_experts_(n_experts), d_(d), hidden_(hidden), d_out_(d_out > 0 ? d_out : d) {
+    SPEX_CHECK(n_experts >= 1 && d >= 1 && hidden >= 1,
+               "FfnExperts(" << n_experts << " experts, d = " << d << ", hidden = " << hidden << ") needs positive sizes");
+    w1_.resize(n_experts * h1(), d);
+    w2_.resize(n_experts * d_out_, hidden);
+    Rng r1 = rng.split(21), r2 = rng.split(22);
+    fill_normal(w1_, 1.0 / std::sqrt(double(d)), r1);
+    fill_normal(w2_, 1.0 / std::sqrt(double(hidden)), r2);
+  }
+
+  FfnKind kind() const { return kind_; }
+  Index n_experts() const { return n_experts_; }
+  Index d_in() const { return d_; }
+  Index d_out() const { return d_out_; }
+  Index hidden() const { return hidden_; }
+  /// Rows of W1 per expert: hidden (GELU) or 2 * hidden (SwiGLU).
+  Index h1() const { return kind_ == FfnKind::swiglu ? 2 * hidden_ : hidden_; }
+  RowMat<T>& w1() { return w1_; }
+  const RowMat<T>& w1() const { return w1_; }
+  RowMat<T>& w2() { return w2_; }
+  const RowMat<T>& w2() const { return w2_; }
+  Grads make_grads() const {
+    return Grads{RowMat<T>::Zero(w1_.rows(), w1_.cols()), RowMat<T>::Zero(w2_.rows(), w2_.cols())};
+  }
+
+  /// y (B x d_out, assigned) = sum_e gates(t, e) FFN_e(x_t) over the active pairs of `groups`
+  /// (built from the same gates). Parallel over experts; each expert's GEMMs single-threaded.
+  void forward(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
+    SPEX_CHECK(x.cols() == d_, "x has " << x.cols() << " columns, expected d = " << d_);
+    check_shape(gates, x.rows(), n_experts_, "gates");
+    check_shape(y, x.rows(), d_out_, "y");
+    const Index rows = groups.rows();
+    c.xg.resize(rows, d_);
+    c.h.resize(rows, h1());
+    c.a.resize(rows, hidden_);
+    c.yg.resize(rows, d_out_);
+    parallel_for(n_experts_, [&](Index e, int) {
+      const Index r0 = groups.offsets[e], n = groups.count(e);
+      if (n == 0) return;
+      for (Index r = r0; r < r0 + n; ++r) c.xg.row(r) = x.row(groups.token[r]);
+      auto xg = c.xg.middleRows(r0, n);
+      auto h = c.h.middleRows(r0, n);
+      auto a = c.a.middleRows(r0, n);
+      h.noalias() = xg * w1_.middleRows(e * h1(), h1()).transpose();
+      for (Index r = 0; r < n; ++r) activate_row(&h(r, 0), &a(r, 0));
+      c.yg.middleRows(r0, n).noalias() = a * w2_.middleRows(e * d_out_, d_out_).transpose();
+    });
+    parallel_for(x.rows(), [&](Index t, int) {
+      y.row(t).setZero();
+      for (Index e = 0; e < n_experts_; ++e) {
+        const Index r = groups.row_of(t, e);
+        if (r >= 0) y.row(t) += gates(t, e) * c.yg.row(r);
+      }
+    });
+  }
+
+  /// From dy (B x d_out): dgates (B x E, assigned; zero off the active pairs), grads accumulate,
+  /// *dx (B x d) += the input gradient when given.
+  void backward(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, CMatRef<T> dy, MatRef<T> dgates,
+                MatRef<T>* dx, Grads& g, Cache& c) const {
+    check_shape(dy, x.rows(), d_out_, "dy");
+    check_shape(dgates, x.rows(), n_experts_, "dgates");
+    const Index rows = groups.rows();
+    c.dyg.resize(rows, d_out_);
+    c.da.resize(rows, hidden_);
+    c.dh.resize(rows, h1());
+    c.dxg.resize(rows, d_);
+    parallel_for(x.rows(), [&](Index t, int) {
+      for (Index e = 0; e < n_experts_; ++e) {
+        const Index r = groups.row_of(t, e);
+        if (r < 0) {
+          dgates(t, e) = T(0);
+          continue;
+        }
+        dgates(t, e) = dy.row(t).dot(c.yg.row(r));
+        c.dyg.row(r) = gates(t, e) * dy.row(t);
+      }
+    });
+    parallel_for(n_experts_, [&](Index e, int) {
+      const Index r0 = groups.offsets[e], n = groups.count(e);
+      if (n == 0) return;
+      auto w1e = w1_.middleRows(e * h1(), h1());
+      auto w2e = w2_.middleRows(e * d_out_, d_out_);
+      auto dyg = c.dyg.middleRows(r0, n);
+      auto da = c.da.middleRows(r0, n);
+      auto dh = c.dh.middleRows(r0, n);
+      g.w2.middleRows(e * d_out_, d_out_).noalias() += dyg.transpose() * c.a.middleRows(r0, n);
+      da.noalias() = dyg * w2e;
+      for (Index r = 0; r < n; ++r) activate_row_backward(&c.h(r0 + r, 0), &da(r, 0), &dh(r, 0));
+      g.w1.middleRows(e * h1(), h1()).noalias() += dh.transpose() * c.xg.middleRows(r0, n);
+      if (dx) c.dxg.middleRows(r0, n).noalias() = dh * w1e;
+    });
+    if (!dx) return;
+    parallel_for(x.rows(), [&](Index t, int) {
+      for (Index e = 0; e < n_experts_; ++e) {
+        const Index r = groups.row_of(t, e);
+        if (r >= 0) dx->row(t) += c.dxg.row(r);
+      }
+    });
+  }
+
+ private:
+  /// a = act(h) for one row: gelu(h), or silu(h_a) * h_b.
+  void activate_row(const T* h, T* a) const {
+    const std::size_t n = static_cast<std::size_t>(hidden_);
+    if (kind_ == FfnKind::gelu) {
+      kernels::activate<Arch>(kernels::Activation::gelu_erf, h, a, n);
+    } else {
+      kernels::activate<Arch>(kernels::Activation::silu, h, a, n);
+      for (std::size_t i = 0; i < n; ++i) a[i] *= h[n + i];
+    }
+  }
+  /// dh from da for one row.
+  void activate_row_backward(const T* h, const T* da, T* dh) const {
+    const std::size_t n = static_cast<std::size_t>(hidden_);
+    if (kind_ == FfnKind::gelu) {
+      kernels::activate_backward<Arch>(kernels::Activation::gelu_erf, h, da, dh, n);
+    } else {
+      // a = silu(h_a) h_b: dh_a = da h_b silu'(h_a), dh_b = da silu(h_a).
+      for (std::size_t i = 0; i < n; ++i) {
+        dh[i] = da[i] * h[n + i];
+        dh[n + i] = da[i] * kernels::scalar::activate(kernels::Activation::silu, h[i]);
+      }
+      kernels::activate_backward<Arch>(kernels::Activation::silu, h, dh, dh, n);
+    }
+  }
+
+  FfnKind kind_ = FfnKind::gelu;
+  Index n_experts_ = 0, d_ = 0, hidden_ = 0, d_out_ = 0;
+  RowMat<T> w1_, w2_;
+};
+
+}  // namespace spex

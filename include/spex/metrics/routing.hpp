@@ -1,0 +1,70 @@
+#pragma once
+// Routing statistics of a mixture-of-experts batch (spec remoe.md section 8), computed from a
+// B x E gate matrix (an entry is active when > 0): sparsity, active experts per token and their
+// histogram, per-expert load and f_e, dead experts, tokens with no expert; and the flip rate
+// of the routing mask between two passes over a fixed calibration batch.
+#include <vector>
+
+#include "../core/check.hpp"
+#include "../core/types.hpp"
+
+namespace spex {
+
+struct RoutingStats {
+  double sparsity = 0;                 ///< 1 - nnz / (T E)
+  double mean_active = 0;              ///< active experts per token, E (1 - S)
+  std::vector<Index> active_histogram; ///< [n] = tokens with n active experts, n = 0..E
+  Vec<double> load;                    ///< c_e / T: fraction of tokens routed to e
+  Vec<double> f;                       ///< E c_e / (k T): 1 = fair share
+  Index dead = 0;                      ///< experts with load < dead_threshold
+  double zero_expert_fraction = 0;     ///< tokens with no active expert
+};
+
+/// Statistics of one batch's gates. `k` is the routing budget; an expert is dead when its load
+/// is below `dead_threshold` (the ReMoE paper's heat maps use 1/64).
+template <class Derived>
+RoutingStats routing_stats(const Eigen::MatrixBase<Derived>& gates, double k, double dead_threshold = 1.0 / 64) {
+  using T = typename Derived::Scalar;
+  const Index b = gates.rows(), e = gates.cols();
+  SPEX_CHECK(k > 0, "budget k = " << k << " must be > 0");
+  RoutingStats s;
+  s.active_histogram.assign(static_cast<std::size_t>(e + 1), 0);
+  s.load = Vec<double>::Zero(e);
+  Index nnz = 0, zero_tokens = 0;
+  for (Index t = 0; t < b; ++t) {
+    Index active = 0;
+    for (Index j = 0; j < e; ++j)
+      if (gates(t, j) > T(0)) {
+        ++active;
+        s.load(j) += 1;
+      }
+    nnz += active;
+    zero_tokens += active == 0;
+    ++s.active_histogram[active];
+  }
+  if (b > 0) {
+    s.sparsity = 1.0 - double(nnz) / double(b * e);
+    s.mean_active = double(nnz) / double(b);
+    s.load /= double(b);
+    s.zero_expert_fraction = double(zero_tokens) / double(b);
+  }
+  s.f = s.load * (double(e) / k);
+  for (Index j = 0; j < e; ++j) s.dead += s.load(j) < dead_threshold;
+  return s;
+}
+
+/// Flip rate between two routing passes over the same tokens: the fraction of (token, expert)
+/// mask entries that changed, sum |M_a - M_b| / (T E) (ReMoE App. A; flip count = E * rate).
+template <class DA, class DB>
+double flip_rate(const Eigen::MatrixBase<DA>& gates_a, const Eigen::MatrixBase<DB>& gates_b) {
+  SPEX_CHECK(gates_a.rows() == gates_b.rows() && gates_a.cols() == gates_b.cols(),
+             "gate matrices differ in shape: " << gates_a.rows() << " x " << gates_a.cols() << " vs "
+                                               << gates_b.rows() << " x " << gates_b.cols());
+  if (gates_a.size() == 0) return 0.0;
+  Index flips = 0;
+  for (Index t = 0; t < gates_a.rows(); ++t)
+    for (Index j = 0; j < gates_a.cols(); ++j) flips += (gates_a(t, j) > 0) != (gates_b(t, j) > 0);
+  return double(flips) / double(gates_a.size());
+}
+
+}  // namespace spex

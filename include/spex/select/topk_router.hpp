@@ -1,0 +1,168 @@
+#pragma once
+// The classic MoE router that ReMoE replaces (spec remoe.md section 7): logits = x W^T,
+// P = softmax over all E, exactly k experts per token.
+//  - pre_softmax (the reference's mode for k = 1): gates are the top-k entries of P, not
+//    renormalized (or renormalized to sum 1 with `renormalize`);
+//  - otherwise: softmax over the k selected logits.
+// Switch load-balancing loss aux = coeff * E / (k T^2) * sum_e (sum_t P_te) c_e, with c_e the
+// top-k selection counts (held constant); optional z-loss z_coeff * mean_t logsumexp(logits_t)^2;
+// optional capacity: at most ceil(cf * k * T / E) tokens per expert, kept in token order, the
+// rest dropped (gate 0; counted in Cache::dropped).
+#include <cmath>
+#include <vector>
+
+#include "../core/check.hpp"
+#include "../core/parallel.hpp"
+#include "../core/random.hpp"
+#include "../kernels/activation.hpp"
+#include "../kernels/topk.hpp"
+#include "../nn/linear.hpp"
+#include "router_config.hpp"
+
+namespace spex {
+
+/// Thread safety: const methods; one cache per concurrent caller.
+template <class T = float, class Arch = default_arch>
+class TopKRouter {
+ public:
+  static constexpr bool kRelu = false;
+  static constexpr const char* kName = "topk";
+  struct Cache {
+    RowMat<T> logits, probs, gates;  // B x E; gates zero off the selection
+    IndexMat selected;               // B x k expert ids (before capacity)
+    RowMat<T> selected_logits;       // B x k
+    Vec<double> counts;              // c_e of the selection
+    Vec<T> lse;                      // logsumexp per token
+    Index dropped = 0;               // (token, expert) pairs dropped by capacity
+    double aux = 0, z = 0;           // loss values (scaled by their coefficients)
+    RowMat<T> dlogits, dprobs;       // backward scratch
+  };
+  using Grads = typename Linear<T>::Grads;
+
+  TopKRouter() = default;
+  TopKRouter(const MoEConfig& cfg, Rng& rng)
+      : linear_(cfg.d, cfg.experts(), false, rng), k_(cfg.budget()), pre_softmax_(cfg.pre_softmax),
+        renormalize_(cfg.renormalize), aux_coeff_(cfg.aux_coeff), z_coeff_(cfg.z_coeff),
+        capacity_factor_(cfg.capacity_factor) {
+    SPEX_CHECK(k_ >= 1 && k_ <= cfg.experts(), "top_k * granularity = " << k_ << " must be in [1, E = " << cfg.experts() << "]");
+    SPEX_CHECK(aux_coeff_ >= 0 && z_coeff_ >= 0 && capacity_factor_ >= 0,
+               "aux_coeff, z_coeff and capacity_factor must be >= 0");
+    Rng r = rng.split(32);
+    fill_normal(linear_.weight(), cfg.router_init_std, r);
+  }
+
+  Index n_experts() const { return linear_.out_features(); }
+  Index k() const { return k_; }
+  RowMat<T>& weight() { return linear_.weight(); }
+  const RowMat<T>& weight() const { return linear_.weight(); }
+  Grads make_grads() const { return linear_.make_grads(); }
+
+  void forward(CMatRef<T> x, Cache& c) const {
+    const Index b = x.rows(), e = n_experts();
+    c.logits.resize(b, e);
+    linear_.forward(x, c.logits);
+    c.probs.resize(b, e);
+    c.lse.resize(b);
+    c.gates.setZero(b, e);
+    c.selected.resize(b, k_);
+    c.selected_logits.resize(b, k_);
+    const std::size_t es = static_cast<std::size_t>(e), ks = static_cast<std::size_t>(k_);
+    parallel_for(b, [&](Index t, int) {
+      const T* l = &c.logits(t, 0);
+      kernels::softmax<Arch>(l, &c.probs(t, 0), es);
+      const T m = kernels::max<Arch>(l, es);
+      T s = 0;
+      for (Index j = 0; j < e; ++j) s += std::exp(l[j] - m);
+      c.lse(t) = m + std::log(s);
+      kernels::topk<Arch>(l, es, ks, &c.selected_logits(t, 0), &c.selected(t, 0));  // P has the same order
+      T norm = 0;
+      for (Index j = 0; j < k_; ++j) {
+        const Index ex = c.selected(t, j);
+        c.gates(t, ex) = pre_softmax_ ? c.probs(t, ex) : std::exp(l[ex] - l[c.selected(t, 0)]);
+        norm += c.gates(t, ex);
+      }
+      if (!pre_softmax_ || renormalize_)
+        for (Index j = 0; j < k_; ++j) c.gates(t, c.selected(t, j)) /= norm;
+    });
+    c.counts.setZero(e);
+    for (Index t = 0; t < b; ++t)
+      for (Index j = 0; j < k_; ++j) c.counts(c.selected(t, j)) += 1.0;
+    c.dropped = 0;
+    if (capacity_factor_ > 0) {
+      const double cap = std::ceil(capacity_factor_ * double(k_) * double(b) / double(e));
+      std::vector<double> used(static_cast<std::size_t>(e), 0.0);
+      for (Index t = 0; t < b; ++t)
+        for (Index j = 0; j < k_; ++j) {
+          const Index ex = c.selected(t, j);
+          if (used[ex] < cap)
+            used[ex] += 1;
+          else {
+            c.gates(t, ex) = T(0);
+            ++c.dropped;
+          }
+        }
+    }
+    c.aux = 0;
+    if (aux_coeff_ > 0 && b > 0) {
+      const Vec<double> p_sum = c.probs.colwise().sum().transpose().template cast<double>();
+      c.aux = aux_coeff_ * double(e) / (double(k_) * double(b) * double(b)) * p_sum.dot(c.counts);
+    }
+    c.z = (z_coeff_ > 0 && b > 0) ? z_coeff_ * c.lse.template cast<double>().squaredNorm() / double(b) : 0.0;
+  }
+
+  void backward(CMatRef<T> x, CMatRef<T> dgates, Cache& c, Grads& g, MatRef<T>* dx) const {
+    const Index b = x.rows(), e = n_experts();
+    check_shape(dgates, b, e, "dgates");
+    c.dlogits.setZero(b, e);
+    c.dprobs.resize(b, e);
+    const T aux_scale = b > 0 ? T(aux_coeff_ * double(e) / (double(k_) * double(b) * double(b))) : T(0);
+    parallel_for(b, [&](Index t, int) {
+      T* dp = &c.dprobs(t, 0);
+      T* dl = &c.dlogits(t, 0);
+      for (Index j = 0; j < e; ++j) dp[j] = aux_scale * T(c.counts(j));  // the aux loss, through P
+      if (pre_softmax_) {
+        // gate_j = P_j (or P_j / S, S = sum of the selected P) on kept entries.
+        T s = 0, gdg = 0;
+        for (Index j = 0; j < k_; ++j) {
+          const Index ex = c.selected(t, j);
+          s += c.probs(t, ex);
+          gdg += c.gates(t, ex) * dgates(t, ex);
+        }
+        for (Index j = 0; j < k_; ++j) {
+          const Index ex = c.selected(t, j);
+          if (c.gates(t, ex) == T(0)) continue;  // dropped by capacity
+          dp[ex] += renormalize_ ? (dgates(t, ex) - gdg) / s : dgates(t, ex);
+        }
+      } else {
+        // gates = softmax over the selected logits: dl_j = g_j (dg_j - sum_i g_i dg_i).
+        T gdg = 0;
+        for (Index j = 0; j < k_; ++j) {
+          const Index ex = c.selected(t, j);
+          gdg += c.gates(t, ex) * dgates(t, ex);
+        }
+        for (Index j = 0; j < k_; ++j) {
+          const Index ex = c.selected(t, j);
+          dl[ex] += c.gates(t, ex) * (dgates(t, ex) - gdg);
+        }
+      }
+      // Through P = softmax(logits): dl += P (dp - <P, dp>); then the z-loss.
+      const T* p = &c.probs(t, 0);
+      T pdp = 0;
+      for (Index j = 0; j < e; ++j) pdp += p[j] * dp[j];
+      const T zs = T(2 * z_coeff_) * c.lse(t) / T(b);
+      for (Index j = 0; j < e; ++j) dl[j] += p[j] * (dp[j] - pdp) + zs * p[j];
+    });
+    linear_.backward(x, c.dlogits, g, dx);
+  }
+
+  /// aux + z (already scaled by their coefficients).
+  double aux_loss(const Cache& c) const { return c.aux + c.z; }
+
+ private:
+  Linear<T> linear_;
+  Index k_ = 1;
+  bool pre_softmax_ = true, renormalize_ = false;
+  double aux_coeff_ = 0.01, z_coeff_ = 0.0, capacity_factor_ = 0.0;
+};
+
+}  // namespace spex

@@ -1,0 +1,331 @@
+#include <algorithm>
+#include <numeric>
+
+#include <spex/layers/moe.hpp>
+
+#include "test_util.hpp"
+
+using namespace spex;
+
+namespace {
+
+RowMat<double> randn_mat(Index r, Index c, std::uint64_t seed, double scale = 1.0) {
+  RowMat<double> m(r, c);
+  Rng rng(seed);
+  fill_normal(m, scale, rng);
+  return m;
+}
+
+MoEConfig small_config(FfnKind ffn, Index granularity = 1) {
+  MoEConfig cfg;
+  cfg.d = 5;
+  cfg.n_experts = 4;
+  cfg.hidden = 6;
+  cfg.top_k = 2;
+  cfg.granularity = granularity;
+  cfg.ffn = ffn;
+  cfg.router_init_std = 0.5;  // spread logits: no router output sits near a kink
+  return cfg;
+}
+
+double gelu(double x) { return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0))); }
+double silu(double x) { return x / (1 + std::exp(-x)); }
+
+// Per-token scalar reference: router, then every routed expert's MLP, gate-weighted.
+template <class Layer>
+RowMat<double> reference_forward(const Layer& moe, const RowMat<double>& x, RowMat<double>& gates) {
+  const auto& cfg = moe.config();
+  const auto& ex = moe.experts();
+  const Index b = x.rows(), e_n = cfg.experts(), h = ex.hidden(), d = cfg.d, k = cfg.budget();
+  const RowMat<double> w = moe.router().weight().template cast<double>();
+  const RowMat<double> w1 = ex.w1().template cast<double>(), w2 = ex.w2().template cast<double>();
+  gates = RowMat<double>::Zero(b, e_n);
+  RowMat<double> y = RowMat<double>::Zero(b, d);
+  for (Index t = 0; t < b; ++t) {
+    std::vector<double> l(e_n);
+    for (Index e = 0; e < e_n; ++e) l[e] = w.row(e).dot(x.row(t));
+    if (Layer::kRelu) {
+      for (Index e = 0; e < e_n; ++e) gates(t, e) = std::max(l[e], 0.0);
+    } else {
+      std::vector<Index> order(e_n);
+      std::iota(order.begin(), order.end(), Index(0));
+      std::stable_sort(order.begin(), order.end(), [&](Index a, Index c) { return l[a] > l[c]; });
+      const double m = l[order[0]];
+      double z = 0, zk = 0;
+      for (Index e = 0; e < e_n; ++e) z += std::exp(l[e] - m);
+      for (Index j = 0; j < k; ++j) zk += std::exp(l[order[j]] - m);
+      for (Index j = 0; j < k; ++j)
+        gates(t, order[j]) = cfg.pre_softmax ? std::exp(l[order[j]] - m) / (cfg.renormalize ? zk : z)
+                                             : std::exp(l[order[j]] - m) / zk;
+    }
+    for (Index e = 0; e < e_n; ++e) {
+      if (gates(t, e) == 0) continue;
+      std::vector<double> a(h);
+      for (Index i = 0; i < h; ++i) {
+        if (cfg.ffn == FfnKind::gelu) {
+          a[i] = gelu(w1.row(e * h + i).dot(x.row(t)));
+        } else {
+          a[i] = silu(w1.row(e * 2 * h + i).dot(x.row(t))) * w1.row(e * 2 * h + h + i).dot(x.row(t));
+        }
+      }
+      for (Index o = 0; o < d; ++o) {
+        double s = 0;
+        for (Index i = 0; i < h; ++i) s += w2(e * d + o, i) * a[i];
+        y(t, o) += gates(t, e) * s;
+      }
+    }
+  }
+  return y;
+}
+
+template <class Layer>
+void check_forward(const Layer& moe, const RowMat<double>& x) {
+  RowMat<double> gates_ref;
+  const RowMat<double> y_ref = reference_forward(moe, x, gates_ref);
+  typename Layer::Cache cache;
+  RowMat<double> y(x.rows(), x.cols());
+  moe.forward(x, y, cache);
+  CHECK((cache.router.gates - gates_ref).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-10);
+}
+
+// Central differences of L = sum(w .* y) + aux_loss for every parameter entry and x.
+template <class Layer>
+void check_gradients(Layer& moe, const RowMat<double>& x) {
+  const Index b = x.rows(), d = x.cols();
+  const RowMat<double> w = randn_mat(b, d, 77);
+  typename Layer::Cache cache;
+  auto grads = moe.make_grads();
+  RowMat<double> y(b, d), dx(b, d);
+  moe.forward(x, y, cache);
+  const RowMat<double> mask = (cache.router.gates.array() > 0).template cast<double>();
+  MatRef<double> dxr(dx);
+  moe.backward(w, cache, &dxr, grads);
+  auto loss = [&](const RowMat<double>& xin) {
+    typename Layer::Cache c;
+    RowMat<double> yy(b, d);
+    moe.forward(xin, yy, c);
+    REQUIRE(((c.router.gates.array() > 0).template cast<double>().matrix() - mask).cwiseAbs().maxCoeff() == 0);
+    return (yy.array() * w.array()).sum() + moe.aux_loss(c);
+  };
+  const double eps = 1e-6;
+  for (const auto& p : moe.parameters(&grads)) {
+    auto v = p.value_map();
+    auto g = p.grad_map();
+    for (Index r = 0; r < p.rows; ++r)
+      for (Index c = 0; c < p.cols; ++c) {
+        const double saved = v(r, c);
+        v(r, c) = saved + eps;
+        const double lp = loss(x);
+        v(r, c) = saved - eps;
+        const double lm = loss(x);
+        v(r, c) = saved;
+        CAPTURE(p.name, r, c);
+        CHECK(g(r, c) == Approx((lp - lm) / (2 * eps)).epsilon(1e-5).margin(1e-7));
+      }
+  }
+  for (Index r = 0; r < b; ++r)
+    for (Index c = 0; c < d; ++c) {
+      RowMat<double> xp = x, xm = x;
+      xp(r, c) += eps;
+      xm(r, c) -= eps;
+      CAPTURE(r, c);
+      CHECK(dx(r, c) == Approx((loss(xp) - loss(xm)) / (2 * eps)).epsilon(1e-5).margin(1e-7));
+    }
+}
+
+using ReMoE = MoE<double, ReluRouter<double>>;
+using TopKMoE = MoE<double, TopKRouter<double>>;
+
+}  // namespace
+
+TEST_CASE("MoE forward equals a per-token reference for both routers and both expert kinds", "[remoe]") {
+  for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu})
+    for (Index g : {1, 2}) {
+      CAPTURE(to_string(ffn), g);
+      const RowMat<double> x = randn_mat(11, 5, 3);
+      check_forward(ReMoE(small_config(ffn, g), 1), x);
+      check_forward(TopKMoE(small_config(ffn, g), 1), x);
+      MoEConfig post = small_config(ffn, g);
+      post.pre_softmax = false;
+      check_forward(TopKMoE(post, 2), x);
+      MoEConfig renorm = small_config(ffn, g);
+      renorm.renormalize = true;
+      check_forward(TopKMoE(renorm, 3), x);
+    }
+}
+
+TEST_CASE("MoE gradients match finite differences: ReLU router with both penalties", "[remoe][gradcheck]") {
+  for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu})
+    for (Penalty p : {Penalty::none, Penalty::l1, Penalty::l1_lb}) {
+      CAPTURE(to_string(ffn), to_string(p));
+      MoEConfig cfg = small_config(ffn);
+      cfg.penalty = p;
+      ReMoE moe(cfg, 5);
+      moe.set_lambda(0.37);
+      check_gradients(moe, randn_mat(7, 5, 9));
+    }
+}
+
+TEST_CASE("MoE gradients match finite differences: TopK router, aux and z losses", "[remoe][gradcheck]") {
+  for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu})
+    for (int mode = 0; mode < 3; ++mode) {
+      CAPTURE(to_string(ffn), mode);
+      MoEConfig cfg = small_config(ffn);
+      cfg.pre_softmax = mode != 1;
+      cfg.renormalize = mode == 2;
+      cfg.aux_coeff = 0.3;
+      cfg.z_coeff = 0.1;
+      TopKMoE moe(cfg, 6);
+      check_gradients(moe, randn_mat(7, 5, 10));
+    }
+}
+
+TEST_CASE("the load-balanced penalty is the Switch formula with P := R, and f = 1 when balanced", "[remoe]") {
+  const Index t_n = 12, e_n = 4;
+  const double k = 2;
+  RowMat<double> r = randn_mat(t_n, e_n, 4).cwiseMax(0.0);
+  double switch_form = 0;
+  for (Index e = 0; e < e_n; ++e) {
+    double col = 0, c = 0;
+    for (Index t = 0; t < t_n; ++t) {
+      col += r(t, e);
+      c += r(t, e) > 0;
+    }
+    switch_form += col * c;
+  }
+  switch_form *= double(e_n) / (k * t_n * t_n);
+  CHECK(penalty_value(Penalty::l1_lb, r, k) == Approx(switch_form).epsilon(1e-12));
+  CHECK(penalty_value(Penalty::l1, r, k) == Approx(r.sum() / t_n).epsilon(1e-12));
+  // Balanced: every expert gets exactly k/E of the tokens (token t uses experts t%4, (t+1)%4).
+  RowMat<double> bal = RowMat<double>::Zero(t_n, e_n);
+  for (Index t = 0; t < t_n; ++t) {
+    bal(t, t % e_n) = 0.5 + 0.1 * t;
+    bal(t, (t + 1) % e_n) = 1.0 + 0.05 * t;
+  }
+  const Vec<double> f = penalty_weights(Penalty::l1_lb, bal, k);
+  for (Index e = 0; e < e_n; ++e) CHECK(f(e) == Approx(1.0));
+  CHECK(penalty_value(Penalty::l1_lb, bal, k) == Approx(bal.rowwise().sum().mean()));
+  CHECK(sparsity(bal) == Approx(0.5));
+}
+
+TEST_CASE("lambda controller: grows by alpha below target, shrinks at or above it", "[remoe]") {
+  LambdaController ctl(LambdaController::target_for(1, 8));
+  CHECK(ctl.target() == 0.875);
+  CHECK(ctl.lambda() == 1e-8);
+  double expect = 1e-8;
+  for (int i = 0; i < 5; ++i) {
+    ctl.update(0.5);
+    expect *= 1.2;
+    CHECK(ctl.lambda() == Approx(expect).epsilon(1e-12));
+  }
+  ctl.update(0.875);  // equality decreases, as the reference
+  CHECK(ctl.lambda() == Approx(expect / 1.2).epsilon(1e-12));
+  ctl.update(0.95);
+  CHECK(ctl.lambda() == Approx(expect / 1.44).epsilon(1e-12));
+  CHECK(ctl.steps() == 7);
+  // Granularity multiplies E and k alike: the target stays 1 - k/E.
+  MoEConfig cfg;
+  cfg.n_experts = 8;
+  cfg.top_k = 1;
+  cfg.granularity = 4;
+  CHECK(LambdaController::target_for(double(cfg.budget()), double(cfg.experts())) == 0.875);
+  // Clamp, save and restore.
+  ctl.set_clamp(0.0, 2e-8);
+  for (int i = 0; i < 20; ++i) ctl.update(0.0);
+  CHECK(ctl.lambda() == 2e-8);
+  LambdaController copy;
+  copy.set_state(ctl.state());
+  CHECK(copy.lambda() == ctl.lambda());
+  CHECK(copy.steps() == ctl.steps());
+  CHECK_THROWS_WITH(LambdaController(0.5, 1e-8, 1.0), Catch::Contains("alpha"));
+}
+
+TEST_CASE("MoE handles tokens, experts and batches with no expert, and all-active batches", "[remoe]") {
+  MoEConfig cfg = small_config(FfnKind::swiglu);
+  ReMoE moe(cfg, 2);
+  // All-zero batch: every logit is 0, so nothing routes (z = 0 is inactive).
+  RowMat<double> zero = RowMat<double>::Zero(6, 5), y(6, 5), dx(6, 5);
+  ReMoE::Cache cache;
+  auto g = moe.make_grads();
+  moe.set_lambda(1.0);
+  moe.forward(zero, y, cache);
+  CHECK(y.cwiseAbs().maxCoeff() == 0);
+  CHECK(moe.stats(cache).sparsity == 1.0);
+  CHECK(moe.stats(cache).zero_expert_fraction == 1.0);
+  MatRef<double> dxr(dx);
+  moe.backward(randn_mat(6, 5, 1), cache, &dxr, g);
+  CHECK(dx.allFinite());
+  CHECK(g.experts.w1.cwiseAbs().maxCoeff() == 0);
+  // One all-zero token in a normal batch gets exactly zero output.
+  RowMat<double> x = randn_mat(6, 5, 3);
+  x.row(2).setZero();
+  moe.forward(x, y, cache);
+  CHECK(y.row(2).cwiseAbs().maxCoeff() == 0);
+  // All active: router weights and inputs positive.
+  moe.router().weight().setConstant(0.3);
+  RowMat<double> pos = randn_mat(6, 5, 4).cwiseAbs();
+  moe.forward(pos, y, cache);
+  CHECK(moe.stats(cache).sparsity == 0.0);
+  CHECK(moe.stats(cache).active_histogram[4] == 6);
+  CHECK(y.allFinite());
+  check_forward(moe, pos);
+  moe.backward(randn_mat(6, 5, 5), cache, &dxr, g);
+  CHECK(dx.allFinite());
+}
+
+TEST_CASE("TopK capacity drops tokens past ceil(cf k T / E) per expert, in token order", "[remoe]") {
+  MoEConfig cfg = small_config(FfnKind::gelu);
+  cfg.top_k = 1;
+  cfg.capacity_factor = 1.0;  // 8 tokens, 4 experts: at most 2 per expert
+  TopKMoE moe(cfg, 3);
+  moe.router().weight().setZero();
+  moe.router().weight()(1, 0) = 1.0;  // expert 1 wins for every token with x0 > 0
+  RowMat<double> x = RowMat<double>::Zero(8, 5);
+  x.col(0).setConstant(1.0);
+  RowMat<double> y(8, 5);
+  TopKMoE::Cache cache;
+  moe.forward(x, y, cache);
+  CHECK(cache.router.dropped == 6);
+  CHECK(cache.router.gates(0, 1) > 0);
+  CHECK(cache.router.gates(1, 1) > 0);
+  CHECK(cache.router.gates(2, 1) == 0);
+  CHECK(y.row(7).cwiseAbs().maxCoeff() == 0);
+}
+
+TEST_CASE("routing metrics and flip rate", "[remoe]") {
+  RowMat<double> g(4, 3);
+  g << 1, 0, 0,   //
+      0.5, 0.2, 0,  //
+      0, 0, 0,      //
+      0.1, 0, 0;
+  const RoutingStats s = routing_stats(g, 1.0);
+  CHECK(s.sparsity == Approx(1.0 - 4.0 / 12));
+  CHECK(s.mean_active == Approx(1.0));
+  CHECK(s.active_histogram == std::vector<Index>{1, 2, 1, 0});
+  CHECK(s.load(0) == Approx(0.75));
+  CHECK(s.f(0) == Approx(3 * 0.75));
+  CHECK(s.dead == 1);
+  CHECK(s.zero_expert_fraction == Approx(0.25));
+  RowMat<double> h = g;
+  h(2, 2) = 1;
+  h(0, 0) = 0;
+  CHECK(flip_rate(g, h) == Approx(2.0 / 12));
+}
+
+TEST_CASE("MoE rejects bad configurations and inputs", "[remoe]") {
+  MoEConfig cfg = small_config(FfnKind::gelu);
+  cfg.hidden = 7;
+  cfg.granularity = 2;
+  CHECK_THROWS_WITH(ReMoE(cfg), Catch::Contains("granularity"));
+  cfg = small_config(FfnKind::gelu);
+  cfg.top_k = 5;
+  CHECK_THROWS_WITH(TopKMoE(cfg), Catch::Contains("top_k = 5"));
+  ReMoE moe(small_config(FfnKind::gelu), 1);
+  RowMat<double> y(3, 5);
+  CHECK_THROWS_WITH(moe.infer(RowMat<double>::Ones(3, 4), y), Catch::Contains("x has 4 columns"));
+  RowMat<double> bad = RowMat<double>::Ones(3, 5);
+  bad(1, 1) = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(moe.infer(bad, y), Catch::Contains("non-finite"));
+  CHECK_THROWS_WITH(moe.set_lambda(-1), Catch::Contains("lambda"));
+}
