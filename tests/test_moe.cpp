@@ -329,3 +329,26 @@ TEST_CASE("MoE rejects bad configurations and inputs", "[remoe]") {
   CHECK_THROWS_WITH(moe.infer(bad, y), Catch::Contains("non-finite"));
   CHECK_THROWS_WITH(moe.set_lambda(-1), Catch::Contains("lambda"));
 }
+
+TEST_CASE("MoE expert gradients zeroed lazily read as zero until the next backward sets them", "[remoe]") {
+  ReMoE moe(small_config(FfnKind::gelu), 4);
+  const RowMat<double> x = randn_mat(6, 5, 1), dy = randn_mat(6, 5, 2);
+  RowMat<double> y(6, 5);
+  ReMoE::Cache cache;
+  auto fresh = moe.make_grads(), reused = moe.make_grads();
+  moe.forward(x, y, cache);
+  moe.backward(dy, cache, nullptr, fresh);
+  moe.backward(dy, cache, nullptr, reused);
+  moe.backward(dy, cache, nullptr, reused);  // reused holds twice the gradient now
+  reused.zero();
+  auto params = moe.parameters(&reused);
+  CHECK(params[1].grad_is_zero());
+  moe.backward(dy, cache, nullptr, reused);  // sets instead of adding
+  CHECK_FALSE(params[1].grad_is_zero());
+  CHECK((reused.experts.w1 - fresh.experts.w1).cwiseAbs().maxCoeff() < 1e-14);
+  CHECK((reused.experts.w2 - fresh.experts.w2).cwiseAbs().maxCoeff() < 1e-14);
+  CHECK((reused.router.weight - fresh.router.weight).cwiseAbs().maxCoeff() < 1e-14);
+  reused.zero();
+  reused.experts.settle();
+  CHECK(reused.experts.w1.cwiseAbs().maxCoeff() == 0);
+}

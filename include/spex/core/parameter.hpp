@@ -11,7 +11,9 @@ namespace spex {
 
 /// One parameter: `rows x cols` row-major values at `value`; its gradient is dense (`grad`,
 /// same shape), row-sparse (`sparse_grad`), or absent (both null: a buffer such as BatchNorm's
-/// running statistics, listed for saving, never stepped).
+/// running statistics, listed for saving, never stepped). Some dense gradients are zeroed
+/// lazily (FfnExperts): while `*stale` is true the dense gradient reads as zero, whatever
+/// `grad` holds; grad_is_zero() tells.
 template <class T>
 struct Parameter {
   std::string name;
@@ -19,6 +21,9 @@ struct Parameter {
   Index rows = 0, cols = 0;
   T* grad = nullptr;
   SparseRowGrad<T>* sparse_grad = nullptr;
+  const bool* stale = nullptr;
+
+  bool grad_is_zero() const { return stale != nullptr && *stale; }
 
   Eigen::Map<RowMat<T>> value_map() const { return Eigen::Map<RowMat<T>>(value, rows, cols); }
   Eigen::Map<RowMat<T>> grad_map() const { return Eigen::Map<RowMat<T>>(grad, rows, cols); }

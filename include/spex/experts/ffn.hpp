@@ -69,11 +69,19 @@ class FfnExperts {
     RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
     RowMat<T> dyg, da, dh, dxg;
   };
+  /// Dense gradients of W1 and W2. zero() is lazy: it only marks them stale, and the next
+  /// backward sets each expert's block instead of adding to it (and zeroes the blocks of
+  /// experts that got no token), which saves a pass over both tables per step.
   struct Grads {
     RowMat<T> w1, w2;
-    void zero() {
+    bool stale = false;
+    void zero() { stale = true; }
+    /// Materializes a pending zero() (call before reading w1/w2 directly).
+    void settle() {
+      if (!stale) return;
       w1.setZero();
       w2.setZero();
+      stale = false;
     }
   };
 
@@ -158,20 +166,36 @@ class FfnExperts {
         c.dyg.row(r) = gates(t, e) * dy.row(t);
       }
     });
+    const bool set = g.stale;
     parallel_for(n_experts_, [&](Index e, int) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
-      if (n == 0) return;
+      auto gw1 = g.w1.middleRows(e * h1(), h1());
+      auto gw2 = g.w2.middleRows(e * d_out_, d_out_);
+      if (n == 0) {
+        if (set) {
+          gw1.setZero();
+          gw2.setZero();
+        }
+        return;
+      }
       auto w1e = w1_.middleRows(e * h1(), h1());
       auto w2e = w2_.middleRows(e * d_out_, d_out_);
       auto dyg = c.dyg.middleRows(r0, n);
       auto da = c.da.middleRows(r0, n);
       auto dh = c.dh.middleRows(r0, n);
-      g.w2.middleRows(e * d_out_, d_out_).noalias() += dyg.transpose() * c.a.middleRows(r0, n);
+      if (set)
+        gw2.noalias() = dyg.transpose() * c.a.middleRows(r0, n);
+      else
+        gw2.noalias() += dyg.transpose() * c.a.middleRows(r0, n);
       da.noalias() = dyg * w2e;
       for (Index r = 0; r < n; ++r) activate_row_backward(&c.h(r0 + r, 0), &da(r, 0), &dh(r, 0));
-      g.w1.middleRows(e * h1(), h1()).noalias() += dh.transpose() * c.xg.middleRows(r0, n);
+      if (set)
+        gw1.noalias() = dh.transpose() * c.xg.middleRows(r0, n);
+      else
+        gw1.noalias() += dh.transpose() * c.xg.middleRows(r0, n);
       if (dx) c.dxg.middleRows(r0, n).noalias() = dh * w1e;
     });
+    g.stale = false;
     if (!dx) return;
     parallel_for(x.rows(), [&](Index t, int) {
       for (Index e = 0; e < n_experts_; ++e) {

@@ -119,12 +119,14 @@ class MoE {
   /// Sparsity, active experts, loads, dead experts, ... of the last forward.
   RoutingStats stats(const Cache& c) const { return routing_stats(c.router.gates, double(cfg_.budget())); }
 
-  /// "moe.router.weight", "moe.experts.w1", "moe.experts.w2" with their gradients in g.
+  /// "moe.router.weight", "moe.experts.w1", "moe.experts.w2" with their gradients in g (the
+  /// expert ones zeroed lazily: see Parameter::stale).
   ParameterList<T> parameters(Grads* g = nullptr) {
     ParameterList<T> list;
     list.push_back(detail::dense_param<T>("moe.router.weight", router_.weight(), g ? &g->router.weight : nullptr));
     list.push_back(detail::dense_param<T>("moe.experts.w1", experts_.w1(), g ? &g->experts.w1 : nullptr));
     list.push_back(detail::dense_param<T>("moe.experts.w2", experts_.w2(), g ? &g->experts.w2 : nullptr));
+    if (g) list[1].stale = list[2].stale = &g->experts.stale;  // zeroed lazily
     return list;
   }
 

@@ -70,11 +70,9 @@ class TopKRouter {
     parallel_for(b, [&](Index t, int) {
       const T* l = &c.logits(t, 0);
       kernels::softmax<Arch>(l, &c.probs(t, 0), es);
-      const T m = kernels::max<Arch>(l, es);
-      T s = 0;
-      for (Index j = 0; j < e; ++j) s += std::exp(l[j] - m);
-      c.lse(t) = m + std::log(s);
       kernels::topk<Arch>(l, es, ks, &c.selected_logits(t, 0), &c.selected(t, 0));  // P has the same order
+      const Index top = c.selected(t, 0);
+      c.lse(t) = l[top] - std::log(c.probs(t, top));  // P_top = exp(l_top - lse), P_top >= 1/E
       T norm = 0;
       for (Index j = 0; j < k_; ++j) {
         const Index ex = c.selected(t, j);

@@ -1,0 +1,147 @@
+// Mixture-of-experts layers at d = 512, batch 512, float32: ReMoE (ReLU router, ~1/8 of the
+// (token, expert) pairs active) and TopK (k = 1) at E = 8 (hidden 1024) and E = 64
+// (hidden 128), GELU or SwiGLU experts, against a dense FFN of the same active size and of the
+// full size. Tokens/s, plus the GFLOP/s of the expert MLPs. Threads from OMP_NUM_THREADS.
+//   build/bench/bench_moe --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include "bench_common.hpp"
+
+namespace {
+
+constexpr spex::Index kD = 512, kBatch = 512;
+
+spex::MoEConfig config(spex::Index experts, spex::FfnKind ffn) {
+  spex::MoEConfig cfg;
+  cfg.d = kD;
+  cfg.n_experts = experts;
+  cfg.hidden = experts == 8 ? 1024 : 128;
+  cfg.top_k = experts / 8;  // 1/8 active: k = 1 of 8, 8 of 64
+  cfg.ffn = ffn;
+  cfg.router_init_std = 1.0 / std::sqrt(double(kD));
+  return cfg;
+}
+
+// Inputs with feature 0 constant 1, so a router weight on it sets the activation threshold.
+const spex::RowMat<float>& input() {
+  static spex::RowMat<float> x = [] {
+    spex::RowMat<float> m = spex_bench::random_matrix(kBatch, kD, 5);
+    m.col(0).setConstant(1.f);
+    return m;
+  }();
+  return x;
+}
+
+// Shifts the ReLU router's threshold so that 1/8 of the pairs of the benchmark batch are active
+// (the sparsity ReMoE's controller holds in training).
+template <class Layer>
+void calibrate_relu(Layer& moe) {
+  auto& w = moe.router().weight();
+  w.col(0).setZero();
+  const spex::RowMat<float> logits = input() * w.transpose();
+  std::vector<float> all(logits.data(), logits.data() + logits.size());
+  std::nth_element(all.begin(), all.begin() + all.size() * 7 / 8, all.end());
+  w.col(0).setConstant(-all[all.size() * 7 / 8]);
+}
+
+template <class Router>
+spex::MoE<float, Router>& layer(spex::Index experts, spex::FfnKind ffn) {
+  static std::map<std::pair<spex::Index, int>, std::unique_ptr<spex::MoE<float, Router>>> cache;
+  auto& slot = cache[{experts, int(ffn)}];
+  if (!slot) {
+    slot = std::make_unique<spex::MoE<float, Router>>(config(experts, ffn), 1);
+    if (Router::kRelu) calibrate_relu(*slot);
+  }
+  return *slot;
+}
+
+void counters(benchmark::State& state, double active_fraction, double flops_per_iter) {
+  state.counters["tokens/s"] = benchmark::Counter(double(kBatch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["active"] = active_fraction;
+  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(spex_bench::label());
+}
+
+// FLOPs of the expert MLPs for `pairs` routed (token, expert) pairs.
+double expert_flops(const spex::MoEConfig& cfg, double pairs) {
+  const double h = double(cfg.expert_hidden()), h1 = cfg.ffn == spex::FfnKind::swiglu ? 2 * h : h;
+  return 2.0 * pairs * double(cfg.d) * (h1 + h);
+}
+
+template <class Router, bool kBackward>
+void moe_bench(benchmark::State& state) {
+  const spex::Index experts = state.range(0);
+  const auto ffn = spex::FfnKind(state.range(1));
+  auto& moe = layer<Router>(experts, ffn);
+  const auto& dy = spex_bench::random_matrix(kBatch, kD, 6);
+  spex::RowMat<float> y(kBatch, kD), dx(kBatch, kD);
+  spex::MatRef<float> dx_ref(dx);
+  typename spex::MoE<float, Router>::Cache cache;
+  auto grads = moe.make_grads();
+  moe.set_lambda(1e-3);
+  for (auto _ : state) {
+    if (kBackward) {
+      grads.zero();
+      moe.forward(input(), y, cache);
+      moe.backward(dy, cache, &dx_ref, grads);
+    } else {
+      moe.infer(input(), y, cache);
+    }
+    benchmark::DoNotOptimize(y.data());
+  }
+  const double pairs = double(cache.groups.rows());
+  counters(state, pairs / double(kBatch * moe.config().experts()),
+           (kBackward ? 3.0 : 1.0) * expert_flops(moe.config(), pairs));
+}
+
+void BM_MoEForward_ReLU(benchmark::State& s) { moe_bench<spex::ReluRouter<float>, false>(s); }
+void BM_MoEForward_TopK(benchmark::State& s) { moe_bench<spex::TopKRouter<float>, false>(s); }
+void BM_MoEForwardBackward_ReLU(benchmark::State& s) { moe_bench<spex::ReluRouter<float>, true>(s); }
+void BM_MoEForwardBackward_TopK(benchmark::State& s) { moe_bench<spex::TopKRouter<float>, true>(s); }
+
+// Dense FFN: one expert that every token uses, the same FfnExperts code path without routing.
+void BM_DenseFFN(benchmark::State& state) {
+  const spex::Index hidden = state.range(0);
+  const auto ffn = spex::FfnKind(state.range(1));
+  spex::Rng rng(3);
+  static std::map<std::pair<spex::Index, int>, std::unique_ptr<spex::FfnExperts<float>>> cache;
+  auto& slot = cache[{hidden, int(ffn)}];
+  if (!slot) slot = std::make_unique<spex::FfnExperts<float>>(ffn, 1, kD, hidden, rng);
+  const spex::RowMat<float> gates = spex::RowMat<float>::Ones(kBatch, 1);
+  spex::ExpertGroups groups;
+  groups.build(gates);
+  spex::FfnExperts<float>::Cache c;
+  spex::RowMat<float> y(kBatch, kD);
+  for (auto _ : state) {
+    slot->forward(input(), gates, groups, y, c);
+    benchmark::DoNotOptimize(y.data());
+  }
+  const double h = double(hidden), h1 = ffn == spex::FfnKind::swiglu ? 2 * h : h;
+  counters(state, 1.0, 2.0 * kBatch * kD * (h1 + h));
+}
+
+// One Eigen GEMM as large as the E = 8 experts' first GEMMs together, for the efficiency ratio.
+void BM_EigenGemm(benchmark::State& state) {
+  const spex::Index m = state.range(0), k = state.range(1), n = state.range(2);
+  const auto& a = spex_bench::random_matrix(m, k, 7);
+  const auto& b = spex_bench::random_matrix(n, k, 8);
+  spex::RowMat<float> c(m, n);
+  for (auto _ : state) {
+    c.noalias() = a * b.transpose();
+    benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * double(m) * double(k) * double(n) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(spex_bench::label());
+}
+
+void moe_args(benchmark::internal::Benchmark* b) {
+  b->ArgsProduct({{8, 64}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK(BM_MoEForward_ReLU)->Apply(moe_args);
+BENCHMARK(BM_MoEForward_TopK)->Apply(moe_args);
+BENCHMARK(BM_MoEForwardBackward_ReLU)->Apply(moe_args);
+BENCHMARK(BM_MoEForwardBackward_TopK)->Apply(moe_args);
+BENCHMARK(BM_DenseFFN)->ArgsProduct({{1024, 8192}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_EigenGemm)->Args({512, 512, 1024})->Args({512, 512, 2048})->Unit(benchmark::kMillisecond)->UseRealTime();
