@@ -1,0 +1,150 @@
+#pragma once
+// The small model compare_layers trains: embeddings of a context window -> LayerNorm -> one
+// block with a residual -> output projection -> softmax cross-entropy. Embeddings and expert
+// tables get row-sparse gradients and lazy Adam; everything else dense Adam.
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <memory>
+
+#include "blocks.hpp"
+#include "data.hpp"
+
+namespace compare {
+
+struct StepResult {
+  double loss = 0;
+  double optimizer_seconds = 0, total_seconds = 0;
+};
+
+template <class Block>
+class Model {
+ public:
+  Model(int vocab, int context, Index emb, std::unique_ptr<Block> block, double lr, std::uint64_t seed)
+      : vocab_(vocab), context_(context), emb_(emb), d_(context * emb), block_(std::move(block)) {
+    spex::Rng rng(seed);
+    embed_.resize(vocab, emb);
+    spex::fill_normal(embed_, 1.0, rng);
+    norm_ = spex::Norm<float>(spex::NormKind::layer, d_, d_);
+    out_ = spex::Linear<float>(d_, vocab, true, rng);
+    g_embed_.reset(vocab, emb);
+    g_norm_ = norm_.make_grads();
+    g_block_ = block_->make_grads();
+    g_out_ = out_.make_grads();
+    params_.push_back(spex::Parameter<float>{"embed", embed_.data(), vocab, emb, nullptr, &g_embed_});
+    params_.push_back(spex::detail::dense_param<float>("norm.weight", norm_.weight(), &g_norm_.weight));
+    params_.push_back(spex::detail::dense_param<float>("norm.bias", norm_.bias(), &g_norm_.bias));
+    spex::append_parameters(params_, block_->parameters(&g_block_), "block.");
+    params_.push_back(spex::detail::dense_param<float>("out.weight", out_.weight(), &g_out_.weight));
+    params_.push_back(spex::detail::dense_param<float>("out.bias", out_.bias(), &g_out_.bias));
+    spex::AdamConfig cfg;
+    cfg.lr = lr;
+    opt_ = std::make_unique<spex::Adam<float>>(params_, cfg);
+  }
+
+  Block& block() { return *block_; }
+  typename Block::Cache& block_cache() { return bc_; }
+  const spex::ParameterList<float>& parameters() const { return params_; }
+
+  /// Parameters a token touches: embeddings of its window, norm, the block's active part
+  /// (`block_active`, the caller's count), output layer.
+  Index active_params(Index block_active) const {
+    return context_ * emb_ + 2 * d_ + block_active + out_.weight().size() + out_.bias().size();
+  }
+  Index total_params() const {
+    Index n = 0;
+    for (const auto& p : params_)
+      if (p.trainable()) n += p.rows * p.cols;
+    return n;
+  }
+
+  /// One optimizer step on examples [rows] of the dataset.
+  StepResult train_step(const std::vector<int>& xs, const std::vector<int>& ys, const std::vector<std::size_t>& rows) {
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
+    StepResult r;
+    const Index b = Index(rows.size());
+    r.loss = forward(xs, ys, rows, true);
+    // dL/dlogits = (softmax - onehot) / B
+    dlogits_ = probs_ / float(b);
+    for (Index i = 0; i < b; ++i) dlogits_(i, ys[rows[i]]) -= 1.0f / float(b);
+    g_block_.zero();
+    g_norm_.zero();
+    g_out_.zero();
+    g_embed_.zero();
+    dh_.setZero(b, d_);
+    spex::MatRef<float> dh(dh_);
+    out_.backward(h_, dlogits_, g_out_, &dh);
+    dxn_.resize(b, d_);
+    spex::MatRef<float> dxn(dxn_);
+    block_->backward(dh_, bc_, &dxn, g_block_);
+    norm_.backward(dxn_, nc_, g_norm_, dxn_);
+    dh_ += dxn_;  // the residual: dx = dh + d(norm path)
+    for (Index i = 0; i < b; ++i)
+      for (int j = 0; j < context_; ++j) g_embed_.add_row(xs[rows[i] * context_ + j], &dh_(i, j * emb_));
+    const auto t1 = clock::now();
+    opt_->step();
+    const auto t2 = clock::now();
+    r.optimizer_seconds = std::chrono::duration<double>(t2 - t1).count();
+    r.total_seconds = std::chrono::duration<double>(t2 - t0).count();
+    return r;
+  }
+
+  /// Mean loss over examples [first, first + n) of (xs, ys) in eval mode.
+  double evaluate(const std::vector<int>& xs, const std::vector<int>& ys, std::size_t first, std::size_t n,
+                  const std::function<void(const typename Block::Cache&)>& on_batch = nullptr) {
+    double total = 0;
+    const std::size_t bs = 512;
+    std::vector<std::size_t> rows;
+    for (std::size_t s = first; s < first + n; s += bs) {
+      rows.clear();
+      for (std::size_t i = s; i < std::min(first + n, s + bs); ++i) rows.push_back(i);
+      total += forward(xs, ys, rows, false) * double(rows.size());
+      if (on_batch) on_batch(bc_);
+    }
+    return total / double(n);
+  }
+
+ private:
+  double forward(const std::vector<int>& xs, const std::vector<int>& ys, const std::vector<std::size_t>& rows, bool train) {
+    const Index b = Index(rows.size());
+    x_.resize(b, d_);
+    for (Index i = 0; i < b; ++i)
+      for (int j = 0; j < context_; ++j) x_.row(i).segment(j * emb_, emb_) = embed_.row(xs[rows[i] * context_ + j]);
+    xn_.resize(b, d_);
+    norm_.forward(x_, xn_, nc_, train);
+    bo_.resize(b, d_);
+    if (train)
+      block_->forward(xn_, bo_, bc_);
+    else
+      block_->infer(xn_, bo_, bc_);
+    h_ = x_ + bo_;
+    logits_.resize(b, vocab_);
+    out_.forward(h_, logits_);
+    probs_.resize(b, vocab_);
+    double loss = 0;
+    for (Index i = 0; i < b; ++i) {
+      spex::kernels::softmax(&logits_(i, 0), &probs_(i, 0), std::size_t(vocab_));
+      loss -= std::log(std::max(double(probs_(i, ys[rows[i]])), 1e-30));
+    }
+    return loss / double(b);
+  }
+
+  int vocab_, context_;
+  Index emb_, d_;
+  Mat embed_;
+  spex::Norm<float> norm_;
+  std::unique_ptr<Block> block_;
+  spex::Linear<float> out_;
+  spex::SparseRowGrad<float> g_embed_;
+  spex::Norm<float>::Grads g_norm_;
+  typename Block::Grads g_block_;
+  spex::Linear<float>::Grads g_out_;
+  spex::ParameterList<float> params_;
+  std::unique_ptr<spex::Adam<float>> opt_;
+  spex::Norm<float>::Cache nc_;
+  typename Block::Cache bc_;
+  Mat x_, xn_, bo_, h_, logits_, probs_, dlogits_, dh_, dxn_;
+};
+
+}  // namespace compare

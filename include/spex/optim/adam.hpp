@@ -1,0 +1,104 @@
+#pragma once
+// Adam and AdamW (Kingma & Ba; Loshchilov & Hutter), PyTorch's formulas:
+//   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+//   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+// with weight decay either added to g (Adam, L2) or applied as p -= lr wd p (AdamW,
+// decoupled). Row-sparse gradients (expert tables) get the lazy form of PyTorch's SparseAdam:
+// only the rows the gradient holds update their m, v and values, with the bias correction of
+// the global step; every other row and its moments stay bit-identical. Dense Adam on a 1M-row
+// table would touch 2 N d floats of state every step.
+#include <cmath>
+#include <vector>
+
+#include "../core/check.hpp"
+#include "parameters.hpp"
+
+namespace spex {
+
+struct AdamConfig {
+  double lr = 1e-3;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double weight_decay = 0.0;
+  bool decoupled = true;  ///< AdamW (true) or Adam with L2 (false)
+};
+
+/// Thread safety: step() mutates parameters and state; one caller at a time. State: m and v
+/// of every parameter's full shape (2x the weights, as any Adam).
+///
+///   auto groups = spex::split_groups<float>(params, "experts", 10.0,
+///       [](const auto& p) { return p.sparse_grad != nullptr; });
+///   spex::Adam<float> opt(groups, {1e-3});
+///   opt.step();
+template <class T>
+class Adam {
+ public:
+  Adam(std::vector<ParamGroup<T>> groups, AdamConfig cfg) : groups_(std::move(groups)), cfg_(cfg) {
+    SPEX_CHECK(cfg.lr >= 0 && cfg.eps > 0 && cfg.weight_decay >= 0, "lr, eps and weight_decay must be >= 0 (eps > 0)");
+    SPEX_CHECK(cfg.beta1 >= 0 && cfg.beta1 < 1 && cfg.beta2 >= 0 && cfg.beta2 < 1, "betas must be in [0, 1)");
+    for (auto& g : groups_)
+      for (auto& p : g.params) {
+        const Index rows = p.trainable() ? p.rows : 0;
+        m_.push_back(RowMat<T>::Zero(rows, p.cols));
+        v_.push_back(RowMat<T>::Zero(rows, p.cols));
+      }
+  }
+  Adam(const ParameterList<T>& params, AdamConfig cfg) : Adam(std::vector<ParamGroup<T>>{{"all", params, 1.0}}, cfg) {}
+
+  AdamConfig& config() { return cfg_; }
+  long steps() const { return t_; }
+  /// Moments of the i-th parameter (in group order), for inspection and checkpoints.
+  const RowMat<T>& first_moment(std::size_t i) const { return m_[i]; }
+  const RowMat<T>& second_moment(std::size_t i) const { return v_[i]; }
+
+  void step() {
+    ++t_;
+    const double c1 = 1.0 - std::pow(cfg_.beta1, double(t_)), c2 = 1.0 - std::pow(cfg_.beta2, double(t_));
+    std::size_t i = 0;
+    for (auto& g : groups_) {
+      const double lr = cfg_.lr * g.lr_scale;
+      for (auto& p : g.params) {
+        RowMat<T>& m = m_[i];
+        RowMat<T>& v = v_[i];
+        ++i;
+        auto w = p.value_map();
+        if (p.grad) {
+          auto gr = p.grad_map();
+          const bool zero = p.grad_is_zero();
+          for (Index r = 0; r < p.rows; ++r) update_row(w, r, zero ? nullptr : &gr(r, 0), m, v, lr, c1, c2);
+        }
+        if (p.sparse_grad) {
+          const auto vals = p.sparse_grad->values();
+          const auto& rows = p.sparse_grad->rows();
+          for (Index s = 0; s < Index(rows.size()); ++s) update_row(w, rows[s], &vals(s, 0), m, v, lr, c1, c2);
+        }
+      }
+    }
+  }
+
+ private:
+  template <class W>
+  void update_row(W& w, Index r, const T* grad, RowMat<T>& m, RowMat<T>& v, double lr, double c1, double c2) const {
+    const T b1 = T(cfg_.beta1), b2 = T(cfg_.beta2), wd = T(cfg_.weight_decay), eps = T(cfg_.eps);
+    const T step = T(lr / c1), inv_sqrt_c2 = T(1.0 / std::sqrt(c2)), decay = T(lr * cfg_.weight_decay);
+    for (Index c = 0; c < w.cols(); ++c) {
+      T gv = grad ? grad[c] : T(0);
+      T& wc = w(r, c);
+      if (cfg_.decoupled)
+        wc -= decay * wc;
+      else
+        gv += wd * wc;
+      T& mc = m(r, c);
+      T& vc = v(r, c);
+      mc = b1 * mc + (T(1) - b1) * gv;
+      vc = b2 * vc + (T(1) - b2) * gv * gv;
+      wc -= step * mc / (std::sqrt(vc) * inv_sqrt_c2 + eps);
+    }
+  }
+
+  std::vector<ParamGroup<T>> groups_;
+  AdamConfig cfg_;
+  std::vector<RowMat<T>> m_, v_;
+  long t_ = 0;
+};
+
+}  // namespace spex
