@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../kernels/optim.hpp"
 #include "parameters.hpp"
 
 namespace spex {
@@ -29,7 +30,7 @@ struct AdamConfig {
 ///       [](const auto& p) { return p.sparse_grad != nullptr; });
 ///   spex::Adam<float> opt(groups, {1e-3});
 ///   opt.step();
-template <class T>
+template <class T, class Arch = default_arch>
 class Adam {
  public:
   Adam(std::vector<ParamGroup<T>> groups, AdamConfig cfg) : groups_(std::move(groups)), cfg_(cfg) {
@@ -56,45 +57,35 @@ class Adam {
     std::size_t i = 0;
     for (auto& g : groups_) {
       const double lr = cfg_.lr * g.lr_scale;
+      const kernels::AdamStep<T> a{T(cfg_.beta1),
+                                   T(cfg_.beta2),
+                                   T(lr / c1),
+                                   T(1.0 / std::sqrt(c2)),
+                                   T(cfg_.eps),
+                                   T(cfg_.decoupled ? lr * cfg_.weight_decay : 0.0),
+                                   T(cfg_.decoupled ? 0.0 : cfg_.weight_decay)};
       for (auto& p : g.params) {
         RowMat<T>& m = m_[i];
         RowMat<T>& v = v_[i];
         ++i;
-        auto w = p.value_map();
-        if (p.grad) {
-          auto gr = p.grad_map();
-          const bool zero = p.grad_is_zero();
-          for (Index r = 0; r < p.rows; ++r) update_row(w, r, zero ? nullptr : &gr(r, 0), m, v, lr, c1, c2);
+        if (p.grad) {  // dense: the whole parameter, contiguous
+          kernels::adam_update<Arch>(p.value, p.grad_is_zero() ? nullptr : p.grad, m.data(), v.data(),
+                               static_cast<std::size_t>(p.rows * p.cols), a);
         }
-        if (p.sparse_grad) {
+        if (p.sparse_grad) {  // lazy: the rows the gradient holds
           const auto vals = p.sparse_grad->values();
           const auto& rows = p.sparse_grad->rows();
-          for (Index s = 0; s < Index(rows.size()); ++s) update_row(w, rows[s], &vals(s, 0), m, v, lr, c1, c2);
+          const std::size_t w = static_cast<std::size_t>(p.cols);
+          for (Index s = 0; s < Index(rows.size()); ++s) {
+            const std::size_t off = static_cast<std::size_t>(rows[s]) * w;
+            kernels::adam_update<Arch>(p.value + off, &vals(s, 0), m.data() + off, v.data() + off, w, a);
+          }
         }
       }
     }
   }
 
  private:
-  template <class W>
-  void update_row(W& w, Index r, const T* grad, RowMat<T>& m, RowMat<T>& v, double lr, double c1, double c2) const {
-    const T b1 = T(cfg_.beta1), b2 = T(cfg_.beta2), wd = T(cfg_.weight_decay), eps = T(cfg_.eps);
-    const T step = T(lr / c1), inv_sqrt_c2 = T(1.0 / std::sqrt(c2)), decay = T(lr * cfg_.weight_decay);
-    for (Index c = 0; c < w.cols(); ++c) {
-      T gv = grad ? grad[c] : T(0);
-      T& wc = w(r, c);
-      if (cfg_.decoupled)
-        wc -= decay * wc;
-      else
-        gv += wd * wc;
-      T& mc = m(r, c);
-      T& vc = v(r, c);
-      mc = b1 * mc + (T(1) - b1) * gv;
-      vc = b2 * vc + (T(1) - b2) * gv * gv;
-      wc -= step * mc / (std::sqrt(vc) * inv_sqrt_c2 + eps);
-    }
-  }
-
   std::vector<ParamGroup<T>> groups_;
   AdamConfig cfg_;
   std::vector<RowMat<T>> m_, v_;
