@@ -10,6 +10,7 @@
 // DIR/curves.svg (loss vs step per variant; ReMoE's sparsity vs step).
 #include <cstdio>
 #include <cstring>
+#include <stdexcept>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -25,11 +26,21 @@ using namespace compare;
 
 struct Options {
   bool quick = false;
-  int steps = 3000;
+  int steps = 4000;
   std::string out = "compare_out";
-  std::vector<std::string> text = {"/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GPL-2",
-                                   "/usr/share/common-licenses/Apache-2.0", "/usr/share/common-licenses/MPL-2.0"};
+  std::vector<std::string> text;  // default: the license texts every Debian system ships (base-files)
 };
+
+std::vector<std::string> default_texts() {
+  std::vector<std::string> paths;
+  for (const char* f : {"Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "GPL-1", "GPL-2", "GPL-3",
+                        "LGPL-2", "LGPL-2.1", "LGPL-3", "MPL-1.1", "MPL-2.0"}) {
+    const std::string p = std::string("/usr/share/common-licenses/") + f;
+    if (std::filesystem::exists(p)) paths.push_back(p);
+  }
+  if (paths.empty()) throw std::runtime_error("no text in /usr/share/common-licenses: pass --text FILE");
+  return paths;
+}
 
 struct Curve {
   std::string task, variant;
@@ -41,6 +52,7 @@ struct Summary {
   std::string variant;
   Index active = 0, total = 0;
   double train_loss = 0, val_loss = 0, tokens_per_s = 0, optimizer_share = 0, usage = -1, sparsity = -1;
+  double sparsity_dev = -1;  // largest |50-step mean - target| over the second half
 };
 
 // Sizes of one task: the dense hidden size H sets the active budget of every variant.
@@ -98,10 +110,20 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
   sum.tokens_per_s = double(opt.steps) * batch / seconds;
   sum.optimizer_share = opt_seconds / seconds;
   if constexpr (is_remoe<Block>::value) {
-    double acc = 0;
-    const std::size_t tail = curve.sparsity.size() / 4;
-    for (std::size_t i = curve.sparsity.size() - tail; i < curve.sparsity.size(); ++i) acc += curve.sparsity[i];
-    sum.sparsity = acc / double(tail);
+    // After the warm-up: the mean over the second half, and the largest deviation of a 50-step
+    // moving average from the target (a single step's sparsity is one batch's: it jitters).
+    const std::size_t n = curve.sparsity.size(), half = n / 2;
+    double acc = 0, dev = 0;
+    for (std::size_t i = half; i < n; ++i) {
+      acc += curve.sparsity[i];
+      if (i >= 49) {
+        double m = 0;
+        for (std::size_t j = i - 49; j <= i; ++j) m += curve.sparsity[j] / 50;
+        dev = std::max(dev, std::abs(m - ctl.target()));
+      }
+    }
+    sum.sparsity = acc / double(n - half);
+    sum.sparsity_dev = dev;
   }
   if constexpr (is_product_key<Block>::value) {
     spex::ExpertUsage usage(model.block().n_experts());
@@ -134,22 +156,23 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
   spex::ProductKeyLayerConfig pk;
   pk.d_in = d;
   pk.n_keys = ts.n_keys;
-  pk.heads = 4;
+  pk.heads = 8;
   pk.top_k = ts.peer_k;
   pk.d_key = 32;
   pk.norm = spex::NormKind::batch;
+  pk.shared_keys = false;  // measured: keys shared by the heads retrieved half as many distinct experts
   const Index query = d * pk.heads * pk.d_key;
   out.push_back(run("peer", data, ts, std::make_unique<PeerBlock>(pk, 14), 2 * d * pk.heads * pk.top_k + query, opt, curves));
   pk.top_k = ts.pkm_k;
   out.push_back(run("pkm", data, ts, std::make_unique<PkmBlock>(pk, 15), d * pk.heads * pk.top_k + query, opt, curves));
 
-  std::printf("\n%-10s %12s %12s %11s %10s %11s %9s %9s %9s\n", "variant", "active", "total", "train loss", "val loss",
-              "tokens/s", "opt share", "usage %", "sparsity");
+  std::printf("\n%-10s %12s %12s %11s %10s %11s %9s %9s %9s %9s\n", "variant", "active", "total", "train loss",
+              "val loss", "tokens/s", "opt share", "usage %", "sparsity", "max dev");
   for (const auto& s : out) {
     std::printf("%-10s %12lld %12lld %11.4f %10.4f %11.0f %8.1f%%", s.variant.c_str(), (long long)s.active,
                 (long long)s.total, s.train_loss, s.val_loss, s.tokens_per_s, 100 * s.optimizer_share);
     s.usage >= 0 ? std::printf(" %9.1f", s.usage) : std::printf(" %9s", "-");
-    s.sparsity >= 0 ? std::printf(" %9.3f\n", s.sparsity) : std::printf(" %9s\n", "-");
+    s.sparsity >= 0 ? std::printf(" %9.3f %9.4f\n", s.sparsity, s.sparsity_dev) : std::printf(" %9s %9s\n", "-", "-");
   }
   return out;
 }
@@ -208,6 +231,7 @@ int main(int argc, char** argv) {
     }
   }
   if (opt.quick && !custom_steps) opt.steps = 300;
+  if (!custom_text) opt.text = default_texts();
   if (opt.steps < 10) {
     std::fprintf(stderr, "--steps must be at least 10\n");
     return 2;
@@ -217,8 +241,8 @@ int main(int argc, char** argv) {
                 spex::default_arch::name(), spex::max_threads());
     std::vector<Curve> curves;
     const Index n_keys = opt.quick ? 128 : 256;
-    run_task(char_lm(opt.text, 8), TaskShape{8, 16, 64, 16, 32, n_keys}, opt, curves);
-    run_task(recall(opt.quick ? 2048 : 4096, 3, 5), TaskShape{4, 16, 32, 8, 16, n_keys}, opt, curves);
+    run_task(char_lm(opt.text, 8), TaskShape{8, 16, 64, 8, 16, n_keys}, opt, curves);
+    run_task(recall(opt.quick ? 2048 : 4096, 3, 5), TaskShape{4, 16, 32, 4, 8, n_keys}, opt, curves);
     write_outputs(curves, opt);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "compare_layers: %s\n", e.what());
