@@ -162,9 +162,19 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
   pk.norm = spex::NormKind::batch;
   pk.shared_keys = false;  // measured: keys shared by the heads retrieved half as many distinct experts
   const Index query = d * pk.heads * pk.d_key;
-  out.push_back(run("peer", data, ts, std::make_unique<PeerBlock>(pk, 14), 2 * d * pk.heads * pk.top_k + query, opt, curves));
+  const auto size_name = [](Index n) { return std::to_string(n * n / 1024) + "k"; };
+  // The default run also trains PEER at N = 128^2, for usage at two sizes.
+  std::vector<Index> peer_sizes{ts.n_keys};
+  if (ts.n_keys > 128) peer_sizes.insert(peer_sizes.begin(), 128);
+  for (Index n : peer_sizes) {
+    pk.n_keys = n;
+    out.push_back(run("peer-" + size_name(n), data, ts, std::make_unique<PeerBlock>(pk, 14),
+                      2 * d * pk.heads * pk.top_k + query, opt, curves));
+  }
+  pk.n_keys = ts.n_keys;
   pk.top_k = ts.pkm_k;
-  out.push_back(run("pkm", data, ts, std::make_unique<PkmBlock>(pk, 15), d * pk.heads * pk.top_k + query, opt, curves));
+  out.push_back(run("pkm-" + size_name(ts.n_keys), data, ts, std::make_unique<PkmBlock>(pk, 15),
+                    d * pk.heads * pk.top_k + query, opt, curves));
 
   std::printf("\n%-10s %12s %12s %11s %10s %11s %9s %9s %9s %9s\n", "variant", "active", "total", "train loss",
               "val loss", "tokens/s", "opt share", "usage %", "sparsity", "max dev");

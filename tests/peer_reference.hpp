@@ -118,11 +118,17 @@ void reference_retrieval(const Layer& layer, const spex::RowMat<double>& q, spex
     }
 }
 
+/// Queries, then retrieval over all keys; y left for the experts.
+template <class Layer>
+ReferenceOutput reference_retrieve(const Layer& layer, const spex::RowMat<double>& x, bool training) {
+  ReferenceOutput out;
+  reference_retrieval(layer, reference_queries(layer, x, training), out.ids, out.gates);
+  return out;
+}
+
 template <class T, class Arch>
 ReferenceOutput reference_forward(const spex::Peer<T, Arch>& layer, const spex::RowMat<double>& x, bool training) {
-  ReferenceOutput out;
-  const spex::RowMat<double> q = reference_queries(layer, x, training);
-  reference_retrieval(layer, q, out.ids, out.gates);
+  ReferenceOutput out = reference_retrieve(layer, x, training);
   const auto& ex = layer.experts();
   out.y = spex::RowMat<double>::Zero(x.rows(), ex.d_out());
   for (Index t = 0; t < x.rows(); ++t)
@@ -138,9 +144,7 @@ ReferenceOutput reference_forward(const spex::Peer<T, Arch>& layer, const spex::
 
 template <class T, class Arch>
 ReferenceOutput reference_forward(const spex::Pkm<T, Arch>& layer, const spex::RowMat<double>& x, bool training) {
-  ReferenceOutput out;
-  const spex::RowMat<double> q = reference_queries(layer, x, training);
-  reference_retrieval(layer, q, out.ids, out.gates);
+  ReferenceOutput out = reference_retrieve(layer, x, training);
   const auto& ex = layer.experts();
   out.y = spex::RowMat<double>::Zero(x.rows(), ex.d_out());
   for (Index t = 0; t < x.rows(); ++t)

@@ -6,15 +6,9 @@
 #include "test_util.hpp"
 
 using namespace spex;
+using spex_test::randn_mat;
 
 namespace {
-
-RowMat<double> randn_mat(Index r, Index c, std::uint64_t seed, double scale = 1.0) {
-  RowMat<double> m(r, c);
-  Rng rng(seed);
-  fill_normal(m, scale, rng);
-  return m;
-}
 
 MoEConfig small_config(FfnKind ffn, Index granularity = 1) {
   MoEConfig cfg;

@@ -4,15 +4,7 @@
 #include "test_util.hpp"
 
 using namespace spex;
-
-namespace {
-RowMat<double> randn_mat(Index r, Index c, std::uint64_t seed) {
-  RowMat<double> m(r, c);
-  Rng rng(seed);
-  fill_normal(m, 1.0, rng);
-  return m;
-}
-}  // namespace
+using spex_test::randn_mat;
 
 TEST_CASE("Linear forward and backward match the formulas and finite differences", "[nn][gradcheck]") {
   Rng rng(1);

@@ -7,6 +7,7 @@
 #include "test_util.hpp"
 
 using namespace spex;
+using spex_test::randn_mat;
 using kernels::Activation;
 
 namespace {
@@ -25,13 +26,6 @@ ProductKeyLayerConfig small_config(ScoreFn score, NormKind norm, Activation act,
   cfg.shared_keys = shared;
   cfg.query_bias = true;
   return cfg;
-}
-
-RowMat<double> randn_mat(Index r, Index c, std::uint64_t seed) {
-  RowMat<double> m(r, c);
-  Rng rng(seed);
-  fill_normal(m, 1.0, rng);
-  return m;
 }
 
 // Training forward and eval forward against the reference that scores all N keys.

@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 #include <spex/core/random.hpp>
+#include <spex/core/types.hpp>
 #include <spex/kernels/simd.hpp>
 
 namespace spex_test {
@@ -45,6 +46,14 @@ void reference_topk(const T* s, std::size_t n, std::size_t k, std::vector<T>& va
     ids[i] = order[i];
     vals[i] = s[order[i]];
   }
+}
+
+/// rows x cols from N(0, scale^2), seeded.
+inline spex::RowMat<double> randn_mat(spex::Index rows, spex::Index cols, std::uint64_t seed, double scale = 1.0) {
+  spex::RowMat<double> m(rows, cols);
+  spex::Rng rng(seed);
+  spex::fill_normal(m, scale, rng);
+  return m;
 }
 
 template <class T>
