@@ -10,7 +10,10 @@
 #include <cmath>
 #include <vector>
 
+#include <algorithm>
+
 #include "../core/check.hpp"
+#include "../core/parallel.hpp"
 #include "../kernels/optim.hpp"
 #include "parameters.hpp"
 
@@ -68,24 +71,33 @@ class Adam {
         RowMat<T>& m = m_[i];
         RowMat<T>& v = v_[i];
         ++i;
-        if (p.grad) {  // dense: the whole parameter, contiguous
-          kernels::adam_update<Arch>(p.value, p.grad_is_zero() ? nullptr : p.grad, m.data(), v.data(),
-                               static_cast<std::size_t>(p.rows * p.cols), a);
+        if (p.grad) {  // dense: the whole parameter, contiguous, in chunks over the threads
+          const Index n = p.rows * p.cols, chunks = (n + kChunk - 1) / kChunk;
+          const T* grad = p.grad_is_zero() ? nullptr : p.grad;
+          parallel_for(chunks, [&](Index c, int) {
+            const Index off = c * kChunk, len = std::min(kChunk, n - off);
+            kernels::adam_update<Arch>(p.value + off, grad ? grad + off : nullptr, m.data() + off, v.data() + off,
+                                       static_cast<std::size_t>(len), a);
+          });
         }
-        if (p.sparse_grad) {  // lazy: the rows the gradient holds
+        if (p.sparse_grad) {  // lazy: the rows the gradient holds (random rows: memory-bound)
           const auto vals = p.sparse_grad->values();
           const auto& rows = p.sparse_grad->rows();
           const std::size_t w = static_cast<std::size_t>(p.cols);
-          for (Index s = 0; s < Index(rows.size()); ++s) {
-            const std::size_t off = static_cast<std::size_t>(rows[s]) * w;
-            kernels::adam_update<Arch>(p.value + off, &vals(s, 0), m.data() + off, v.data() + off, w, a);
-          }
+          const Index n_rows = Index(rows.size()), per = std::max<Index>(1, kChunk / p.cols);
+          parallel_for((n_rows + per - 1) / per, [&](Index c, int) {
+            for (Index s = c * per; s < std::min(n_rows, (c + 1) * per); ++s) {
+              const std::size_t off = static_cast<std::size_t>(rows[s]) * w;
+              kernels::adam_update<Arch>(p.value + off, &vals(s, 0), m.data() + off, v.data() + off, w, a);
+            }
+          });
         }
       }
     }
   }
 
  private:
+  static constexpr Index kChunk = 16384;  // entries per parallel task
   std::vector<ParamGroup<T>> groups_;
   AdamConfig cfg_;
   std::vector<RowMat<T>> m_, v_;
