@@ -205,7 +205,7 @@ void write_outputs(const std::vector<Curve>& curves, const Options& opt) {
   Panel sparsity{"ReMoE: sparsity per step (dashed: target 1 - k/E)", "sparsity", {}, 0.875};
   for (const auto& c : curves) {
     Panel& p = loss[c.task];
-    p.title = c.task + ": validation loss";
+    p.title = c.task + ": validation loss (first 4096 validation examples)";
     p.y_label = "loss";
     p.series.push_back({c.variant, c.eval_step, c.val_loss});
     if (c.variant == "remoe") sparsity.series.push_back({c.task, c.step, c.sparsity});
