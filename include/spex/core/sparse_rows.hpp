@@ -79,8 +79,9 @@ class SparseRowGrad {
     kernels::axpy(T(1), g, values_.row(s).data(), static_cast<std::size_t>(width_));
   }
 
-  /// Makes room for `n` rows without reallocating later.
+  /// Makes room for `n` rows (at most n_rows) without reallocating later.
   void reserve(Index n) {
+    n = std::min(n, n_rows_);
     if (values_.rows() < n) grow(n);
     rows_.reserve(static_cast<std::size_t>(n));
   }
@@ -105,8 +106,8 @@ class SparseRowGrad {
   }
 
  private:
-  void grow(Index n) {
-    const Index cap = std::max<Index>(n, 2 * values_.rows());
+  void grow(Index n) {  // never beyond the table's row count
+    const Index cap = std::max<Index>(n, std::min<Index>(2 * values_.rows(), n_rows_));
     values_.conservativeResize(cap, width_);
   }
 
