@@ -4,6 +4,7 @@
 // an active parallel region and run single-threaded, so the two pools never nest.
 #include <exception>
 #include <mutex>
+#include <utility>
 
 #include "types.hpp"
 
@@ -22,30 +23,50 @@ inline int max_threads() {
 #endif
 }
 
-/// Runs f(i, thread) for i in [0, n), statically partitioned over at most max_threads()
-/// threads; `thread` is in [0, max_threads()) and picks the caller's per-thread scratch.
-/// The first exception thrown by any f is rethrown on the calling thread after all finish.
-template <class F>
-void parallel_for(Index n, F&& f) {
+namespace detail {
+template <bool kDynamic, class F>
+void parallel_for_impl(Index n, F&& f) {
   if (n <= 0) return;
 #if defined(_OPENMP)
   if (n > 1 && max_threads() > 1 && !omp_in_parallel()) {
     std::exception_ptr error;
     std::mutex error_mutex;
-#pragma omp parallel for schedule(static)
-    for (Index i = 0; i < n; ++i) {
+    auto guarded = [&](Index i) {
       try {
         f(i, omp_get_thread_num());
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (!error) error = std::current_exception();
       }
+    };
+    if (kDynamic) {
+#pragma omp parallel for schedule(dynamic, 1)
+      for (Index i = 0; i < n; ++i) guarded(i);
+    } else {
+#pragma omp parallel for schedule(static)
+      for (Index i = 0; i < n; ++i) guarded(i);
     }
     if (error) std::rethrow_exception(error);
     return;
   }
 #endif
   for (Index i = 0; i < n; ++i) f(i, 0);
+}
+}  // namespace detail
+
+/// Runs f(i, thread) for i in [0, n), statically partitioned over at most max_threads()
+/// threads; `thread` is in [0, max_threads()) and picks the caller's per-thread scratch.
+/// The first exception thrown by any f is rethrown on the calling thread after all finish.
+template <class F>
+void parallel_for(Index n, F&& f) {
+  detail::parallel_for_impl<false>(n, std::forward<F>(f));
+}
+
+/// As parallel_for, handing out one index at a time: for few tasks of uneven size (experts
+/// with different token counts).
+template <class F>
+void parallel_for_dynamic(Index n, F&& f) {
+  detail::parallel_for_impl<true>(n, std::forward<F>(f));
 }
 
 }  // namespace spex

@@ -124,7 +124,7 @@ class FfnExperts {
     c.h.resize(rows, h1());
     c.a.resize(rows, hidden_);
     c.yg.resize(rows, d_out_);
-    parallel_for(n_experts_, [&](Index e, int) {
+    parallel_for_dynamic(n_experts_, [&](Index e, int) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
       if (n == 0) return;
       for (Index r = r0; r < r0 + n; ++r) c.xg.row(r) = x.row(groups.token[r]);
@@ -167,7 +167,7 @@ class FfnExperts {
       }
     });
     const bool set = g.stale;
-    parallel_for(n_experts_, [&](Index e, int) {
+    parallel_for_dynamic(n_experts_, [&](Index e, int) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
       auto gw1 = g.w1.middleRows(e * h1(), h1());
       auto gw2 = g.w2.middleRows(e * d_out_, d_out_);
