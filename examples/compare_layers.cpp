@@ -156,7 +156,7 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
   spex::ProductKeyLayerConfig pk;
   pk.d_in = d;
   pk.n_keys = ts.n_keys;
-  pk.heads = 8;
+  pk.heads = 16;
   pk.top_k = ts.peer_k;
   pk.d_key = 32;
   pk.norm = spex::NormKind::batch;
@@ -251,8 +251,8 @@ int main(int argc, char** argv) {
                 spex::default_arch::name(), spex::max_threads());
     std::vector<Curve> curves;
     const Index n_keys = opt.quick ? 128 : 256;
-    run_task(char_lm(opt.text, 8), TaskShape{8, 16, 64, 8, 16, n_keys}, opt, curves);
-    run_task(recall(opt.quick ? 2048 : 4096, 3, 5), TaskShape{4, 16, 32, 4, 8, n_keys}, opt, curves);
+    run_task(char_lm(opt.text, 8), TaskShape{8, 16, 64, 4, 8, n_keys}, opt, curves);
+    run_task(recall(opt.quick ? 2048 : 4096, 3, 5), TaskShape{4, 16, 32, 2, 4, n_keys}, opt, curves);
     write_outputs(curves, opt);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "compare_layers: %s\n", e.what());
