@@ -94,7 +94,7 @@ T topk_floor(const T* scores, std::size_t n, std::size_t k) {
   constexpr std::size_t W = B::size;
   constexpr std::size_t kMaxAcc = 16;
   const std::size_t acc = (2 * k + W - 1) / W;
-  if (k == 0 || acc > kMaxAcc || n < 4 * acc * W) return floor;
+  if (k == 0 || acc > kMaxAcc || n < 2 * acc * W) return floor;
   B m[kMaxAcc];
   for (std::size_t a = 0; a < acc; ++a) m[a] = B::load_unaligned(scores + a * W);
   std::size_t i = acc * W;
