@@ -40,14 +40,7 @@ class DenseBlock {
     c.dgates.resize(dy.rows(), 1);
     ffn_.backward(c.x, c.gates, c.groups, dy, c.dgates, dx, g, c.ffn);
   }
-  spex::ParameterList<float> parameters(Grads* g) {
-    spex::ParameterList<float> list;
-    list.push_back(spex::Parameter<float>{"dense.w1", ffn_.w1().data(), ffn_.w1().rows(), ffn_.w1().cols(),
-                                          g ? g->w1.data() : nullptr, nullptr, g ? &g->stale : nullptr});
-    list.push_back(spex::Parameter<float>{"dense.w2", ffn_.w2().data(), ffn_.w2().rows(), ffn_.w2().cols(),
-                                          g ? g->w2.data() : nullptr, nullptr, g ? &g->stale : nullptr});
-    return list;
-  }
+  spex::ParameterList<float> parameters(Grads* g) { return ffn_.parameters("dense.", g); }
 
  private:
   spex::FfnExperts<float> ffn_;

@@ -31,12 +31,12 @@ class Model {
     g_norm_ = norm_.make_grads();
     g_block_ = block_->make_grads();
     g_out_ = out_.make_grads();
-    params_.push_back(spex::Parameter<float>{"embed", embed_.data(), vocab, emb, nullptr, &g_embed_});
-    params_.push_back(spex::detail::dense_param<float>("norm.weight", norm_.weight(), &g_norm_.weight));
-    params_.push_back(spex::detail::dense_param<float>("norm.bias", norm_.bias(), &g_norm_.bias));
+    params_.push_back(spex::sparse_parameter<float>("embed", embed_, &g_embed_));
+    params_.push_back(spex::dense_parameter<float>("norm.weight", norm_.weight(), &g_norm_.weight));
+    params_.push_back(spex::dense_parameter<float>("norm.bias", norm_.bias(), &g_norm_.bias));
     spex::append_parameters(params_, block_->parameters(&g_block_), "block.");
-    params_.push_back(spex::detail::dense_param<float>("out.weight", out_.weight(), &g_out_.weight));
-    params_.push_back(spex::detail::dense_param<float>("out.bias", out_.bias(), &g_out_.bias));
+    params_.push_back(spex::dense_parameter<float>("out.weight", out_.weight(), &g_out_.weight));
+    params_.push_back(spex::dense_parameter<float>("out.bias", out_.bias(), &g_out_.bias));
     spex::AdamConfig cfg;
     cfg.lr = lr;
     opt_ = std::make_unique<spex::Adam<float>>(params_, cfg);

@@ -33,13 +33,19 @@ struct Parameter {
 template <class T>
 using ParameterList = std::vector<Parameter<T>>;
 
-namespace detail {
+/// A dense parameter (any Eigen matrix or vector) with its same-shaped gradient, or none (null:
+/// a buffer such as running statistics); `stale` marks a lazily zeroed gradient.
 template <class T, class M>
-Parameter<T> dense_param(std::string name, M& value, M* grad) {
+Parameter<T> dense_parameter(std::string name, M& value, M* grad, const bool* stale = nullptr) {
   return Parameter<T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()),
-                      grad ? grad->data() : nullptr, nullptr};
+                      grad ? grad->data() : nullptr, nullptr, stale};
 }
-}  // namespace detail
+
+/// A table whose gradient is row-sparse (or none when grad is null).
+template <class T>
+Parameter<T> sparse_parameter(std::string name, RowMat<T>& table, SparseRowGrad<T>* grad) {
+  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad, nullptr};
+}
 
 /// Appends `more` to `list` with `prefix` before each name ("block3." + "peer.query.weight").
 template <class T>

@@ -11,6 +11,7 @@
 
 #include "../core/check.hpp"
 #include "../core/parallel.hpp"
+#include "../core/parameter.hpp"
 #include "../core/random.hpp"
 #include "../core/types.hpp"
 #include "../kernels/activation.hpp"
@@ -111,6 +112,12 @@ class FfnExperts {
   const RowMat<T>& w2() const { return w2_; }
   Grads make_grads() const {
     return Grads{RowMat<T>::Zero(w1_.rows(), w1_.cols()), RowMat<T>::Zero(w2_.rows(), w2_.cols())};
+  }
+  /// "<prefix>w1" and "<prefix>w2" with their (lazily zeroed) gradients in g, or none.
+  ParameterList<T> parameters(const std::string& prefix, Grads* g) {
+    const bool* stale = g ? &g->stale : nullptr;
+    return {dense_parameter<T>(prefix + "w1", w1_, g ? &g->w1 : nullptr, stale),
+            dense_parameter<T>(prefix + "w2", w2_, g ? &g->w2 : nullptr, stale)};
   }
 
   /// y (B x d_out, assigned) = sum_e gates(t, e) FFN_e(x_t) over the active pairs of `groups`

@@ -9,6 +9,7 @@
 
 #include "../core/check.hpp"
 #include "../core/memory.hpp"
+#include "../core/parameter.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../core/sparse_rows.hpp"
@@ -56,6 +57,12 @@ class NeuronExperts {
   const RowMat<T>& down() const { return down_; }
   RowMat<T>& up() { return up_; }
   const RowMat<T>& up() const { return up_; }
+
+  /// "<prefix>down" and "<prefix>up" with their row-sparse gradients in g (or none).
+  ParameterList<T> parameters(const std::string& prefix, Grads* g) {
+    return {sparse_parameter<T>(prefix + "down", down_, g ? &g->down : nullptr),
+            sparse_parameter<T>(prefix + "up", up_, g ? &g->up : nullptr)};
+  }
 
   Grads make_grads() const { return Grads{SparseRowGrad<T>(n_experts(), d_in()), SparseRowGrad<T>(n_experts(), d_out())}; }
 

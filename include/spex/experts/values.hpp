@@ -6,6 +6,7 @@
 
 #include "../core/check.hpp"
 #include "../core/memory.hpp"
+#include "../core/parameter.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../core/sparse_rows.hpp"
@@ -40,6 +41,10 @@ class ValueExperts {
   RowMat<T>& values() { return values_; }
   const RowMat<T>& values() const { return values_; }
   Grads make_grads() const { return Grads{SparseRowGrad<T>(n_experts(), d_out())}; }
+  /// "<prefix>values" with its row-sparse gradient in g (or none).
+  ParameterList<T> parameters(const std::string& prefix, Grads* g) {
+    return {sparse_parameter<T>(prefix + "values", values_, g ? &g->values : nullptr)};
+  }
 
   /// y (B x d_out, assigned) = sum_j gates(t, j) v_{ids(t, j)}.
   void forward(CIndexMatRef ids, CMatRef<T> gates, MatRef<T> y) const {

@@ -123,10 +123,8 @@ class MoE {
   /// expert ones zeroed lazily: see Parameter::stale).
   ParameterList<T> parameters(Grads* g = nullptr) {
     ParameterList<T> list;
-    list.push_back(detail::dense_param<T>("moe.router.weight", router_.weight(), g ? &g->router.weight : nullptr));
-    list.push_back(detail::dense_param<T>("moe.experts.w1", experts_.w1(), g ? &g->experts.w1 : nullptr));
-    list.push_back(detail::dense_param<T>("moe.experts.w2", experts_.w2(), g ? &g->experts.w2 : nullptr));
-    if (g) list[1].stale = list[2].stale = &g->experts.stale;  // zeroed lazily
+    list.push_back(dense_parameter<T>("moe.router.weight", router_.weight(), g ? &g->router.weight : nullptr));
+    append_parameters(list, experts_.parameters("moe.experts.", g ? &g->experts : nullptr));
     return list;
   }
 

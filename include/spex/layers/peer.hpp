@@ -44,10 +44,7 @@ class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExpert
     this->experts_.backward(c.x, c.retrieval.ids, c.retrieval.gates, c.pre, dy, c.dgates, dx, g.experts, c.experts);
   }
   void expert_parameters(ParameterList<T>& list, typename NeuronExperts<T, Arch>::Grads* g) {
-    list.push_back(Parameter<T>{"peer.experts.down", this->experts_.down().data(), this->experts_.down().rows(),
-                                this->experts_.down().cols(), nullptr, g ? &g->down : nullptr});
-    list.push_back(Parameter<T>{"peer.experts.up", this->experts_.up().data(), this->experts_.up().rows(),
-                                this->experts_.up().cols(), nullptr, g ? &g->up : nullptr});
+    append_parameters(list, this->experts_.parameters("peer.experts.", g));
   }
 };
 

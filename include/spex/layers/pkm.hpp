@@ -39,8 +39,7 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T
     this->experts_.backward(c.retrieval.ids, c.retrieval.gates, dy, c.dgates, g.experts, c.experts);
   }
   void expert_parameters(ParameterList<T>& list, typename ValueExperts<T, Arch>::Grads* g) {
-    list.push_back(Parameter<T>{"pkm.values", this->experts_.values().data(), this->experts_.values().rows(),
-                                this->experts_.values().cols(), nullptr, g ? &g->values : nullptr});
+    append_parameters(list, this->experts_.parameters("pkm.", g));
   }
 };
 

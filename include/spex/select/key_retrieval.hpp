@@ -153,20 +153,20 @@ class KeyRetrieval {
   /// their gradients in `g` (or none when g is null).
   ParameterList<T> parameters(Grads* g) {
     ParameterList<T> list;
-    list.push_back(detail::dense_param<T>("query.weight", query_.weight(), g ? &g->query.weight : nullptr));
-    if (query_.has_bias()) list.push_back(detail::dense_param<T>("query.bias", query_.bias(), g ? &g->query.bias : nullptr));
+    list.push_back(dense_parameter<T>("query.weight", query_.weight(), g ? &g->query.weight : nullptr));
+    if (query_.has_bias()) list.push_back(dense_parameter<T>("query.bias", query_.bias(), g ? &g->query.bias : nullptr));
     if (norm_.kind() != NormKind::none) {
-      list.push_back(detail::dense_param<T>("norm.weight", norm_.weight(), g ? &g->norm.weight : nullptr));
-      list.push_back(detail::dense_param<T>("norm.bias", norm_.bias(), g ? &g->norm.bias : nullptr));
+      list.push_back(dense_parameter<T>("norm.weight", norm_.weight(), g ? &g->norm.weight : nullptr));
+      list.push_back(dense_parameter<T>("norm.bias", norm_.bias(), g ? &g->norm.bias : nullptr));
     }
     if (norm_.kind() == NormKind::batch) {
-      list.push_back(detail::dense_param<T>("norm.running_mean", norm_.running_mean(), static_cast<Vec<T>*>(nullptr)));
-      list.push_back(detail::dense_param<T>("norm.running_var", norm_.running_var(), static_cast<Vec<T>*>(nullptr)));
+      list.push_back(dense_parameter<T>("norm.running_mean", norm_.running_mean(), static_cast<Vec<T>*>(nullptr)));
+      list.push_back(dense_parameter<T>("norm.running_var", norm_.running_var(), static_cast<Vec<T>*>(nullptr)));
     }
     for (Index s = 0; s < key_sets(); ++s) {
       const std::string base = cfg_.shared_keys ? "keys." : "keys.h" + std::to_string(s) + ".";
       for (int half = 0; half < 2; ++half)
-        list.push_back(detail::dense_param<T>(base + (half == 0 ? "c1" : "c2"), keys_[s].sub_keys(half),
+        list.push_back(dense_parameter<T>(base + (half == 0 ? "c1" : "c2"), keys_[s].sub_keys(half),
                                               g ? &g->keys[2 * s + half] : nullptr));
     }
     return list;
