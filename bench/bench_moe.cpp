@@ -11,10 +11,10 @@ constexpr spex::Index kD = 512, kBatch = 512;
 
 spex::MoEConfig config(spex::Index experts, spex::FfnKind ffn) {
   spex::MoEConfig cfg;
-  cfg.d = kD;
+  cfg.d_in = kD;
   cfg.n_experts = experts;
   cfg.hidden = experts == 8 ? 1024 : 128;
-  cfg.top_k = experts / 8;  // 1/8 active: k = 1 of 8, 8 of 64
+  cfg.experts_per_token = experts / 8;  // 1/8 active: k = 1 of 8, 8 of 64
   cfg.ffn = ffn;
   cfg.router_init_std = 1.0 / std::sqrt(double(kD));
   return cfg;
@@ -63,7 +63,7 @@ void counters(benchmark::State& state, double active_fraction, double flops_per_
 // FLOPs of the expert MLPs for `pairs` routed (token, expert) pairs.
 double expert_flops(const spex::MoEConfig& cfg, double pairs) {
   const double h = double(cfg.expert_hidden()), h1 = cfg.ffn == spex::FfnKind::swiglu ? 2 * h : h;
-  return 2.0 * pairs * double(cfg.d) * (h1 + h);
+  return 2.0 * pairs * double(cfg.d_in) * (h1 + h);
 }
 
 template <class Router, bool kBackward>
@@ -73,7 +73,6 @@ void moe_bench(benchmark::State& state) {
   auto& moe = layer<Router>(experts, ffn);
   const auto& dy = spex_bench::random_matrix(kBatch, kD, 6);
   spex::RowMat<float> y(kBatch, kD), dx(kBatch, kD);
-  spex::MatRef<float> dx_ref(dx);
   typename spex::MoE<float, Router>::Cache cache;
   auto grads = moe.make_grads();
   moe.set_lambda(1e-3);
@@ -81,14 +80,14 @@ void moe_bench(benchmark::State& state) {
     if (kBackward) {
       grads.zero();
       moe.forward(input(), y, cache);
-      moe.backward(dy, cache, &dx_ref, grads);
+      moe.backward(dy, dx, cache, grads);
     } else {
       moe.infer(input(), y, cache);
     }
     benchmark::DoNotOptimize(y.data());
   }
   const double pairs = double(cache.groups.rows());
-  counters(state, pairs / double(kBatch * moe.config().experts()),
+  counters(state, pairs / double(kBatch * moe.n_experts()),
            (kBackward ? 3.0 : 1.0) * expert_flops(moe.config(), pairs));
 }
 

@@ -144,10 +144,10 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
   out.push_back(run("dense", data, ts, std::make_unique<DenseBlock>(d, h, 11), 2 * d * h, opt, curves));
 
   spex::MoEConfig moe;
-  moe.d = d;
+  moe.d_in = d;
   moe.n_experts = 8;
   moe.hidden = h;
-  moe.top_k = 1;
+  moe.experts_per_token = 1;
   moe.ffn = spex::FfnKind::gelu;
   moe.router_init_std = 1.0 / std::sqrt(double(d));
   out.push_back(run("topk-moe", data, ts, std::make_unique<TopKBlock>(moe, 12), 2 * d * h + d * 8, opt, curves));

@@ -58,36 +58,75 @@ TEST_CASE("SGD with momentum equals its formula on dense and row-sparse paramete
   }
 }
 
-TEST_CASE("Adam and AdamW equal their formulas; sparse rows are stepped lazily", "[optim]") {
+TEST_CASE("Adam and AdamW equal torch.optim.Adam/AdamW's formula on dense parameters", "[optim]") {
   for (bool decoupled : {true, false}) {
     Toy toy;
-    AdamConfig cfg{0.01, 0.9, 0.99, 1e-8, 0.1, decoupled};
+    AdamConfig cfg{0.01, 0.9, 0.99, 0.05, 0.1, decoupled};  // a large eps: its placement shows
     Adam<double> opt(toy.params(), cfg);
-    RowMat<double> w = toy.w, t = toy.table;
-    RowMat<double> mw = RowMat<double>::Zero(3, 4), vw = mw, mt = RowMat<double>::Zero(10, 3), vt = mt;
+    RowMat<double> w = toy.w, mw = RowMat<double>::Zero(3, 4), vw = mw;
     for (int step = 1; step <= 3; ++step) {
       toy.set_grads(step);
-      auto ref = [&](RowMat<double>& p, RowMat<double>& m, RowMat<double>& v, Index r, const double* g) {
-        for (Index c = 0; c < p.cols(); ++c) {
-          double gv = g[c];
+      for (Index r = 0; r < 3; ++r)
+        for (Index c = 0; c < 4; ++c) {
+          double gv = toy.gw(r, c);
           if (decoupled)
-            p(r, c) *= 1 - 0.01 * 0.1;
+            w(r, c) *= 1 - 0.01 * 0.1;
           else
-            gv += 0.1 * p(r, c);
-          m(r, c) = 0.9 * m(r, c) + 0.1 * gv;
-          v(r, c) = 0.99 * v(r, c) + 0.01 * gv * gv;
-          const double mh = m(r, c) / (1 - std::pow(0.9, step)), vh = v(r, c) / (1 - std::pow(0.99, step));
-          p(r, c) -= 0.01 * mh / (std::sqrt(vh) + 1e-8);
+            gv += 0.1 * w(r, c);
+          mw(r, c) = 0.9 * mw(r, c) + 0.1 * gv;
+          vw(r, c) = 0.99 * vw(r, c) + 0.01 * gv * gv;
+          // torch: denom = sqrt(v) / sqrt(1 - b2^t) + eps; p -= lr / (1 - b1^t) * m / denom
+          const double denom = std::sqrt(vw(r, c)) / std::sqrt(1 - std::pow(0.99, step)) + 0.05;
+          w(r, c) -= 0.01 / (1 - std::pow(0.9, step)) * mw(r, c) / denom;
         }
-      };
-      for (Index r = 0; r < 3; ++r) ref(w, mw, vw, r, &toy.gw(r, 0));
-      for (Index s = 0; s < 2; ++s) ref(t, mt, vt, toy.gt.rows()[s], &toy.gt.values()(s, 0));
       opt.step();
       CHECK((toy.w - w).cwiseAbs().maxCoeff() < 1e-12);
-      CHECK((toy.table - t).cwiseAbs().maxCoeff() < 1e-12);
-      CHECK((opt.first_moment(1) - mt).cwiseAbs().maxCoeff() < 1e-14);
+      CHECK((opt.first_moment(0) - mw).cwiseAbs().maxCoeff() < 1e-14);
     }
   }
+}
+
+TEST_CASE("Adam on row-sparse parameters equals torch.optim.SparseAdam, repeated rows included", "[optim]") {
+  Toy toy;
+  Adam<double> opt(toy.params(), AdamConfig{0.01, 0.9, 0.99, 0.05, 0.0, true});
+  RowMat<double> t = toy.table, mt = RowMat<double>::Zero(10, 3), vt = mt;
+  for (int step = 1; step <= 3; ++step) {
+    toy.set_grads(step);
+    // Row 7 is hit twice in this step (two tokens): SparseAdam coalesces, so do we.
+    const double extra[3] = {0.5, -1.0, 2.0};
+    toy.gt.add_row(7, extra);
+    for (Index s = 0; s < toy.gt.nnz_rows(); ++s) {
+      const Index r = toy.gt.rows()[s];
+      for (Index c = 0; c < 3; ++c) {
+        const double g = toy.gt.values()(s, c);
+        // torch.optim.SparseAdam: exp_avg += (g - exp_avg) (1 - b1), the same for exp_avg_sq;
+        // p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+        mt(r, c) += (g - mt(r, c)) * (1 - 0.9);
+        vt(r, c) += (g * g - vt(r, c)) * (1 - 0.99);
+        const double step_size = 0.01 * std::sqrt(1 - std::pow(0.99, step)) / (1 - std::pow(0.9, step));
+        t(r, c) -= step_size * mt(r, c) / (std::sqrt(vt(r, c)) + 0.05);
+      }
+    }
+    opt.step();
+    CHECK((toy.table - t).cwiseAbs().maxCoeff() < 1e-12);
+    CHECK((opt.first_moment(1) - mt).cwiseAbs().maxCoeff() < 1e-14);
+    CHECK((opt.second_moment(1) - vt).cwiseAbs().maxCoeff() < 1e-14);
+  }
+}
+
+TEST_CASE("optimizers reject out-of-range settings, naming them", "[optim]") {
+  Toy toy;
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(Adam<double>(toy.params(), AdamConfig{inf}), Catch::Contains("Adam lr = inf"));
+  CHECK_THROWS_WITH(Adam<double>(toy.params(), AdamConfig{nan}), Catch::Contains("Adam lr = nan"));
+  CHECK_THROWS_WITH(Adam<double>(toy.params(), AdamConfig{0.1, 1.0}), Catch::Contains("beta1"));
+  CHECK_THROWS_WITH(Adam<double>(toy.params(), AdamConfig{0.1, 0.9, 0.999, 0.0}), Catch::Contains("eps"));
+  CHECK_THROWS_WITH(Sgd<double>(toy.params(), SgdConfig{0.1, inf}), Catch::Contains("SGD momentum = inf"));
+  CHECK_THROWS_WITH(Sgd<double>(toy.params(), SgdConfig{-0.1}), Catch::Contains("SGD lr = -0.1"));
+  CHECK_THROWS_WITH(Sgd<double>(toy.params(), SgdConfig{0.1, 0.0, nan}), Catch::Contains("weight_decay"));
+  Adam<double> opt(toy.params(), AdamConfig{});
+  CHECK_THROWS_WITH(opt.set_lr(-1), Catch::Contains("Adam lr = -1"));
+  CHECK(opt.config().lr == 1e-3);  // unchanged by the rejected call
 }
 
 TEST_CASE("lazy Adam leaves untouched rows and their moments bit-identical", "[optim]") {
@@ -114,18 +153,36 @@ TEST_CASE("lazy Adam leaves untouched rows and their moments bit-identical", "[o
   }
 }
 
-TEST_CASE("parameter groups scale the learning rate", "[optim]") {
+TEST_CASE("parameter groups: any number, from predicates, with their own lr and weight decay", "[optim]") {
   Toy toy;
   toy.set_grads(0);
   const RowMat<double> w0 = toy.w, t0 = toy.table;
-  auto groups = split_groups<double>(toy.params(), "tables", 10.0, [](const Parameter<double>& p) { return p.sparse_grad != nullptr; });
+  std::vector<GroupRule<double>> rules(2);
+  rules[0].name = "tables";
+  rules[0].pick = [](const Parameter<double>& p) { return p.sparse_grad != nullptr; };
+  rules[0].lr_scale = 10.0;
+  rules[1].name = "never";
+  rules[1].pick = [](const Parameter<double>&) { return false; };
+  rules[1].lr = 5.0;
+  auto groups = make_groups<double>(toy.params(), rules);
+  REQUIRE(groups.size() == 3);  // both rules (one empty) and the rest
   CHECK(groups[0].params.size() == 1);
   CHECK(groups[0].params[0].name == "table");
+  CHECK(groups[1].params.empty());
+  CHECK(groups[2].name == "rest");
+  groups[2].weight_decay = 0.5;  // only the dense weight decays
+  groups[2].lr = 0.2;            // an absolute lr wins over the optimizer's
   Sgd<double> opt(groups, SgdConfig{0.1});
   opt.step();
-  CHECK(((w0 - toy.w) - 0.1 * toy.gw).cwiseAbs().maxCoeff() < 1e-14);
+  CHECK(((w0 - toy.w) - 0.2 * (toy.gw + 0.5 * w0)).cwiseAbs().maxCoeff() < 1e-14);
   const Index r = toy.gt.rows()[0];
   CHECK(((t0.row(r) - toy.table.row(r)) - 1.0 * toy.gt.values().row(0)).cwiseAbs().maxCoeff() < 1e-14);
+  // Bad settings and a parameter listed twice are errors naming them.
+  groups[0].lr_scale = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(Sgd<double>(groups, SgdConfig{0.1}), Catch::Contains("group 'tables': lr_scale"));
+  ParameterList<double> twice = toy.params();
+  twice.push_back(twice[0]);
+  CHECK_THROWS_WITH(Adam<double>(twice, AdamConfig{}), Catch::Contains("appears twice"));
 }
 
 TEST_CASE("global-norm clipping covers dense and row-sparse gradients", "[optim]") {

@@ -57,8 +57,7 @@ void check_gradients(Layer& layer, const RowMat<double>& x) {
   RowMat<double> y(b, layer.d_out()), dx(b, layer.d_in());
   layer.forward(x, y, cache);
   const IndexMat ids = cache.retrieval.ids;
-  MatRef<double> dx_ref(dx);
-  layer.backward(w, cache, &dx_ref, grads);
+  layer.backward(w, dx, cache, grads);
 
   auto loss = [&](const RowMat<double>& xin) {
     typename Layer::Cache c;
@@ -79,7 +78,7 @@ void check_gradients(Layer& layer, const RowMat<double>& x) {
     CHECK(analytic == Approx((lp - lm) / (2 * eps)).epsilon(1e-5).margin(1e-7));
   };
   std::set<Index> picked(ids.data(), ids.data() + ids.size());
-  for (const auto& p : layer.parameters(&grads)) {
+  for (const auto& p : layer.parameters(grads)) {
     if (!p.trainable()) continue;
     RowMat<double> g = p.grad ? RowMat<double>(p.grad_map()) : p.sparse_grad->to_dense();
     if (p.sparse_grad) {  // only the rows retrieved in the batch, each once
@@ -165,9 +164,9 @@ TEST_CASE("PEER backward accumulates across calls until zeroed", "[peer]") {
   Peer<double>::Cache cache;
   auto g1 = peer.make_grads(), g2 = peer.make_grads();
   peer.forward(x, y, cache);
-  peer.backward(dy, cache, nullptr, g1);
-  peer.backward(dy, cache, nullptr, g2);
-  peer.backward(dy, cache, nullptr, g2);
+  peer.backward(dy, cache, g1);
+  peer.backward(dy, cache, g2);
+  peer.backward(dy, cache, g2);
   CHECK((g2.retrieval.query.weight - 2 * g1.retrieval.query.weight).cwiseAbs().maxCoeff() < 1e-12);
   CHECK((g2.experts.up.to_dense() - 2 * g1.experts.up.to_dense()).cwiseAbs().maxCoeff() < 1e-12);
   g2.zero();
@@ -213,10 +212,17 @@ TEST_CASE("PEER names every parameter", "[peer]") {
   Peer<float> peer(small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, false), 1);
   std::set<std::string> names;
   for (const auto& p : peer.parameters()) names.insert(p.name);
-  for (const char* n : {"peer.query.weight", "peer.query.bias", "peer.norm.weight", "peer.norm.bias",
-                        "peer.norm.running_mean", "peer.norm.running_var", "peer.keys.h0.c1", "peer.keys.h1.c2",
-                        "peer.experts.down", "peer.experts.up"})
+  for (const char* n : {"query.weight", "query.bias", "norm.weight", "norm.bias", "norm.running_mean",
+                        "norm.running_var", "keys.h0.c1", "keys.h1.c2", "experts.down", "experts.up"})
     CHECK(names.count(n) == 1);
+  // A user-chosen prefix, and the same names read-only from a const layer.
+  const Peer<float>& cpeer = peer;
+  const ParameterList<const float> ro = cpeer.parameters("block1.ffn.");
+  CHECK(ro.size() == names.size());
+  CHECK(find_parameter(ro, "block1.ffn.experts.up") != nullptr);
+  CHECK(parameter(ro, "block1.ffn.experts.up").value == peer.experts().up().data());
+  CHECK_THROWS_WITH(parameter(ro, "experts.up"), Catch::Contains("no parameter named 'experts.up'") &&
+                                                     Catch::Contains("block1.ffn.experts.down"));
 }
 
 TEST_CASE("PEER rejects bad configurations and inputs with clear errors", "[peer]") {
@@ -249,7 +255,7 @@ TEST_CASE("PEER rejects bad configurations and inputs with clear errors", "[peer
   peer.forward(ok, y, cache);
   auto g = peer.make_grads();
   RowMat<float> dy_bad = RowMat<float>::Ones(3, 5);
-  CHECK_THROWS_WITH(peer.backward(dy_bad, cache, nullptr, g), Catch::Contains("dy has 3 rows"));
+  CHECK_THROWS_WITH(peer.backward(dy_bad, cache, g), Catch::Contains("dy has 3 rows"));
 }
 
 TEST_CASE("PKM forward equals the reference and its gradients match finite differences", "[peer][gradcheck]") {

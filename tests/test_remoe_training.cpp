@@ -21,9 +21,9 @@ template <class Router>
 Run train(int steps, std::uint64_t seed) {
   const Index d = 16, b = 512;
   MoEConfig cfg;
-  cfg.d = d;
+  cfg.d_in = d;
   cfg.n_experts = 8;
-  cfg.top_k = 2;
+  cfg.experts_per_token = 2;
   cfg.hidden = 32;
   cfg.ffn = FfnKind::gelu;
   cfg.router_init_std = 0.1;
@@ -52,9 +52,9 @@ Run train(int steps, std::uint64_t seed) {
     run.sparsity.push_back(moe.stats(cache).sparsity);
     run.lambda.push_back(ctl.lambda());
     grads.zero();
-    moe.backward(dy, cache, nullptr, grads);
-    for (auto& p : moe.parameters(&grads))
-      p.value_map() -= (p.name == "moe.router.weight" ? 0.3 * lr : lr) * p.grad_map();
+    moe.backward(dy, cache, grads);
+    for (auto& p : moe.parameters(grads))
+      p.value_map() -= (p.name == "router.weight" ? 0.3 * lr : lr) * p.grad_map();
     ctl.update(run.sparsity.back());
   }
   return run;

@@ -24,7 +24,7 @@ class DenseBlock {
     ffn_ = spex::FfnExperts<float>(spex::FfnKind::gelu, 1, d, hidden, rng);
   }
   Grads make_grads() const { return ffn_.make_grads(); }
-  void forward(spex::CMatRef<float> x, spex::MatRef<float> y, Cache& c) const {
+  void forward(spex::CMatRef<float> x, spex::MatRef<float> y, Cache& c) {
     c.x = x;
     infer(x, y, c);
   }
@@ -35,12 +35,14 @@ class DenseBlock {
     }
     ffn_.forward(x, c.gates, c.groups, y, c.ffn);
   }
-  void backward(spex::CMatRef<float> dy, Cache& c, spex::MatRef<float>* dx, Grads& g) const {
-    if (dx) dx->setZero();
+  void backward(spex::CMatRef<float> dy, spex::MatRef<float> dx, Cache& c, Grads& g) const {
+    dx.setZero();
     c.dgates.resize(dy.rows(), 1);
-    ffn_.backward(c.x, c.gates, c.groups, dy, c.dgates, dx, g, c.ffn);
+    ffn_.backward(c.x, c.gates, c.groups, dy, c.dgates, &dx, g, c.ffn);
   }
-  spex::ParameterList<float> parameters(Grads* g) { return ffn_.parameters("dense.", g); }
+  spex::ParameterList<float> parameters(Grads& g, const std::string& prefix = "") {
+    return ffn_.parameters(prefix + "experts.", &g);
+  }
 
  private:
   spex::FfnExperts<float> ffn_;

@@ -29,12 +29,12 @@ class Model {
     out_ = spex::Linear<float>(d_, vocab, true, rng);
     g_embed_.reset(vocab, emb);
     g_norm_ = norm_.make_grads();
-    g_block_ = block_->make_grads();
+    g_block_ = std::make_unique<typename Block::Grads>(block_->make_grads());
     g_out_ = out_.make_grads();
     params_.push_back(spex::sparse_parameter<float>("embed", embed_, &g_embed_));
     params_.push_back(spex::dense_parameter<float>("norm.weight", norm_.weight(), &g_norm_.weight));
     params_.push_back(spex::dense_parameter<float>("norm.bias", norm_.bias(), &g_norm_.bias));
-    spex::append_parameters(params_, block_->parameters(&g_block_), "block.");
+    spex::append_parameters(params_, block_->parameters(*g_block_, "block."));
     params_.push_back(spex::dense_parameter<float>("out.weight", out_.weight(), &g_out_.weight));
     params_.push_back(spex::dense_parameter<float>("out.bias", out_.bias(), &g_out_.bias));
     spex::AdamConfig cfg;
@@ -68,16 +68,11 @@ class Model {
     // dL/dlogits = (softmax - onehot) / B
     dlogits_ = probs_ / float(b);
     for (Index i = 0; i < b; ++i) dlogits_(i, ys[rows[i]]) -= 1.0f / float(b);
-    g_block_.zero();
-    g_norm_.zero();
-    g_out_.zero();
-    g_embed_.zero();
-    dh_.setZero(b, d_);
-    spex::MatRef<float> dh(dh_);
-    out_.backward(h_, dlogits_, g_out_, &dh);
+    spex::zero_grads(params_);
+    dh_.resize(b, d_);
+    out_.backward(h_, dlogits_, dh_, g_out_);
     dxn_.resize(b, d_);
-    spex::MatRef<float> dxn(dxn_);
-    block_->backward(dh_, bc_, &dxn, g_block_);
+    block_->backward(dh_, dxn_, bc_, *g_block_);
     norm_.backward(dxn_, nc_, g_norm_, dxn_);
     dh_ += dxn_;  // the residual: dx = dh + d(norm path)
     for (Index i = 0; i < b; ++i)
@@ -138,7 +133,7 @@ class Model {
   spex::Linear<float> out_;
   spex::SparseRowGrad<float> g_embed_;
   spex::Norm<float>::Grads g_norm_;
-  typename Block::Grads g_block_;
+  std::unique_ptr<typename Block::Grads> g_block_;  // not assignable: the parameter list points into it
   spex::Linear<float>::Grads g_out_;
   spex::ParameterList<float> params_;
   std::unique_ptr<spex::Adam<float>> opt_;

@@ -6,6 +6,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "types.hpp"
 
@@ -18,21 +19,20 @@ class Error : public std::invalid_argument {
 };
 
 namespace detail {
-[[noreturn]] inline void throw_error(const char* where, const std::string& what) {
-  throw Error(std::string("spex: ") + where + ": " + what);
-}
+[[noreturn]] inline void throw_error(const std::string& what) { throw Error("spex: " + what); }
 }  // namespace detail
 
 }  // namespace spex
 
 /// SPEX_CHECK(cond, "x has " << x.cols() << " columns, expected " << d): the message is a
-/// stream expression, built only when the check fails.
+/// stream expression, built only when the check fails. Messages name the user's argument or
+/// config field ("x", "dy", "top_k"), never an internal function.
 #define SPEX_CHECK(cond, msg)                                  \
   do {                                                         \
     if (!(cond)) {                                             \
       std::ostringstream spex_check_os_;                       \
       spex_check_os_ << msg;                                   \
-      ::spex::detail::throw_error(__func__, spex_check_os_.str()); \
+      ::spex::detail::throw_error(spex_check_os_.str()); \
     }                                                          \
   } while (0)
 
@@ -56,6 +56,51 @@ template <class Mat>
 void check_shape(const Mat& m, Eigen::Index rows, Eigen::Index cols, const char* what) {
   SPEX_CHECK(m.rows() == rows && m.cols() == cols,
              what << " is " << m.rows() << " x " << m.cols() << ", expected " << rows << " x " << cols);
+}
+
+/// Throws unless `v` is finite and in [lo, hi], naming `what` (a config field or argument).
+inline void check_range(double v, double lo, double hi, const char* what) {
+  SPEX_CHECK(std::isfinite(v) && v >= lo && v <= hi, what << " = " << v << " must be finite and in [" << lo << ", " << hi << "]");
+}
+
+/// a * b, throwing instead of overflowing (sizes computed from user input: n_keys^2, E * G).
+inline Index checked_mul(Index a, Index b, const char* what) {
+  Index r = 0;
+  SPEX_CHECK(a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, &r),
+             what << " = " << a << " * " << b << " is negative or overflows 64 bits");
+  return r;
+}
+
+namespace detail {
+/// The bytes [first, last) a (possibly strided) matrix view spans; empty views span nothing.
+template <class Mat>
+std::pair<const char*, const char*> byte_span(const Mat& m) {
+  if (m.rows() == 0 || m.cols() == 0) return {nullptr, nullptr};
+  const char* first = reinterpret_cast<const char*>(m.data());
+  const Index elems = (Index(m.rows()) - 1) * Index(m.outerStride()) + Index(m.cols());
+  return {first, first + elems * Index(sizeof(typename Mat::Scalar))};
+}
+}  // namespace detail
+
+/// Whether two views share memory: exactly the same view (same data, stride and shape), some
+/// other overlap, or none.
+enum class Overlap { none, identical, partial };
+
+template <class A, class B>
+Overlap overlap(const A& a, const B& b) {
+  const auto sa = detail::byte_span(a), sb = detail::byte_span(b);
+  if (!sa.first || !sb.first || sa.second <= sb.first || sb.second <= sa.first) return Overlap::none;
+  const bool same = static_cast<const void*>(a.data()) == static_cast<const void*>(b.data()) &&
+                    a.rows() == b.rows() && a.cols() == b.cols() && a.outerStride() == b.outerStride();
+  return same ? Overlap::identical : Overlap::partial;
+}
+
+/// Throws if `out` overlaps `in` other than being the very same view (which the caller
+/// supports), naming both.
+template <class A, class B>
+void check_no_partial_overlap(const A& in, const B& out, const char* in_name, const char* out_name) {
+  SPEX_CHECK(overlap(in, out) != Overlap::partial,
+             out_name << " overlaps " << in_name << " in memory (only the very same matrix is allowed)");
 }
 
 /// Throws unless every id lies in [0, n), naming the first bad one.

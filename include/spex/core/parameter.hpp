@@ -1,9 +1,18 @@
 #pragma once
 // A named view of one parameter tensor and its gradient, the list every layer hands to
-// optimizers (and later to serialization). Views alias the layer's and the grads' storage.
+// optimizers and to serialization. Views alias the layer's and the grads' storage.
+//
+// Lifetime: a Parameter points into the layer object and into the Grads object it was taken
+// with. It stays valid as long as both live and are not assigned to or moved from: forward,
+// backward, zero_grads() and optimizer steps never reallocate them. After `grads = ...` or
+// `layer = ...`, take the list again. Layer Grads types delete assignment for that reason.
+#include <algorithm>
 #include <string>
+#include <type_traits>
+#include <unordered_set>
 #include <vector>
 
+#include "check.hpp"
 #include "sparse_rows.hpp"
 #include "types.hpp"
 
@@ -11,48 +20,120 @@ namespace spex {
 
 /// One parameter: `rows x cols` row-major values at `value`; its gradient is dense (`grad`,
 /// same shape), row-sparse (`sparse_grad`), or absent (both null: a buffer such as BatchNorm's
-/// running statistics, listed for saving, never stepped). Some dense gradients are zeroed
-/// lazily (FfnExperts): while `*stale` is true the dense gradient reads as zero, whatever
-/// `grad` holds; grad_is_zero() tells.
+/// running statistics, listed for saving, never stepped). `Parameter<const T>` is the
+/// read-only form a const layer hands out (never with gradients).
 template <class T>
 struct Parameter {
+  using Scalar = std::remove_const_t<T>;
+  using ValueMap = Eigen::Map<std::conditional_t<std::is_const<T>::value, const RowMat<Scalar>, RowMat<Scalar>>>;
+
   std::string name;
   T* value = nullptr;
   Index rows = 0, cols = 0;
-  T* grad = nullptr;
-  SparseRowGrad<T>* sparse_grad = nullptr;
-  const bool* stale = nullptr;
+  Scalar* grad = nullptr;
+  SparseRowGrad<Scalar>* sparse_grad = nullptr;
 
-  bool grad_is_zero() const { return stale != nullptr && *stale; }
-
-  Eigen::Map<RowMat<T>> value_map() const { return Eigen::Map<RowMat<T>>(value, rows, cols); }
-  Eigen::Map<RowMat<T>> grad_map() const { return Eigen::Map<RowMat<T>>(grad, rows, cols); }
+  ValueMap value_map() const { return ValueMap(value, rows, cols); }
+  Eigen::Map<RowMat<Scalar>> grad_map() const { return Eigen::Map<RowMat<Scalar>>(grad, rows, cols); }
   bool trainable() const { return grad != nullptr || sparse_grad != nullptr; }
+  Index size() const { return rows * cols; }
 };
 
 template <class T>
 using ParameterList = std::vector<Parameter<T>>;
 
 /// A dense parameter (any Eigen matrix or vector) with its same-shaped gradient, or none (null:
-/// a buffer such as running statistics); `stale` marks a lazily zeroed gradient.
+/// a buffer such as running statistics).
 template <class T, class M>
-Parameter<T> dense_parameter(std::string name, M& value, M* grad, const bool* stale = nullptr) {
+Parameter<T> dense_parameter(std::string name, M& value, std::remove_const_t<M>* grad) {
+  if (grad) check_shape(*grad, value.rows(), value.cols(), "gradient of a dense parameter");
   return Parameter<T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()),
-                      grad ? grad->data() : nullptr, nullptr, stale};
+                      grad ? grad->data() : nullptr, nullptr};
+}
+
+/// A read-only dense parameter (for a const layer's list).
+template <class T, class M>
+Parameter<const T> const_parameter(std::string name, const M& value) {
+  return Parameter<const T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()), nullptr, nullptr};
 }
 
 /// A table whose gradient is row-sparse (or none when grad is null).
 template <class T>
 Parameter<T> sparse_parameter(std::string name, RowMat<T>& table, SparseRowGrad<T>* grad) {
-  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad, nullptr};
+  if (grad)
+    SPEX_CHECK(grad->n_rows() == table.rows() && grad->width() == table.cols(),
+               "the row-sparse gradient of '" << name << "' is for a " << grad->n_rows() << " x " << grad->width()
+                                              << " table, the table is " << table.rows() << " x " << table.cols());
+  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad};
 }
 
-/// Appends `more` to `list` with `prefix` before each name ("block3." + "peer.query.weight").
+/// Appends `more` to `list` with `prefix` before each name ("block3." + "query.weight").
 template <class T>
 void append_parameters(ParameterList<T>& list, const ParameterList<T>& more, const std::string& prefix = "") {
   for (auto p : more) {
     p.name = prefix + p.name;
     list.push_back(std::move(p));
+  }
+}
+
+/// Same list with `prefix` before each name.
+template <class T>
+ParameterList<T> prefixed(ParameterList<T> list, const std::string& prefix) {
+  for (auto& p : list) p.name = prefix + p.name;
+  return list;
+}
+
+/// The read-only form of a list (drops the gradients).
+template <class T>
+ParameterList<const T> read_only(const ParameterList<T>& list) {
+  ParameterList<const T> out;
+  out.reserve(list.size());
+  for (const auto& p : list) out.push_back(Parameter<const T>{p.name, p.value, p.rows, p.cols, nullptr, nullptr});
+  return out;
+}
+
+/// The parameter called `name`, or null.
+template <class T>
+Parameter<T>* find_parameter(ParameterList<T>& list, const std::string& name) {
+  for (auto& p : list)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+template <class T>
+const Parameter<T>* find_parameter(const ParameterList<T>& list, const std::string& name) {
+  for (const auto& p : list)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+/// The parameter called `name`; throws spex::Error listing the names the list has.
+template <class T>
+const Parameter<T>& parameter(const ParameterList<T>& list, const std::string& name) {
+  const Parameter<T>* p = find_parameter(list, name);
+  if (!p) {
+    std::string names;
+    for (std::size_t i = 0; i < list.size(); ++i) names += (i ? ", " : "") + list[i].name;
+    SPEX_CHECK(false, "no parameter named '" << name << "'; the list has: " << (names.empty() ? "(none)" : names));
+  }
+  return *p;
+}
+
+/// Throws if two parameters share a name (two layers listed without distinct prefixes).
+template <class T>
+void check_unique_names(const ParameterList<T>& list) {
+  std::unordered_set<std::string> seen;
+  for (const auto& p : list)
+    SPEX_CHECK(seen.insert(p.name).second,
+               "parameter name '" << p.name << "' appears twice: give each layer its own prefix, e.g. parameters(grads, \"block1.\")");
+}
+
+/// Clears every gradient of the list (dense ones set to zero, row-sparse ones emptied): one
+/// call per optimizer step, since backward accumulates.
+template <class T>
+void zero_grads(const ParameterList<T>& list) {
+  for (const auto& p : list) {
+    if (p.grad) std::fill(p.grad, p.grad + p.size(), std::remove_const_t<T>(0));
+    if (p.sparse_grad) p.sparse_grad->zero();
   }
 }
 

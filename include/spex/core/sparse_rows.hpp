@@ -30,7 +30,9 @@ class SparseRowGrad {
   /// Re-shapes for a table of n_rows x width and clears.
   void reset(Index n_rows, Index width) {
     SPEX_CHECK(n_rows >= 0 && width >= 0, "table shape " << n_rows << " x " << width << " is negative");
-    SPEX_CHECK(n_rows <= Index(INT32_MAX), "n_rows = " << n_rows << " exceeds the 2^31 - 1 rows a slot table indexes");
+    SPEX_CHECK(n_rows <= Index(INT32_MAX),
+               "a row-sparse gradient covers at most 2^31 - 1 table rows, the table has " << n_rows
+                   << " (training a product-key layer needs n_experts <= 2^31 - 1; infer has no such limit)");
     n_rows_ = n_rows;
     width_ = width;
     slot_of_row_.assign(static_cast<std::size_t>(n_rows), -1);
@@ -116,6 +118,14 @@ class SparseRowGrad {
   std::vector<Index> rows_;
   RowMat<T> values_;
 };
+
+/// Throws unless `g` is a gradient for `table` (same rows and width), naming the parameter.
+template <class T>
+void check_sparse_grad(const SparseRowGrad<T>& g, const RowMat<T>& table, const char* what, const char* param) {
+  SPEX_CHECK(g.n_rows() == table.rows() && g.width() == table.cols(),
+             what << " holds a gradient of " << param << " for a " << g.n_rows() << " x " << g.width()
+                  << " table, the layer's is " << table.rows() << " x " << table.cols() << ": grads were made by another layer");
+}
 
 /// Groups the (token, position) occurrences of a batch's expert ids by gradient row, so the
 /// rows can be accumulated in parallel, each by one thread, in a fixed order (deterministic).

@@ -70,19 +70,12 @@ class FfnExperts {
     RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
     RowMat<T> dyg, da, dh, dxg;
   };
-  /// Dense gradients of W1 and W2. zero() is lazy: it only marks them stale, and the next
-  /// backward sets each expert's block instead of adding to it (and zeroes the blocks of
-  /// experts that got no token), which saves a pass over both tables per step.
+  /// Dense gradients of W1 and W2; backward accumulates until zero().
   struct Grads {
     RowMat<T> w1, w2;
-    bool stale = false;
-    void zero() { stale = true; }
-    /// Materializes a pending zero() (call before reading w1/w2 directly).
-    void settle() {
-      if (!stale) return;
+    void zero() {
       w1.setZero();
       w2.setZero();
-      stale = false;
     }
   };
 
@@ -90,10 +83,11 @@ class FfnExperts {
   /// Init N(0, std^2) with std = 1/sqrt(d) for W1 and 1/sqrt(hidden) for W2.
   FfnExperts(FfnKind kind, Index n_experts, Index d, Index hidden, Rng& rng, Index d_out = 0)
       : kind_(kind), n_experts_(n_experts), d_(d), hidden_(hidden), d_out_(d_out > 0 ? d_out : d) {
-    SPEX_CHECK(n_experts >= 1 && d >= 1 && hidden >= 1,
+    SPEX_CHECK(n_experts >= 1 && d >= 1 && hidden >= 1 && d_out >= 0,
                "FfnExperts(" << n_experts << " experts, d = " << d << ", hidden = " << hidden << ") needs positive sizes");
-    w1_.resize(n_experts * h1(), d);
-    w2_.resize(n_experts * d_out_, hidden);
+    SPEX_CHECK(kind == FfnKind::gelu || kind == FfnKind::swiglu, "ffn kind " << int(kind) << " is not an FfnKind");
+    w1_.resize(checked_mul(n_experts, h1(), "expert rows of W1"), d);
+    w2_.resize(checked_mul(n_experts, d_out_, "expert rows of W2"), hidden);
     Rng r1 = rng.split(21), r2 = rng.split(22);
     fill_normal(w1_, 1.0 / std::sqrt(double(d)), r1);
     fill_normal(w2_, 1.0 / std::sqrt(double(hidden)), r2);
@@ -113,11 +107,18 @@ class FfnExperts {
   Grads make_grads() const {
     return Grads{RowMat<T>::Zero(w1_.rows(), w1_.cols()), RowMat<T>::Zero(w2_.rows(), w2_.cols())};
   }
-  /// "<prefix>w1" and "<prefix>w2" with their (lazily zeroed) gradients in g, or none.
+  /// Throws unless `g` has this FFN's shapes (`what` names it).
+  void check_grads(const Grads& g, const char* what) const {
+    SPEX_CHECK(g.w1.rows() == w1_.rows() && g.w1.cols() == w1_.cols() && g.w2.rows() == w2_.rows() && g.w2.cols() == w2_.cols(),
+               what << " holds expert gradients of " << g.w1.rows() << " x " << g.w1.cols() << " and " << g.w2.rows() << " x "
+                    << g.w2.cols() << ", the layer's weights are " << w1_.rows() << " x " << w1_.cols() << " and "
+                    << w2_.rows() << " x " << w2_.cols() << ": grads were made by another layer");
+  }
+  /// "<prefix>w1" and "<prefix>w2" with their gradients in g, or none.
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
-    const bool* stale = g ? &g->stale : nullptr;
-    return {dense_parameter<T>(prefix + "w1", w1_, g ? &g->w1 : nullptr, stale),
-            dense_parameter<T>(prefix + "w2", w2_, g ? &g->w2 : nullptr, stale)};
+    if (g) check_grads(*g, "grads");
+    return {dense_parameter<T>(prefix + "w1", w1_, g ? &g->w1 : nullptr),
+            dense_parameter<T>(prefix + "w2", w2_, g ? &g->w2 : nullptr)};
   }
 
   /// y (B x d_out, assigned) = sum_e gates(t, e) FFN_e(x_t) over the active pairs of `groups`
@@ -173,36 +174,23 @@ class FfnExperts {
         c.dyg.row(r) = gates(t, e) * dy.row(t);
       }
     });
-    const bool set = g.stale;
+    check_grads(g, "grads");
     parallel_for_dynamic(n_experts_, [&](Index e, int) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
+      if (n == 0) return;
       auto gw1 = g.w1.middleRows(e * h1(), h1());
       auto gw2 = g.w2.middleRows(e * d_out_, d_out_);
-      if (n == 0) {
-        if (set) {
-          gw1.setZero();
-          gw2.setZero();
-        }
-        return;
-      }
       auto w1e = w1_.middleRows(e * h1(), h1());
       auto w2e = w2_.middleRows(e * d_out_, d_out_);
       auto dyg = c.dyg.middleRows(r0, n);
       auto da = c.da.middleRows(r0, n);
       auto dh = c.dh.middleRows(r0, n);
-      if (set)
-        gw2.noalias() = dyg.transpose() * c.a.middleRows(r0, n);
-      else
-        gw2.noalias() += dyg.transpose() * c.a.middleRows(r0, n);
+      gw2.noalias() += dyg.transpose() * c.a.middleRows(r0, n);
       da.noalias() = dyg * w2e;
       for (Index r = 0; r < n; ++r) activate_row_backward(&c.h(r0 + r, 0), &da(r, 0), &dh(r, 0));
-      if (set)
-        gw1.noalias() = dh.transpose() * c.xg.middleRows(r0, n);
-      else
-        gw1.noalias() += dh.transpose() * c.xg.middleRows(r0, n);
+      gw1.noalias() += dh.transpose() * c.xg.middleRows(r0, n);
       if (dx) c.dxg.middleRows(r0, n).noalias() = dh * w1e;
     });
-    g.stale = false;
     if (!dx) return;
     parallel_for(x.rows(), [&](Index t, int) {
       for (Index e = 0; e < n_experts_; ++e) {

@@ -36,6 +36,12 @@ class NeuronExperts {
     }
   };
 
+  /// Throws unless `g` was made for tables of this shape (`what` names it).
+  void check_grads(const Grads& g, const char* what) const {
+    check_sparse_grad(g.down, down_, what, "experts.down");
+    check_sparse_grad(g.up, up_, what, "experts.up");
+  }
+
   NeuronExperts() = default;
   /// N experts; u, v ~ N(0, 1/d_in) and N(0, 1/d_out) (the spec's suggested default).
   NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng)
@@ -64,6 +70,7 @@ class NeuronExperts {
             sparse_parameter<T>(prefix + "up", up_, g ? &g->up : nullptr)};
   }
 
+  /// Row-sparse gradients for both tables (training: N <= 2^31 - 1, see SparseRowGrad).
   Grads make_grads() const { return Grads{SparseRowGrad<T>(n_experts(), d_in()), SparseRowGrad<T>(n_experts(), d_out())}; }
 
   /// y (B x d_out, assigned) = sum_j gates(t, j) act(u_{ids(t,j)} . x_t) v_{ids(t,j)};

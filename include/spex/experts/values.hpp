@@ -27,6 +27,9 @@ class ValueExperts {
     void zero() { values.zero(); }
   };
 
+  /// Throws unless `g` was made for a table of this shape (`what` names it).
+  void check_grads(const Grads& g, const char* what) const { check_sparse_grad(g.values, values_, what, "experts.values"); }
+
   ValueExperts() = default;
   /// N slots of d_out; values ~ N(0, 1/d_out) (the PKM reference's N(0, v_dim^-1/2)).
   ValueExperts(Index n_slots, Index d_out, Rng& rng) : values_(n_slots, d_out) {

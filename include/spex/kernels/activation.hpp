@@ -35,27 +35,38 @@ B sigmoid_batch(const B& x) {
   return B(T(1)) / (B(T(1)) + xsimd::exp(-x));
 }
 
+/// x clamped to [-s, s] (scalar::clamp_saturated); NaN lanes stay NaN.
+template <class B>
+B clamp_saturated(const B& x) {
+  using T = typename B::value_type;
+  const B s(T(scalar::kActivationSaturation));
+  return xsimd::select(x < -s, -s, xsimd::select(x > s, s, x));
+}
+
 template <class B>
 B activate_batch(Activation a, const B& x) {
   using T = typename B::value_type;
   const B zero(T(0)), one(T(1)), half(T(0.5));
+  const auto below = x < B(T(-scalar::kActivationSaturation));  // the limit 0 (no -inf * 0)
   switch (a) {
     case Activation::identity: return x;
-    case Activation::relu: return xsimd::max(x, zero);
+    case Activation::relu: return xsimd::select(x < zero, zero, x);  // NaN stays NaN
     case Activation::gelu_tanh: {
       const B inner = B(T(0.7978845608028654)) * xsimd::fma(B(T(0.044715)) * x, x * x, x);
-      return half * x * (one + xsimd::tanh(inner));
+      return xsimd::select(below, zero, half * x * (one + xsimd::tanh(inner)));
     }
-    case Activation::gelu_erf: return half * x * (one + xsimd::erf(x * B(T(0.7071067811865476))));
-    case Activation::silu: return x * sigmoid_batch(x);
+    case Activation::gelu_erf:
+      return xsimd::select(below, zero, half * x * (one + xsimd::erf(x * B(T(0.7071067811865476)))));
+    case Activation::silu: return xsimd::select(below, zero, x * sigmoid_batch(x));
     case Activation::sigmoid: return sigmoid_batch(x);
   }
   return x;
 }
 
 template <class B>
-B derivative_batch(Activation a, const B& x) {
+B derivative_batch(Activation a, const B& x_in) {
   using T = typename B::value_type;
+  const B x = clamp_saturated(x_in);
   const B zero(T(0)), one(T(1)), half(T(0.5));
   switch (a) {
     case Activation::identity: return one;

@@ -11,6 +11,7 @@
 //            pop the best pair of a frontier k times, pushing (i, j+1), and (i+1, 0) when j = 0;
 //            every pair is pushed once, the frontier holds at most k + 1 pairs.
 // Pure scalar code: the inputs are a few dozen values, so branches beat vectors here.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -46,7 +47,7 @@ struct ProductTopKScratch {
   }
 };
 
-/// All ka * kb sums. Requires k <= ka * kb.
+/// All ka * kb sums. Any sizes: when k > ka * kb the tail pads with -inf / -1.
 template <class T>
 void product_topk_full(const T* a, const std::int64_t* ia, std::size_t ka, const T* b, const std::int64_t* ib,
                        std::size_t kb, std::int64_t n, std::size_t k, T* vals, std::int64_t* ids) {
@@ -56,15 +57,14 @@ void product_topk_full(const T* a, const std::int64_t* ia, std::size_t ka, const
   topk_finish(k, vals, ids, size);
 }
 
-/// Only the pairs with (i+1)(j+1) <= k. Requires k <= ka and k <= kb.
+/// Only the pairs with (i+1)(j+1) <= k, within the lists: any sizes (when k > ka * kb the
+/// tail pads with -inf / -1).
 template <class T>
 void product_topk_pruned(const T* a, const std::int64_t* ia, std::size_t ka, const T* b, const std::int64_t* ib,
                          std::size_t kb, std::int64_t n, std::size_t k, T* vals, std::int64_t* ids) {
-  (void)ka;
-  (void)kb;
   std::size_t size = 0;
-  for (std::size_t i = 0; i < k; ++i) {
-    const std::size_t jmax = k / (i + 1);
+  for (std::size_t i = 0; i < k && i < ka; ++i) {
+    const std::size_t jmax = std::min(k / (i + 1), kb);
     const T ai = a[i];
     const std::int64_t row = ia[i] * n;
     for (std::size_t j = 0; j < jmax; ++j) {
@@ -76,7 +76,7 @@ void product_topk_pruned(const T* a, const std::int64_t* ia, std::size_t ka, con
   topk_finish(k, vals, ids, size);
 }
 
-/// Multi-sequence walk. Requires k <= ka * kb; scratch reserved for k.
+/// Multi-sequence walk. Any sizes (when k > ka * kb the tail pads with -inf / -1).
 template <class T>
 void product_topk_heap(const T* a, const std::int64_t* ia, std::size_t ka, const T* b, const std::int64_t* ib,
                        std::size_t kb, std::int64_t n, std::size_t k, T* vals, std::int64_t* ids,

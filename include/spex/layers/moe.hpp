@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../core/check.hpp"
+#include "../core/layer_state.hpp"
 #include "../core/parameter.hpp"
 #include "../core/types.hpp"
 #include "../experts/ffn.hpp"
@@ -18,32 +19,35 @@
 
 namespace spex {
 
-/// MoE layer over a Router (ReluRouter<T, Arch> or TopKRouter<T, Arch>).
-///
-///   spex::MoEConfig cfg;
-///   cfg.d = 512; cfg.n_experts = 8; cfg.hidden = 1024; cfg.top_k = 1;
-///   spex::MoE<float, spex::ReluRouter<float>> remoe(cfg, /*seed=*/1);
-///   spex::LambdaController ctl(cfg.budget() ? 1.0 - double(cfg.budget()) / cfg.experts() : 0);
-///   remoe.set_lambda(ctl.lambda());
-///   remoe.forward(x, y, cache);                 // x, y: B x 512
-///   remoe.backward(dy, cache, &dx, grads);      // penalty gradient included
-///   ctl.update(remoe.stats(cache).sparsity);    // once per optimizer step
+/// MoE layer over a Router (ReluRouter<T, Arch> or TopKRouter<T, Arch>). Usage:
+/// examples/snippets/moe.cpp (compiled by the test suite).
 ///
 /// Tokens with no active expert get y = 0 (the residual carries them); experts with no token
 /// and batches with no active pair are fine. There is no per-token cap: in the dense warm-up
 /// every expert may be active for every token.
-/// Thread safety: forward, infer and backward are const; one cache and grads per caller.
+/// Thread safety: infer and backward are const (one cache and grads per concurrent caller);
+/// the training forward is not (like Peer's; MoE itself keeps no batch state, but all layers
+/// share one rule).
 template <class T = float, class Router = ReluRouter<T>, class Arch = default_arch>
 class MoE {
  public:
+  using Config = MoEConfig;
   static constexpr bool kRelu = Router::kRelu;
+  static constexpr const char* kName = "MoE";
+
+  /// Per-call state, owned by the caller and reused across calls.
   struct Cache {
     RowMat<T> x;
     typename Router::Cache router;
     ExpertGroups groups;
     typename FfnExperts<T, Arch>::Cache experts;
     RowMat<T> dgates;
+    RowMat<T> dy_copy;   // dy, when dx is the same matrix
+    Vec<double> penalty_w;
+    detail::PassTag pass;
   };
+  /// Gradients; backward accumulates into them until zero(). Not assignable: parameter lists
+  /// point into them (core/parameter.hpp, Lifetime).
   struct Grads {
     typename Router::Grads router;
     typename FfnExperts<T, Arch>::Grads experts;
@@ -51,62 +55,63 @@ class MoE {
       router.zero();
       experts.zero();
     }
+    Grads(typename Router::Grads r, typename FfnExperts<T, Arch>::Grads e) : router(std::move(r)), experts(std::move(e)) {}
+    Grads(Grads&&) = default;
+    Grads(const Grads&) = default;
+    Grads& operator=(const Grads&) = delete;
+    Grads& operator=(Grads&&) = delete;
   };
 
-  explicit MoE(const MoEConfig& cfg, std::uint64_t seed = 0) : MoE(cfg, Rng(seed)) {}
+  explicit MoE(const Config& cfg, std::uint64_t seed = 0) : MoE(cfg, Rng(seed)) {}
 
-  const MoEConfig& config() const { return cfg_; }
+  const Config& config() const { return cfg_; }
+  Index d_in() const { return cfg_.d_in; }
+  Index d_out() const { return cfg_.output_width(); }
+  /// Experts after granularity (E * G).
+  Index n_experts() const { return experts_.n_experts(); }
+  /// Experts per token after granularity (k * G): exact for TopK, the average target for ReLU.
+  Index experts_per_token() const { return cfg_.total_per_token(); }
   Router& router() { return router_; }
   const Router& router() const { return router_; }
   FfnExperts<T, Arch>& experts() { return experts_; }
   const FfnExperts<T, Arch>& experts() const { return experts_; }
-  Grads make_grads() const { return Grads{router_.make_grads(), experts_.make_grads()}; }
+  Grads make_grads() const { return Grads(router_.make_grads(), experts_.make_grads()); }
 
-  /// The sparsity penalty's coefficient (ReLU router; ignored by TopK).
+  /// The sparsity penalty's coefficient (ReLU router; ignored by TopK), in [0, kMaxLambda].
   void set_lambda(double lambda) {
-    SPEX_CHECK(lambda >= 0 && std::isfinite(lambda), "lambda = " << lambda << " must be finite and >= 0");
+    SPEX_CHECK(std::isfinite(lambda) && lambda >= 0 && lambda <= kMaxLambda,
+               "lambda = " << lambda << " must be in [0, " << kMaxLambda << "]");
     lambda_ = lambda;
   }
   double lambda() const { return lambda_; }
 
-  /// Training forward (keeps the input for backward).
-  void forward(CMatRef<T> x, MatRef<T> y, Cache& c) const {
+  /// Training forward: y (B x d_out) from x (B x d_in); fills `cache` for backward. y may be x
+  /// itself (same matrix), no other overlap.
+  void forward(CMatRef<T> x, MatRef<T> y, Cache& c) {
+    c.pass.invalidate();
     check_input(x, y);
     c.x = x;
-    run(x, y, c);
+    run(c.x, y, c);
+    c.pass.set(id_, detail::PassTag::training, x.rows());
   }
-  /// Inference forward (same routing rule; nothing kept for backward).
+  /// Inference forward (same routing rule); const. A cache it fills cannot be used for backward.
   void infer(CMatRef<T> x, MatRef<T> y, Cache& c) const {
+    c.pass.invalidate();
     check_input(x, y);
     run(x, y, c);
+    c.pass.set(id_, detail::PassTag::inference, x.rows());
   }
   void infer(CMatRef<T> x, MatRef<T> y) const {
     Cache c;
     infer(x, y, c);
   }
 
-  /// From dy (B x d): grads accumulate (router, experts, and for the ReLU router the penalty
-  /// lambda * dL_reg/dR on active entries); *dx (B x d) is assigned when given.
-  void backward(CMatRef<T> dy, Cache& c, MatRef<T>* dx, Grads& g) const {
-    SPEX_CHECK(c.x.rows() == dy.rows() && c.router.gates.rows() == dy.rows(),
-               "dy has " << dy.rows() << " rows but the cache holds a forward pass of " << c.x.rows() << " tokens");
-    SPEX_CHECK(dy.cols() == cfg_.d, "dy has " << dy.cols() << " columns, expected d = " << cfg_.d);
-    if (cfg_.check_finite) check_finite(dy, "dy");
-    if (dx) {
-      check_shape(*dx, c.x.rows(), cfg_.d, "dx");
-      dx->setZero();
-    }
-    c.dgates.resize(dy.rows(), experts_.n_experts());
-    experts_.backward(c.x, c.router.gates, c.groups, dy, c.dgates, dx, g.experts, c.experts);
-    if (Router::kRelu && cfg_.penalty != Penalty::none && lambda_ > 0 && dy.rows() > 0) {
-      const Vec<double> w = penalty_weights(cfg_.penalty, c.router.gates, double(cfg_.budget()));
-      const double scale = lambda_ / double(dy.rows());
-      for (Index t = 0; t < dy.rows(); ++t)
-        for (Index e = 0; e < experts_.n_experts(); ++e)
-          if (c.router.gates(t, e) > T(0)) c.dgates(t, e) += T(scale * w(e));
-    }
-    router_.backward(c.x, c.dgates, c.router, g.router, dx);
-  }
+  /// From dy (B x d_out) after forward(x, y, c) on this layer: grads accumulate (router,
+  /// experts, and for the ReLU router the penalty lambda * dL_reg/dR on active entries); dx
+  /// (B x d_in) is assigned. dx may be dy itself.
+  void backward(CMatRef<T> dy, MatRef<T> dx, Cache& c, Grads& g) const { backward_impl(dy, &dx, c, g); }
+  /// The same without the input gradient.
+  void backward(CMatRef<T> dy, Cache& c, Grads& g) const { backward_impl(dy, nullptr, c, g); }
 
   /// The layer's extra loss term: lambda * L_reg (ReLU router) or aux + z-loss (TopK).
   double aux_loss(const Cache& c) const {
@@ -114,39 +119,74 @@ class MoE {
   }
   /// Unscaled penalty L_reg of the last forward (ReLU router; 0 for TopK or Penalty::none).
   double penalty_value(const Cache& c) const {
-    return Router::kRelu ? spex::penalty_value(cfg_.penalty, c.router.gates, double(cfg_.budget())) : 0.0;
+    return Router::kRelu ? spex::penalty_value(cfg_.penalty, c.router.gates, double(experts_per_token())) : 0.0;
   }
   /// Sparsity, active experts, loads, dead experts, ... of the last forward.
-  RoutingStats stats(const Cache& c) const { return routing_stats(c.router.gates, double(cfg_.budget())); }
+  RoutingStats stats(const Cache& c) const { return routing_stats(c.router.gates, double(experts_per_token())); }
 
-  /// "moe.router.weight", "moe.experts.w1", "moe.experts.w2" with their gradients in g (the
-  /// expert ones zeroed lazily: see Parameter::stale).
-  ParameterList<T> parameters(Grads* g = nullptr) {
-    ParameterList<T> list;
-    list.push_back(dense_parameter<T>("moe.router.weight", router_.weight(), g ? &g->router.weight : nullptr));
-    append_parameters(list, experts_.parameters("moe.experts.", g ? &g->experts : nullptr));
-    return list;
+  /// prefix + "router.weight", "experts.w1", "experts.w2", with their gradients in g.
+  ParameterList<T> parameters(Grads& g, const std::string& prefix = "") {
+    check_grads(g);
+    return list(&g, prefix);
+  }
+  /// Writable values without gradients (loading weights).
+  ParameterList<T> parameters(const std::string& prefix = "") { return list(nullptr, prefix); }
+  /// Read-only values (saving weights from a const layer).
+  ParameterList<const T> parameters(const std::string& prefix = "") const {
+    return read_only(const_cast<MoE*>(this)->list(nullptr, prefix));
+  }
+
+  /// Throws unless `g` was made by a layer of this one's shapes.
+  void check_grads(const Grads& g) const {
+    router_.check_grads(g.router, "grads");
+    experts_.check_grads(g.experts, "grads");
   }
 
  private:
-  MoE(const MoEConfig& cfg, Rng rng) : cfg_(validate(cfg)), router_(cfg_, rng) {
-    experts_ = FfnExperts<T, Arch>(cfg_.ffn, cfg_.experts(), cfg_.d, cfg_.expert_hidden(), rng);
+  MoE(const Config& cfg, Rng rng) : cfg_(validate(cfg)), router_(cfg_, rng) {
+    experts_ = FfnExperts<T, Arch>(cfg_.ffn, cfg_.total_experts(), cfg_.d_in, cfg_.expert_hidden(), rng, cfg_.output_width());
   }
 
-  static MoEConfig validate(const MoEConfig& c) {
-    SPEX_CHECK(c.d >= 1, "d = " << c.d << " must be >= 1");
-    SPEX_CHECK(c.n_experts >= 1, "n_experts = " << c.n_experts << " must be >= 1");
-    SPEX_CHECK(c.granularity >= 1, "granularity = " << c.granularity << " must be >= 1");
-    SPEX_CHECK(c.top_k >= 1 && c.top_k <= c.n_experts, "top_k = " << c.top_k << " must be in [1, n_experts = " << c.n_experts << "]");
-    const Index hidden = c.hidden > 0 ? c.hidden : 4 * c.d;
-    SPEX_CHECK(hidden % c.granularity == 0,
-               "hidden = " << hidden << " must divide by granularity = " << c.granularity);
-    return c;
+  ParameterList<T> list(Grads* g, const std::string& prefix) {
+    ParameterList<T> out;
+    out.push_back(dense_parameter<T>(prefix + "router.weight", router_.weight(), g ? &g->router.weight : nullptr));
+    append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
+    return out;
+  }
+
+  void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
+    c.pass.check_for_backward(id_, dy_in.rows(), kName);
+    SPEX_CHECK(dy_in.cols() == d_out(), "dy has " << dy_in.cols() << " columns, expected d_out = " << d_out());
+    check_grads(g);
+    if (cfg_.check_finite) check_finite(dy_in, "dy");
+    const Index b = c.x.rows();
+    bool copy = false;
+    if (dx) {
+      check_shape(*dx, b, cfg_.d_in, "dx");
+      check_no_partial_overlap(dy_in, *dx, "dy", "dx");
+      if (overlap(dy_in, *dx) == Overlap::identical) {  // dx is zeroed before dy is read
+        c.dy_copy = dy_in;
+        copy = true;
+      }
+    }
+    const CMatRef<T> dy = copy ? CMatRef<T>(c.dy_copy) : dy_in;
+    if (dx) dx->setZero();
+    c.dgates.resize(b, experts_.n_experts());
+    experts_.backward(c.x, c.router.gates, c.groups, dy, c.dgates, dx, g.experts, c.experts);
+    if (Router::kRelu && cfg_.penalty != Penalty::none && lambda_ > 0 && b > 0) {
+      c.penalty_w = penalty_weights(cfg_.penalty, c.router.gates, double(experts_per_token()));
+      const double scale = lambda_ / double(b);
+      for (Index t = 0; t < b; ++t)
+        for (Index e = 0; e < experts_.n_experts(); ++e)
+          if (c.router.gates(t, e) > T(0)) c.dgates(t, e) += T(scale * c.penalty_w(e));
+    }
+    router_.backward(c.x, c.dgates, c.router, g.router, dx);
   }
 
   void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {
-    SPEX_CHECK(x.cols() == cfg_.d, "x has " << x.cols() << " columns, expected d = " << cfg_.d);
-    check_shape(y, x.rows(), cfg_.d, "y");
+    SPEX_CHECK(x.cols() == cfg_.d_in, "MoE: x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
+    check_shape(y, x.rows(), d_out(), "y");
+    check_no_partial_overlap(x, y, "x", "y");
     if (cfg_.check_finite) check_finite(x, "x");
   }
 
@@ -156,10 +196,11 @@ class MoE {
     experts_.forward(x, c.router.gates, c.groups, y, c.experts);
   }
 
-  MoEConfig cfg_;
+  Config cfg_;
   Router router_;
   FfnExperts<T, Arch> experts_;
   double lambda_ = 0.0;
+  detail::LayerId id_;
 };
 
 }  // namespace spex

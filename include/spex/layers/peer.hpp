@@ -27,7 +27,7 @@ class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExpert
   using typename Base::Cache;
   using typename Base::Config;
   using typename Base::Grads;
-  static constexpr const char* kName = "peer";
+  static constexpr const char* kName = "Peer";
 
   explicit Peer(const Config& cfg, std::uint64_t seed = 0) : Peer(cfg, Rng(seed)) {}
 
@@ -42,9 +42,6 @@ class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExpert
   }
   void experts_backward(CMatRef<T> dy, Cache& c, MatRef<T>* dx, Grads& g) const {
     this->experts_.backward(c.x, c.retrieval.ids, c.retrieval.gates, c.pre, dy, c.dgates, dx, g.experts, c.experts);
-  }
-  void expert_parameters(ParameterList<T>& list, typename NeuronExperts<T, Arch>::Grads* g) {
-    append_parameters(list, this->experts_.parameters("peer.experts.", g));
   }
 };
 

@@ -23,7 +23,7 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T
   using typename Base::Cache;
   using typename Base::Config;
   using typename Base::Grads;
-  static constexpr const char* kName = "pkm";
+  static constexpr const char* kName = "Pkm";
 
   explicit Pkm(const Config& cfg, std::uint64_t seed = 0) : Pkm(cfg, Rng(seed)) {}
 
@@ -37,9 +37,6 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T
   }
   void experts_backward(CMatRef<T> dy, Cache& c, MatRef<T>*, Grads& g) const {
     this->experts_.backward(c.retrieval.ids, c.retrieval.gates, dy, c.dgates, g.experts, c.experts);
-  }
-  void expert_parameters(ParameterList<T>& list, typename ValueExperts<T, Arch>::Grads* g) {
-    append_parameters(list, this->experts_.parameters("pkm.", g));
   }
 };
 

@@ -14,7 +14,7 @@ namespace spex {
 ///
 ///   spex::Linear<float> proj(512, 256, /*bias=*/true, rng);
 ///   proj.forward(x, y);                    // x: B x 512, y: B x 256
-///   proj.backward(x, dy, grads, &dx);      // grads accumulate, dx (B x 512) is added to
+///   proj.backward(x, dy, dx, grads);       // grads accumulate, dx (B x 512) is assigned
 template <class T>
 class Linear {
  public:
@@ -29,8 +29,11 @@ class Linear {
 
   Linear() = default;
   /// PyTorch's default init: W, b ~ U(-1/sqrt(in), 1/sqrt(in)).
-  Linear(Index in, Index out, bool bias, Rng& rng) : weight_(out, in), bias_(bias ? out : 0) {
+  Linear(Index in, Index out, bool bias, Rng& rng) {
     SPEX_CHECK(in >= 1 && out >= 1, "Linear(" << in << ", " << out << ") needs positive sizes");
+    checked_mul(in, out, "Linear weight size");
+    weight_.resize(out, in);
+    bias_.resize(bias ? out : 0);
     const double bound = 1.0 / std::sqrt(double(in));
     fill_uniform(weight_, -bound, bound, rng);
     fill_uniform(bias_, -bound, bound, rng);
@@ -49,27 +52,52 @@ class Linear {
     return Grads{RowMat<T>::Zero(weight_.rows(), weight_.cols()), Vec<T>::Zero(bias_.size())};
   }
 
-  /// y = x W^T + b (x: B x in, y: B x out).
+  /// Throws unless `g` has this layer's shapes (`what` names it in the message).
+  void check_grads(const Grads& g, const char* what) const {
+    SPEX_CHECK(g.weight.rows() == weight_.rows() && g.weight.cols() == weight_.cols() && g.bias.size() == bias_.size(),
+               what << " holds a " << g.weight.rows() << " x " << g.weight.cols() << " weight gradient, the layer's weight is "
+                    << weight_.rows() << " x " << weight_.cols() << ": grads were made by another layer");
+  }
+
+  /// y = x W^T + b (x: B x in, y: B x out). y may be x itself when in == out.
   void forward(CMatRef<T> x, MatRef<T> y) const {
     SPEX_CHECK(x.cols() == in_features(), "x has " << x.cols() << " columns, expected in_features = " << in_features());
     check_shape(y, x.rows(), out_features(), "y");
-    y.noalias() = x * weight_.transpose();
+    if (overlap(x, y) == Overlap::none)
+      y.noalias() = x * weight_.transpose();
+    else
+      y = x * weight_.transpose();  // Eigen evaluates into a temporary first
     if (has_bias()) y.rowwise() += bias_.transpose();
   }
 
-  /// grads.weight += dy^T x, grads.bias += column sums of dy, and *dx += dy W when dx is given.
-  void backward(CMatRef<T> x, CMatRef<T> dy, Grads& grads, MatRef<T>* dx) const {
-    check_shape(dy, x.rows(), out_features(), "dy");
-    check_shape(grads.weight, out_features(), in_features(), "grads.weight");
-    grads.weight.noalias() += dy.transpose() * x;
-    if (has_bias()) grads.bias += dy.colwise().sum().transpose();
-    if (dx) {
-      check_shape(*dx, x.rows(), in_features(), "dx");
-      dx->noalias() += dy * weight_;
-    }
+  /// grads.weight += dy^T x, grads.bias += column sums of dy; dx = dy W (assigned; dx may be
+  /// dy or x itself).
+  void backward(CMatRef<T> x, CMatRef<T> dy, MatRef<T> dx, Grads& grads) const {
+    check_shape(dx, x.rows(), in_features(), "dx");
+    backward_impl(x, dy, grads, &dx, false);
+  }
+  /// The same without the input gradient.
+  void backward(CMatRef<T> x, CMatRef<T> dy, Grads& grads) const { backward_impl(x, dy, grads, nullptr, false); }
+  /// For components that sum several paths into one dx: *dx += dy W when dx is given.
+  void backward_accumulate(CMatRef<T> x, CMatRef<T> dy, MatRef<T>* dx, Grads& grads) const {
+    if (dx) check_shape(*dx, x.rows(), in_features(), "dx");
+    backward_impl(x, dy, grads, dx, true);
   }
 
  private:
+  void backward_impl(CMatRef<T> x, CMatRef<T> dy, Grads& grads, MatRef<T>* dx, bool add) const {
+    check_shape(dy, x.rows(), out_features(), "dy");
+    check_grads(grads, "grads");
+    grads.weight.noalias() += dy.transpose() * x;
+    if (has_bias()) grads.bias += dy.colwise().sum().transpose();
+    if (!dx) return;
+    const bool alias = overlap(dy, *dx) != Overlap::none;
+    if (add)
+      alias ? void(*dx += dy * weight_) : void(dx->noalias() += dy * weight_);
+    else
+      alias ? void(*dx = dy * weight_) : void(dx->noalias() = dy * weight_);
+  }
+
   RowMat<T> weight_;
   Vec<T> bias_;
 };

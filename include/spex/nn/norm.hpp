@@ -35,8 +35,9 @@ template <class T>
 class Norm {
  public:
   struct Cache {
-    RowMat<T> xhat;  // normalized input, B x features
-    Vec<T> inv_std;  // per feature (batch) or per (row, group) (layer)
+    RowMat<T> xhat;            // normalized input, B x features
+    Vec<T> inv_std;            // per feature (batch) or per (row, group) (layer)
+    Vec<T> batch_mean, batch_var_unbiased;  // training BatchNorm: what commit_running_stats uses
     bool training = false;
   };
   struct Grads {
@@ -48,13 +49,18 @@ class Norm {
   };
 
   Norm() = default;
-  /// `group` is the LayerNorm group size (features must divide by it); ignored otherwise.
+  /// `group` is the LayerNorm group size (features must divide by it; 0: all features);
+  /// ignored otherwise.
   Norm(NormKind kind, Index features, Index group = 0, T eps = T(1e-5), T momentum = T(0.1))
       : kind_(kind), features_(features), group_(group > 0 ? group : features), eps_(eps), momentum_(momentum) {
-    SPEX_CHECK(features >= 1, "features = " << features << " must be >= 1");
-    SPEX_CHECK(features % group_ == 0, "features = " << features << " is not a multiple of group = " << group_);
-    SPEX_CHECK(eps > T(0), "eps = " << eps << " must be > 0");
-    SPEX_CHECK(momentum >= T(0) && momentum <= T(1), "momentum = " << momentum << " must be in [0, 1]");
+    SPEX_CHECK(kind == NormKind::none || kind == NormKind::batch || kind == NormKind::layer,
+               "norm kind " << int(kind) << " is not a NormKind");
+    SPEX_CHECK(features >= 1, "norm features = " << features << " must be >= 1");
+    SPEX_CHECK(group >= 0, "norm group = " << group << " must be >= 0 (0: all features)");
+    SPEX_CHECK(features % group_ == 0, "norm features = " << features << " is not a multiple of group = " << group_);
+    SPEX_CHECK(std::isfinite(double(eps)) && eps > T(0), "norm eps = " << eps << " must be finite and > 0");
+    SPEX_CHECK(std::isfinite(double(momentum)) && momentum >= T(0) && momentum <= T(1),
+               "norm momentum = " << momentum << " must be in [0, 1]");
     if (kind_ != NormKind::none) {
       weight_ = Vec<T>::Ones(features);
       bias_ = Vec<T>::Zero(features);
@@ -67,6 +73,7 @@ class Norm {
 
   NormKind kind() const { return kind_; }
   Index features() const { return features_; }
+  Index group() const { return group_; }
   Vec<T>& weight() { return weight_; }
   const Vec<T>& weight() const { return weight_; }
   Vec<T>& bias() { return bias_; }
@@ -78,7 +85,14 @@ class Norm {
 
   Grads make_grads() const { return Grads{Vec<T>::Zero(weight_.size()), Vec<T>::Zero(bias_.size())}; }
 
-  /// Inference: y = norm(x) with running statistics (BatchNorm). y may alias x.
+  /// Throws unless `g` has this norm's shapes (`what` names it in the message).
+  void check_grads(const Grads& g, const char* what) const {
+    SPEX_CHECK(g.weight.size() == weight_.size() && g.bias.size() == bias_.size(),
+               what << " has norm gradients of " << g.weight.size() << " features, the layer's norm has "
+                    << weight_.size() << ": grads were made by another layer");
+  }
+
+  /// Inference: y = norm(x) with running statistics (BatchNorm). y may be x itself.
   void forward(CMatRef<T> x, MatRef<T> y) const {
     check_input(x, y);
     if (kind_ == NormKind::none) {
@@ -116,31 +130,62 @@ class Norm {
     }
   }
 
-  /// Training-mode forward: batch statistics (BatchNorm), running statistics updated.
+  /// Training-mode forward: batch statistics (BatchNorm), then the running statistics updated.
+  /// Throws, leaving them unchanged, when the batch's statistics are not finite.
   void forward_train(CMatRef<T> x, MatRef<T> y, Cache& cache) {
+    forward_batch_stats(x, y, cache);
+    commit_running_stats(cache);
+  }
+
+  /// Training-mode forward that leaves the running statistics alone: a layer calls
+  /// commit_running_stats() once its whole pass has succeeded, so a pass that throws later
+  /// changes nothing.
+  void forward_batch_stats(CMatRef<T> x, MatRef<T> y, Cache& cache) const {
     if (kind_ != NormKind::batch) return forward_eval(x, y, cache);
     check_input(x, y);
     cache.training = true;
     const Index b = x.rows();
     SPEX_CHECK(b >= 2, "BatchNorm in training needs a batch of at least 2 tokens, got " << b);
-    const Vec<T> mean = x.colwise().mean().transpose();
-    cache.xhat = x.rowwise() - mean.transpose();
+    cache.batch_mean = x.colwise().mean().transpose();
+    cache.xhat = x.rowwise() - cache.batch_mean.transpose();
     const Vec<T> var = cache.xhat.array().square().colwise().sum().transpose() / T(b);  // biased, for normalizing
+    for (Index f = 0; f < features_; ++f)
+      SPEX_CHECK(std::isfinite(double(cache.batch_mean(f))) && std::isfinite(double(var(f))),
+                 "BatchNorm: feature " << f << " of the batch has mean " << cache.batch_mean(f) << " and variance "
+                                       << var(f) << " (its input holds NaN/Inf or values too large for the type)");
+    cache.batch_var_unbiased = var * (T(b) / T(b - 1));
     cache.inv_std = (var.array() + eps_).rsqrt();
     cache.xhat.array().rowwise() *= cache.inv_std.transpose().array();
-    running_mean_ = (T(1) - momentum_) * running_mean_ + momentum_ * mean;
-    running_var_ = (T(1) - momentum_) * running_var_ + momentum_ * var * (T(b) / T(b - 1));
     y = (cache.xhat.array().rowwise() * weight_.transpose().array()).rowwise() + bias_.transpose().array();
   }
 
-  /// grads += d(weight, bias); dx = d(input) (assigned). dx may alias dy.
+  /// Folds the batch statistics of a training forward_batch_stats() into the running ones
+  /// (momentum, unbiased variance, as PyTorch); all-or-nothing: throws, changing nothing, if a
+  /// new value would not be finite. No-op for LayerNorm and none.
+  void commit_running_stats(const Cache& cache) {
+    if (kind_ != NormKind::batch || !cache.training) return;
+    SPEX_CHECK(cache.batch_mean.size() == features_ && cache.batch_var_unbiased.size() == features_,
+               "BatchNorm: the cache holds no training statistics for " << features_ << " features");
+    const Vec<T> mean = (T(1) - momentum_) * running_mean_ + momentum_ * cache.batch_mean;
+    const Vec<T> var = (T(1) - momentum_) * running_var_ + momentum_ * cache.batch_var_unbiased;
+    for (Index f = 0; f < features_; ++f)
+      SPEX_CHECK(std::isfinite(double(mean(f))) && std::isfinite(double(var(f))),
+                 "BatchNorm: the running statistics of feature " << f << " would become mean " << mean(f)
+                                                                 << ", variance " << var(f) << "; left unchanged");
+    running_mean_ = mean;
+    running_var_ = var;
+  }
+
+  /// grads += d(weight, bias); dx = d(input) (assigned). dx may be dy itself.
   void backward(CMatRef<T> dy, const Cache& cache, Grads& grads, MatRef<T> dx) const {
     check_shape(dx, dy.rows(), features_, "dx");
+    check_no_partial_overlap(dy, dx, "dy", "dx");
     if (kind_ == NormKind::none) {
       dx = dy;
       return;
     }
     check_shape(dy, cache.xhat.rows(), features_, "dy");
+    check_grads(grads, "grads");
     grads.weight += (dy.array() * cache.xhat.array()).colwise().sum().transpose().matrix();
     grads.bias += dy.colwise().sum().transpose();
     const Index b = dy.rows();
@@ -173,8 +218,9 @@ class Norm {
 
  private:
   void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {
-    SPEX_CHECK(x.cols() == features_, "input has " << x.cols() << " columns, expected " << features_ << " features");
-    check_shape(y, x.rows(), features_, "output");
+    SPEX_CHECK(x.cols() == features_, "the norm's input has " << x.cols() << " columns, expected " << features_ << " features");
+    check_shape(y, x.rows(), features_, "the norm's output");
+    check_no_partial_overlap(x, y, "the norm's input", "its output");
   }
 
   /// LayerNorm per group; keeps xhat and 1/std in `cache` when given. y may alias x.

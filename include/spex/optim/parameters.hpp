@@ -1,10 +1,11 @@
 #pragma once
 // Parameter groups and gradient utilities over the named parameter lists layers hand out
-// (core/parameter.hpp): per-group learning rates (the PKM reference trains its value tables
-// with their own constant lr), and global-norm gradient clipping over dense and row-sparse
-// gradients together.
+// (core/parameter.hpp): groups with their own learning rate and weight decay (the PKM
+// reference trains its value tables with their own lr), built from any number of predicates,
+// and global-norm gradient clipping over dense and row-sparse gradients together.
 #include <cmath>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,47 +14,97 @@
 
 namespace spex {
 
-/// Parameters stepped with one learning rate (a multiple of the optimizer's).
+/// Parameters stepped with one learning rate and weight decay. Unset fields take the
+/// optimizer's: lr = lr (when set) else the optimizer's lr * lr_scale (which follows a
+/// schedule that changes the optimizer's lr); weight_decay likewise.
 template <class T>
 struct ParamGroup {
   std::string name;
   ParameterList<T> params;
   double lr_scale = 1.0;
+  std::optional<double> lr;
+  std::optional<double> weight_decay;
 };
 
-/// Splits `params` into the ones `pick` selects (group `name`, lr_scale) and the rest ("rest",
-/// 1.0): e.g. expert tables vs everything else.
+/// One rule of make_groups: parameters that `pick` selects go to group `name`.
 template <class T>
-std::vector<ParamGroup<T>> split_groups(const ParameterList<T>& params, const std::string& name, double lr_scale,
-                                        const std::function<bool(const Parameter<T>&)>& pick) {
-  std::vector<ParamGroup<T>> g{{name, {}, lr_scale}, {"rest", {}, 1.0}};
-  for (const auto& p : params) (pick(p) ? g[0] : g[1]).params.push_back(p);
-  return g;
+struct GroupRule {
+  std::string name;
+  std::function<bool(const Parameter<T>&)> pick;
+  double lr_scale = 1.0;
+  std::optional<double> lr;
+  std::optional<double> weight_decay;
+};
+
+/// Throws unless the group's settings are usable (finite, >= 0), naming the group.
+template <class T>
+void check_group(const ParamGroup<T>& g) {
+  SPEX_CHECK(std::isfinite(g.lr_scale) && g.lr_scale >= 0,
+             "group '" << g.name << "': lr_scale = " << g.lr_scale << " must be finite and >= 0");
+  SPEX_CHECK(!g.lr || (std::isfinite(*g.lr) && *g.lr >= 0), "group '" << g.name << "': lr = " << *g.lr << " must be finite and >= 0");
+  SPEX_CHECK(!g.weight_decay || (std::isfinite(*g.weight_decay) && *g.weight_decay >= 0),
+             "group '" << g.name << "': weight_decay = " << *g.weight_decay << " must be finite and >= 0");
 }
 
-/// L2 norm of all gradients: dense ones (a lazily zeroed one counts as zero) and the rows a
-/// row-sparse one holds (each row once, duplicates already summed).
+/// Splits `params` by rules: each parameter goes to the first rule that picks it; the ones no
+/// rule picks go to a last group `rest_name` with the optimizer's settings (left out when
+/// empty). Groups come in rule order, one per rule, even when empty.
+template <class T>
+std::vector<ParamGroup<T>> make_groups(const ParameterList<T>& params, const std::vector<GroupRule<T>>& rules,
+                                       const std::string& rest_name = "rest") {
+  std::vector<ParamGroup<T>> groups;
+  for (const auto& r : rules) {
+    SPEX_CHECK(bool(r.pick), "group rule '" << r.name << "' has no predicate");
+    groups.push_back(ParamGroup<T>{r.name, {}, r.lr_scale, r.lr, r.weight_decay});
+    check_group(groups.back());
+  }
+  ParamGroup<T> rest{rest_name, {}, 1.0, std::nullopt, std::nullopt};
+  for (const auto& p : params) {
+    std::size_t i = 0;
+    while (i < rules.size() && !rules[i].pick(p)) ++i;
+    (i < rules.size() ? groups[i] : rest).params.push_back(p);
+  }
+  if (!rest.params.empty()) groups.push_back(std::move(rest));
+  return groups;
+}
+
+namespace detail {
+/// What every optimizer checks of its groups: usable settings, no parameter twice.
+template <class T>
+void check_groups(const std::vector<ParamGroup<T>>& groups) {
+  ParameterList<T> all;
+  for (const auto& g : groups) {
+    check_group(g);
+    all.insert(all.end(), g.params.begin(), g.params.end());
+  }
+  check_unique_names(all);
+}
+}  // namespace detail
+
+/// L2 norm of all gradients: dense ones and the rows a row-sparse one holds (each row once,
+/// duplicates already summed).
 template <class T>
 double grad_norm(const ParameterList<T>& params) {
   double s = 0;
   for (const auto& p : params) {
-    if (p.grad && !p.grad_is_zero()) s += p.grad_map().template cast<double>().squaredNorm();
+    if (p.grad) s += p.grad_map().template cast<double>().squaredNorm();
     if (p.sparse_grad) s += p.sparse_grad->values().template cast<double>().squaredNorm();
   }
   return std::sqrt(s);
 }
 
 /// Scales every gradient by max_norm / (norm + 1e-6) when the global norm exceeds max_norm
-/// (PyTorch's clip_grad_norm_). Returns the norm before clipping. A non-finite norm throws.
+/// (PyTorch's clip_grad_norm_). Returns the norm before clipping. A non-finite norm throws,
+/// leaving the gradients unchanged.
 template <class T>
-double clip_grad_norm(ParameterList<T>& params, double max_norm) {
-  SPEX_CHECK(max_norm > 0, "max_norm = " << max_norm << " must be > 0");
+double clip_grad_norm(const ParameterList<T>& params, double max_norm) {
+  SPEX_CHECK(std::isfinite(max_norm) && max_norm > 0, "max_norm = " << max_norm << " must be finite and > 0");
   const double norm = grad_norm(params);
   SPEX_CHECK(std::isfinite(norm), "the gradient norm is " << norm << ": a gradient holds NaN or Inf");
   if (norm <= max_norm) return norm;
   const T scale = T(max_norm / (norm + 1e-6));
-  for (auto& p : params) {
-    if (p.grad && !p.grad_is_zero()) p.grad_map() *= scale;
+  for (const auto& p : params) {
+    if (p.grad) p.grad_map() *= scale;
     if (p.sparse_grad) p.sparse_grad->values() *= scale;
   }
   return norm;

@@ -3,6 +3,7 @@
 // optional; L2 weight decay added to the gradient). Dense parameters step every entry;
 // row-sparse ones (expert tables) step only the rows their gradient holds, and with momentum
 // keep a buffer per table row that only those rows update (lazy momentum).
+#include <cmath>
 #include <vector>
 
 #include "../core/check.hpp"
@@ -17,39 +18,58 @@ struct SgdConfig {
   bool nesterov = false;
 };
 
+/// Throws spex::Error naming the first field out of range.
+inline void validate(const SgdConfig& c) {
+  SPEX_CHECK(std::isfinite(c.lr) && c.lr >= 0, "SGD lr = " << c.lr << " must be finite and >= 0");
+  SPEX_CHECK(std::isfinite(c.momentum) && c.momentum >= 0 && c.momentum < 1,
+             "SGD momentum = " << c.momentum << " must be in [0, 1)");
+  SPEX_CHECK(std::isfinite(c.weight_decay) && c.weight_decay >= 0,
+             "SGD weight_decay = " << c.weight_decay << " must be finite and >= 0");
+  SPEX_CHECK(!c.nesterov || c.momentum > 0, "SGD with Nesterov needs momentum > 0");
+}
+
 /// Thread safety: step() mutates parameters and state; one caller at a time.
-///
-///   spex::Sgd<float> opt(model.parameters(&grads), {0.1, 0.9});
-///   opt.step();   // after backward
+/// Usage: examples/snippets/training.cpp (compiled by the test suite).
 template <class T>
 class Sgd {
  public:
   Sgd(std::vector<ParamGroup<T>> groups, SgdConfig cfg) : groups_(std::move(groups)), cfg_(cfg) {
-    SPEX_CHECK(cfg.lr >= 0 && cfg.momentum >= 0 && cfg.weight_decay >= 0, "lr, momentum and weight_decay must be >= 0");
-    SPEX_CHECK(!cfg.nesterov || cfg.momentum > 0, "Nesterov needs momentum > 0");
+    validate(cfg_);
+    detail::check_groups(groups_);
     for (auto& g : groups_)
       for (auto& p : g.params) buf_.push_back(RowMat<T>::Zero(cfg.momentum > 0 && p.trainable() ? p.rows : 0, p.cols));
   }
-  Sgd(const ParameterList<T>& params, SgdConfig cfg) : Sgd(std::vector<ParamGroup<T>>{{"all", params, 1.0}}, cfg) {}
+  Sgd(const ParameterList<T>& params, SgdConfig cfg)
+      : Sgd(std::vector<ParamGroup<T>>{ParamGroup<T>{"all", params, 1.0, std::nullopt, std::nullopt}}, cfg) {}
 
-  SgdConfig& config() { return cfg_; }
+  const SgdConfig& config() const { return cfg_; }
+  /// Changes the settings (a learning-rate schedule); validated like the constructor's.
+  void set_config(const SgdConfig& cfg) {
+    validate(cfg);
+    SPEX_CHECK((cfg.momentum > 0) == (cfg_.momentum > 0), "momentum cannot be switched on or off after construction");
+    cfg_ = cfg;
+  }
+  const std::vector<ParamGroup<T>>& groups() const { return groups_; }
+  /// Momentum buffer of the i-th parameter (in group order; empty without momentum).
+  const RowMat<T>& momentum_buffer(std::size_t i) const { return buf_.at(i); }
 
   void step() {
     std::size_t i = 0;
     for (auto& g : groups_) {
-      const T lr = T(cfg_.lr * g.lr_scale);
+      const T lr = T(g.lr ? *g.lr : cfg_.lr * g.lr_scale);
+      const T wd = T(g.weight_decay ? *g.weight_decay : cfg_.weight_decay);
       for (auto& p : g.params) {
         RowMat<T>& buf = buf_[i++];
-        if (p.grad && !p.grad_is_zero()) {
+        if (p.grad) {
           auto w = p.value_map();
           auto gr = p.grad_map();
-          for (Index r = 0; r < p.rows; ++r) update_row(w.row(r), gr.row(r), buf, r, lr);
+          for (Index r = 0; r < p.rows; ++r) update_row(w.row(r), gr.row(r), buf, r, lr, wd);
         }
         if (p.sparse_grad) {
           auto w = p.value_map();
           const auto vals = p.sparse_grad->values();
           const auto& rows = p.sparse_grad->rows();
-          for (Index s = 0; s < Index(rows.size()); ++s) update_row(w.row(rows[s]), vals.row(s), buf, rows[s], lr);
+          for (Index s = 0; s < Index(rows.size()); ++s) update_row(w.row(rows[s]), vals.row(s), buf, rows[s], lr, wd);
         }
       }
     }
@@ -57,8 +77,8 @@ class Sgd {
 
  private:
   template <class W, class G>
-  void update_row(W w, const G& grad, RowMat<T>& buf, Index r, T lr) const {
-    const T mu = T(cfg_.momentum), wd = T(cfg_.weight_decay);
+  void update_row(W w, const G& grad, RowMat<T>& buf, Index r, T lr, T wd) const {
+    const T mu = T(cfg_.momentum);
     for (Index c = 0; c < w.cols(); ++c) {
       T d = grad(c) + wd * w(c);
       if (mu > 0) {

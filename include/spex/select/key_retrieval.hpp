@@ -4,6 +4,8 @@
 // backward turns gate gradients into gradients for the query network, the norm, the sub-keys
 // (only the rows retrieved get non-zero gradient; the tables are small, so they are dense)
 // and the input.
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -32,6 +34,9 @@ inline const char* to_string(ScoreFn s) {
   return "?";
 }
 
+/// The largest n_keys: N = n^2 stays at most 2^40 experts.
+constexpr Index kMaxProductKeys = Index(1) << 20;
+
 struct KeyRetrievalConfig {
   Index d_in = 0;
   Index n_keys = 0;                     ///< n: rows per sub-key half; N = n^2 experts
@@ -59,7 +64,7 @@ class KeyRetrieval {
     IndexMat ids;                   // B x h*k, expert id = i1 * n + i2
     ProductKeysWorkspace<T> search;
     RowMat<T> dscores, dq;          // backward scratch
-    std::vector<std::vector<RowMat<T>>> key_partials;  // [thread][set * 2 + half]
+    std::vector<Index> key_offsets, key_order, key_cursor;  // sub-key rows -> their occurrences
   };
 
   struct Grads {
@@ -73,18 +78,46 @@ class KeyRetrieval {
     }
   };
 
+  /// Throws unless `g` was made for this retrieval's shapes (`what` names it).
+  void check_grads(const Grads& g, const char* what) const {
+    query_.check_grads(g.query, what);
+    norm_.check_grads(g.norm, what);
+    SPEX_CHECK(Index(g.keys.size()) == 2 * key_sets(),
+               what << " holds " << g.keys.size() << " sub-key gradients, the layer has " << 2 * key_sets()
+                    << ": grads were made by another layer");
+    for (const auto& k : g.keys)
+      SPEX_CHECK(k.rows() == cfg_.n_keys && k.cols() == cfg_.d_key / 2,
+                 what << " holds a " << k.rows() << " x " << k.cols() << " sub-key gradient, the layer's sub-keys are "
+                      << cfg_.n_keys << " x " << cfg_.d_key / 2 << ": grads were made by another layer");
+  }
+
   KeyRetrieval() = default;
-  KeyRetrieval(const Config& cfg, Rng& rng) : cfg_(cfg) {
-    SPEX_CHECK(cfg.d_in >= 1, "d_in = " << cfg.d_in << " must be >= 1");
-    SPEX_CHECK(cfg.n_keys >= 1, "n_keys = " << cfg.n_keys << " must be >= 1");
-    SPEX_CHECK(cfg.heads >= 1, "heads = " << cfg.heads << " must be >= 1");
-    SPEX_CHECK(cfg.d_key >= 2 && cfg.d_key % 2 == 0, "d_key = " << cfg.d_key << " must be even and >= 2");
-    SPEX_CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.n_keys,
-               "top_k = " << cfg.top_k << " must be in [1, n_keys = " << cfg.n_keys << "]");
+  KeyRetrieval(const Config& cfg, Rng& rng) : cfg_(validate(cfg)) {
     query_ = Linear<T>(cfg.d_in, cfg.heads * cfg.d_key, cfg.query_bias, rng);
     norm_ = Norm<T>(cfg.norm, cfg.heads * cfg.d_key, cfg.d_key, T(cfg.norm_eps), T(cfg.norm_momentum));
     const Index sets = cfg.shared_keys ? 1 : cfg.heads;
     for (Index s = 0; s < sets; ++s) keys_.emplace_back(cfg.n_keys, cfg.d_key, rng.next_u64());
+  }
+
+  /// Throws spex::Error naming the first field that is out of range.
+  static const Config& validate(const Config& cfg) {
+    SPEX_CHECK(cfg.d_in >= 1, "d_in = " << cfg.d_in << " must be >= 1");
+    SPEX_CHECK(cfg.n_keys >= 1, "n_keys = " << cfg.n_keys << " must be >= 1");
+    SPEX_CHECK(cfg.n_keys <= kMaxProductKeys, "n_keys = " << cfg.n_keys << " exceeds " << kMaxProductKeys << " (N = n^2 up to 2^40 experts)");
+    SPEX_CHECK(cfg.heads >= 1, "heads = " << cfg.heads << " must be >= 1");
+    SPEX_CHECK(cfg.d_key >= 2 && cfg.d_key % 2 == 0, "d_key = " << cfg.d_key << " must be even and >= 2");
+    SPEX_CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.n_keys,
+               "top_k = " << cfg.top_k << " must be in [1, n_keys = " << cfg.n_keys << "]");
+    checked_mul(cfg.heads, cfg.d_key, "heads * d_key");
+    checked_mul(cfg.heads, cfg.top_k, "heads * top_k");
+    checked_mul(cfg.d_in, checked_mul(cfg.heads, cfg.d_key, "heads * d_key"), "the query weight's size d_in * heads * d_key");
+    SPEX_CHECK(cfg.score == ScoreFn::softmax || cfg.score == ScoreFn::sigmoid || cfg.score == ScoreFn::relu,
+               "score = " << int(cfg.score) << " is not a ScoreFn");
+    SPEX_CHECK(cfg.norm == NormKind::none || cfg.norm == NormKind::batch || cfg.norm == NormKind::layer,
+               "norm = " << int(cfg.norm) << " is not a NormKind");
+    SPEX_CHECK(std::isfinite(cfg.norm_eps) && cfg.norm_eps > 0, "norm_eps = " << cfg.norm_eps << " must be finite and > 0");
+    check_range(cfg.norm_momentum, 0.0, 1.0, "norm_momentum");
+    return cfg;
   }
 
   const Config& config() const { return cfg_; }
@@ -109,12 +142,17 @@ class KeyRetrieval {
     return g;
   }
 
-  /// Training forward: batch statistics in the norm (running ones updated).
-  void forward(CMatRef<T> x, Cache& c) {
+  /// Training forward: batch statistics in the norm. The running statistics are not touched:
+  /// call commit_running_stats(c) once the whole pass has succeeded (all-or-nothing).
+  void forward(CMatRef<T> x, Cache& c) const {
     project(x, c);
-    norm_.forward_train(c.q_raw, c.q, c.norm);
+    norm_.forward_batch_stats(c.q_raw, c.q, c.norm);
     retrieve(c);
   }
+
+  /// Folds the batch statistics of the training forward held in `c` into BatchNorm's running
+  /// ones (throws, changing nothing, if they would not be finite).
+  void commit_running_stats(const Cache& c) { norm_.commit_running_stats(c.norm); }
 
   /// Eval forward: running statistics, nothing in the layer changes.
   void infer(CMatRef<T> x, Cache& c) const {
@@ -123,10 +161,12 @@ class KeyRetrieval {
     retrieve(c);
   }
 
-  /// From dgates (B x h*k): grads accumulate; *dx += the input gradient when dx is given.
+  /// From dgates (B x h*k): grads accumulate; *dx += the input gradient when dx is given
+  /// (a component: the layer assigns its dx, then each path adds its share).
   void backward(CMatRef<T> x, CMatRef<T> dgates, Cache& c, Grads& g, MatRef<T>* dx) const {
     const Index b = x.rows(), hk = per_token(), k = cfg_.top_k;
     check_shape(dgates, b, hk, "dgates");
+    check_grads(g, "grads");
     c.dscores.resize(b, hk);
     parallel_for(b, [&](Index t, int) {
       for (Index h = 0; h < cfg_.heads; ++h) {
@@ -146,12 +186,13 @@ class KeyRetrieval {
     });
     sub_key_backward(c, g);
     norm_.backward(c.dq, c.norm, g.norm, c.dq);
-    query_.backward(x, c.dq, g.query, dx);
+    query_.backward_accumulate(x, c.dq, dx, g.query);
   }
 
   /// Named parameters ("query.weight", "norm.weight", "keys.c1" or "keys.h3.c1", ...) with
   /// their gradients in `g` (or none when g is null).
   ParameterList<T> parameters(Grads* g) {
+    if (g) check_grads(*g, "grads");
     ParameterList<T> list;
     list.push_back(dense_parameter<T>("query.weight", query_.weight(), g ? &g->query.weight : nullptr));
     if (query_.has_bias()) list.push_back(dense_parameter<T>("query.bias", query_.bias(), g ? &g->query.bias : nullptr));
@@ -171,6 +212,8 @@ class KeyRetrieval {
     }
     return list;
   }
+  /// Read-only views of the same parameters.
+  ParameterList<const T> parameters() const { return read_only(const_cast<KeyRetrieval*>(this)->parameters(nullptr)); }
 
  private:
   Index key_set(Index head) const { return cfg_.shared_keys ? 0 : head; }
@@ -180,10 +223,21 @@ class KeyRetrieval {
     c.q_raw.resize(x.rows(), cfg_.heads * cfg_.d_key);
     c.q.resize(x.rows(), cfg_.heads * cfg_.d_key);
     query_.forward(x, c.q_raw);
+    check_rows_finite(c.q_raw, "the query projection of token ",
+                      " is not finite: x or query.weight holds NaN/Inf, or their product overflows");
+  }
+
+  /// Names the token (row) of the first non-finite value; one cheap pass when all is finite.
+  static void check_rows_finite(const RowMat<T>& m, const char* before, const char* after) {
+    if (!std::isnan(static_cast<double>((m.array() * T(0)).sum()))) return;
+    for (Index r = 0; r < m.rows(); ++r)
+      SPEX_CHECK(m.row(r).allFinite(), before << r << after);
   }
 
   void retrieve(Cache& c) const {
     const Index b = c.q.rows(), k = cfg_.top_k, dk = cfg_.d_key;
+    check_rows_finite(c.q, "the normalized query of token ",
+                      " is not finite: the norm's weight, bias or running statistics hold NaN/Inf");
     c.scores.resize(b, per_token());
     c.gates.resize(b, per_token());
     c.ids.resize(b, per_token());
@@ -202,6 +256,12 @@ class KeyRetrieval {
         keys(h).search(c.q.middleCols(h * dk, dk), k, s, ids, c.search);
       }
     }
+    // A sub-key row holding NaN/Inf scores NaN and is never selected; a head that finds fewer
+    // than k finite scores pads with id -1, which no expert table may be indexed with.
+    for (Index t = 0; t < b; ++t)
+      for (Index j = 0; j < per_token(); ++j)
+        SPEX_CHECK(c.ids(t, j) >= 0, "token " << t << ", head " << j / k << ": fewer than top_k = " << k
+                                              << " finite retrieval scores (the sub-keys hold NaN/Inf)");
     parallel_for(b, [&](Index t, int) {
       const T* s = &c.scores(t, 0);
       T* g = &c.gates(t, 0);
@@ -220,41 +280,53 @@ class KeyRetrieval {
   }
 
   /// score = q1 . C1[i1] + q2 . C2[i2]: dq gets ds * C rows (per token, parallel); the sub-key
-  /// gradients get ds * q halves, summed in per-thread partials (rows collide across tokens).
+  /// gradients get ds * q halves. Rows collide across tokens, so the occurrences are grouped by
+  /// sub-key row (a counting sort) and each row is summed by one thread in token order: the
+  /// result does not depend on the number of threads.
   void sub_key_backward(Cache& c, Grads& g) const {
-    const Index b = c.q.rows(), k = cfg_.top_k, dk = cfg_.d_key, half = dk / 2, n = cfg_.n_keys;
-    const int threads = max_threads();
-    c.dq.setZero(b, cfg_.heads * dk);
-    if (static_cast<int>(c.key_partials.size()) < threads) c.key_partials.resize(threads);
-    for (auto& p : c.key_partials) {
-      p.resize(static_cast<std::size_t>(2 * key_sets()));
-      for (auto& m : p) m.setZero(n, half);
-    }
+    const Index b = c.q.rows(), k = cfg_.top_k, dk = cfg_.d_key, half = dk / 2, n = cfg_.n_keys, heads = cfg_.heads;
     const std::size_t hs = static_cast<std::size_t>(half);
-    parallel_for(b, [&](Index t, int thread) {
-      auto& part = c.key_partials[thread];
-      for (Index h = 0; h < cfg_.heads; ++h) {
+    c.dq.setZero(b, heads * dk);
+    parallel_for(b, [&](Index t, int) {
+      for (Index h = 0; h < heads; ++h) {
         const Index set = key_set(h);
-        const RowMat<T>& c1 = keys_[set].sub_keys(0);
-        const RowMat<T>& c2 = keys_[set].sub_keys(1);
-        const T* q1 = &c.q(t, h * dk);
-        const T* q2 = q1 + half;
         T* dq1 = &c.dq(t, h * dk);
-        T* dq2 = dq1 + half;
         for (Index j = 0; j < k; ++j) {
           const Index e = c.ids(t, h * k + j);
           const T ds = c.dscores(t, h * k + j);
-          if (e < 0 || ds == T(0)) continue;
-          const Index i1 = e / n, i2 = e % n;
-          kernels::axpy<Arch>(ds, c1.row(i1).data(), dq1, hs);
-          kernels::axpy<Arch>(ds, c2.row(i2).data(), dq2, hs);
-          kernels::axpy<Arch>(ds, q1, part[2 * set].row(i1).data(), hs);
-          kernels::axpy<Arch>(ds, q2, part[2 * set + 1].row(i2).data(), hs);
+          if (ds == T(0)) continue;
+          kernels::axpy<Arch>(ds, keys_[set].sub_keys(0).row(e / n).data(), dq1, hs);
+          kernels::axpy<Arch>(ds, keys_[set].sub_keys(1).row(e % n).data(), dq1 + half, hs);
         }
       }
     });
-    for (const auto& part : c.key_partials)
-      for (std::size_t m = 0; m < part.size(); ++m) g.keys[m] += part[m];
+    // Gradient rows: (set * 2 + half) * n + i. Occurrence o = (t * heads + h) * k + j, twice.
+    const Index n_rows = 2 * key_sets() * n, occ = b * heads * k;
+    auto row_of = [&](Index o, int hf) {
+      const Index h = (o / k) % heads, e = c.ids.data()[o];
+      return (key_set(h) * 2 + hf) * n + (hf == 0 ? e / n : e % n);
+    };
+    c.key_offsets.assign(static_cast<std::size_t>(n_rows + 1), 0);
+    for (Index o = 0; o < occ; ++o)
+      if (c.dscores.data()[o] != T(0))
+        for (int hf = 0; hf < 2; ++hf) ++c.key_offsets[row_of(o, hf) + 1];
+    for (Index r = 0; r < n_rows; ++r) c.key_offsets[r + 1] += c.key_offsets[r];
+    c.key_order.resize(static_cast<std::size_t>(c.key_offsets[n_rows]));
+    c.key_cursor.assign(c.key_offsets.begin(), c.key_offsets.end() - 1);
+    for (Index o = 0; o < occ; ++o)
+      if (c.dscores.data()[o] != T(0))
+        for (int hf = 0; hf < 2; ++hf) c.key_order[c.key_cursor[row_of(o, hf)]++] = 2 * o + hf;
+    constexpr Index kRowsPerTask = 64;
+    parallel_for((n_rows + kRowsPerTask - 1) / kRowsPerTask, [&](Index task, int) {
+      for (Index r = task * kRowsPerTask; r < std::min(n_rows, (task + 1) * kRowsPerTask); ++r) {
+        if (c.key_offsets[r] == c.key_offsets[r + 1]) continue;
+        T* dst = g.keys[r / n].row(r % n).data();
+        for (Index p = c.key_offsets[r]; p < c.key_offsets[r + 1]; ++p) {
+          const Index o = c.key_order[p] / 2, hf = c.key_order[p] % 2, t = o / (heads * k), h = (o / k) % heads;
+          kernels::axpy<Arch>(c.dscores.data()[o], &c.q(t, h * dk + hf * half), dst, hs);
+        }
+      }
+    });
   }
 
   Config cfg_;

@@ -3,6 +3,8 @@
 // top-k. A token uses every expert whose output is > 0 (0..E of them), so routing is dropless
 // and fully differentiable away from R = 0; the sparsity penalty (select/sparsity.hpp,
 // applied by the layer) holds the average at the target.
+#include <cmath>
+
 #include "../core/check.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
@@ -24,7 +26,7 @@ class ReluRouter {
   using Grads = typename Linear<T>::Grads;
 
   ReluRouter() = default;
-  ReluRouter(const MoEConfig& cfg, Rng& rng) : linear_(cfg.d, cfg.experts(), false, rng) {
+  ReluRouter(const MoEConfig& cfg, Rng& rng) : linear_(validate(cfg).d_in, cfg.total_experts(), false, rng) {
     Rng r = rng.split(31);
     fill_normal(linear_.weight(), cfg.router_init_std, r);
   }
@@ -33,19 +35,28 @@ class ReluRouter {
   RowMat<T>& weight() { return linear_.weight(); }
   const RowMat<T>& weight() const { return linear_.weight(); }
   Grads make_grads() const { return linear_.make_grads(); }
+  void check_grads(const Grads& g, const char* what) const { linear_.check_grads(g, what); }
 
   /// gates = ReLU(x W^T), B x E.
   void forward(CMatRef<T> x, Cache& c) const {
     c.logits.resize(x.rows(), n_experts());
     linear_.forward(x, c.logits);
-    c.gates = c.logits.cwiseMax(T(0));
+    if (!std::isnan(static_cast<double>((c.logits.array() * T(0)).sum()))) {
+      c.gates = c.logits.cwiseMax(T(0));
+      return;
+    }
+    for (Index t = 0; t < c.logits.rows(); ++t)
+      for (Index j = 0; j < c.logits.cols(); ++j)
+        SPEX_CHECK(std::isfinite(double(c.logits(t, j))), "the router logit of token " << t << " for expert " << j << " is "
+                                                         << c.logits(t, j) << ": x or router.weight holds NaN/Inf, or their product overflows");
   }
 
-  /// dlogits = dgates on entries with logit > 0 (ReLU'(0) = 0); grads accumulate; *dx += ...
+  /// dlogits = dgates on entries with logit > 0 (ReLU'(0) = 0); grads accumulate; *dx += the
+  /// input gradient when given (a component: the layer assigns dx, each path adds its share).
   void backward(CMatRef<T> x, CMatRef<T> dgates, Cache& c, Grads& g, MatRef<T>* dx) const {
     check_shape(dgates, x.rows(), n_experts(), "dgates");
     c.dlogits = (c.logits.array() > T(0)).select(dgates, T(0));
-    linear_.backward(x, c.dlogits, g, dx);
+    linear_.backward_accumulate(x, c.dlogits, dx, g);
   }
 
   /// No loss of its own: the sparsity penalty is the layer's.

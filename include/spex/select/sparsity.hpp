@@ -83,12 +83,21 @@ double sparsity(const Eigen::MatrixBase<Derived>& gates) {
   return 1.0 - double(nnz) / double(gates.size());
 }
 
+/// The largest penalty coefficient spex accepts anywhere: far past any useful value (the
+/// penalty would swamp every task gradient) and far below where lambda * w / T overflows float.
+constexpr double kMaxLambda = 1e6;
+
 /// The adaptive coefficient: lambda <- lambda * alpha^sign(target - S) once per optimizer step,
 /// S being the sparsity of that step (averaged over layers and micro-batches by the caller).
 /// S below target: lambda *= alpha; S at or above target: lambda /= alpha (the reference
-/// decreases on equality). One controller may serve any number of layers. The reference has no
-/// clamp; ours is optional (min/max, off by default) against runaway when the target cannot
-/// be reached.
+/// decreases on equality). One controller may serve any number of layers.
+///
+/// Bounds: lambda stays in [min_lambda, max_lambda], by default [1e-12, 100]. The reference has
+/// no bounds; without them a target the router cannot reach (a bias-free ReLU router on
+/// zero-mean inputs stays near 50% active) multiplies lambda by alpha every step until it
+/// overflows and the parameters turn NaN, and a dead router decays it to denormals. The bounds
+/// make both impossible; stats() tells how many steps lambda sat on a bound, and
+/// consecutive_steps_at_bound() > 0 for long means the target is not being reached.
 ///
 ///   spex::LambdaController ctl(/*target=*/1.0 - 1.0 / 8);   // k = 1 of E = 8
 ///   ctl.update(measured_sparsity);                          // after each optimizer step
@@ -96,8 +105,10 @@ double sparsity(const Eigen::MatrixBase<Derived>& gates) {
 class LambdaController {
  public:
   struct State {
-    double lambda = 1e-8, alpha = 1.2, target = 0.875, min_lambda = 0.0, max_lambda = INFINITY;
+    double lambda = 1e-8, alpha = 1.2, target = 0.875, min_lambda = 1e-12, max_lambda = 100.0;
     long steps = 0;
+    long steps_at_min = 0, steps_at_max = 0;  ///< updates that ended on a bound
+    long consecutive_at_bound = 0;            ///< the current run of such updates
   };
 
   LambdaController() = default;
@@ -109,34 +120,52 @@ class LambdaController {
     set_state(s);
   }
   /// Target 1 - k/E; unchanged by granularity (E*G experts, k*G budget).
-  static double target_for(double k, double n_experts) { return 1.0 - k / n_experts; }
+  static double target_for(double k, double n_experts) {
+    SPEX_CHECK(std::isfinite(k) && std::isfinite(n_experts) && k > 0 && k <= n_experts,
+               "target_for(k = " << k << ", E = " << n_experts << ") needs 0 < k <= E");
+    return 1.0 - k / n_experts;
+  }
 
   double lambda() const { return s_.lambda; }
   double target() const { return s_.target; }
   double alpha() const { return s_.alpha; }
   long steps() const { return s_.steps; }
-  /// Clamp lambda to [lo, hi] after every update (and now).
+  long consecutive_steps_at_bound() const { return s_.consecutive_at_bound; }
+  /// Bounds lambda to [lo, hi] (0 < lo <= hi <= kMaxLambda) after every update, and now.
   void set_clamp(double lo, double hi) {
-    SPEX_CHECK(lo >= 0 && lo <= hi, "clamp [" << lo << ", " << hi << "] must satisfy 0 <= lo <= hi");
-    s_.min_lambda = lo;
-    s_.max_lambda = hi;
-    s_.lambda = std::min(std::max(s_.lambda, lo), hi);
+    State s = s_;
+    s.min_lambda = lo;
+    s.max_lambda = hi;
+    s.lambda = std::min(std::max(s.lambda, lo), hi);
+    set_state(s);
   }
 
   /// One step with this step's measured sparsity.
   void update(double measured_sparsity) {
-    SPEX_CHECK(std::isfinite(measured_sparsity), "measured sparsity " << measured_sparsity << " is not finite");
-    s_.lambda = measured_sparsity < s_.target ? s_.lambda * s_.alpha : s_.lambda / s_.alpha;
-    s_.lambda = std::min(std::max(s_.lambda, s_.min_lambda), s_.max_lambda);
+    SPEX_CHECK(std::isfinite(measured_sparsity) && measured_sparsity >= 0 && measured_sparsity <= 1,
+               "measured sparsity " << measured_sparsity << " must be in [0, 1]");
+    const double next = measured_sparsity < s_.target ? s_.lambda * s_.alpha : s_.lambda / s_.alpha;
+    s_.lambda = std::min(std::max(next, s_.min_lambda), s_.max_lambda);
     ++s_.steps;
+    const bool at_min = next <= s_.min_lambda, at_max = next >= s_.max_lambda;
+    s_.steps_at_min += at_min;
+    s_.steps_at_max += at_max;
+    s_.consecutive_at_bound = (at_min || at_max) ? s_.consecutive_at_bound + 1 : 0;
   }
 
   /// Everything needed to resume training (save it with the checkpoint).
   const State& state() const { return s_; }
+  /// Validates every field (throws spex::Error naming it) and takes `s`.
   void set_state(const State& s) {
-    SPEX_CHECK(s.lambda > 0 && std::isfinite(s.lambda), "lambda = " << s.lambda << " must be positive and finite");
-    SPEX_CHECK(s.alpha > 1, "alpha = " << s.alpha << " must be > 1");
-    SPEX_CHECK(s.target >= 0 && s.target < 1, "target sparsity " << s.target << " must be in [0, 1)");
+    SPEX_CHECK(std::isfinite(s.alpha) && s.alpha > 1, "alpha = " << s.alpha << " must be finite and > 1");
+    SPEX_CHECK(std::isfinite(s.target) && s.target >= 0 && s.target < 1, "target sparsity " << s.target << " must be in [0, 1)");
+    SPEX_CHECK(std::isfinite(s.min_lambda) && std::isfinite(s.max_lambda) && s.min_lambda > 0 &&
+                   s.min_lambda <= s.max_lambda && s.max_lambda <= kMaxLambda,
+               "lambda bounds [" << s.min_lambda << ", " << s.max_lambda << "] must satisfy 0 < min <= max <= " << kMaxLambda);
+    SPEX_CHECK(std::isfinite(s.lambda) && s.lambda >= s.min_lambda && s.lambda <= s.max_lambda,
+               "lambda = " << s.lambda << " must be in [" << s.min_lambda << ", " << s.max_lambda << "]");
+    SPEX_CHECK(s.steps >= 0 && s.steps_at_min >= 0 && s.steps_at_max >= 0 && s.consecutive_at_bound >= 0,
+               "step counters must be >= 0");
     s_ = s;
   }
 

@@ -30,6 +30,7 @@ class TopKRouter {
   struct Cache {
     RowMat<T> logits, probs, gates;  // B x E; gates zero off the selection
     IndexMat selected;               // B x k expert ids (before capacity)
+    RowMat<unsigned char> kept;      // B x k: 0 where capacity dropped the pair
     RowMat<T> selected_logits;       // B x k
     Vec<double> counts;              // c_e of the selection
     Vec<T> lse;                      // logsumexp per token
@@ -41,12 +42,9 @@ class TopKRouter {
 
   TopKRouter() = default;
   TopKRouter(const MoEConfig& cfg, Rng& rng)
-      : linear_(cfg.d, cfg.experts(), false, rng), k_(cfg.budget()), pre_softmax_(cfg.pre_softmax),
-        renormalize_(cfg.renormalize), aux_coeff_(cfg.aux_coeff), z_coeff_(cfg.z_coeff),
+      : linear_(validate(cfg).d_in, cfg.total_experts(), false, rng), k_(cfg.total_per_token()),
+        pre_softmax_(cfg.pre_softmax), renormalize_(cfg.renormalize), aux_coeff_(cfg.aux_coeff), z_coeff_(cfg.z_coeff),
         capacity_factor_(cfg.capacity_factor) {
-    SPEX_CHECK(k_ >= 1 && k_ <= cfg.experts(), "top_k * granularity = " << k_ << " must be in [1, E = " << cfg.experts() << "]");
-    SPEX_CHECK(aux_coeff_ >= 0 && z_coeff_ >= 0 && capacity_factor_ >= 0,
-               "aux_coeff, z_coeff and capacity_factor must be >= 0");
     Rng r = rng.split(32);
     fill_normal(linear_.weight(), cfg.router_init_std, r);
   }
@@ -56,6 +54,7 @@ class TopKRouter {
   RowMat<T>& weight() { return linear_.weight(); }
   const RowMat<T>& weight() const { return linear_.weight(); }
   Grads make_grads() const { return linear_.make_grads(); }
+  void check_grads(const Grads& g, const char* what) const { linear_.check_grads(g, what); }
 
   void forward(CMatRef<T> x, Cache& c) const {
     const Index b = x.rows(), e = n_experts();
@@ -65,11 +64,18 @@ class TopKRouter {
     c.lse.resize(b);
     c.gates.setZero(b, e);
     c.selected.resize(b, k_);
+    c.kept.setOnes(b, k_);
     c.selected_logits.resize(b, k_);
     const std::size_t es = static_cast<std::size_t>(e), ks = static_cast<std::size_t>(k_);
     parallel_for(b, [&](Index t, int) {
       const T* l = &c.logits(t, 0);
       kernels::softmax<Arch>(l, &c.probs(t, 0), es);
+      // A NaN logit (NaN router weights after a diverged step, NaN x unchecked) makes the
+      // softmax NaN, and top-k pads with id -1 when fewer than k logits are not NaN: no
+      // expert may be indexed with it. Such a token is an error.
+      for (Index j = 0; j < e; ++j)
+        SPEX_CHECK(std::isfinite(double(l[j])), "the router logit of token " << t << " for expert " << j << " is " << l[j]
+                                                 << ": x or router.weight holds NaN/Inf, or their product overflows");
       kernels::topk<Arch>(l, es, ks, &c.selected_logits(t, 0), &c.selected(t, 0));  // P has the same order
       const Index top = c.selected(t, 0);
       c.lse(t) = l[top] - std::log(c.probs(t, top));  // P_top = exp(l_top - lse), P_top >= 1/E
@@ -96,6 +102,7 @@ class TopKRouter {
             used[ex] += 1;
           else {
             c.gates(t, ex) = T(0);
+            c.kept(t, j) = 0;
             ++c.dropped;
           }
         }
@@ -118,29 +125,38 @@ class TopKRouter {
       T* dp = &c.dprobs(t, 0);
       T* dl = &c.dlogits(t, 0);
       for (Index j = 0; j < e; ++j) dp[j] = aux_scale * T(c.counts(j));  // the aux loss, through P
+      // An entry dropped by capacity has gate 0 and no gradient of its own, but with a
+      // normalizer over the k it still shapes the kept gates: its path through S stays.
       if (pre_softmax_) {
-        // gate_j = P_j (or P_j / S, S = sum of the selected P) on kept entries.
+        // gate_j = P_j, or P_j / S with S = sum of the k selected P (dropped ones included).
         T s = 0, gdg = 0;
         for (Index j = 0; j < k_; ++j) {
           const Index ex = c.selected(t, j);
           s += c.probs(t, ex);
-          gdg += c.gates(t, ex) * dgates(t, ex);
+          gdg += c.gates(t, ex) * dgates(t, ex);  // dropped: gate 0
         }
         for (Index j = 0; j < k_; ++j) {
           const Index ex = c.selected(t, j);
-          if (c.gates(t, ex) == T(0)) continue;  // dropped by capacity
-          dp[ex] += renormalize_ ? (dgates(t, ex) - gdg) / s : dgates(t, ex);
+          const bool kept = c.kept(t, j) != 0;
+          if (renormalize_)
+            dp[ex] += ((kept ? dgates(t, ex) : T(0)) - gdg) / s;
+          else if (kept)
+            dp[ex] += dgates(t, ex);
         }
       } else {
-        // gates = softmax over the selected logits: dl_j = g_j (dg_j - sum_i g_i dg_i).
-        T gdg = 0;
+        // gates = softmax over the k selected logits (q_j, dropped ones included), then the
+        // dropped zeroed: dl_j = q_j ((kept_j ? dg_j : 0) - sum_kept q_i dg_i).
+        const T top = c.selected_logits(t, 0);
+        T z = 0, gdg = 0;
+        for (Index j = 0; j < k_; ++j) z += std::exp(c.selected_logits(t, j) - top);
         for (Index j = 0; j < k_; ++j) {
           const Index ex = c.selected(t, j);
           gdg += c.gates(t, ex) * dgates(t, ex);
         }
         for (Index j = 0; j < k_; ++j) {
           const Index ex = c.selected(t, j);
-          dl[ex] += c.gates(t, ex) * (dgates(t, ex) - gdg);
+          const T q = std::exp(c.selected_logits(t, j) - top) / z;
+          dl[ex] += q * ((c.kept(t, j) != 0 ? dgates(t, ex) : T(0)) - gdg);
         }
       }
       // Through P = softmax(logits): dl += P (dp - <P, dp>); then the z-loss.
@@ -150,7 +166,7 @@ class TopKRouter {
       const T zs = T(2 * z_coeff_) * c.lse(t) / T(b);
       for (Index j = 0; j < e; ++j) dl[j] += p[j] * (dp[j] - pdp) + zs * p[j];
     });
-    linear_.backward(x, c.dlogits, g, dx);
+    linear_.backward_accumulate(x, c.dlogits, dx, g);
   }
 
   /// aux + z (already scaled by their coefficients).

@@ -24,6 +24,18 @@ inline const char* to_string(Activation a) {
 
 namespace scalar {
 
+/// Beyond |x| > kActivationSaturation every activation here equals its limit to the last bit
+/// (relu, x or 0 for the GELUs and SiLU; 1 or 0 for their derivatives). The formulas are
+/// evaluated on x clamped to that range, so that x^3 or x * exp(-x^2) cannot overflow into
+/// inf * 0 = NaN for large or infinite inputs. NaN stays NaN.
+constexpr double kActivationSaturation = 100.0;
+
+template <class T>
+T clamp_saturated(T x) {
+  const T s = T(kActivationSaturation);
+  return x < -s ? -s : (x > s ? s : x);  // NaN compares false: stays NaN
+}
+
 template <class T>
 T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
@@ -36,10 +48,16 @@ T activate(Activation a, T x) {
   constexpr T kInvSqrt2 = T(0.7071067811865476);
   switch (a) {
     case Activation::identity: return x;
-    case Activation::relu: return x > T(0) ? x : T(0);
-    case Activation::gelu_tanh: return T(0.5) * x * (T(1) + std::tanh(kSqrt2OverPi * (x + T(0.044715) * x * x * x)));
-    case Activation::gelu_erf: return T(0.5) * x * (T(1) + std::erf(x * kInvSqrt2));
-    case Activation::silu: return x * sigmoid(x);
+    case Activation::relu: return x < T(0) ? T(0) : x;  // NaN stays NaN
+    case Activation::gelu_tanh:
+      if (x < -T(kActivationSaturation)) return T(0);
+      return T(0.5) * x * (T(1) + std::tanh(kSqrt2OverPi * (x + T(0.044715) * x * x * x)));
+    case Activation::gelu_erf:
+      if (x < -T(kActivationSaturation)) return T(0);
+      return T(0.5) * x * (T(1) + std::erf(x * kInvSqrt2));
+    case Activation::silu:
+      if (x < -T(kActivationSaturation)) return T(0);
+      return x * sigmoid(x);
     case Activation::sigmoid: return sigmoid(x);
   }
   return x;
@@ -48,6 +66,7 @@ T activate(Activation a, T x) {
 /// f'(x); relu'(0) = 0 as in PyTorch.
 template <class T>
 T derivative(Activation a, T x) {
+  x = clamp_saturated(x);
   constexpr T kSqrt2OverPi = T(0.7978845608028654);
   constexpr T kInvSqrt2 = T(0.7071067811865476);
   constexpr T kInvSqrt2Pi = T(0.3989422804014327);

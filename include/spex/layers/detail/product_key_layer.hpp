@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../../core/check.hpp"
+#include "../../core/layer_state.hpp"
 #include "../../core/parameter.hpp"
 #include "../../core/types.hpp"
 #include "../../kernels/activation.hpp"
@@ -17,13 +18,15 @@ namespace spex {
 /// Configuration of a product-key layer (PEER, PKM). Give n_keys (n, N = n^2) or n_experts
 /// (N, a perfect square). Defaults are the PEER paper's: h = 8, k = 16, query BatchNorm,
 /// softmax over each head's k scores, sub-keys shared by all heads.
+/// Retrieval (infer) is exact up to N = 2^40; training keeps a row lookup table of 4 bytes per
+/// expert for the row-sparse gradients and is limited to N <= 2^31 - 1 (n <= 46340).
 struct ProductKeyLayerConfig {
   Index d_in = 0;
   Index d_out = 0;                   ///< 0: same as d_in
   Index n_keys = 0;                  ///< n; or
   Index n_experts = 0;               ///< N = n^2
   Index heads = 8;
-  Index top_k = 16;
+  Index top_k = 16;                  ///< experts per head
   Index d_key = 128;                 ///< query dimension per head (even)
   kernels::Activation activation = kernels::Activation::gelu_erf;  ///< PEER only
   ScoreFn score = ScoreFn::softmax;
@@ -37,13 +40,17 @@ struct ProductKeyLayerConfig {
 namespace detail {
 
 inline Index resolve_n_keys(const ProductKeyLayerConfig& c) {
-  if (c.n_keys > 0) {
+  if (c.n_keys != 0) {
+    SPEX_CHECK(c.n_keys >= 1 && c.n_keys <= kMaxProductKeys,
+               "n_keys = " << c.n_keys << " must be in [1, " << kMaxProductKeys << "]");
     SPEX_CHECK(c.n_experts == 0 || c.n_experts == c.n_keys * c.n_keys,
                "n_experts = " << c.n_experts << " does not match n_keys = " << c.n_keys << " (N = n^2)");
     return c.n_keys;
   }
   SPEX_CHECK(c.n_experts >= 1, "give n_keys (n) or n_experts (N = n^2); got n_keys = " << c.n_keys
                                                                                        << ", n_experts = " << c.n_experts);
+  const Index max_n = kMaxProductKeys;
+  SPEX_CHECK(c.n_experts <= max_n * max_n, "n_experts = " << c.n_experts << " exceeds 2^40");
   Index n = static_cast<Index>(std::llround(std::sqrt(static_cast<double>(c.n_experts))));
   while (n * n > c.n_experts) --n;
   while ((n + 1) * (n + 1) <= c.n_experts) ++n;
@@ -54,9 +61,14 @@ inline Index resolve_n_keys(const ProductKeyLayerConfig& c) {
 inline ProductKeyLayerConfig resolve(ProductKeyLayerConfig c) {
   SPEX_CHECK(c.d_in >= 1, "d_in = " << c.d_in << " must be >= 1");
   SPEX_CHECK(c.d_out >= 0, "d_out = " << c.d_out << " must be >= 0 (0: same as d_in)");
+  SPEX_CHECK(c.activation == kernels::Activation::identity || c.activation == kernels::Activation::relu ||
+                 c.activation == kernels::Activation::gelu_tanh || c.activation == kernels::Activation::gelu_erf ||
+                 c.activation == kernels::Activation::silu || c.activation == kernels::Activation::sigmoid,
+             "activation = " << int(c.activation) << " is not a kernels::Activation");
   c.n_keys = resolve_n_keys(c);
   c.n_experts = c.n_keys * c.n_keys;
   if (c.d_out == 0) c.d_out = c.d_in;
+  checked_mul(c.n_experts, std::max(c.d_in, c.d_out), "the expert table size n_experts * d");
   return c;
 }
 
@@ -76,20 +88,26 @@ inline KeyRetrievalConfig retrieval_config(const ProductKeyLayerConfig& c) {
   return r;
 }
 
-/// The layer skeleton. Layer provides: Experts type, experts_, experts_forward(x, c, y) and
-/// experts_backward(dy, c, dx, g), expert_parameters(list, g).
+/// The layer skeleton. Layer provides: kName, experts_forward(x, c, y), experts_backward(dy,
+/// c, dx, g), and Experts with parameters(prefix, grads*), check_grads(grads, what).
 template <class T, class Arch, class Layer, class Experts>
 class ProductKeyLayer {
  public:
   using Config = ProductKeyLayerConfig;
 
+  /// Per-call state, owned by the caller and reused across calls (no allocation once it has
+  /// seen the largest batch). One cache per concurrent caller.
   struct Cache {
     RowMat<T> x;                                   // the input, for backward
     typename KeyRetrieval<T, Arch>::Cache retrieval;
     typename Experts::Cache experts;
     RowMat<T> pre;                                 // expert pre-activations (PEER)
     RowMat<T> dgates;
+    RowMat<T> dy_copy;                             // dy, when dx is the same matrix
+    PassTag pass;
   };
+  /// Gradients; backward accumulates into them until zero(). Not assignable: parameter lists
+  /// point into them (core/parameter.hpp, Lifetime).
   struct Grads {
     typename KeyRetrieval<T, Arch>::Grads retrieval;
     typename Experts::Grads experts;
@@ -98,6 +116,11 @@ class ProductKeyLayer {
       retrieval.zero();
       experts.zero();
     }
+    Grads(typename KeyRetrieval<T, Arch>::Grads r, typename Experts::Grads e) : retrieval(std::move(r)), experts(std::move(e)) {}
+    Grads(Grads&&) = default;
+    Grads(const Grads&) = default;
+    Grads& operator=(const Grads&) = delete;
+    Grads& operator=(Grads&&) = delete;
   };
 
   const Config& config() const { return cfg_; }
@@ -109,23 +132,29 @@ class ProductKeyLayer {
   Experts& experts() { return experts_; }
   const Experts& experts() const { return experts_; }
 
-  Grads make_grads() const { return Grads{retrieval_.make_grads(), experts_.make_grads()}; }
+  Grads make_grads() const { return Grads(retrieval_.make_grads(), experts_.make_grads()); }
 
-  /// Training forward: y (B x d_out) from x (B x d_in); fills `cache` (reused across calls:
-  /// no allocation once it has seen the largest batch) and updates BatchNorm's running
-  /// statistics. Not const for that reason.
+  /// Training forward: y (B x d_out) from x (B x d_in); fills `cache` for backward. Updates
+  /// BatchNorm's running statistics, only once the whole pass has succeeded (a pass that
+  /// throws changes nothing in the layer). y may be x itself (same matrix), no other overlap.
   void forward(CMatRef<T> x, MatRef<T> y, Cache& c) {
+    c.pass.invalidate();
     check_input(x, y);
     c.x = x;
     retrieval_.forward(x, c.retrieval);
-    self().experts_forward(x, c, y);
+    self().experts_forward(c.x, c, y);
+    retrieval_.commit_running_stats(c.retrieval);
+    c.pass.set(id_, PassTag::training, x.rows());
   }
 
-  /// Inference forward with eval-mode norm; thread-safe with one cache per thread.
+  /// Inference forward with eval-mode norm; const and thread-safe with one cache per thread.
+  /// A cache it fills cannot be used for backward.
   void infer(CMatRef<T> x, MatRef<T> y, Cache& c) const {
+    c.pass.invalidate();
     check_input(x, y);
     retrieval_.infer(x, c.retrieval);
     self().experts_forward(x, c, y);
+    c.pass.set(id_, PassTag::inference, x.rows());
   }
 
   /// Inference forward with a cache of its own (allocates on every call).
@@ -134,38 +163,70 @@ class ProductKeyLayer {
     infer(x, y, c);
   }
 
-  /// From dy (B x d_out) after forward(x, y, c): grads accumulate (dense for the query
-  /// network, norm and sub-keys; row-sparse for the expert tables, only rows retrieved in
-  /// this batch); *dx (B x d_in) is assigned when dx is given.
-  void backward(CMatRef<T> dy, Cache& c, MatRef<T>* dx, Grads& g) const {
-    SPEX_CHECK(c.x.rows() == dy.rows() && c.retrieval.ids.rows() == dy.rows(),
-               "dy has " << dy.rows() << " rows but the cache holds a forward pass of " << c.x.rows() << " tokens");
-    SPEX_CHECK(dy.cols() == cfg_.d_out, "dy has " << dy.cols() << " columns, expected d_out = " << cfg_.d_out);
-    if (cfg_.check_finite) check_finite(dy, "dy");
-    if (dx) {
-      check_shape(*dx, c.x.rows(), cfg_.d_in, "dx");
-      dx->setZero();
-    }
-    c.dgates.resize(dy.rows(), retrieval_.per_token());
-    self().experts_backward(dy, c, dx, g);
-    retrieval_.backward(c.x, c.dgates, c.retrieval, g.retrieval, dx);
+  /// From dy (B x d_out) after forward(x, y, c) on this layer: grads accumulate (dense for
+  /// the query network, norm and sub-keys; row-sparse for the expert tables, only the rows
+  /// retrieved in this batch); dx (B x d_in) is assigned. dx may be dy itself.
+  void backward(CMatRef<T> dy, MatRef<T> dx, Cache& c, Grads& g) const { backward_impl(dy, &dx, c, g); }
+  /// The same without the input gradient.
+  void backward(CMatRef<T> dy, Cache& c, Grads& g) const { backward_impl(dy, nullptr, c, g); }
+
+  /// Every parameter, named prefix + "query.weight", "norm.weight", "norm.bias",
+  /// "norm.running_mean", "norm.running_var" (buffers, no gradient), "keys.c1", "keys.c2"
+  /// (or "keys.h<head>.c1" ... with per-head keys), then the experts' tables, paired with
+  /// their gradients in `g`.
+  ParameterList<T> parameters(Grads& g, const std::string& prefix = "") {
+    check_grads(g);
+    return list(&g, prefix);
+  }
+  /// Writable values without gradients (loading weights).
+  ParameterList<T> parameters(const std::string& prefix = "") { return list(nullptr, prefix); }
+  /// Read-only values (saving weights from a const layer).
+  ParameterList<const T> parameters(const std::string& prefix = "") const {
+    return read_only(const_cast<ProductKeyLayer*>(this)->list(nullptr, prefix));
   }
 
-  /// Every parameter by name ("<layer>.query.weight", "<layer>.keys.c1", "<layer>.experts.up",
-  /// ...), paired with its gradient in `g` when given.
-  ParameterList<T> parameters(Grads* g = nullptr) {
-    ParameterList<T> list;
-    append_parameters(list, retrieval_.parameters(g ? &g->retrieval : nullptr), std::string(Layer::kName) + ".");
-    self().expert_parameters(list, g ? &g->experts : nullptr);
-    return list;
+  /// Throws unless `g` was made by a layer of this one's shapes.
+  void check_grads(const Grads& g) const {
+    retrieval_.check_grads(g.retrieval, "grads");
+    experts_.check_grads(g.experts, "grads");
   }
 
  protected:
   ProductKeyLayer(const Config& cfg, Rng& rng) : cfg_(resolve(cfg)), retrieval_(retrieval_config(cfg_), rng) {}
 
+  void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
+    c.pass.check_for_backward(id_, dy_in.rows(), Layer::kName);
+    SPEX_CHECK(dy_in.cols() == cfg_.d_out, "dy has " << dy_in.cols() << " columns, expected d_out = " << cfg_.d_out);
+    check_grads(g);
+    if (cfg_.check_finite) check_finite(dy_in, "dy");
+    const Index b = c.x.rows();
+    // dx is zeroed before dy is read: when dx is dy itself, work from a copy of dy.
+    const T* dy_data = dy_in.data();
+    if (dx) {
+      check_shape(*dx, b, cfg_.d_in, "dx");
+      check_no_partial_overlap(dy_in, *dx, "dy", "dx");
+      if (overlap(dy_in, *dx) == Overlap::identical) {
+        c.dy_copy = dy_in;
+        dy_data = nullptr;
+      }
+    }
+    const CMatRef<T> dy = dy_data ? dy_in : CMatRef<T>(c.dy_copy);
+    if (dx) dx->setZero();
+    c.dgates.resize(b, retrieval_.per_token());
+    self().experts_backward(dy, c, dx, g);
+    retrieval_.backward(c.x, c.dgates, c.retrieval, g.retrieval, dx);
+  }
+
+  ParameterList<T> list(Grads* g, const std::string& prefix) {
+    ParameterList<T> out = prefixed(retrieval_.parameters(g ? &g->retrieval : nullptr), prefix);
+    append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
+    return out;
+  }
+
   void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {
-    SPEX_CHECK(x.cols() == cfg_.d_in, "x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
+    SPEX_CHECK(x.cols() == cfg_.d_in, Layer::kName << ": x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
     check_shape(y, x.rows(), cfg_.d_out, "y");
+    check_no_partial_overlap(x, y, "x", "y");
     if (cfg_.check_finite) check_finite(x, "x");
   }
 
@@ -175,6 +236,7 @@ class ProductKeyLayer {
   Config cfg_;
   KeyRetrieval<T, Arch> retrieval_;
   Experts experts_;
+  LayerId id_;
 };
 
 }  // namespace detail
