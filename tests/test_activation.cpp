@@ -1,3 +1,6 @@
+#include <cmath>
+#include <limits>
+
 #include <spex/kernels/activation.hpp>
 
 #include "test_util.hpp"
@@ -30,6 +33,38 @@ TEMPLATE_TEST_CASE("SIMD activations and derivatives match the scalar twins", "[
           CHECK(dx[i] == Approx(dx_ref[i]).epsilon(1e-5).margin(1e-6));
         }
       }
+}
+
+TEMPLATE_TEST_CASE("activations and derivatives stay finite and reach their limits for huge and infinite inputs",
+                   "[kernels]", float, double) {
+  // GELU-tanh's derivative once returned NaN for |x| > 5e19 in float: x^2 overflowed and met
+  // (1 - tanh^2) = 0. Every activation, scalar and SIMD, on values up to +-inf.
+  using T = TestType;
+  const T big = std::numeric_limits<T>::max(), inf = std::numeric_limits<T>::infinity();
+  const std::vector<T> xs{T(-1e3), T(-1e10), T(-5e19), T(-1e30), -big, -inf, T(1e3), T(1e10), T(5e19), T(1e30), big, inf};
+  for (Activation a : kAll) {
+    std::vector<T> y(xs.size()), dy(xs.size(), T(1)), dx(xs.size()), ys(xs.size()), dxs(xs.size());
+    kernels::activate(a, xs.data(), y.data(), xs.size());
+    kernels::activate_backward(a, xs.data(), dy.data(), dx.data(), xs.size());
+    kernels::scalar::activate(a, xs.data(), ys.data(), xs.size());
+    kernels::scalar::activate_backward(a, xs.data(), dy.data(), dxs.data(), xs.size());
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+      CAPTURE(kernels::to_string(a), xs[i]);
+      const bool pos = xs[i] > 0;
+      // Limits: identity/relu/GELU/SiLU -> x (or 0 below), sigmoid -> 1 or 0; derivatives 1 or 0.
+      T want_y = pos ? xs[i] : T(0), want_d = pos ? T(1) : T(0);
+      if (a == Activation::identity) want_y = xs[i], want_d = T(1);
+      if (a == Activation::sigmoid) want_y = pos ? T(1) : T(0), want_d = T(0);
+      CHECK(ys[i] == want_y);
+      CHECK(y[i] == want_y);
+      CHECK(dxs[i] == want_d);
+      CHECK(dx[i] == want_d);
+    }
+    // NaN stays NaN.
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    CHECK(std::isnan(kernels::scalar::activate(a, nan)));
+    if (a != Activation::relu && a != Activation::identity) CHECK(std::isnan(kernels::scalar::derivative(a, nan)));
+  }
 }
 
 TEST_CASE("activation derivatives match central differences", "[kernels]") {

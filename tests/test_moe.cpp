@@ -176,6 +176,26 @@ TEST_CASE("MoE gradients match finite differences: TopK router, aux and z losses
     }
 }
 
+TEST_CASE("TopK gradients with capacity drops match finite differences in every mode", "[remoe][gradcheck]") {
+  // A dropped pair has gate 0, but with a normalizer over the k (renormalize, or softmax over
+  // the k) its logit still shapes the kept gates.
+  for (int mode = 0; mode < 3; ++mode) {
+    CAPTURE(mode);
+    MoEConfig cfg = small_config(FfnKind::gelu);
+    cfg.pre_softmax = mode != 1;
+    cfg.renormalize = mode == 2;
+    cfg.capacity_factor = 0.5;  // 9 tokens x 2 picks over 4 experts: at most 3 per expert
+    cfg.aux_coeff = 0.2;
+    TopKMoE moe(cfg, 8);
+    const RowMat<double> x = randn_mat(9, 5, 12);
+    TopKMoE::Cache c;
+    RowMat<double> y(9, 5);
+    moe.forward(x, y, c);
+    REQUIRE(c.router.dropped > 0);
+    check_gradients(moe, x);
+  }
+}
+
 TEST_CASE("the load-balanced penalty is the Switch formula with P := R, and f = 1 when balanced", "[remoe]") {
   const Index t_n = 12, e_n = 4;
   const double k = 2;

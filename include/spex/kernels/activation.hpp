@@ -52,11 +52,12 @@ B activate_batch(Activation a, const B& x) {
     case Activation::identity: return x;
     case Activation::relu: return xsimd::select(x < zero, zero, x);  // NaN stays NaN
     case Activation::gelu_tanh: {
-      const B inner = B(T(0.7978845608028654)) * xsimd::fma(B(T(0.044715)) * x, x * x, x);
+      const B xc = clamp_saturated(x);  // the gate saturates; x itself multiplies it
+      const B inner = B(T(0.7978845608028654)) * xsimd::fma(B(T(0.044715)) * xc, xc * xc, xc);
       return xsimd::select(below, zero, half * x * (one + xsimd::tanh(inner)));
     }
     case Activation::gelu_erf:
-      return xsimd::select(below, zero, half * x * (one + xsimd::erf(x * B(T(0.7071067811865476)))));
+      return xsimd::select(below, zero, half * x * (one + xsimd::erf(clamp_saturated(x) * B(T(0.7071067811865476)))));
     case Activation::silu: return xsimd::select(below, zero, x * sigmoid_batch(x));
     case Activation::sigmoid: return sigmoid_batch(x);
   }

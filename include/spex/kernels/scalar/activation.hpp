@@ -24,11 +24,12 @@ inline const char* to_string(Activation a) {
 
 namespace scalar {
 
-/// Beyond |x| > kActivationSaturation every activation here equals its limit to the last bit
-/// (relu, x or 0 for the GELUs and SiLU; 1 or 0 for their derivatives). The formulas are
-/// evaluated on x clamped to that range, so that x^3 or x * exp(-x^2) cannot overflow into
-/// inf * 0 = NaN for large or infinite inputs. NaN stays NaN.
-constexpr double kActivationSaturation = 100.0;
+/// Beyond |x| > kActivationSaturation every activation here equals its limit to the last bit,
+/// in float and double (exp(-800) underflows to 0 in both): x or 0 for the GELUs and SiLU, 1
+/// or 0 for the sigmoid and every derivative. Derivatives are evaluated on x clamped to that
+/// range and the GELUs and SiLU return 0 below it, so that x^2 or x * exp(-x^2) cannot
+/// overflow into inf * 0 = NaN for large or infinite inputs. NaN stays NaN.
+constexpr double kActivationSaturation = 800.0;
 
 template <class T>
 T clamp_saturated(T x) {
@@ -49,12 +50,14 @@ T activate(Activation a, T x) {
   switch (a) {
     case Activation::identity: return x;
     case Activation::relu: return x < T(0) ? T(0) : x;  // NaN stays NaN
-    case Activation::gelu_tanh:
+    case Activation::gelu_tanh: {
       if (x < -T(kActivationSaturation)) return T(0);
-      return T(0.5) * x * (T(1) + std::tanh(kSqrt2OverPi * (x + T(0.044715) * x * x * x)));
+      const T xc = clamp_saturated(x);  // the gate saturates; x itself multiplies it
+      return T(0.5) * x * (T(1) + std::tanh(kSqrt2OverPi * (xc + T(0.044715) * xc * xc * xc)));
+    }
     case Activation::gelu_erf:
       if (x < -T(kActivationSaturation)) return T(0);
-      return T(0.5) * x * (T(1) + std::erf(x * kInvSqrt2));
+      return T(0.5) * x * (T(1) + std::erf(clamp_saturated(x) * kInvSqrt2));
     case Activation::silu:
       if (x < -T(kActivationSaturation)) return T(0);
       return x * sigmoid(x);
