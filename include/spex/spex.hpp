@@ -1,6 +1,7 @@
 #pragma once
 // Umbrella header: everything public in spex.
 #include "core/check.hpp"
+#include "core/layer_state.hpp"
 #include "core/parallel.hpp"
 #include "core/parameter.hpp"
 #include "core/random.hpp"
@@ -15,6 +16,7 @@
 #include "experts/ffn.hpp"
 #include "experts/neurons.hpp"
 #include "experts/values.hpp"
+#include "layers/layer_concept.hpp"
 #include "layers/moe.hpp"
 #include "layers/peer.hpp"
 #include "layers/pkm.hpp"

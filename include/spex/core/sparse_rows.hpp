@@ -18,9 +18,7 @@ namespace spex {
 /// A row lookup table of n_rows int32 (4 bytes per table row) makes find-or-add O(1).
 /// Thread safety: none; writers coordinate through RowScatterPlan (see accumulate_rows).
 ///
-///   spex::SparseRowGrad<float> g(table.rows(), table.cols());
-///   g.add_row(42, grad_row);            // g.rows() == {42}
-///   g.apply_sgd(table, 0.1f);           // table.row(42) -= 0.1 * grad_row
+/// Usage: examples/snippets/building_blocks.cpp (compiled and run by the test suite).
 template <class T>
 class SparseRowGrad {
  public:

@@ -61,8 +61,7 @@ struct ExpertGroups {
 
 /// Thread safety: const methods; one cache and grads per concurrent caller.
 ///
-///   spex::FfnExperts<float> ffn(FfnKind::swiglu, /*experts=*/8, /*d=*/512, /*hidden=*/1024, rng);
-///   ffn.forward(x, gates, groups, y, cache);      // gates: B x E, zero = not routed
+/// Usage: see layers/moe.hpp, and examples/compare/blocks.hpp (a dense FFN block).
 template <class T = float, class Arch = default_arch>
 class FfnExperts {
  public:

@@ -32,6 +32,7 @@ template <class T = float, class Router = ReluRouter<T>, class Arch = default_ar
 class MoE {
  public:
   using Config = MoEConfig;
+  using Scalar = T;
   static constexpr bool kRelu = Router::kRelu;
   static constexpr const char* kName = "MoE";
 

@@ -8,16 +8,8 @@
 
 namespace spex {
 
-/// PEER layer.
-///
-///   spex::Peer<float>::Config cfg;
-///   cfg.d_in = 512; cfg.n_experts = 1024 * 1024; cfg.heads = 8; cfg.top_k = 16; cfg.d_key = 256;
-///   spex::Peer<float> peer(cfg, /*seed=*/1);
-///   spex::Peer<float>::Cache cache;
-///   auto grads = peer.make_grads();
-///   peer.forward(x, y, cache);              // training: x B x 512 -> y B x 512
-///   peer.backward(dy, cache, &dx, grads);   // row-sparse grads for experts.down/up
-///   peer.infer(x, y);                       // inference
+/// PEER layer. Usage: examples/snippets/peer.cpp (compiled and run by the test suite); the
+/// vocabulary it shares with Pkm and MoE: layers/layer_concept.hpp.
 template <class T = float, class Arch = default_arch>
 class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExperts<T, Arch>> {
   using Base = detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExperts<T, Arch>>;

@@ -7,13 +7,8 @@
 
 namespace spex {
 
-/// PKM layer (the `activation` field of the config is unused).
-///
-///   spex::Pkm<float>::Config cfg;
-///   cfg.d_in = 512; cfg.n_keys = 512; cfg.heads = 4; cfg.top_k = 32; cfg.d_key = 256;
-///   cfg.shared_keys = false;                 // the PKM reference's per-head keys
-///   spex::Pkm<float> pkm(cfg, /*seed=*/1);
-///   pkm.infer(x, y);
+/// PKM layer (the `activation` field of the config is unused). Usage:
+/// examples/snippets/peer.cpp (compiled and run by the test suite).
 template <class T = float, class Arch = default_arch>
 class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T, Arch>> {
   using Base = detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T, Arch>>;

@@ -23,9 +23,7 @@ struct UsageSummary {
 
 /// Accumulates expert usage. Not thread-safe; add() from one thread (it is O(picks)).
 ///
-///   spex::ExpertUsage usage(peer.n_experts());
-///   for (each eval batch) { peer.infer(x, y, cache); usage.add(cache.retrieval.ids, cache.retrieval.gates); }
-///   spex::UsageSummary s = usage.summary();   // s.usage_percent, s.kl_weighted, ...
+/// Usage: examples/snippets/building_blocks.cpp (compiled and run by the test suite).
 class ExpertUsage {
  public:
   explicit ExpertUsage(Index n_experts) : mass_(static_cast<std::size_t>(n_experts), 0.0), count_(mass_.size(), 0.0) {

@@ -12,9 +12,7 @@ namespace spex {
 /// Dense affine map. Thread safety: forward/backward are const; gradients go to the caller's
 /// LinearGrads.
 ///
-///   spex::Linear<float> proj(512, 256, /*bias=*/true, rng);
-///   proj.forward(x, y);                    // x: B x 512, y: B x 256
-///   proj.backward(x, dy, dx, grads);       // grads accumulate, dx (B x 512) is assigned
+/// Usage: examples/snippets/building_blocks.cpp (compiled and run by the test suite).
 template <class T>
 class Linear {
  public:

@@ -28,9 +28,7 @@ inline const char* to_string(NormKind k) {
 /// Thread safety: forward in eval mode and backward are const; forward in training mode
 /// updates the running statistics (BatchNorm), like PyTorch's train mode.
 ///
-///   spex::Norm<float> bn(spex::NormKind::batch, 256);
-///   bn.forward(q_raw, q, cache, /*training=*/true);
-///   bn.backward(dq, cache, grads, dq_raw);
+/// Usage: examples/snippets/building_blocks.cpp (compiled and run by the test suite).
 template <class T>
 class Norm {
  public:

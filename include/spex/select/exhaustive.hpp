@@ -23,8 +23,7 @@ constexpr Index kExhaustiveKeyBlock = 1024;
 /// stops allocating once it has seen the largest batch; keys are passed to each call.
 /// Thread safety: search() mutates the scratch, so use one object per concurrent caller.
 ///
-///   spex::ExhaustiveTopK<float> exact;
-///   exact.search(keys, queries, 16, scores, ids);   // keys N x d, queries B x d, out B x 16
+/// Usage: examples/snippets/building_blocks.cpp (compiled and run by the test suite).
 template <class T = float, class Arch = default_arch>
 class ExhaustiveTopK {
  public:

@@ -99,9 +99,7 @@ constexpr double kMaxLambda = 1e6;
 /// make both impossible; stats() tells how many steps lambda sat on a bound, and
 /// consecutive_steps_at_bound() > 0 for long means the target is not being reached.
 ///
-///   spex::LambdaController ctl(/*target=*/1.0 - 1.0 / 8);   // k = 1 of E = 8
-///   ctl.update(measured_sparsity);                          // after each optimizer step
-///   double lambda = ctl.lambda();
+/// Usage: examples/snippets/moe.cpp (compiled and run by the test suite).
 class LambdaController {
  public:
   struct State {

@@ -94,6 +94,7 @@ template <class T, class Arch, class Layer, class Experts>
 class ProductKeyLayer {
  public:
   using Config = ProductKeyLayerConfig;
+  using Scalar = T;
 
   /// Per-call state, owned by the caller and reused across calls (no allocation once it has
   /// seen the largest batch). One cache per concurrent caller.
