@@ -14,11 +14,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "compare/model.hpp"
 #include "compare/plot.hpp"
+
+#include "example_setup.hpp"
 
 namespace {
 
@@ -187,18 +190,25 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
   return out;
 }
 
+std::string full(double v) {
+  std::ostringstream s;
+  s.precision(17);
+  s << v;
+  return s.str();
+}
+
 void write_outputs(const std::vector<Curve>& curves, const Options& opt) {
   std::filesystem::create_directories(opt.out);
   std::ofstream csv(opt.out + "/curves.csv");
+  csv.precision(17);  // every bit of the doubles: runs with other thread counts must match exactly
   csv << "task,variant,step,train_loss,val_loss,sparsity,lambda\n";
   for (const auto& c : curves) {
     std::size_t e = 0;
     for (std::size_t i = 0; i < c.step.size(); ++i) {
       const bool has_eval = e < c.eval_step.size() && c.eval_step[e] == c.step[i];
       csv << c.task << ',' << c.variant << ',' << c.step[i] << ',' << c.train_loss[i] << ','
-          << (has_eval ? std::to_string(c.val_loss[e++]) : "") << ','
-          << (std::isnan(c.sparsity[i]) ? "" : std::to_string(c.sparsity[i])) << ','
-          << (c.lambda.empty() ? "" : std::to_string(c.lambda[i])) << '\n';
+          << (has_eval ? full(c.val_loss[e++]) : "") << ',' << (std::isnan(c.sparsity[i]) ? "" : full(c.sparsity[i]))
+          << ',' << (c.lambda.empty() ? "" : full(c.lambda[i])) << '\n';
     }
   }
   std::map<std::string, Panel> loss;
@@ -220,6 +230,7 @@ void write_outputs(const std::vector<Curve>& curves, const Options& opt) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  example_setup();
   Options opt;
   bool custom_text = false, custom_steps = false;
   for (int i = 1; i < argc; ++i) {

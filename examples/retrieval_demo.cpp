@@ -7,6 +7,8 @@
 
 #include <spex/spex.hpp>
 
+#include "example_setup.hpp"
+
 namespace {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -14,6 +16,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  example_setup();
   const spex::Index n = argc > 1 ? std::atoll(argv[1]) : 1024;
   const spex::Index d_key = argc > 2 ? std::atoll(argv[2]) : 256;
   const spex::Index k = argc > 3 ? std::atoll(argv[3]) : 16;

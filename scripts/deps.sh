@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages spex builds with, only those that are missing.
 # Usage: scripts/deps.sh [extra-package ...]
+# As root it runs apt-get itself; otherwise through sudo when there is one, and without sudo
+# it prints the command to run as root and stops.
 set -euo pipefail
 pkgs=(g++ cmake make libeigen3-dev libxsimd-dev catch2 "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo=sudo
-  echo "installing: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+[ ${#missing[@]} -eq 0 ] && exit 0
+install=(apt-get install -y -qq --no-install-recommends "${missing[@]}")
+if [ "$(id -u)" -eq 0 ]; then
+  as_root=()
+elif command -v sudo >/dev/null 2>&1; then
+  as_root=(sudo)
+else
+  echo "spex needs these Debian packages: ${missing[*]}" >&2
+  echo "run as root:  apt-get update && ${install[*]}" >&2
+  exit 1
 fi
+echo "installing: ${missing[*]}"
+"${as_root[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${as_root[@]}" "${install[@]}"

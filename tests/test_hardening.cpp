@@ -340,10 +340,11 @@ TEST_CASE("results do not depend on the number of threads", "[hardening][determi
   const int saved = max_threads();
   auto run = [](auto& layer, int threads) {
     set_num_threads(threads);
-    const RowMat<float> x = randn_mat(37, 6, 1).cast<float>(), dy = randn_mat(37, 6, 2).cast<float>();
+    const Index b = 130, d = layer.d_in();  // large enough for several GEMM blocks and tasks
+    const RowMat<float> x = randn_mat(b, d, 1).cast<float>(), dy = randn_mat(b, d, 2).cast<float>();
     auto g = layer.make_grads();
     typename std::decay_t<decltype(layer)>::Cache c;
-    RowMat<float> y(37, 6), dx(37, 6);
+    RowMat<float> y(b, d), dx(b, d);
     layer.forward(x, y, c);
     layer.backward(dy, dx, c, g);
     std::vector<RowMat<float>> out{y, dx};
@@ -359,18 +360,18 @@ TEST_CASE("results do not depend on the number of threads", "[hardening][determi
       CHECK(r1[i] == r3[i]);
     }
   };
-  ProductKeyLayerConfig shared = pk_config(6, 8), per_head = pk_config(6, 8);
-  shared.n_keys = per_head.n_keys = 16;
-  shared.heads = per_head.heads = 4;
+  ProductKeyLayerConfig shared = pk_config(128, 32), per_head = pk_config(128, 32);
+  shared.n_keys = per_head.n_keys = 64;
+  shared.heads = per_head.heads = 16;
   per_head.shared_keys = false;
   check([&] { return Peer<float>(shared, 1); });
   check([&] { return Peer<float>(per_head, 1); });
   check([&] { return Pkm<float>(per_head, 2); });
   check([&] {
-    MoE<float, ReluRouter<float>> m(moe_config(6), 3);
+    MoE<float, ReluRouter<float>> m(moe_config(96), 3);
     m.set_lambda(0.1);
     return m;
   });
-  check([&] { return MoE<float, TopKRouter<float>>(moe_config(6), 4); });
+  check([&] { return MoE<float, TopKRouter<float>>(moe_config(96), 4); });
   set_num_threads(saved);
 }

@@ -7,7 +7,16 @@
 #include <cstdint>
 #include <type_traits>
 
+// See core/types.hpp: GCC 12's AVX-512 intrinsics warn spuriously where they are inlined.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <xsimd/xsimd.hpp>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #if defined(XSIMD_NO_SUPPORTED_ARCHITECTURE)
 #define SPEX_SIMD 0

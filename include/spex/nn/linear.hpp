@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "../core/check.hpp"
+#include "../core/gemm.hpp"
 #include "../core/random.hpp"
 #include "../core/types.hpp"
 
@@ -61,10 +62,12 @@ class Linear {
   void forward(CMatRef<T> x, MatRef<T> y) const {
     SPEX_CHECK(x.cols() == in_features(), "x has " << x.cols() << " columns, expected in_features = " << in_features());
     check_shape(y, x.rows(), out_features(), "y");
-    if (overlap(x, y) == Overlap::none)
-      y.noalias() = x * weight_.transpose();
-    else
-      y = x * weight_.transpose();  // Eigen evaluates into a temporary first
+    if (overlap(x, y) == Overlap::none) {
+      gemm(y, x, weight_.transpose(), false);
+    } else {
+      const RowMat<T> copy = x;  // y overwrites x
+      gemm(y, copy, weight_.transpose(), false);
+    }
     if (has_bias()) y.rowwise() += bias_.transpose();
   }
 
@@ -86,14 +89,15 @@ class Linear {
   void backward_impl(CMatRef<T> x, CMatRef<T> dy, Grads& grads, MatRef<T>* dx, bool add) const {
     check_shape(dy, x.rows(), out_features(), "dy");
     check_grads(grads, "grads");
-    grads.weight.noalias() += dy.transpose() * x;
+    gemm(grads.weight, dy.transpose(), x, true);
     if (has_bias()) grads.bias += dy.colwise().sum().transpose();
     if (!dx) return;
-    const bool alias = overlap(dy, *dx) != Overlap::none;
-    if (add)
-      alias ? void(*dx += dy * weight_) : void(dx->noalias() += dy * weight_);
-    else
-      alias ? void(*dx = dy * weight_) : void(dx->noalias() = dy * weight_);
+    if (overlap(dy, *dx) == Overlap::none) {
+      gemm(*dx, dy, weight_, add);
+    } else {
+      const RowMat<T> copy = dy;  // dx overwrites dy
+      gemm(*dx, copy, weight_, add);
+    }
   }
 
   RowMat<T> weight_;
