@@ -26,9 +26,9 @@ inline int max_threads() {
 
 /// Sets the threads spex's parallel loops use from now on (omp_set_num_threads; n >= 1).
 /// Results never depend on it: every reduction in spex has a fixed order.
-/// Waiting threads: with OpenMP's default policy idle threads spin for a while, which on a
-/// machine whose cores are busy with other work makes a parallel loop far slower than one
-/// thread; set OMP_WAIT_POLICY=PASSIVE in the environment there (README, "Threads").
+/// Waiting threads: with OpenMP's default policy idle threads spin for a while, fastest when
+/// spex has its cores, far slower when other work shares them; set OMP_WAIT_POLICY=PASSIVE in
+/// the environment there, or use fewer threads (README, "Threads", has the measurements).
 inline void set_num_threads(int n) {
   SPEX_CHECK(n >= 1, "set_num_threads(" << n << "): the thread count must be >= 1");
 #if defined(_OPENMP)
