@@ -21,7 +21,8 @@ template <class Block>
 class Model {
  public:
   Model(int vocab, int context, Index emb, std::unique_ptr<Block> block, double lr, std::uint64_t seed)
-      : vocab_(vocab), context_(context), emb_(emb), d_(context * emb), block_(std::move(block)) {
+      : vocab_(vocab), context_(context), emb_(emb), d_(context * emb), block_(std::move(block)),
+        g_block_(block_->make_grads()) {
     spex::Rng rng(seed);
     embed_.resize(vocab, emb);
     spex::fill_normal(embed_, 1.0, rng);
@@ -29,12 +30,11 @@ class Model {
     out_ = spex::Linear<float>(d_, vocab, true, rng);
     g_embed_.reset(vocab, emb);
     g_norm_ = norm_.make_grads();
-    g_block_ = std::make_unique<typename Block::Grads>(block_->make_grads());
     g_out_ = out_.make_grads();
     params_.push_back(spex::sparse_parameter<float>("embed", embed_, &g_embed_));
     params_.push_back(spex::dense_parameter<float>("norm.weight", norm_.weight(), &g_norm_.weight));
     params_.push_back(spex::dense_parameter<float>("norm.bias", norm_.bias(), &g_norm_.bias));
-    spex::append_parameters(params_, block_->parameters(*g_block_, "block."));
+    spex::append_parameters(params_, block_->parameters(g_block_, "block."));
     params_.push_back(spex::dense_parameter<float>("out.weight", out_.weight(), &g_out_.weight));
     params_.push_back(spex::dense_parameter<float>("out.bias", out_.bias(), &g_out_.bias));
     spex::AdamConfig cfg;
@@ -72,7 +72,7 @@ class Model {
     dh_.resize(b, d_);
     out_.backward(h_, dlogits_, dh_, g_out_);
     dxn_.resize(b, d_);
-    block_->backward(dh_, dxn_, bc_, *g_block_);
+    block_->backward(dh_, dxn_, bc_, g_block_);
     norm_.backward(dxn_, nc_, g_norm_, dxn_);
     dh_ += dxn_;  // the residual: dx = dh + d(norm path)
     for (Index i = 0; i < b; ++i)
@@ -133,7 +133,7 @@ class Model {
   spex::Linear<float> out_;
   spex::SparseRowGrad<float> g_embed_;
   spex::Norm<float>::Grads g_norm_;
-  std::unique_ptr<typename Block::Grads> g_block_;  // not assignable: the parameter list points into it
+  typename Block::Grads g_block_;  // made once: the parameter list points into it
   spex::Linear<float>::Grads g_out_;
   spex::ParameterList<float> params_;
   std::unique_ptr<spex::Adam<float>> opt_;

@@ -38,17 +38,25 @@ namespace detail {
 
 namespace spex {
 
+/// (row, col) of the first NaN or Inf in `m`, or (-1, -1): one vectorized pass when all is
+/// finite (x * 0 is 0 for finite x and NaN for NaN and Inf; Eigen's sum() is vectorized,
+/// allFinite() is not); the search only runs to name the culprit.
+template <class Mat>
+std::pair<Index, Index> find_non_finite(const Mat& m) {
+  using S = typename Mat::Scalar;
+  if (!std::isnan(static_cast<double>((m.array() * S(0)).sum()))) return {-1, -1};
+  for (Eigen::Index r = 0; r < m.rows(); ++r)
+    for (Eigen::Index c = 0; c < m.cols(); ++c)
+      if (!std::isfinite(m(r, c))) return {Index(r), Index(c)};
+  return {-1, -1};
+}
+
 /// Throws naming `what` and the first (row, col) holding NaN or Inf.
 template <class Mat>
 void check_finite(const Mat& m, const char* what) {
-  // x * 0 is 0 for finite x and NaN for NaN and Inf; Eigen's sum() is vectorized (allFinite()
-  // is not). The loop below only runs to name the culprit.
-  using S = typename Mat::Scalar;
-  if (!std::isnan(static_cast<double>((m.array() * S(0)).sum()))) return;
-  for (Eigen::Index r = 0; r < m.rows(); ++r)
-    for (Eigen::Index c = 0; c < m.cols(); ++c)
-      SPEX_CHECK(std::isfinite(m(r, c)),
-                 what << " holds a non-finite value " << m(r, c) << " at (" << r << ", " << c << ")");
+  const auto at = find_non_finite(m);
+  SPEX_CHECK(at.first < 0, what << " holds a non-finite value " << m(at.first, at.second) << " at (" << at.first << ", "
+                                << at.second << ")");
 }
 
 /// Throws unless `m` is rows x cols, naming `what`.
@@ -59,8 +67,18 @@ void check_shape(const Mat& m, Eigen::Index rows, Eigen::Index cols, const char*
 }
 
 /// Throws unless `v` is finite and in [lo, hi], naming `what` (a config field or argument).
-inline void check_range(double v, double lo, double hi, const char* what) {
+inline void check_range(double v, double lo, double hi, const std::string& what) {
   SPEX_CHECK(std::isfinite(v) && v >= lo && v <= hi, what << " = " << v << " must be finite and in [" << lo << ", " << hi << "]");
+}
+
+/// Throws unless `v` is finite and >= lo, naming `what`.
+inline void check_at_least(double v, double lo, const std::string& what) {
+  SPEX_CHECK(std::isfinite(v) && v >= lo, what << " = " << v << " must be finite and >= " << lo);
+}
+
+/// Throws unless `v` is finite and > 0, naming `what`.
+inline void check_positive(double v, const std::string& what) {
+  SPEX_CHECK(std::isfinite(v) && v > 0, what << " = " << v << " must be finite and > 0");
 }
 
 /// a * b, throwing instead of overflowing (sizes computed from user input: n_keys^2, E * G).

@@ -3,7 +3,8 @@
 // cache records which layer filled it, with which pass (training forward or inference) and
 // for how many tokens. backward() accepts only a cache whose last pass was a training forward
 // of the same layer object, so a cache from another layer, or one that an infer() call
-// overwrote since, is a spex::Error instead of a silently mixed gradient.
+// overwrote since, is a spex::Error instead of a silently mixed gradient. Also here: the
+// argument checks every layer's forward and backward share.
 #include <atomic>
 #include <cstdint>
 
@@ -60,5 +61,33 @@ struct PassTag {
                layer_name << "::backward: dy has " << dy_rows << " rows but the cache holds a forward pass of " << tokens << " tokens");
   }
 };
+
+/// The checks of a layer's forward/infer arguments: x is B x d_in, y is B x d_out, y is x
+/// itself or does not overlap it, and (when asked) x is finite.
+template <class T>
+void check_forward_args(const CMatRef<T>& x, const MatRef<T>& y, Index d_in, Index d_out, bool finite, const char* layer) {
+  SPEX_CHECK(x.cols() == d_in, layer << ": x has " << x.cols() << " columns, expected d_in = " << d_in);
+  check_shape(y, x.rows(), d_out, "y");
+  check_no_partial_overlap(x, y, "x", "y");
+  if (finite) check_finite(x, "x");
+}
+
+/// The checks of a layer's backward arguments, before anything is written: the cache holds a
+/// training forward of this layer over dy's rows, dy is B x d_out (and finite when asked), dx
+/// (when given) is B x d_in and is dy itself or does not overlap it. Returns the dy to read:
+/// a copy in `dy_copy` when dx is dy, since layers zero dx before they read dy.
+template <class T>
+CMatRef<T> checked_backward_dy(const PassTag& pass, const LayerId& id, const char* layer, const CMatRef<T>& dy, Index d_in,
+                               Index d_out, bool finite, const MatRef<T>* dx, RowMat<T>& dy_copy) {
+  pass.check_for_backward(id, dy.rows(), layer);
+  SPEX_CHECK(dy.cols() == d_out, "dy has " << dy.cols() << " columns, expected d_out = " << d_out);
+  if (finite) check_finite(dy, "dy");
+  if (!dx) return dy;
+  check_shape(*dx, dy.rows(), d_in, "dx");
+  check_no_partial_overlap(dy, *dx, "dy", "dx");
+  if (overlap(dy, *dx) == Overlap::none) return dy;
+  dy_copy = dy;
+  return CMatRef<T>(dy_copy);
+}
 
 }  // namespace spex::detail

@@ -51,12 +51,6 @@ Parameter<T> dense_parameter(std::string name, M& value, std::remove_const_t<M>*
                       grad ? grad->data() : nullptr, nullptr};
 }
 
-/// A read-only dense parameter (for a const layer's list).
-template <class T, class M>
-Parameter<const T> const_parameter(std::string name, const M& value) {
-  return Parameter<const T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()), nullptr, nullptr};
-}
-
 /// A table whose gradient is row-sparse (or none when grad is null).
 template <class T>
 Parameter<T> sparse_parameter(std::string name, RowMat<T>& table, SparseRowGrad<T>* grad) {

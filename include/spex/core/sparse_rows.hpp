@@ -125,13 +125,29 @@ void check_sparse_grad(const SparseRowGrad<T>& g, const RowMat<T>& table, const 
                   << " table, the layer's is " << table.rows() << " x " << table.cols() << ": grads were made by another layer");
 }
 
-/// Groups the (token, position) occurrences of a batch's expert ids by gradient row, so the
-/// rows can be accumulated in parallel, each by one thread, in a fixed order (deterministic).
+/// Groups occurrences (a token's use of a table row) by the gradient row they add to, so the
+/// rows can be accumulated in parallel, each by one thread, in a fixed order (deterministic,
+/// whatever the thread count). Fill `slot` (one entry per occurrence: its row, or -1 to skip),
+/// then group(n_slots): the occurrences of row s are order[offsets[s] .. offsets[s + 1]),
+/// ascending. Reused across calls, it stops allocating once it has seen the largest batch.
 struct RowScatterPlan {
   std::vector<Index> slot;       // per occurrence
   std::vector<Index> offsets;    // per slot, into order (CSR)
   std::vector<Index> order;      // occurrences grouped by slot, ascending within a slot
   std::vector<Index> cursor;     // per slot, filling position
+
+  /// Counting sort of the occurrences in `slot` by their slot in [0, n_slots).
+  void group(Index n_slots) {
+    const Index occ = Index(slot.size());
+    offsets.assign(static_cast<std::size_t>(n_slots + 1), 0);
+    for (Index o = 0; o < occ; ++o)
+      if (slot[o] >= 0) ++offsets[slot[o] + 1];
+    for (Index s = 0; s < n_slots; ++s) offsets[s + 1] += offsets[s];
+    order.resize(static_cast<std::size_t>(offsets[n_slots]));
+    cursor.assign(offsets.begin(), offsets.end() - 1);
+    for (Index o = 0; o < occ; ++o)
+      if (slot[o] >= 0) order[cursor[slot[o]]++] = o;
+  }
 };
 
 /// grad.row(ids(t, j)) += coef(t, j) * src.row(t) for every occurrence with ids(t, j) >= 0,
@@ -150,16 +166,9 @@ void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no
       const Index id = ids(t, j);
       plan.slot[t * m + j] = id < 0 ? -1 : grad.slot_unset(id);
     }
-  // Counting sort of occurrences by slot; slots touched before this call are included too.
+  // Slots touched before this call are included too.
   const Index n_slots = grad.nnz_rows();
-  plan.offsets.assign(static_cast<std::size_t>(n_slots + 1), 0);
-  for (Index o = 0; o < occ; ++o)
-    if (plan.slot[o] >= 0) ++plan.offsets[plan.slot[o] + 1];
-  for (Index s = 0; s < n_slots; ++s) plan.offsets[s + 1] += plan.offsets[s];
-  plan.order.resize(static_cast<std::size_t>(plan.offsets[n_slots]));
-  plan.cursor.assign(plan.offsets.begin(), plan.offsets.end() - 1);
-  for (Index o = 0; o < occ; ++o)
-    if (plan.slot[o] >= 0) plan.order[plan.cursor[plan.slot[o]]++] = o;
+  plan.group(n_slots);
   const std::size_t w = static_cast<std::size_t>(grad.width());
   auto values = grad.values();
   parallel_for(n_slots, [&](Index s, int) {

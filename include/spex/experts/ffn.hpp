@@ -115,7 +115,6 @@ class FfnExperts {
   }
   /// "<prefix>w1" and "<prefix>w2" with their gradients in g, or none.
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
-    if (g) check_grads(*g, "grads");
     return {dense_parameter<T>(prefix + "w1", w1_, g ? &g->w1 : nullptr),
             dense_parameter<T>(prefix + "w2", w2_, g ? &g->w2 : nullptr)};
   }
@@ -157,6 +156,7 @@ class FfnExperts {
                 MatRef<T>* dx, Grads& g, Cache& c) const {
     check_shape(dy, x.rows(), d_out_, "dy");
     check_shape(dgates, x.rows(), n_experts_, "dgates");
+    check_grads(g, "grads");
     const Index rows = groups.rows();
     c.dyg.resize(rows, d_out_);
     c.da.resize(rows, hidden_);
@@ -173,7 +173,6 @@ class FfnExperts {
         c.dyg.row(r) = gates(t, e) * dy.row(t);
       }
     });
-    check_grads(g, "grads");
     parallel_for_dynamic(n_experts_, [&](Index e, int) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
       if (n == 0) return;

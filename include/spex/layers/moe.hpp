@@ -80,8 +80,7 @@ class MoE {
 
   /// The sparsity penalty's coefficient (ReLU router; ignored by TopK), in [0, kMaxLambda].
   void set_lambda(double lambda) {
-    SPEX_CHECK(std::isfinite(lambda) && lambda >= 0 && lambda <= kMaxLambda,
-               "lambda = " << lambda << " must be in [0, " << kMaxLambda << "]");
+    check_range(lambda, 0, kMaxLambda, "lambda");
     lambda_ = lambda;
   }
   double lambda() const { return lambda_; }
@@ -156,21 +155,10 @@ class MoE {
   }
 
   void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
-    c.pass.check_for_backward(id_, dy_in.rows(), kName);
-    SPEX_CHECK(dy_in.cols() == d_out(), "dy has " << dy_in.cols() << " columns, expected d_out = " << d_out());
+    const CMatRef<T> dy =
+        detail::checked_backward_dy(c.pass, id_, kName, dy_in, cfg_.d_in, d_out(), cfg_.check_finite, dx, c.dy_copy);
     check_grads(g);
-    if (cfg_.check_finite) check_finite(dy_in, "dy");
-    const Index b = c.x.rows();
-    bool copy = false;
-    if (dx) {
-      check_shape(*dx, b, cfg_.d_in, "dx");
-      check_no_partial_overlap(dy_in, *dx, "dy", "dx");
-      if (overlap(dy_in, *dx) == Overlap::identical) {  // dx is zeroed before dy is read
-        c.dy_copy = dy_in;
-        copy = true;
-      }
-    }
-    const CMatRef<T> dy = copy ? CMatRef<T>(c.dy_copy) : dy_in;
+    const Index b = dy.rows();
     if (dx) dx->setZero();
     c.dgates.resize(b, experts_.n_experts());
     experts_.backward(c.x, c.router.gates, c.groups, dy, c.dgates, dx, g.experts, c.experts);
@@ -185,10 +173,7 @@ class MoE {
   }
 
   void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {
-    SPEX_CHECK(x.cols() == cfg_.d_in, "MoE: x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
-    check_shape(y, x.rows(), d_out(), "y");
-    check_no_partial_overlap(x, y, "x", "y");
-    if (cfg_.check_finite) check_finite(x, "x");
+    detail::check_forward_args(x, y, cfg_.d_in, d_out(), cfg_.check_finite, kName);
   }
 
   void run(CMatRef<T> x, MatRef<T> y, Cache& c) const {

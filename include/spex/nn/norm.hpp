@@ -56,9 +56,8 @@ class Norm {
     SPEX_CHECK(features >= 1, "norm features = " << features << " must be >= 1");
     SPEX_CHECK(group >= 0, "norm group = " << group << " must be >= 0 (0: all features)");
     SPEX_CHECK(features % group_ == 0, "norm features = " << features << " is not a multiple of group = " << group_);
-    SPEX_CHECK(std::isfinite(double(eps)) && eps > T(0), "norm eps = " << eps << " must be finite and > 0");
-    SPEX_CHECK(std::isfinite(double(momentum)) && momentum >= T(0) && momentum <= T(1),
-               "norm momentum = " << momentum << " must be in [0, 1]");
+    check_positive(double(eps), "norm eps");
+    check_range(double(momentum), 0, 1, "norm momentum");
     if (kind_ != NormKind::none) {
       weight_ = Vec<T>::Ones(features);
       bias_ = Vec<T>::Zero(features);

@@ -33,10 +33,9 @@ struct AdamConfig {
 
 /// Throws spex::Error naming the first field out of range.
 inline void validate(const AdamConfig& c) {
-  SPEX_CHECK(std::isfinite(c.lr) && c.lr >= 0, "Adam lr = " << c.lr << " must be finite and >= 0");
-  SPEX_CHECK(std::isfinite(c.eps) && c.eps > 0, "Adam eps = " << c.eps << " must be finite and > 0");
-  SPEX_CHECK(std::isfinite(c.weight_decay) && c.weight_decay >= 0,
-             "Adam weight_decay = " << c.weight_decay << " must be finite and >= 0");
+  check_at_least(c.lr, 0, "Adam lr");
+  check_positive(c.eps, "Adam eps");
+  check_at_least(c.weight_decay, 0, "Adam weight_decay");
   SPEX_CHECK(c.beta1 >= 0 && c.beta1 < 1, "Adam beta1 = " << c.beta1 << " must be in [0, 1)");
   SPEX_CHECK(c.beta2 >= 0 && c.beta2 < 1, "Adam beta2 = " << c.beta2 << " must be in [0, 1)");
 }
@@ -59,7 +58,7 @@ class Adam {
       }
   }
   Adam(const ParameterList<T>& params, AdamConfig cfg)
-      : Adam(std::vector<ParamGroup<T>>{ParamGroup<T>{"all", params, 1.0, std::nullopt, std::nullopt}}, cfg) {}
+      : Adam(single_group(params), cfg) {}
 
   const AdamConfig& config() const { return cfg_; }
   /// Changes the settings (a learning-rate schedule); validated like the constructor's.
@@ -83,8 +82,7 @@ class Adam {
     const double c1 = 1.0 - std::pow(cfg_.beta1, double(t_)), c2 = 1.0 - std::pow(cfg_.beta2, double(t_));
     std::size_t i = 0;
     for (auto& g : groups_) {
-      const double lr = g.lr ? *g.lr : cfg_.lr * g.lr_scale;
-      const double wd = g.weight_decay ? *g.weight_decay : cfg_.weight_decay;
+      const double lr = g.effective_lr(cfg_.lr), wd = g.effective_weight_decay(cfg_.weight_decay);
       const kernels::AdamStep<T> dense{T(cfg_.beta1), T(cfg_.beta2), T(lr / c1), T(1.0 / std::sqrt(c2)), T(cfg_.eps),
                                        T(cfg_.decoupled ? lr * wd : 0.0), T(cfg_.decoupled ? 0.0 : wd)};
       // SparseAdam: m / (sqrt(v) + eps) * sqrt(c2) = m / (sqrt(v) / sqrt(c2) + eps / sqrt(c2)).

@@ -24,7 +24,17 @@ struct ParamGroup {
   double lr_scale = 1.0;
   std::optional<double> lr;
   std::optional<double> weight_decay;
+
+  /// The learning rate and weight decay of this group under an optimizer's settings.
+  double effective_lr(double optimizer_lr) const { return lr ? *lr : optimizer_lr * lr_scale; }
+  double effective_weight_decay(double optimizer_wd) const { return weight_decay ? *weight_decay : optimizer_wd; }
 };
+
+/// All of `params` in one group with the optimizer's settings.
+template <class T>
+std::vector<ParamGroup<T>> single_group(const ParameterList<T>& params) {
+  return {ParamGroup<T>{"all", params, 1.0, std::nullopt, std::nullopt}};
+}
 
 /// One rule of make_groups: parameters that `pick` selects go to group `name`.
 template <class T>
@@ -39,11 +49,10 @@ struct GroupRule {
 /// Throws unless the group's settings are usable (finite, >= 0), naming the group.
 template <class T>
 void check_group(const ParamGroup<T>& g) {
-  SPEX_CHECK(std::isfinite(g.lr_scale) && g.lr_scale >= 0,
-             "group '" << g.name << "': lr_scale = " << g.lr_scale << " must be finite and >= 0");
-  SPEX_CHECK(!g.lr || (std::isfinite(*g.lr) && *g.lr >= 0), "group '" << g.name << "': lr = " << *g.lr << " must be finite and >= 0");
-  SPEX_CHECK(!g.weight_decay || (std::isfinite(*g.weight_decay) && *g.weight_decay >= 0),
-             "group '" << g.name << "': weight_decay = " << *g.weight_decay << " must be finite and >= 0");
+  const std::string group = "group '" + g.name + "': ";
+  check_at_least(g.lr_scale, 0, group + "lr_scale");
+  if (g.lr) check_at_least(*g.lr, 0, group + "lr");
+  if (g.weight_decay) check_at_least(*g.weight_decay, 0, group + "weight_decay");
 }
 
 /// Splits `params` by rules: each parameter goes to the first rule that picks it; the ones no
@@ -98,7 +107,7 @@ double grad_norm(const ParameterList<T>& params) {
 /// leaving the gradients unchanged.
 template <class T>
 double clip_grad_norm(const ParameterList<T>& params, double max_norm) {
-  SPEX_CHECK(std::isfinite(max_norm) && max_norm > 0, "max_norm = " << max_norm << " must be finite and > 0");
+  check_positive(max_norm, "max_norm");
   const double norm = grad_norm(params);
   SPEX_CHECK(std::isfinite(norm), "the gradient norm is " << norm << ": a gradient holds NaN or Inf");
   if (norm <= max_norm) return norm;

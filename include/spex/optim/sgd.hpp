@@ -20,11 +20,10 @@ struct SgdConfig {
 
 /// Throws spex::Error naming the first field out of range.
 inline void validate(const SgdConfig& c) {
-  SPEX_CHECK(std::isfinite(c.lr) && c.lr >= 0, "SGD lr = " << c.lr << " must be finite and >= 0");
+  check_at_least(c.lr, 0, "SGD lr");
   SPEX_CHECK(std::isfinite(c.momentum) && c.momentum >= 0 && c.momentum < 1,
              "SGD momentum = " << c.momentum << " must be in [0, 1)");
-  SPEX_CHECK(std::isfinite(c.weight_decay) && c.weight_decay >= 0,
-             "SGD weight_decay = " << c.weight_decay << " must be finite and >= 0");
+  check_at_least(c.weight_decay, 0, "SGD weight_decay");
   SPEX_CHECK(!c.nesterov || c.momentum > 0, "SGD with Nesterov needs momentum > 0");
 }
 
@@ -40,7 +39,7 @@ class Sgd {
       for (auto& p : g.params) buf_.push_back(RowMat<T>::Zero(cfg.momentum > 0 && p.trainable() ? p.rows : 0, p.cols));
   }
   Sgd(const ParameterList<T>& params, SgdConfig cfg)
-      : Sgd(std::vector<ParamGroup<T>>{ParamGroup<T>{"all", params, 1.0, std::nullopt, std::nullopt}}, cfg) {}
+      : Sgd(single_group(params), cfg) {}
 
   const SgdConfig& config() const { return cfg_; }
   /// Changes the settings (a learning-rate schedule); validated like the constructor's.
@@ -56,8 +55,7 @@ class Sgd {
   void step() {
     std::size_t i = 0;
     for (auto& g : groups_) {
-      const T lr = T(g.lr ? *g.lr : cfg_.lr * g.lr_scale);
-      const T wd = T(g.weight_decay ? *g.weight_decay : cfg_.weight_decay);
+      const T lr = T(g.effective_lr(cfg_.lr)), wd = T(g.effective_weight_decay(cfg_.weight_decay));
       for (auto& p : g.params) {
         RowMat<T>& buf = buf_[i++];
         if (p.grad) {

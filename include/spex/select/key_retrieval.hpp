@@ -12,6 +12,7 @@
 #include "../core/check.hpp"
 #include "../core/parallel.hpp"
 #include "../core/parameter.hpp"
+#include "../core/sparse_rows.hpp"
 #include "../core/types.hpp"
 #include "../kernels/activation.hpp"
 #include "../kernels/vector.hpp"
@@ -64,7 +65,7 @@ class KeyRetrieval {
     IndexMat ids;                   // B x h*k, expert id = i1 * n + i2
     ProductKeysWorkspace<T> search;
     RowMat<T> dscores, dq;          // backward scratch
-    std::vector<Index> key_offsets, key_order, key_cursor;  // sub-key rows -> their occurrences
+    RowScatterPlan key_plan;        // sub-key gradient rows -> their occurrences
   };
 
   struct Grads {
@@ -108,14 +109,13 @@ class KeyRetrieval {
     SPEX_CHECK(cfg.d_key >= 2 && cfg.d_key % 2 == 0, "d_key = " << cfg.d_key << " must be even and >= 2");
     SPEX_CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.n_keys,
                "top_k = " << cfg.top_k << " must be in [1, n_keys = " << cfg.n_keys << "]");
-    checked_mul(cfg.heads, cfg.d_key, "heads * d_key");
     checked_mul(cfg.heads, cfg.top_k, "heads * top_k");
     checked_mul(cfg.d_in, checked_mul(cfg.heads, cfg.d_key, "heads * d_key"), "the query weight's size d_in * heads * d_key");
     SPEX_CHECK(cfg.score == ScoreFn::softmax || cfg.score == ScoreFn::sigmoid || cfg.score == ScoreFn::relu,
                "score = " << int(cfg.score) << " is not a ScoreFn");
     SPEX_CHECK(cfg.norm == NormKind::none || cfg.norm == NormKind::batch || cfg.norm == NormKind::layer,
                "norm = " << int(cfg.norm) << " is not a NormKind");
-    SPEX_CHECK(std::isfinite(cfg.norm_eps) && cfg.norm_eps > 0, "norm_eps = " << cfg.norm_eps << " must be finite and > 0");
+    check_positive(cfg.norm_eps, "norm_eps");
     check_range(cfg.norm_momentum, 0.0, 1.0, "norm_momentum");
     return cfg;
   }
@@ -192,7 +192,6 @@ class KeyRetrieval {
   /// Named parameters ("query.weight", "norm.weight", "keys.c1" or "keys.h3.c1", ...) with
   /// their gradients in `g` (or none when g is null).
   ParameterList<T> parameters(Grads* g) {
-    if (g) check_grads(*g, "grads");
     ParameterList<T> list;
     list.push_back(dense_parameter<T>("query.weight", query_.weight(), g ? &g->query.weight : nullptr));
     if (query_.has_bias()) list.push_back(dense_parameter<T>("query.bias", query_.bias(), g ? &g->query.bias : nullptr));
@@ -229,9 +228,8 @@ class KeyRetrieval {
 
   /// Names the token (row) of the first non-finite value; one cheap pass when all is finite.
   static void check_rows_finite(const RowMat<T>& m, const char* before, const char* after) {
-    if (!std::isnan(static_cast<double>((m.array() * T(0)).sum()))) return;
-    for (Index r = 0; r < m.rows(); ++r)
-      SPEX_CHECK(m.row(r).allFinite(), before << r << after);
+    const Index row = find_non_finite(m).first;
+    SPEX_CHECK(row < 0, before << row << after);
   }
 
   void retrieve(Cache& c) const {
@@ -300,29 +298,25 @@ class KeyRetrieval {
         }
       }
     });
-    // Gradient rows: (set * 2 + half) * n + i. Occurrence o = (t * heads + h) * k + j, twice.
+    // Gradient rows r = (set * 2 + half) * n + i; occurrence 2 * o + half for each score
+    // o = (t * heads + h) * k + j with a non-zero gradient.
     const Index n_rows = 2 * key_sets() * n, occ = b * heads * k;
-    auto row_of = [&](Index o, int hf) {
+    auto& plan = c.key_plan;
+    plan.slot.resize(static_cast<std::size_t>(2 * occ));
+    for (Index o = 0; o < occ; ++o) {
       const Index h = (o / k) % heads, e = c.ids.data()[o];
-      return (key_set(h) * 2 + hf) * n + (hf == 0 ? e / n : e % n);
-    };
-    c.key_offsets.assign(static_cast<std::size_t>(n_rows + 1), 0);
-    for (Index o = 0; o < occ; ++o)
-      if (c.dscores.data()[o] != T(0))
-        for (int hf = 0; hf < 2; ++hf) ++c.key_offsets[row_of(o, hf) + 1];
-    for (Index r = 0; r < n_rows; ++r) c.key_offsets[r + 1] += c.key_offsets[r];
-    c.key_order.resize(static_cast<std::size_t>(c.key_offsets[n_rows]));
-    c.key_cursor.assign(c.key_offsets.begin(), c.key_offsets.end() - 1);
-    for (Index o = 0; o < occ; ++o)
-      if (c.dscores.data()[o] != T(0))
-        for (int hf = 0; hf < 2; ++hf) c.key_order[c.key_cursor[row_of(o, hf)]++] = 2 * o + hf;
+      const bool used = c.dscores.data()[o] != T(0);
+      plan.slot[2 * o] = used ? (key_set(h) * 2) * n + e / n : -1;
+      plan.slot[2 * o + 1] = used ? (key_set(h) * 2 + 1) * n + e % n : -1;
+    }
+    plan.group(n_rows);
     constexpr Index kRowsPerTask = 64;
     parallel_for((n_rows + kRowsPerTask - 1) / kRowsPerTask, [&](Index task, int) {
       for (Index r = task * kRowsPerTask; r < std::min(n_rows, (task + 1) * kRowsPerTask); ++r) {
-        if (c.key_offsets[r] == c.key_offsets[r + 1]) continue;
+        if (plan.offsets[r] == plan.offsets[r + 1]) continue;
         T* dst = g.keys[r / n].row(r % n).data();
-        for (Index p = c.key_offsets[r]; p < c.key_offsets[r + 1]; ++p) {
-          const Index o = c.key_order[p] / 2, hf = c.key_order[p] % 2, t = o / (heads * k), h = (o / k) % heads;
+        for (Index p = plan.offsets[r]; p < plan.offsets[r + 1]; ++p) {
+          const Index o = plan.order[p] / 2, hf = plan.order[p] % 2, t = o / (heads * k), h = (o / k) % heads;
           kernels::axpy<Arch>(c.dscores.data()[o], &c.q(t, h * dk + hf * half), dst, hs);
         }
       }

@@ -3,8 +3,6 @@
 // top-k. A token uses every expert whose output is > 0 (0..E of them), so routing is dropless
 // and fully differentiable away from R = 0; the sparsity penalty (select/sparsity.hpp,
 // applied by the layer) holds the average at the target.
-#include <cmath>
-
 #include "../core/check.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
@@ -41,14 +39,8 @@ class ReluRouter {
   void forward(CMatRef<T> x, Cache& c) const {
     c.logits.resize(x.rows(), n_experts());
     linear_.forward(x, c.logits);
-    if (!std::isnan(static_cast<double>((c.logits.array() * T(0)).sum()))) {
-      c.gates = c.logits.cwiseMax(T(0));
-      return;
-    }
-    for (Index t = 0; t < c.logits.rows(); ++t)
-      for (Index j = 0; j < c.logits.cols(); ++j)
-        SPEX_CHECK(std::isfinite(double(c.logits(t, j))), "the router logit of token " << t << " for expert " << j << " is "
-                                                         << c.logits(t, j) << ": x or router.weight holds NaN/Inf, or their product overflows");
+    check_router_logits(c.logits);
+    c.gates = c.logits.cwiseMax(T(0));
   }
 
   /// dlogits = dgates on entries with logit > 0 (ReLU'(0) = 0); grads accumulate; *dx += the

@@ -60,15 +60,24 @@ inline const MoEConfig& validate(const MoEConfig& c) {
   checked_mul(checked_mul(e, h1, "the expert weight rows"), c.d_in, "the expert weight size");
   checked_mul(checked_mul(e, c.output_width(), "the expert output rows"), hidden / c.granularity, "the expert output weight size");
   checked_mul(e, c.d_in, "the router weight size");
-  SPEX_CHECK(std::isfinite(c.router_init_std) && c.router_init_std > 0,
-             "router_init_std = " << c.router_init_std << " must be finite and > 0");
+  check_positive(c.router_init_std, "router_init_std");
   SPEX_CHECK(c.penalty == Penalty::none || c.penalty == Penalty::l1 || c.penalty == Penalty::l1_lb,
              "penalty = " << int(c.penalty) << " is not a Penalty");
-  SPEX_CHECK(std::isfinite(c.aux_coeff) && c.aux_coeff >= 0, "aux_coeff = " << c.aux_coeff << " must be finite and >= 0");
-  SPEX_CHECK(std::isfinite(c.z_coeff) && c.z_coeff >= 0, "z_coeff = " << c.z_coeff << " must be finite and >= 0");
-  SPEX_CHECK(std::isfinite(c.capacity_factor) && c.capacity_factor >= 0,
-             "capacity_factor = " << c.capacity_factor << " must be finite and >= 0 (0: no capacity)");
+  check_at_least(c.aux_coeff, 0, "aux_coeff");
+  check_at_least(c.z_coeff, 0, "z_coeff");
+  check_at_least(c.capacity_factor, 0, "capacity_factor");
   return c;
+}
+
+/// Throws, naming the token and expert, unless every router logit is finite. Both routers
+/// call it: a NaN logit makes ReLU gates and softmax probabilities NaN, and TopK's top-k pads
+/// with id -1 when fewer than k logits are not NaN, which no expert may be indexed with.
+template <class T>
+void check_router_logits(const RowMat<T>& logits) {
+  const auto at = find_non_finite(logits);
+  SPEX_CHECK(at.first < 0, "the router logit of token " << at.first << " for expert " << at.second << " is "
+                                                        << logits(at.first, at.second)
+                                                        << ": x or router.weight holds NaN/Inf, or their product overflows");
 }
 
 }  // namespace spex

@@ -30,6 +30,7 @@ class TopKRouter {
   struct Cache {
     RowMat<T> logits, probs, gates;  // B x E; gates zero off the selection
     IndexMat selected;               // B x k expert ids (before capacity)
+    RowMat<T> selected_gates;        // B x k: the gates before capacity drops
     RowMat<unsigned char> kept;      // B x k: 0 where capacity dropped the pair
     RowMat<T> selected_logits;       // B x k
     Vec<double> counts;              // c_e of the selection
@@ -60,22 +61,18 @@ class TopKRouter {
     const Index b = x.rows(), e = n_experts();
     c.logits.resize(b, e);
     linear_.forward(x, c.logits);
+    check_router_logits(c.logits);
     c.probs.resize(b, e);
     c.lse.resize(b);
     c.gates.setZero(b, e);
     c.selected.resize(b, k_);
+    c.selected_gates.resize(b, k_);
     c.kept.setOnes(b, k_);
     c.selected_logits.resize(b, k_);
     const std::size_t es = static_cast<std::size_t>(e), ks = static_cast<std::size_t>(k_);
     parallel_for(b, [&](Index t, int) {
       const T* l = &c.logits(t, 0);
       kernels::softmax<Arch>(l, &c.probs(t, 0), es);
-      // A NaN logit (NaN router weights after a diverged step, NaN x unchecked) makes the
-      // softmax NaN, and top-k pads with id -1 when fewer than k logits are not NaN: no
-      // expert may be indexed with it. Such a token is an error.
-      for (Index j = 0; j < e; ++j)
-        SPEX_CHECK(std::isfinite(double(l[j])), "the router logit of token " << t << " for expert " << j << " is " << l[j]
-                                                 << ": x or router.weight holds NaN/Inf, or their product overflows");
       kernels::topk<Arch>(l, es, ks, &c.selected_logits(t, 0), &c.selected(t, 0));  // P has the same order
       const Index top = c.selected(t, 0);
       c.lse(t) = l[top] - std::log(c.probs(t, top));  // P_top = exp(l_top - lse), P_top >= 1/E
@@ -87,6 +84,7 @@ class TopKRouter {
       }
       if (!pre_softmax_ || renormalize_)
         for (Index j = 0; j < k_; ++j) c.gates(t, c.selected(t, j)) /= norm;
+      for (Index j = 0; j < k_; ++j) c.selected_gates(t, j) = c.gates(t, c.selected(t, j));
     });
     c.counts.setZero(e);
     for (Index t = 0; t < b; ++t)
@@ -146,17 +144,14 @@ class TopKRouter {
       } else {
         // gates = softmax over the k selected logits (q_j, dropped ones included), then the
         // dropped zeroed: dl_j = q_j ((kept_j ? dg_j : 0) - sum_kept q_i dg_i).
-        const T top = c.selected_logits(t, 0);
-        T z = 0, gdg = 0;
-        for (Index j = 0; j < k_; ++j) z += std::exp(c.selected_logits(t, j) - top);
+        T gdg = 0;
         for (Index j = 0; j < k_; ++j) {
           const Index ex = c.selected(t, j);
           gdg += c.gates(t, ex) * dgates(t, ex);
         }
         for (Index j = 0; j < k_; ++j) {
           const Index ex = c.selected(t, j);
-          const T q = std::exp(c.selected_logits(t, j) - top) / z;
-          dl[ex] += q * ((c.kept(t, j) != 0 ? dgates(t, ex) : T(0)) - gdg);
+          dl[ex] += c.selected_gates(t, j) * ((c.kept(t, j) != 0 ? dgates(t, ex) : T(0)) - gdg);
         }
       }
       // Through P = softmax(logits): dl += P (dp - <P, dp>); then the z-loss.

@@ -196,24 +196,11 @@ class ProductKeyLayer {
   ProductKeyLayer(const Config& cfg, Rng& rng) : cfg_(resolve(cfg)), retrieval_(retrieval_config(cfg_), rng) {}
 
   void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
-    c.pass.check_for_backward(id_, dy_in.rows(), Layer::kName);
-    SPEX_CHECK(dy_in.cols() == cfg_.d_out, "dy has " << dy_in.cols() << " columns, expected d_out = " << cfg_.d_out);
+    const CMatRef<T> dy =
+        checked_backward_dy(c.pass, id_, Layer::kName, dy_in, cfg_.d_in, cfg_.d_out, cfg_.check_finite, dx, c.dy_copy);
     check_grads(g);
-    if (cfg_.check_finite) check_finite(dy_in, "dy");
-    const Index b = c.x.rows();
-    // dx is zeroed before dy is read: when dx is dy itself, work from a copy of dy.
-    const T* dy_data = dy_in.data();
-    if (dx) {
-      check_shape(*dx, b, cfg_.d_in, "dx");
-      check_no_partial_overlap(dy_in, *dx, "dy", "dx");
-      if (overlap(dy_in, *dx) == Overlap::identical) {
-        c.dy_copy = dy_in;
-        dy_data = nullptr;
-      }
-    }
-    const CMatRef<T> dy = dy_data ? dy_in : CMatRef<T>(c.dy_copy);
     if (dx) dx->setZero();
-    c.dgates.resize(b, retrieval_.per_token());
+    c.dgates.resize(dy.rows(), retrieval_.per_token());
     self().experts_backward(dy, c, dx, g);
     retrieval_.backward(c.x, c.dgates, c.retrieval, g.retrieval, dx);
   }
@@ -225,10 +212,7 @@ class ProductKeyLayer {
   }
 
   void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {
-    SPEX_CHECK(x.cols() == cfg_.d_in, Layer::kName << ": x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
-    check_shape(y, x.rows(), cfg_.d_out, "y");
-    check_no_partial_overlap(x, y, "x", "y");
-    if (cfg_.check_finite) check_finite(x, "x");
+    check_forward_args(x, y, cfg_.d_in, cfg_.d_out, cfg_.check_finite, Layer::kName);
   }
 
   const Layer& self() const { return static_cast<const Layer&>(*this); }
