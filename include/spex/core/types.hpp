@@ -4,19 +4,9 @@
 // their own matrices, blocks or Eigen::Maps over their own buffers, with no copies.
 #include <cstdint>
 
-// GCC 12's AVX-512 intrinsics self-initialize ("__Y = __Y") in their _undefined helpers, which
-// -Wall reports as (maybe-)uninitialized in every function they are inlined into, hundreds of
-// times per TU with -march=native. The report is located in the intrinsics header, so it is
-// silenced where that header is first parsed: here (Eigen includes it) and in kernels/simd.hpp.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#include "../kernels/detail/intrinsics_warnings_off.hpp"  // spurious GCC 12 AVX-512 warnings
 #include <Eigen/Core>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "../kernels/detail/intrinsics_warnings_on.hpp"
 
 namespace spex {
 

@@ -7,16 +7,9 @@
 #include <cstdint>
 #include <type_traits>
 
-// See core/types.hpp: GCC 12's AVX-512 intrinsics warn spuriously where they are inlined.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#include "detail/intrinsics_warnings_off.hpp"  // spurious GCC 12 AVX-512 warnings
 #include <xsimd/xsimd.hpp>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "detail/intrinsics_warnings_on.hpp"
 
 #if defined(XSIMD_NO_SUPPORTED_ARCHITECTURE)
 #define SPEX_SIMD 0
