@@ -13,6 +13,11 @@
 
 namespace spex::detail {
 
+/// Tag of the layer constructors that allocate the expert tables without filling them; only
+/// the loaders (io/layers.hpp, through LayerFactory) use them, and they fill or map every row.
+struct Unfilled {};
+struct LayerFactory;
+
 /// A process-wide unique id; copies and assignments take a fresh one (a copied or reassigned
 /// layer is a different layer for the caches).
 class LayerId {

@@ -14,6 +14,7 @@
 
 #include "check.hpp"
 #include "sparse_rows.hpp"
+#include "table.hpp"
 #include "types.hpp"
 
 namespace spex {
@@ -32,6 +33,9 @@ struct Parameter {
   Index rows = 0, cols = 0;
   Scalar* grad = nullptr;
   SparseRowGrad<Scalar>* sparse_grad = nullptr;
+  /// The table storage behind `value` when it can read a mapped file in place (expert tables;
+  /// io/ uses it for memory-mapped loading), else null.
+  Table<Scalar>* table = nullptr;
 
   ValueMap value_map() const { return ValueMap(value, rows, cols); }
   Eigen::Map<RowMat<Scalar>> grad_map() const { return Eigen::Map<RowMat<Scalar>>(grad, rows, cols); }
@@ -48,7 +52,7 @@ template <class T, class M>
 Parameter<T> dense_parameter(std::string name, M& value, std::remove_const_t<M>* grad) {
   if (grad) check_shape(*grad, value.rows(), value.cols(), "gradient of a dense parameter");
   return Parameter<T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()),
-                      grad ? grad->data() : nullptr, nullptr};
+                      grad ? grad->data() : nullptr, nullptr, nullptr};
 }
 
 /// A table whose gradient is row-sparse (or none when grad is null).
@@ -58,7 +62,22 @@ Parameter<T> sparse_parameter(std::string name, RowMat<T>& table, SparseRowGrad<
     SPEX_CHECK(grad->n_rows() == table.rows() && grad->width() == table.cols(),
                "the row-sparse gradient of '" << name << "' is for a " << grad->n_rows() << " x " << grad->width()
                                               << " table, the table is " << table.rows() << " x " << table.cols());
-  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad};
+  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad, nullptr};
+}
+
+/// A Table (core/table.hpp) with its row-sparse gradient (or none). A mapped table is copied
+/// into owned memory first: the list hands out writable values.
+template <class T>
+Parameter<T> sparse_parameter(std::string name, Table<T>& table, SparseRowGrad<T>* grad) {
+  Parameter<T> p = sparse_parameter<T>(std::move(name), table.mutable_matrix(), grad);
+  p.table = &table;
+  return p;
+}
+
+/// The read-only form of a Table (never copies a mapped one).
+template <class T>
+Parameter<const T> table_parameter(std::string name, const Table<T>& table) {
+  return Parameter<const T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, nullptr, nullptr};
 }
 
 /// Appends `more` to `list` with `prefix` before each name ("block3." + "query.weight").
@@ -82,7 +101,7 @@ template <class T>
 ParameterList<const T> read_only(const ParameterList<T>& list) {
   ParameterList<const T> out;
   out.reserve(list.size());
-  for (const auto& p : list) out.push_back(Parameter<const T>{p.name, p.value, p.rows, p.cols, nullptr, nullptr});
+  for (const auto& p : list) out.push_back(Parameter<const T>{p.name, p.value, p.rows, p.cols, nullptr, nullptr, nullptr});
   return out;
 }
 

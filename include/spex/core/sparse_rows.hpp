@@ -118,8 +118,8 @@ class SparseRowGrad {
 };
 
 /// Throws unless `g` is a gradient for `table` (same rows and width), naming the parameter.
-template <class T>
-void check_sparse_grad(const SparseRowGrad<T>& g, const RowMat<T>& table, const char* what, const char* param) {
+template <class T, class TableT>
+void check_sparse_grad(const SparseRowGrad<T>& g, const TableT& table, const char* what, const char* param) {
   SPEX_CHECK(g.n_rows() == table.rows() && g.width() == table.cols(),
              what << " holds a gradient of " << param << " for a " << g.n_rows() << " x " << g.width()
                   << " table, the layer's is " << table.rows() << " x " << table.cols() << ": grads were made by another layer");

@@ -13,6 +13,7 @@
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../core/sparse_rows.hpp"
+#include "../core/table.hpp"
 #include "../core/types.hpp"
 #include "../kernels/activation.hpp"
 #include "../kernels/gather.hpp"
@@ -45,29 +46,36 @@ class NeuronExperts {
   NeuronExperts() = default;
   /// N experts; u, v ~ N(0, 1/d_in) and N(0, 1/d_out) (the spec's suggested default).
   NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng)
-      : down_(n_experts, d_in), up_(n_experts, d_out), act_(act) {
-    SPEX_CHECK(n_experts >= 1 && d_in >= 1 && d_out >= 1,
-               "NeuronExperts(" << n_experts << ", " << d_in << ", " << d_out << ") needs positive sizes");
-    advise_huge_pages(down_.data(), sizeof(T) * std::size_t(down_.size()));
-    advise_huge_pages(up_.data(), sizeof(T) * std::size_t(up_.size()));
+      : NeuronExperts(n_experts, d_in, d_out, act) {
     Rng r1 = rng.split(11), r2 = rng.split(12);
-    fill_normal(down_, 1.0 / std::sqrt(double(d_in)), r1);
-    fill_normal(up_, 1.0 / std::sqrt(double(d_out)), r2);
+    fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1);
+    fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2);
   }
+  /// Tables allocated, values unspecified: for loaders that fill or map every row.
+  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act)
+      : down_(checked_size(n_experts, d_in, d_out), d_in), up_(n_experts, d_out), act_(act) {}
 
   Index n_experts() const { return down_.rows(); }
   Index d_in() const { return down_.cols(); }
   Index d_out() const { return up_.cols(); }
   kernels::Activation activation() const { return act_; }
-  RowMat<T>& down() { return down_; }
-  const RowMat<T>& down() const { return down_; }
-  RowMat<T>& up() { return up_; }
-  const RowMat<T>& up() const { return up_; }
+  /// The tables (N x d_in and N x d_out, row i = expert i). Reading never copies; the
+  /// writable forms copy a memory-mapped table into owned memory first (core/table.hpp).
+  typename Table<T>::ConstMap down() const { return down_.matrix(); }
+  typename Table<T>::ConstMap up() const { return up_.matrix(); }
+  RowMat<T>& down() { return down_.mutable_matrix(); }
+  RowMat<T>& up() { return up_.mutable_matrix(); }
+  const Table<T>& down_table() const { return down_; }
+  const Table<T>& up_table() const { return up_; }
 
   /// "<prefix>down" and "<prefix>up" with their row-sparse gradients in g (or none).
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
     return {sparse_parameter<T>(prefix + "down", down_, g ? &g->down : nullptr),
             sparse_parameter<T>(prefix + "up", up_, g ? &g->up : nullptr)};
+  }
+  /// Read-only: never copies a mapped table.
+  ParameterList<const T> parameters(const std::string& prefix) const {
+    return {table_parameter<T>(prefix + "down", down_), table_parameter<T>(prefix + "up", up_)};
   }
 
   /// Row-sparse gradients for both tables (training: N <= 2^31 - 1, see SparseRowGrad).
@@ -135,7 +143,13 @@ class NeuronExperts {
     check_ids(ids, n_experts());
   }
 
-  RowMat<T> down_, up_;
+  static Index checked_size(Index n_experts, Index d_in, Index d_out) {
+    SPEX_CHECK(n_experts >= 1 && d_in >= 1 && d_out >= 1,
+               "NeuronExperts(" << n_experts << ", " << d_in << ", " << d_out << ") needs positive sizes");
+    return n_experts;
+  }
+
+  Table<T> down_, up_;
   kernels::Activation act_ = kernels::Activation::gelu_erf;
 };
 

@@ -10,6 +10,7 @@
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../core/sparse_rows.hpp"
+#include "../core/table.hpp"
 #include "../core/types.hpp"
 #include "../kernels/gather.hpp"
 
@@ -32,22 +33,27 @@ class ValueExperts {
 
   ValueExperts() = default;
   /// N slots of d_out; values ~ N(0, 1/d_out) (the PKM reference's N(0, v_dim^-1/2)).
-  ValueExperts(Index n_slots, Index d_out, Rng& rng) : values_(n_slots, d_out) {
-    SPEX_CHECK(n_slots >= 1 && d_out >= 1, "ValueExperts(" << n_slots << ", " << d_out << ") needs positive sizes");
-    advise_huge_pages(values_.data(), sizeof(T) * std::size_t(values_.size()));
+  ValueExperts(Index n_slots, Index d_out, Rng& rng) : ValueExperts(n_slots, d_out) {
     Rng r = rng.split(13);
-    fill_normal(values_, 1.0 / std::sqrt(double(d_out)), r);
+    fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r);
   }
+  /// Table allocated, values unspecified: for loaders that fill or map every row.
+  ValueExperts(Index n_slots, Index d_out) : values_(checked_size(n_slots, d_out), d_out) {}
 
   Index n_experts() const { return values_.rows(); }
   Index d_out() const { return values_.cols(); }
-  RowMat<T>& values() { return values_; }
-  const RowMat<T>& values() const { return values_; }
+  /// The table (N x d_out). Reading never copies; the writable form copies a memory-mapped
+  /// table into owned memory first (core/table.hpp).
+  typename Table<T>::ConstMap values() const { return values_.matrix(); }
+  RowMat<T>& values() { return values_.mutable_matrix(); }
+  const Table<T>& values_table() const { return values_; }
   Grads make_grads() const { return Grads{SparseRowGrad<T>(n_experts(), d_out())}; }
   /// "<prefix>values" with its row-sparse gradient in g (or none).
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
     return {sparse_parameter<T>(prefix + "values", values_, g ? &g->values : nullptr)};
   }
+  /// Read-only: never copies a mapped table.
+  ParameterList<const T> parameters(const std::string& prefix) const { return {table_parameter<T>(prefix + "values", values_)}; }
 
   /// y (B x d_out, assigned) = sum_j gates(t, j) v_{ids(t, j)}.
   void forward(CIndexMatRef ids, CMatRef<T> gates, MatRef<T> y) const {
@@ -78,7 +84,12 @@ class ValueExperts {
     check_ids(ids, n_experts());
   }
 
-  RowMat<T> values_;
+  static Index checked_size(Index n_slots, Index d_out) {
+    SPEX_CHECK(n_slots >= 1 && d_out >= 1, "ValueExperts(" << n_slots << ", " << d_out << ") needs positive sizes");
+    return n_slots;
+  }
+
+  Table<T> values_;
 };
 
 }  // namespace spex

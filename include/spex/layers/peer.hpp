@@ -14,6 +14,7 @@ template <class T = float, class Arch = default_arch>
 class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExperts<T, Arch>> {
   using Base = detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExperts<T, Arch>>;
   friend Base;
+  friend struct detail::LayerFactory;
 
  public:
   using typename Base::Cache;
@@ -24,6 +25,9 @@ class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExpert
   explicit Peer(const Config& cfg, std::uint64_t seed = 0) : Peer(cfg, Rng(seed)) {}
 
  private:
+  Peer(const Config& cfg, detail::Unfilled, Rng rng = Rng(0)) : Base(cfg, rng) {
+    this->experts_ = NeuronExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_in, this->cfg_.d_out, this->cfg_.activation);
+  }
   Peer(const Config& cfg, Rng rng) : Base(cfg, rng) {
     this->experts_ = NeuronExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_in, this->cfg_.d_out,
                                             this->cfg_.activation, rng);

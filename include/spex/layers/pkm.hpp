@@ -13,6 +13,7 @@ template <class T = float, class Arch = default_arch>
 class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T, Arch>> {
   using Base = detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T, Arch>>;
   friend Base;
+  friend struct detail::LayerFactory;
 
  public:
   using typename Base::Cache;
@@ -23,6 +24,9 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T
   explicit Pkm(const Config& cfg, std::uint64_t seed = 0) : Pkm(cfg, Rng(seed)) {}
 
  private:
+  Pkm(const Config& cfg, detail::Unfilled, Rng rng = Rng(0)) : Base(cfg, rng) {
+    this->experts_ = ValueExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_out);
+  }
   Pkm(const Config& cfg, Rng rng) : Base(cfg, rng) {
     this->experts_ = ValueExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_out, rng);
   }

@@ -183,7 +183,10 @@ class ProductKeyLayer {
   ParameterList<T> parameters(const std::string& prefix = "") { return list(nullptr, prefix); }
   /// Read-only values (saving weights from a const layer).
   ParameterList<const T> parameters(const std::string& prefix = "") const {
-    return read_only(const_cast<ProductKeyLayer*>(this)->list(nullptr, prefix));
+    // Retrieval's list only takes addresses; the experts' const list never copies a mapped table.
+    ParameterList<const T> out = read_only(prefixed(const_cast<KeyRetrieval<T, Arch>&>(retrieval_).parameters(nullptr), prefix));
+    append_parameters(out, experts_.parameters("experts."), prefix);
+    return out;
   }
 
   /// Throws unless `g` was made by a layer of this one's shapes.
