@@ -13,6 +13,19 @@ class Rng {
  public:
   explicit Rng(std::uint64_t seed = 0) : state_(seed) {}
 
+  /// Everything that determines the sequence from here on (save it to resume bit-exactly).
+  struct State {
+    std::uint64_t counter = 0;
+    double spare = 0.0;
+    bool has_spare = false;
+  };
+  State state() const { return State{state_, spare_, has_spare_}; }
+  void set_state(const State& s) {
+    state_ = s.counter;
+    spare_ = s.spare;
+    has_spare_ = s.has_spare;
+  }
+
   std::uint64_t next_u64() {
     std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;

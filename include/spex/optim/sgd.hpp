@@ -52,6 +52,11 @@ class Sgd {
   /// Momentum buffer of the i-th parameter (in group order; empty without momentum).
   const RowMat<T>& momentum_buffer(std::size_t i) const { return buf_.at(i); }
 
+  /// The state as named tensors, for checkpoints (io/checkpoint.hpp): "<prefix>momentum.<name>"
+  /// of every trainable parameter, full shape (none without momentum). SGD has no other state.
+  ParameterList<T> state(const std::string& prefix = "") { return state_list<T>(this, prefix); }
+  ParameterList<const T> state(const std::string& prefix = "") const { return state_list<const T>(this, prefix); }
+
   void step() {
     std::size_t i = 0;
     for (auto& g : groups_) {
@@ -74,6 +79,18 @@ class Sgd {
   }
 
  private:
+  template <class V, class Self>
+  static ParameterList<V> state_list(Self* self, const std::string& prefix) {
+    ParameterList<V> out;
+    std::size_t i = 0;
+    for (const auto& g : self->groups_)
+      for (const auto& p : g.params) {
+        auto& buf = self->buf_[i++];
+        if (p.trainable() && buf.size() > 0) out.push_back(dense_parameter<V>(prefix + "momentum." + p.name, buf, nullptr));
+      }
+    return out;
+  }
+
   template <class W, class G>
   void update_row(W w, const G& grad, RowMat<T>& buf, Index r, T lr, T wd) const {
     const T mu = T(cfg_.momentum);

@@ -1,0 +1,287 @@
+#pragma once
+// Saving and restoring everything training needs to resume bit-exactly, in one safetensors file:
+// parameters and buffers (BatchNorm running statistics), layers with their configs, optimizer
+// state (Adam's m, v and step count, SGD's momentum), the lambda controller's state, RNG states
+// and any strings of the caller's (a data position).
+//
+//   SafetensorsWriter w;                        // holds pointers: the objects must outlive write()
+//   w.add(model_params, "model.").add_optimizer("optim.", adam).add_state("lambda", ctl);
+//   w.set_metadata("data.position", std::to_string(step));
+//   w.write("ckpt.safetensors");
+//
+//   SafetensorsLoader ld("ckpt.safetensors");   // maps and validates the file
+//   ld.parameters(model_params_named_as_in_file, "model.").optimizer(adam, "optim.").state(ctl, "lambda");
+//   ld.commit();                                // writes everything, or nothing if any part failed
+//
+// Each staging call validates its part at once and throws spex::Error naming what is wrong;
+// commit() writes all staged parts and cannot fail. Scalar state lives in __metadata__ as JSON
+// strings: "<prefix>" -> {"kind": "Adam", "steps": t} (or {"kind": "Sgd"}), "<key>" -> the
+// LambdaController's or Rng's fields; doubles are written with 17 significant digits, so they
+// read back bit for bit.
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../core/random.hpp"
+#include "../optim/adam.hpp"
+#include "../optim/sgd.hpp"
+#include "../select/sparsity.hpp"
+#include "layer_config.hpp"
+#include "parameters.hpp"
+#include "safetensors.hpp"
+
+namespace spex {
+
+namespace detail {
+template <class Opt>
+struct OptimizerKind;
+template <class T, class Arch>
+struct OptimizerKind<Adam<T, Arch>> {
+  static constexpr const char* name = "Adam";
+  static constexpr bool has_steps = true;
+};
+template <class T>
+struct OptimizerKind<Sgd<T>> {
+  static constexpr const char* name = "Sgd";
+  static constexpr bool has_steps = false;
+};
+
+inline nlohmann::json state_json(const LambdaController::State& s) {
+  return {{"kind", "LambdaController"}, {"lambda", s.lambda}, {"alpha", s.alpha}, {"target", s.target},
+          {"min_lambda", s.min_lambda}, {"max_lambda", s.max_lambda}, {"steps", s.steps}, {"steps_at_min", s.steps_at_min},
+          {"steps_at_max", s.steps_at_max}, {"consecutive_at_bound", s.consecutive_at_bound}};
+}
+inline nlohmann::json state_json(const Rng::State& s) {
+  return {{"kind", "Rng"}, {"counter", s.counter}, {"spare", s.spare}, {"has_spare", s.has_spare}};
+}
+
+/// Field `name` of a state object, with the type checked; throws naming `where`.
+template <class V>
+V state_field(const nlohmann::json& j, const char* name, const std::string& where) {
+  SPEX_CHECK(j.contains(name), where << ": state has no field '" << name << "'");
+  const auto& f = j[name];
+  if constexpr (std::is_same<V, bool>::value) SPEX_CHECK(f.is_boolean(), where << ": state field '" << name << "' is not a boolean");
+  else if constexpr (std::is_integral<V>::value) SPEX_CHECK(f.is_number_integer(), where << ": state field '" << name << "' is not an integer");
+  else SPEX_CHECK(f.is_number(), where << ": state field '" << name << "' is not a number");
+  return f.get<V>();
+}
+}  // namespace detail
+
+/// Collects tensors and metadata, then writes one safetensors file (write_safetensors: atomic,
+/// fsync'd by default). Holds pointers to the objects added: they must outlive write().
+/// Thread safety: one thread per writer; the objects added must not change during write().
+class SafetensorsWriter {
+ public:
+  /// Parameters (and buffers) named prefix + their names, stored as `dtype` (default: as in
+  /// memory; F16/BF16 round to nearest even).
+  template <class P>
+  SafetensorsWriter& add(const ParameterList<P>& params, const std::string& prefix = "", std::optional<DType> dtype = {}) {
+    auto t = tensor_sources(params, prefix, dtype.value_or(dtype_of<std::remove_const_t<P>>()));
+    tensors_.insert(tensors_.end(), t.begin(), t.end());
+    return *this;
+  }
+  /// A layer: its parameters under `prefix` and its kind, config and state in the metadata, so
+  /// load_layer<L>(path, prefix) can build it from the file alone.
+  template <class L>
+  SafetensorsWriter& add_layer(const std::string& prefix, const L& layer, std::optional<DType> dtype = {}) {
+    SPEX_CHECK(!layers_.contains(prefix), "add_layer: a layer with prefix '" << prefix << "' was already added");
+    add(layer.parameters(prefix), "", dtype);
+    layers_[prefix] = layer_entry(layer);
+    return *this;
+  }
+  /// An optimizer's state under `prefix` (Adam: "<prefix>m.<name>", "<prefix>v.<name>" and the
+  /// step count; SGD: "<prefix>momentum.<name>").
+  template <class Opt>
+  SafetensorsWriter& add_optimizer(const std::string& prefix, const Opt& opt) {
+    add(opt.state(prefix));
+    nlohmann::json j = {{"kind", detail::OptimizerKind<Opt>::name}};
+    if constexpr (detail::OptimizerKind<Opt>::has_steps) j["steps"] = opt.steps();
+    return set_metadata(prefix, j.dump());
+  }
+  SafetensorsWriter& add_state(const std::string& key, const LambdaController& c) {
+    return set_metadata(key, detail::state_json(c.state()).dump());
+  }
+  SafetensorsWriter& add_state(const std::string& key, const Rng& r) { return set_metadata(key, detail::state_json(r.state()).dump()); }
+  /// Any tensor (e.g. I64 indices).
+  SafetensorsWriter& add_tensor(TensorSource t) {
+    tensors_.push_back(std::move(t));
+    return *this;
+  }
+  SafetensorsWriter& set_metadata(const std::string& key, std::string value) {
+    SPEX_CHECK(key != kMetadataKey, "metadata key '" << kMetadataKey << "' is spex's own (layers)");
+    SPEX_CHECK(!metadata_.count(key), "metadata key '" << key << "' set twice");
+    metadata_[key] = std::move(value);
+    return *this;
+  }
+  void write(const std::string& path, const WriteOptions& opt = {}) const {
+    auto metadata = metadata_;
+    if (!layers_.empty()) {
+      SpexMetadata m;
+      m.layers = layers_;
+      metadata[kMetadataKey] = m.dump();
+    }
+    write_safetensors(path, tensors_, metadata, opt);
+  }
+
+ private:
+  std::vector<TensorSource> tensors_;
+  std::map<std::string, std::string> metadata_;
+  nlohmann::json layers_ = nlohmann::json::object();
+};
+
+/// Stages the restoration of parameters, layers, optimizers and states from one file, then
+/// commits all of them at once. Each staging call validates its part and throws spex::Error on
+/// any problem; nothing is written before commit(), which writes everything.
+/// Thread safety: one thread per loader; the objects staged must not be used until commit().
+class SafetensorsLoader {
+ public:
+  explicit SafetensorsLoader(const std::string& path) : file_(path) {}
+  explicit SafetensorsLoader(SafetensorsFile file) : file_(std::move(file)) {}
+
+  const SafetensorsFile& file() const { return file_; }
+  const std::string& metadata(const std::string& key) const {
+    const auto it = file_.metadata().find(key);
+    SPEX_CHECK(it != file_.metadata().end(), file_.path() << ": no metadata '" << key << "'");
+    return it->second;
+  }
+  bool has_metadata(const std::string& key) const { return file_.metadata().count(key) > 0; }
+
+  /// `params` named as in the file; tensors starting with `scope` and matching no parameter
+  /// are unexpected (an error when strict).
+  template <class T>
+  SafetensorsLoader& parameters(const ParameterList<T>& params, const std::string& scope = "", const LoadOptions& opt = {}) {
+    auto load = std::make_shared<ParameterLoad<T>>(file_.view(), file_.keep_alive(), params, scope, opt);
+    actions_.push_back([this, load] {
+      load->apply();
+      merge(load->report());
+    });
+    return *this;
+  }
+
+  /// A layer's parameters under `prefix`. When the file describes a layer at `prefix`, its kind
+  /// and config must be this layer's (check_finite aside), and its state (ReMoE's lambda) is
+  /// restored too.
+  template <class L>
+  SafetensorsLoader& layer(L& layer, const std::string& prefix = "", const LoadOptions& opt = {}) {
+    const SpexMetadata meta = SpexMetadata::parse(file_.metadata(), file_.path());
+    if (meta.layers.contains(prefix)) {
+      const std::string where = file_.path() + ": layer '" + prefix + "'";
+      const auto entry = read_layer_entry<L>(meta.layers[prefix], meta.minor, where);
+      check_same_config(normalized(entry.config), normalized(layer.config()), where);
+      if constexpr (LayerKind<L>::has_lambda) {
+        check_range(entry.lambda, 0, kMaxLambda, "lambda in the file");
+        actions_.push_back([&layer, lambda = entry.lambda] { layer.set_lambda(lambda); });
+      }
+    }
+    return parameters(layer.parameters(prefix), prefix, opt);
+  }
+
+  /// An optimizer's state written by SafetensorsWriter::add_optimizer(prefix, ...) for the same
+  /// parameter list.
+  template <class Opt>
+  SafetensorsLoader& optimizer(Opt& opt, const std::string& prefix) {
+    const std::string where = file_.path() + ": optimizer '" + prefix + "'";
+    nlohmann::json j = parse_state(prefix, where);
+    const std::string kind = j.value("kind", std::string());
+    SPEX_CHECK(kind == detail::OptimizerKind<Opt>::name,
+               where << ": the file holds the state of a " << kind << " optimizer, not " << detail::OptimizerKind<Opt>::name);
+    if constexpr (detail::OptimizerKind<Opt>::has_steps) {
+      const long t = detail::state_field<long>(j, "steps", where);
+      SPEX_CHECK(t >= 0, where << ": steps = " << t << " must be >= 0");
+      actions_.push_back([&opt, t] { opt.set_steps(t); });
+    }
+    return parameters(opt.state(prefix), prefix);
+  }
+
+  SafetensorsLoader& state(LambdaController& c, const std::string& key) {
+    const std::string where = file_.path() + ": state '" + key + "'";
+    const nlohmann::json j = parse_state(key, where, "LambdaController");
+    LambdaController::State s;
+    s.lambda = detail::state_field<double>(j, "lambda", where);
+    s.alpha = detail::state_field<double>(j, "alpha", where);
+    s.target = detail::state_field<double>(j, "target", where);
+    s.min_lambda = detail::state_field<double>(j, "min_lambda", where);
+    s.max_lambda = detail::state_field<double>(j, "max_lambda", where);
+    s.steps = detail::state_field<long>(j, "steps", where);
+    s.steps_at_min = detail::state_field<long>(j, "steps_at_min", where);
+    s.steps_at_max = detail::state_field<long>(j, "steps_at_max", where);
+    s.consecutive_at_bound = detail::state_field<long>(j, "consecutive_at_bound", where);
+    LambdaController probe;
+    try {
+      probe.set_state(s);
+    } catch (const Error& e) {
+      SPEX_CHECK(false, where << ": " << e.what());
+    }
+    actions_.push_back([&c, s] { c.set_state(s); });
+    return *this;
+  }
+
+  SafetensorsLoader& state(Rng& r, const std::string& key) {
+    const std::string where = file_.path() + ": state '" + key + "'";
+    const nlohmann::json j = parse_state(key, where, "Rng");
+    Rng::State s;
+    s.counter = detail::state_field<std::uint64_t>(j, "counter", where);
+    s.spare = detail::state_field<double>(j, "spare", where);
+    s.has_spare = detail::state_field<bool>(j, "has_spare", where);
+    actions_.push_back([&r, s] { r.set_state(s); });
+    return *this;
+  }
+
+  /// Writes every staged part; returns what was copied, mapped, missing and unexpected.
+  LoadReport commit() {
+    for (auto& a : actions_) a();
+    actions_.clear();
+    return report_;
+  }
+
+ private:
+  nlohmann::json parse_state(const std::string& key, const std::string& where, const char* kind = nullptr) const {
+    const std::string& text = metadata(key);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      SPEX_CHECK(false, where << ": not valid JSON (" << e.what() << ")");
+    }
+    SPEX_CHECK(j.is_object(), where << ": not a JSON object");
+    if (kind) SPEX_CHECK(j.value("kind", std::string()) == kind, where << ": holds " << j.value("kind", std::string("?")) << ", not " << kind);
+    return j;
+  }
+
+  static ProductKeyLayerConfig normalized(const ProductKeyLayerConfig& c) { return detail::resolve(c); }
+  static MoEConfig normalized(MoEConfig c) {
+    validate(c);
+    if (c.d_out == 0) c.d_out = c.d_in;
+    if (c.hidden == 0) c.hidden = 4 * c.d_in;
+    return c;
+  }
+
+  template <class C>
+  static void check_same_config(const C& in_file, const C& in_layer, const std::string& where) {
+    nlohmann::json a = config_to_json(in_file), b = config_to_json(in_layer);
+    a.erase("check_finite");
+    b.erase("check_finite");
+    std::string diff;
+    for (const auto& kv : a.items())
+      if (kv.value() != b[kv.key()]) diff += "\n  " + kv.key() + ": file " + kv.value().dump() + ", layer " + b[kv.key()].dump();
+    SPEX_CHECK(diff.empty(), where << ": the file's config differs from the layer's" << diff);
+  }
+
+  void merge(const LoadReport& r) {
+    auto add = [](std::vector<std::string>& to, const std::vector<std::string>& from) { to.insert(to.end(), from.begin(), from.end()); };
+    add(report_.copied, r.copied);
+    add(report_.mapped, r.mapped);
+    add(report_.missing, r.missing);
+    add(report_.unexpected, r.unexpected);
+  }
+
+  SafetensorsFile file_;
+  std::vector<std::function<void()>> actions_;
+  LoadReport report_;
+};
+
+}  // namespace spex

@@ -1,0 +1,247 @@
+#pragma once
+// Layer configurations in a file's __metadata__, so a layer can be built from the file alone.
+//
+// Format (documented in README, "File format"): the metadata key "spex" holds a JSON document
+//   {"format": "spex", "version": [1, 0],
+//    "layers": {"<prefix>": {"kind": "Peer" | "Pkm" | "ReMoE" | "TopKMoE",
+//                            "dtype": "F32" | "F64",
+//                            "config": {<every Config field by its C++ name>},
+//                            "state": {"lambda": <double>}   (ReMoE only)}}}
+// Enum fields are strings (to_string of the enum: "gelu_erf", "softmax", "batch", "swiglu",
+// "l1_lb", ...). A config field that is absent takes the Config's default.
+// Compatibility rule: a file of another major version is rejected. A file of a newer minor
+// version may carry fields this reader does not know: they are ignored (minor versions only
+// add optional fields). In a file of this reader's minor version or older, an unknown field is
+// an error (a typo or a corrupted file must not be silently dropped).
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "../core/check.hpp"
+#include "../layers/moe.hpp"
+#include "../layers/peer.hpp"
+#include "../layers/pkm.hpp"
+#include "dtype.hpp"
+
+namespace spex {
+
+constexpr int kFormatMajor = 1, kFormatMinor = 0;
+/// The __metadata__ key that holds spex's document.
+constexpr const char* kMetadataKey = "spex";
+
+namespace detail {
+
+template <class E>
+bool parse_enum(const std::string& s, E& out, int count) {
+  for (int i = 0; i < count; ++i)
+    if (s == to_string(E(i))) {
+      out = E(i);
+      return true;
+    }
+  return false;
+}
+
+/// Reads or writes one field of a config: the single list of fields both directions use.
+struct ConfigToJson {
+  nlohmann::json& j;
+  template <class V>
+  void operator()(const char* name, const V& v) {
+    if constexpr (std::is_enum<V>::value) j[name] = to_string(v);
+    else j[name] = v;
+  }
+};
+
+struct ConfigFromJson {
+  const nlohmann::json& j;
+  const std::string& where;
+  int seen = 0;
+  template <class V>
+  void operator()(const char* name, V& v) {
+    if (!j.contains(name)) return;
+    ++seen;
+    const nlohmann::json& f = j[name];
+    if constexpr (std::is_enum<V>::value) {
+      SPEX_CHECK(f.is_string() && parse_enum(f.get<std::string>(), v, enum_count(v)),
+                 where << ": config field '" << name << "' = " << f.dump() << " is not a valid value");
+    } else if constexpr (std::is_same<V, bool>::value) {
+      SPEX_CHECK(f.is_boolean(), where << ": config field '" << name << "' = " << f.dump() << " is not a boolean");
+      v = f.get<bool>();
+    } else if constexpr (std::is_integral<V>::value) {
+      SPEX_CHECK(f.is_number_integer(), where << ": config field '" << name << "' = " << f.dump() << " is not an integer");
+      v = f.get<V>();
+    } else {
+      SPEX_CHECK(f.is_number(), where << ": config field '" << name << "' = " << f.dump() << " is not a number");
+      v = f.get<V>();
+    }
+  }
+  static int enum_count(kernels::Activation) { return 6; }
+  static int enum_count(ScoreFn) { return 3; }
+  static int enum_count(NormKind) { return 3; }
+  static int enum_count(FfnKind) { return 2; }
+  static int enum_count(Penalty) { return 3; }
+};
+
+template <class C, class F>
+void for_each_field(C& c, F& f) {
+  if constexpr (std::is_same<std::remove_const_t<C>, ProductKeyLayerConfig>::value) {
+    f("d_in", c.d_in);
+    f("d_out", c.d_out);
+    f("n_keys", c.n_keys);
+    f("n_experts", c.n_experts);
+    f("heads", c.heads);
+    f("top_k", c.top_k);
+    f("d_key", c.d_key);
+    f("activation", c.activation);
+    f("score", c.score);
+    f("norm", c.norm);
+    f("shared_keys", c.shared_keys);
+    f("query_bias", c.query_bias);
+    f("check_finite", c.check_finite);
+    f("norm_eps", c.norm_eps);
+    f("norm_momentum", c.norm_momentum);
+  } else {
+    static_assert(std::is_same<std::remove_const_t<C>, MoEConfig>::value, "a layer Config");
+    f("d_in", c.d_in);
+    f("d_out", c.d_out);
+    f("n_experts", c.n_experts);
+    f("hidden", c.hidden);
+    f("experts_per_token", c.experts_per_token);
+    f("granularity", c.granularity);
+    f("ffn", c.ffn);
+    f("router_init_std", c.router_init_std);
+    f("check_finite", c.check_finite);
+    f("penalty", c.penalty);
+    f("pre_softmax", c.pre_softmax);
+    f("renormalize", c.renormalize);
+    f("aux_coeff", c.aux_coeff);
+    f("z_coeff", c.z_coeff);
+    f("capacity_factor", c.capacity_factor);
+  }
+}
+
+}  // namespace detail
+
+/// The kind a layer type is recorded as.
+template <class L>
+struct LayerKind;
+template <class T, class Arch>
+struct LayerKind<Peer<T, Arch>> {
+  static constexpr const char* name = "Peer";
+  static constexpr bool has_lambda = false;
+};
+template <class T, class Arch>
+struct LayerKind<Pkm<T, Arch>> {
+  static constexpr const char* name = "Pkm";
+  static constexpr bool has_lambda = false;
+};
+template <class T, class Router, class Arch>
+struct LayerKind<MoE<T, Router, Arch>> {
+  static constexpr const char* name = Router::kRelu ? "ReMoE" : "TopKMoE";
+  static constexpr bool has_lambda = Router::kRelu;
+};
+
+template <class C>
+nlohmann::json config_to_json(const C& c) {
+  nlohmann::json j = nlohmann::json::object();
+  detail::ConfigToJson w{j};
+  detail::for_each_field(c, w);
+  return j;
+}
+
+/// A Config from its JSON object; `minor` is the file's minor version (unknown fields: see the
+/// compatibility rule above). Fields absent keep their defaults.
+template <class C>
+C config_from_json(const nlohmann::json& j, int minor, const std::string& where) {
+  SPEX_CHECK(j.is_object(), where << ": config is not an object");
+  C c;
+  detail::ConfigFromJson r{j, where};
+  detail::for_each_field(c, r);
+  if (r.seen != int(j.size()) && minor <= kFormatMinor) {
+    C probe;
+    nlohmann::json known = config_to_json(probe);
+    for (const auto& kv : j.items())
+      SPEX_CHECK(known.contains(kv.key()), where << ": unknown config field '" << kv.key() << "'");
+  }
+  return c;
+}
+
+/// The layer entry of a file (kind, dtype, config, state) for layer `l`.
+template <class L>
+nlohmann::json layer_entry(const L& l) {
+  nlohmann::json e = {{"kind", LayerKind<L>::name},
+                      {"dtype", to_string(dtype_of<typename L::Scalar>())},
+                      {"config", config_to_json(l.config())}};
+  if constexpr (LayerKind<L>::has_lambda) e["state"] = {{"lambda", l.lambda()}};
+  return e;
+}
+
+/// What a file's entry for a layer of type L says: its config and, for ReMoE, its lambda.
+template <class L>
+struct LayerEntry {
+  typename L::Config config;
+  double lambda = 0.0;
+};
+
+/// Reads and checks the entry `e` (kind must be L's); `minor` as in config_from_json.
+template <class L>
+LayerEntry<L> read_layer_entry(const nlohmann::json& e, int minor, const std::string& where) {
+  SPEX_CHECK(e.is_object(), where << ": the layer entry is not an object");
+  for (const auto& kv : e.items())
+    SPEX_CHECK(minor > kFormatMinor || kv.key() == "kind" || kv.key() == "dtype" || kv.key() == "config" || kv.key() == "state",
+               where << ": unknown layer entry field '" << kv.key() << "'");
+  const std::string kind = e.contains("kind") && e["kind"].is_string() ? e["kind"].get<std::string>() : "";
+  SPEX_CHECK(kind == LayerKind<L>::name, where << ": the file holds a layer of kind '" << kind << "', not " << LayerKind<L>::name);
+  SPEX_CHECK(e.contains("config"), where << ": the layer entry has no config");
+  LayerEntry<L> out;
+  out.config = config_from_json<typename L::Config>(e["config"], minor, where);
+  if constexpr (LayerKind<L>::has_lambda) {
+    if (e.contains("state")) {
+      const auto& st = e["state"];
+      SPEX_CHECK(st.is_object() && st.contains("lambda") && st["lambda"].is_number(), where << ": state must hold a number 'lambda'");
+      out.lambda = st["lambda"].get<double>();
+    }
+  }
+  return out;
+}
+
+/// spex's metadata document of a file: {"format", "version", "layers"}; an empty one when the
+/// file has none. Throws on another format, another major version or a malformed document.
+struct SpexMetadata {
+  int major = kFormatMajor, minor = kFormatMinor;
+  nlohmann::json layers = nlohmann::json::object();
+
+  static SpexMetadata parse(const std::map<std::string, std::string>& metadata, const std::string& where) {
+    SpexMetadata m;
+    const auto it = metadata.find(kMetadataKey);
+    if (it == metadata.end()) return m;
+    nlohmann::json doc;
+    try {
+      doc = nlohmann::json::parse(it->second);
+    } catch (const nlohmann::json::exception& e) {
+      SPEX_CHECK(false, where << ": metadata '" << kMetadataKey << "' is not valid JSON (" << e.what() << ")");
+    }
+    SPEX_CHECK(doc.is_object() && doc.value("format", std::string()) == "spex",
+               where << ": metadata '" << kMetadataKey << "' is not a spex document (no \"format\": \"spex\")");
+    const auto& v = doc.contains("version") ? doc["version"] : nlohmann::json();
+    SPEX_CHECK(v.is_array() && v.size() == 2 && v[0].is_number_integer() && v[1].is_number_integer(),
+               where << ": metadata version must be [major, minor], got " << v.dump());
+    m.major = v[0].get<int>();
+    m.minor = v[1].get<int>();
+    SPEX_CHECK(m.major == kFormatMajor, where << ": written in spex format " << m.major << "." << m.minor
+                                              << ", this reader reads format " << kFormatMajor << ".x");
+    for (const auto& kv : doc.items())
+      SPEX_CHECK(m.minor > kFormatMinor || kv.key() == "format" || kv.key() == "version" || kv.key() == "layers",
+                 where << ": unknown metadata field '" << kv.key() << "'");
+    if (doc.contains("layers")) {
+      m.layers = doc["layers"];
+      SPEX_CHECK(m.layers.is_object(), where << ": metadata 'layers' is not an object");
+    }
+    return m;
+  }
+
+  std::string dump() const {
+    return nlohmann::json{{"format", "spex"}, {"version", {major, minor}}, {"layers", layers}}.dump();
+  }
+};
+
+}  // namespace spex

@@ -1,0 +1,71 @@
+#pragma once
+// One-call saving and loading of layers (weights + config):
+//   save_layer("peer.safetensors", peer);                          // weights, kind, config
+//   auto p = load_layer<Peer<float>>("peer.safetensors");          // built from the file alone
+//   LoadOptions o; o.map = true;
+//   auto m = load_layer<Peer<float>>("peer.safetensors", "", o);   // expert tables read in place
+//   load_into("peer.safetensors", peer);                           // into an existing layer
+// Several layers in one file: SafetensorsWriter::add_layer with a prefix each, then
+// load_layer<L>(path, prefix). These are free functions rather than static members
+// (Peer<float>::load) so that the layers stay free of the JSON dependency io/ brings.
+#include <string>
+
+#include "checkpoint.hpp"
+
+namespace spex {
+
+namespace detail {
+/// Builds layers for loaders: Peer and Pkm with their expert tables allocated but not filled
+/// (a 4 GiB table is neither initialized nor touched before the load maps or fills it).
+struct LayerFactory {
+  template <class L>
+  static L make_unfilled(const typename L::Config& cfg) {
+    if constexpr (std::is_same<typename L::Config, ProductKeyLayerConfig>::value) return L(cfg, Unfilled{});
+    else return L(cfg);
+  }
+};
+}  // namespace detail
+
+/// Writes `layer` (weights, kind, config) to `path`, stored as `dtype` (default: as in memory).
+template <class L>
+void save_layer(const std::string& path, const L& layer, const std::string& prefix = "", std::optional<DType> dtype = {}) {
+  SafetensorsWriter().add_layer(prefix, layer, dtype).write(path);
+}
+
+/// The layer saved at `prefix` of the file, built from its recorded config. Every parameter
+/// must be in the file (also when opt.strict is false, which then only tolerates tensors
+/// the layer does not have). With opt.map, expert tables stored as L's scalar are read in place.
+template <class L>
+L load_layer(const SafetensorsFile& file, const std::string& prefix = "", LoadOptions opt = {}, LoadReport* report = nullptr) {
+  const SpexMetadata meta = SpexMetadata::parse(file.metadata(), file.path());
+  if (!meta.layers.contains(prefix)) {
+    std::string have;
+    for (const auto& kv : meta.layers.items()) have += (have.empty() ? "'" : ", '") + kv.key() + "'";
+    SPEX_CHECK(false, file.path() << ": no layer recorded at prefix '" << prefix << "'; the file records "
+                                  << (have.empty() ? std::string("no layers (saved without add_layer / save_layer?)") : "layers at " + have));
+  }
+  const std::string where = file.path() + ": layer '" + prefix + "'";
+  const auto entry = read_layer_entry<L>(meta.layers[prefix], meta.minor, where);
+  L layer = detail::LayerFactory::make_unfilled<L>(entry.config);
+  SafetensorsLoader loader(file);
+  loader.layer(layer, prefix, opt);
+  const LoadReport r = loader.commit();
+  SPEX_CHECK(r.missing.empty(), where << ": the file lacks " << detail::join(r.missing));
+  if (report) *report = r;
+  return layer;
+}
+template <class L>
+L load_layer(const std::string& path, const std::string& prefix = "", LoadOptions opt = {}, LoadReport* report = nullptr) {
+  return load_layer<L>(SafetensorsFile(path), prefix, opt, report);
+}
+
+/// Loads the weights (and ReMoE's lambda) saved at `prefix` into an existing layer of the same
+/// config; all-or-nothing.
+template <class L>
+LoadReport load_into(const std::string& path, L& layer, const std::string& prefix = "", const LoadOptions& opt = {}) {
+  SafetensorsLoader loader(path);
+  loader.layer(layer, prefix, opt);
+  return loader.commit();
+}
+
+}  // namespace spex

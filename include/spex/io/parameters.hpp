@@ -1,0 +1,175 @@
+#pragma once
+// Loading a ParameterList from a safetensors file by name, in two stages: check() finds every
+// problem at once (missing and unexpected tensors, shape and dtype mismatches, non-finite
+// values) and throws one spex::Error listing them all, before any value is written; apply()
+// then writes (it cannot fail). Loading is therefore all-or-nothing.
+//
+// Shapes: a parameter of rows x cols matches a tensor of shape [rows, cols]; a vector
+// (cols == 1 or rows == 1) also matches [n], PyTorch's shape for biases and norm weights; a
+// 1 x 1 parameter matches []. Saving writes vectors (cols == 1) as [n], the rest as [rows, cols].
+// Dtypes: F64, F32, F16 and BF16 load into float and double parameters (converted exactly or
+// rounded to nearest even); any other dtype is an error for a floating parameter.
+#include <memory>
+#include <sstream>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "../core/check.hpp"
+#include "../core/parameter.hpp"
+#include "safetensors.hpp"
+
+namespace spex {
+
+struct LoadOptions {
+  bool strict = true;        ///< tensors missing from the file, or in it with no parameter, are errors
+  bool map = false;          ///< tables whose dtype, shape and alignment match read the mapped file in place
+  bool check_finite = true;  ///< NaN or Inf in a copied tensor is an error (mapped tensors are not read)
+};
+
+/// What a load did (names as in the file).
+struct LoadReport {
+  std::vector<std::string> copied;      ///< written into the layer (converted when the dtype differs)
+  std::vector<std::string> mapped;      ///< read in place from the mapped file
+  std::vector<std::string> missing;     ///< parameters with no tensor (non-strict loads only)
+  std::vector<std::string> unexpected;  ///< tensors in scope with no parameter (non-strict loads only)
+};
+
+/// [rows] for a column vector, else [rows, cols].
+inline std::vector<std::int64_t> parameter_shape(Index rows, Index cols) {
+  if (cols == 1) return {rows};
+  return {rows, cols};
+}
+
+inline bool shape_matches(const std::vector<std::int64_t>& s, Index rows, Index cols) {
+  if (s.size() == 2) return s[0] == rows && s[1] == cols;
+  if (s.size() == 1) return (cols == 1 && s[0] == rows) || (rows == 1 && s[0] == cols);
+  return s.empty() && rows == 1 && cols == 1;
+}
+
+namespace detail {
+
+/// Index of the first value of a floating tensor that is not finite (after conversion to T),
+/// or -1.
+template <class T>
+std::int64_t first_non_finite(const unsigned char* p, DType t, std::uint64_t n) {
+  constexpr std::uint64_t kChunk = 4096;
+  T buf[kChunk];
+  for (std::uint64_t i = 0; i < n; i += kChunk) {
+    const std::uint64_t len = std::min(kChunk, n - i);
+    convert_from_bytes(p + i * dtype_size(t), t, buf, len);
+    for (std::uint64_t j = 0; j < len; ++j)
+      if (!std::isfinite(buf[j])) return std::int64_t(i + j);
+  }
+  return -1;
+}
+
+inline std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + v[i];
+  return s;
+}
+
+}  // namespace detail
+
+/// A staged load of `params` from a validated file image. Tensors count as unexpected only
+/// when their name starts with `scope` (several layers or an optimizer may share a file).
+/// `keep_alive` owns the image's memory (SafetensorsFile::keep_alive()); without it nothing is
+/// mapped in place.
+template <class T>
+class ParameterLoad {
+ public:
+  ParameterLoad(const SafetensorsView& file, std::shared_ptr<const void> keep_alive, const ParameterList<T>& params,
+                const std::string& scope, const LoadOptions& opt)
+      : file_(file), keep_alive_(std::move(keep_alive)) {
+    std::vector<std::string> problems;
+    std::unordered_set<std::string> wanted;
+    for (const auto& p : params) {
+      if (!wanted.insert(p.name).second) {
+        problems.push_back("parameter '" + p.name + "' appears twice in the list");
+        continue;
+      }
+      const TensorInfo* t = file.find(p.name);
+      if (!t) {
+        (opt.strict ? missing_ : report_.missing).push_back(p.name);
+        continue;
+      }
+      if (!is_float_dtype(t->dtype)) {
+        problems.push_back("'" + p.name + "' is " + to_string(t->dtype) + ", a floating parameter needs F64, F32, F16 or BF16");
+        continue;
+      }
+      if (!shape_matches(t->shape, p.rows, p.cols)) {
+        problems.push_back("'" + p.name + "' has shape " + shape_string(t->shape) + ", the parameter is " +
+                           std::to_string(p.rows) + " x " + std::to_string(p.cols));
+        continue;
+      }
+      const bool map = opt.map && p.table && keep_alive_ && t->dtype == dtype_of<T>() && t->shape.size() == 2 &&
+                       reinterpret_cast<std::uintptr_t>(file.data(*t)) % alignof(T) == 0;
+      if (!map && opt.check_finite) {
+        const std::int64_t at = detail::first_non_finite<T>(file.data(*t), t->dtype, t->elements());
+        if (at >= 0)
+          problems.push_back("'" + p.name + "' holds a non-finite value at flat index " + std::to_string(at) +
+                             (t->dtype == dtype_of<T>() ? std::string() : " (after conversion from " + std::string(to_string(t->dtype)) + ")"));
+      }
+      items_.push_back(Item{p, t, map});
+    }
+    std::vector<std::string> unexpected;
+    for (const auto& t : file.tensors())
+      if (t.name.compare(0, scope.size(), scope) == 0 && !wanted.count(t.name))
+        (opt.strict ? unexpected : report_.unexpected).push_back(t.name);
+    std::ostringstream os;
+    if (!missing_.empty()) os << "\n  missing from the file: " << detail::join(missing_);
+    if (!unexpected.empty()) os << "\n  in the file but not in the layer: " << detail::join(unexpected);
+    for (const auto& p : problems) os << "\n  " << p;
+    SPEX_CHECK(os.str().empty(), file.source() << ": cannot load " << params.size() << " parameters" << os.str()
+                                               << (opt.strict && (missing_.size() || unexpected.size())
+                                                       ? "\n  (LoadOptions::strict = false loads the tensors that match)"
+                                                       : ""));
+  }
+
+  /// Writes every matched tensor (copy or map). Call once, after every other staged part of a
+  /// load has been checked.
+  void apply() {
+    for (auto& it : items_) {
+      const TensorInfo& t = *it.t;
+      if (it.map) {
+        it.p.table->adopt_view(reinterpret_cast<const T*>(file_.data(t)), it.p.rows, it.p.cols, keep_alive_);
+        report_.mapped.push_back(it.p.name);
+      } else if (t.dtype == dtype_of<T>()) {
+        std::memcpy(it.p.value, file_.data(t), t.bytes());
+        report_.copied.push_back(it.p.name);
+      } else {
+        convert_from_bytes(file_.data(t), t.dtype, it.p.value, t.elements());
+        report_.copied.push_back(it.p.name);
+      }
+    }
+    items_.clear();
+  }
+
+  const LoadReport& report() const { return report_; }
+
+ private:
+  struct Item {
+    Parameter<T> p;
+    const TensorInfo* t;
+    bool map;
+  };
+  const SafetensorsView& file_;
+  std::shared_ptr<const void> keep_alive_;
+  std::vector<Item> items_;
+  std::vector<std::string> missing_;
+  LoadReport report_;
+};
+
+/// The tensors that save `params` (const or not) as `dtype` (default: as stored in memory).
+template <class P>
+std::vector<TensorSource> tensor_sources(const ParameterList<P>& params, const std::string& prefix = "",
+                                         DType dtype = dtype_of<std::remove_const_t<P>>()) {
+  check_unique_names(params);
+  std::vector<TensorSource> out;
+  for (const auto& p : params)
+    out.push_back(TensorSource{prefix + p.name, dtype, parameter_shape(p.rows, p.cols), p.value, dtype_of<std::remove_const_t<P>>()});
+  return out;
+}
+
+}  // namespace spex

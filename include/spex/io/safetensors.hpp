@@ -1,0 +1,392 @@
+#pragma once
+// The safetensors format (the one PyTorch users already have): an 8-byte little-endian header
+// length N, N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, ...,
+// "__metadata__": {string: string}} (padded with spaces), then the data section; offsets are
+// relative to its start.
+//
+// A loader is an attack surface, so a file is validated completely before anything reads a
+// tensor: the header length against the file, the JSON (nlohmann/json, with duplicate keys
+// rejected at every level), every entry's keys and types, the dtype, the shape (non-negative,
+// no overflow), the byte range (dtype size x elements), and the data section's layout, which
+// must be tiled exactly as the reference implementation requires: sorted by offset the tensors
+// start at 0, each begins where the previous one ends, the last ends at the end of the file (no
+// gap, no overlap, no trailing bytes). Every failure is a spex::Error naming the file, the
+// tensor and the problem.
+//
+// SafetensorsFile maps the file read-only and shared: tensors are read in place (no copy), the
+// pages come from the page cache on first touch, and several processes mapping the same file
+// share them. The file must not change while it is mapped: the data read would change with it
+// (and a truncated file raises SIGBUS on access). Writers here never modify a file in place:
+// write_safetensors writes a temporary file beside it and renames it over the old one, so a
+// process that still maps the old file keeps reading the old, intact contents.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "../core/check.hpp"
+#include "dtype.hpp"
+
+namespace spex {
+
+/// One tensor of a file: its dtype, shape and byte range [begin, end) in the data section.
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin = 0, end = 0;
+
+  std::uint64_t elements() const {
+    std::uint64_t n = 1;
+    for (auto s : shape) n *= static_cast<std::uint64_t>(s);
+    return n;
+  }
+  std::uint64_t bytes() const { return end - begin; }
+};
+
+/// "[2, 3]"
+inline std::string shape_string(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+/// Headers larger than this are rejected before parsing (the reference's limit).
+constexpr std::uint64_t kMaxSafetensorsHeader = 100u << 20;
+
+/// A validated safetensors image in memory (not owned). Thread safety: immutable after
+/// construction; any number of readers.
+class SafetensorsView {
+ public:
+  /// Parses and validates the whole image; throws spex::Error naming `source` (a path).
+  SafetensorsView(const unsigned char* data, std::size_t size, std::string source = "safetensors buffer")
+      : source_(std::move(source)) {
+    parse(data, size);
+  }
+
+  const std::string& source() const { return source_; }
+  /// Tensors in the order of their data (by offset).
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  /// The tensor called `name`, or null.
+  const TensorInfo* find(const std::string& name) const {
+    const auto it = index_.find(name);
+    return it == index_.end() ? nullptr : &tensors_[it->second];
+  }
+  /// The tensor called `name`; throws naming the file otherwise.
+  const TensorInfo& at(const std::string& name) const {
+    const TensorInfo* t = find(name);
+    SPEX_CHECK(t, source_ << ": no tensor named '" << name << "'");
+    return *t;
+  }
+  /// The first byte of a tensor's data (not necessarily aligned to its dtype).
+  const unsigned char* data(const TensorInfo& t) const { return data_section_ + t.begin; }
+  /// Bytes of the JSON header (without the 8-byte length).
+  std::uint64_t header_bytes() const { return header_bytes_; }
+  std::uint64_t data_bytes() const { return data_bytes_; }
+
+ private:
+  void parse(const unsigned char* data, std::size_t size) {
+    SPEX_CHECK(size >= 8, source_ << ": truncated: " << size << " bytes, a safetensors file starts with an 8-byte header length");
+    std::uint64_t n = 0;
+    std::memcpy(&n, data, 8);
+    SPEX_CHECK(n <= size - 8, source_ << ": header length " << n << " runs past the end of the file (" << size << " bytes)");
+    SPEX_CHECK(n <= kMaxSafetensorsHeader, source_ << ": header length " << n << " exceeds the limit of " << kMaxSafetensorsHeader);
+    SPEX_CHECK(n >= 2 && data[8] == '{', source_ << ": the header is not a JSON object");
+    header_bytes_ = n;
+    data_section_ = data + 8 + n;
+    data_bytes_ = size - 8 - n;
+    const nlohmann::json header = parse_json(reinterpret_cast<const char*>(data + 8), n);
+    SPEX_CHECK(header.is_object(), source_ << ": the header is not a JSON object");
+    for (const auto& item : header.items()) {
+      if (item.key() == "__metadata__") {
+        read_metadata(item.value());
+        continue;
+      }
+      tensors_.push_back(read_entry(item.key(), item.value()));
+    }
+    check_layout();
+    for (std::size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
+  }
+
+  // Object nesting is at most 2 deep and arrays hold numbers only; keys are unique per object.
+  nlohmann::json parse_json(const char* text, std::uint64_t n) const {
+    std::vector<std::unordered_set<std::string>> open_objects;
+    int depth = 0;
+    const auto cb = [&](int, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
+      using E = nlohmann::json::parse_event_t;
+      if (ev == E::object_start || ev == E::array_start) {
+        SPEX_CHECK(++depth <= 3, source_ << ": the header nests deeper than a safetensors header can");
+        if (ev == E::object_start) open_objects.emplace_back();
+      } else if (ev == E::object_end || ev == E::array_end) {
+        --depth;
+        if (ev == E::object_end) open_objects.pop_back();
+      } else if (ev == E::key) {
+        const std::string& key = parsed.get_ref<const std::string&>();
+        SPEX_CHECK(open_objects.back().insert(key).second, source_ << ": the header has the key '" << key << "' twice");
+      }
+      return true;
+    };
+    try {
+      return nlohmann::json::parse(text, text + n, cb);
+    } catch (const nlohmann::json::exception& e) {
+      SPEX_CHECK(false, source_ << ": the header is not valid JSON (" << e.what() << ")");
+    }
+    return {};
+  }
+
+  void read_metadata(const nlohmann::json& m) {
+    SPEX_CHECK(m.is_object(), source_ << ": __metadata__ must be an object of strings");
+    for (const auto& kv : m.items()) {
+      SPEX_CHECK(kv.value().is_string(), source_ << ": __metadata__ entry '" << kv.key() << "' is not a string");
+      metadata_.emplace(kv.key(), kv.value().get<std::string>());
+    }
+  }
+
+  static bool is_count(const nlohmann::json& v) { return v.is_number_unsigned() || (v.is_number_integer() && v.get<std::int64_t>() >= 0); }
+
+  TensorInfo read_entry(const std::string& name, const nlohmann::json& e) const {
+    const std::string at = source_ + ": tensor '" + name + "'";
+    SPEX_CHECK(e.is_object(), at << ": its entry is not an object");
+    for (const auto& kv : e.items())
+      SPEX_CHECK(kv.key() == "dtype" || kv.key() == "shape" || kv.key() == "data_offsets",
+                 at << ": unknown key '" << kv.key() << "' (expected dtype, shape, data_offsets)");
+    SPEX_CHECK(e.contains("dtype") && e.contains("shape") && e.contains("data_offsets"),
+               at << ": needs dtype, shape and data_offsets");
+    TensorInfo t;
+    t.name = name;
+    SPEX_CHECK(e["dtype"].is_string() && parse_dtype(e["dtype"].get<std::string>(), t.dtype),
+               at << ": unknown dtype " << e["dtype"].dump());
+    const auto& shape = e["shape"];
+    SPEX_CHECK(shape.is_array(), at << ": shape is not an array");
+    std::uint64_t elements = 1;
+    bool overflow = false;
+    for (const auto& s : shape) {
+      SPEX_CHECK(is_count(s) && s.get<std::uint64_t>() <= std::uint64_t(INT64_MAX),
+                 at << ": shape " << shape.dump() << " holds something other than a non-negative integer");
+      const std::uint64_t d = s.get<std::uint64_t>();
+      t.shape.push_back(static_cast<std::int64_t>(d));
+      if (d != 0 && elements > UINT64_MAX / d) overflow = true;
+      elements *= d;
+    }
+    const auto& off = e["data_offsets"];
+    SPEX_CHECK(off.is_array() && off.size() == 2 && is_count(off[0]) && is_count(off[1]),
+               at << ": data_offsets must be two non-negative integers, got " << off.dump());
+    t.begin = off[0].get<std::uint64_t>();
+    t.end = off[1].get<std::uint64_t>();
+    SPEX_CHECK(t.begin <= t.end, at << ": data_offsets [" << t.begin << ", " << t.end << "] are out of order");
+    const std::uint64_t size = dtype_size(t.dtype);
+    SPEX_CHECK(!overflow && !(elements != 0 && elements > UINT64_MAX / size),
+               at << ": shape " << shape_string(t.shape) << " overflows a 64-bit byte count");
+    SPEX_CHECK(t.end - t.begin == elements * size, at << ": data_offsets [" << t.begin << ", " << t.end << "] hold "
+                                                      << t.end - t.begin << " bytes, " << to_string(t.dtype) << " "
+                                                      << shape_string(t.shape) << " needs " << elements * size);
+    SPEX_CHECK(t.end <= data_bytes_, at << ": data_offsets [" << t.begin << ", " << t.end << "] lie outside the data section of "
+                                        << data_bytes_ << " bytes");
+    return t;
+  }
+
+  void check_layout() {
+    std::stable_sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+      return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+    });
+    std::uint64_t pos = 0;
+    for (const auto& t : tensors_) {
+      SPEX_CHECK(t.begin >= pos, source_ << ": tensor '" << t.name << "' at [" << t.begin << ", " << t.end
+                                         << ") overlaps the tensor before it, which ends at " << pos);
+      SPEX_CHECK(t.begin == pos, source_ << ": a gap of " << t.begin - pos << " bytes before tensor '" << t.name << "' at " << t.begin);
+      pos = t.end;
+    }
+    SPEX_CHECK(pos == data_bytes_, source_ << ": " << data_bytes_ - pos << " trailing bytes after the last tensor");
+  }
+
+  std::string source_;
+  std::vector<TensorInfo> tensors_;
+  std::unordered_map<std::string, std::size_t> index_;
+  std::map<std::string, std::string> metadata_;
+  const unsigned char* data_section_ = nullptr;
+  std::uint64_t header_bytes_ = 0, data_bytes_ = 0;
+};
+
+namespace detail {
+
+/// A file mapped read-only and shared; unmapped when the last owner lets go.
+class FileMapping {
+ public:
+  explicit FileMapping(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    SPEX_CHECK(fd >= 0, path << ": cannot open (" << std::strerror(errno) << ")");
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      SPEX_CHECK(false, path << ": not a regular file");
+    }
+    size_ = static_cast<std::size_t>(st.st_size);
+    if (size_ > 0) {
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
+      const int err = errno;
+      ::close(fd);
+      SPEX_CHECK(p != MAP_FAILED, path << ": cannot map " << size_ << " bytes (" << std::strerror(err) << ")");
+      data_ = static_cast<const unsigned char*>(p);
+    } else {
+      ::close(fd);
+    }
+  }
+  ~FileMapping() {
+    if (data_) ::munmap(const_cast<unsigned char*>(data_), size_);
+  }
+  FileMapping(const FileMapping&) = delete;
+  FileMapping& operator=(const FileMapping&) = delete;
+
+  const unsigned char* data() const { return data_; }
+  std::size_t size() const { return size_; }
+
+ private:
+  const unsigned char* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+}  // namespace detail
+
+/// A safetensors file, mapped and validated on construction. Copies share the mapping; the
+/// mapping lives while a copy or a table reading it in place (keep_alive()) does.
+/// Thread safety: immutable; any number of readers.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path)
+      : path_(path), mapping_(std::make_shared<detail::FileMapping>(path)),
+        view_(std::make_shared<SafetensorsView>(mapping_->data(), mapping_->size(), path)) {}
+
+  const std::string& path() const { return path_; }
+  std::uint64_t file_bytes() const { return mapping_->size(); }
+  const SafetensorsView& view() const { return *view_; }
+  const std::vector<TensorInfo>& tensors() const { return view_->tensors(); }
+  const std::map<std::string, std::string>& metadata() const { return view_->metadata(); }
+  const TensorInfo* find(const std::string& name) const { return view_->find(name); }
+  const TensorInfo& at(const std::string& name) const { return view_->at(name); }
+  const unsigned char* data(const TensorInfo& t) const { return view_->data(t); }
+  /// Owns the mapping: hold it as long as you read tensor data in place.
+  std::shared_ptr<const void> keep_alive() const { return mapping_; }
+
+ private:
+  std::string path_;
+  std::shared_ptr<detail::FileMapping> mapping_;
+  std::shared_ptr<SafetensorsView> view_;
+};
+
+/// One tensor to write: `count` values at `data` of type `data_type`, stored as `dtype` (the
+/// same, or both floating: converted with round-to-nearest-even) with `shape`.
+struct TensorSource {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  const void* data = nullptr;
+  DType data_type = DType::F32;
+};
+
+struct WriteOptions {
+  bool sync = true;  ///< fsync the file before the rename (a checkpoint survives a crash)
+};
+
+namespace detail {
+
+inline void write_all(int fd, const void* p, std::size_t n, const std::string& path) {
+  const char* c = static_cast<const char*>(p);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, c, std::min<std::size_t>(n, std::size_t(1) << 30));
+    if (w < 0 && errno == EINTR) continue;
+    SPEX_CHECK(w > 0, path << ": write failed (" << std::strerror(errno) << ")");
+    c += w;
+    n -= static_cast<std::size_t>(w);
+  }
+}
+
+template <class T>
+void write_converted(int fd, const T* src, std::size_t n, DType dtype, const std::string& path) {
+  constexpr std::size_t kChunk = std::size_t(1) << 20;
+  std::vector<unsigned char> buf(std::min(n, kChunk) * dtype_size(dtype));
+  for (std::size_t i = 0; i < n; i += kChunk) {
+    const std::size_t len = std::min(kChunk, n - i);
+    convert_to_bytes(src + i, len, dtype, buf.data());
+    write_all(fd, buf.data(), len * dtype_size(dtype), path);
+  }
+}
+
+}  // namespace detail
+
+/// Writes a safetensors file: tensors ordered by element size (8-byte types first) so that,
+/// with the data section starting on a 64-byte boundary, every tensor is aligned to its
+/// element size and can be read in place. All-or-nothing: the file is written beside `path`
+/// and renamed over it only when complete.
+inline void write_safetensors(const std::string& path, std::vector<TensorSource> tensors,
+                              const std::map<std::string, std::string>& metadata = {}, const WriteOptions& opt = {}) {
+  std::unordered_set<std::string> names;
+  for (const auto& t : tensors) {
+    SPEX_CHECK(t.name != "__metadata__", path << ": '__metadata__' cannot name a tensor");
+    SPEX_CHECK(names.insert(t.name).second, path << ": tensor '" << t.name << "' given twice");
+    SPEX_CHECK(t.dtype == t.data_type || (is_float_dtype(t.dtype) && (t.data_type == DType::F32 || t.data_type == DType::F64)),
+               path << ": tensor '" << t.name << "': cannot store " << to_string(t.data_type) << " data as " << to_string(t.dtype));
+    for (auto s : t.shape) SPEX_CHECK(s >= 0, path << ": tensor '" << t.name << "' has a negative dimension");
+  }
+  std::stable_sort(tensors.begin(), tensors.end(),
+                   [](const TensorSource& a, const TensorSource& b) { return dtype_size(a.dtype) > dtype_size(b.dtype); });
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::uint64_t offset = 0;
+  std::vector<std::uint64_t> counts;
+  for (const auto& t : tensors) {
+    std::uint64_t n = 1;
+    for (auto s : t.shape) n = static_cast<std::uint64_t>(checked_mul(Index(n), Index(s), "a tensor's element count"));
+    SPEX_CHECK(n == 0 || t.data, path << ": tensor '" << t.name << "' has no data");
+    counts.push_back(n);
+    const std::uint64_t bytes = n * dtype_size(t.dtype);
+    header[t.name] = {{"dtype", to_string(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string json = header.dump();
+  json.append((64 - (8 + json.size()) % 64) % 64, ' ');  // the data section starts 64-byte aligned
+  const std::uint64_t n = json.size();
+
+  std::string tmp = path + ".XXXXXX";
+  const int fd = ::mkstemp(&tmp[0]);
+  SPEX_CHECK(fd >= 0, path << ": cannot create a file beside it (" << std::strerror(errno) << ")");
+  try {
+    detail::write_all(fd, &n, 8, path);
+    detail::write_all(fd, json.data(), json.size(), path);
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const auto& t = tensors[i];
+      if (t.dtype == t.data_type) {
+        detail::write_all(fd, t.data, counts[i] * dtype_size(t.dtype), path);
+      } else if (t.data_type == DType::F32) {
+        detail::write_converted(fd, static_cast<const float*>(t.data), counts[i], t.dtype, path);
+      } else {
+        detail::write_converted(fd, static_cast<const double*>(t.data), counts[i], t.dtype, path);
+      }
+    }
+    SPEX_CHECK(!opt.sync || ::fsync(fd) == 0, path << ": fsync failed (" << std::strerror(errno) << ")");
+    ::fchmod(fd, 0644);
+    SPEX_CHECK(::close(fd) == 0, path << ": close failed (" << std::strerror(errno) << ")");
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    SPEX_CHECK(false, path << ": cannot rename the finished file into place (" << std::strerror(err) << ")");
+  }
+}
+
+}  // namespace spex

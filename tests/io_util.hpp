@@ -1,0 +1,54 @@
+#pragma once
+// Helpers for the io tests: a temporary directory removed afterwards, and safetensors images
+// built byte by byte.
+#include <dirent.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace spex_test {
+
+/// A fresh directory under $TMPDIR (or /tmp), removed with its files when destroyed.
+class TempDir {
+ public:
+  TempDir() {
+    const char* base = std::getenv("TMPDIR");
+    std::string t = std::string(base && *base ? base : "/tmp") + "/spex-test-XXXXXX";
+    if (!::mkdtemp(&t[0])) throw std::runtime_error("mkdtemp failed");
+    dir_ = t;
+  }
+  ~TempDir() {
+    for (const auto& f : files()) ::unlink(path(f).c_str());
+    ::rmdir(dir_.c_str());
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+  std::vector<std::string> files() const {
+    std::vector<std::string> out;
+    if (DIR* d = ::opendir(dir_.c_str())) {
+      while (dirent* e = ::readdir(d))
+        if (std::strcmp(e->d_name, ".") && std::strcmp(e->d_name, "..")) out.push_back(e->d_name);
+      ::closedir(d);
+    }
+    return out;
+  }
+
+ private:
+  std::string dir_;
+};
+
+/// A safetensors image: 8-byte little-endian length of `header`, the header, the data.
+inline std::string image(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  const std::uint64_t n = header.size();
+  std::memcpy(&out[0], &n, 8);
+  return out + header + data;
+}
+
+}  // namespace spex_test
