@@ -1,0 +1,191 @@
+// Training checkpoints: N steps, save, load into fresh objects, N more steps must equal 2N
+// uninterrupted steps bit for bit, for every layer kind and both optimizers; a checkpoint that
+// does not fit is rejected with nothing changed.
+#include <catch2/catch.hpp>
+#include <spex/io/io.hpp>
+#include <spex/spex.hpp>
+
+#include "io_util.hpp"
+
+using namespace spex;
+using spex_test::TempDir;
+
+namespace {
+
+using ReMoEf = MoE<float, ReluRouter<float>>;
+using TopKf = MoE<float, TopKRouter<float>>;
+
+template <class L>
+typename L::Config config() {
+  if constexpr (std::is_same<typename L::Config, ProductKeyLayerConfig>::value) {
+    ProductKeyLayerConfig c;
+    c.d_in = 8;
+    c.n_keys = 8;
+    c.heads = 2;
+    c.top_k = 4;
+    c.d_key = 6;
+    return c;
+  } else {
+    MoEConfig c;
+    c.d_in = 8;
+    c.n_experts = 8;
+    c.hidden = 16;
+    c.experts_per_token = 2;
+    c.router_init_std = 0.3;
+    return c;
+  }
+}
+
+template <class Opt>
+Opt make_optimizer(const ParameterList<float>& params) {
+  if constexpr (std::is_same<Opt, Adam<float>>::value) {
+    AdamConfig c;
+    c.lr = 1e-2;
+    c.weight_decay = 1e-3;
+    return Opt(params, c);
+  } else {
+    SgdConfig c;
+    c.lr = 1e-2;
+    c.momentum = 0.9;
+    c.weight_decay = 1e-3;
+    return Opt(params, c);
+  }
+}
+
+// A layer learning a fixed random map by MSE, fed by its own data RNG: everything a run's
+// future depends on is in the layer, the optimizer, the lambda controller and the RNG.
+template <class L, class Opt>
+struct Run {
+  L layer;
+  typename L::Grads grads;
+  ParameterList<float> params;
+  Opt opt;
+  LambdaController ctl;
+  Rng data;
+  typename L::Cache cache;
+  RowMat<float> x, y, target, dy;
+  static constexpr bool kReMoE = std::is_same<L, ReMoEf>::value;
+
+  explicit Run(std::uint64_t seed)
+      : layer(config<L>(), seed), grads(layer.make_grads()), params(layer.parameters(grads)),
+        opt(make_optimizer<Opt>(params)), ctl(0.75, 1e-4), data(seed + 1000) {}
+
+  double step() {
+    const Index b = 24, d = 8;
+    x.resize(b, d);
+    fill_normal(x, 1.0, data);
+    target = (x.array() * 1.7).sin().matrix();
+    y.resize(b, d);
+    if constexpr (kReMoE) layer.set_lambda(ctl.lambda());
+    layer.forward(x, y, cache);
+    dy = (y - target) / float(b);
+    zero_grads(params);
+    layer.backward(dy, cache, grads);
+    opt.step();
+    if constexpr (kReMoE) ctl.update(layer.stats(cache).sparsity);
+    return (y - target).squaredNorm();
+  }
+
+  void save(const std::string& path, long step) const {
+    SafetensorsWriter()
+        .add_layer("layer.", layer)
+        .add_optimizer("optim.", opt)
+        .add_state("lambda", ctl)
+        .add_state("data.rng", data)
+        .set_metadata("data.step", std::to_string(step))
+        .write(path);
+  }
+  long load(const std::string& path) {
+    SafetensorsLoader ld(path);
+    ld.layer(layer, "layer.").optimizer(opt, "optim.").state(ctl, "lambda").state(data, "data.rng");
+    const long step = std::stol(ld.metadata("data.step"));
+    ld.commit();
+    return step;
+  }
+  std::vector<std::vector<float>> values() const {
+    std::vector<std::vector<float>> out;
+    for (const auto& p : std::as_const(layer).parameters()) out.emplace_back(p.value, p.value + p.size());
+    for (const auto& p : opt.state()) out.emplace_back(p.value, p.value + p.size());
+    return out;
+  }
+};
+
+template <class L, class Opt>
+void check_resume() {
+  TempDir dir;
+  const int n = 12;
+  Run<L, Opt> straight(7);
+  std::vector<double> losses;
+  for (int i = 0; i < 2 * n; ++i) losses.push_back(straight.step());
+
+  Run<L, Opt> first(7);
+  for (int i = 0; i < n; ++i) REQUIRE(first.step() == losses[i]);
+  first.save(dir.path("ckpt.safetensors"), n);
+
+  Run<L, Opt> resumed(12345);  // other weights, other data stream: all replaced by the load
+  REQUIRE(resumed.load(dir.path("ckpt.safetensors")) == n);
+  for (int i = n; i < 2 * n; ++i) REQUIRE(resumed.step() == losses[i]);
+  CHECK(resumed.values() == straight.values());
+  if constexpr (Run<L, Opt>::kReMoE) {
+    CHECK(resumed.ctl.lambda() == straight.ctl.lambda());
+    CHECK(resumed.ctl.steps() == 2 * n);
+  }
+  if constexpr (std::is_same<Opt, Adam<float>>::value) CHECK(resumed.opt.steps() == 2 * n);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a resumed run equals an uninterrupted one bit for bit (Adam)", "[io][checkpoint]", Peer<float>, Pkm<float>,
+                   ReMoEf, TopKf) {
+  check_resume<TestType, Adam<float>>();
+}
+
+TEMPLATE_TEST_CASE("a resumed run equals an uninterrupted one bit for bit (SGD with momentum)", "[io][checkpoint]", Peer<float>,
+                   Pkm<float>, ReMoEf, TopKf) {
+  check_resume<TestType, Sgd<float>>();
+}
+
+TEST_CASE("a checkpoint that does not fit is rejected and changes nothing", "[io][checkpoint]") {
+  TempDir dir;
+  Run<ReMoEf, Adam<float>> a(1);
+  for (int i = 0; i < 3; ++i) a.step();
+  a.save(dir.path("a.safetensors"), 3);
+
+  Run<ReMoEf, Adam<float>> b(2);
+  b.step();
+  const auto before = b.values();
+  const auto lambda = b.ctl.lambda();
+  const long steps = b.opt.steps();
+  const auto unchanged = [&] {
+    CHECK(b.values() == before);
+    CHECK(b.ctl.lambda() == lambda);
+    CHECK(b.opt.steps() == steps);
+  };
+  {  // every part valid but one: staged parts are not written
+    SafetensorsLoader ld(dir.path("a.safetensors"));
+    ld.layer(b.layer, "layer.").optimizer(b.opt, "optim.");
+    CHECK_THROWS_WITH(ld.state(b.ctl, "data.rng"), Catch::Contains("holds Rng, not LambdaController"));
+  }
+  unchanged();
+  {  // the state of an Adam into an SGD
+    Run<ReMoEf, Sgd<float>> s(3);
+    SafetensorsLoader ld(dir.path("a.safetensors"));
+    CHECK_THROWS_WITH(ld.optimizer(s.opt, "optim."), Catch::Contains("state of a Adam optimizer, not Sgd"));
+  }
+  {  // a lambda controller state out of range
+    SafetensorsWriter w;
+    w.set_metadata("lambda", R"({"kind": "LambdaController", "lambda": -1, "alpha": 1.2, "target": 0.5, "min_lambda": 1e-12,
+      "max_lambda": 100, "steps": 1, "steps_at_min": 0, "steps_at_max": 0, "consecutive_at_bound": 0})");
+    w.write(dir.path("bad.safetensors"));
+    SafetensorsLoader ld(dir.path("bad.safetensors"));
+    CHECK_THROWS_WITH(ld.state(b.ctl, "lambda"), Catch::Contains("lambda = -1"));
+    CHECK_THROWS_WITH(ld.state(b.data, "nothing"), Catch::Contains("no metadata 'nothing'"));
+  }
+  {  // optimizer state for other parameters (another layer config)
+    Run<TopKf, Adam<float>> t(4);
+    t.save(dir.path("t.safetensors"), 1);
+    SafetensorsLoader ld(dir.path("t.safetensors"));
+    CHECK_THROWS_WITH(ld.layer(b.layer, "layer."), Catch::Contains("kind 'TopKMoE', not ReMoE"));
+  }
+  unchanged();
+}

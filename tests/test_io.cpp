@@ -1,0 +1,299 @@
+// Layers in and out of safetensors files: strict and non-strict loads (all-or-nothing), dtype
+// conversion, every layer kind built from its file alone, memory-mapped expert tables, and the
+// metadata's version rules.
+#include <catch2/catch.hpp>
+#include <limits>
+#include <utility>
+#include <spex/io/io.hpp>
+#include <spex/spex.hpp>
+
+#include "io_util.hpp"
+#include "test_util.hpp"
+
+using namespace spex;
+using spex_test::randn_mat;
+using spex_test::TempDir;
+
+namespace {
+
+using ReMoEf = MoE<float, ReluRouter<float>>;
+using TopKf = MoE<float, TopKRouter<float>>;
+
+ProductKeyLayerConfig pk_config() {
+  ProductKeyLayerConfig cfg;
+  cfg.d_in = 8;
+  cfg.n_keys = 6;
+  cfg.heads = 2;
+  cfg.top_k = 3;
+  cfg.d_key = 4;
+  return cfg;
+}
+
+MoEConfig moe_config() {
+  MoEConfig cfg;
+  cfg.d_in = 8;
+  cfg.n_experts = 4;
+  cfg.hidden = 12;
+  cfg.experts_per_token = 2;
+  cfg.router_init_std = 0.5;
+  return cfg;
+}
+
+// Every value of every parameter, in list order.
+template <class L>
+std::vector<std::vector<double>> values_of(const L& layer) {
+  std::vector<std::vector<double>> out;
+  for (const auto& p : layer.parameters()) out.emplace_back(p.value, p.value + p.size());
+  return out;
+}
+
+template <class L>
+RowMat<typename L::Scalar> infer(const L& layer, std::uint64_t seed = 3) {
+  using T = typename L::Scalar;
+  const RowMat<T> x = randn_mat(10, layer.d_in(), seed).template cast<T>();
+  RowMat<T> y(10, layer.d_out());
+  layer.infer(x, y);
+  return y;
+}
+
+template <class L>
+void check_round_trip(const L& a, L b, const TempDir& dir) {
+  const std::string path = dir.path("layer.safetensors");
+  save_layer(path, a, "block.");
+  CHECK(values_of(b) != values_of(a));
+  // Into an existing layer of the same config.
+  const LoadReport r = load_into(path, b, "block.");
+  CHECK(r.missing.empty());
+  CHECK(r.copied.size() == a.parameters().size());
+  CHECK(values_of(b) == values_of(a));
+  CHECK(infer(b) == infer(a));
+  // Built from the file alone.
+  const L c = load_layer<L>(path, "block.");
+  CHECK(config_to_json(c.config()) == config_to_json(a.config()));
+  CHECK(values_of(c) == values_of(a));
+  CHECK(infer(c) == infer(a));
+}
+
+}  // namespace
+
+TEST_CASE("every layer kind: save, load into a layer and build from the file give identical outputs", "[io]") {
+  TempDir dir;
+  SECTION("Peer") { check_round_trip(Peer<float>(pk_config(), 1), Peer<float>(pk_config(), 2), dir); }
+  SECTION("Peer double, per-head keys, sigmoid, layer norm") {
+    ProductKeyLayerConfig cfg = pk_config();
+    cfg.shared_keys = false;
+    cfg.score = ScoreFn::sigmoid;
+    cfg.norm = NormKind::layer;
+    cfg.activation = kernels::Activation::silu;
+    check_round_trip(Peer<double>(cfg, 1), Peer<double>(cfg, 2), dir);
+  }
+  SECTION("Pkm") { check_round_trip(Pkm<float>(pk_config(), 1), Pkm<float>(pk_config(), 2), dir); }
+  SECTION("ReMoE, with its lambda") {
+    ReMoEf a(moe_config(), 1);
+    a.set_lambda(0.125);
+    check_round_trip(a, ReMoEf(moe_config(), 2), dir);
+    CHECK(load_layer<ReMoEf>(dir.path("layer.safetensors"), "block.").lambda() == 0.125);
+  }
+  SECTION("TopK MoE, GELU experts, granularity 2") {
+    MoEConfig cfg = moe_config();
+    cfg.ffn = FfnKind::gelu;
+    cfg.granularity = 2;
+    check_round_trip(TopKf(cfg, 1), TopKf(cfg, 2), dir);
+  }
+}
+
+TEST_CASE("BatchNorm running statistics are saved and restored with the weights", "[io]") {
+  TempDir dir;
+  Peer<float> a(pk_config(), 1);
+  Peer<float>::Cache c;
+  RowMat<float> x = randn_mat(16, 8, 5).cast<float>(), y(16, 8);
+  for (int i = 0; i < 3; ++i) a.forward(x, y, c);  // moves the running statistics
+  save_layer(dir.path("bn.safetensors"), a);
+  const auto b = load_layer<Peer<float>>(dir.path("bn.safetensors"));
+  CHECK(parameter(b.parameters(), "norm.running_mean").value_map() == parameter(a.parameters(), "norm.running_mean").value_map());
+  CHECK(parameter(b.parameters(), "norm.running_var").value_map() == parameter(a.parameters(), "norm.running_var").value_map());
+  CHECK(infer(b) == infer(a));
+}
+
+TEST_CASE("a strict load lists every problem in one error and writes nothing", "[io]") {
+  TempDir dir;
+  const Peer<float> a(pk_config(), 1);
+  Peer<float> b(pk_config(), 2);
+  const auto before = values_of(b);
+  const auto params = a.parameters();
+  RowMat<float> wrong(3, 3);
+  wrong.setZero();
+  SafetensorsWriter w;
+  for (const auto& p : params)
+    if (p.name != "keys.c2" && p.name != "query.weight") w.add(ParameterList<const float>{p});
+  w.add_tensor({"query.weight", DType::F32, {3, 3}, wrong.data(), DType::F32});
+  w.add_tensor({"extra.weight", DType::F32, {3, 3}, wrong.data(), DType::F32});
+  w.write(dir.path("bad.safetensors"));
+
+  CHECK_THROWS_WITH(load_into(dir.path("bad.safetensors"), b),
+                    Catch::Contains("missing from the file: keys.c2") && Catch::Contains("not in the layer: extra.weight") &&
+                        Catch::Contains("'query.weight' has shape [3, 3], the parameter is 8 x 8"));
+  CHECK(values_of(b) == before);
+
+  // Non-strict: loads what matches and reports the rest; a shape mismatch stays an error.
+  LoadOptions lenient;
+  lenient.strict = false;
+  CHECK_THROWS_WITH(load_into(dir.path("bad.safetensors"), b, "", lenient), Catch::Contains("query.weight"));
+  CHECK(values_of(b) == before);
+  SafetensorsWriter w2;
+  for (const auto& p : params)
+    if (p.name != "keys.c2") w2.add(ParameterList<const float>{p});
+  w2.add_tensor({"extra.weight", DType::F32, {3, 3}, wrong.data(), DType::F32});
+  w2.write(dir.path("partial.safetensors"));
+  const LoadReport r = load_into(dir.path("partial.safetensors"), b, "", lenient);
+  CHECK(r.missing == std::vector<std::string>{"keys.c2"});
+  CHECK(r.unexpected == std::vector<std::string>{"extra.weight"});
+  CHECK(parameter(b.parameters(), "keys.c1").value_map() == parameter(params, "keys.c1").value_map());
+  CHECK(parameter(b.parameters(), "keys.c2").value_map() != parameter(params, "keys.c2").value_map());
+  // load_layer needs every parameter even when lenient.
+  save_layer(dir.path("full.safetensors"), a);
+  CHECK_NOTHROW(load_layer<Peer<float>>(dir.path("full.safetensors"), "", lenient));
+}
+
+TEST_CASE("non-finite values in a file are an error naming the tensor; nothing is written", "[io]") {
+  TempDir dir;
+  Peer<double> a(pk_config(), 1);
+  Peer<float> b(pk_config(), 2);
+  const auto before = values_of(b);
+  a.parameters()[0].value[5] = std::numeric_limits<double>::quiet_NaN();
+  save_layer(dir.path("nan.safetensors"), a);
+  // (a Peer<double> file into a Peer<float>: the kinds match, the dtype converts)
+  CHECK_THROWS_WITH(load_into(dir.path("nan.safetensors"), b), Catch::Contains("'query.weight' holds a non-finite value at flat index 5"));
+  CHECK(values_of(b) == before);
+  // A finite double beyond float's range becomes Inf on conversion: also an error.
+  a.parameters()[0].value[5] = 1e300;
+  save_layer(dir.path("big.safetensors"), a);
+  CHECK_THROWS_WITH(load_into(dir.path("big.safetensors"), b), Catch::Contains("after conversion from F64"));
+  LoadOptions unchecked;
+  unchecked.check_finite = false;
+  CHECK_NOTHROW(load_into(dir.path("big.safetensors"), b, "", unchecked));
+}
+
+TEST_CASE("stored as F64, F16 or BF16, weights load into float layers rounded to nearest even", "[io]") {
+  TempDir dir;
+  const Peer<double> a(pk_config(), 1);
+  for (DType t : {DType::F64, DType::F32, DType::F16, DType::BF16}) {
+    INFO(to_string(t));
+    save_layer(dir.path("t.safetensors"), a, "", t);
+    SafetensorsFile f(dir.path("t.safetensors"));
+    CHECK(f.at("experts.down").dtype == t);
+    const auto b = load_layer<Peer<float>>(f);
+    const auto pa = a.parameters();
+    const auto pb = b.parameters();
+    for (std::size_t i = 0; i < pa.size(); ++i)
+      for (Index j = 0; j < pa[i].size(); ++j) {
+        const double v = pa[i].value[j];
+        const double expect = t == DType::F16 ? from_f16(to_f16(v)) : t == DType::BF16 ? from_bf16(to_bf16(v)) : double(float(v));
+        REQUIRE(double(pb[i].value[j]) == float(expect));
+      }
+  }
+}
+
+TEST_CASE("load_into rejects a file whose layer config differs, naming the fields", "[io]") {
+  TempDir dir;
+  ProductKeyLayerConfig cfg = pk_config();
+  save_layer(dir.path("p.safetensors"), Peer<float>(cfg, 1));
+  cfg.activation = kernels::Activation::relu;  // same shapes, different function
+  Peer<float> b(cfg, 2);
+  const auto before = values_of(b);
+  CHECK_THROWS_WITH(load_into(dir.path("p.safetensors"), b), Catch::Contains("activation: file \"gelu_erf\", layer \"relu\""));
+  CHECK(values_of(b) == before);
+  cfg.activation = kernels::Activation::gelu_erf;
+  cfg.check_finite = false;  // a run-time choice, not the model: may differ
+  Peer<float> c(cfg, 2);
+  CHECK_NOTHROW(load_into(dir.path("p.safetensors"), c));
+  CHECK_THROWS_WITH(load_layer<Pkm<float>>(dir.path("p.safetensors")), Catch::Contains("kind 'Peer', not Pkm"));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(dir.path("p.safetensors"), "block."), Catch::Contains("layers at ''"));
+}
+
+TEST_CASE("several layers in one file, each built from its prefix", "[io]") {
+  TempDir dir;
+  const Peer<float> p(pk_config(), 1);
+  const Pkm<float> k(pk_config(), 2);
+  const TopKf m(moe_config(), 3);
+  SafetensorsWriter().add_layer("b0.", p).add_layer("b1.", k).add_layer("b2.", m).set_metadata("note", "x").write(dir.path("m.safetensors"));
+  SafetensorsFile f(dir.path("m.safetensors"));
+  CHECK(infer(load_layer<Peer<float>>(f, "b0.")) == infer(p));
+  CHECK(infer(load_layer<Pkm<float>>(f, "b1.")) == infer(k));
+  CHECK(infer(load_layer<TopKf>(f, "b2.")) == infer(m));
+  CHECK_THROWS_WITH(load_layer<TopKf>(f, "b1."), Catch::Contains("kind 'Pkm'"));
+}
+
+TEST_CASE("mapped loading reads expert tables in place; training copies them once", "[io]") {
+  TempDir dir;
+  const std::string path = dir.path("peer.safetensors");
+  const Peer<float> a(pk_config(), 1);
+  save_layer(path, a);
+  LoadOptions mapped;
+  mapped.map = true;
+  LoadReport r;
+  Peer<float> b = load_layer<Peer<float>>(path, "", mapped, &r);
+  CHECK(r.mapped == std::vector<std::string>{"experts.down", "experts.up"});
+  REQUIRE(std::as_const(b).experts().down_table().is_view());
+  {
+    SafetensorsFile f(path);  // the same pages: the table points into the file's data
+    const auto* first = reinterpret_cast<const float*>(f.data(f.at("experts.down")));
+    CHECK(std::equal(first, first + a.experts().down().size(), std::as_const(b).experts().down().data()));
+  }
+  const RowMat<float> y = infer(a);
+  CHECK(infer(b) == y);
+  // Replacing the file (save writes a new file and renames it) leaves the mapped layer intact.
+  save_layer(path, Peer<float>(pk_config(), 9));
+  ::unlink(path.c_str());
+  CHECK(infer(b) == y);
+  // A copy of the layer shares the view; writable access copies the table into owned memory.
+  Peer<float> c = b;
+  auto params = b.parameters();
+  CHECK_FALSE(std::as_const(b).experts().down_table().is_view());
+  CHECK(std::as_const(c).experts().down_table().is_view());
+  CHECK(infer(b) == y);
+  CHECK(infer(c) == y);
+  // PKM too; a BF16 file cannot be mapped into a float layer: it is converted.
+  save_layer(dir.path("pkm.safetensors"), Pkm<float>(pk_config(), 4));
+  Pkm<float> k = load_layer<Pkm<float>>(dir.path("pkm.safetensors"), "", mapped);
+  CHECK(std::as_const(k).experts().values_table().is_view());
+  save_layer(dir.path("bf.safetensors"), Pkm<float>(pk_config(), 4), "", DType::BF16);
+  load_layer<Pkm<float>>(dir.path("bf.safetensors"), "", mapped, &r);
+  CHECK(r.mapped.empty());
+}
+
+TEST_CASE("metadata versions: other majors are rejected, newer minors may add fields, unknown fields are errors otherwise", "[io]") {
+  TempDir dir;
+  const Peer<float> a(pk_config(), 1);
+  const auto params = a.parameters();
+  const auto write = [&](const std::string& doc) {
+    write_safetensors(dir.path("v.safetensors"), tensor_sources(params), {{"spex", doc}});
+    return dir.path("v.safetensors");
+  };
+  nlohmann::json entry = layer_entry(a);
+  const auto doc = [&](int major, int minor, const nlohmann::json& e) {
+    return nlohmann::json{{"format", "spex"}, {"version", {major, minor}}, {"layers", {{"", e}}}}.dump();
+  };
+  CHECK(infer(load_layer<Peer<float>>(write(doc(1, 0, entry)))) == infer(a));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(2, 0, entry))), Catch::Contains("format 2.0") && Catch::Contains("reads format 1.x"));
+  nlohmann::json future = entry;
+  future["config"]["expert_dropout"] = 0.1;
+  future["hint"] = "x";
+  CHECK_NOTHROW(load_layer<Peer<float>>(write(doc(1, 1, future))));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, future))), Catch::Contains("unknown"));
+  nlohmann::json partial = entry;
+  partial["config"].erase("norm_momentum");  // absent: the default
+  partial["config"].erase("n_keys");          // n_experts alone determines n
+  CHECK(load_layer<Peer<float>>(write(doc(1, 0, partial))).config().norm_momentum == ProductKeyLayerConfig().norm_momentum);
+  nlohmann::json bad = entry;
+  bad["config"]["score"] = "softermax";
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("'score' = \"softermax\" is not a valid value"));
+  bad = entry;
+  bad["config"]["heads"] = "8";
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("'heads' = \"8\" is not an integer"));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write("{\"format\": \"other\"}")), Catch::Contains("not a spex document"));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write("{oops")), Catch::Contains("not valid JSON"));
+  bad = entry;
+  bad["config"]["top_k"] = 0;  // the layer's own validation names the field
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("top_k"));
+}
