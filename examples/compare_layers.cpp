@@ -4,10 +4,13 @@
 // prediction on English text, and associative recall of seeded (key -> value) facts, where
 // total parameters decide how many facts fit.
 //
-//   compare_layers [--quick] [--steps N] [--out DIR] [--text FILE ...]
+//   compare_layers [--quick] [--steps N] [--out DIR] [--save DIR] [--resume DIR] [--text FILE ...]
 //
 // Prints a progress line every few steps and a table per task; writes DIR/curves.csv and
-// DIR/curves.svg (loss vs step per variant; ReMoE's sparsity vs step).
+// DIR/curves.svg (loss vs step per variant; ReMoE's sparsity vs step). --save DIR writes a
+// checkpoint per task and variant after the last step; --resume DIR continues those runs up to
+// --steps: `--steps 100 --save D` then `--steps 200 --resume D` prints and writes the same
+// losses for steps 101-200 as one run of `--steps 200` (same options otherwise).
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
@@ -18,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "compare/checkpoint.hpp"
 #include "compare/model.hpp"
 #include "compare/plot.hpp"
 
@@ -31,6 +35,7 @@ struct Options {
   bool quick = false;
   int steps = 4000;
   std::string out = "compare_out";
+  std::string save, resume;       // checkpoint directories (compare/checkpoint.hpp)
   std::vector<std::string> text;  // default: the license texts every Debian system ships (base-files)
 };
 
@@ -74,44 +79,53 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
   const Index batch = 128;
   const int log_every = std::max(1, opt.steps / 10), eval_every = std::max(1, opt.steps / 20);
   const std::size_t n_val = std::min<std::size_t>(data.n_val(), 4096);
-  Curve curve{data.name, variant, {}, {}, {}, {}, {}, {}};
   Summary sum;
   sum.variant = variant;
   std::vector<std::size_t> rows(batch);
-  double seconds = 0, opt_seconds = 0, ema = NAN;
-  for (int step = 1; step <= opt.steps; ++step) {
+  RunHistory h;
+  if (!opt.resume.empty()) {
+    h = load_run(checkpoint_path(opt.resume, data.name, variant), model, ctl, rng);
+    std::printf("  [%s/%s] resumed after step %d from %s\n", data.name.c_str(), variant.c_str(), h.steps_done, opt.resume.c_str());
+  }
+  for (int step = h.steps_done + 1; step <= opt.steps; ++step) {
     for (auto& r : rows) r = rng.below(data.n_train());
     if constexpr (is_remoe<Block>::value) model.block().set_lambda(ctl.lambda());
     const StepResult res = model.train_step(data.train_x, data.train_y, rows);
-    seconds += res.total_seconds;
-    opt_seconds += res.optimizer_seconds;
-    ema = std::isnan(ema) ? res.loss : 0.95 * ema + 0.05 * res.loss;
+    h.seconds += res.total_seconds;
+    h.opt_seconds += res.optimizer_seconds;
+    h.ema = std::isnan(h.ema) ? res.loss : 0.95 * h.ema + 0.05 * res.loss;
     double s = NAN;
     if constexpr (is_remoe<Block>::value) {
       s = model.block().stats(model.block_cache()).sparsity;
-      curve.lambda.push_back(ctl.lambda());
+      h.lambda.push_back(ctl.lambda());
       ctl.update(s);
     }
-    curve.step.push_back(step);
-    curve.train_loss.push_back(res.loss);
-    curve.sparsity.push_back(s);
+    h.step.push_back(step);
+    h.train_loss.push_back(res.loss);
+    h.sparsity.push_back(s);
+    h.steps_done = step;
     if (step % eval_every == 0 || step == opt.steps) {
-      curve.eval_step.push_back(step);
-      curve.val_loss.push_back(model.evaluate(data.val_x, data.val_y, 0, n_val));
+      h.eval_step.push_back(step);
+      h.val_loss.push_back(model.evaluate(data.val_x, data.val_y, 0, n_val));
     }
     if (step % log_every == 0 || step == opt.steps) {
-      std::printf("  [%s/%s] step %5d  loss %.4f  %8.0f tokens/s", data.name.c_str(), variant.c_str(), step, ema,
-                  double(step) * batch / seconds);
+      std::printf("  [%s/%s] step %5d  loss %.4f  %8.0f tokens/s", data.name.c_str(), variant.c_str(), step, h.ema,
+                  double(step) * batch / h.seconds);
       if constexpr (is_remoe<Block>::value) std::printf("  sparsity %.3f  lambda %.3g", s, ctl.lambda());
       std::printf("\n");
     }
   }
+  if (!opt.save.empty()) {
+    std::filesystem::create_directories(opt.save);
+    save_run(checkpoint_path(opt.save, data.name, variant), model, ctl, rng, h);
+  }
+  Curve curve{data.name, variant, h.step, h.train_loss, h.sparsity, h.lambda, h.eval_step, h.val_loss};
   sum.active = model.active_params(block_active);
   sum.total = model.total_params();
-  sum.train_loss = ema;
+  sum.train_loss = h.ema;
   sum.val_loss = model.evaluate(data.val_x, data.val_y, 0, data.n_val());
-  sum.tokens_per_s = double(opt.steps) * batch / seconds;
-  sum.optimizer_share = opt_seconds / seconds;
+  sum.tokens_per_s = double(opt.steps) * batch / h.seconds;
+  sum.optimizer_share = h.opt_seconds / h.seconds;
   if constexpr (is_remoe<Block>::value) {
     // After the warm-up: the mean over the second half, and the largest deviation of a 50-step
     // moving average from the target (a single step's sparsity is one batch's: it jitters).
@@ -242,12 +256,16 @@ int main(int argc, char** argv) {
       custom_steps = true;
     } else if (a == "--out" && i + 1 < argc) {
       opt.out = argv[++i];
+    } else if (a == "--save" && i + 1 < argc) {
+      opt.save = argv[++i];
+    } else if (a == "--resume" && i + 1 < argc) {
+      opt.resume = argv[++i];
     } else if (a == "--text" && i + 1 < argc) {
       if (!custom_text) opt.text.clear();
       custom_text = true;
       opt.text.push_back(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: compare_layers [--quick] [--steps N] [--out DIR] [--text FILE ...]\n");
+      std::fprintf(stderr, "usage: compare_layers [--quick] [--steps N] [--out DIR] [--save DIR] [--resume DIR] [--text FILE ...]\n");
       return 2;
     }
   }

@@ -43,6 +43,10 @@ class Model {
   }
 
   Block& block() { return *block_; }
+  /// Everything training changes (weights, buffers, Adam's moments and step count), for
+  /// checkpoints (compare/checkpoint.hpp).
+  spex::ParameterList<float>& parameters() { return params_; }
+  spex::Adam<float>& optimizer() { return *opt_; }
   typename Block::Cache& block_cache() { return bc_; }
   const spex::ParameterList<float>& parameters() const { return params_; }
 
