@@ -2,6 +2,8 @@
 // conversion, every layer kind built from its file alone, memory-mapped expert tables, and the
 // metadata's version rules.
 #include <catch2/catch.hpp>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <utility>
 #include <spex/io/io.hpp>
@@ -296,4 +298,20 @@ TEST_CASE("metadata versions: other majors are rejected, newer minors may add fi
   bad = entry;
   bad["config"]["top_k"] = 0;  // the layer's own validation names the field
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("top_k"));
+}
+
+TEST_CASE("a config larger than the file's tensors is rejected before the layer is allocated", "[io]") {
+  TempDir dir;
+  const Peer<float> a(pk_config(), 1);
+  nlohmann::json entry = layer_entry(a);
+  entry["config"]["n_keys"] = 40000;  // 1.6e9 experts: 100 GB of tables, from a 3 KB file
+  entry["config"]["n_experts"] = 0;
+  write_safetensors(dir.path("bomb.safetensors"), tensor_sources(a.parameters()),
+                    {{"spex", nlohmann::json{{"format", "spex"}, {"version", {1, 0}}, {"layers", {{"", entry}}}}.dump()}});
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(dir.path("bomb.safetensors")), Catch::Contains("the config describes expert tables of"));
+  // The same image from memory.
+  std::ifstream in(dir.path("bomb.safetensors"), std::ios::binary);
+  auto bytes = std::make_shared<std::vector<unsigned char>>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  const SafetensorsFile f = SafetensorsFile::from_memory(bytes, "bomb in memory");
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(f), Catch::Contains("bomb in memory"));
 }

@@ -121,23 +121,37 @@ void for_each_field(C& c, F& f) {
 
 }  // namespace detail
 
-/// The kind a layer type is recorded as.
+/// The kind a layer type is recorded as, and the number of values its expert tables take for a
+/// config (what a loader checks against the file before allocating).
 template <class L>
 struct LayerKind;
 template <class T, class Arch>
 struct LayerKind<Peer<T, Arch>> {
   static constexpr const char* name = "Peer";
   static constexpr bool has_lambda = false;
+  static double table_values(const ProductKeyLayerConfig& c) {
+    const ProductKeyLayerConfig r = detail::resolve(c);
+    return double(r.n_experts) * double(r.d_in + r.d_out);
+  }
 };
 template <class T, class Arch>
 struct LayerKind<Pkm<T, Arch>> {
   static constexpr const char* name = "Pkm";
   static constexpr bool has_lambda = false;
+  static double table_values(const ProductKeyLayerConfig& c) {
+    const ProductKeyLayerConfig r = detail::resolve(c);
+    return double(r.n_experts) * double(r.d_out);
+  }
 };
 template <class T, class Router, class Arch>
 struct LayerKind<MoE<T, Router, Arch>> {
   static constexpr const char* name = Router::kRelu ? "ReMoE" : "TopKMoE";
   static constexpr bool has_lambda = Router::kRelu;
+  static double table_values(const MoEConfig& c) {
+    validate(c);
+    const double h = double(c.expert_hidden()), h1 = c.ffn == FfnKind::swiglu ? 2 * h : h;
+    return double(c.total_experts()) * (h1 * double(c.d_in) + double(c.output_width()) * h);
+  }
 };
 
 template <class C>

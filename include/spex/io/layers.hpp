@@ -46,6 +46,14 @@ L load_layer(const SafetensorsFile& file, const std::string& prefix = "", LoadOp
   }
   const std::string where = file.path() + ": layer '" + prefix + "'";
   const auto entry = read_layer_entry<L>(meta.layers[prefix], meta.minor, where);
+  // The file's config decides how much memory the layer takes: a config larger than the file's
+  // tensors (a corrupted or hostile file) is rejected before anything is allocated.
+  double in_file = 0;
+  for (const auto& t : file.tensors())
+    if (t.name.compare(0, prefix.size(), prefix) == 0) in_file += double(t.elements());
+  const double wanted = LayerKind<L>::table_values(entry.config);
+  SPEX_CHECK(wanted <= in_file, where << ": the config describes expert tables of " << wanted << " values, the file holds "
+                                      << in_file << " under this prefix");
   L layer = detail::LayerFactory::make_unfilled<L>(entry.config);
   SafetensorsLoader loader(file);
   loader.layer(layer, prefix, opt);

@@ -259,29 +259,47 @@ class FileMapping {
 
 }  // namespace detail
 
-/// A safetensors file, mapped and validated on construction. Copies share the mapping; the
-/// mapping lives while a copy or a table reading it in place (keep_alive()) does.
-/// Thread safety: immutable; any number of readers.
+/// A safetensors file, mapped and validated on construction (or a validated image in memory,
+/// from_memory). Copies share the mapping; the mapping lives while a copy or a table reading it
+/// in place (keep_alive()) does. Thread safety: immutable; any number of readers.
 class SafetensorsFile {
  public:
-  explicit SafetensorsFile(const std::string& path)
-      : path_(path), mapping_(std::make_shared<detail::FileMapping>(path)),
-        view_(std::make_shared<SafetensorsView>(mapping_->data(), mapping_->size(), path)) {}
+  explicit SafetensorsFile(const std::string& path) {
+    auto mapping = std::make_shared<detail::FileMapping>(path);
+    init(path, mapping->data(), mapping->size(), mapping);
+  }
+  /// A file image held in memory (`bytes` is shared, never copied); `name` stands for the path
+  /// in messages.
+  static SafetensorsFile from_memory(std::shared_ptr<const std::vector<unsigned char>> bytes, const std::string& name) {
+    SPEX_CHECK(bytes != nullptr, name << ": no bytes");
+    SafetensorsFile f;
+    f.init(name, bytes->data(), bytes->size(), bytes);
+    return f;
+  }
 
   const std::string& path() const { return path_; }
-  std::uint64_t file_bytes() const { return mapping_->size(); }
+  std::uint64_t file_bytes() const { return size_; }
   const SafetensorsView& view() const { return *view_; }
   const std::vector<TensorInfo>& tensors() const { return view_->tensors(); }
   const std::map<std::string, std::string>& metadata() const { return view_->metadata(); }
   const TensorInfo* find(const std::string& name) const { return view_->find(name); }
   const TensorInfo& at(const std::string& name) const { return view_->at(name); }
   const unsigned char* data(const TensorInfo& t) const { return view_->data(t); }
-  /// Owns the mapping: hold it as long as you read tensor data in place.
-  std::shared_ptr<const void> keep_alive() const { return mapping_; }
+  /// Owns the file's memory: hold it as long as you read tensor data in place.
+  std::shared_ptr<const void> keep_alive() const { return owner_; }
 
  private:
+  SafetensorsFile() = default;
+  void init(const std::string& path, const unsigned char* data, std::size_t size, std::shared_ptr<const void> owner) {
+    path_ = path;
+    size_ = size;
+    owner_ = std::move(owner);
+    view_ = std::make_shared<SafetensorsView>(data, size, path);
+  }
+
   std::string path_;
-  std::shared_ptr<detail::FileMapping> mapping_;
+  std::size_t size_ = 0;
+  std::shared_ptr<const void> owner_;
   std::shared_ptr<SafetensorsView> view_;
 };
 

@@ -39,7 +39,7 @@ B sigmoid_batch(const B& x) {
 template <class B>
 B clamp_saturated(const B& x) {
   using T = typename B::value_type;
-  const B s(T(scalar::kActivationSaturation));
+  const B s = B(T(scalar::kActivationSaturation));
   return xsimd::select(x < -s, -s, xsimd::select(x > s, s, x));
 }
 
