@@ -52,8 +52,8 @@ void print(const spex::SafetensorsFile& f) {
         ++n;
         bytes += t.bytes();
       }
-    std::printf("  '%s': %s, %s, %zu tensors (%s)\n", kv.key().c_str(), e.value("kind", std::string("?")).c_str(),
-                e.value("dtype", std::string("?")).c_str(), n, human_bytes(double(bytes)).c_str());
+    std::printf("  '%s': %s, %s, %zu tensors (%s)\n", kv.key().c_str(), spex::detail::string_field(e, "kind", "?").c_str(),
+                spex::detail::string_field(e, "dtype", "?").c_str(), n, human_bytes(double(bytes)).c_str());
     if (e.contains("config") && e["config"].is_object()) {
       std::string line = "    ";
       for (const auto& c : e["config"].items()) {

@@ -295,6 +295,12 @@ TEST_CASE("metadata versions: other majors are rejected, newer minors may add fi
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("'heads' = \"8\" is not an integer"));
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write("{\"format\": \"other\"}")), Catch::Contains("not a spex document"));
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write("{oops")), Catch::Contains("not valid JSON"));
+  // Values of unexpected JSON types anywhere are spex::Errors too (found by fuzzing: "format": {}).
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(R"({"format": {}, "version": [1, 0]})")), Catch::Contains("not a spex document"));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(R"({"format": "spex", "version": [1, 0], "layers": {"": {"kind": [], "config": 1}}})")),
+                    Catch::Contains("kind '', not Peer"));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(R"({"format": "spex", "version": [1, 0], "layers": {"": {"kind": "Peer", "config": []}}})")),
+                    Catch::Contains("config is not an object"));
   bad = entry;
   bad["config"]["top_k"] = 0;  // the layer's own validation names the field
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("top_k"));

@@ -186,7 +186,7 @@ class SafetensorsLoader {
   SafetensorsLoader& optimizer(Opt& opt, const std::string& prefix) {
     const std::string where = file_.path() + ": optimizer '" + prefix + "'";
     nlohmann::json j = parse_state(prefix, where);
-    const std::string kind = j.value("kind", std::string());
+    const std::string kind = detail::string_field(j, "kind");
     SPEX_CHECK(kind == detail::OptimizerKind<Opt>::name,
                where << ": the file holds the state of a " << kind << " optimizer, not " << detail::OptimizerKind<Opt>::name);
     if constexpr (detail::OptimizerKind<Opt>::has_steps) {
@@ -240,6 +240,9 @@ class SafetensorsLoader {
 
  private:
   nlohmann::json parse_state(const std::string& key, const std::string& where, const char* kind = nullptr) const {
+    return detail::guard_json(where, [&] { return parse_state_unguarded(key, where, kind); });
+  }
+  nlohmann::json parse_state_unguarded(const std::string& key, const std::string& where, const char* kind) const {
     const std::string& text = metadata(key);
     nlohmann::json j;
     try {
@@ -248,7 +251,7 @@ class SafetensorsLoader {
       SPEX_CHECK(false, where << ": not valid JSON (" << e.what() << ")");
     }
     SPEX_CHECK(j.is_object(), where << ": not a JSON object");
-    if (kind) SPEX_CHECK(j.value("kind", std::string()) == kind, where << ": holds " << j.value("kind", std::string("?")) << ", not " << kind);
+    if (kind) SPEX_CHECK(detail::string_field(j, "kind") == kind, where << ": holds " << detail::string_field(j, "kind", "?") << ", not " << kind);
     return j;
   }
 

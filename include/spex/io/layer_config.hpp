@@ -31,6 +31,27 @@ constexpr const char* kMetadataKey = "spex";
 
 namespace detail {
 
+/// j[key] when j is an object holding a string there, else `fallback` (never throws: a file's
+/// JSON may hold anything).
+inline std::string string_field(const nlohmann::json& j, const char* key, const std::string& fallback = "") {
+  if (!j.is_object()) return fallback;
+  const auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : fallback;
+}
+
+/// Runs f, turning any nlohmann/json exception (a value of an unexpected type deep in a file's
+/// JSON) into a spex::Error naming `where`: the checks before each access are the first line,
+/// this is the second.
+template <class F>
+auto guard_json(const std::string& where, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const nlohmann::json::exception& e) {
+    SPEX_CHECK(false, where << ": unexpected JSON (" << e.what() << ")");
+  }
+  return f();  // not reached
+}
+
 template <class E>
 bool parse_enum(const std::string& s, E& out, int count) {
   for (int i = 0; i < count; ++i)
@@ -199,23 +220,25 @@ struct LayerEntry {
 /// Reads and checks the entry `e` (kind must be L's); `minor` as in config_from_json.
 template <class L>
 LayerEntry<L> read_layer_entry(const nlohmann::json& e, int minor, const std::string& where) {
-  SPEX_CHECK(e.is_object(), where << ": the layer entry is not an object");
-  for (const auto& kv : e.items())
-    SPEX_CHECK(minor > kFormatMinor || kv.key() == "kind" || kv.key() == "dtype" || kv.key() == "config" || kv.key() == "state",
-               where << ": unknown layer entry field '" << kv.key() << "'");
-  const std::string kind = e.contains("kind") && e["kind"].is_string() ? e["kind"].get<std::string>() : "";
-  SPEX_CHECK(kind == LayerKind<L>::name, where << ": the file holds a layer of kind '" << kind << "', not " << LayerKind<L>::name);
-  SPEX_CHECK(e.contains("config"), where << ": the layer entry has no config");
-  LayerEntry<L> out;
-  out.config = config_from_json<typename L::Config>(e["config"], minor, where);
-  if constexpr (LayerKind<L>::has_lambda) {
-    if (e.contains("state")) {
-      const auto& st = e["state"];
-      SPEX_CHECK(st.is_object() && st.contains("lambda") && st["lambda"].is_number(), where << ": state must hold a number 'lambda'");
-      out.lambda = st["lambda"].get<double>();
+  return detail::guard_json(where, [&] {
+    SPEX_CHECK(e.is_object(), where << ": the layer entry is not an object");
+    for (const auto& kv : e.items())
+      SPEX_CHECK(minor > kFormatMinor || kv.key() == "kind" || kv.key() == "dtype" || kv.key() == "config" || kv.key() == "state",
+                 where << ": unknown layer entry field '" << kv.key() << "'");
+    const std::string kind = detail::string_field(e, "kind");
+    SPEX_CHECK(kind == LayerKind<L>::name, where << ": the file holds a layer of kind '" << kind << "', not " << LayerKind<L>::name);
+    SPEX_CHECK(e.contains("config"), where << ": the layer entry has no config");
+    LayerEntry<L> out;
+    out.config = config_from_json<typename L::Config>(e["config"], minor, where);
+    if constexpr (LayerKind<L>::has_lambda) {
+      if (e.contains("state")) {
+        const auto& st = e["state"];
+        SPEX_CHECK(st.is_object() && st.contains("lambda") && st["lambda"].is_number(), where << ": state must hold a number 'lambda'");
+        out.lambda = st["lambda"].get<double>();
+      }
     }
-  }
-  return out;
+    return out;
+  });
 }
 
 /// spex's metadata document of a file: {"format", "version", "layers"}; an empty one when the
@@ -225,6 +248,11 @@ struct SpexMetadata {
   nlohmann::json layers = nlohmann::json::object();
 
   static SpexMetadata parse(const std::map<std::string, std::string>& metadata, const std::string& where) {
+    return detail::guard_json(where, [&] { return parse_unguarded(metadata, where); });
+  }
+
+ private:
+  static SpexMetadata parse_unguarded(const std::map<std::string, std::string>& metadata, const std::string& where) {
     SpexMetadata m;
     const auto it = metadata.find(kMetadataKey);
     if (it == metadata.end()) return m;
@@ -234,7 +262,7 @@ struct SpexMetadata {
     } catch (const nlohmann::json::exception& e) {
       SPEX_CHECK(false, where << ": metadata '" << kMetadataKey << "' is not valid JSON (" << e.what() << ")");
     }
-    SPEX_CHECK(doc.is_object() && doc.value("format", std::string()) == "spex",
+    SPEX_CHECK(detail::string_field(doc, "format") == "spex",
                where << ": metadata '" << kMetadataKey << "' is not a spex document (no \"format\": \"spex\")");
     const auto& v = doc.contains("version") ? doc["version"] : nlohmann::json();
     SPEX_CHECK(v.is_array() && v.size() == 2 && v[0].is_number_integer() && v[1].is_number_integer(),
@@ -253,6 +281,8 @@ struct SpexMetadata {
     return m;
   }
 
+
+ public:
   std::string dump() const {
     return nlohmann::json{{"format", "spex"}, {"version", {major, minor}}, {"layers", layers}}.dump();
   }
