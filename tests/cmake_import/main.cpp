@@ -3,6 +3,12 @@
 #include <cstdio>
 
 #include <spex/spex.hpp>
+#if SPEX_CONSUMER_IO
+#include <cstdlib>
+#include <string>
+
+#include <spex/io/io.hpp>
+#endif
 
 int main() {
   spex::ProductKeys<float> keys(16, 8, /*seed=*/1);
@@ -19,6 +25,26 @@ int main() {
     std::puts("product keys and exhaustive search disagree");
     return 1;
   }
+#if SPEX_CONSUMER_IO
+  // A layer through a file and back, from the installed spex::io.
+  spex::Pkm<float>::Config cfg;
+  cfg.d_in = 8;
+  cfg.n_keys = 4;
+  cfg.heads = 1;
+  cfg.top_k = 2;
+  cfg.d_key = 4;
+  const spex::Pkm<float> pkm(cfg, 3);
+  const std::string path = std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp") + "/spex_consumer.safetensors";
+  spex::save_layer(path, pkm);
+  const auto back = spex::load_layer<spex::Pkm<float>>(path);
+  spex::RowMat<float> y1(4, 8), y2(4, 8);
+  pkm.infer(q, y1);
+  back.infer(q, y2);
+  if (y1 != y2) {
+    std::puts("a layer saved and loaded through spex::io differs");
+    return 1;
+  }
+#endif
   std::puts("spex consumer: ok");
   return 0;
 }

@@ -1,0 +1,80 @@
+// Load time and memory of a big PEER model file, mapped vs copied, and save speed; one mode per
+// process so that peak RSS is the mode's own (scripts/bench_io.sh runs them and dd beside).
+//   io_load save PATH [n_keys d]    builds PEER(n_keys^2 experts, d) and saves it (fsync'd)
+//   io_load load PATH map|copy       loads it, then runs one batch of 256 tokens through infer
+// Prints seconds and RSS (VmRSS now, VmHWM peak, from /proc/self/status) at each stage.
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <spex/io/io.hpp>
+#include <spex/spex.hpp>
+#include <string>
+
+namespace {
+
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+double status_mib(const char* key) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.compare(0, std::strlen(key), key) == 0) return std::stod(line.substr(std::strlen(key) + 1)) / 1024.0;
+  return -1;
+}
+
+void report(const char* stage, double seconds) {
+  std::printf("%-28s %8.3f s   RSS %8.1f MiB   peak %8.1f MiB\n", stage, seconds, status_mib("VmRSS:"), status_mib("VmHWM:"));
+}
+
+spex::Peer<float>::Config config(long n_keys, long d) {
+  spex::Peer<float>::Config c;
+  c.d_in = d;
+  c.n_keys = n_keys;  // defaults: h = 8, k = 16, d_key = 128, BatchNorm
+  return c;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: io_load save PATH [n_keys d] | io_load load PATH map|copy\n");
+    return 2;
+  }
+  const std::string mode = argv[1], path = argv[2];
+  std::printf("io_load %s %s on %s (%s)\n", mode.c_str(), argc > 3 ? argv[3] : "", spex::simd_arch_name(),
+              path.c_str());
+  report("start", 0);
+  if (mode == "save") {
+    const long n = argc > 3 ? std::atol(argv[3]) : 1024, d = argc > 4 ? std::atol(argv[4]) : 512;
+    double t = now();
+    const spex::Peer<float> peer(config(n, d), 1);
+    report("built (random init)", now() - t);
+    std::uint64_t bytes = 0;
+    for (const auto& p : peer.parameters()) bytes += std::uint64_t(p.size()) * sizeof(float);
+    t = now();
+    spex::save_layer(path, peer);
+    const double s = now() - t;
+    report("saved (fsync)", s);
+    std::printf("save: %.0f MB in %.2f s = %.0f MB/s\n", bytes / 1e6, s, bytes / 1e6 / s);
+    return 0;
+  }
+  spex::LoadOptions opt;
+  opt.map = argc > 3 && std::string(argv[3]) == "map";
+  double t = now();
+  spex::LoadReport r;
+  const auto peer = spex::load_layer<spex::Peer<float>>(path, "", opt, &r);
+  report(opt.map ? "load_layer (mapped)" : "load_layer (copied)", now() - t);
+  std::printf("  %zu tensors mapped, %zu copied\n", r.mapped.size(), r.copied.size());
+  spex::RowMat<float> x(256, peer.d_in()), y(256, peer.d_out());
+  spex::Rng rng(3);
+  spex::fill_normal(x, 1.0, rng);
+  spex::Peer<float>::Cache c;
+  t = now();
+  peer.infer(x, y, c);
+  report("first infer, 256 tokens", now() - t);
+  t = now();
+  peer.infer(x, y, c);
+  report("second infer, 256 tokens", now() - t);
+  return 0;
+}
