@@ -10,7 +10,31 @@
 #include <string>
 #include <vector>
 
+#include <spex/layers/moe.hpp>
+#include <spex/layers/peer.hpp>
+
 namespace spex_test {
+
+/// Small layer configs the io tests save, load and train.
+inline spex::ProductKeyLayerConfig io_pk_config() {
+  spex::ProductKeyLayerConfig cfg;
+  cfg.d_in = 8;
+  cfg.n_keys = 6;
+  cfg.heads = 2;
+  cfg.top_k = 3;
+  cfg.d_key = 4;
+  return cfg;
+}
+
+inline spex::MoEConfig io_moe_config() {
+  spex::MoEConfig cfg;
+  cfg.d_in = 8;
+  cfg.n_experts = 4;
+  cfg.hidden = 12;
+  cfg.experts_per_token = 2;
+  cfg.router_init_std = 0.5;
+  return cfg;
+}
 
 /// A fresh directory under $TMPDIR (or /tmp), removed with its files when destroyed.
 class TempDir {

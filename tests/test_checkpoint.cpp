@@ -17,23 +17,8 @@ using TopKf = MoE<float, TopKRouter<float>>;
 
 template <class L>
 typename L::Config config() {
-  if constexpr (std::is_same<typename L::Config, ProductKeyLayerConfig>::value) {
-    ProductKeyLayerConfig c;
-    c.d_in = 8;
-    c.n_keys = 8;
-    c.heads = 2;
-    c.top_k = 4;
-    c.d_key = 6;
-    return c;
-  } else {
-    MoEConfig c;
-    c.d_in = 8;
-    c.n_experts = 8;
-    c.hidden = 16;
-    c.experts_per_token = 2;
-    c.router_init_std = 0.3;
-    return c;
-  }
+  if constexpr (std::is_same<typename L::Config, ProductKeyLayerConfig>::value) return spex_test::io_pk_config();
+  else return spex_test::io_moe_config();
 }
 
 template <class Opt>
@@ -68,7 +53,7 @@ struct Run {
 
   explicit Run(std::uint64_t seed)
       : layer(config<L>(), seed), grads(layer.make_grads()), params(layer.parameters(grads)),
-        opt(make_optimizer<Opt>(params)), ctl(0.75, 1e-4), data(seed + 1000) {}
+        opt(make_optimizer<Opt>(params)), ctl(0.5, 1e-4), data(seed + 1000) {}
 
   double step() {
     const Index b = 24, d = 8;

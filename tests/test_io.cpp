@@ -21,25 +21,8 @@ namespace {
 using ReMoEf = MoE<float, ReluRouter<float>>;
 using TopKf = MoE<float, TopKRouter<float>>;
 
-ProductKeyLayerConfig pk_config() {
-  ProductKeyLayerConfig cfg;
-  cfg.d_in = 8;
-  cfg.n_keys = 6;
-  cfg.heads = 2;
-  cfg.top_k = 3;
-  cfg.d_key = 4;
-  return cfg;
-}
-
-MoEConfig moe_config() {
-  MoEConfig cfg;
-  cfg.d_in = 8;
-  cfg.n_experts = 4;
-  cfg.hidden = 12;
-  cfg.experts_per_token = 2;
-  cfg.router_init_std = 0.5;
-  return cfg;
-}
+ProductKeyLayerConfig pk_config() { return spex_test::io_pk_config(); }
+MoEConfig moe_config() { return spex_test::io_moe_config(); }
 
 // Every value of every parameter, in list order.
 template <class L>

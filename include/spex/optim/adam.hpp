@@ -80,8 +80,10 @@ class Adam {
   /// The state as named tensors, for checkpoints (io/checkpoint.hpp): "<prefix>m.<name>" and
   /// "<prefix>v.<name>" of every trainable parameter, full shape (rows a row-sparse table has
   /// not stepped yet hold zeros, as they do here). With steps() that is all of Adam's state.
-  ParameterList<T> state(const std::string& prefix = "") { return state_list<T>(this, prefix); }
-  ParameterList<const T> state(const std::string& prefix = "") const { return state_list<const T>(this, prefix); }
+  ParameterList<T> state(const std::string& prefix = "") { return detail::state_tensors<T>(groups_, prefix, "m", m_, "v", &v_); }
+  ParameterList<const T> state(const std::string& prefix = "") const {
+    return detail::state_tensors<const T>(groups_, prefix, "m", m_, "v", &v_);
+  }
   /// Sets the step count (restoring a checkpoint); t >= 0.
   void set_steps(long t) {
     SPEX_CHECK(t >= 0, "Adam steps = " << t << " must be >= 0");
@@ -128,23 +130,6 @@ class Adam {
   }
 
  private:
-  template <class V, class Self>
-  static ParameterList<V> state_list(Self* self, const std::string& prefix) {
-    ParameterList<V> out;
-    std::size_t i = 0;
-    for (const auto& g : self->groups_)
-      for (const auto& p : g.params) {
-        if (p.trainable()) {
-          auto& m = self->m_[i];
-          auto& v = self->v_[i];
-          out.push_back(dense_parameter<V>(prefix + "m." + p.name, m, nullptr));
-          out.push_back(dense_parameter<V>(prefix + "v." + p.name, v, nullptr));
-        }
-        ++i;
-      }
-    return out;
-  }
-
   static constexpr Index kChunk = 16384;  // entries per parallel task
   std::vector<ParamGroup<T>> groups_;
   AdamConfig cfg_;

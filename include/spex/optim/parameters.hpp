@@ -88,6 +88,24 @@ void check_groups(const std::vector<ParamGroup<T>>& groups) {
   }
   check_unique_names(all);
 }
+
+/// An optimizer's per-parameter state as named tensors "<prefix><kind>.<parameter name>", for
+/// checkpoints: one buffer per parameter in group order for each kind ("m" and "v", or
+/// "momentum"); empty buffers (parameters without state) are skipped. V is T or const T.
+template <class V, class T, class Buffers>
+ParameterList<V> state_tensors(const std::vector<ParamGroup<T>>& groups, const std::string& prefix, const char* kind,
+                               Buffers& buffers, const char* kind2 = nullptr, Buffers* buffers2 = nullptr) {
+  ParameterList<V> out;
+  std::size_t i = 0;
+  for (const auto& g : groups)
+    for (const auto& p : g.params) {
+      if (buffers[i].size() > 0) out.push_back(dense_parameter<V>(prefix + kind + "." + p.name, buffers[i], nullptr));
+      if (buffers2 && (*buffers2)[i].size() > 0)
+        out.push_back(dense_parameter<V>(prefix + kind2 + "." + p.name, (*buffers2)[i], nullptr));
+      ++i;
+    }
+  return out;
+}
 }  // namespace detail
 
 /// L2 norm of all gradients: dense ones and the rows a row-sparse one holds (each row once,

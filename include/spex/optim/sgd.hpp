@@ -54,8 +54,10 @@ class Sgd {
 
   /// The state as named tensors, for checkpoints (io/checkpoint.hpp): "<prefix>momentum.<name>"
   /// of every trainable parameter, full shape (none without momentum). SGD has no other state.
-  ParameterList<T> state(const std::string& prefix = "") { return state_list<T>(this, prefix); }
-  ParameterList<const T> state(const std::string& prefix = "") const { return state_list<const T>(this, prefix); }
+  ParameterList<T> state(const std::string& prefix = "") { return detail::state_tensors<T>(groups_, prefix, "momentum", buf_); }
+  ParameterList<const T> state(const std::string& prefix = "") const {
+    return detail::state_tensors<const T>(groups_, prefix, "momentum", buf_);
+  }
 
   void step() {
     std::size_t i = 0;
@@ -79,18 +81,6 @@ class Sgd {
   }
 
  private:
-  template <class V, class Self>
-  static ParameterList<V> state_list(Self* self, const std::string& prefix) {
-    ParameterList<V> out;
-    std::size_t i = 0;
-    for (const auto& g : self->groups_)
-      for (const auto& p : g.params) {
-        auto& buf = self->buf_[i++];
-        if (p.trainable() && buf.size() > 0) out.push_back(dense_parameter<V>(prefix + "momentum." + p.name, buf, nullptr));
-      }
-    return out;
-  }
-
   template <class W, class G>
   void update_row(W w, const G& grad, RowMat<T>& buf, Index r, T lr, T wd) const {
     const T mu = T(cfg_.momentum);
