@@ -1,6 +1,6 @@
 // Load time and memory of a big PEER model file, mapped vs copied, and save speed; one mode per
 // process so that peak RSS is the mode's own (scripts/bench_io.sh runs them and dd beside).
-//   io_load save PATH [n_keys d]    builds PEER(n_keys^2 experts, d) and saves it (fsync'd)
+//   io_load save PATH [n_keys d [repeats]]   builds PEER(n_keys^2 experts, d), saves it (fsync'd)
 //   io_load load PATH map|copy       loads it, then runs one batch of 256 tokens through infer
 // Prints seconds and RSS (VmRSS now, VmHWM peak, from /proc/self/status) at each stage.
 #include <chrono>
@@ -52,11 +52,14 @@ int main(int argc, char** argv) {
     report("built (random init)", now() - t);
     std::uint64_t bytes = 0;
     for (const auto& p : peer.parameters()) bytes += std::uint64_t(p.size()) * sizeof(float);
-    t = now();
-    spex::save_layer(path, peer);
-    const double s = now() - t;
-    report("saved (fsync)", s);
-    std::printf("save: %.0f MB in %.2f s = %.0f MB/s\n", bytes / 1e6, s, bytes / 1e6 / s);
+    const int repeats = argc > 5 ? std::atoi(argv[5]) : 1;
+    for (int i = 0; i < repeats; ++i) {
+      t = now();
+      spex::save_layer(path, peer);
+      const double s = now() - t;
+      report("saved (fsync)", s);
+      std::printf("save: %.0f MB in %.2f s = %.0f MB/s\n", bytes / 1e6, s, bytes / 1e6 / s);
+    }
     return 0;
   }
   spex::LoadOptions opt;

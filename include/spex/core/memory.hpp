@@ -8,6 +8,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace spex {
@@ -21,6 +22,23 @@ inline bool advise_huge_pages(void* p, std::size_t bytes) {
   const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(kHuge - 1);
   if (end <= begin) return false;
   return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+  (void)p;
+  (void)bytes;
+  return false;
+#endif
+}
+
+/// Drops this process's mapping of the whole pages inside [p, p + bytes) of a shared file
+/// mapping (the page cache keeps the data; a later read maps it again): RSS falls once a loader
+/// has copied a tensor out. Never call it on anonymous memory (it would zero it).
+inline bool release_file_pages(const void* p, std::size_t bytes) {
+#if defined(__linux__) && defined(MADV_DONTNEED)
+  const std::uintptr_t page = std::uintptr_t(sysconf(_SC_PAGESIZE));
+  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(p) + page - 1) & ~(page - 1);
+  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(page - 1);
+  if (end <= begin) return false;
+  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED) == 0;
 #else
   (void)p;
   (void)bytes;

@@ -154,7 +154,7 @@ class SafetensorsLoader {
   /// are unexpected (an error when strict).
   template <class T>
   SafetensorsLoader& parameters(const ParameterList<T>& params, const std::string& scope = "", const LoadOptions& opt = {}) {
-    auto load = std::make_shared<ParameterLoad<T>>(file_.view(), file_.keep_alive(), params, scope, opt);
+    auto load = std::make_shared<ParameterLoad<T>>(file_.view(), file_.keep_alive(), params, scope, opt, file_.is_mapped_file());
     actions_.push_back([this, load] {
       load->apply();
       merge(load->report());

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../core/memory.hpp"
 #include "../core/parameter.hpp"
 #include "safetensors.hpp"
 
@@ -75,13 +76,15 @@ inline std::string join(const std::vector<std::string>& v) {
 /// A staged load of `params` from a validated file image. Tensors count as unexpected only
 /// when their name starts with `scope` (several layers or an optimizer may share a file).
 /// `keep_alive` owns the image's memory (SafetensorsFile::keep_alive()); without it nothing is
-/// mapped in place.
+/// mapped in place. When the image is a shared file mapping (`file_mapping`), the pages a
+/// check or a copy has read are unmapped again, chunk by chunk (the page cache keeps them): a
+/// copying load then peaks at the size of the copy, not of the copy plus the file.
 template <class T>
 class ParameterLoad {
  public:
   ParameterLoad(const SafetensorsView& file, std::shared_ptr<const void> keep_alive, const ParameterList<T>& params,
-                const std::string& scope, const LoadOptions& opt)
-      : file_(file), keep_alive_(std::move(keep_alive)) {
+                const std::string& scope, const LoadOptions& opt, bool file_mapping = false)
+      : file_(file), keep_alive_(std::move(keep_alive)), file_mapping_(file_mapping) {
     std::vector<std::string> problems;
     std::unordered_set<std::string> wanted;
     for (const auto& p : params) {
@@ -106,7 +109,11 @@ class ParameterLoad {
       const bool map = opt.map && p.table && keep_alive_ && t->dtype == dtype_of<T>() && t->shape.size() == 2 &&
                        reinterpret_cast<std::uintptr_t>(file.data(*t)) % alignof(T) == 0;
       if (!map && opt.check_finite) {
-        const std::int64_t at = detail::first_non_finite<T>(file.data(*t), t->dtype, t->elements());
+        std::int64_t at = -1;
+        for_each_chunk(*t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
+          const std::int64_t i = at < 0 ? detail::first_non_finite<T>(src, t->dtype, n) : -1;
+          if (i >= 0) at = std::int64_t(first) + i;
+        });
         if (at >= 0)
           problems.push_back("'" + p.name + "' holds a non-finite value at flat index " + std::to_string(at) +
                              (t->dtype == dtype_of<T>() ? std::string() : " (after conversion from " + std::string(to_string(t->dtype)) + ")"));
@@ -135,13 +142,13 @@ class ParameterLoad {
       if (it.map) {
         it.p.table->adopt_view(reinterpret_cast<const T*>(file_.data(t)), it.p.rows, it.p.cols, keep_alive_);
         report_.mapped.push_back(it.p.name);
-      } else if (t.dtype == dtype_of<T>()) {
-        std::memcpy(it.p.value, file_.data(t), t.bytes());
-        report_.copied.push_back(it.p.name);
-      } else {
-        convert_from_bytes(file_.data(t), t.dtype, it.p.value, t.elements());
-        report_.copied.push_back(it.p.name);
+        continue;
       }
+      for_each_chunk(t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
+        if (t.dtype == dtype_of<T>()) std::memcpy(it.p.value + first, src, n * sizeof(T));
+        else convert_from_bytes(src, t.dtype, it.p.value + first, n);
+      });
+      report_.copied.push_back(it.p.name);
     }
     items_.clear();
   }
@@ -149,6 +156,19 @@ class ParameterLoad {
   const LoadReport& report() const { return report_; }
 
  private:
+  // Calls f(first element, element count, bytes) over the tensor in 64 MiB pieces, unmapping
+  // each piece of a file mapping once f has read it.
+  template <class F>
+  void for_each_chunk(const TensorInfo& t, F&& f) const {
+    const std::uint64_t size = dtype_size(t.dtype), per = (std::uint64_t(64) << 20) / size, n = t.elements();
+    for (std::uint64_t first = 0; first < n; first += per) {
+      const std::uint64_t len = std::min(per, n - first);
+      const unsigned char* src = file_.data(t) + first * size;
+      f(first, len, src);
+      if (file_mapping_) release_file_pages(src, len * size);
+    }
+  }
+
   struct Item {
     Parameter<T> p;
     const TensorInfo* t;
@@ -156,6 +176,7 @@ class ParameterLoad {
   };
   const SafetensorsView& file_;
   std::shared_ptr<const void> keep_alive_;
+  bool file_mapping_ = false;
   std::vector<Item> items_;
   std::vector<std::string> missing_;
   LoadReport report_;

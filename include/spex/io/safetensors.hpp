@@ -267,6 +267,7 @@ class SafetensorsFile {
   explicit SafetensorsFile(const std::string& path) {
     auto mapping = std::make_shared<detail::FileMapping>(path);
     init(path, mapping->data(), mapping->size(), mapping);
+    mapped_ = true;
   }
   /// A file image held in memory (`bytes` is shared, never copied); `name` stands for the path
   /// in messages.
@@ -285,6 +286,8 @@ class SafetensorsFile {
   const TensorInfo* find(const std::string& name) const { return view_->find(name); }
   const TensorInfo& at(const std::string& name) const { return view_->at(name); }
   const unsigned char* data(const TensorInfo& t) const { return view_->data(t); }
+  /// True for a file mapped from disk (shared with the page cache), false for from_memory.
+  bool is_mapped_file() const { return mapped_; }
   /// Owns the file's memory: hold it as long as you read tensor data in place.
   std::shared_ptr<const void> keep_alive() const { return owner_; }
 
@@ -299,6 +302,7 @@ class SafetensorsFile {
 
   std::string path_;
   std::size_t size_ = 0;
+  bool mapped_ = false;
   std::shared_ptr<const void> owner_;
   std::shared_ptr<SafetensorsView> view_;
 };
