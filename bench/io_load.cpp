@@ -1,10 +1,13 @@
 // Load time and memory of a big PEER model file, mapped vs copied, and save speed; one mode per
 // process so that peak RSS is the mode's own (scripts/bench_io.sh runs them and dd beside).
-//   io_load save PATH [n_keys d [repeats]]   builds PEER(n_keys^2 experts, d), saves it (fsync'd)
+//   io_load save PATH [n_keys d [repeats [CMD]]]   builds PEER(n_keys^2 experts, d) and saves it
+//                                   (fsync'd) `repeats` times, running the shell command CMD (a dd
+//                                   of the same size) before each save: the two alternate
 //   io_load load PATH map|copy       loads it, then runs one batch of 256 tokens through infer
 // Prints seconds and RSS (VmRSS now, VmHWM peak, from /proc/self/status) at each stage.
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <spex/io/io.hpp>
@@ -54,6 +57,11 @@ int main(int argc, char** argv) {
     for (const auto& p : peer.parameters()) bytes += std::uint64_t(p.size()) * sizeof(float);
     const int repeats = argc > 5 ? std::atoi(argv[5]) : 1;
     for (int i = 0; i < repeats; ++i) {
+      if (argc > 6) {
+        t = now();
+        if (std::system(argv[6]) != 0) return 1;
+        std::printf("%-28s %8.3f s = %.0f MB/s\n", "comparison command", now() - t, bytes / 1e6 / (now() - t));
+      }
       t = now();
       spex::save_layer(path, peer);
       const double s = now() - t;

@@ -11,13 +11,12 @@ cmake --build build/bench -j "$(nproc)" --target io_load
 mkdir -p "$dir"
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; disk: $(df -h "$dir" | tail -1 | awk '{print $1}')"
 # dd writes the same number of random bytes from memory (/dev/shm; zeros can be special-cased
-# by virtual disks), fsync'd like the save: once before the three saves, twice after.
+# by virtual disks), fsync'd like the save; dd and save alternate, five times each (this VM's
+# disk has fast and slow periods).
 bytes=$(( 2 * 1048576 * 512 * 4 + 1048576 ))
 head -c "$bytes" /dev/urandom > /dev/shm/spex_bench_io.bin
-dd_write() { dd if=/dev/shm/spex_bench_io.bin of="$dir/dd.bin" bs=1M conv=fsync 2>&1 | tail -1; rm -f "$dir/dd.bin"; }
-echo "dd, random bytes from memory:"; dd_write
-build/bench/bench/io_load save "$dir/peer.safetensors" 1024 512 3
-echo "dd again:"; dd_write; dd_write
+build/bench/bench/io_load save "$dir/peer.safetensors" 1024 512 5 \
+  "dd if=/dev/shm/spex_bench_io.bin of=$dir/dd.bin bs=1M conv=fsync status=none && rm -f $dir/dd.bin"
 rm -f /dev/shm/spex_bench_io.bin
 if sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then cache="cold page cache"; else cache="warm page cache (cannot drop caches here)"; fi
 echo "-- mapped, $cache"
