@@ -1,32 +1,303 @@
 #pragma once
-// The GEMM entry point of the layers: C (+)= A B, with the rows of C split into fixed blocks
-// that run in parallel_for, each block one single-threaded Eigen GEMM. Eigen's own threaded
-// GEMM chooses its blocking from the thread count, so its results change in the last bits
-// with OMP_NUM_THREADS; fixed blocks make every product independent of the thread count
-// (training runs are bit-identical with 1, 2 or 3 threads).
+// The one GEMM entry point of spex: every matrix product of the layers (Linear, sub-key scores,
+// exhaustive search, FFN experts, their backward) goes through gemm() or gemm_serial().
+//
+// Engines: Eigen's own GEMM always works (header-only use, nothing to link). A build may add a
+// CBLAS (OpenBLAS or BLIS, their OpenMP builds) and libxsmm; CMake's SPEX_GEMM option picks
+// them and defines SPEX_GEMM_CBLAS / SPEX_GEMM_XSMM for spex and its consumers
+// (cmake/spexGemm.cmake). Which engine serves which shape is `gemm_engine_for`, chosen by
+// measurement (README, "GEMM engines").
+//
+// Determinism: gemm() splits C into fixed tiles that run in parallel_for, each tile one
+// single-threaded engine call. Eigen's and the BLAS libraries' own threading choose their
+// blocking from the thread count, which changes results in the last bits; fixed tiles make
+// every product independent of OMP_NUM_THREADS (training runs are bit-identical with 1, 2
+// or 3 threads). Inside a parallel region the OpenMP builds of OpenBLAS and BLIS run on the
+// calling thread, so spex's pool is the only one (DESIGN.md, Threading).
 #include <algorithm>
+#include <climits>
+#include <string>
 
+#include <Eigen/Core>
+
+#include "check.hpp"
 #include "parallel.hpp"
 #include "types.hpp"
 
+#if defined(SPEX_GEMM_CBLAS)
+#include <cblas.h>  // OpenBLAS's or BLIS's (cmake/spexGemm.cmake sets the include path)
+#endif
+#if defined(SPEX_GEMM_XSMM)
+#include <libxsmm.h>
+#endif
+
 namespace spex {
 
-/// Rows of C per task.
-constexpr Index kGemmRowBlock = 64;
+/// The GEMM implementations spex can call.
+enum class GemmEngine { eigen, cblas, xsmm };
 
-/// C = A * B (accumulate: C += A * B). A is m x k, B is k x n, C is m x n; any Eigen
-/// expressions for A and B (transposes, blocks). C must not alias A or B.
+/// "eigen", or the CBLAS this build links ("openblas", "blis"), or "libxsmm".
+inline const char* gemm_engine_name(GemmEngine e) {
+  switch (e) {
+    case GemmEngine::cblas:
+#if defined(SPEX_GEMM_CBLAS_NAME)
+      return SPEX_GEMM_CBLAS_NAME;
+#else
+      return "cblas";
+#endif
+    case GemmEngine::xsmm: return "libxsmm";
+    case GemmEngine::eigen: break;
+  }
+  return "eigen";
+}
+
+/// Whether this build can call engine `e`.
+constexpr bool gemm_engine_available(GemmEngine e) {
+#if defined(SPEX_GEMM_CBLAS)
+  if (e == GemmEngine::cblas) return true;
+#endif
+#if defined(SPEX_GEMM_XSMM)
+  if (e == GemmEngine::xsmm) return true;
+#endif
+  return e == GemmEngine::eigen;
+}
+
+/// What a CBLAS engine call would run on this CPU: "SkylakeX", "Haswell", ... for OpenBLAS
+/// (its kernel family, picked at load time from the CPU or OPENBLAS_CORETYPE), "" otherwise.
+inline const char* gemm_cblas_kernel() {
+#if defined(SPEX_GEMM_OPENBLAS)
+  return openblas_get_corename();
+#else
+  return "";
+#endif
+}
+
+/// Whether the CBLAS serves the large products. Eigen is compiled into the caller with its ISA:
+/// where that has AVX-512 and OpenBLAS picked an AVX2 kernel family (a CPU newer than the
+/// OpenBLAS release, such as Zen 5 with Debian's 0.3.21), Eigen is faster (README, "GEMM
+/// engines") and serves them; set OPENBLAS_CORETYPE=SkylakeX there to get OpenBLAS's
+/// AVX-512 kernels, faster than both. Decided once per process from the CPU and environment,
+/// never from timings, so a process's results are reproducible.
+inline bool gemm_cblas_serves_large() {
+#if defined(SPEX_GEMM_OPENBLAS) && defined(__AVX512F__)
+  static const bool avx512_kernels = [] {
+    const std::string core = gemm_cblas_kernel();
+    return core == "SkylakeX" || core == "Cooperlake" || core == "SapphireRapids";
+  }();
+  return avx512_kernels;
+#else
+  return gemm_engine_available(GemmEngine::cblas);
+#endif
+}
+
+/// The engine for one product of C (m x n) = A (m x k) B, B used transposed or not: the shape
+/// classes of the table measured in README "GEMM engines".
+///  - thin (a token or two, or up to 8 rows against a transposed B): Eigen's GEMV-like path;
+///  - small and medium with B not transposed (backward products, weight gradients, the
+///    experts' blocks once libxsmm has kernels for them): libxsmm's JIT kernels;
+///  - everything else: the CBLAS when it serves large products, Eigen otherwise.
+inline GemmEngine gemm_engine_for(Index m, Index n, Index k, bool b_transposed) {
+  (void)k;
+  if (m <= 2 || (m <= 8 && b_transposed)) return GemmEngine::eigen;
+  if (gemm_engine_available(GemmEngine::xsmm) && !b_transposed && n <= 512) return GemmEngine::xsmm;
+  return gemm_cblas_serves_large() ? GemmEngine::cblas : GemmEngine::eigen;
+}
+
+namespace detail {
+
+/// A GEMM operand as the engines see it: a row-major `rows x cols` matrix at `data` with
+/// `stride` elements between rows, used as is or `transposed`.
+template <class T>
+struct GemmOperand {
+  const T* data;
+  Index rows, cols, stride;
+  bool transposed;
+
+  Index op_rows() const { return transposed ? cols : rows; }
+  Index op_cols() const { return transposed ? rows : cols; }
+  /// Rows r0 .. r0 + count of the operand (as used, after the transpose).
+  GemmOperand middle_rows(Index r0, Index count) const {
+    if (transposed) return {data + r0, rows, count, stride, true};
+    return {data + r0 * stride, count, cols, stride, false};
+  }
+  /// Columns c0 .. c0 + count of the operand (as used).
+  GemmOperand middle_cols(Index c0, Index count) const {
+    if (transposed) return {data + c0 * stride, count, cols, stride, true};
+    return {data + c0, rows, count, stride, false};
+  }
+};
+
+/// The operand view of an Eigen expression with direct access: a row-major matrix, a block or
+/// map of one, or the transpose of any of these (a column-major view is the transpose of a
+/// row-major one).
+template <class E>
+GemmOperand<typename E::Scalar> gemm_operand(const Eigen::MatrixBase<E>& expr) {
+  static_assert(bool(Eigen::internal::traits<E>::Flags & Eigen::DirectAccessBit),
+                "gemm operands must be matrices, maps, blocks or their transposes");
+  const E& m = expr.derived();
+  SPEX_CHECK(m.innerStride() == 1 || (E::IsRowMajor ? m.cols() : m.rows()) <= 1,
+             "gemm: an operand's rows (or columns, transposed) must be contiguous");
+  if (E::IsRowMajor) return {m.data(), m.rows(), m.cols(), std::max<Index>(m.outerStride(), m.cols()), false};
+  return {m.data(), m.cols(), m.rows(), std::max<Index>(m.outerStride(), m.rows()), true};
+}
+
+template <class T>
+void eigen_gemm(const GemmOperand<T>& a, const GemmOperand<T>& b, T* c, Index ldc, Index m, Index n, bool accumulate) {
+  using Stride = Eigen::OuterStride<>;
+  using CMap = Eigen::Map<const RowMat<T>, 0, Stride>;
+  const CMap am(a.data, a.rows, a.cols, Stride(a.stride)), bm(b.data, b.rows, b.cols, Stride(b.stride));
+  Eigen::Map<RowMat<T>, 0, Stride> cm(c, m, n, Stride(ldc));
+  auto run = [&](const auto& lhs, const auto& rhs) {
+    if (accumulate)
+      cm.noalias() += lhs * rhs;
+    else
+      cm.noalias() = lhs * rhs;
+  };
+  if (a.transposed && b.transposed)
+    run(am.transpose(), bm.transpose());
+  else if (a.transposed)
+    run(am.transpose(), bm);
+  else if (b.transposed)
+    run(am, bm.transpose());
+  else
+    run(am, bm);
+}
+
+#if defined(SPEX_GEMM_CBLAS)
+/// Makes a CBLAS call on this thread run on this thread only. The OpenMP build of OpenBLAS
+/// threads every call outside a parallel region over omp_get_max_threads(), and its split
+/// changes the last bits with the thread count; the per-thread OpenMP setting is lowered to 1
+/// for the call and restored after. (Inside spex's parallel regions it runs serially anyway.)
+class SerialCblasCall {
+ public:
+  SerialCblasCall() {
+#if defined(_OPENMP)
+    if (!omp_in_parallel() && saved_ > 1) omp_set_num_threads(1);
+#endif
+  }
+  ~SerialCblasCall() {
+#if defined(_OPENMP)
+    if (!omp_in_parallel() && saved_ > 1) omp_set_num_threads(saved_);
+#endif
+  }
+  SerialCblasCall(const SerialCblasCall&) = delete;
+  SerialCblasCall& operator=(const SerialCblasCall&) = delete;
+
+ private:
+  int saved_ = max_threads();
+};
+
+inline void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, const float* a, int lda,
+                       const float* b, int ldb, float beta, float* c, int ldc) {
+  cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, 1.f, a, lda, b, ldb, beta, c, ldc);
+}
+inline void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, const double* a, int lda,
+                       const double* b, int ldb, double beta, double* c, int ldc) {
+  cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
+}
+#endif
+
+#if defined(SPEX_GEMM_XSMM)
+/// libxsmm is column-major: the row-major C = A B is the column-major Cᵀ = Bᵀ Aᵀ, which reads
+/// the same memory with the operands swapped. Returns false when libxsmm has no kernel.
+inline bool xsmm_gemm(const GemmOperand<float>& a, const GemmOperand<float>& b, float* c, libxsmm_blasint ldc,
+                      libxsmm_blasint m, libxsmm_blasint n, libxsmm_blasint k, bool accumulate) {
+  const int flags = (b.transposed ? LIBXSMM_GEMM_FLAG_TRANS_A : 0) | (a.transposed ? LIBXSMM_GEMM_FLAG_TRANS_B : 0);
+  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+  const libxsmm_blasint lda = b.stride, ldb = a.stride;
+  const libxsmm_smmfunction kernel = libxsmm_smmdispatch(n, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+  if (!kernel) return false;
+  kernel(b.data, a.data, c);
+  return true;
+}
+inline bool xsmm_gemm(const GemmOperand<double>& a, const GemmOperand<double>& b, double* c, libxsmm_blasint ldc,
+                      libxsmm_blasint m, libxsmm_blasint n, libxsmm_blasint k, bool accumulate) {
+  const int flags = (b.transposed ? LIBXSMM_GEMM_FLAG_TRANS_A : 0) | (a.transposed ? LIBXSMM_GEMM_FLAG_TRANS_B : 0);
+  const double alpha = 1.0, beta = accumulate ? 1.0 : 0.0;
+  const libxsmm_blasint lda = b.stride, ldb = a.stride;
+  const libxsmm_dmmfunction kernel = libxsmm_dmmdispatch(n, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+  if (!kernel) return false;
+  kernel(b.data, a.data, c);
+  return true;
+}
+#endif
+
+/// C (m x n, row stride ldc) = or += A B on the calling thread, on engine `engine` when this
+/// build has it and the sizes fit its integer type, on Eigen otherwise.
+template <class T>
+void gemm_block(GemmEngine engine, const GemmOperand<T>& a, const GemmOperand<T>& b, T* c, Index ldc, Index m,
+                Index n, bool accumulate) {
+  const Index k = a.op_cols();
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate)
+      for (Index r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
+    return;
+  }
+  const bool fits_int = std::max({m, n, k, a.stride, b.stride, ldc}) <= Index(INT_MAX);
+  (void)fits_int;
+#if defined(SPEX_GEMM_XSMM)
+  if (engine == GemmEngine::xsmm && fits_int && xsmm_gemm(a, b, c, ldc, m, n, k, accumulate)) return;
+  if (engine == GemmEngine::xsmm) engine = gemm_engine_available(GemmEngine::cblas) ? GemmEngine::cblas : GemmEngine::eigen;
+#endif
+#if defined(SPEX_GEMM_CBLAS)
+  if (engine == GemmEngine::cblas && fits_int) {
+    const SerialCblasCall serial;
+    cblas_gemm(a.transposed ? CblasTrans : CblasNoTrans, b.transposed ? CblasTrans : CblasNoTrans, int(m), int(n),
+               int(k), a.data, int(a.stride), b.data, int(b.stride), accumulate ? T(1) : T(0), c, int(ldc));
+    return;
+  }
+#endif
+  (void)engine;
+  eigen_gemm(a, b, c, ldc, m, n, accumulate);
+}
+
+template <class MC, class MA, class MB>
+void check_gemm_shapes(const MC& c, const MA& a, const MB& b) {
+  SPEX_CHECK(a.cols() == b.rows() && c.rows() == a.rows() && c.cols() == b.cols(),
+             "gemm: C (" << c.rows() << " x " << c.cols() << ") = A (" << a.rows() << " x " << a.cols() << ") B ("
+                         << b.rows() << " x " << b.cols() << "): shapes do not match");
+}
+
+}  // namespace detail
+
+/// gemm() splits C into tiles of at most this many rows and columns, one task each. Fixed
+/// sizes (never the thread count) keep results independent of the threads; 256 x 512 tiles
+/// keep a CBLAS near its single-core peak (64-row blocks lost 20%: README, "GEMM engines").
+constexpr Index kGemmTileRows = 256;
+constexpr Index kGemmTileCols = 512;
+
+/// C = A * B (accumulate: C += A * B), tiles of C over spex's threads, each tile one
+/// single-threaded engine call. A is m x k, B is k x n, C is m x n; each a row-major matrix,
+/// map or block, or a transpose of one. C must not alias A or B.
 template <class MC, class MA, class MB>
 void gemm(MC&& c, const MA& a, const MB& b, bool accumulate) {
-  const Index m = c.rows();
-  const Index blocks = (m + kGemmRowBlock - 1) / kGemmRowBlock;
-  parallel_for(blocks, [&](Index blk, int) {
-    const Index r0 = blk * kGemmRowBlock, rows = std::min(kGemmRowBlock, m - r0);
-    if (accumulate)
-      c.middleRows(r0, rows).noalias() += a.middleRows(r0, rows) * b;
-    else
-      c.middleRows(r0, rows).noalias() = a.middleRows(r0, rows) * b;
+  detail::check_gemm_shapes(c, a, b);
+  static_assert(std::decay_t<MC>::IsRowMajor, "gemm writes a row-major C");
+  const auto ao = detail::gemm_operand(a);
+  const auto bo = detail::gemm_operand(b);
+  const Index m = c.rows(), n = c.cols(), k = ao.op_cols(), ldc = std::max<Index>(c.outerStride(), n);
+  auto* cd = c.data();
+  const Index row_tiles = (m + kGemmTileRows - 1) / kGemmTileRows;
+  const Index col_tiles = (n + kGemmTileCols - 1) / kGemmTileCols;
+  parallel_for(row_tiles * col_tiles, [&](Index tile, int) {
+    const Index r0 = (tile / col_tiles) * kGemmTileRows, c0 = (tile % col_tiles) * kGemmTileCols;
+    const Index rows = std::min(kGemmTileRows, m - r0), cols = std::min(kGemmTileCols, n - c0);
+    detail::gemm_block(gemm_engine_for(rows, cols, k, bo.transposed), ao.middle_rows(r0, rows),
+                       bo.middle_cols(c0, cols), cd + r0 * ldc + c0, ldc, rows, cols, accumulate);
   });
+}
+
+/// As gemm(), as one engine call on the calling thread: for products inside spex's own
+/// parallel loops (one expert's block of tokens, one query block).
+template <class MC, class MA, class MB>
+void gemm_serial(MC&& c, const MA& a, const MB& b, bool accumulate) {
+  detail::check_gemm_shapes(c, a, b);
+  static_assert(std::decay_t<MC>::IsRowMajor, "gemm writes a row-major C");
+  const auto ao = detail::gemm_operand(a);
+  const auto bo = detail::gemm_operand(b);
+  const Index m = c.rows(), n = c.cols(), ldc = std::max<Index>(c.outerStride(), n);
+  detail::gemm_block(gemm_engine_for(m, n, ao.op_cols(), bo.transposed), ao, bo, c.data(), ldc, m, n, accumulate);
 }
 
 }  // namespace spex

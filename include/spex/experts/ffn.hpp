@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../core/gemm.hpp"
 #include "../core/parallel.hpp"
 #include "../core/parameter.hpp"
 #include "../core/random.hpp"
@@ -137,9 +138,9 @@ class FfnExperts {
       auto xg = c.xg.middleRows(r0, n);
       auto h = c.h.middleRows(r0, n);
       auto a = c.a.middleRows(r0, n);
-      h.noalias() = xg * w1_.middleRows(e * h1(), h1()).transpose();
+      gemm_serial(h, xg, w1_.middleRows(e * h1(), h1()).transpose(), false);
       for (Index r = 0; r < n; ++r) activate_row(&h(r, 0), &a(r, 0));
-      c.yg.middleRows(r0, n).noalias() = a * w2_.middleRows(e * d_out_, d_out_).transpose();
+      gemm_serial(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
     });
     parallel_for(x.rows(), [&](Index t, int) {
       y.row(t).setZero();
@@ -183,11 +184,11 @@ class FfnExperts {
       auto dyg = c.dyg.middleRows(r0, n);
       auto da = c.da.middleRows(r0, n);
       auto dh = c.dh.middleRows(r0, n);
-      gw2.noalias() += dyg.transpose() * c.a.middleRows(r0, n);
-      da.noalias() = dyg * w2e;
+      gemm_serial(gw2, dyg.transpose(), c.a.middleRows(r0, n), true);
+      gemm_serial(da, dyg, w2e, false);
       for (Index r = 0; r < n; ++r) activate_row_backward(&c.h(r0 + r, 0), &da(r, 0), &dh(r, 0));
-      gw1.noalias() += dh.transpose() * c.xg.middleRows(r0, n);
-      if (dx) c.dxg.middleRows(r0, n).noalias() = dh * w1e;
+      gemm_serial(gw1, dh.transpose(), c.xg.middleRows(r0, n), true);
+      if (dx) gemm_serial(c.dxg.middleRows(r0, n), dh, w1e, false);
     });
     if (!dx) return;
     parallel_for(x.rows(), [&](Index t, int) {

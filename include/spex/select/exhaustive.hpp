@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../core/gemm.hpp"
 #include "../core/parallel.hpp"
 #include "../core/types.hpp"
 #include "../kernels/topk.hpp"
@@ -41,7 +42,8 @@ class ExhaustiveTopK {
     if (batch == 0) return;
 
     const int threads = max_threads();
-    const Index qb = std::max<Index>(1, std::min<Index>(detail::kExhaustiveQueryBlock, (batch + threads - 1) / threads));
+    // Fixed query blocks, as in ProductKeys::search: results depend on the batch only.
+    const Index qb = std::min<Index>(detail::kExhaustiveQueryBlock, batch);
     const Index kb = std::min<Index>(detail::kExhaustiveKeyBlock, n_keys);
     if (static_cast<int>(tiles_.size()) < threads) tiles_.resize(threads);
     for (auto& t : tiles_)
@@ -55,8 +57,8 @@ class ExhaustiveTopK {
       for (Index q = q0; q < q0 + rows; ++q) heap_sizes_[q] = 0;
       for (Index k0 = 0; k0 < n_keys; k0 += kb) {
         const Index cols = std::min(kb, n_keys - k0);
-        tile.topLeftCorner(rows, cols).noalias() =
-            queries.middleRows(q0, rows) * keys.middleRows(k0, cols).transpose();
+        gemm_serial(tile.topLeftCorner(rows, cols), queries.middleRows(q0, rows),
+                    keys.middleRows(k0, cols).transpose(), false);
         for (Index r = 0; r < rows; ++r)
           kernels::topk_push_block<Arch>(&tile(r, 0), static_cast<std::size_t>(cols), k0,
                                          static_cast<std::size_t>(k), &scores(q0 + r, 0), &ids(q0 + r, 0),

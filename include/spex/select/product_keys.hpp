@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../core/gemm.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../core/types.hpp"
@@ -104,15 +105,17 @@ class ProductKeys {
     if (batch == 0) return;
 
     const int threads = max_threads();
-    const Index qb = std::max<Index>(1, std::min<Index>(kQueryBlock, (batch + threads - 1) / threads));
+    // Fixed query blocks (never sized by the thread count): the engine and shape of each
+    // sub-key GEMM, hence every score's last bits, depend on the batch only.
+    const Index qb = std::min<Index>(kQueryBlock, batch);
     reserve(ws, threads, qb, k);
     const Index n_blocks = (batch + qb - 1) / qb;
     const std::size_t ks = static_cast<std::size_t>(k), ns = static_cast<std::size_t>(n());
     parallel_for(n_blocks, [&](Index blk, int thread) {
       auto& w = ws.threads[thread];
       const Index q0 = blk * qb, rows = std::min(qb, batch - q0);
-      w.s1.topRows(rows).noalias() = queries.block(q0, 0, rows, h) * c1_.transpose();
-      w.s2.topRows(rows).noalias() = queries.block(q0, h, rows, h) * c2_.transpose();
+      gemm_serial(w.s1.topRows(rows), queries.block(q0, 0, rows, h), c1_.transpose(), false);
+      gemm_serial(w.s2.topRows(rows), queries.block(q0, h, rows, h), c2_.transpose(), false);
       for (Index r = 0; r < rows; ++r) {
         kernels::topk<Arch>(&w.s1(r, 0), ns, ks, w.a.data(), w.ia.data());
         kernels::topk<Arch>(&w.s2(r, 0), ns, ks, w.b.data(), w.ib.data());
