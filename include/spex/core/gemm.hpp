@@ -1,6 +1,7 @@
 #pragma once
 // The one GEMM entry point of spex: every matrix product of the layers (Linear, sub-key scores,
-// exhaustive search, FFN experts, their backward) goes through gemm() or gemm_serial().
+// exhaustive search, FFN experts, their backward) goes through gemm(). Called inside spex's
+// parallel loops its tiles run on the calling thread (parallel_for does not nest).
 //
 // Engines: Eigen's own GEMM always works (header-only use, nothing to link). A build may add a
 // CBLAS (OpenBLAS or BLIS, their OpenMP builds) and libxsmm; CMake's SPEX_GEMM option picks
@@ -286,18 +287,6 @@ void gemm(MC&& c, const MA& a, const MB& b, bool accumulate) {
     detail::gemm_block(gemm_engine_for(rows, cols, k, bo.transposed), ao.middle_rows(r0, rows),
                        bo.middle_cols(c0, cols), cd + r0 * ldc + c0, ldc, rows, cols, accumulate);
   });
-}
-
-/// As gemm(), as one engine call on the calling thread: for products inside spex's own
-/// parallel loops (one expert's block of tokens, one query block).
-template <class MC, class MA, class MB>
-void gemm_serial(MC&& c, const MA& a, const MB& b, bool accumulate) {
-  detail::check_gemm_shapes(c, a, b);
-  static_assert(std::decay_t<MC>::IsRowMajor, "gemm writes a row-major C");
-  const auto ao = detail::gemm_operand(a);
-  const auto bo = detail::gemm_operand(b);
-  const Index m = c.rows(), n = c.cols(), ldc = std::max<Index>(c.outerStride(), n);
-  detail::gemm_block(gemm_engine_for(m, n, ao.op_cols(), bo.transposed), ao, bo, c.data(), ldc, m, n, accumulate);
 }
 
 }  // namespace spex

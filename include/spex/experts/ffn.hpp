@@ -131,16 +131,14 @@ class FfnExperts {
     c.h.resize(rows, h1());
     c.a.resize(rows, hidden_);
     c.yg.resize(rows, d_out_);
-    parallel_for_dynamic(n_experts_, [&](Index e, int) {
+    parallel_for(rows, [&](Index r, int) { c.xg.row(r) = x.row(groups.token[r]); });
+    for_each_expert(groups, [&](Index e) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
-      if (n == 0) return;
-      for (Index r = r0; r < r0 + n; ++r) c.xg.row(r) = x.row(groups.token[r]);
-      auto xg = c.xg.middleRows(r0, n);
       auto h = c.h.middleRows(r0, n);
       auto a = c.a.middleRows(r0, n);
-      gemm_serial(h, xg, w1_.middleRows(e * h1(), h1()).transpose(), false);
-      for (Index r = 0; r < n; ++r) activate_row(&h(r, 0), &a(r, 0));
-      gemm_serial(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
+      gemm(h, c.xg.middleRows(r0, n), w1_.middleRows(e * h1(), h1()).transpose(), false);
+      parallel_for(n, [&](Index r, int) { activate_row(&h(r, 0), &a(r, 0)); });
+      gemm(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
     });
     parallel_for(x.rows(), [&](Index t, int) {
       y.row(t).setZero();
@@ -174,9 +172,8 @@ class FfnExperts {
         c.dyg.row(r) = gates(t, e) * dy.row(t);
       }
     });
-    parallel_for_dynamic(n_experts_, [&](Index e, int) {
+    for_each_expert(groups, [&](Index e) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
-      if (n == 0) return;
       auto gw1 = g.w1.middleRows(e * h1(), h1());
       auto gw2 = g.w2.middleRows(e * d_out_, d_out_);
       auto w1e = w1_.middleRows(e * h1(), h1());
@@ -184,11 +181,11 @@ class FfnExperts {
       auto dyg = c.dyg.middleRows(r0, n);
       auto da = c.da.middleRows(r0, n);
       auto dh = c.dh.middleRows(r0, n);
-      gemm_serial(gw2, dyg.transpose(), c.a.middleRows(r0, n), true);
-      gemm_serial(da, dyg, w2e, false);
-      for (Index r = 0; r < n; ++r) activate_row_backward(&c.h(r0 + r, 0), &da(r, 0), &dh(r, 0));
-      gemm_serial(gw1, dh.transpose(), c.xg.middleRows(r0, n), true);
-      if (dx) gemm_serial(c.dxg.middleRows(r0, n), dh, w1e, false);
+      gemm(gw2, dyg.transpose(), c.a.middleRows(r0, n), true);
+      gemm(da, dyg, w2e, false);
+      parallel_for(n, [&](Index r, int) { activate_row_backward(&c.h(r0 + r, 0), &da(r, 0), &dh(r, 0)); });
+      gemm(gw1, dh.transpose(), c.xg.middleRows(r0, n), true);
+      if (dx) gemm(c.dxg.middleRows(r0, n), dh, w1e, false);
     });
     if (!dx) return;
     parallel_for(x.rows(), [&](Index t, int) {
@@ -200,6 +197,25 @@ class FfnExperts {
   }
 
  private:
+  /// Runs body(e) for every expert with tokens: over the threads one expert each when there are
+  /// enough of them to keep the threads busy, otherwise one after the other with each expert's
+  /// products and activations spread over the threads (a dense FFN is one expert). The results
+  /// are the same either way: gemm's tiles and the row loops do not depend on who runs them.
+  template <class F>
+  static void for_each_expert(const ExpertGroups& groups, F&& body) {
+    const Index n_e = Index(groups.offsets.size()) - 1;
+    Index active = 0;
+    for (Index e = 0; e < n_e; ++e) active += groups.count(e) > 0;
+    if (active >= 2 * Index(max_threads())) {
+      parallel_for_dynamic(n_e, [&](Index e, int) {
+        if (groups.count(e) > 0) body(e);
+      });
+    } else {
+      for (Index e = 0; e < n_e; ++e)
+        if (groups.count(e) > 0) body(e);
+    }
+  }
+
   /// a = act(h) for one row: gelu(h), or silu(h_a) * h_b.
   void activate_row(const T* h, T* a) const {
     const std::size_t n = static_cast<std::size_t>(hidden_);

@@ -57,8 +57,8 @@ class ExhaustiveTopK {
       for (Index q = q0; q < q0 + rows; ++q) heap_sizes_[q] = 0;
       for (Index k0 = 0; k0 < n_keys; k0 += kb) {
         const Index cols = std::min(kb, n_keys - k0);
-        gemm_serial(tile.topLeftCorner(rows, cols), queries.middleRows(q0, rows),
-                    keys.middleRows(k0, cols).transpose(), false);
+        gemm(tile.topLeftCorner(rows, cols), queries.middleRows(q0, rows),
+             keys.middleRows(k0, cols).transpose(), false);
         for (Index r = 0; r < rows; ++r)
           kernels::topk_push_block<Arch>(&tile(r, 0), static_cast<std::size_t>(cols), k0,
                                          static_cast<std::size_t>(k), &scores(q0 + r, 0), &ids(q0 + r, 0),

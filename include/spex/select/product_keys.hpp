@@ -114,8 +114,8 @@ class ProductKeys {
     parallel_for(n_blocks, [&](Index blk, int thread) {
       auto& w = ws.threads[thread];
       const Index q0 = blk * qb, rows = std::min(qb, batch - q0);
-      gemm_serial(w.s1.topRows(rows), queries.block(q0, 0, rows, h), c1_.transpose(), false);
-      gemm_serial(w.s2.topRows(rows), queries.block(q0, h, rows, h), c2_.transpose(), false);
+      gemm(w.s1.topRows(rows), queries.block(q0, 0, rows, h), c1_.transpose(), false);
+      gemm(w.s2.topRows(rows), queries.block(q0, h, rows, h), c2_.transpose(), false);
       for (Index r = 0; r < rows; ++r) {
         kernels::topk<Arch>(&w.s1(r, 0), ns, ks, w.a.data(), w.ia.data());
         kernels::topk<Arch>(&w.s2(r, 0), ns, ks, w.b.data(), w.ib.data());
