@@ -1,5 +1,8 @@
 #pragma once
-// What every spex benchmark shares: the label (ISA and threads) and cached random data.
+// What every spex benchmark shares: the label (ISA and threads), cached random data, and the
+// machine's limits measured in the same binary (a streaming copy and a large GEMM), which the
+// figures of a binary are compared with.
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -27,4 +30,41 @@ inline const spex::RowMat<float>& random_matrix(spex::Index rows, spex::Index co
   return *slot;
 }
 
+/// Streaming copy of 1 GiB split over the threads; bytes/s counts read + written (STREAM).
+inline void stream_copy(benchmark::State& state) {
+  const std::size_t n = std::size_t(1) << 28;  // floats
+  static std::vector<float> a(n, 1.f), b(n, 0.f);
+  const spex::Index chunks = 64;
+  for (auto _ : state) {
+    spex::parallel_for(chunks, [&](spex::Index c, int) {
+      const std::size_t len = n / chunks;
+      std::memcpy(b.data() + c * len, a.data() + c * len, len * sizeof(float));
+    });
+    benchmark::DoNotOptimize(b.data());
+  }
+  state.counters["bytes/s"] = benchmark::Counter(2.0 * n * sizeof(float), benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(label());
+}
+
+/// spex::gemm of a 512 x 512 activation block by a 1024 x 512 weight (transposed), the shape
+/// of a projection: the float32 GEMM rate the engines reach here over the threads.
+inline void gemm_peak(benchmark::State& state) {
+  const spex::Index m = 512, k = 512, n = 1024;
+  const auto& a = random_matrix(m, k, 7);
+  const auto& b = random_matrix(n, k, 8);
+  spex::RowMat<float> c(m, n);
+  for (auto _ : state) {
+    spex::gemm(c, a, b.transpose(), false);
+    benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * double(m) * double(k) * double(n) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(label() + ", " + spex::gemm_engine_name(spex::gemm_engine_for(256, 512, 512, true)));
+}
+
 }  // namespace spex_bench
+
+/// Registers BM_StreamCopy and BM_GemmPeak in the binary that invokes it.
+#define SPEX_BENCH_MACHINE_LIMITS()                                                                      \
+  BENCHMARK(spex_bench::stream_copy)->Name("BM_StreamCopy")->Unit(benchmark::kMillisecond)->UseRealTime(); \
+  BENCHMARK(spex_bench::gemm_peak)->Name("BM_GemmPeak")->Unit(benchmark::kMillisecond)->UseRealTime()

@@ -117,21 +117,6 @@ void BM_DenseFFN(benchmark::State& state) {
   counters(state, 1.0, 2.0 * kBatch * kD * (h1 + h));
 }
 
-// One Eigen GEMM as large as the E = 8 experts' first GEMMs together, for the efficiency ratio.
-void BM_EigenGemm(benchmark::State& state) {
-  const spex::Index m = state.range(0), k = state.range(1), n = state.range(2);
-  const auto& a = spex_bench::random_matrix(m, k, 7);
-  const auto& b = spex_bench::random_matrix(n, k, 8);
-  spex::RowMat<float> c(m, n);
-  for (auto _ : state) {
-    c.noalias() = a * b.transpose();
-    benchmark::DoNotOptimize(c.data());
-  }
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(2.0 * double(m) * double(k) * double(n) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.SetLabel(spex_bench::label());
-}
-
 void moe_args(benchmark::internal::Benchmark* b) {
   b->ArgsProduct({{8, 64}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
@@ -143,4 +128,4 @@ BENCHMARK(BM_MoEForward_TopK)->Apply(moe_args);
 BENCHMARK(BM_MoEForwardBackward_ReLU)->Apply(moe_args);
 BENCHMARK(BM_MoEForwardBackward_TopK)->Apply(moe_args);
 BENCHMARK(BM_DenseFFN)->ArgsProduct({{1024, 8192}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_EigenGemm)->Args({512, 512, 1024})->Args({512, 512, 2048})->Unit(benchmark::kMillisecond)->UseRealTime();
+SPEX_BENCH_MACHINE_LIMITS();

@@ -2,8 +2,6 @@
 // reference configurations, the expert step alone as bytes gathered per second, and a
 // streaming copy in the same binary for the bandwidth ratio. Threads from OMP_NUM_THREADS.
 //   build/bench/bench_peer --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-#include <cstring>
-
 #include "bench_common.hpp"
 
 namespace {
@@ -101,25 +99,96 @@ void BM_PeerExpertStep(benchmark::State& state) {
   tokens_counter(state, s.batch);
 }
 
-// Streaming copy of 1 GiB split over the threads; bytes/s counts read + written (STREAM).
-void BM_StreamCopy(benchmark::State& state) {
-  const std::size_t n = std::size_t(1) << 28;  // floats
-  static std::vector<float> a(n, 1.f), b(n, 0.f);
-  const spex::Index chunks = 64;
+// The forward split into its steps, each on the shapes of the real forward, over the threads
+// as the layer runs them: bench.sh reports BM_PeerForward against the sum and against the
+// roofline (query and sub-key GEMMs at the GEMM peak, expert rows at copy bandwidth).
+// Step 1: the query projection X W_qᵀ (B x d -> B x h d_key).
+void BM_PeerPartQuery(benchmark::State& state) {
+  const int config = int(state.range(0));
+  auto& peer = layer(config);
+  const Shape s = kShapes[config];
+  spex::RowMat<float> q(s.batch, 8 * s.d_key);
+  int i = 0;
   for (auto _ : state) {
-    spex::parallel_for(chunks, [&](spex::Index c, int) {
-      const std::size_t len = n / chunks;
-      std::memcpy(b.data() + c * len, a.data() + c * len, len * sizeof(float));
-    });
-    benchmark::DoNotOptimize(b.data());
+    peer.retrieval().query().forward(input(config, i++ % kBatches), q);
+    benchmark::DoNotOptimize(q.data());
   }
-  state.counters["bytes/s"] = benchmark::Counter(2.0 * n * sizeof(float), benchmark::Counter::kIsIterationInvariantRate);
-  state.SetLabel(spex_bench::label());
+  tokens_counter(state, s.batch);
 }
+
+// The B h head queries of a real forward (no norm: the projection's output), made once.
+const spex::RowMat<float>& head_queries(int config) {
+  static spex::RowMat<float> q[2];
+  if (q[config].size() == 0) {
+    const Shape s = kShapes[config];
+    spex::RowMat<float> qb(s.batch, 8 * s.d_key);
+    layer(config).retrieval().query().forward(input(config, 0), qb);
+    q[config] = Eigen::Map<spex::RowMat<float>>(qb.data(), s.batch * 8, s.d_key);
+  }
+  return q[config];
+}
+
+// Step 2: sub-key scores, both halves of all B h head queries against the n sub-keys, in the
+// query blocks of ProductKeys::search.
+void BM_PeerPartSubkeyScores(benchmark::State& state) {
+  const int config = int(state.range(0));
+  const auto& keys = layer(config).retrieval().keys(0);
+  const auto& q = head_queries(config);
+  const spex::Index rows = q.rows(), half = q.cols() / 2, qb = 64, blocks = (rows + qb - 1) / qb;
+  std::vector<spex::RowMat<float>> s1(spex::max_threads(), spex::RowMat<float>(qb, keys.n())), s2 = s1;
+  for (auto _ : state) {
+    spex::parallel_for(blocks, [&](spex::Index blk, int t) {
+      const spex::Index r = std::min(qb, rows - blk * qb);
+      spex::gemm(s1[t].topRows(r), q.block(blk * qb, 0, r, half), keys.sub_keys(0).transpose(), false);
+      spex::gemm(s2[t].topRows(r), q.block(blk * qb, half, r, half), keys.sub_keys(1).transpose(), false);
+    });
+    benchmark::DoNotOptimize(s1[0].data());
+  }
+  tokens_counter(state, kShapes[config].batch);
+}
+
+// Steps 3 and 4: top-k of each half's score row, then the exact top-k of the k x k sums, for all
+// B h head queries (scores of a real batch, computed once).
+template <bool kProductStep>
+void peer_part_topk(benchmark::State& state) {
+  const int config = int(state.range(0));
+  const auto& keys = layer(config).retrieval().keys(0);
+  const auto& q = head_queries(config);
+  const spex::Index rows = q.rows(), half = q.cols() / 2, n = keys.n();
+  const std::size_t k = 16;
+  const spex::RowMat<float> s1 = q.leftCols(half) * keys.sub_keys(0).transpose(), s2 = q.rightCols(half) * keys.sub_keys(1).transpose();
+  spex::RowMat<float> a(rows, k), b(rows, k), v(rows, k);
+  spex::IndexMat ia(rows, k), ib(rows, k), id(rows, k);
+  for (spex::Index r = 0; r < rows; ++r) {
+    spex::kernels::topk(&s1(r, 0), std::size_t(n), k, &a(r, 0), &ia(r, 0));
+    spex::kernels::topk(&s2(r, 0), std::size_t(n), k, &b(r, 0), &ib(r, 0));
+  }
+  std::vector<spex::kernels::ProductTopKScratch<float>> scratch(spex::max_threads());
+  const auto method = spex::ProductKeys<float>::default_method(spex::Index(k));
+  for (auto _ : state) {
+    spex::parallel_for(rows, [&](spex::Index r, int t) {
+      if (kProductStep) {
+        spex::kernels::product_topk(method, &a(r, 0), &ia(r, 0), k, &b(r, 0), &ib(r, 0), k, std::int64_t(n), k,
+                                    &v(r, 0), &id(r, 0), scratch[t]);
+      } else {
+        spex::kernels::topk(&s1(r, 0), std::size_t(n), k, &a(r, 0), &ia(r, 0));
+        spex::kernels::topk(&s2(r, 0), std::size_t(n), k, &b(r, 0), &ib(r, 0));
+      }
+    });
+    benchmark::DoNotOptimize(id.data());
+  }
+  tokens_counter(state, kShapes[config].batch);
+}
+void BM_PeerPartTopK(benchmark::State& state) { peer_part_topk<false>(state); }
+void BM_PeerPartProductStep(benchmark::State& state) { peer_part_topk<true>(state); }
 
 }  // namespace
 
-BENCHMARK(BM_StreamCopy)->Unit(benchmark::kMillisecond)->UseRealTime();
+SPEX_BENCH_MACHINE_LIMITS();
+BENCHMARK(BM_PeerPartQuery)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_PeerPartSubkeyScores)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_PeerPartTopK)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_PeerPartProductStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerExpertStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerForward)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerForwardBackward)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -105,3 +105,4 @@ BENCHMARK(BM_ExhaustiveTopK)->Apply(retrieval_args)->Unit(benchmark::kMillisecon
 BENCHMARK(BM_ProductStep_full)->Arg(8)->Arg(16)->Arg(32)->Arg(64);
 BENCHMARK(BM_ProductStep_pruned)->Arg(8)->Arg(16)->Arg(32)->Arg(64);
 BENCHMARK(BM_ProductStep_heap)->Arg(8)->Arg(16)->Arg(32)->Arg(64);
+SPEX_BENCH_MACHINE_LIMITS();

@@ -4,7 +4,7 @@
 # As root it runs apt-get itself; otherwise through sudo when there is one, and without sudo
 # it prints the command to run as root and stops.
 set -euo pipefail
-pkgs=(g++ cmake make libeigen3-dev libxsimd-dev catch2 nlohmann-json3-dev "$@")
+pkgs=(g++ cmake make libeigen3-dev libxsimd-dev catch2 nlohmann-json3-dev libopenblas-openmp-dev libxsmm-dev "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Turns one run of scripts/bench.sh into the performance tables: spex (the build's GEMM
+engines, and Eigen only) against the peers (PyTorch, FAISS) on the same shapes, the targets,
+PEER against its roofline with the split of its forward, and the GEMM engine table.
+
+Usage: report.py RUN_DIR [--update-readme README.md]
+RUN_DIR holds machine.json, <binary>-<variant>.json (Google Benchmark, --benchmark_format=json
+with repetitions) and peers-*.jsonl. Prints Markdown; --update-readme replaces the part of the
+README between <!-- bench:begin --> and <!-- bench:end -->.
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+VARIANTS = ("engines", "eigen")
+
+
+def load_benchmarks(run_dir):
+    """{variant: {benchmark name: median entry}} and {(binary, variant): {...}} from the Google
+    Benchmark JSON files <binary>-<variant>.json (the machine limits exist in every binary)."""
+    merged, per_binary = {v: {} for v in VARIANTS}, {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "*-*.json"))):
+        binary, variant = os.path.basename(path)[:-5].rsplit("-", 1)
+        if variant not in merged:
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        for b in data.get("benchmarks", []):
+            if b.get("aggregate_name") == "median":
+                merged[variant][b["run_name"]] = b
+                per_binary.setdefault((binary, variant), {})[b["run_name"]] = b
+    return merged, per_binary
+
+
+def load_peers(run_dir):
+    peers = {}
+    for path in glob.glob(os.path.join(run_dir, "peers-*.jsonl")):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    peers[r["name"]] = r
+    return peers
+
+
+def fmt_rate(v):
+    if v is None:
+        return "-"
+    return "{:,.0f}".format(v)
+
+
+def fmt_ratio(v):
+    return "-" if v is None else "%.2fx" % v
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    run_dir = sys.argv[1]
+    with open(os.path.join(run_dir, "machine.json")) as f:
+        machine = json.load(f)
+    bench, per_binary = load_benchmarks(run_dir)
+    peers = load_peers(run_dir)
+
+    def spex(variant, name, counter):
+        b = bench[variant].get(name)
+        return None if b is None else b.get(counter)
+
+    def peer(name, key):
+        r = peers.get(name)
+        return None if r is None else r.get(key)
+
+    lines = []
+    w = lines.append
+    def limit(variant, name, counter):
+        b = per_binary.get(("bench_peer", variant), {}).get(name)
+        return None if b is None else b.get(counter)
+    copy = limit("engines", "BM_StreamCopy/real_time", "bytes/s")
+    gemm = limit("engines", "BM_GemmPeak/real_time", "GFLOP/s")
+    gemm_eigen = limit("eigen", "BM_GemmPeak/real_time", "GFLOP/s")
+    w("Measured by `scripts/bench.sh` on **%s** (%s), %s threads, %s; GEMM engines of this build: %s."
+      % (machine["cpu"], machine["isa"], machine["threads"], machine["date"], machine["engines"]))
+    if machine.get("openblas_coretype"):
+        w("OPENBLAS_CORETYPE=%s for spex and the peers alike: %s" % (machine["openblas_coretype"], machine["coretype_note"]))
+    elif machine.get("openblas_kernel"):
+        w("OpenBLAS's kernels (its own pick for this CPU, used by spex and the peers alike): %s."
+          % machine["openblas_kernel"])
+    w("Machine limits in the same binaries: streaming copy %.1f GB/s (read + write), float32 GEMM %.0f GFLOP/s "
+      "(512 x 1024 x 512 through spex::gemm; %.0f with Eigen only). Peers: %s."
+      % ((copy or 0) / 1e9, gemm or 0, gemm_eigen or 0, machine["peers"]))
+    w("")
+    w("| work (float32) | spex | spex, Eigen only | peer | peer rate | ratio | ratio, Eigen only | target |")
+    w("|---|---|---|---|---|---|---|---|")
+
+    def row(work, name, counter, peer_name, peer_key, peer_label, target):
+        s_e, s_g = spex("engines", name, counter), spex("eigen", name, counter)
+        p = peer(peer_name, peer_key) if peer_name else None
+        ratio = s_e / p if s_e and p else None
+        ratio_g = s_g / p if s_g and p else None
+        verdict = ""
+        if target and ratio is not None:
+            verdict = "%s %s" % (target, "reached" if ratio >= float(target.strip(">= x")) else "missed")
+        unit = "q/s" if counter == "queries/s" else "tok/s"
+        w("| %s | %s %s | %s | %s | %s | %s | %s | %s |" % (work, fmt_rate(s_e), unit, fmt_rate(s_g), peer_label,
+                                                          fmt_rate(p), fmt_ratio(ratio), fmt_ratio(ratio_g),
+                                                          verdict or "-"))
+
+    torch = "PyTorch %s" % machine.get("torch", "")
+    row("dense FFN d 512, hidden 1024, batch 512, fwd", "BM_DenseFFN/1024/0/real_time", "tokens/s",
+        "dense_ffn_fwd/1024", "tokens_per_s", torch, ">= 1.0x")
+    for e, fwd_t, bwd_t in ((8, ">= 1.6x", ">= 2.5x"), (64, ">= 3x", ">= 4x")):
+        hidden = 1024 if e == 8 else 128
+        row("ReMoE E %d, hidden %d, 1/8 active, fwd" % (e, hidden), "BM_MoEForward_ReLU/%d/0/real_time" % e,
+            "tokens/s", "remoe_fwd/%d" % e, "tokens_per_s", torch, fwd_t)
+        row("ReMoE E %d, fwd+bwd" % e, "BM_MoEForwardBackward_ReLU/%d/0/real_time" % e, "tokens/s",
+            "remoe_fwdbwd/%d" % e, "tokens_per_s", torch, bwd_t)
+        row("TopK MoE E %d, k %d, fwd" % (e, e // 8), "BM_MoEForward_TopK/%d/0/real_time" % e, "tokens/s",
+            "topk_fwd/%d" % e, "tokens_per_s", torch, "")
+        row("TopK MoE E %d, fwd+bwd" % e, "BM_MoEForwardBackward_TopK/%d/0/real_time" % e, "tokens/s",
+            "topk_fwdbwd/%d" % e, "tokens_per_s", torch, "")
+    for config, desc, fwd_t, bwd_t in ((1, "N 1024², d 512, batch 256", ">= 6x", ">= 5x"),
+                                       (0, "N 256², d 256, batch 512", "", "")):
+        row("PEER %s, h 8, k 16, fwd" % desc, "BM_PeerForward/%d/real_time" % config, "tokens/s",
+            "peer_fwd/%d" % config, "tokens_per_s", torch, fwd_t)
+        row("PEER %s, fwd+bwd" % desc, "BM_PeerForwardBackward/%d/real_time" % config, "tokens/s",
+            "peer_fwdbwd/%d" % config, "tokens_per_s", torch, bwd_t)
+    faiss = "FAISS %s" % machine.get("faiss", "")
+    row("product-key top-k N 1024², d_key 256, k 16, batch 256", "BM_ProductKeyTopK/1048576/256/16/real_time",
+        "queries/s", "product_keys/1048576/256/16", "queries_per_s", faiss + " MultiIndexQuantizer", ">= 5x")
+    row("exhaustive top-k, same", "BM_ExhaustiveTopK/1048576/256/16/real_time", "queries/s",
+        "exhaustive/1048576/256/16", "queries_per_s", faiss + " IndexFlatIP", ">= 1.3x")
+    w("")
+
+    # MoE against spex's dense FFN of the same active size (hidden 1024 = 8 x 128 = 1 x 1024).
+    dense = {v: spex(v, "BM_DenseFFN/1024/0/real_time", "tokens/s") for v in VARIANTS}
+    parts = []
+    for e in (8, 64):
+        for v in VARIANTS:
+            m = spex(v, "BM_MoEForward_ReLU/%d/0/real_time" % e, "tokens/s")
+            if m and dense[v]:
+                t = dense[v] / m
+                parts.append("E %d: %.2fx%s (%s)" % (e, t, "" if t <= 1.15 else ", target <= 1.15x missed",
+                                                    "engines" if v == "engines" else "Eigen only"))
+    w("ReMoE forward time over spex's dense FFN of the same active size: " + "; ".join(parts) + ".")
+    w("")
+
+    # PEER against its roofline.
+    for config, desc, (d, n, batch, d_key) in ((1, "N 1024², d 512", (512, 1024, 256, 256)),
+                                               (0, "N 256², d 256", (256, 256, 512, 128))):
+        heads, k = 8, 16
+        fwd = limit("engines", "BM_PeerForward/%d/real_time" % config, "real_time")
+        copy_p, gemm_p = copy, gemm  # bench_peer's own limits: the same binary
+        if not (fwd and copy_p and gemm_p):
+            continue
+        unit = bench["engines"]["BM_PeerForward/%d/real_time" % config]["time_unit"]
+        scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+        flops = 2.0 * batch * d * heads * d_key + 2.0 * batch * heads * n * d_key  # query + both sub-key halves
+        expert_bytes = batch * heads * k * 2 * d * 4.0
+        t_gemm, t_rows = flops / (gemm_p * 1e9), expert_bytes / copy_p
+        roof = t_gemm + t_rows
+        measured = fwd * scale
+        split = []
+        total_parts = 0.0
+        for label, name in (("query GEMM", "BM_PeerPartQuery"), ("sub-key scores", "BM_PeerPartSubkeyScores"),
+                            ("top-k", "BM_PeerPartTopK"), ("k² step", "BM_PeerPartProductStep"),
+                            ("expert step", "BM_PeerExpertStep")):
+            b = per_binary.get(("bench_peer", "engines"), {}).get("%s/%d/real_time" % (name, config))
+            if b:
+                t = b["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]]
+                total_parts += t
+                split.append("%s %.2f ms" % (label, t * 1e3))
+        split.append("the rest %.2f ms" % ((measured - total_parts) * 1e3))
+        target = " (target >= 70%%: %s)" % ("reached" if roof / measured >= 0.7 else "missed") if config == 1 else ""
+        w("PEER %s forward: %.2f ms per batch of %d, roofline %.2f ms (GEMMs %.2f ms at %.0f GFLOP/s + expert rows "
+          "%.1f MB at %.1f GB/s = %.2f ms): **%.0f%% of the roofline**%s. Split: %s."
+          % (desc, measured * 1e3, batch, roof * 1e3, t_gemm * 1e3, gemm_p, expert_bytes / 1e6, copy_p / 1e9,
+             t_rows * 1e3, 100 * roof / measured, target, ", ".join(split)))
+        w("")
+
+    # GEMM engines, one thread, per shape class.
+    engine_rows = {}
+    for name, b in bench["engines"].items():
+        m = re.match(r"BM_GemmEngine/(\d+)/(\d+)/real_time", name)
+        if m:
+            label = b.get("label", "")
+            engine, what = label.split(": ", 1) if ": " in label else (m.group(1), label)
+            what = what.rsplit(", ", 1)[0]
+            chosen = what.endswith(" (chosen)")
+            what = what.replace(" (chosen)", "")
+            engine_rows.setdefault(int(m.group(2)), {"what": what, "rates": {}})["rates"][engine] = (
+                b.get("GFLOP/s"), chosen)
+    if engine_rows:
+        engines = sorted({e for r in engine_rows.values() for e in r["rates"]})
+        w("GEMM engines, one thread, GFLOP/s (the chosen one in bold; `bench_gemm`):")
+        w("")
+        w("| shape (C = A B, one tile) | " + " | ".join(engines) + " |")
+        w("|---|" + "---|" * len(engines))
+        for _, r in sorted(engine_rows.items()):
+            cells = []
+            for e in engines:
+                rate, chosen = r["rates"].get(e, (None, False))
+                cell = "-" if rate is None else "%.0f" % rate
+                cells.append("**%s**" % cell if chosen else cell)
+            w("| %s | %s |" % (r["what"], " | ".join(cells)))
+        w("")
+
+    text = "\n".join(lines)
+    print(text)
+    if "--update-readme" in sys.argv:
+        readme = sys.argv[sys.argv.index("--update-readme") + 1]
+        with open(readme) as f:
+            content = f.read()
+        begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+        if begin not in content or end not in content:
+            sys.exit("report.py: %s has no %s ... %s markers" % (readme, begin, end))
+        head, rest = content.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        with open(readme, "w") as f:
+            f.write(head + begin + "\n" + text + "\n" + end + tail)
+
+
+if __name__ == "__main__":
+    main()

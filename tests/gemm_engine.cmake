@@ -1,0 +1,32 @@
+# Builds the GEMM tests against another engine (-DSPEX_GEMM=<ENGINE>) in BINARY and runs them,
+# with the thread-count check at 1 and 2 threads. Prints "SKIP: ..." (the test's skip pattern)
+# when the engine's OpenMP build is not installed. Usage: cmake -DSOURCE=... -DBINARY=... -DENGINE=blis -P gemm_engine.cmake
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${SOURCE} -B ${BINARY} -DCMAKE_BUILD_TYPE=Release -DSPEX_BUILD_TESTS=ON
+                        -DSPEX_BUILD_EXAMPLES=OFF -DSPEX_INSTALL=OFF -DSPEX_GEMM=${ENGINE} -DSPEX_GEMM_XSMM=OFF
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  if(err MATCHES "was not found")
+    message("SKIP: ${ENGINE} is not installed: ${err}")
+    return()
+  endif()
+  message(FATAL_ERROR "configure with SPEX_GEMM=${ENGINE} failed: ${err}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${BINARY} --target spex_gemm_tests gemm_threads
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "build with SPEX_GEMM=${ENGINE} failed: ${out} ${err}")
+endif()
+set(ENV{OMP_WAIT_POLICY} PASSIVE)
+execute_process(COMMAND ${BINARY}/tests/spex_gemm_tests RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "GEMM tests with ${ENGINE} failed: ${out} ${err}")
+endif()
+message("${out}")
+foreach(n 1 2)
+  set(ENV{OMP_NUM_THREADS} ${n})
+  execute_process(COMMAND ${BINARY}/tests/gemm_threads RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "thread count with ${ENGINE} at OMP_NUM_THREADS=${n}: ${out} ${err}")
+  endif()
+  message("${out}")
+endforeach()
