@@ -46,7 +46,7 @@ void BM_GemmEngine(benchmark::State& state) {
   }
   state.counters["GFLOP/s"] = benchmark::Counter(2.0 * double(s.m) * double(s.n) * double(s.k) * 1e-9,
                                                  benchmark::Counter::kIsIterationInvariantRate);
-  const spex::GemmEngine chosen = spex::gemm_engine_for(s.m, s.n, s.k, s.b_transposed);
+  const spex::GemmEngine chosen = spex::gemm_engine_for(s.m, s.n, s.k, s.a_transposed, s.b_transposed);
   state.SetLabel(std::string(spex::gemm_engine_name(engine)) + ": " + s.what +
                  (engine == chosen ? " (chosen)" : "") + ", " + spex::gemm_cblas_kernel());
 }

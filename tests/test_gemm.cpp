@@ -160,18 +160,20 @@ TEST_CASE("gemm: shape mismatches and non-contiguous operands are errors", "[gem
 
 TEST_CASE("gemm: the engine for each shape class", "[gemm]") {
   // Thin products stay on Eigen whatever the build links.
-  CHECK(gemm_engine_for(1, 1024, 512, true) == GemmEngine::eigen);
-  CHECK(gemm_engine_for(2, 1024, 512, false) == GemmEngine::eigen);
-  CHECK(gemm_engine_for(8, 1024, 512, true) == GemmEngine::eigen);
+  CHECK(gemm_engine_for(1, 1024, 512, false, true) == GemmEngine::eigen);
+  CHECK(gemm_engine_for(2, 1024, 512, false, false) == GemmEngine::eigen);
+  CHECK(gemm_engine_for(8, 1024, 512, false, true) == GemmEngine::eigen);
   // The others go to an engine this build has.
   for (auto tb : {false, true}) {
-    CHECK(gemm_engine_available(gemm_engine_for(64, 128, 512, tb)));
-    CHECK(gemm_engine_available(gemm_engine_for(256, 512, 512, tb)));
+    CHECK(gemm_engine_available(gemm_engine_for(64, 128, 512, false, tb)));
+    CHECK(gemm_engine_available(gemm_engine_for(256, 512, 512, true, tb)));
   }
   if (gemm_engine_available(GemmEngine::xsmm)) {
-    CHECK(gemm_engine_for(64, 128, 512, false) == GemmEngine::xsmm);
-    CHECK(gemm_engine_for(64, 128, 512, true) != GemmEngine::xsmm);  // no JIT kernel for Bᵀ
+    CHECK(gemm_engine_for(64, 128, 512, false, false) == GemmEngine::xsmm);
+    CHECK(gemm_engine_for(128, 512, 64, true, false) == GemmEngine::xsmm);   // an expert's weight gradient
+    CHECK(gemm_engine_for(64, 128, 512, false, true) != GemmEngine::xsmm);   // no JIT kernel for Bᵀ
+    CHECK(gemm_engine_for(256, 512, 512, true, false) != GemmEngine::xsmm);  // Aᵀ over a long k
   }
   if (!gemm_engine_available(GemmEngine::cblas) && !gemm_engine_available(GemmEngine::xsmm))
-    CHECK(gemm_engine_for(256, 512, 512, true) == GemmEngine::eigen);
+    CHECK(gemm_engine_for(256, 512, 512, false, true) == GemmEngine::eigen);
 }

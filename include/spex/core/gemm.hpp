@@ -91,16 +91,17 @@ inline bool gemm_cblas_serves_large() {
 #endif
 }
 
-/// The engine for one product of C (m x n) = A (m x k) B, B used transposed or not: the shape
-/// classes of the table measured in README "GEMM engines".
+/// The engine for one product of C (m x n) = op(A) (m x k) op(B), A and B used transposed or
+/// not: the shape classes of the table measured in README "GEMM engines".
 ///  - thin (a token or two, or up to 8 rows against a transposed B): Eigen's GEMV-like path;
-///  - small and medium with B not transposed (backward products, weight gradients, the
-///    experts' blocks once libxsmm has kernels for them): libxsmm's JIT kernels;
+///  - B not transposed, up to 512 columns (backward products, the experts' weight gradients),
+///    unless A is transposed over a long k (a Linear's weight gradient over a whole batch):
+///    libxsmm's JIT kernels;
 ///  - everything else: the CBLAS when it serves large products, Eigen otherwise.
-inline GemmEngine gemm_engine_for(Index m, Index n, Index k, bool b_transposed) {
-  (void)k;
+inline GemmEngine gemm_engine_for(Index m, Index n, Index k, bool a_transposed, bool b_transposed) {
   if (m <= 2 || (m <= 8 && b_transposed)) return GemmEngine::eigen;
-  if (gemm_engine_available(GemmEngine::xsmm) && !b_transposed && n <= 512) return GemmEngine::xsmm;
+  if (gemm_engine_available(GemmEngine::xsmm) && !b_transposed && n <= 512 && !(a_transposed && k > 256))
+    return GemmEngine::xsmm;
   return gemm_cblas_serves_large() ? GemmEngine::cblas : GemmEngine::eigen;
 }
 
@@ -284,7 +285,7 @@ void gemm(MC&& c, const MA& a, const MB& b, bool accumulate) {
   parallel_for(row_tiles * col_tiles, [&](Index tile, int) {
     const Index r0 = (tile / col_tiles) * kGemmTileRows, c0 = (tile % col_tiles) * kGemmTileCols;
     const Index rows = std::min(kGemmTileRows, m - r0), cols = std::min(kGemmTileCols, n - c0);
-    detail::gemm_block(gemm_engine_for(rows, cols, k, bo.transposed), ao.middle_rows(r0, rows),
+    detail::gemm_block(gemm_engine_for(rows, cols, k, ao.transposed, bo.transposed), ao.middle_rows(r0, rows),
                        bo.middle_cols(c0, cols), cd + r0 * ldc + c0, ldc, rows, cols, accumulate);
   });
 }
