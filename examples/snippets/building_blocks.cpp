@@ -29,6 +29,13 @@ int main() {
   bn.backward(hn, nc, ng, dh);
   proj.backward(q, dh, dq, pg);
 
+  // The GEMM every layer uses (C = A Bᵀ here), and the engine this build runs such a shape on.
+  spex::RowMat<float> w(32, 16), out(4, 32);
+  spex::fill_normal(w, 1.0, rng);
+  spex::gemm(out, q, w.transpose(), /*accumulate=*/false);
+  const spex::GemmEngine engine = spex::gemm_engine_for(64, 32, 16, /*a_transposed=*/false, /*b_transposed=*/true);
+  std::printf("64 x 32 x 16 products run on %s\n", spex::gemm_engine_name(engine));
+
   // A row-sparse gradient of a 1000-row table.
   spex::RowMat<float> table = spex::RowMat<float>::Zero(1000, 8);
   spex::SparseRowGrad<float> g(table.rows(), table.cols());
@@ -50,5 +57,6 @@ int main() {
   peer.infer(q, y, cache);
   usage.add(cache.retrieval.ids, cache.retrieval.gates);
   std::printf("usage %.1f%%, SIMD: %s\n", usage.summary().usage_percent, spex::simd_arch_name());
-  return ids == ids_ref && table(42, 0) == -0.1f ? 0 : 1;
+  const bool gemm_ok = out.isApprox(spex::RowMat<float>(q * w.transpose()), 1e-5f);
+  return ids == ids_ref && table(42, 0) == -0.1f && gemm_ok ? 0 : 1;
 }

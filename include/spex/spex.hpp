@@ -1,6 +1,7 @@
 #pragma once
 // Umbrella header: everything public in spex.
 #include "core/check.hpp"
+#include "core/gemm.hpp"
 #include "core/layer_state.hpp"
 #include "core/parallel.hpp"
 #include "core/parameter.hpp"
