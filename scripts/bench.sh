@@ -60,7 +60,9 @@ cat > "$out/machine.json" <<JSON
 JSON
 echo "CPU: $cpu (family $family), ISA $isa, $threads threads, engines: $engines, OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-}"
 
-args=(--benchmark_repetitions="$reps" --benchmark_report_aggregates_only=true --benchmark_format=json)
+# A warm-up per benchmark: the first seconds of a process run slower on these VMs.
+args=(--benchmark_repetitions="$reps" --benchmark_report_aggregates_only=true --benchmark_format=json
+      --benchmark_min_warmup_time=0.5)
 for variant in engines eigen; do
   bin=build/bench-$variant/bench
   echo "-- spex ($variant)"

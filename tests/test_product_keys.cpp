@@ -54,6 +54,15 @@ TEST_CASE("product-key top-k equals exhaustive top-k over all n^2 keys, ties inc
       }
 }
 
+TEST_CASE("product-key top-k of a large batch (sub-keys copied transposed) equals exhaustive top-k",
+          "[retrieval]") {
+  Rng rng(3);
+  for (Index batch : {ProductKeys<float>::kTransposedKeysMinQueries - 1, ProductKeys<float>::kTransposedKeysMinQueries + 37}) {
+    ProductKeys<float> pk(small_ints(24, 4, 3, rng), small_ints(24, 4, 3, rng));
+    check_against_exhaustive(pk, small_ints(batch, 8, 5, rng), 6, true);
+  }
+}
+
 TEST_CASE("product-key top-k on random keys finds the exhaustive ids", "[retrieval]") {
   Rng rng(2);
   for (Index n : {32, 100})
