@@ -10,11 +10,11 @@ Threads default to OMP_NUM_THREADS. Exit 77 (skip) without python3-faiss.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
+
+from timing import timed
 
 try:
     import faiss
@@ -23,20 +23,6 @@ except ImportError:
     sys.exit(77)
 
 BATCH = 256
-
-
-def timed(fn, repetitions, min_seconds=0.5):
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < min_seconds:
-        fn()
-        calls += 1
-    times = []
-    for _ in range(repetitions):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
 
 
 def main():

@@ -11,9 +11,9 @@ Threads default to OMP_NUM_THREADS. Exit 77 (skip) without python3-torch.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+
+from timing import timed
 
 try:
     import torch
@@ -24,22 +24,6 @@ except ImportError:
     sys.exit(77)
 
 D, MOE_BATCH = 512, 512
-
-
-def timed(fn, repetitions, min_seconds=0.5):
-    """Median seconds per call over `repetitions` runs of enough calls for min_seconds each,
-    after a warm-up of the same length."""
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < min_seconds:
-        fn()
-        calls += 1
-    times = []
-    for _ in range(repetitions):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
 
 
 def moe_input(seed=5):

@@ -200,24 +200,27 @@ inline void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int
 #endif
 
 #if defined(SPEX_GEMM_XSMM)
+inline libxsmm_smmfunction xsmm_dispatch(const float*, libxsmm_blasint m, libxsmm_blasint n, libxsmm_blasint k,
+                                         const libxsmm_blasint* ld, const float* alpha, const float* beta,
+                                         const int* flags) {
+  return libxsmm_smmdispatch(m, n, k, ld, ld + 1, ld + 2, alpha, beta, flags, nullptr);
+}
+inline libxsmm_dmmfunction xsmm_dispatch(const double*, libxsmm_blasint m, libxsmm_blasint n, libxsmm_blasint k,
+                                         const libxsmm_blasint* ld, const double* alpha, const double* beta,
+                                         const int* flags) {
+  return libxsmm_dmmdispatch(m, n, k, ld, ld + 1, ld + 2, alpha, beta, flags, nullptr);
+}
+
 /// libxsmm is column-major: the row-major C = A B is the column-major Cᵀ = Bᵀ Aᵀ, which reads
 /// the same memory with the operands swapped. Returns false when libxsmm has no kernel.
-inline bool xsmm_gemm(const GemmOperand<float>& a, const GemmOperand<float>& b, float* c, libxsmm_blasint ldc,
-                      libxsmm_blasint m, libxsmm_blasint n, libxsmm_blasint k, bool accumulate) {
+template <class T>
+bool xsmm_gemm(const GemmOperand<T>& a, const GemmOperand<T>& b, T* c, libxsmm_blasint ldc, libxsmm_blasint m,
+               libxsmm_blasint n, libxsmm_blasint k, bool accumulate) {
   const int flags = (b.transposed ? LIBXSMM_GEMM_FLAG_TRANS_A : 0) | (a.transposed ? LIBXSMM_GEMM_FLAG_TRANS_B : 0);
-  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
-  const libxsmm_blasint lda = b.stride, ldb = a.stride;
-  const libxsmm_smmfunction kernel = libxsmm_smmdispatch(n, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
-  if (!kernel) return false;
-  kernel(b.data, a.data, c);
-  return true;
-}
-inline bool xsmm_gemm(const GemmOperand<double>& a, const GemmOperand<double>& b, double* c, libxsmm_blasint ldc,
-                      libxsmm_blasint m, libxsmm_blasint n, libxsmm_blasint k, bool accumulate) {
-  const int flags = (b.transposed ? LIBXSMM_GEMM_FLAG_TRANS_A : 0) | (a.transposed ? LIBXSMM_GEMM_FLAG_TRANS_B : 0);
-  const double alpha = 1.0, beta = accumulate ? 1.0 : 0.0;
-  const libxsmm_blasint lda = b.stride, ldb = a.stride;
-  const libxsmm_dmmfunction kernel = libxsmm_dmmdispatch(n, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+  const T alpha = T(1), beta = accumulate ? T(1) : T(0);
+  // The callers checked that every size and stride fits libxsmm_blasint.
+  const libxsmm_blasint ld[3] = {static_cast<libxsmm_blasint>(b.stride), static_cast<libxsmm_blasint>(a.stride), ldc};
+  const auto kernel = xsmm_dispatch(c, n, m, k, ld, &alpha, &beta, &flags);
   if (!kernel) return false;
   kernel(b.data, a.data, c);
   return true;
