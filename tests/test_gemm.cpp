@@ -47,7 +47,7 @@ void check_engine_block(GemmEngine engine, Index m, Index n, Index k, bool ta, b
   CAPTURE(gemm_engine_name(engine), m, n, k, ta, tb, accumulate, sizeof(T));
   // Operands are blocks of larger matrices: strides differ from the widths.
   const RowMat<T> a_big = randn_mat((ta ? k : m) + 2, (ta ? m : k) + 3, 11).template cast<T>();
-  const RowMat<T> b_big = randn_mat((tb ? n : k) + 1, (tb ? k : n) + 5, 12).template cast<T>();
+  const RowMat<T> b_big = randn_mat((tb ? n : k) + 2, (tb ? k : n) + 5, 12).template cast<T>();
   const RowMat<T> a = a_big.block(1, 2, ta ? k : m, ta ? m : k), b = b_big.block(1, 3, tb ? n : k, tb ? k : n);
   RowMat<T> c_big = randn_mat(m + 2, n + 4, 13).template cast<T>();
   const RowMat<T> c_before = c_big;

@@ -165,30 +165,31 @@ void eigen_gemm(const GemmOperand<T>& a, const GemmOperand<T>& b, T* c, Index ld
     run(am, bm);
 }
 
-#if defined(SPEX_GEMM_CBLAS)
-/// Makes a CBLAS call on this thread run on this thread only. The OpenMP build of OpenBLAS
-/// threads every call outside a parallel region over omp_get_max_threads(), and its split
-/// changes the last bits with the thread count; the per-thread OpenMP setting is lowered to 1
-/// for the call and restored after. (Inside spex's parallel regions it runs serially anyway.)
-class SerialCblasCall {
+/// Makes an engine call on this thread run on this thread only. Outside a parallel region the
+/// OpenMP build of OpenBLAS threads every call over omp_get_max_threads(), and so does Eigen's
+/// GEMM (unless Eigen::setNbThreads was called); their splits change the last bits with the
+/// thread count. The calling thread's OpenMP setting is lowered to 1 for the call and restored
+/// after. (Inside spex's parallel regions they run serially anyway.)
+class SerialEngineCall {
  public:
-  SerialCblasCall() {
+  SerialEngineCall() {
 #if defined(_OPENMP)
     if (!omp_in_parallel() && saved_ > 1) omp_set_num_threads(1);
 #endif
   }
-  ~SerialCblasCall() {
+  ~SerialEngineCall() {
 #if defined(_OPENMP)
     if (!omp_in_parallel() && saved_ > 1) omp_set_num_threads(saved_);
 #endif
   }
-  SerialCblasCall(const SerialCblasCall&) = delete;
-  SerialCblasCall& operator=(const SerialCblasCall&) = delete;
+  SerialEngineCall(const SerialEngineCall&) = delete;
+  SerialEngineCall& operator=(const SerialEngineCall&) = delete;
 
  private:
   int saved_ = max_threads();
 };
 
+#if defined(SPEX_GEMM_CBLAS)
 inline void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, const float* a, int lda,
                        const float* b, int ldb, float beta, float* c, int ldc) {
   cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, 1.f, a, lda, b, ldb, beta, c, ldc);
@@ -240,6 +241,7 @@ void gemm_block(GemmEngine engine, const GemmOperand<T>& a, const GemmOperand<T>
     return;
   }
   const bool fits_int = std::max({m, n, k, a.stride, b.stride, ldc}) <= Index(INT_MAX);
+  const SerialEngineCall serial;
   (void)fits_int;
 #if defined(SPEX_GEMM_XSMM)
   if (engine == GemmEngine::xsmm && fits_int && xsmm_gemm(a, b, c, ldc, m, n, k, accumulate)) return;
@@ -247,7 +249,6 @@ void gemm_block(GemmEngine engine, const GemmOperand<T>& a, const GemmOperand<T>
 #endif
 #if defined(SPEX_GEMM_CBLAS)
   if (engine == GemmEngine::cblas && fits_int) {
-    const SerialCblasCall serial;
     cblas_gemm(a.transposed ? CblasTrans : CblasNoTrans, b.transposed ? CblasTrans : CblasNoTrans, int(m), int(n),
                int(k), a.data, int(a.stride), b.data, int(b.stride), accumulate ? T(1) : T(0), c, int(ldc));
     return;
