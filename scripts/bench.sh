@@ -4,7 +4,7 @@
 # same binaries (README, "Performance" is this script's output).
 # Usage: scripts/bench.sh [--threads N] [--repetitions R] [--update-readme]
 #   Two builds: the GEMM engines found (SPEX_GEMM=auto) and Eigen only. Results and the
-#   report go to build/bench-report/. Takes ~15 minutes on 2 cores (a 4 GiB PEER is built in
+#   report go to build/bench-report/. Takes ~11 minutes on 2 cores (a 4 GiB PEER is built in
 #   spex and in PyTorch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
