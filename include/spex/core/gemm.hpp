@@ -275,7 +275,9 @@ constexpr Index kGemmTileCols = 512;
 
 /// C = A * B (accumulate: C += A * B), tiles of C over spex's threads, each tile one
 /// single-threaded engine call. A is m x k, B is k x n, C is m x n; each a row-major matrix,
-/// map or block, or a transpose of one. C must not alias A or B.
+/// map or block, or a transpose of one. C must not alias A or B. Thread safety: spex calls it
+/// from its OpenMP threads (each with its own C), as the OpenMP builds of OpenBLAS and BLIS
+/// support; calls from threads of your own rely on the engine library's own thread safety.
 template <class MC, class MA, class MB>
 void gemm(MC&& c, const MA& a, const MB& b, bool accumulate) {
   detail::check_gemm_shapes(c, a, b);
