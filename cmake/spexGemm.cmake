@@ -24,14 +24,9 @@ function(spex_find_gemm_engine engine xsmm)
 
   foreach(candidate openblas blis)
     if(found_engine STREQUAL "eigen" AND (engine STREQUAL candidate OR engine STREQUAL "auto"))
-      if(candidate STREQUAL "openblas")
-        set(lib_name openblas)
-      else()
-        set(lib_name blis)
-      endif()
       find_path(SPEX_${candidate}_INCLUDE_DIR cblas.h
         PATHS /usr/include/${arch_dir}/${candidate}-openmp NO_DEFAULT_PATH)
-      find_library(SPEX_${candidate}_LIBRARY ${lib_name}
+      find_library(SPEX_${candidate}_LIBRARY ${candidate}
         PATHS /usr/lib/${arch_dir}/${candidate}-openmp NO_DEFAULT_PATH)
       if(SPEX_${candidate}_INCLUDE_DIR AND SPEX_${candidate}_LIBRARY)
         set(found_engine ${candidate})

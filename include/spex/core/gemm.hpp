@@ -91,18 +91,24 @@ inline bool gemm_cblas_serves_large() {
 #endif
 }
 
+/// The engine for the products neither thin nor libxsmm's: the CBLAS when it serves large
+/// products, Eigen otherwise.
+inline GemmEngine gemm_engine_for_large() {
+  return gemm_cblas_serves_large() ? GemmEngine::cblas : GemmEngine::eigen;
+}
+
 /// The engine for one product of C (m x n) = op(A) (m x k) op(B), A and B used transposed or
 /// not: the shape classes of the table measured in README "GEMM engines".
 ///  - thin (a token or two, or up to 8 rows against a transposed B): Eigen's GEMV-like path;
 ///  - B not transposed, up to 512 columns (backward products, the experts' weight gradients),
 ///    unless A is transposed over a long k (a Linear's weight gradient over a whole batch):
 ///    libxsmm's JIT kernels;
-///  - everything else: the CBLAS when it serves large products, Eigen otherwise.
+///  - everything else: gemm_engine_for_large().
 inline GemmEngine gemm_engine_for(Index m, Index n, Index k, bool a_transposed, bool b_transposed) {
   if (m <= 2 || (m <= 8 && b_transposed)) return GemmEngine::eigen;
   if (gemm_engine_available(GemmEngine::xsmm) && !b_transposed && n <= 512 && !(a_transposed && k > 256))
     return GemmEngine::xsmm;
-  return gemm_cblas_serves_large() ? GemmEngine::cblas : GemmEngine::eigen;
+  return gemm_engine_for_large();
 }
 
 namespace detail {
@@ -245,7 +251,7 @@ void gemm_block(GemmEngine engine, const GemmOperand<T>& a, const GemmOperand<T>
   (void)fits_int;
 #if defined(SPEX_GEMM_XSMM)
   if (engine == GemmEngine::xsmm && fits_int && xsmm_gemm(a, b, c, ldc, m, n, k, accumulate)) return;
-  if (engine == GemmEngine::xsmm) engine = gemm_engine_available(GemmEngine::cblas) ? GemmEngine::cblas : GemmEngine::eigen;
+  if (engine == GemmEngine::xsmm) engine = gemm_engine_for_large();  // no kernel: the rule for the rest
 #endif
 #if defined(SPEX_GEMM_CBLAS)
   if (engine == GemmEngine::cblas && fits_int) {
