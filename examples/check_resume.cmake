@@ -32,7 +32,7 @@ endfunction()
 
 file(REMOVE_RECURSE ${OUT})
 run_program(full_out --steps 40 --out ${OUT}/full)
-run_program(half_out --steps 20 --out ${OUT}/half --save ${OUT}/ckpt)
+run_program(half_out --steps 20 --horizon 40 --out ${OUT}/half --save ${OUT}/ckpt)
 run_program(resumed_out --steps 40 --out ${OUT}/resumed --resume ${OUT}/ckpt)
 after_step_20("${full_out}" ${OUT}/full/curves.csv full_lines)
 after_step_20("${resumed_out}" ${OUT}/resumed/curves.csv resumed_lines)

@@ -1,29 +1,40 @@
-// compare_layers: one small model trained five ways at the same active parameters per token,
-// with the same optimizer (Adam; lazy row-sparse Adam for embeddings and expert tables), steps
-// and seed: a dense FFN block, TopK MoE, ReMoE, PEER and PKM. Two tasks: next-character
-// prediction on English text, and associative recall of seeded (key -> value) facts, where
-// total parameters decide how many facts fit.
+// compare_layers: one small model trained five ways at equal forward FLOPs per token of its
+// block, with the same optimizer (Adam with warm-up and cosine decay; lazy row-sparse Adam for
+// embeddings and expert tables), steps and seed: a dense FFN block (hidden 4d), TopK MoE and
+// ReMoE (8 experts of the same hidden, 1 per token), PEER and PKM (heads and top-k fixed,
+// d_key the largest that keeps the block within the dense block's FLOPs). Two tasks:
+// next-character prediction on English text, and associative recall of seeded (key -> value)
+// facts, where total parameters decide how many facts fit.
 //
-//   compare_layers [--quick] [--steps N] [--out DIR] [--save DIR] [--resume DIR] [--text FILE ...]
+//   compare_layers [--quick] [--steps N] [--horizon N] [--seed S] [--tasks LIST] [--variants LIST]
+//                  [--lambda-rule sign|smoothed] [--table2] [--out DIR] [--save DIR] [--resume DIR]
+//                  [--text FILE ...]
 //
-// Prints a progress line every few steps and a table per task; writes DIR/curves.csv and
-// DIR/curves.svg (loss vs step per variant; ReMoE's sparsity vs step). --save DIR writes a
-// checkpoint per task and variant after the last step; --resume DIR continues those runs up to
-// --steps: `--steps 100 --save D` then `--steps 200 --resume D` prints and writes the same
-// losses for steps 101-200 as one run of `--steps 200` (same options otherwise).
+// Prints a progress line every few steps and a table per task (FLOPs per token, losses,
+// throughput, PEER/PKM expert usage, ReMoE's sparsity after its warm-up); writes
+// DIR/curves.csv and DIR/curves.svg (validation loss vs step per variant; ReMoE's sparsity and
+// lambda vs step). --table2 instead trains PEER alone on char-lm at N = 128^2, 256^2, 512^2, with
+// and without query BatchNorm, shared and per-head sub-keys, fixed and learned sub-keys, and
+// prints usage, KL and Gini (the PEER paper's Table 2); it writes DIR/table2.csv.
+// --save DIR writes a checkpoint per task and variant after the last step; --resume DIR
+// continues those runs up to --steps: `--steps 100 --horizon 200 --save D` then
+// `--steps 200 --resume D` prints and writes the same losses for steps 101-200 as one run of
+// `--steps 200` (same options otherwise; --horizon is the learning-rate schedule's length).
+#include <algorithm>
 #include <cstdio>
-#include <cstring>
-#include <stdexcept>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "compare/checkpoint.hpp"
 #include "compare/model.hpp"
+#include "compare/options.hpp"
 #include "compare/plot.hpp"
+#include "compare/summary.hpp"
 
 #include "example_setup.hpp"
 
@@ -31,13 +42,9 @@ namespace {
 
 using namespace compare;
 
-struct Options {
-  bool quick = false;
-  int steps = 4000;
-  std::string out = "compare_out";
-  std::string save, resume;       // checkpoint directories (compare/checkpoint.hpp)
-  std::vector<std::string> text;  // default: the license texts every Debian system ships (base-files)
-};
+constexpr double kPeakLr = 3e-3;
+constexpr Index kBatch = 128;
+constexpr Index kMoEExperts = 8, kMoEPerToken = 1;
 
 std::vector<std::string> default_texts() {
   std::vector<std::string> paths;
@@ -56,32 +63,78 @@ struct Curve {
   std::vector<double> eval_step, val_loss;
 };
 
-struct Summary {
-  std::string variant;
-  Index active = 0, total = 0;
-  double train_loss = 0, val_loss = 0, tokens_per_s = 0, optimizer_share = 0, usage = -1, sparsity = -1;
-  double sparsity_dev = -1;  // largest |50-step mean - target| over the second half
-};
-
-// Sizes of one task: the dense hidden size H sets the active budget of every variant.
+/// One task's model and block sizes. The dense block's hidden size is 4d (a transformer's);
+/// MoE experts have the same hidden size; PEER and PKM take `pk_heads` heads of `peer_k` /
+/// `pkm_k` picks, and the largest even d_key whose FLOPs at N = budget_n^2 stay within the
+/// dense block's.
 struct TaskShape {
   int context;
-  Index emb, hidden, peer_k, pkm_k, n_keys;
+  Index emb;
+  Index pk_heads, peer_k, pkm_k;
+  Index budget_n;                 // the N = n^2 at which PEER/PKM match the dense FLOPs
+  std::vector<Index> peer_n;      // PEER sizes trained (same d_key: fixed active parameters)
+  Index pkm_n;
+  Index d() const { return Index(context) * emb; }
+  Index hidden() const { return 4 * d(); }
 };
+
+double dense_block_flops(const TaskShape& ts) {
+  return spex::FfnExperts<float>::flops_per_token(spex::FfnKind::gelu, ts.d(), ts.hidden(), ts.d(), 1).total();
+}
+
+spex::MoEConfig moe_config(const TaskShape& ts) {
+  spex::MoEConfig moe;
+  moe.d_in = ts.d();
+  moe.n_experts = kMoEExperts;
+  moe.hidden = ts.hidden();
+  moe.experts_per_token = kMoEPerToken;
+  moe.ffn = spex::FfnKind::gelu;
+  moe.router_init_std = 1.0 / std::sqrt(double(ts.d()));
+  return moe;
+}
+
+/// The largest even d_key (2..512) that keeps a product-key block with `c`'s other sizes within
+/// `budget` FLOPs per token at N = budget_n^2 (2 when none does).
+template <class Block>
+Index d_key_for_budget(spex::ProductKeyLayerConfig c, Index budget_n, double budget) {
+  c.n_keys = budget_n;
+  Index best = 2;
+  for (Index dk = 2; dk <= 512; dk += 2) {
+    c.d_key = dk;
+    if (Block::flops_per_token(c).total() <= budget) best = dk;
+  }
+  return best;
+}
+
+spex::ProductKeyLayerConfig pk_config(const TaskShape& ts, Index n, Index top_k) {
+  spex::ProductKeyLayerConfig pk;
+  pk.d_in = ts.d();
+  pk.n_keys = n;
+  pk.heads = ts.pk_heads;
+  pk.top_k = top_k;
+  return pk;  // the paper's defaults otherwise: shared sub-keys, query BatchNorm, softmax
+}
+
+std::string size_name(Index n) { return std::to_string(n * n / 1024) + "k"; }
 
 template <class Block>
 Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts, std::unique_ptr<Block> block,
-            Index block_active, const Options& opt, std::vector<Curve>& curves) {
-  const std::uint64_t seed = 7;
-  Model<Block> model(data.vocab, data.context, ts.emb, std::move(block), 3e-3, seed);
-  spex::LambdaController ctl(spex::LambdaController::target_for(1, 8));
+            Index block_active, double block_flops, const Options& opt, std::vector<Curve>& curves) {
+  const std::uint64_t seed = opt.seed;
+  Model<Block> model(data.vocab, data.context, ts.emb, std::move(block), kPeakLr, seed);
+  const double target = spex::LambdaController::target_for(kMoEPerToken, kMoEExperts);  // unchanged by granularity
+  // --quick's 300 steps are shorter than the smoothed rule's warm-up at alpha 1.05 (~380
+  // steps from 1e-8): it moves lambda at the paper's 1.2 there.
+  spex::LambdaController ctl = opt.rule == spex::LambdaRule::sign
+                                   ? spex::LambdaController(target)
+                                   : spex::LambdaController::for_small_batches(target, 0.9, 0.05, 1e-8, opt.quick ? 1.2 : 1.05);
   spex::Rng rng(seed + 1);
-  const Index batch = 128;
   const int log_every = std::max(1, opt.steps / 10), eval_every = std::max(1, opt.steps / 20);
   const std::size_t n_val = std::min<std::size_t>(data.n_val(), 4096);
   Summary sum;
   sum.variant = variant;
-  std::vector<std::size_t> rows(batch);
+  sum.flops = block_flops;
+  std::vector<std::size_t> rows(kBatch);
   RunHistory h;
   if (!opt.resume.empty()) {
     h = load_run(checkpoint_path(opt.resume, data.name, variant), model, ctl, rng);
@@ -89,6 +142,7 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
   }
   for (int step = h.steps_done + 1; step <= opt.steps; ++step) {
     for (auto& r : rows) r = rng.below(data.n_train());
+    model.optimizer().set_lr(learning_rate(step, opt.schedule_steps(), kPeakLr));
     if constexpr (is_remoe<Block>::value) model.block().set_lambda(ctl.lambda());
     const StepResult res = model.train_step(data.train_x, data.train_y, rows);
     h.seconds += res.total_seconds;
@@ -110,7 +164,7 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
     }
     if (step % log_every == 0 || step == opt.steps) {
       std::printf("  [%s/%s] step %5d  loss %.4f  %8.0f tokens/s", data.name.c_str(), variant.c_str(), step, h.ema,
-                  double(step) * batch / h.seconds);
+                  double(step) * kBatch / h.seconds);
       if constexpr (is_remoe<Block>::value) std::printf("  sparsity %.3f  lambda %.3g", s, ctl.lambda());
       std::printf("\n");
     }
@@ -124,84 +178,111 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
   sum.total = model.total_params();
   sum.train_loss = h.ema;
   sum.val_loss = model.evaluate(data.val_x, data.val_y, 0, data.n_val());
-  sum.tokens_per_s = double(opt.steps) * batch / h.seconds;
+  sum.tokens_per_s = double(opt.steps) * kBatch / h.seconds;
   sum.optimizer_share = h.opt_seconds / h.seconds;
   if constexpr (is_remoe<Block>::value) {
-    // After the warm-up: the mean over the second half, and the largest deviation of a 50-step
-    // moving average from the target (a single step's sparsity is one batch's: it jitters).
-    const std::size_t n = curve.sparsity.size(), half = n / 2;
-    double acc = 0, dev = 0;
-    for (std::size_t i = half; i < n; ++i) {
-      acc += curve.sparsity[i];
-      if (i >= 49) {
-        double m = 0;
-        for (std::size_t j = i - 49; j <= i; ++j) m += curve.sparsity[j] / 50;
-        dev = std::max(dev, std::abs(m - ctl.target()));
-      }
-    }
-    sum.sparsity = acc / double(n - half);
-    sum.sparsity_dev = dev;
+    sum.has_sparsity = true;
+    sum.sparsity_report = sparsity_report(curve.sparsity, curve.lambda, ctl.target());
+    const int from = std::max(0, sum.sparsity_report.settled_step);
+    double acc = 0;
+    for (std::size_t i = std::size_t(from); i < curve.sparsity.size(); ++i) acc += curve.sparsity[i];
+    sum.sparsity = acc / double(std::max<std::size_t>(1, curve.sparsity.size() - std::size_t(from)));
   }
   if constexpr (is_product_key<Block>::value) {
     spex::ExpertUsage usage(model.block().n_experts());
     model.evaluate(data.val_x, data.val_y, 0, data.n_val(), [&](const typename Block::Cache& c) {
       usage.add(c.retrieval.ids, c.retrieval.gates);
     });
-    sum.usage = usage.summary().usage_percent;
+    sum.has_usage = true;
+    sum.usage = usage.summary();
   }
   curves.push_back(std::move(curve));
   return sum;
 }
 
 std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Options& opt, std::vector<Curve>& curves) {
-  const Index d = data.context * ts.emb, h = ts.hidden;
-  std::printf("\n== %s: %zu train / %zu val examples, vocab %d, d = %lld, active FFN hidden %lld ==\n",
-              data.name.c_str(), data.n_train(), data.n_val(), data.vocab, (long long)d, (long long)h);
+  const Index d = ts.d(), h = ts.hidden();
+  const double dense_flops = dense_block_flops(ts);
+  std::printf("\n== %s: %zu train / %zu val examples, vocab %d, d = %lld, dense hidden %lld, %.1f kFLOP/token ==\n",
+              data.name.c_str(), data.n_train(), data.n_val(), data.vocab, (long long)d, (long long)h, dense_flops / 1e3);
   std::vector<Summary> out;
-  out.push_back(run("dense", data, ts, std::make_unique<DenseBlock>(d, h, 11), 2 * d * h, opt, curves));
+  const std::uint64_t s = opt.seed;
+  if (opt.wants("dense"))
+    out.push_back(run("dense", data, ts, std::make_unique<DenseBlock>(d, h, s + 4), 2 * d * h, dense_flops, opt, curves));
 
-  spex::MoEConfig moe;
-  moe.d_in = d;
-  moe.n_experts = 8;
-  moe.hidden = h;
-  moe.experts_per_token = 1;
-  moe.ffn = spex::FfnKind::gelu;
-  moe.router_init_std = 1.0 / std::sqrt(double(d));
-  out.push_back(run("topk-moe", data, ts, std::make_unique<TopKBlock>(moe, 12), 2 * d * h + d * 8, opt, curves));
-  out.push_back(run("remoe", data, ts, std::make_unique<ReMoEBlock>(moe, 13), 2 * d * h + d * 8, opt, curves));
-
-  spex::ProductKeyLayerConfig pk;
-  pk.d_in = d;
-  pk.n_keys = ts.n_keys;
-  pk.heads = 16;
-  pk.top_k = ts.peer_k;
-  pk.d_key = 32;
-  pk.norm = spex::NormKind::batch;
-  pk.shared_keys = false;  // measured: keys shared by the heads retrieved half as many distinct experts
-  const Index query = d * pk.heads * pk.d_key;
-  const auto size_name = [](Index n) { return std::to_string(n * n / 1024) + "k"; };
-  // The default run also trains PEER at N = 128^2, for usage at two sizes.
-  std::vector<Index> peer_sizes{ts.n_keys};
-  if (ts.n_keys > 128) peer_sizes.insert(peer_sizes.begin(), 128);
-  for (Index n : peer_sizes) {
-    pk.n_keys = n;
-    out.push_back(run("peer-" + size_name(n), data, ts, std::make_unique<PeerBlock>(pk, 14),
-                      2 * d * pk.heads * pk.top_k + query, opt, curves));
+  const spex::MoEConfig moe = moe_config(ts);
+  const Index moe_active = 2 * d * h * kMoEPerToken + d * kMoEExperts;
+  if (opt.wants("topk-moe")) {
+    auto b = std::make_unique<TopKBlock>(moe, s + 5);
+    const double f = b->flops_per_token().total();
+    out.push_back(run("topk-moe", data, ts, std::move(b), moe_active, f, opt, curves));
   }
-  pk.n_keys = ts.n_keys;
-  pk.top_k = ts.pkm_k;
-  out.push_back(run("pkm-" + size_name(ts.n_keys), data, ts, std::make_unique<PkmBlock>(pk, 15),
-                    d * pk.heads * pk.top_k + query, opt, curves));
-
-  std::printf("\n%-10s %12s %12s %11s %10s %11s %9s %9s %9s %9s\n", "variant", "active", "total", "train loss",
-              "val loss", "tokens/s", "opt share", "usage %", "sparsity", "max dev");
-  for (const auto& s : out) {
-    std::printf("%-10s %12lld %12lld %11.4f %10.4f %11.0f %8.1f%%", s.variant.c_str(), (long long)s.active,
-                (long long)s.total, s.train_loss, s.val_loss, s.tokens_per_s, 100 * s.optimizer_share);
-    s.usage >= 0 ? std::printf(" %9.1f", s.usage) : std::printf(" %9s", "-");
-    s.sparsity >= 0 ? std::printf(" %9.3f %9.4f\n", s.sparsity, s.sparsity_dev) : std::printf(" %9s %9s\n", "-", "-");
+  if (opt.wants("remoe")) {
+    auto b = std::make_unique<ReMoEBlock>(moe, s + 6);
+    const double f = b->flops_per_token().total();
+    out.push_back(run("remoe", data, ts, std::move(b), moe_active, f, opt, curves));
   }
+
+  spex::ProductKeyLayerConfig peer = pk_config(ts, ts.budget_n, ts.peer_k);
+  peer.d_key = d_key_for_budget<PeerBlock>(peer, ts.budget_n, dense_flops);
+  for (Index n : ts.peer_n) {
+    peer.n_keys = n;
+    const std::string name = "peer-" + size_name(n);
+    if (!opt.wants(name)) continue;
+    const Index active = 2 * d * peer.heads * peer.top_k + d * peer.heads * peer.d_key;
+    out.push_back(run(name, data, ts, std::make_unique<PeerBlock>(peer, s + 7), active,
+                      PeerBlock::flops_per_token(peer).total(), opt, curves));
+  }
+  spex::ProductKeyLayerConfig pkm = pk_config(ts, ts.pkm_n, ts.pkm_k);
+  pkm.d_key = d_key_for_budget<PkmBlock>(pkm, ts.budget_n, dense_flops);
+  const std::string pkm_name = "pkm-" + size_name(ts.pkm_n);
+  if (opt.wants(pkm_name)) {
+    const Index active = d * pkm.heads * pkm.top_k + d * pkm.heads * pkm.d_key;
+    out.push_back(run(pkm_name, data, ts, std::make_unique<PkmBlock>(pkm, s + 8), active,
+                      PkmBlock::flops_per_token(pkm).total(), opt, curves));
+  }
+  std::printf("\nPEER: %lld heads x top-%lld, d_key %lld; PKM: %lld heads x top-%lld, d_key %lld (the largest within the dense "
+              "block's FLOPs at N = %lld^2)\n",
+              (long long)peer.heads, (long long)peer.top_k, (long long)peer.d_key, (long long)pkm.heads,
+              (long long)pkm.top_k, (long long)pkm.d_key, (long long)ts.budget_n);
+  print_table(out, dense_flops);
   return out;
+}
+
+/// The PEER paper's Table 2 at small scale: expert usage, KL from uniform and Gini of PEER on
+/// char-lm by N, query norm, sub-key sharing and sub-key learning.
+void run_table2(const Dataset& data, const TaskShape& ts, const Options& opt) {
+  const double dense_flops = dense_block_flops(ts);
+  spex::ProductKeyLayerConfig peer = pk_config(ts, ts.budget_n, ts.peer_k);
+  peer.d_key = d_key_for_budget<PeerBlock>(peer, ts.budget_n, dense_flops);
+  std::printf("\n== PEER usage on %s after %d steps: %lld heads x top-%lld, d_key %lld ==\n", data.name.c_str(), opt.steps,
+              (long long)peer.heads, (long long)peer.top_k, (long long)peer.d_key);
+  std::filesystem::create_directories(opt.out);
+  std::ofstream csv(opt.out + "/table2.csv");
+  csv << "n_experts,query_norm,sub_keys,learn_keys,usage_percent,kl_weighted,kl_uniform,gini,val_loss\n";
+  std::printf("%9s %6s %9s %8s %8s %7s %7s %6s %9s\n", "N", "norm", "sub-keys", "learned", "usage %", "KL", "KL(cnt)", "Gini",
+              "val loss");
+  std::vector<Curve> curves;
+  for (Index n : {Index(128), Index(256), Index(512)})
+    for (bool learn : {false, true})
+      for (bool shared : {true, false})
+        for (spex::NormKind norm : {spex::NormKind::batch, spex::NormKind::none}) {
+          peer.n_keys = n;
+          peer.shared_keys = shared;
+          peer.learn_keys = learn;
+          peer.norm = norm;
+          Options quiet = opt;
+          const Summary s = run("peer-" + size_name(n), data, ts, std::make_unique<PeerBlock>(peer, opt.seed + 7), 0,
+                                PeerBlock::flops_per_token(peer).total(), quiet, curves);
+          const auto& u = s.usage;
+          std::printf("%9lld %6s %9s %8s %8.1f %7.3f %7.3f %6.3f %9.4f\n", (long long)(n * n),
+                      norm == spex::NormKind::batch ? "batch" : "none", shared ? "shared" : "per-head", learn ? "yes" : "no",
+                      u.usage_percent, u.kl_weighted, u.kl_uniform, u.gini, s.val_loss);
+          csv << n * n << ',' << spex::to_string(norm) << ',' << (shared ? "shared" : "per-head") << ',' << (learn ? 1 : 0)
+              << ',' << u.usage_percent << ',' << u.kl_weighted << ',' << u.kl_uniform << ',' << u.gini << ',' << s.val_loss
+              << '\n';
+        }
+  std::printf("\nwrote %s/table2.csv\n", opt.out.c_str());
 }
 
 std::string full(double v) {
@@ -246,42 +327,29 @@ void write_outputs(const std::vector<Curve>& curves, const Options& opt) {
 int main(int argc, char** argv) {
   example_setup();
   Options opt;
-  bool custom_text = false, custom_steps = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--quick") {
-      opt.quick = true;
-    } else if (a == "--steps" && i + 1 < argc) {
-      opt.steps = std::atoi(argv[++i]);
-      custom_steps = true;
-    } else if (a == "--out" && i + 1 < argc) {
-      opt.out = argv[++i];
-    } else if (a == "--save" && i + 1 < argc) {
-      opt.save = argv[++i];
-    } else if (a == "--resume" && i + 1 < argc) {
-      opt.resume = argv[++i];
-    } else if (a == "--text" && i + 1 < argc) {
-      if (!custom_text) opt.text.clear();
-      custom_text = true;
-      opt.text.push_back(argv[++i]);
-    } else {
-      std::fprintf(stderr, "usage: compare_layers [--quick] [--steps N] [--out DIR] [--save DIR] [--resume DIR] [--text FILE ...]\n");
-      return 2;
-    }
-  }
-  if (opt.quick && !custom_steps) opt.steps = 300;
-  if (!custom_text) opt.text = default_texts();
-  if (opt.steps < 10) {
-    std::fprintf(stderr, "--steps must be at least 10\n");
+  try {
+    opt = parse_options(argc, argv);
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "compare_layers: %s\n%s", e.what(), kUsage);
     return 2;
   }
   try {
-    std::printf("compare_layers: %d steps per variant, batch 128, Adam lr 3e-3, seed 7 (%s, %d threads)\n", opt.steps,
-                spex::default_arch::name(), spex::max_threads());
+    if (opt.text.empty()) opt.text = default_texts();
+    std::printf("compare_layers: %d steps per variant, batch %lld, Adam lr 3e-3 (warm-up, cosine to 3e-4), seed %llu "
+                "(%s, %d threads)\n",
+                opt.steps, (long long)kBatch, (unsigned long long)opt.seed, spex::default_arch::name(), spex::max_threads());
+    // PEER sizes: N = 128^2 and 256^2 (--quick: 128^2); FLOPs matched at 256^2 (--quick: 128^2).
+    const Index budget_n = opt.quick ? 128 : 256;
+    const std::vector<Index> peer_n = opt.quick ? std::vector<Index>{128} : std::vector<Index>{128, 256};
+    const TaskShape lm{8, 16, 8, 16, 16, budget_n, peer_n, budget_n};
+    const TaskShape facts{5, 16, 4, 16, 16, budget_n, peer_n, budget_n};
+    if (opt.table2) {
+      run_table2(char_lm(opt.text, lm.context), lm, opt);
+      return 0;
+    }
     std::vector<Curve> curves;
-    const Index n_keys = opt.quick ? 128 : 256;
-    run_task(char_lm(opt.text, 8), TaskShape{8, 16, 64, 4, 8, n_keys}, opt, curves);
-    run_task(recall(opt.quick ? 2048 : 4096, 3, 5), TaskShape{4, 16, 32, 2, 4, n_keys}, opt, curves);
+    if (opt.wants_task("char-lm")) run_task(char_lm(opt.text, lm.context), lm, opt, curves);
+    if (opt.wants_task("recall")) run_task(recall(opt.quick ? 8192 : 32768, facts.context - 1, 5), facts, opt, curves);
     write_outputs(curves, opt);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "compare_layers: %s\n", e.what());

@@ -23,6 +23,7 @@ inline spex::ProductKeyLayerConfig io_pk_config() {
   cfg.heads = 2;
   cfg.top_k = 3;
   cfg.d_key = 4;
+  cfg.learn_keys = true;  // checkpoints must carry trained sub-keys too
   return cfg;
 }
 

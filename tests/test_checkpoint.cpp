@@ -53,7 +53,9 @@ struct Run {
 
   explicit Run(std::uint64_t seed)
       : layer(config<L>(), seed), grads(layer.make_grads()), params(layer.parameters(grads)),
-        opt(make_optimizer<Opt>(params)), ctl(0.5, 1e-4), data(seed + 1000) {}
+        opt(make_optimizer<Opt>(params)),
+        ctl(LambdaController::for_small_batches(0.5, 0.8, 0.05, 1e-4)),  // its moving average must resume too
+        data(seed + 1000) {}
 
   double step() {
     const Index b = 24, d = 8;
@@ -164,6 +166,26 @@ TEST_CASE("a checkpoint that does not fit is rejected and changes nothing", "[io
     w.write(dir.path("bad.safetensors"));
     SafetensorsLoader ld(dir.path("bad.safetensors"));
     CHECK_THROWS_WITH(ld.state(b.ctl, "lambda"), Catch::Contains("lambda = -1"));
+  }
+  {  // a state written before the smoothed rule existed: the sign rule
+    SafetensorsWriter w;
+    w.set_metadata("lambda", R"({"kind": "LambdaController", "lambda": 0.25, "alpha": 1.2, "target": 0.5, "min_lambda": 1e-12,
+      "max_lambda": 100, "steps": 1, "steps_at_min": 0, "steps_at_max": 0, "consecutive_at_bound": 0})");
+    w.write(dir.path("old.safetensors"));
+    LambdaController c = LambdaController::for_small_batches(0.5);
+    SafetensorsLoader ld(dir.path("old.safetensors"));
+    ld.state(c, "lambda").commit();
+    CHECK(c.rule() == LambdaRule::sign);
+    CHECK(c.lambda() == 0.25);
+  }
+  {
+    SafetensorsWriter w;
+    w.set_metadata("lambda", R"({"kind": "LambdaController", "lambda": 0.25, "alpha": 1.2, "target": 0.5, "min_lambda": 1e-12,
+      "max_lambda": 100, "steps": 1, "steps_at_min": 0, "steps_at_max": 0, "consecutive_at_bound": 0, "rule": "wobbly",
+      "smoothing": 0.5, "band": 0.05, "average": -1})");
+    w.write(dir.path("bad.safetensors"));
+    SafetensorsLoader ld(dir.path("bad.safetensors"));
+    CHECK_THROWS_WITH(ld.state(b.ctl, "lambda"), Catch::Contains("'rule' = 'wobbly'"));
     CHECK_THROWS_WITH(ld.state(b.data, "nothing"), Catch::Contains("no metadata 'nothing'"));
   }
   {  // optimizer state for other parameters (another layer config)

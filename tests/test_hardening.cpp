@@ -23,6 +23,7 @@ ProductKeyLayerConfig pk_config(Index d = 6, Index d_key = 4) {
   cfg.heads = 2;
   cfg.top_k = 3;
   cfg.d_key = d_key;
+  cfg.learn_keys = true;
   return cfg;
 }
 

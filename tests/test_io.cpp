@@ -264,8 +264,27 @@ TEST_CASE("metadata versions: other majors are rejected, newer minors may add fi
   nlohmann::json future = entry;
   future["config"]["expert_dropout"] = 0.1;
   future["hint"] = "x";
-  CHECK_NOTHROW(load_layer<Peer<float>>(write(doc(1, 1, future))));
+  CHECK_NOTHROW(load_layer<Peer<float>>(write(doc(1, kFormatMinor + 1, future))));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, kFormatMinor, future))), Catch::Contains("unknown"));
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, future))), Catch::Contains("unknown"));
+  // learn_keys came with 1.1: absent in a 1.0 file it reads as true (those layers trained their
+  // sub-keys); absent in a 1.1 file it takes the default (false).
+  nlohmann::json old_entry = entry;
+  old_entry["config"].erase("learn_keys");
+  CHECK(load_layer<Peer<float>>(write(doc(1, 0, old_entry))).config().learn_keys);
+  CHECK_FALSE(load_layer<Peer<float>>(write(doc(1, 1, old_entry))).config().learn_keys);
+  // Likewise MoE's penalty: 1.0's default was l1_lb, 1.1's is l1_lb_spare_top.
+  const ReMoEf m(moe_config(), 3);
+  const auto mparams = m.parameters();
+  nlohmann::json moe_entry = layer_entry(m);
+  moe_entry["config"].erase("penalty");
+  const auto write_moe = [&](int minor) {
+    const std::string d = nlohmann::json{{"format", "spex"}, {"version", {1, minor}}, {"layers", {{"", moe_entry}}}}.dump();
+    write_safetensors(dir.path("m.safetensors"), tensor_sources(mparams), {{"spex", d}});
+    return dir.path("m.safetensors");
+  };
+  CHECK(load_layer<ReMoEf>(write_moe(0)).config().penalty == Penalty::l1_lb);
+  CHECK(load_layer<ReMoEf>(write_moe(1)).config().penalty == Penalty::l1_lb_spare_top);
   nlohmann::json partial = entry;
   partial["config"].erase("norm_momentum");  // absent: the default
   partial["config"].erase("n_keys");          // n_experts alone determines n

@@ -150,9 +150,9 @@ TEST_CASE("MoE forward equals a per-token reference for both routers and both ex
     }
 }
 
-TEST_CASE("MoE gradients match finite differences: ReLU router with both penalties", "[remoe][gradcheck]") {
+TEST_CASE("MoE gradients match finite differences: ReLU router with every penalty", "[remoe][gradcheck]") {
   for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu})
-    for (Penalty p : {Penalty::none, Penalty::l1, Penalty::l1_lb}) {
+    for (Penalty p : {Penalty::none, Penalty::l1, Penalty::l1_lb, Penalty::l1_lb_spare_top}) {
       CAPTURE(to_string(ffn), to_string(p));
       MoEConfig cfg = small_config(ffn);
       cfg.penalty = p;
@@ -222,6 +222,81 @@ TEST_CASE("the load-balanced penalty is the Switch formula with P := R, and f = 
   for (Index e = 0; e < e_n; ++e) CHECK(f(e) == Approx(1.0));
   CHECK(penalty_value(Penalty::l1_lb, bal, k) == Approx(bal.rowwise().sum().mean()));
   CHECK(sparsity(bal) == Approx(0.5));
+}
+
+TEST_CASE("the spare-top penalty is l1_lb without each token's largest gate", "[remoe]") {
+  const Index t_n = 9, e_n = 5;
+  const double k = 2;
+  RowMat<double> r = randn_mat(t_n, e_n, 21).cwiseMax(0.0);
+  r.row(3).setZero();                       // a token with no active expert: nothing spared
+  r.row(4) << 0.0, 0.7, 0.7, 0.0, 0.2;      // a tie: the first largest is spared
+  const Vec<double> f = penalty_weights(Penalty::l1_lb, r, k);
+  CHECK(penalty_weights(Penalty::l1_lb_spare_top, r, k) == f);
+  double expect = 0;
+  for (Index t = 0; t < t_n; ++t) {
+    Index top = -1;
+    for (Index e = 0; e < e_n; ++e)
+      if (r(t, e) > 0 && (top < 0 || r(t, e) > r(t, top))) top = e;
+    CHECK(spared_expert(Penalty::l1_lb_spare_top, r, t) == top);
+    CHECK(spared_expert(Penalty::l1_lb, r, t) == -1);
+    for (Index e = 0; e < e_n; ++e)
+      if (e != top) expect += f(e) * r(t, e);
+  }
+  CHECK(spared_expert(Penalty::l1_lb_spare_top, r, 4) == 1);
+  CHECK(penalty_value(Penalty::l1_lb_spare_top, r, k) == Approx(expect / t_n).epsilon(1e-12));
+  // The gradient it adds is lambda * dL_reg/dR (f held constant), zero on the spared entries.
+  RowMat<double> g = RowMat<double>::Zero(t_n, e_n);
+  add_penalty_gradient(Penalty::l1_lb_spare_top, r, f, 0.5, g);
+  for (Index t = 0; t < t_n; ++t)
+    for (Index e = 0; e < e_n; ++e) {
+      const bool penalized = r(t, e) > 0 && e != spared_expert(Penalty::l1_lb_spare_top, r, t);
+      CHECK(g(t, e) == (penalized ? Approx(0.5 * f(e) / t_n).epsilon(1e-15) : Approx(0.0)));
+    }
+}
+
+TEST_CASE("lambda controller, smoothed rule: moving average and steps proportional within the band", "[remoe]") {
+  LambdaController ctl = LambdaController::for_small_batches(0.875, 0.5, 0.05, 1e-3, 1.1);
+  CHECK(ctl.rule() == LambdaRule::smoothed);
+  double lambda = 1e-3, avg = -1;
+  for (double s : {0.2, 0.86, 0.9, 0.88, 0.95, 0.875, 0.874}) {
+    avg = avg < 0 ? s : 0.5 * avg + 0.5 * s;
+    const double e = std::min(1.0, std::max(-1.0, (0.875 - avg) / 0.05));
+    lambda *= std::pow(1.1, e);
+    ctl.update(s);
+    CAPTURE(s, avg, e);
+    CHECK(ctl.state().average == Approx(avg).epsilon(1e-15));
+    CHECK(ctl.lambda() == Approx(lambda).epsilon(1e-13));
+  }
+  // Far below the target it moves as fast as the sign rule; at the target it stands still.
+  LambdaController fast = LambdaController::for_small_batches(0.875, 0.0, 0.05, 1e-3, 1.2);
+  fast.update(0.0);
+  CHECK(fast.lambda() == Approx(1.2e-3).epsilon(1e-14));
+  fast.update(0.875);
+  CHECK(fast.lambda() == Approx(1.2e-3).epsilon(1e-14));
+  // Bounds hold as for the sign rule; state round-trips; bad fields are named.
+  fast.set_clamp(1e-12, 1.3e-3);
+  for (int i = 0; i < 5; ++i) fast.update(0.0);
+  CHECK(fast.lambda() == 1.3e-3);
+  CHECK(fast.consecutive_steps_at_bound() == 5);
+  LambdaController copy;
+  copy.set_state(fast.state());
+  CHECK(copy.rule() == LambdaRule::smoothed);
+  copy.update(0.5);
+  fast.update(0.5);
+  CHECK(copy.lambda() == fast.lambda());
+  auto bad = fast.state();
+  bad.smoothing = 1.0;
+  CHECK_THROWS_WITH(copy.set_state(bad), Catch::Contains("smoothing = 1"));
+  bad = fast.state();
+  bad.band = 0;
+  CHECK_THROWS_WITH(copy.set_state(bad), Catch::Contains("band = 0"));
+  bad = fast.state();
+  bad.average = 1.5;
+  CHECK_THROWS_WITH(copy.set_state(bad), Catch::Contains("average sparsity 1.5"));
+  bad = fast.state();
+  bad.rule = LambdaRule(7);
+  CHECK_THROWS_WITH(copy.set_state(bad), Catch::Contains("not a LambdaRule"));
+  CHECK(copy.lambda() == fast.lambda());  // a rejected state changes nothing
 }
 
 TEST_CASE("lambda controller: grows by alpha below target, shrinks at or above it", "[remoe]") {
@@ -363,4 +438,25 @@ TEST_CASE("MoE backward accumulates until zeroed", "[remoe]") {
   CHECK((reused.experts.w1 - fresh.experts.w1).cwiseAbs().maxCoeff() < 1e-14);
   CHECK((reused.experts.w2 - fresh.experts.w2).cwiseAbs().maxCoeff() < 1e-14);
   CHECK((reused.router.weight - fresh.router.weight).cwiseAbs().maxCoeff() < 1e-14);
+}
+
+TEST_CASE("MoE FLOPs per token: router over all experts, the budget's experts, or a measured average", "[remoe]") {
+  MoEConfig cfg;
+  cfg.d_in = 5;
+  cfg.n_experts = 4;
+  cfg.hidden = 6;
+  cfg.experts_per_token = 1;
+  cfg.ffn = FfnKind::gelu;
+  const ReMoE relu(cfg, 1);
+  const TopKMoE topk(cfg, 1);
+  const double expert = 2 * 5 * 6 + 6 + 2 * 6 * 5 + 2 * 5;  // W1, GELU, W2, gate and sum
+  CHECK(relu.flops_per_token().router == 2 * 5 * 4 + 4);    // logits and ReLU
+  CHECK(topk.flops_per_token().router == 2 * 5 * 4 + 3 * 4);  // logits and softmax
+  CHECK(relu.flops_per_token().experts == expert);
+  CHECK(relu.flops_per_token(2.5).experts == 2.5 * expert);
+  cfg.ffn = FfnKind::swiglu;
+  cfg.granularity = 2;  // 8 experts of hidden 3, 2 per token
+  const ReMoE fine(cfg, 1);
+  CHECK(fine.flops_per_token().experts == 2 * (2 * 5 * 6 + 2 * 3 + 2 * 3 * 5 + 2 * 5));
+  CHECK(fine.flops_per_token().router == 2 * 5 * 8 + 8);
 }

@@ -2,6 +2,7 @@
 
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
+#include <spex/optim/adam.hpp>
 
 #include "peer_reference.hpp"
 #include "test_util.hpp"
@@ -25,6 +26,7 @@ ProductKeyLayerConfig small_config(ScoreFn score, NormKind norm, Activation act,
   cfg.activation = act;
   cfg.shared_keys = shared;
   cfg.query_bias = true;
+  cfg.learn_keys = true;  // the gradient checks cover the sub-keys
   return cfg;
 }
 
@@ -267,4 +269,69 @@ TEST_CASE("PKM forward equals the reference and its gradients match finite diffe
       check_forward(pkm, randn_mat(9, 6, 8));
       check_gradients(pkm, randn_mat(6, 6, 9));
     }
+}
+
+TEST_CASE("fixed sub-keys: no gradient, untouched by training, everything else as with learned keys", "[peer]") {
+  for (bool shared : {true, false}) {
+    CAPTURE(shared);
+    ProductKeyLayerConfig learned = small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, shared);
+    ProductKeyLayerConfig fixed = learned;
+    fixed.learn_keys = false;
+    Peer<double> a(learned, 3), b(fixed, 3);
+    const RowMat<double> x = randn_mat(9, 6, 4), dy = randn_mat(9, 5, 5);
+    auto ga = a.make_grads();
+    auto gb = b.make_grads();
+    CHECK(ga.retrieval.keys.size() == (shared ? 2u : 4u));
+    CHECK(gb.retrieval.keys.empty());
+    Peer<double>::Cache ca, cb;
+    RowMat<double> ya(9, 5), yb(9, 5), dxa(9, 6), dxb(9, 6);
+    a.forward(x, ya, ca);
+    b.forward(x, yb, cb);
+    CHECK(ya == yb);
+    a.backward(dy, dxa, ca, ga);
+    b.backward(dy, dxb, cb, gb);
+    CHECK(dxa == dxb);
+    const auto pa = a.parameters(ga), pb = b.parameters(gb);
+    REQUIRE(pa.size() == pb.size());
+    std::vector<RowMat<double>> keys_before;
+    for (std::size_t i = 0; i < pa.size(); ++i) {
+      CAPTURE(pa[i].name);
+      const bool key = pa[i].name.find("keys.") == 0;
+      CHECK(pb[i].trainable() == (pa[i].trainable() && !key));  // running statistics are buffers in both
+      if (key) CHECK(pa[i].trainable());
+      if (key) keys_before.push_back(pb[i].value_map());
+      else if (pa[i].grad) CHECK(pa[i].grad_map() == pb[i].grad_map());
+    }
+    // Adam steps every trainable parameter; the fixed keys keep every bit.
+    Adam<double> opt(pb, AdamConfig{});
+    for (int step = 0; step < 3; ++step) {
+      zero_grads(pb);
+      b.forward(x, yb, cb);
+      b.backward(dy, dxb, cb, gb);
+      opt.step();
+    }
+    std::size_t k = 0;
+    for (const auto& p : b.parameters())
+      if (p.name.find("keys.") == 0) CHECK(RowMat<double>(p.value_map()) == keys_before[k++]);
+    CHECK(k == keys_before.size());
+  }
+}
+
+TEST_CASE("FLOPs per token: the documented count, from the layer and from its config alike", "[peer]") {
+  ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, true);
+  // d_in 6, d_out 5, n 5, h 2, k 3, d_key 4, query bias, BatchNorm.
+  const Peer<double> peer(cfg, 1);
+  const FlopCount f = peer.flops_per_token();
+  CHECK(f.query == 2 * 6 * 8 + 8 + 2 * 8);        // query GEMM, bias, norm's scale and shift
+  CHECK(f.keys == 2 * 2 * 5 * 4);                 // 2 heads x (5 rows x 2 halves of 2) multiply-adds
+  CHECK(f.select == 2 * (3 * 3 + 3));             // k^2 candidate sums + k scores per head
+  CHECK(f.experts == 6 * (2 * 6 + 2 * 5 + 2));    // u . x, act, gate, axpy into y per pick
+  CHECK(f.router == 0);
+  CHECK(f.total() == Peer<double>::flops_per_token(cfg).total());
+  const Pkm<double> pkm(cfg, 1);
+  CHECK(pkm.flops_per_token().experts == 6 * 2 * 5);
+  CHECK(pkm.flops_per_token().query == f.query);
+  cfg.n_keys = 10;  // sub-key scores grow with n = sqrt(N); nothing else does
+  CHECK(Peer<double>::flops_per_token(cfg).keys == 2 * f.keys);
+  CHECK(Peer<double>::flops_per_token(cfg).total() - f.total() == f.keys);
 }

@@ -16,6 +16,7 @@
 #include "../core/random.hpp"
 #include "../core/types.hpp"
 #include "../kernels/activation.hpp"
+#include "../metrics/flops.hpp"
 
 namespace spex {
 
@@ -98,6 +99,19 @@ class FfnExperts {
   Index d_in() const { return d_; }
   Index d_out() const { return d_out_; }
   Index hidden() const { return hidden_; }
+  /// Forward FLOPs per token using `experts_per_token` experts (may be fractional: an average):
+  /// per expert W1 (d x h1), the activation (SwiGLU: silu and product), W2 (hidden x d_out),
+  /// and the gated sum into y.
+  FlopCount flops_per_token(double experts_per_token) const {
+    return flops_per_token(kind_, d_, hidden_, d_out_, experts_per_token);
+  }
+  static FlopCount flops_per_token(FfnKind kind, Index d, Index hidden, Index d_out, double experts_per_token) {
+    const bool glu = kind == FfnKind::swiglu;
+    FlopCount f;
+    f.experts = experts_per_token * (flops::linear(d, glu ? 2 * hidden : hidden) + (glu ? 2.0 : 1.0) * double(hidden) +
+                                     flops::linear(hidden, d_out) + 2.0 * double(d_out));
+    return f;
+  }
   /// Rows of W1 per expert: hidden (GELU) or 2 * hidden (SwiGLU).
   Index h1() const { return kind_ == FfnKind::swiglu ? 2 * hidden_ : hidden_; }
   RowMat<T>& w1() { return w1_; }

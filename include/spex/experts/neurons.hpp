@@ -17,6 +17,7 @@
 #include "../core/types.hpp"
 #include "../kernels/activation.hpp"
 #include "../kernels/gather.hpp"
+#include "../metrics/flops.hpp"
 
 namespace spex {
 
@@ -58,6 +59,14 @@ class NeuronExperts {
   Index n_experts() const { return down_.rows(); }
   Index d_in() const { return down_.cols(); }
   Index d_out() const { return up_.cols(); }
+  /// Forward FLOPs per token with `picks` (expert, gate) pairs: u . x, the activation, its
+  /// gate, and gate * act * v added into y.
+  FlopCount flops_per_token(Index picks) const { return flops_per_token(picks, d_in(), d_out()); }
+  static FlopCount flops_per_token(Index picks, Index d_in, Index d_out) {
+    FlopCount f;
+    f.experts = double(picks) * (flops::linear(d_in, 1) + flops::linear(1, d_out) + 2.0);
+    return f;
+  }
   kernels::Activation activation() const { return act_; }
   /// The tables (N x d_in and N x d_out, row i = expert i). Reading never copies; the
   /// writable forms copy a memory-mapped table into owned memory first (core/table.hpp).

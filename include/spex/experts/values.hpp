@@ -13,6 +13,7 @@
 #include "../core/table.hpp"
 #include "../core/types.hpp"
 #include "../kernels/gather.hpp"
+#include "../metrics/flops.hpp"
 
 namespace spex {
 
@@ -42,6 +43,13 @@ class ValueExperts {
 
   Index n_experts() const { return values_.rows(); }
   Index d_out() const { return values_.cols(); }
+  /// Forward FLOPs per token with `picks` (expert, gate) pairs: gate * value added into y.
+  FlopCount flops_per_token(Index picks) const { return flops_per_token(picks, 0, d_out()); }
+  static FlopCount flops_per_token(Index picks, Index /*d_in*/, Index d_out) {
+    FlopCount f;
+    f.experts = double(picks) * flops::linear(1, d_out);
+    return f;
+  }
   /// The table (N x d_out). Reading never copies; the writable form copies a memory-mapped
   /// table into owned memory first (core/table.hpp).
   typename Table<T>::ConstMap values() const { return values_.matrix(); }

@@ -53,7 +53,8 @@ struct OptimizerKind<Sgd<T>> {
 inline nlohmann::json state_json(const LambdaController::State& s) {
   return {{"kind", "LambdaController"}, {"lambda", s.lambda}, {"alpha", s.alpha}, {"target", s.target},
           {"min_lambda", s.min_lambda}, {"max_lambda", s.max_lambda}, {"steps", s.steps}, {"steps_at_min", s.steps_at_min},
-          {"steps_at_max", s.steps_at_max}, {"consecutive_at_bound", s.consecutive_at_bound}};
+          {"steps_at_max", s.steps_at_max}, {"consecutive_at_bound", s.consecutive_at_bound},
+          {"rule", to_string(s.rule)}, {"smoothing", s.smoothing}, {"band", s.band}, {"average", s.average}};
 }
 inline nlohmann::json state_json(const Rng::State& s) {
   return {{"kind", "Rng"}, {"counter", s.counter}, {"spare", s.spare}, {"has_spare", s.has_spare}};
@@ -66,6 +67,7 @@ V state_field(const nlohmann::json& j, const char* name, const std::string& wher
   const auto& f = j[name];
   if constexpr (std::is_same<V, bool>::value) SPEX_CHECK(f.is_boolean(), where << ": state field '" << name << "' is not a boolean");
   else if constexpr (std::is_integral<V>::value) SPEX_CHECK(f.is_number_integer(), where << ": state field '" << name << "' is not an integer");
+  else if constexpr (std::is_same<V, std::string>::value) SPEX_CHECK(f.is_string(), where << ": state field '" << name << "' is not a string");
   else SPEX_CHECK(f.is_number(), where << ": state field '" << name << "' is not a number");
   return f.get<V>();
 }
@@ -210,6 +212,16 @@ class SafetensorsLoader {
     s.steps_at_min = detail::state_field<long>(j, "steps_at_min", where);
     s.steps_at_max = detail::state_field<long>(j, "steps_at_max", where);
     s.consecutive_at_bound = detail::state_field<long>(j, "consecutive_at_bound", where);
+    // The smoothed rule's fields: absent in files written before it existed (the sign rule).
+    if (j.contains("rule")) {
+      const std::string rule = detail::state_field<std::string>(j, "rule", where);
+      SPEX_CHECK(rule == to_string(LambdaRule::sign) || rule == to_string(LambdaRule::smoothed),
+                 where << ": state field 'rule' = '" << rule << "' is not sign or smoothed");
+      s.rule = rule == to_string(LambdaRule::sign) ? LambdaRule::sign : LambdaRule::smoothed;
+      s.smoothing = detail::state_field<double>(j, "smoothing", where);
+      s.band = detail::state_field<double>(j, "band", where);
+      s.average = detail::state_field<double>(j, "average", where);
+    }
     LambdaController probe;
     try {
       probe.set_state(s);

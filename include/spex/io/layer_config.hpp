@@ -8,7 +8,9 @@
 //                            "config": {<every Config field by its C++ name>},
 //                            "state": {"lambda": <double>}   (ReMoE only)}}}
 // Enum fields are strings (to_string of the enum: "gelu_erf", "softmax", "batch", "swiglu",
-// "l1_lb", ...). A config field that is absent takes the Config's default.
+// "l1_lb", ...). A config field that is absent takes the Config's default, except where a
+// version changed a default: in a 1.0 file an absent learn_keys reads as true (1.0 had no such
+// field and trained the sub-keys) and an absent penalty as l1_lb (1.0's default).
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
@@ -25,7 +27,7 @@
 
 namespace spex {
 
-constexpr int kFormatMajor = 1, kFormatMinor = 0;
+constexpr int kFormatMajor = 1, kFormatMinor = 1;
 /// The __metadata__ key that holds spex's document.
 constexpr const char* kMetadataKey = "spex";
 
@@ -99,7 +101,7 @@ struct ConfigFromJson {
   static int enum_count(ScoreFn) { return 3; }
   static int enum_count(NormKind) { return 3; }
   static int enum_count(FfnKind) { return 2; }
-  static int enum_count(Penalty) { return 3; }
+  static int enum_count(Penalty) { return 4; }
 };
 
 template <class C, class F>
@@ -116,6 +118,7 @@ void for_each_field(C& c, F& f) {
     f("score", c.score);
     f("norm", c.norm);
     f("shared_keys", c.shared_keys);
+    f("learn_keys", c.learn_keys);
     f("query_bias", c.query_bias);
     f("check_finite", c.check_finite);
     f("norm_eps", c.norm_eps);
@@ -189,6 +192,10 @@ template <class C>
 C config_from_json(const nlohmann::json& j, int minor, const std::string& where) {
   SPEX_CHECK(j.is_object(), where << ": config is not an object");
   C c;
+  if (minor < 1) {  // 1.0's defaults where 1.1 changed them
+    if constexpr (std::is_same<C, ProductKeyLayerConfig>::value) c.learn_keys = true;
+    else c.penalty = Penalty::l1_lb;
+  }
   detail::ConfigFromJson r{j, where};
   detail::for_each_field(c, r);
   if (r.seen != int(j.size()) && minor <= kFormatMinor) {

@@ -121,6 +121,16 @@ class MoE {
   double penalty_value(const Cache& c) const {
     return Router::kRelu ? spex::penalty_value(cfg_.penalty, c.router.gates, double(experts_per_token())) : 0.0;
   }
+  /// Forward FLOPs per token (metrics/flops.hpp): the router's logits for all E experts (and
+  /// TopK's softmax over them) and `active` experts per token: by default the budget k * G,
+  /// which TopK uses exactly and the ReLU router on average once its sparsity is on target
+  /// (pass stats(cache).mean_active for a batch's actual figure).
+  FlopCount flops_per_token(double active = -1) const {
+    FlopCount f;
+    f.router = flops::linear(cfg_.d_in, n_experts()) + (Router::kRelu ? double(n_experts()) : 3.0 * double(n_experts()));
+    f.experts = experts_.flops_per_token(active >= 0 ? active : double(experts_per_token())).experts;
+    return f;
+  }
   /// Sparsity, active experts, loads, dead experts, ... of the last forward.
   RoutingStats stats(const Cache& c) const { return routing_stats(c.router.gates, double(experts_per_token())); }
 
@@ -164,10 +174,7 @@ class MoE {
     experts_.backward(c.x, c.router.gates, c.groups, dy, c.dgates, dx, g.experts, c.experts);
     if (Router::kRelu && cfg_.penalty != Penalty::none && lambda_ > 0 && b > 0) {
       c.penalty_w = penalty_weights(cfg_.penalty, c.router.gates, double(experts_per_token()));
-      const double scale = lambda_ / double(b);
-      for (Index t = 0; t < b; ++t)
-        for (Index e = 0; e < experts_.n_experts(); ++e)
-          if (c.router.gates(t, e) > T(0)) c.dgates(t, e) += T(scale * c.penalty_w(e));
+      add_penalty_gradient(cfg_.penalty, c.router.gates, c.penalty_w, lambda_, c.dgates);
     }
     router_.backward(c.x, c.dgates, c.router, g.router, dx);
   }

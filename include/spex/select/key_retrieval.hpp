@@ -16,6 +16,7 @@
 #include "../core/types.hpp"
 #include "../kernels/activation.hpp"
 #include "../kernels/vector.hpp"
+#include "../metrics/flops.hpp"
 #include "../nn/linear.hpp"
 #include "../nn/norm.hpp"
 #include "product_keys.hpp"
@@ -47,6 +48,13 @@ struct KeyRetrievalConfig {
   ScoreFn score = ScoreFn::softmax;
   NormKind norm = NormKind::batch;
   bool shared_keys = true;              ///< one sub-key set for all heads (PEER) or one per head (PKM)
+  /// true: the sub-keys are trained (the papers'); false: they keep their seeded random
+  /// initialization, are listed without a gradient, and backward skips them. Trained sub-keys
+  /// that win retrievals are pulled toward the queries that found them, grow, and win ever more
+  /// queries, while the keys that lose get no gradient: measured in compare_layers --table2,
+  /// PEER at N = 256^2 with shared keys fell from 85% usage at initialization to 37%, and kept
+  /// ~90% with fixed keys at the same or lower loss (README, "Training").
+  bool learn_keys = false;
   bool query_bias = false;
   double norm_eps = 1e-5, norm_momentum = 0.1;
 };
@@ -83,8 +91,9 @@ class KeyRetrieval {
   void check_grads(const Grads& g, const char* what) const {
     query_.check_grads(g.query, what);
     norm_.check_grads(g.norm, what);
-    SPEX_CHECK(Index(g.keys.size()) == 2 * key_sets(),
-               what << " holds " << g.keys.size() << " sub-key gradients, the layer has " << 2 * key_sets()
+    const Index key_grads = cfg_.learn_keys ? 2 * key_sets() : 0;
+    SPEX_CHECK(Index(g.keys.size()) == key_grads,
+               what << " holds " << g.keys.size() << " sub-key gradients, the layer has " << key_grads
                     << ": grads were made by another layer");
     for (const auto& k : g.keys)
       SPEX_CHECK(k.rows() == cfg_.n_keys && k.cols() == cfg_.d_key / 2,
@@ -124,6 +133,16 @@ class KeyRetrieval {
   Index n_experts() const { return cfg_.n_keys * cfg_.n_keys; }
   /// Experts a token retrieves: h * k.
   Index per_token() const { return cfg_.heads * cfg_.top_k; }
+  /// Forward FLOPs per token of the retrieval (metrics/flops.hpp): query network and norm,
+  /// sub-key scores, candidate sums and score function.
+  FlopCount flops_per_token() const { return flops_per_token(cfg_); }
+  static FlopCount flops_per_token(const Config& c) {
+    FlopCount f;
+    f.query = flops::product_key_query(c.d_in, c.heads, c.d_key, c.query_bias, c.norm != NormKind::none);
+    f.keys = flops::product_key_scores(c.heads, c.n_keys, c.d_key);
+    f.select = flops::product_key_select(c.heads, c.top_k);
+    return f;
+  }
   Linear<T>& query() { return query_; }
   const Linear<T>& query() const { return query_; }
   Norm<T>& norm() { return norm_; }
@@ -135,10 +154,11 @@ class KeyRetrieval {
 
   Grads make_grads() const {
     Grads g{query_.make_grads(), norm_.make_grads(), {}};
-    for (const auto& k : keys_) {
-      g.keys.push_back(RowMat<T>::Zero(k.n(), k.d_key() / 2));
-      g.keys.push_back(RowMat<T>::Zero(k.n(), k.d_key() / 2));
-    }
+    if (cfg_.learn_keys)
+      for (const auto& k : keys_) {
+        g.keys.push_back(RowMat<T>::Zero(k.n(), k.d_key() / 2));
+        g.keys.push_back(RowMat<T>::Zero(k.n(), k.d_key() / 2));
+      }
     return g;
   }
 
@@ -207,7 +227,7 @@ class KeyRetrieval {
       const std::string base = cfg_.shared_keys ? "keys." : "keys.h" + std::to_string(s) + ".";
       for (int half = 0; half < 2; ++half)
         list.push_back(dense_parameter<T>(base + (half == 0 ? "c1" : "c2"), keys_[s].sub_keys(half),
-                                              g ? &g->keys[2 * s + half] : nullptr));
+                                              g && cfg_.learn_keys ? &g->keys[2 * s + half] : nullptr));
     }
     return list;
   }
@@ -298,6 +318,7 @@ class KeyRetrieval {
         }
       }
     });
+    if (!cfg_.learn_keys) return;
     // Gradient rows r = (set * 2 + half) * n + i; occurrence 2 * o + half for each score
     // o = (t * heads + h) * k + j with a non-zero gradient.
     const Index n_rows = 2 * key_sets() * n, occ = b * heads * k;

@@ -23,7 +23,8 @@ struct MoEConfig {
   bool check_finite = true;       ///< throw on NaN/Inf in x and dy
 
   // ReLU router (ReMoE)
-  Penalty penalty = Penalty::l1_lb;
+  Penalty penalty = Penalty::l1_lb_spare_top;  ///< l1_lb is the paper's; sparing each token's top gate
+                                               ///< trained better at every batch measured (sparsity.hpp)
 
   // TopK router (classic MoE)
   bool pre_softmax = true;        ///< softmax over all E, then top-k (not renormalized); else softmax over the k
@@ -61,7 +62,8 @@ inline const MoEConfig& validate(const MoEConfig& c) {
   checked_mul(checked_mul(e, c.output_width(), "the expert output rows"), hidden / c.granularity, "the expert output weight size");
   checked_mul(e, c.d_in, "the router weight size");
   check_positive(c.router_init_std, "router_init_std");
-  SPEX_CHECK(c.penalty == Penalty::none || c.penalty == Penalty::l1 || c.penalty == Penalty::l1_lb,
+  SPEX_CHECK(c.penalty == Penalty::none || c.penalty == Penalty::l1 || c.penalty == Penalty::l1_lb ||
+                 c.penalty == Penalty::l1_lb_spare_top,
              "penalty = " << int(c.penalty) << " is not a Penalty");
   check_at_least(c.aux_coeff, 0, "aux_coeff");
   check_at_least(c.z_coeff, 0, "z_coeff");

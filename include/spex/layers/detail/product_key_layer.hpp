@@ -32,6 +32,7 @@ struct ProductKeyLayerConfig {
   ScoreFn score = ScoreFn::softmax;
   NormKind norm = NormKind::batch;
   bool shared_keys = true;
+  bool learn_keys = false;           ///< true: train the sub-keys (KeyRetrievalConfig::learn_keys)
   bool query_bias = false;
   bool check_finite = true;          ///< throw on NaN/Inf in x and dy (one pass over each)
   double norm_eps = 1e-5, norm_momentum = 0.1;
@@ -82,6 +83,7 @@ inline KeyRetrievalConfig retrieval_config(const ProductKeyLayerConfig& c) {
   r.score = c.score;
   r.norm = c.norm;
   r.shared_keys = c.shared_keys;
+  r.learn_keys = c.learn_keys;
   r.query_bias = c.query_bias;
   r.norm_eps = c.norm_eps;
   r.norm_momentum = c.norm_momentum;
@@ -126,6 +128,15 @@ class ProductKeyLayer {
 
   const Config& config() const { return cfg_; }
   Index n_experts() const { return cfg_.n_experts; }
+  /// Forward FLOPs per token (metrics/flops.hpp): the retrieval's parts and the h * k experts.
+  FlopCount flops_per_token() const { return flops_per_token(cfg_); }
+  /// The same from a config alone (nothing allocated): for choosing sizes at a FLOP budget.
+  static FlopCount flops_per_token(const Config& config) {
+    const Config c = resolve(config);
+    FlopCount f = KeyRetrieval<T, Arch>::flops_per_token(retrieval_config(c));
+    f.experts = Experts::flops_per_token(c.heads * c.top_k, c.d_in, c.d_out).experts;
+    return f;
+  }
   Index d_in() const { return cfg_.d_in; }
   Index d_out() const { return cfg_.d_out; }
   KeyRetrieval<T, Arch>& retrieval() { return retrieval_; }
