@@ -7,8 +7,8 @@
 // facts, where total parameters decide how many facts fit.
 //
 //   compare_layers [--quick] [--steps N] [--horizon N] [--seed S] [--tasks LIST] [--variants LIST]
-//                  [--lambda-rule sign|smoothed] [--table2] [--out DIR] [--save DIR] [--resume DIR]
-//                  [--text FILE ...]
+//                  [--lambda-rule sign|smoothed] [--penalty l1|l1_lb|l1_lb_spare_top] [--granularity G] [--table2]
+//                  [--out DIR] [--save DIR] [--resume DIR] [--text FILE ...]
 //
 // Prints a progress line every few steps and a table per task (FLOPs per token, losses,
 // throughput, PEER/PKM expert usage, ReMoE's sparsity after its warm-up); writes
@@ -82,7 +82,7 @@ double dense_block_flops(const TaskShape& ts) {
   return spex::FfnExperts<float>::flops_per_token(spex::FfnKind::gelu, ts.d(), ts.hidden(), ts.d(), 1).total();
 }
 
-spex::MoEConfig moe_config(const TaskShape& ts) {
+spex::MoEConfig moe_config(const TaskShape& ts, spex::Penalty penalty, int granularity) {
   spex::MoEConfig moe;
   moe.d_in = ts.d();
   moe.n_experts = kMoEExperts;
@@ -90,6 +90,8 @@ spex::MoEConfig moe_config(const TaskShape& ts) {
   moe.experts_per_token = kMoEPerToken;
   moe.ffn = spex::FfnKind::gelu;
   moe.router_init_std = 1.0 / std::sqrt(double(ts.d()));
+  moe.penalty = penalty;
+  moe.granularity = granularity;
   return moe;
 }
 
@@ -187,6 +189,14 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
     double acc = 0;
     for (std::size_t i = std::size_t(from); i < curve.sparsity.size(); ++i) acc += curve.sparsity[i];
     sum.sparsity = acc / double(std::max<std::size_t>(1, curve.sparsity.size() - std::size_t(from)));
+    double active = 0, zero = 0;
+    model.evaluate(data.val_x, data.val_y, 0, data.n_val(), [&](const typename Block::Cache& c) {
+      const spex::RoutingStats st = model.block().stats(c);
+      active += st.mean_active * double(c.router.gates.rows());
+      zero += st.zero_expert_fraction * double(c.router.gates.rows());
+    });
+    sum.eval_active = active / double(data.n_val());
+    sum.eval_zero_tokens = zero / double(data.n_val());
   }
   if constexpr (is_product_key<Block>::value) {
     spex::ExpertUsage usage(model.block().n_experts());
@@ -210,8 +220,8 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
   if (opt.wants("dense"))
     out.push_back(run("dense", data, ts, std::make_unique<DenseBlock>(d, h, s + 4), 2 * d * h, dense_flops, opt, curves));
 
-  const spex::MoEConfig moe = moe_config(ts);
-  const Index moe_active = 2 * d * h * kMoEPerToken + d * kMoEExperts;
+  const spex::MoEConfig moe = moe_config(ts, opt.penalty, opt.granularity);
+  const Index moe_active = 2 * d * h * kMoEPerToken + d * moe.total_experts();
   if (opt.wants("topk-moe")) {
     auto b = std::make_unique<TopKBlock>(moe, s + 5);
     const double f = b->flops_per_token().total();

@@ -14,7 +14,9 @@ namespace compare {
 
 constexpr const char* kUsage =
     "usage: compare_layers [--quick] [--steps N] [--horizon N] [--seed S] [--tasks LIST] [--variants LIST]\n"
-    "                      [--lambda-rule sign|smoothed] [--table2] [--out DIR] [--save DIR] [--resume DIR]\n"
+    "                      [--lambda-rule sign|smoothed] [--penalty l1|l1_lb|l1_lb_spare_top]\n"
+    "                      [--granularity G] [--table2]\n"
+    "                      [--out DIR] [--save DIR] [--resume DIR]\n"
     "                      [--text FILE ...]\n";
 
 struct Options {
@@ -25,6 +27,8 @@ struct Options {
   std::uint64_t seed = 7;
   std::vector<std::string> tasks, variants;  // empty: all
   spex::LambdaRule rule = spex::LambdaRule::smoothed;  // ReMoE's lambda controller
+  spex::Penalty penalty = spex::MoEConfig().penalty;   // ReMoE's sparsity penalty
+  int granularity = 1;                                  // MoE: E = 8 G experts of hidden 4d / G, k = G
   std::string out = "compare_out";
   std::string save, resume;       // checkpoint directories (compare/checkpoint.hpp)
   std::vector<std::string> text;  // default: the license texts every Debian system ships (base-files)
@@ -78,6 +82,14 @@ inline Options parse_options(int argc, char** argv) {
       const std::string r = value();
       if (r != "sign" && r != "smoothed") throw std::invalid_argument("--lambda-rule is sign or smoothed, not " + r);
       opt.rule = r == "sign" ? spex::LambdaRule::sign : spex::LambdaRule::smoothed;
+    } else if (a == "--penalty") {
+      const std::string v = value();
+      bool known = false;
+      for (spex::Penalty p : {spex::Penalty::l1, spex::Penalty::l1_lb, spex::Penalty::l1_lb_spare_top})
+        if (v == spex::to_string(p)) opt.penalty = p, known = true;
+      if (!known) throw std::invalid_argument("--penalty is l1, l1_lb or l1_lb_spare_top, not " + v);
+    } else if (a == "--granularity") {
+      opt.granularity = parse_count(a, value());
     } else if (a == "--out") {
       opt.out = value();
     } else if (a == "--save") {

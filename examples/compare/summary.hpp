@@ -52,6 +52,7 @@ struct Summary {
   bool has_sparsity = false;
   double sparsity = 0;  // mean after settling
   SparsityReport sparsity_report;
+  double eval_active = 0, eval_zero_tokens = 0;  // on the validation set: experts per token, tokens with none
 };
 
 inline void print_table(const std::vector<Summary>& rows, double dense_flops) {
@@ -71,9 +72,9 @@ inline void print_table(const std::vector<Summary>& rows, double dense_flops) {
       continue;
     }
     std::printf("%s: settled at step %d; after it: mean sparsity %.4f, largest step deviation %.4f, %.1f%% of steps within "
-                "3%% of the target, lambda %.3g-%.3g\n",
+                "3%% of the target, lambda %.3g-%.3g; validation: %.3f experts per token, %.1f%% of tokens with none\n",
                 s.variant.c_str(), r.settled_step, s.sparsity, r.max_step_deviation, 100 * r.within_3pct, r.lambda_min,
-                r.lambda_max);
+                r.lambda_max, s.eval_active, 100 * s.eval_zero_tokens);
   }
 }
 

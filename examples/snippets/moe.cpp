@@ -10,7 +10,9 @@ int main() {
   cfg.hidden = 64;
   cfg.experts_per_token = 1;     // ReLU: on average (target sparsity 1 - 1/8); TopK: exactly
   spex::MoE<float> remoe(cfg, /*seed=*/1);
-  spex::LambdaController ctl(spex::LambdaController::target_for(1, 8));  // bounded lambda
+  // Bounded lambda; the smoothed rule suits batches of hundreds to thousands of tokens
+  // (spex::LambdaController(target) is the paper's sign rule, for batches of ~100k tokens).
+  auto ctl = spex::LambdaController::for_small_batches(spex::LambdaController::target_for(1, 8));
 
   spex::RowMat<float> x = spex::RowMat<float>::Random(64, 32), y(64, 32), dx(64, 32);
   spex::MoE<float>::Cache cache;
@@ -22,8 +24,8 @@ int main() {
     remoe.backward(y, dx, cache, grads);  // the penalty's gradient is included
     ctl.update(remoe.stats(cache).sparsity);  // once per optimizer step
   }
-  std::printf("sparsity %.3f, lambda %.3g, penalty %.4f\n", remoe.stats(cache).sparsity, ctl.lambda(),
-              remoe.aux_loss(cache));
+  std::printf("sparsity %.3f, lambda %.3g, penalty %.4f, %.0f FLOPs per token\n", remoe.stats(cache).sparsity,
+              ctl.lambda(), remoe.aux_loss(cache), remoe.flops_per_token().total());
 
   spex::MoE<float, spex::TopKRouter<float>> topk(cfg, /*seed=*/2);  // softmax top-k + aux loss
   topk.infer(x, y);

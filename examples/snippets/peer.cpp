@@ -10,6 +10,9 @@ int main() {
   cfg.heads = 4;
   cfg.top_k = 8;             // experts per head
   cfg.d_key = 32;
+  // Defaults: sub-keys shared by the heads, query BatchNorm, softmax scores, and sub-keys fixed
+  // at their seeded initialization (cfg.learn_keys = true trains them, as the papers do;
+  // README, "Training example", says why the default is not to).
   spex::Peer<float> peer(cfg, /*seed=*/1);
 
   spex::RowMat<float> x = spex::RowMat<float>::Random(16, 64), y(16, 64), dy(16, 64), dx(16, 64);
