@@ -7,7 +7,8 @@
 // facts, where total parameters decide how many facts fit.
 //
 //   compare_layers [--quick] [--steps N] [--horizon N] [--seed S] [--tasks LIST] [--variants LIST]
-//                  [--lambda-rule sign|smoothed] [--penalty l1|l1_lb|l1_lb_spare_top] [--granularity G] [--table2]
+//                  [--lambda-rule sign|smoothed] [--penalty l1|l1_lb|l1_lb_spare_top] [--granularity G] [--learn-keys]
+//                  [--table2]
 //                  [--out DIR] [--save DIR] [--resume DIR] [--text FILE ...]
 //
 // Prints a progress line every few steps and a table per task (FLOPs per token, losses,
@@ -108,12 +109,13 @@ Index d_key_for_budget(spex::ProductKeyLayerConfig c, Index budget_n, double bud
   return best;
 }
 
-spex::ProductKeyLayerConfig pk_config(const TaskShape& ts, Index n, Index top_k) {
+spex::ProductKeyLayerConfig pk_config(const TaskShape& ts, Index n, Index top_k, bool learn_keys) {
   spex::ProductKeyLayerConfig pk;
   pk.d_in = ts.d();
   pk.n_keys = n;
   pk.heads = ts.pk_heads;
   pk.top_k = top_k;
+  pk.learn_keys = learn_keys;
   return pk;  // the paper's defaults otherwise: shared sub-keys, query BatchNorm, softmax
 }
 
@@ -233,7 +235,7 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
     out.push_back(run("remoe", data, ts, std::move(b), moe_active, f, opt, curves));
   }
 
-  spex::ProductKeyLayerConfig peer = pk_config(ts, ts.budget_n, ts.peer_k);
+  spex::ProductKeyLayerConfig peer = pk_config(ts, ts.budget_n, ts.peer_k, opt.learn_keys);
   peer.d_key = d_key_for_budget<PeerBlock>(peer, ts.budget_n, dense_flops);
   for (Index n : ts.peer_n) {
     peer.n_keys = n;
@@ -243,7 +245,7 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
     out.push_back(run(name, data, ts, std::make_unique<PeerBlock>(peer, s + 7), active,
                       PeerBlock::flops_per_token(peer).total(), opt, curves));
   }
-  spex::ProductKeyLayerConfig pkm = pk_config(ts, ts.pkm_n, ts.pkm_k);
+  spex::ProductKeyLayerConfig pkm = pk_config(ts, ts.pkm_n, ts.pkm_k, opt.learn_keys);
   pkm.d_key = d_key_for_budget<PkmBlock>(pkm, ts.budget_n, dense_flops);
   const std::string pkm_name = "pkm-" + size_name(ts.pkm_n);
   if (opt.wants(pkm_name)) {
@@ -263,7 +265,7 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
 /// char-lm by N, query norm, sub-key sharing and sub-key learning.
 void run_table2(const Dataset& data, const TaskShape& ts, const Options& opt) {
   const double dense_flops = dense_block_flops(ts);
-  spex::ProductKeyLayerConfig peer = pk_config(ts, ts.budget_n, ts.peer_k);
+  spex::ProductKeyLayerConfig peer = pk_config(ts, ts.budget_n, ts.peer_k, opt.learn_keys);
   peer.d_key = d_key_for_budget<PeerBlock>(peer, ts.budget_n, dense_flops);
   std::printf("\n== PEER usage on %s after %d steps: %lld heads x top-%lld, d_key %lld ==\n", data.name.c_str(), opt.steps,
               (long long)peer.heads, (long long)peer.top_k, (long long)peer.d_key);

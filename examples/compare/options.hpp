@@ -15,7 +15,7 @@ namespace compare {
 constexpr const char* kUsage =
     "usage: compare_layers [--quick] [--steps N] [--horizon N] [--seed S] [--tasks LIST] [--variants LIST]\n"
     "                      [--lambda-rule sign|smoothed] [--penalty l1|l1_lb|l1_lb_spare_top]\n"
-    "                      [--granularity G] [--table2]\n"
+    "                      [--granularity G] [--learn-keys] [--table2]\n"
     "                      [--out DIR] [--save DIR] [--resume DIR]\n"
     "                      [--text FILE ...]\n";
 
@@ -29,6 +29,7 @@ struct Options {
   spex::LambdaRule rule = spex::LambdaRule::smoothed;  // ReMoE's lambda controller
   spex::Penalty penalty = spex::MoEConfig().penalty;   // ReMoE's sparsity penalty
   int granularity = 1;                                  // MoE: E = 8 G experts of hidden 4d / G, k = G
+  bool learn_keys = false;                              // PEER/PKM: train the sub-keys
   std::string out = "compare_out";
   std::string save, resume;       // checkpoint directories (compare/checkpoint.hpp)
   std::vector<std::string> text;  // default: the license texts every Debian system ships (base-files)
@@ -88,6 +89,8 @@ inline Options parse_options(int argc, char** argv) {
       for (spex::Penalty p : {spex::Penalty::l1, spex::Penalty::l1_lb, spex::Penalty::l1_lb_spare_top})
         if (v == spex::to_string(p)) opt.penalty = p, known = true;
       if (!known) throw std::invalid_argument("--penalty is l1, l1_lb or l1_lb_spare_top, not " + v);
+    } else if (a == "--learn-keys") {
+      opt.learn_keys = true;
     } else if (a == "--granularity") {
       opt.granularity = parse_count(a, value());
     } else if (a == "--out") {
