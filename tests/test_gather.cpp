@@ -1,3 +1,6 @@
+#include <limits>
+
+#include <spex/kernels/compact.hpp>
 #include <spex/kernels/gather.hpp>
 
 #include "test_util.hpp"
@@ -53,4 +56,86 @@ TEST_CASE("gather_dot reads exactly the listed rows", "[kernels]") {
   CHECK(out[1] == 0.f);
   CHECK(out[2] == 17.f * d);
   CHECK(out[3] == 17.f * d);
+}
+
+// Compact rows (kernels/compact.hpp): every length, misaligned tables, x and y, repeated ids;
+// against the scalar twins and against the float kernels on the widened table (bfloat16 -> float
+// and int8 * scale are exact, so only the summation order and FMA contraction may differ).
+TEST_CASE("bfloat16 and int8 gathers match their scalar twins and the float gathers on the widened rows", "[kernels]") {
+  const std::size_t rows = 11;
+  spex::Rng rng(3);
+  for (std::size_t off : {0, 1, 3})
+    for (std::size_t d : spex_test::kernel_lengths<float>()) {
+      for (std::size_t m : {0, 1, 2, 5, 9}) {
+        CAPTURE(d, m, off);
+        const std::size_t ld = d + 5;
+        std::vector<std::uint16_t> bf(rows * ld + off);
+        std::vector<std::int8_t> q(rows * ld + off);
+        std::vector<float> bf_wide(rows * ld), q_wide(rows * ld), scale(rows);
+        for (std::size_t r = 0; r < rows; ++r) scale[r] = float(0.01 + 0.003 * double(r));
+        for (std::size_t i = 0; i < rows * ld; ++i) {
+          bf[off + i] = std::uint16_t(0x3c00 + rng.below(0x0800)) ^ std::uint16_t(rng.below(2) << 15);  // |v| in [2^-7, 2^8)
+          q[off + i] = std::int8_t(int(rng.below(255)) - 127);
+          bf_wide[i] = kernels::scalar::bf16_to_float(bf[off + i]);
+          q_wide[i] = float(q[off + i]) * scale[i / ld];
+        }
+        const auto x = spex_test::randn<float>(d, 5 + d, off);
+        std::vector<std::int64_t> ids(m);
+        for (std::size_t r = 0; r < m; ++r) ids[r] = static_cast<std::int64_t>((r * 4 + 2) % 7);  // repeats
+        const auto alpha = spex_test::randn<float>(m, 6 + m);
+        // Bound on the rounding of a sum of d products of magnitude <= |row| |x|.
+        const auto bound = [&](const std::vector<float>& wide, std::int64_t id) {
+          double s = 0;
+          for (std::size_t i = 0; i < d; ++i) s += std::abs(double(wide[std::size_t(id) * ld + i]) * x[off + i]);
+          return 1e-5 * s + 1e-30;
+        };
+        std::vector<float> out(m), twin(m), ref(m);
+        kernels::gather_dot_bf16(bf.data() + off, ld, ids.data(), m, x.data() + off, d, out.data());
+        kernels::scalar::gather_dot_bf16(bf.data() + off, ld, ids.data(), m, x.data() + off, d, twin.data());
+        kernels::scalar::gather_dot(bf_wide.data(), ld, ids.data(), m, x.data() + off, d, ref.data());
+        for (std::size_t r = 0; r < m; ++r) {
+          CHECK(std::abs(out[r] - twin[r]) <= bound(bf_wide, ids[r]));
+          CHECK(std::abs(twin[r] - ref[r]) <= bound(bf_wide, ids[r]));  // the float kernel on the widened rows
+        }
+        kernels::gather_dot_i8(q.data() + off, ld, scale.data(), ids.data(), m, x.data() + off, d, out.data());
+        kernels::scalar::gather_dot_i8(q.data() + off, ld, scale.data(), ids.data(), m, x.data() + off, d, twin.data());
+        kernels::scalar::gather_dot(q_wide.data(), ld, ids.data(), m, x.data() + off, d, ref.data());
+        for (std::size_t r = 0; r < m; ++r) {
+          CHECK(std::abs(out[r] - twin[r]) <= bound(q_wide, ids[r]));
+          CHECK(std::abs(twin[r] - ref[r]) <= bound(q_wide, ids[r]));  // scale applied once vs per element
+        }
+        auto y = spex_test::randn<float>(d, 7 + d, off), y_twin = y, y_ref = y;
+        kernels::gather_axpy_bf16(bf.data() + off, ld, ids.data(), alpha.data(), m, y.data() + off, d);
+        kernels::scalar::gather_axpy_bf16(bf.data() + off, ld, ids.data(), alpha.data(), m, y_twin.data() + off, d);
+        kernels::scalar::gather_axpy(bf_wide.data(), ld, ids.data(), alpha.data(), m, y_ref.data() + off, d);
+        for (std::size_t i = 0; i < y.size(); ++i) {
+          CHECK(y[i] == Approx(y_twin[i]).margin(1e-5));
+          CHECK(y_twin[i] == Approx(y_ref[i]).margin(1e-5));
+        }
+        y = spex_test::randn<float>(d, 8 + d, off), y_twin = y, y_ref = y;
+        kernels::gather_axpy_i8(q.data() + off, ld, scale.data(), ids.data(), alpha.data(), m, y.data() + off, d);
+        kernels::scalar::gather_axpy_i8(q.data() + off, ld, scale.data(), ids.data(), alpha.data(), m, y_twin.data() + off, d);
+        kernels::scalar::gather_axpy(q_wide.data(), ld, ids.data(), alpha.data(), m, y_ref.data() + off, d);
+        for (std::size_t i = 0; i < y.size(); ++i) {
+          CHECK(y[i] == Approx(y_twin[i]).margin(1e-5));
+          CHECK(y_twin[i] == Approx(y_ref[i]).margin(1e-5));
+        }
+      }
+    }
+}
+
+TEST_CASE("bfloat16 widening is exact and int8 rows read only their own scale", "[kernels]") {
+  CHECK(kernels::scalar::bf16_to_float(0x3f80) == 1.0f);
+  CHECK(kernels::scalar::bf16_to_float(0xc040) == -3.0f);
+  CHECK(kernels::scalar::bf16_to_float(0x7f80) == std::numeric_limits<float>::infinity());
+  // Row i of an int8 table is all 1 with scale i: the dot with ones is i * d.
+  const std::size_t rows = 40, d = 37;
+  std::vector<std::int8_t> q(rows * d, 1);
+  std::vector<float> scale(rows), ones(d, 1.f), out(3);
+  for (std::size_t i = 0; i < rows; ++i) scale[i] = float(i);
+  const std::int64_t ids[] = {39, 0, 17};
+  kernels::gather_dot_i8(q.data(), d, scale.data(), ids, 3, ones.data(), d, out.data());
+  CHECK(out[0] == 39.f * d);
+  CHECK(out[1] == 0.f);
+  CHECK(out[2] == 17.f * d);
 }

@@ -1,0 +1,156 @@
+#pragma once
+// Gathers over compact expert rows: bfloat16 rows, or int8 rows with one float scale per row
+// (symmetric, per-row absmax quantization). Rows are widened to float in registers, W lanes at a
+// time, and accumulated in float; x, y and the results stay float. These are the compact twins
+// of gather_dot / gather_axpy (kernels/gather.hpp) for inference over half or a quarter of the
+// bytes. Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
+#include <cstring>
+#include <type_traits>
+
+#include "gather.hpp"
+#include "scalar/compact.hpp"
+#include "simd.hpp"
+
+namespace spex::kernels {
+
+namespace detail {
+#if SPEX_SIMD
+// xsimd 8.1 has no widening loads: its load_as<int32>(const int16*) converts through a buffer
+// in memory, which made the bfloat16 step slower than float32's. The x86 ISAs widen in one
+// instruction (SSE2 by interleaving with zeros), so these loads use them and keep xsimd's
+// conversion for other ISAs.
+/// W bfloat16 values at p as a float batch: each value becomes the high half of a float.
+template <class Arch>
+inline xsimd::batch<float, Arch> load_bf16(const std::uint16_t* p) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#endif
+#if defined(__AVX2__)
+  if constexpr (std::is_base_of<xsimd::avx2, Arch>::value)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#endif
+#if defined(__SSE2__)
+  if constexpr (std::is_same<xsimd::sse2, Arch>::value)
+    return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+  using U = xsimd::batch<std::uint32_t, Arch>;
+  const U u = xsimd::load_as<std::uint32_t, Arch>(p, xsimd::unaligned_mode()) << 16;
+  return xsimd::bitwise_cast<xsimd::batch<float, Arch>>(u);
+}
+/// W int8 values at p as a float batch.
+template <class Arch>
+inline xsimd::batch<float, Arch> load_i8(const std::int8_t* p) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+#if defined(__AVX2__)
+  if constexpr (std::is_base_of<xsimd::avx2, Arch>::value)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+#if defined(__SSE2__)
+  if constexpr (std::is_same<xsimd::sse2, Arch>::value) {
+    std::int32_t four;
+    std::memcpy(&four, p, sizeof four);
+    const __m128i b = _mm_cvtsi32_si128(four);                        // 4 bytes in the low lane
+    const __m128i w = _mm_unpacklo_epi8(b, b), d = _mm_unpacklo_epi16(w, w);  // each byte in a lane's top
+    return _mm_cvtepi32_ps(_mm_srai_epi32(d, 24));                   // sign-extended
+  }
+#endif
+  return xsimd::batch_cast<float>(xsimd::load_as<std::int32_t, Arch>(p, xsimd::unaligned_mode()));
+}
+
+/// sum_i widen(row[i]) * x[i] with `load` widening W values of the row.
+template <class Arch, class S, class Load>
+inline float widened_dot(const S* row, const float* x, std::size_t d, Load load, float (*one)(S)) {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::size_t W = B::size;
+  B a0(0.f), a1(0.f);
+  std::size_t i = 0;
+  for (; i + 2 * W <= d; i += 2 * W) {
+    a0 = xsimd::fma(load(row + i), B::load_unaligned(x + i), a0);
+    a1 = xsimd::fma(load(row + i + W), B::load_unaligned(x + i + W), a1);
+  }
+  for (; i + W <= d; i += W) a0 = xsimd::fma(load(row + i), B::load_unaligned(x + i), a0);
+  float s = xsimd::hadd(a0 + a1);
+  for (; i < d; ++i) s += one(row[i]) * x[i];
+  return s;
+}
+
+/// y[i] += c * widen(row[i]).
+template <class Arch, class S, class Load>
+inline void widened_axpy(float c, const S* row, float* y, std::size_t d, Load load, float (*one)(S)) {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::size_t W = B::size;
+  const B cb(c);
+  std::size_t i = 0;
+  for (; i + W <= d; i += W) xsimd::fma(cb, load(row + i), B::load_unaligned(y + i)).store_unaligned(y + i);
+  for (; i < d; ++i) y[i] += c * one(row[i]);
+}
+
+inline float i8_to_float(std::int8_t v) { return float(v); }
+#endif
+}  // namespace detail
+
+/// out[r] = table[ids[r]] . x for r < m: bfloat16 rows d long, ld apart.
+template <class Arch = default_arch>
+void gather_dot_bf16(const std::uint16_t* table, std::size_t ld, const std::int64_t* ids, std::size_t m,
+                     const float* x, std::size_t d, float* out) {
+#if SPEX_SIMD
+  for (std::size_t r = 0; r < m; ++r) {
+    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
+    out[r] = detail::widened_dot<Arch>(table + static_cast<std::size_t>(ids[r]) * ld, x, d,
+                                       detail::load_bf16<Arch>, scalar::bf16_to_float);
+  }
+#else
+  scalar::gather_dot_bf16(table, ld, ids, m, x, d, out);
+#endif
+}
+
+/// y += sum_r alpha[r] * table[ids[r]]: bfloat16 rows.
+template <class Arch = default_arch>
+void gather_axpy_bf16(const std::uint16_t* table, std::size_t ld, const std::int64_t* ids, const float* alpha,
+                      std::size_t m, float* y, std::size_t d) {
+#if SPEX_SIMD
+  for (std::size_t r = 0; r < m; ++r) {
+    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
+    detail::widened_axpy<Arch>(alpha[r], table + static_cast<std::size_t>(ids[r]) * ld, y, d,
+                               detail::load_bf16<Arch>, scalar::bf16_to_float);
+  }
+#else
+  scalar::gather_axpy_bf16(table, ld, ids, alpha, m, y, d);
+#endif
+}
+
+/// out[r] = scale[ids[r]] * (table[ids[r]] . x): int8 rows with one float scale per row.
+template <class Arch = default_arch>
+void gather_dot_i8(const std::int8_t* table, std::size_t ld, const float* scale, const std::int64_t* ids,
+                   std::size_t m, const float* x, std::size_t d, float* out) {
+#if SPEX_SIMD
+  for (std::size_t r = 0; r < m; ++r) {
+    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
+    const std::size_t id = static_cast<std::size_t>(ids[r]);
+    out[r] = scale[id] * detail::widened_dot<Arch>(table + id * ld, x, d, detail::load_i8<Arch>, detail::i8_to_float);
+  }
+#else
+  scalar::gather_dot_i8(table, ld, scale, ids, m, x, d, out);
+#endif
+}
+
+/// y += sum_r alpha[r] * scale[ids[r]] * table[ids[r]]: int8 rows.
+template <class Arch = default_arch>
+void gather_axpy_i8(const std::int8_t* table, std::size_t ld, const float* scale, const std::int64_t* ids,
+                    const float* alpha, std::size_t m, float* y, std::size_t d) {
+#if SPEX_SIMD
+  for (std::size_t r = 0; r < m; ++r) {
+    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
+    const std::size_t id = static_cast<std::size_t>(ids[r]);
+    detail::widened_axpy<Arch>(alpha[r] * scale[id], table + id * ld, y, d, detail::load_i8<Arch>, detail::i8_to_float);
+  }
+#else
+  scalar::gather_axpy_i8(table, ld, scale, ids, alpha, m, y, d);
+#endif
+}
+
+}  // namespace spex::kernels
