@@ -15,10 +15,9 @@ namespace spex::kernels {
 
 namespace detail {
 #if SPEX_SIMD
-// xsimd 8.1 has no widening loads: its load_as<int32>(const int16*) converts through a buffer
-// in memory, which made the bfloat16 step slower than float32's. The x86 ISAs widen in one
-// instruction (SSE2 by interleaving with zeros), so these loads use them and keep xsimd's
-// conversion for other ISAs.
+// xsimd 8.1 has no widening loads: its load_as<int32>(const int16*) converts element by element
+// through a buffer in memory. The x86 ISAs widen in one instruction (SSE2 by interleaving with
+// zeros), so these loads use them and keep xsimd's conversion for other ISAs.
 /// W bfloat16 values at p as a float batch: each value becomes the high half of a float.
 template <class Arch>
 inline xsimd::batch<float, Arch> load_bf16(const std::uint16_t* p) {
