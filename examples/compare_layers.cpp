@@ -187,10 +187,6 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
   if constexpr (is_remoe<Block>::value) {
     sum.has_sparsity = true;
     sum.sparsity_report = sparsity_report(curve.sparsity, curve.lambda, ctl.target());
-    const int from = std::max(0, sum.sparsity_report.settled_step);
-    double acc = 0;
-    for (std::size_t i = std::size_t(from); i < curve.sparsity.size(); ++i) acc += curve.sparsity[i];
-    sum.sparsity = acc / double(std::max<std::size_t>(1, curve.sparsity.size() - std::size_t(from)));
     double active = 0, zero = 0;
     model.evaluate(data.val_x, data.val_y, 0, data.n_val(), [&](const typename Block::Cache& c) {
       const spex::RoutingStats st = model.block().stats(c);
@@ -283,9 +279,8 @@ void run_table2(const Dataset& data, const TaskShape& ts, const Options& opt) {
           peer.shared_keys = shared;
           peer.learn_keys = learn;
           peer.norm = norm;
-          Options quiet = opt;
           const Summary s = run("peer-" + size_name(n), data, ts, std::make_unique<PeerBlock>(peer, opt.seed + 7), 0,
-                                PeerBlock::flops_per_token(peer).total(), quiet, curves);
+                                PeerBlock::flops_per_token(peer).total(), opt, curves);
           const auto& u = s.usage;
           std::printf("%9lld %6s %9s %8s %8.1f %7.3f %7.3f %6.3f %9.4f\n", (long long)(n * n),
                       norm == spex::NormKind::batch ? "batch" : "none", shared ? "shared" : "per-head", learn ? "yes" : "no",

@@ -15,6 +15,7 @@ namespace compare {
 /// target, and lambda's range.
 struct SparsityReport {
   int settled_step = -1;             ///< -1: never settled
+  double mean = 0;                   ///< mean sparsity after settling
   double max_step_deviation = 0;     ///< largest |S_step - target| after settling
   double within_3pct = 0;            ///< fraction of those steps with |S - target| <= 3% of target
   double lambda_min = 0, lambda_max = 0;
@@ -32,6 +33,7 @@ inline SparsityReport sparsity_report(const std::vector<double>& sparsity, const
   std::size_t inside = 0;
   r.lambda_min = r.lambda_max = lambda[std::size_t(r.settled_step)];
   for (std::size_t i = std::size_t(r.settled_step); i < n; ++i) {
+    r.mean += sparsity[i];
     const double dev = std::abs(sparsity[i] - target);
     r.max_step_deviation = std::max(r.max_step_deviation, dev);
     inside += dev <= 0.03 * target;
@@ -39,6 +41,7 @@ inline SparsityReport sparsity_report(const std::vector<double>& sparsity, const
     r.lambda_max = std::max(r.lambda_max, lambda[i]);
   }
   r.within_3pct = double(inside) / double(n - std::size_t(r.settled_step));
+  r.mean /= double(n - std::size_t(r.settled_step));
   return r;
 }
 
@@ -50,7 +53,6 @@ struct Summary {
   bool has_usage = false;
   spex::UsageSummary usage;
   bool has_sparsity = false;
-  double sparsity = 0;  // mean after settling
   SparsityReport sparsity_report;
   double eval_active = 0, eval_zero_tokens = 0;  // on the validation set: experts per token, tokens with none
 };
@@ -73,7 +75,7 @@ inline void print_table(const std::vector<Summary>& rows, double dense_flops) {
     }
     std::printf("%s: settled at step %d; after it: mean sparsity %.4f, largest step deviation %.4f, %.1f%% of steps within "
                 "3%% of the target, lambda %.3g-%.3g; validation: %.3f experts per token, %.1f%% of tokens with none\n",
-                s.variant.c_str(), r.settled_step, s.sparsity, r.max_step_deviation, 100 * r.within_3pct, r.lambda_min,
+                s.variant.c_str(), r.settled_step, r.mean, r.max_step_deviation, 100 * r.within_3pct, r.lambda_min,
                 r.lambda_max, s.eval_active, 100 * s.eval_zero_tokens);
   }
 }

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "../core/check.hpp"
+#include "../kernels/scalar/compact.hpp"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "spex io reads and writes safetensors (little-endian) by memcpy: a little-endian host is required"
@@ -124,12 +125,7 @@ inline double decode_binary(std::uint32_t bits, int exp_bits, int man_bits) {
 inline std::uint16_t to_f16(double x) { return static_cast<std::uint16_t>(detail::encode_binary(x, 5, 10)); }
 inline std::uint16_t to_bf16(double x) { return static_cast<std::uint16_t>(detail::encode_binary(x, 8, 7)); }
 inline double from_f16(std::uint16_t b) { return detail::decode_binary(b, 5, 10); }
-inline double from_bf16(std::uint16_t b) {
-  std::uint32_t bits = std::uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+inline double from_bf16(std::uint16_t b) { return kernels::scalar::bf16_to_float(b); }
 
 /// Converts n values of floating dtype `src` (raw little-endian bytes) to T.
 template <class T>
