@@ -4,10 +4,13 @@
 // gets y = sum_j g_j act(u_{e_j} . x) v_{e_j}. Per token this is one fused pass: gather-dot of
 // the u rows, the activation and the gate on m scalars, gather-axpy of the v rows. The
 // gathered rows are never copied out (PEER-pytorch's einsum materializes them: 512 MiB per
-// call at its sizes).
+// call at its sizes). For inference the tables may be stored compact (bf16, or int8 with a
+// scale per row: core/compact_table.hpp); training needs them as T.
 #include <cmath>
+#include <type_traits>
 
 #include "../core/check.hpp"
+#include "../core/compact_table.hpp"
 #include "../core/memory.hpp"
 #include "../core/parameter.hpp"
 #include "../core/parallel.hpp"
@@ -45,20 +48,64 @@ class NeuronExperts {
   }
 
   NeuronExperts() = default;
-  /// N experts; u, v ~ N(0, 1/d_in) and N(0, 1/d_out) (the spec's suggested default).
-  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng)
-      : NeuronExperts(n_experts, d_in, d_out, act) {
+  /// N experts; u, v ~ N(0, 1/d_in) and N(0, 1/d_out) (the spec's suggested default). Stored
+  /// compact, the tables are the same draws rounded or quantized block by block (the float
+  /// tables never exist at once).
+  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng,
+                TableStorage storage = TableStorage::native)
+      : act_(act), storage_(checked_storage(storage)) {
+    checked_size(n_experts, d_in, d_out);
     Rng r1 = rng.split(11), r2 = rng.split(12);
-    fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1);
-    fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2);
+    if (storage == TableStorage::native) {
+      down_ = Table<T>(n_experts, d_in);
+      up_ = Table<T>(n_experts, d_out);
+      fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1);
+      fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2);
+    } else {
+      cdown_ = make_compact(storage, n_experts, d_in, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r1), "experts.down");
+      cup_ = make_compact(storage, n_experts, d_out, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r2), "experts.up");
+    }
   }
   /// Tables allocated, values unspecified: for loaders that fill or map every row.
-  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act)
-      : down_(checked_size(n_experts, d_in, d_out), d_in), up_(n_experts, d_out), act_(act) {}
+  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act,
+                TableStorage storage = TableStorage::native)
+      : act_(act), storage_(checked_storage(storage)) {
+    checked_size(n_experts, d_in, d_out);
+    if (storage == TableStorage::native) {
+      down_ = Table<T>(n_experts, d_in);
+      up_ = Table<T>(n_experts, d_out);
+    } else {
+      cdown_ = CompactTable(storage, n_experts, d_in);
+      cup_ = CompactTable(storage, n_experts, d_out);
+    }
+  }
 
-  Index n_experts() const { return down_.rows(); }
-  Index d_in() const { return down_.cols(); }
-  Index d_out() const { return up_.cols(); }
+  /// How the tables are stored: native (T, trainable) or compact (bf16, int8; inference).
+  TableStorage storage() const { return storage_; }
+  /// Converts the tables to storage `s` in place, one table at a time (the peak is one table
+  /// in both forms). native -> compact rounds (bf16) or quantizes (int8); compact -> native
+  /// gives the values the compact table computes with (exact); bf16 <-> int8 goes through them.
+  void set_storage(TableStorage s) {
+    checked_storage(s);
+    if (s == storage_) return;
+    convert(down_, cdown_, s, "experts.down");
+    convert(up_, cup_, s, "experts.up");
+    storage_ = s;
+  }
+  /// The compact tables (empty while stored native).
+  const CompactTable& compact_down() const { return cdown_; }
+  const CompactTable& compact_up() const { return cup_; }
+  CompactTable& compact_down() { return cdown_; }
+  CompactTable& compact_up() { return cup_; }
+  /// Bytes the tables take (rows and int8 scales).
+  std::size_t table_bytes() const {
+    return storage_ == TableStorage::native ? sizeof(T) * static_cast<std::size_t>(down_.size() + up_.size())
+                                            : cdown_.bytes() + cup_.bytes();
+  }
+
+  Index n_experts() const { return compact() ? cdown_.rows() : down_.rows(); }
+  Index d_in() const { return compact() ? cdown_.cols() : down_.cols(); }
+  Index d_out() const { return compact() ? cup_.cols() : up_.cols(); }
   /// Forward FLOPs per token with `picks` (expert, gate) pairs: u . x, the activation, its
   /// gate, and gate * act * v added into y.
   FlopCount flops_per_token(Index picks) const { return flops_per_token(picks, d_in(), d_out()); }
@@ -68,27 +115,43 @@ class NeuronExperts {
     return f;
   }
   kernels::Activation activation() const { return act_; }
-  /// The tables (N x d_in and N x d_out, row i = expert i). Reading never copies; the
+  /// The native tables (N x d_in and N x d_out, row i = expert i). Reading never copies; the
   /// writable forms copy a memory-mapped table into owned memory first (core/table.hpp).
-  typename Table<T>::ConstMap down() const { return down_.matrix(); }
-  typename Table<T>::ConstMap up() const { return up_.matrix(); }
-  RowMat<T>& down() { return down_.mutable_matrix(); }
-  RowMat<T>& up() { return up_.mutable_matrix(); }
-  const Table<T>& down_table() const { return down_; }
-  const Table<T>& up_table() const { return up_; }
+  /// Compact tables are compact_down() / compact_up().
+  typename Table<T>::ConstMap down() const { return native_table(down_).matrix(); }
+  typename Table<T>::ConstMap up() const { return native_table(up_).matrix(); }
+  RowMat<T>& down() { return native_table(down_).mutable_matrix(); }
+  RowMat<T>& up() { return native_table(up_).mutable_matrix(); }
+  const Table<T>& down_table() const { return native_table(down_); }
+  const Table<T>& up_table() const { return native_table(up_); }
 
-  /// "<prefix>down" and "<prefix>up" with their row-sparse gradients in g (or none).
+  /// "<prefix>down" and "<prefix>up" with their row-sparse gradients in g (or none); nothing
+  /// while the tables are compact (they are not parameters of T then: compact_tables()).
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
+    if (compact()) return {};
     return {sparse_parameter<T>(prefix + "down", down_, g ? &g->down : nullptr),
             sparse_parameter<T>(prefix + "up", up_, g ? &g->up : nullptr)};
   }
   /// Read-only: never copies a mapped table.
   ParameterList<const T> parameters(const std::string& prefix) const {
+    if (compact()) return {};
     return {table_parameter<T>(prefix + "down", down_), table_parameter<T>(prefix + "up", up_)};
+  }
+  /// The compact tables by name ("<prefix>down", "<prefix>up"); none while stored native.
+  CompactTableList compact_tables(const std::string& prefix) {
+    if (!compact()) return {};
+    return {{prefix + "down", &cdown_}, {prefix + "up", &cup_}};
+  }
+  ConstCompactTableList compact_tables(const std::string& prefix) const {
+    if (!compact()) return {};
+    return {{prefix + "down", &cdown_}, {prefix + "up", &cup_}};
   }
 
   /// Row-sparse gradients for both tables (training: N <= 2^31 - 1, see SparseRowGrad).
-  Grads make_grads() const { return Grads{SparseRowGrad<T>(n_experts(), d_in()), SparseRowGrad<T>(n_experts(), d_out())}; }
+  Grads make_grads() const {
+    require_native("make_grads");
+    return Grads{SparseRowGrad<T>(n_experts(), d_in()), SparseRowGrad<T>(n_experts(), d_out())};
+  }
 
   /// y (B x d_out, assigned) = sum_j gates(t, j) act(u_{ids(t,j)} . x_t) v_{ids(t,j)};
   /// keeps the pre-activations in `pre` (B x m) for backward. Ids must lie in [0, N).
@@ -101,7 +164,8 @@ class NeuronExperts {
                       dout = static_cast<std::size_t>(d_out());
     parallel_for(b, [&](Index t, int) {
       T* a = &pre(t, 0);
-      kernels::gather_dot<Arch>(down_.data(), din, row_ptr(ids, t), ms, row_ptr(x, t), din, a);
+      if (compact()) rows_dot(cdown_, row_ptr(ids, t), ms, row_ptr(x, t), a);
+      else kernels::gather_dot<Arch>(down_.data(), din, row_ptr(ids, t), ms, row_ptr(x, t), din, a);
       // Gate-scaled activations in chunks on the stack, then one gather-axpy of the v rows.
       T* y_row = &y(t, 0);
       for (std::size_t i = 0; i < dout; ++i) y_row[i] = T(0);
@@ -110,7 +174,8 @@ class NeuronExperts {
       for (std::size_t j0 = 0; j0 < ms; j0 += kChunk) {
         const std::size_t len = std::min(kChunk, ms - j0);
         for (std::size_t j = 0; j < len; ++j) c[j] = gates(t, Index(j0 + j)) * kernels::scalar::activate(act_, a[j0 + j]);
-        kernels::gather_axpy<Arch>(up_.data(), dout, row_ptr(ids, t) + j0, c, len, y_row, dout);
+        if (compact()) rows_axpy(cup_, row_ptr(ids, t) + j0, c, len, y_row);
+        else kernels::gather_axpy<Arch>(up_.data(), dout, row_ptr(ids, t) + j0, c, len, y_row, dout);
       }
     });
   }
@@ -120,6 +185,7 @@ class NeuronExperts {
   void backward(CMatRef<T> x, CIndexMatRef ids, CMatRef<T> gates, const RowMat<T>& pre, CMatRef<T> dy,
                 MatRef<T> dgates, MatRef<T>* dx, Grads& g, Cache& c) const {
     const Index b = x.rows(), m = ids.cols();
+    require_native("backward");
     check_inputs(x, ids, gates);
     check_shape(pre, b, m, "pre");
     check_shape(dy, b, d_out(), "dy");
@@ -145,6 +211,39 @@ class NeuronExperts {
   }
 
  private:
+  bool compact() const { return storage_ != TableStorage::native; }
+
+  void require_native(const char* what) const {
+    SPEX_CHECK(!compact(), "NeuronExperts::" << what << ": the tables are stored as " << to_string(storage_)
+                                              << " (inference only); training needs them as T: set_storage(TableStorage::native)");
+  }
+  const Table<T>& native_table(const Table<T>& t) const {
+    require_native("down()/up()");
+    return t;
+  }
+  Table<T>& native_table(Table<T>& t) {
+    require_native("down()/up()");
+    return t;
+  }
+
+  static TableStorage checked_storage(TableStorage s) {
+    SPEX_CHECK(s == TableStorage::native || s == TableStorage::bf16 || s == TableStorage::int8,
+               "storage = " << int(s) << " is not a TableStorage");
+    SPEX_CHECK(s == TableStorage::native || (std::is_same<T, float>::value), "compact tables (" << to_string(s) << ") need T = float");
+    return s;
+  }
+
+  void convert(Table<T>& native, CompactTable& small, TableStorage to, const char* what) {
+    if constexpr (std::is_same<T, float>::value) convert_table(native, small, to, what);
+  }
+
+  static void rows_dot(const CompactTable& t, const Index* ids, std::size_t m, const T* x, T* out) {
+    if constexpr (std::is_same<T, float>::value) gather_dot<Arch>(t, ids, m, x, out);
+  }
+  static void rows_axpy(const CompactTable& t, const Index* ids, const T* alpha, std::size_t m, T* y) {
+    if constexpr (std::is_same<T, float>::value) gather_axpy<Arch>(t, ids, alpha, m, y);
+  }
+
   void check_inputs(const CMatRef<T>& x, const CIndexMatRef& ids, const CMatRef<T>& gates) const {
     SPEX_CHECK(x.cols() == d_in(), "x has " << x.cols() << " columns, expected d_in = " << d_in());
     SPEX_CHECK(ids.rows() == x.rows(), "ids have " << ids.rows() << " rows, x has " << x.rows());
@@ -152,14 +251,15 @@ class NeuronExperts {
     check_ids(ids, n_experts());
   }
 
-  static Index checked_size(Index n_experts, Index d_in, Index d_out) {
+  static void checked_size(Index n_experts, Index d_in, Index d_out) {
     SPEX_CHECK(n_experts >= 1 && d_in >= 1 && d_out >= 1,
                "NeuronExperts(" << n_experts << ", " << d_in << ", " << d_out << ") needs positive sizes");
-    return n_experts;
   }
 
-  Table<T> down_, up_;
+  Table<T> down_, up_;          // native storage
+  CompactTable cdown_, cup_;    // compact storage
   kernels::Activation act_ = kernels::Activation::gelu_erf;
+  TableStorage storage_ = TableStorage::native;
 };
 
 }  // namespace spex

@@ -2,9 +2,13 @@
 // Product-key memory's value-only experts (Lample et al. 2019): slot i holds one vector v_i and
 // a token with retrieved ids e_j and gates g_j gets y = sum_j g_j v_{e_j} (EmbeddingBag with
 // per-sample weights in the reference). PKM "retrieves memory vectors instead of functions".
+// For inference the table may be stored compact (bf16, or int8 with a scale per row:
+// core/compact_table.hpp); training needs it as T.
 #include <cmath>
+#include <type_traits>
 
 #include "../core/check.hpp"
+#include "../core/compact_table.hpp"
 #include "../core/memory.hpp"
 #include "../core/parameter.hpp"
 #include "../core/parallel.hpp"
@@ -33,16 +37,55 @@ class ValueExperts {
   void check_grads(const Grads& g, const char* what) const { check_sparse_grad(g.values, values_, what, "experts.values"); }
 
   ValueExperts() = default;
-  /// N slots of d_out; values ~ N(0, 1/d_out) (the PKM reference's N(0, v_dim^-1/2)).
-  ValueExperts(Index n_slots, Index d_out, Rng& rng) : ValueExperts(n_slots, d_out) {
+  /// N slots of d_out; values ~ N(0, 1/d_out) (the PKM reference's N(0, v_dim^-1/2)). Stored
+  /// compact, the table is the same draws rounded or quantized block by block.
+  ValueExperts(Index n_slots, Index d_out, Rng& rng, TableStorage storage = TableStorage::native)
+      : storage_(checked_storage(storage)) {
+    checked_size(n_slots, d_out);
     Rng r = rng.split(13);
-    fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r);
+    if (storage == TableStorage::native) {
+      values_ = Table<T>(n_slots, d_out);
+      fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r);
+    } else {
+      cvalues_ = make_compact(storage, n_slots, d_out, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r), "experts.values");
+    }
   }
   /// Table allocated, values unspecified: for loaders that fill or map every row.
-  ValueExperts(Index n_slots, Index d_out) : values_(checked_size(n_slots, d_out), d_out) {}
+  ValueExperts(Index n_slots, Index d_out, TableStorage storage = TableStorage::native) : storage_(checked_storage(storage)) {
+    checked_size(n_slots, d_out);
+    if (storage == TableStorage::native) values_ = Table<T>(n_slots, d_out);
+    else cvalues_ = CompactTable(storage, n_slots, d_out);
+  }
 
-  Index n_experts() const { return values_.rows(); }
-  Index d_out() const { return values_.cols(); }
+  Index n_experts() const { return compact() ? cvalues_.rows() : values_.rows(); }
+  Index d_out() const { return compact() ? cvalues_.cols() : values_.cols(); }
+
+  /// How the table is stored: native (T, trainable) or compact (bf16, int8; inference).
+  TableStorage storage() const { return storage_; }
+  /// Converts the table to storage `s` in place (NeuronExperts::set_storage).
+  void set_storage(TableStorage s) {
+    checked_storage(s);
+    if (s == storage_) return;
+    if constexpr (std::is_same<T, float>::value) convert_table(values_, cvalues_, s, "experts.values");
+    storage_ = s;
+  }
+  /// The compact table (empty while stored native).
+  const CompactTable& compact_values() const { return cvalues_; }
+  CompactTable& compact_values() { return cvalues_; }
+  /// Bytes the table takes (rows and int8 scales).
+  std::size_t table_bytes() const {
+    return compact() ? cvalues_.bytes() : sizeof(T) * static_cast<std::size_t>(values_.size());
+  }
+  /// The compact table by name ("<prefix>values"); none while stored native.
+  CompactTableList compact_tables(const std::string& prefix) {
+    if (!compact()) return {};
+    return {{prefix + "values", &cvalues_}};
+  }
+  ConstCompactTableList compact_tables(const std::string& prefix) const {
+    if (!compact()) return {};
+    return {{prefix + "values", &cvalues_}};
+  }
+
   /// Forward FLOPs per token with `picks` (expert, gate) pairs: gate * value added into y.
   FlopCount flops_per_token(Index picks) const { return flops_per_token(picks, 0, d_out()); }
   static FlopCount flops_per_token(Index picks, Index /*d_in*/, Index d_out) {
@@ -52,16 +95,27 @@ class ValueExperts {
   }
   /// The table (N x d_out). Reading never copies; the writable form copies a memory-mapped
   /// table into owned memory first (core/table.hpp).
-  typename Table<T>::ConstMap values() const { return values_.matrix(); }
-  RowMat<T>& values() { return values_.mutable_matrix(); }
-  const Table<T>& values_table() const { return values_; }
-  Grads make_grads() const { return Grads{SparseRowGrad<T>(n_experts(), d_out())}; }
-  /// "<prefix>values" with its row-sparse gradient in g (or none).
+  /// Compact storage: compact_values().
+  typename Table<T>::ConstMap values() const { return native_table().matrix(); }
+  RowMat<T>& values() {
+    require_native("values()");
+    return values_.mutable_matrix();
+  }
+  const Table<T>& values_table() const { return native_table(); }
+  Grads make_grads() const {
+    require_native("make_grads");
+    return Grads{SparseRowGrad<T>(n_experts(), d_out())};
+  }
+  /// "<prefix>values" with its row-sparse gradient in g (or none); nothing while compact.
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
+    if (compact()) return {};
     return {sparse_parameter<T>(prefix + "values", values_, g ? &g->values : nullptr)};
   }
   /// Read-only: never copies a mapped table.
-  ParameterList<const T> parameters(const std::string& prefix) const { return {table_parameter<T>(prefix + "values", values_)}; }
+  ParameterList<const T> parameters(const std::string& prefix) const {
+    if (compact()) return {};
+    return {table_parameter<T>(prefix + "values", values_)};
+  }
 
   /// y (B x d_out, assigned) = sum_j gates(t, j) v_{ids(t, j)}.
   void forward(CIndexMatRef ids, CMatRef<T> gates, MatRef<T> y) const {
@@ -70,12 +124,14 @@ class ValueExperts {
     const std::size_t m = static_cast<std::size_t>(ids.cols()), d = static_cast<std::size_t>(d_out());
     parallel_for(ids.rows(), [&](Index t, int) {
       y.row(t).setZero();
-      kernels::gather_axpy<Arch>(values_.data(), d, row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0), d);
+      if (compact()) rows_axpy(row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0));
+      else kernels::gather_axpy<Arch>(values_.data(), d, row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0), d);
     });
   }
 
   /// From dy (B x d_out): dgates (B x m, assigned) = v . dy; grads.values accumulate g dy.
   void backward(CIndexMatRef ids, CMatRef<T> gates, CMatRef<T> dy, MatRef<T> dgates, Grads& g, Cache& c) const {
+    require_native("backward");
     check_inputs(ids, gates);
     check_shape(dy, ids.rows(), d_out(), "dy");
     check_shape(dgates, ids.rows(), ids.cols(), "dgates");
@@ -87,17 +143,37 @@ class ValueExperts {
   }
 
  private:
+  bool compact() const { return storage_ != TableStorage::native; }
+  void require_native(const char* what) const {
+    SPEX_CHECK(!compact(), "ValueExperts::" << what << ": the table is stored as " << to_string(storage_)
+                                             << " (inference only); training needs it as T: set_storage(TableStorage::native)");
+  }
+  const Table<T>& native_table() const {
+    require_native("values()");
+    return values_;
+  }
+  static TableStorage checked_storage(TableStorage s) {
+    SPEX_CHECK(s == TableStorage::native || s == TableStorage::bf16 || s == TableStorage::int8,
+               "storage = " << int(s) << " is not a TableStorage");
+    SPEX_CHECK(s == TableStorage::native || (std::is_same<T, float>::value), "compact tables (" << to_string(s) << ") need T = float");
+    return s;
+  }
+  void rows_axpy(const Index* ids, const T* alpha, std::size_t m, T* y) const {
+    if constexpr (std::is_same<T, float>::value) gather_axpy<Arch>(cvalues_, ids, alpha, m, y);
+  }
+
   void check_inputs(const CIndexMatRef& ids, const CMatRef<T>& gates) const {
     check_shape(gates, ids.rows(), ids.cols(), "gates");
     check_ids(ids, n_experts());
   }
 
-  static Index checked_size(Index n_slots, Index d_out) {
+  static void checked_size(Index n_slots, Index d_out) {
     SPEX_CHECK(n_slots >= 1 && d_out >= 1, "ValueExperts(" << n_slots << ", " << d_out << ") needs positive sizes");
-    return n_slots;
   }
 
-  Table<T> values_;
+  Table<T> values_;          // native storage
+  CompactTable cvalues_;     // compact storage
+  TableStorage storage_ = TableStorage::native;
 };
 
 }  // namespace spex

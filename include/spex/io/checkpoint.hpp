@@ -30,6 +30,7 @@
 #include "../optim/adam.hpp"
 #include "../optim/sgd.hpp"
 #include "../select/sparsity.hpp"
+#include "compact_tables.hpp"
 #include "layer_config.hpp"
 #include "parameters.hpp"
 #include "safetensors.hpp"
@@ -37,6 +38,10 @@
 namespace spex {
 
 namespace detail {
+/// Peer and Pkm: layers whose expert tables may be stored compact.
+template <class L>
+constexpr bool has_compact_tables = std::is_same<typename L::Config, ProductKeyLayerConfig>::value;
+
 template <class Opt>
 struct OptimizerKind;
 template <class T, class Arch>
@@ -87,11 +92,16 @@ class SafetensorsWriter {
     return *this;
   }
   /// A layer: its parameters under `prefix` and its kind, config and state in the metadata, so
-  /// load_layer<L>(path, prefix) can build it from the file alone.
+  /// load_layer<L>(path, prefix) can build it from the file alone. Compact expert tables are
+  /// written as stored (io/compact_tables.hpp); `dtype` applies to the parameters of T.
   template <class L>
   SafetensorsWriter& add_layer(const std::string& prefix, const L& layer, std::optional<DType> dtype = {}) {
     SPEX_CHECK(!layers_.contains(prefix), "add_layer: a layer with prefix '" << prefix << "' was already added");
     add(layer.parameters(prefix), "", dtype);
+    if constexpr (detail::has_compact_tables<L>) {
+      auto t = tensor_sources(layer.compact_tables(prefix));
+      tensors_.insert(tensors_.end(), t.begin(), t.end());
+    }
     layers_[prefix] = layer_entry(layer);
     return *this;
   }
@@ -155,8 +165,10 @@ class SafetensorsLoader {
   /// `params` named as in the file; tensors starting with `scope` and matching no parameter
   /// are unexpected (an error when strict).
   template <class T>
-  SafetensorsLoader& parameters(const ParameterList<T>& params, const std::string& scope = "", const LoadOptions& opt = {}) {
-    auto load = std::make_shared<ParameterLoad<T>>(file_.view(), file_.keep_alive(), params, scope, opt, file_.is_mapped_file());
+  SafetensorsLoader& parameters(const ParameterList<T>& params, const std::string& scope = "", const LoadOptions& opt = {},
+                                const std::vector<std::string>& read_elsewhere = {}) {
+    auto load = std::make_shared<ParameterLoad<T>>(file_.view(), file_.keep_alive(), params, scope, opt, file_.is_mapped_file(),
+                                                   read_elsewhere);
     actions_.push_back([this, load] {
       load->apply();
       merge(load->report());
@@ -174,10 +186,22 @@ class SafetensorsLoader {
       const std::string where = file_.path() + ": layer '" + prefix + "'";
       const auto entry = read_layer_entry<L>(meta.layers[prefix], meta.minor, where);
       check_same_config(normalized(entry.config), normalized(layer.config()), where);
+      SPEX_CHECK(!opt.storage || !detail::has_compact_tables<L> || *opt.storage == storage_of(layer),
+                 where << ": LoadOptions::storage asks for other tables than the layer's (set_storage, or load_layer)");
       if constexpr (LayerKind<L>::has_lambda) {
         check_range(entry.lambda, 0, kMaxLambda, "lambda in the file");
         actions_.push_back([&layer, lambda = entry.lambda] { layer.set_lambda(lambda); });
       }
+    }
+    if constexpr (detail::has_compact_tables<L>) {
+      auto tables = std::make_shared<CompactTableLoad>(file_.view(), file_.keep_alive(), layer.compact_tables(prefix), opt,
+                                                       file_.is_mapped_file());
+      parameters(layer.parameters(prefix), prefix, opt, tables->names());
+      actions_.push_back([this, tables] {
+        tables->apply();
+        merge(tables->report());
+      });
+      return *this;
     }
     return parameters(layer.parameters(prefix), prefix, opt);
   }
@@ -268,6 +292,11 @@ class SafetensorsLoader {
   }
 
   static ProductKeyLayerConfig normalized(const ProductKeyLayerConfig& c) { return detail::resolve(c); }
+  template <class L>
+  static TableStorage storage_of(const L& layer) {
+    if constexpr (detail::has_compact_tables<L>) return layer.storage();
+    else return TableStorage::native;
+  }
   static MoEConfig normalized(MoEConfig c) {
     validate(c);
     if (c.d_out == 0) c.d_out = c.d_in;
@@ -278,8 +307,10 @@ class SafetensorsLoader {
   template <class C>
   static void check_same_config(const C& in_file, const C& in_layer, const std::string& where) {
     nlohmann::json a = config_to_json(in_file), b = config_to_json(in_layer);
-    a.erase("check_finite");
-    b.erase("check_finite");
+    for (const char* free_field : {"check_finite", "storage"}) {  // how a layer checks and stores, not what it computes
+      a.erase(free_field);
+      b.erase(free_field);
+    }
     std::string diff;
     for (const auto& kv : a.items())
       if (kv.value() != b[kv.key()]) diff += "\n  " + kv.key() + ": file " + kv.value().dump() + ", layer " + b[kv.key()].dump();

@@ -27,7 +27,7 @@
 
 namespace spex {
 
-constexpr int kFormatMajor = 1, kFormatMinor = 1;
+constexpr int kFormatMajor = 1, kFormatMinor = 2;
 /// The __metadata__ key that holds spex's document.
 constexpr const char* kMetadataKey = "spex";
 
@@ -102,6 +102,7 @@ struct ConfigFromJson {
   static int enum_count(NormKind) { return 3; }
   static int enum_count(FfnKind) { return 2; }
   static int enum_count(Penalty) { return 4; }
+  static int enum_count(TableStorage) { return 3; }
 };
 
 template <class C, class F>
@@ -123,6 +124,7 @@ void for_each_field(C& c, F& f) {
     f("check_finite", c.check_finite);
     f("norm_eps", c.norm_eps);
     f("norm_momentum", c.norm_momentum);
+    f("storage", c.storage);
   } else {
     static_assert(std::is_same<std::remove_const_t<C>, MoEConfig>::value, "a layer Config");
     f("d_in", c.d_in);

@@ -34,7 +34,9 @@ void save_layer(const std::string& path, const L& layer, const std::string& pref
 
 /// The layer saved at `prefix` of the file, built from its recorded config. Every parameter
 /// must be in the file (also when opt.strict is false, which then only tolerates tensors
-/// the layer does not have). With opt.map, expert tables stored as L's scalar are read in place.
+/// the layer does not have). With opt.map, expert tables stored as the layer stores them are
+/// read in place. opt.storage picks the layer's table storage (Peer, Pkm): a float file then
+/// loads as bf16 or int8 tables (quantized on load), a compact one as float.
 template <class L>
 L load_layer(const SafetensorsFile& file, const std::string& prefix = "", LoadOptions opt = {}, LoadReport* report = nullptr) {
   const SpexMetadata meta = SpexMetadata::parse(file.metadata(), file.path());
@@ -45,7 +47,11 @@ L load_layer(const SafetensorsFile& file, const std::string& prefix = "", LoadOp
                                   << (have.empty() ? std::string("no layers (saved without add_layer / save_layer?)") : "layers at " + have));
   }
   const std::string where = file.path() + ": layer '" + prefix + "'";
-  const auto entry = read_layer_entry<L>(meta.layers[prefix], meta.minor, where);
+  auto entry = read_layer_entry<L>(meta.layers[prefix], meta.minor, where);
+  if (opt.storage) {
+    if constexpr (detail::has_compact_tables<L>) entry.config.storage = *opt.storage;
+    else SPEX_CHECK(false, where << ": LoadOptions::storage applies to Peer and Pkm only");
+  }
   // The file's config decides how much memory the layer takes: a config larger than the file's
   // tensors (a corrupted or hostile file) is rejected before anything is allocated.
   double in_file = 0;

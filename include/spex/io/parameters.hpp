@@ -10,12 +10,14 @@
 // Dtypes: F64, F32, F16 and BF16 load into float and double parameters (converted exactly or
 // rounded to nearest even); any other dtype is an error for a floating parameter.
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <unordered_set>
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../core/compact_table.hpp"
 #include "../core/memory.hpp"
 #include "../core/parameter.hpp"
 #include "safetensors.hpp"
@@ -26,6 +28,9 @@ struct LoadOptions {
   bool strict = true;        ///< tensors missing from the file, or in it with no parameter, are errors
   bool map = false;          ///< tables whose dtype, shape and alignment match read the mapped file in place
   bool check_finite = true;  ///< NaN or Inf in a copied tensor is an error (mapped tensors are not read)
+  /// load_layer only: the storage of the built layer's expert tables (Peer, Pkm); absent: as
+  /// the file records. Compact from a float file quantizes on load (io/compact_tables.hpp).
+  std::optional<TableStorage> storage;
 };
 
 /// What a load did (names as in the file).
@@ -78,15 +83,17 @@ inline std::string join(const std::vector<std::string>& v) {
 /// `keep_alive` owns the image's memory (SafetensorsFile::keep_alive()); without it nothing is
 /// mapped in place. When the image is a shared file mapping (`file_mapping`), the pages a
 /// check or a copy has read are unmapped again, chunk by chunk (the page cache keeps them): a
-/// copying load then peaks at the size of the copy, not of the copy plus the file.
+/// copying load then peaks at the size of the copy, not of the copy plus the file. Tensors
+/// named in `read_elsewhere` (compact tables) are neither loaded nor unexpected.
 template <class T>
 class ParameterLoad {
  public:
   ParameterLoad(const SafetensorsView& file, std::shared_ptr<const void> keep_alive, const ParameterList<T>& params,
-                const std::string& scope, const LoadOptions& opt, bool file_mapping = false)
+                const std::string& scope, const LoadOptions& opt, bool file_mapping = false,
+                const std::vector<std::string>& read_elsewhere = {})
       : file_(file), keep_alive_(std::move(keep_alive)), file_mapping_(file_mapping) {
     std::vector<std::string> problems;
-    std::unordered_set<std::string> wanted;
+    std::unordered_set<std::string> wanted(read_elsewhere.begin(), read_elsewhere.end());
     for (const auto& p : params) {
       if (!wanted.insert(p.name).second) {
         problems.push_back("parameter '" + p.name + "' appears twice in the list");
@@ -97,8 +104,17 @@ class ParameterLoad {
         (opt.strict ? missing_ : report_.missing).push_back(p.name);
         continue;
       }
-      if (!is_float_dtype(t->dtype)) {
-        problems.push_back("'" + p.name + "' is " + to_string(t->dtype) + ", a floating parameter needs F64, F32, F16 or BF16");
+      const TensorInfo* scale = nullptr;
+      if (t->dtype == DType::I8 && p.table) {  // an int8 table with a scale per row (io/compact_tables.hpp)
+        scale = file.find(p.name + ".scale");
+        if (!scale || scale->dtype != DType::F32 || scale->shape != std::vector<std::int64_t>{p.rows}) {
+          problems.push_back("'" + p.name + "' is I8 and needs its scales '" + p.name + ".scale' as F32 [" + std::to_string(p.rows) + "]");
+          continue;
+        }
+        wanted.insert(scale->name);
+      } else if (!is_float_dtype(t->dtype)) {
+        problems.push_back("'" + p.name + "' is " + to_string(t->dtype) + ", a floating parameter needs F64, F32, F16 or BF16" +
+                           (t->dtype == DType::I8 ? " (I8 with scales: expert tables only)" : ""));
         continue;
       }
       if (!shape_matches(t->shape, p.rows, p.cols)) {
@@ -108,7 +124,17 @@ class ParameterLoad {
       }
       const bool map = opt.map && p.table && keep_alive_ && t->dtype == dtype_of<T>() && t->shape.size() == 2 &&
                        reinterpret_cast<std::uintptr_t>(file.data(*t)) % alignof(T) == 0;
-      if (!map && opt.check_finite) {
+      if (scale && opt.check_finite) {
+        const unsigned char* sp = file.data(*scale);
+        for (Index r = 0; r < p.rows; ++r) {
+          float v;
+          std::memcpy(&v, sp + sizeof(float) * static_cast<std::size_t>(r), sizeof v);
+          if (!std::isfinite(v)) {
+            problems.push_back("'" + scale->name + "' holds a non-finite value at row " + std::to_string(r));
+            break;
+          }
+        }
+      } else if (!map && opt.check_finite) {
         std::int64_t at = -1;
         for_each_chunk(*t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
           const std::int64_t i = at < 0 ? detail::first_non_finite<T>(src, t->dtype, n) : -1;
@@ -118,7 +144,7 @@ class ParameterLoad {
           problems.push_back("'" + p.name + "' holds a non-finite value at flat index " + std::to_string(at) +
                              (t->dtype == dtype_of<T>() ? std::string() : " (after conversion from " + std::string(to_string(t->dtype)) + ")"));
       }
-      items_.push_back(Item{p, t, map});
+      items_.push_back(Item{p, t, map, scale});
     }
     std::vector<std::string> unexpected;
     for (const auto& t : file.tensors())
@@ -145,7 +171,8 @@ class ParameterLoad {
         continue;
       }
       for_each_chunk(t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
-        if (t.dtype == dtype_of<T>()) std::memcpy(it.p.value + first, src, n * sizeof(T));
+        if (it.scale) dequantize(src, first, n, *it.scale, static_cast<std::uint64_t>(it.p.cols), it.p.value + first);
+        else if (t.dtype == dtype_of<T>()) std::memcpy(it.p.value + first, src, n * sizeof(T));
         else convert_from_bytes(src, t.dtype, it.p.value + first, n);
       });
       report_.copied.push_back(it.p.name);
@@ -169,10 +196,22 @@ class ParameterLoad {
     }
   }
 
+  // n int8 values from flat index `first` of a table with `cols` columns, times their row's scale.
+  void dequantize(const unsigned char* src, std::uint64_t first, std::uint64_t n, const TensorInfo& scale, std::uint64_t cols,
+                  T* out) const {
+    const unsigned char* scales = file_.data(scale);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      float s;
+      std::memcpy(&s, scales + sizeof(float) * ((first + i) / cols), sizeof s);
+      out[i] = static_cast<T>(s * float(static_cast<std::int8_t>(src[i])));
+    }
+  }
+
   struct Item {
     Parameter<T> p;
     const TensorInfo* t;
     bool map;
+    const TensorInfo* scale;  // an I8 table's scales
   };
   const SafetensorsView& file_;
   std::shared_ptr<const void> keep_alive_;

@@ -26,11 +26,11 @@ class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch>, NeuronExpert
 
  private:
   Peer(const Config& cfg, detail::Unfilled, Rng rng = Rng(0)) : Base(cfg, rng) {
-    this->experts_ = NeuronExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_in, this->cfg_.d_out, this->cfg_.activation);
+    this->experts_ = NeuronExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_in, this->cfg_.d_out, this->cfg_.activation, this->cfg_.storage);
   }
   Peer(const Config& cfg, Rng rng) : Base(cfg, rng) {
     this->experts_ = NeuronExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_in, this->cfg_.d_out,
-                                            this->cfg_.activation, rng);
+                                            this->cfg_.activation, rng, this->cfg_.storage);
   }
 
   void experts_forward(CMatRef<T> x, Cache& c, MatRef<T> y) const {

@@ -25,10 +25,10 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch>, ValueExperts<T
 
  private:
   Pkm(const Config& cfg, detail::Unfilled, Rng rng = Rng(0)) : Base(cfg, rng) {
-    this->experts_ = ValueExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_out);
+    this->experts_ = ValueExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_out, this->cfg_.storage);
   }
   Pkm(const Config& cfg, Rng rng) : Base(cfg, rng) {
-    this->experts_ = ValueExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_out, rng);
+    this->experts_ = ValueExperts<T, Arch>(this->cfg_.n_experts, this->cfg_.d_out, rng, this->cfg_.storage);
   }
 
   void experts_forward(CMatRef<T>, Cache& c, MatRef<T> y) const {

@@ -1,7 +1,9 @@
 #pragma once
 // Scalar twins of kernels/compact.hpp: gathers over compact expert rows, bfloat16 (the high 16
 // bits of a float) or int8 with one float scale per row, converted to float and accumulated
-// in float.
+// in float. Also the conversions that make such rows: float -> bfloat16 (nearest, ties to
+// even) and a row -> int8 with its scale (symmetric per-row absmax).
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -14,6 +16,32 @@ inline float bf16_to_float(std::uint16_t b) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+/// The bfloat16 nearest to f, ties to even (the rounding of io's to_bf16); NaN stays a quiet
+/// NaN, values beyond bfloat16's range become infinities.
+inline std::uint16_t float_to_bf16(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // NaN
+  // Adding 0x7fff plus the lowest kept bit rounds the dropped half to nearest even; a carry
+  // into the exponent is the correct next binade (or infinity).
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+/// Quantizes a finite row of d floats to int8, symmetric per-row absmax: scale = max|x| / 127,
+/// q[i] = round(x[i] / scale) (nearest, ties to even), so |x[i] - scale q[i]| <= scale / 2.
+/// Returns the scale (0 for a row of zeros, whose q are 0).
+inline float quantize_row_i8(const float* x, std::size_t d, std::int8_t* q) {
+  float absmax = 0;
+  for (std::size_t i = 0; i < d; ++i) absmax = std::fmax(absmax, std::fabs(x[i]));
+  const float scale = absmax / 127.f;
+  for (std::size_t i = 0; i < d; ++i) {
+    const float r = scale > 0 ? std::nearbyint(x[i] / scale) : 0.f;
+    q[i] = static_cast<std::int8_t>(std::fmin(127.f, std::fmax(-127.f, r)));
+  }
+  return scale;
 }
 
 /// out[r] = table[ids[r]] . x, bfloat16 rows d long, ld apart.

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../../core/check.hpp"
+#include "../../core/compact_table.hpp"
 #include "../../core/layer_state.hpp"
 #include "../../core/parameter.hpp"
 #include "../../core/types.hpp"
@@ -36,6 +37,9 @@ struct ProductKeyLayerConfig {
   bool query_bias = false;
   bool check_finite = true;          ///< throw on NaN/Inf in x and dy (one pass over each)
   double norm_eps = 1e-5, norm_momentum = 0.1;
+  /// How the expert tables are stored: native (T; trainable) or, for inference only with
+  /// T = float, bf16 or int8 (core/compact_table.hpp). Retrieval always stays in T.
+  TableStorage storage = TableStorage::native;
 };
 
 namespace detail {
@@ -66,6 +70,8 @@ inline ProductKeyLayerConfig resolve(ProductKeyLayerConfig c) {
                  c.activation == kernels::Activation::gelu_tanh || c.activation == kernels::Activation::gelu_erf ||
                  c.activation == kernels::Activation::silu || c.activation == kernels::Activation::sigmoid,
              "activation = " << int(c.activation) << " is not a kernels::Activation");
+  SPEX_CHECK(c.storage == TableStorage::native || c.storage == TableStorage::bf16 || c.storage == TableStorage::int8,
+             "storage = " << int(c.storage) << " is not a TableStorage");
   c.n_keys = resolve_n_keys(c);
   c.n_experts = c.n_keys * c.n_keys;
   if (c.d_out == 0) c.d_out = c.d_in;
@@ -144,13 +150,32 @@ class ProductKeyLayer {
   Experts& experts() { return experts_; }
   const Experts& experts() const { return experts_; }
 
-  Grads make_grads() const { return Grads(retrieval_.make_grads(), experts_.make_grads()); }
+  Grads make_grads() const {
+    require_native("make_grads");
+    return Grads(retrieval_.make_grads(), experts_.make_grads());
+  }
+
+  /// How the expert tables are stored (config().storage).
+  TableStorage storage() const { return cfg_.storage; }
+  /// Converts the expert tables to storage `s` in place: compact (bf16, int8) for inference
+  /// after training, native again to train on (with the compact values). One table is held in
+  /// both forms at a time. Not thread-safe; invalidates caches.
+  void set_storage(TableStorage s) {
+    experts_.set_storage(s);
+    cfg_.storage = s;
+  }
+  /// Bytes of the expert tables as stored.
+  std::size_t table_bytes() const { return experts_.table_bytes(); }
+  /// The compact expert tables by name (prefix + "experts.down", ...); none while native.
+  CompactTableList compact_tables(const std::string& prefix = "") { return experts_.compact_tables(prefix + "experts."); }
+  ConstCompactTableList compact_tables(const std::string& prefix = "") const { return experts_.compact_tables(prefix + "experts."); }
 
   /// Training forward: y (B x d_out) from x (B x d_in); fills `cache` for backward. Updates
   /// BatchNorm's running statistics, only once the whole pass has succeeded (a pass that
   /// throws changes nothing in the layer). y may be x itself (same matrix), no other overlap.
   void forward(CMatRef<T> x, MatRef<T> y, Cache& c) {
     c.pass.invalidate();
+    require_native("forward");
     check_input(x, y);
     c.x = x;
     retrieval_.forward(x, c.retrieval);
@@ -185,7 +210,8 @@ class ProductKeyLayer {
   /// Every parameter, named prefix + "query.weight", "norm.weight", "norm.bias",
   /// "norm.running_mean", "norm.running_var" (buffers, no gradient), "keys.c1", "keys.c2"
   /// (or "keys.h<head>.c1" ... with per-head keys), then the experts' tables, paired with
-  /// their gradients in `g`.
+  /// their gradients in `g`. Compact expert tables are not parameters of T: a compact layer
+  /// lists its retrieval here and its tables in compact_tables().
   ParameterList<T> parameters(Grads& g, const std::string& prefix = "") {
     check_grads(g);
     return list(&g, prefix);
@@ -210,6 +236,7 @@ class ProductKeyLayer {
   ProductKeyLayer(const Config& cfg, Rng& rng) : cfg_(resolve(cfg)), retrieval_(retrieval_config(cfg_), rng) {}
 
   void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
+    require_native("backward");
     const CMatRef<T> dy =
         checked_backward_dy(c.pass, id_, Layer::kName, dy_in, cfg_.d_in, cfg_.d_out, cfg_.check_finite, dx, c.dy_copy);
     check_grads(g);
@@ -223,6 +250,12 @@ class ProductKeyLayer {
     ParameterList<T> out = prefixed(retrieval_.parameters(g ? &g->retrieval : nullptr), prefix);
     append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
     return out;
+  }
+
+  void require_native(const char* what) const {
+    SPEX_CHECK(cfg_.storage == TableStorage::native,
+               Layer::kName << "::" << what << ": the expert tables are stored as " << to_string(cfg_.storage)
+                            << " (inference only); training needs them as T: set_storage(TableStorage::native)");
   }
 
   void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {

@@ -1,0 +1,237 @@
+// Compact expert tables (core/compact_table.hpp): the conversions against io's exact ones and
+// the quantization bound, and Peer/Pkm storing their tables as bf16 or int8: the same retrieved
+// ids, the outputs of a float layer holding the compact values, the accuracy goals on random
+// tables, and training refused.
+#include <cmath>
+#include <cstring>
+
+#include <spex/io/dtype.hpp>
+#include <spex/layers/peer.hpp>
+#include <spex/layers/pkm.hpp>
+
+#include "test_util.hpp"
+
+using namespace spex;
+
+namespace {
+
+ProductKeyLayerConfig compact_config(TableStorage s = TableStorage::native) {
+  ProductKeyLayerConfig c;
+  c.d_in = 48;
+  c.n_keys = 24;
+  c.heads = 3;
+  c.top_k = 5;
+  c.d_key = 16;
+  c.storage = s;
+  return c;
+}
+
+RowMat<float> batch(Index d, std::uint64_t seed, Index rows = 40) { return spex_test::randn_mat(rows, d, seed).cast<float>(); }
+
+template <class L>
+RowMat<float> infer(const L& layer, const RowMat<float>& x, typename L::Cache& c) {
+  RowMat<float> y(x.rows(), layer.d_out());
+  layer.infer(x, y, c);
+  return y;
+}
+
+/// Every row of the compact table equals the float row rounded (bf16) or quantized (int8).
+void check_rows_are_compact_of(const CompactTable& t, const float* native) {
+  std::vector<float> row(static_cast<std::size_t>(t.cols()));
+  CompactTable one(t.storage(), 1, t.cols());
+  std::vector<float> expect(row.size());
+  for (Index r = 0; r < t.rows(); ++r) {
+    t.get_row(r, row.data());
+    one.set_rows(0, 1, native + r * t.cols());
+    one.get_row(0, expect.data());
+    REQUIRE(std::memcmp(row.data(), expect.data(), sizeof(float) * row.size()) == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("float_to_bf16 rounds as io's exact double-based conversion does", "[compact]") {
+  Rng rng(1);
+  std::vector<float> values = {0.f, -0.f, 1.f, -1.f, 3.0e38f, -3.4e38f, 1e-40f, -1e-45f, 1.00390625f, 1.01171875f,
+                               std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                               std::numeric_limits<float>::max(), std::numeric_limits<float>::denorm_min()};
+  for (int i = 0; i < 200000; ++i) {
+    const std::uint32_t bits = static_cast<std::uint32_t>(rng.next_u64());
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    values.push_back(f);
+  }
+  int nan = 0;
+  for (float f : values) {
+    const std::uint16_t b = kernels::scalar::float_to_bf16(f);
+    if (std::isnan(f)) {
+      ++nan;
+      REQUIRE(std::isnan(kernels::scalar::bf16_to_float(b)));
+      continue;
+    }
+    REQUIRE(b == to_bf16(double(f)));
+  }
+  CHECK(nan > 0);  // random bit patterns include NaNs
+}
+
+TEST_CASE("quantize_row_i8: scale = max|x| / 127, every value within half a step", "[compact]") {
+  for (std::size_t d : {std::size_t(1), std::size_t(7), std::size_t(64), std::size_t(513)}) {
+    const auto x = spex_test::randn<float>(d, 3 + d);
+    std::vector<std::int8_t> q(d);
+    const float s = kernels::scalar::quantize_row_i8(x.data(), d, q.data());
+    float absmax = 0;
+    for (float v : x) absmax = std::max(absmax, std::fabs(v));
+    CHECK(s == absmax / 127.f);
+    int top = 0;
+    for (std::size_t i = 0; i < d; ++i) {
+      REQUIRE(std::fabs(x[i] - s * float(q[i])) <= 0.5f * s * (1 + 1e-6f));
+      top = std::max(top, std::abs(int(q[i])));
+    }
+    CHECK(top == 127);
+  }
+  std::vector<float> zeros(9, 0.f);
+  std::vector<std::int8_t> q(9, 5);
+  CHECK(kernels::scalar::quantize_row_i8(zeros.data(), 9, q.data()) == 0.f);
+  CHECK(std::all_of(q.begin(), q.end(), [](std::int8_t v) { return v == 0; }));
+}
+
+TEST_CASE("CompactTable: rows in and out, non-finite rows named, views copied before writing", "[compact]") {
+  for (TableStorage s : {TableStorage::bf16, TableStorage::int8}) {
+    const auto v = spex_test::randn<float>(5 * 7, 11);
+    CompactTable t(s, 5, 7);
+    t.set_rows(0, 5, v.data());
+    CHECK(t.bytes() == (s == TableStorage::bf16 ? 5u * 7 * 2 : 5u * (7 + 4)));
+    std::vector<float> row(7);
+    for (Index r = 0; r < 5; ++r) {
+      t.get_row(r, row.data());
+      for (int i = 0; i < 7; ++i) CHECK(std::fabs(row[i] - v[r * 7 + i]) <= 0.01 * std::fabs(v[r * 7 + i]) + (s == TableStorage::int8 ? 0.02 : 0));
+    }
+    std::vector<float> bad(v.begin(), v.begin() + 14);
+    bad[9] = std::nanf("");
+    CHECK_THROWS_WITH(t.set_rows(2, 2, bad.data(), "experts.up"), Catch::Contains("experts.up: row 3") && Catch::Contains("column 2"));
+    CHECK_THROWS_WITH(t.set_rows(4, 2, v.data()), Catch::Contains("on 5 rows"));
+    CHECK_THROWS_WITH(t.get_row(5, row.data()), Catch::Contains("get_row(5)"));
+    CHECK_THROWS_AS(s == TableStorage::bf16 ? (void)t.i8() : (void)t.bf16(), Error);
+    // A view reads someone else's memory; writing copies it first and leaves that memory alone.
+    CompactTable src(s, 5, 7);
+    src.set_rows(0, 5, v.data());
+    auto owner = std::make_shared<CompactTable>(src);
+    const void* rows = s == TableStorage::bf16 ? static_cast<const void*>(owner->bf16()) : owner->i8();
+    CompactTable view(s, 5, 7);
+    view.adopt_view(rows, s == TableStorage::int8 ? owner->scales() : nullptr, owner);
+    CHECK(view.is_view());
+    view.set_rows(0, 1, v.data() + 7);  // row 0 := row 1
+    CHECK_FALSE(view.is_view());
+    std::vector<float> a(7), b(7);
+    view.get_row(0, a.data());
+    src.get_row(1, b.data());
+    CHECK(a == b);
+    owner->get_row(0, a.data());
+    src.get_row(0, b.data());
+    CHECK(a == b);
+  }
+  CHECK_THROWS_WITH(CompactTable(TableStorage::native, 2, 2), Catch::Contains("not native"));
+  CHECK_THROWS_WITH(CompactTable(TableStorage::bf16, 0, 2), Catch::Contains("positive"));
+}
+
+TEST_CASE("compact Peer and Pkm: same ids, the outputs of float tables holding the compact values", "[compact]") {
+  for (TableStorage s : {TableStorage::bf16, TableStorage::int8}) {
+    for (int kind = 0; kind < 2; ++kind) {
+      INFO(to_string(s) << (kind ? " Pkm" : " Peer"));
+      const RowMat<float> x = batch(48, 7);
+      RowMat<float> y_native, y_compact, y_dequant;
+      IndexMat ids_native, ids_compact;
+      auto run = [&](auto& native, auto& built_compact) {
+        typename std::decay_t<decltype(native)>::Cache c1, c2, c3;
+        y_native = infer(native, x, c1);
+        ids_native = c1.retrieval.ids;
+        // Constructed compact: the native layer's draws, rounded or quantized.
+        if constexpr (std::is_same<std::decay_t<decltype(native)>, Peer<float>>::value) {
+          check_rows_are_compact_of(built_compact.experts().compact_down(), native.experts().down().data());
+          check_rows_are_compact_of(built_compact.experts().compact_up(), native.experts().up().data());
+        } else {
+          check_rows_are_compact_of(built_compact.experts().compact_values(), native.experts().values().data());
+        }
+        auto converted = native;
+        converted.set_storage(s);
+        y_compact = infer(converted, x, c2);
+        ids_compact = c2.retrieval.ids;
+        CHECK(infer(built_compact, x, c2) == y_compact);
+        CHECK(converted.table_bytes() < native.table_bytes() / (s == TableStorage::bf16 ? 1.9 : 3.0));
+        // Back to native: float tables holding exactly the compact values compute the same output.
+        converted.set_storage(TableStorage::native);
+        y_dequant = infer(converted, x, c3);
+      };
+      if (kind == 0) {
+        Peer<float> native(compact_config(), 5), compact(compact_config(s), 5);
+        run(native, compact);
+      } else {
+        Pkm<float> native(compact_config(), 5), compact(compact_config(s), 5);
+        run(native, compact);
+      }
+      CHECK(ids_compact == ids_native);  // retrieval is untouched
+      const double scale = y_dequant.norm() / std::sqrt(double(y_dequant.size()));
+      CHECK((y_compact - y_dequant).cwiseAbs().maxCoeff() <= 1e-5 * scale);
+      CHECK((y_compact - y_native).norm() > 0);
+    }
+  }
+}
+
+TEST_CASE("compact tables on random tables: output error within the documented goals", "[compact]") {
+  // Goals (README, "Compact tables"): bf16 <= 1e-2 and int8 <= 3e-2 of the output norm.
+  ProductKeyLayerConfig c = compact_config();
+  c.d_in = 128;
+  c.n_keys = 64;
+  c.heads = 4;
+  c.top_k = 8;
+  const RowMat<float> x = batch(128, 9, 64);
+  for (int kind = 0; kind < 2; ++kind) {
+    for (TableStorage s : {TableStorage::bf16, TableStorage::int8}) {
+      double err = 0;
+      if (kind == 0) {
+        Peer<float> a(c, 2);
+        Peer<float>::Cache cache;
+        const RowMat<float> y = infer(a, x, cache);
+        a.set_storage(s);
+        err = (infer(a, x, cache) - y).norm() / y.norm();
+      } else {
+        Pkm<float> a(c, 2);
+        Pkm<float>::Cache cache;
+        const RowMat<float> y = infer(a, x, cache);
+        a.set_storage(s);
+        err = (infer(a, x, cache) - y).norm() / y.norm();
+      }
+      INFO(to_string(s) << (kind ? " Pkm" : " Peer") << ": relative error " << err);
+      CHECK(err <= (s == TableStorage::bf16 ? 1e-2 : 3e-2));
+      CHECK(err > 1e-5);  // the tables did change
+    }
+  }
+}
+
+TEST_CASE("compact tables are for inference: training and T = double are refused", "[compact]") {
+  Peer<float> p(compact_config(TableStorage::int8), 1);
+  const RowMat<float> x = batch(48, 3, 4);
+  RowMat<float> y(4, 48);
+  Peer<float>::Cache c;
+  CHECK_THROWS_WITH(p.forward(x, y, c), Catch::Contains("Peer::forward") && Catch::Contains("int8"));
+  CHECK_THROWS_WITH(p.make_grads(), Catch::Contains("set_storage(TableStorage::native)"));
+  CHECK_THROWS_WITH(p.experts().down(), Catch::Contains("stored as int8"));
+  CHECK(p.parameters().size() == Peer<float>(compact_config(), 1).parameters().size() - 2);  // no expert tables
+  CHECK(p.compact_tables("b.").size() == 2);
+  CHECK(p.compact_tables("b.")[0].first == "b.experts.down");
+  // A training pass made before conversion cannot be finished on compact tables.
+  Peer<float> q(compact_config(), 1);
+  auto g = q.make_grads();
+  q.forward(x, y, c);
+  q.set_storage(TableStorage::bf16);
+  CHECK_THROWS_WITH(q.backward(y, c, g), Catch::Contains("bf16"));
+  q.set_storage(TableStorage::native);
+  CHECK_NOTHROW(q.forward(x, y, c));
+  CHECK_THROWS_WITH(Peer<double>(compact_config(TableStorage::bf16), 1), Catch::Contains("T = float"));
+  CHECK_THROWS_WITH(Pkm<double>(compact_config(TableStorage::int8), 1), Catch::Contains("T = float"));
+  ProductKeyLayerConfig bad = compact_config();
+  bad.storage = TableStorage(7);
+  CHECK_THROWS_WITH(Peer<float>(bad, 1), Catch::Contains("storage = 7"));
+  CHECK_THROWS_WITH(q.set_storage(TableStorage(7)), Catch::Contains("storage = 7"));
+  CHECK(q.storage() == TableStorage::native);
+}
