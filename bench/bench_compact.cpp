@@ -25,12 +25,15 @@ const std::vector<std::int64_t>& picks() {
   return ids;
 }
 
-/// A table of small values (their size does not matter here, only their bytes), one per seed.
+/// A table of small values (their size does not matter here, only their bytes), one per seed;
+/// huge pages requested before the first touch, as the layers' tables do (core/memory.hpp).
 template <class S>
-const std::vector<S>& table(int which) {
-  static std::vector<S> t[2];
+const std::vector<S, Eigen::aligned_allocator<S>>& table(int which) {
+  static std::vector<S, Eigen::aligned_allocator<S>> t[2];
   auto& v = t[which];
   if (v.empty()) {
+    v.reserve(kRows * kDim);
+    spex::advise_huge_pages(v.data(), kRows * kDim * sizeof(S));
     v.resize(kRows * kDim);
     spex::parallel_for(spex::Index(kRows), [&](spex::Index r, int) {
       for (std::size_t i = 0; i < kDim; ++i) {

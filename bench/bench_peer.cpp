@@ -2,47 +2,17 @@
 // reference configurations, the expert step alone as bytes gathered per second, and a
 // streaming copy in the same binary for the bandwidth ratio. Threads from OMP_NUM_THREADS.
 //   build/bench/bench_peer --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-#include "bench_common.hpp"
+#include "peer_layers.hpp"
 
 namespace {
 
-// Config 0: d = 256, N = 256^2, batch 512, d_key 128. Config 1: d = 512, N = 1024^2, batch 256,
-// d_key 256. Both h = 8, k = 16, softmax scores, GELU experts, no query norm (the PyTorch
-// reference the issue measured).
-struct Shape {
-  spex::Index d, n, batch, d_key;
-};
-constexpr Shape kShapes[] = {{256, 256, 512, 128}, {512, 1024, 256, 256}};
-
-spex::Peer<float>& layer(int config) {
-  static std::unique_ptr<spex::Peer<float>> layers[2];
-  if (!layers[config]) {
-    const Shape s = kShapes[config];
-    spex::Peer<float>::Config cfg;
-    cfg.d_in = s.d;
-    cfg.n_keys = s.n;
-    cfg.heads = 8;
-    cfg.top_k = 16;
-    cfg.d_key = s.d_key;
-    cfg.norm = spex::NormKind::none;
-    cfg.activation = spex::kernels::Activation::gelu_erf;
-    layers[config] = std::make_unique<spex::Peer<float>>(cfg, 1);
-  }
-  return *layers[config];
-}
-
-// Distinct input batches, cycled through: the same batch over and over would find its expert
-// rows in the 480 MiB L3 of these VMs instead of memory.
-constexpr int kBatches = 8;
-const spex::RowMat<float>& input(int config, int i) {
-  const Shape s = kShapes[config];
-  return spex_bench::random_matrix(s.batch, s.d, 100 + 10 * config + i);
-}
-
-void tokens_counter(benchmark::State& state, spex::Index batch) {
-  state.counters["tokens/s"] = benchmark::Counter(double(batch), benchmark::Counter::kIsIterationInvariantRate);
-  state.SetLabel(spex_bench::label());
-}
+using spex_bench::kPeerBatches;
+using spex_bench::tokens_counter;
+constexpr auto& kShapes = spex_bench::kPeerShapes;
+constexpr int kBatches = kPeerBatches;
+spex::Peer<float>& layer(int config) { return spex_bench::peer_layer(config); }
+const spex::RowMat<float>& input(int config, int i) { return spex_bench::peer_input(config, i); }
+using Shape = spex_bench::PeerShape;
 
 void BM_PeerForward(benchmark::State& state) {
   const int config = int(state.range(0));

@@ -3,7 +3,8 @@
 // (symmetric, per-row absmax quantization). Rows are widened to float in registers, W lanes at a
 // time, and accumulated in float; x, y and the results stay float. These are the compact twins
 // of gather_dot / gather_axpy (kernels/gather.hpp) for inference over half or a quarter of the
-// bytes. Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
+// bytes. Like the float gathers they prefetch and touch the rows ahead (kernels/gather.hpp).
+// Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
 #include <cstring>
 #include <type_traits>
 
@@ -89,6 +90,39 @@ inline void widened_axpy(float c, const S* row, float* y, std::size_t d, Load lo
 }
 
 inline float i8_to_float(std::int8_t v) { return float(v); }
+
+// One row at a time: measured on a Xeon VM over 2^20 rows of 512, walking two rows at a time
+// (as the float gathers do) gathered 15-30% fewer compact rows per second than one at a time.
+
+/// out[r] = scale(ids[r]) * (row ids[r] . x) for r < m.
+template <class Arch, class S, class Load, class Scale>
+inline void widened_gather_dot(const S* table, std::size_t ld, const std::int64_t* ids, std::size_t m, const float* x,
+                               std::size_t d, float* out, Load load, float (*one)(S), Scale scale) {
+  for (std::size_t r = 0; r < m; ++r) {
+    prefetch_row(table, ld, ids, r + kPrefetchAhead, m, d);
+    const std::size_t id = static_cast<std::size_t>(ids[r]);
+    out[r] = scale(id) * widened_dot<Arch>(table + id * ld, x, d, load, one);
+  }
+}
+
+/// y += sum_r alpha[r] scale(ids[r]) row ids[r].
+template <class Arch, class S, class Load, class Scale>
+inline void widened_gather_axpy(const S* table, std::size_t ld, const std::int64_t* ids, const float* alpha, std::size_t m,
+                                float* y, std::size_t d, Load load, float (*one)(S), Scale scale) {
+  for (std::size_t r = 0; r < m; ++r) {
+    prefetch_row(table, ld, ids, r + kPrefetchAhead, m, d);
+    const std::size_t id = static_cast<std::size_t>(ids[r]);
+    widened_axpy<Arch>(alpha[r] * scale(id), table + id * ld, y, d, load, one);
+  }
+}
+
+struct NoScale {
+  float operator()(std::size_t) const { return 1.f; }
+};
+struct RowScale {
+  const float* scale;
+  float operator()(std::size_t id) const { return scale[id]; }
+};
 #endif
 }  // namespace detail
 
@@ -97,11 +131,7 @@ template <class Arch = default_arch>
 void gather_dot_bf16(const std::uint16_t* table, std::size_t ld, const std::int64_t* ids, std::size_t m,
                      const float* x, std::size_t d, float* out) {
 #if SPEX_SIMD
-  for (std::size_t r = 0; r < m; ++r) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
-    out[r] = detail::widened_dot<Arch>(table + static_cast<std::size_t>(ids[r]) * ld, x, d,
-                                       detail::load_bf16<Arch>, scalar::bf16_to_float);
-  }
+  detail::widened_gather_dot<Arch>(table, ld, ids, m, x, d, out, detail::load_bf16<Arch>, scalar::bf16_to_float, detail::NoScale{});
 #else
   scalar::gather_dot_bf16(table, ld, ids, m, x, d, out);
 #endif
@@ -112,11 +142,7 @@ template <class Arch = default_arch>
 void gather_axpy_bf16(const std::uint16_t* table, std::size_t ld, const std::int64_t* ids, const float* alpha,
                       std::size_t m, float* y, std::size_t d) {
 #if SPEX_SIMD
-  for (std::size_t r = 0; r < m; ++r) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
-    detail::widened_axpy<Arch>(alpha[r], table + static_cast<std::size_t>(ids[r]) * ld, y, d,
-                               detail::load_bf16<Arch>, scalar::bf16_to_float);
-  }
+  detail::widened_gather_axpy<Arch>(table, ld, ids, alpha, m, y, d, detail::load_bf16<Arch>, scalar::bf16_to_float, detail::NoScale{});
 #else
   scalar::gather_axpy_bf16(table, ld, ids, alpha, m, y, d);
 #endif
@@ -127,11 +153,7 @@ template <class Arch = default_arch>
 void gather_dot_i8(const std::int8_t* table, std::size_t ld, const float* scale, const std::int64_t* ids,
                    std::size_t m, const float* x, std::size_t d, float* out) {
 #if SPEX_SIMD
-  for (std::size_t r = 0; r < m; ++r) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
-    const std::size_t id = static_cast<std::size_t>(ids[r]);
-    out[r] = scale[id] * detail::widened_dot<Arch>(table + id * ld, x, d, detail::load_i8<Arch>, detail::i8_to_float);
-  }
+  detail::widened_gather_dot<Arch>(table, ld, ids, m, x, d, out, detail::load_i8<Arch>, detail::i8_to_float, detail::RowScale{scale});
 #else
   scalar::gather_dot_i8(table, ld, scale, ids, m, x, d, out);
 #endif
@@ -142,11 +164,7 @@ template <class Arch = default_arch>
 void gather_axpy_i8(const std::int8_t* table, std::size_t ld, const float* scale, const std::int64_t* ids,
                     const float* alpha, std::size_t m, float* y, std::size_t d) {
 #if SPEX_SIMD
-  for (std::size_t r = 0; r < m; ++r) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
-    const std::size_t id = static_cast<std::size_t>(ids[r]);
-    detail::widened_axpy<Arch>(alpha[r] * scale[id], table + id * ld, y, d, detail::load_i8<Arch>, detail::i8_to_float);
-  }
+  detail::widened_gather_axpy<Arch>(table, ld, ids, alpha, m, y, d, detail::load_i8<Arch>, detail::i8_to_float, detail::RowScale{scale});
 #else
   scalar::gather_axpy_i8(table, ld, scale, ids, alpha, m, y, d);
 #endif

@@ -1,0 +1,205 @@
+// PEER inference per expert-table storage: float32, bfloat16, int8 with a scale per row
+// (core/compact_table.hpp). Same layers (same seed), same inputs; retrieval is the same code
+// for all three, so differences come from the expert step.
+//   BM_PeerInfer_<f32|bf16|int8>/<config>       whole infer at the config's batch, tokens/s
+//   BM_PeerExpertStep_<f32|bf16|int8>/<config>  the expert step alone on a real retrieval:
+//                                                table bytes read per second (rows + scales)
+//   BM_PeerLatency_<f32|bf16|int8>              one token through infer at config 1
+//                                                (N = 1024^2, d = 512): what an interactive user waits
+//   BM_PeerLatencyPart_<query|scores|topk>      that token's query projection, sub-key scores,
+//                                                top-k of both halves and the k^2 step (all heads)
+//   BM_PeerLatencyExperts_<f32|bf16|int8>       that token's expert step
+// with BM_StreamCopy in the same binary. Threads from OMP_NUM_THREADS (run with 1 and 2).
+//   build/bench/bench/bench_peer_infer --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include "peer_layers.hpp"
+
+namespace {
+
+using spex::Index;
+using spex::TableStorage;
+using spex_bench::kPeerBatches;
+using spex_bench::kPeerShapes;
+
+constexpr int kLatencyConfig = 1;
+
+template <TableStorage S>
+void BM_PeerInfer(benchmark::State& state) {
+  const int config = int(state.range(0));
+  const auto& peer = spex_bench::peer_layer(config, S);
+  const auto s = kPeerShapes[config];
+  spex::RowMat<float> y(s.batch, s.d);
+  spex::Peer<float>::Cache cache;
+  int i = 0;
+  for (auto _ : state) {
+    peer.infer(spex_bench::peer_input(config, i++ % kPeerBatches), y, cache);
+    benchmark::DoNotOptimize(y.data());
+  }
+  spex_bench::tokens_counter(state, s.batch);
+  state.counters["table GiB"] = double(peer.table_bytes()) / double(1u << 30);
+}
+
+/// Retrievals of the config's input batches (the same for every storage), made once.
+const std::vector<spex::Peer<float>::Cache>& retrievals(int config) {
+  static std::vector<spex::Peer<float>::Cache> caches[2];
+  auto& c = caches[config];
+  if (c.empty()) {
+    c.resize(kPeerBatches);
+    const auto s = kPeerShapes[config];
+    spex::RowMat<float> y(s.batch, s.d);
+    for (int i = 0; i < kPeerBatches; ++i) spex_bench::peer_layer(config).infer(spex_bench::peer_input(config, i), y, c[i]);
+  }
+  return c;
+}
+
+/// Expert-table bytes one token reads: h k rows of u and of v (and their int8 scales).
+double expert_bytes_per_token(TableStorage storage, Index d) { return 2.0 * 8 * 16 * double(spex::row_bytes(storage, d, sizeof(float))); }
+
+template <TableStorage S>
+void BM_PeerExpertStep(benchmark::State& state) {
+  const int config = int(state.range(0));
+  const auto& peer = spex_bench::peer_layer(config, S);
+  const auto s = kPeerShapes[config];
+  const auto& caches = retrievals(config);
+  spex::RowMat<float> y(s.batch, s.d), pre;
+  int i = 0;
+  for (auto _ : state) {
+    const auto& c = caches[i % kPeerBatches];
+    peer.experts().forward(spex_bench::peer_input(config, i % kPeerBatches), c.retrieval.ids, c.retrieval.gates, y, pre);
+    ++i;
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["bytes/s"] =
+      benchmark::Counter(double(s.batch) * expert_bytes_per_token(S, s.d), benchmark::Counter::kIsIterationInvariantRate);
+  spex_bench::tokens_counter(state, s.batch);
+}
+
+// One token at a time, cycling through the tokens of the input batches: each token's expert
+// rows come from memory, as they do for a user's next token.
+const spex::RowMat<float>& latency_tokens() { return spex_bench::peer_input(kLatencyConfig, 0); }
+
+template <TableStorage S>
+void BM_PeerLatency(benchmark::State& state) {
+  const auto& peer = spex_bench::peer_layer(kLatencyConfig, S);
+  const auto& x = latency_tokens();
+  spex::RowMat<float> y(1, x.cols());
+  spex::Peer<float>::Cache cache;
+  Index t = 0;
+  for (auto _ : state) {
+    peer.infer(x.row(t++ % x.rows()), y, cache);
+    benchmark::DoNotOptimize(y.data());
+  }
+  spex_bench::tokens_counter(state, 1);
+}
+
+template <TableStorage S>
+void BM_PeerLatencyExperts(benchmark::State& state) {
+  const auto& peer = spex_bench::peer_layer(kLatencyConfig, S);
+  const auto& x = latency_tokens();
+  const auto& c = retrievals(kLatencyConfig)[0];  // the retrieval of these tokens
+  spex::RowMat<float> y(1, x.cols()), pre;
+  Index t = 0;
+  for (auto _ : state) {
+    const Index r = t++ % x.rows();
+    peer.experts().forward(x.row(r), c.retrieval.ids.row(r), c.retrieval.gates.row(r), y, pre);
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["bytes/s"] =
+      benchmark::Counter(expert_bytes_per_token(S, x.cols()), benchmark::Counter::kIsIterationInvariantRate);
+  spex_bench::tokens_counter(state, 1);
+}
+
+// The retrieval of one token, in the layer's steps and shapes (select/key_retrieval.hpp and
+// ProductKeys::search): the h head queries are the rows of one block.
+void BM_PeerLatencyPart_query(benchmark::State& state) {
+  const auto& peer = spex_bench::peer_layer(kLatencyConfig);
+  const auto& x = latency_tokens();
+  spex::RowMat<float> q(1, 8 * kPeerShapes[kLatencyConfig].d_key);
+  Index t = 0;
+  for (auto _ : state) {
+    peer.retrieval().query().forward(x.row(t++ % x.rows()), q);
+    benchmark::DoNotOptimize(q.data());
+  }
+  spex_bench::tokens_counter(state, 1);
+}
+
+/// The h = 8 head queries (h x d_key) of each latency token.
+const std::vector<spex::RowMat<float>>& token_head_queries() {
+  static std::vector<spex::RowMat<float>> out;
+  if (out.empty()) {
+    const auto& peer = spex_bench::peer_layer(kLatencyConfig);
+    const auto& x = latency_tokens();
+    const Index dk = kPeerShapes[kLatencyConfig].d_key;
+    spex::RowMat<float> q(1, 8 * dk);
+    for (Index t = 0; t < x.rows(); ++t) {
+      peer.retrieval().query().forward(x.row(t), q);
+      out.push_back(Eigen::Map<spex::RowMat<float>>(q.data(), 8, dk));
+    }
+  }
+  return out;
+}
+
+void BM_PeerLatencyPart_scores(benchmark::State& state) {
+  const auto& keys = spex_bench::peer_layer(kLatencyConfig).retrieval().keys(0);
+  const auto& qs = token_head_queries();
+  const Index half = keys.d_key() / 2;
+  spex::RowMat<float> s1(8, keys.n()), s2(8, keys.n());
+  std::size_t t = 0;
+  for (auto _ : state) {
+    const auto& q = qs[t++ % qs.size()];
+    spex::gemm(s1, q.leftCols(half), keys.sub_keys(0).transpose(), false);
+    spex::gemm(s2, q.rightCols(half), keys.sub_keys(1).transpose(), false);
+    benchmark::DoNotOptimize(s2.data());
+  }
+  spex_bench::tokens_counter(state, 1);
+}
+
+void BM_PeerLatencyPart_topk(benchmark::State& state) {
+  const auto& keys = spex_bench::peer_layer(kLatencyConfig).retrieval().keys(0);
+  const auto& qs = token_head_queries();
+  const Index half = keys.d_key() / 2, n = keys.n();
+  const std::size_t k = 16;
+  std::vector<spex::RowMat<float>> s1, s2;
+  for (const auto& q : qs) {
+    s1.push_back(q.leftCols(half) * keys.sub_keys(0).transpose());
+    s2.push_back(q.rightCols(half) * keys.sub_keys(1).transpose());
+  }
+  std::vector<float> a(k), b(k), v(k);
+  std::vector<std::int64_t> ia(k), ib(k), id(k);
+  spex::kernels::ProductTopKScratch<float> scratch;
+  const auto method = spex::ProductKeys<float>::default_method(Index(k));
+  std::size_t t = 0;
+  for (auto _ : state) {
+    const std::size_t i = t++ % qs.size();
+    for (Index h = 0; h < 8; ++h) {
+      spex::kernels::topk(&s1[i](h, 0), std::size_t(n), k, a.data(), ia.data());
+      spex::kernels::topk(&s2[i](h, 0), std::size_t(n), k, b.data(), ib.data());
+      spex::kernels::product_topk(method, a.data(), ia.data(), k, b.data(), ib.data(), k, std::int64_t(n), k, v.data(),
+                                  id.data(), scratch);
+    }
+    benchmark::DoNotOptimize(id.data());
+  }
+  spex_bench::tokens_counter(state, 1);
+}
+
+}  // namespace
+
+SPEX_BENCH_MACHINE_LIMITS();
+#define SPEX_PER_STORAGE(name, suffix, S, args)                                                             \
+  BENCHMARK_TEMPLATE(name, S)->Name(#name "_" suffix) args->Unit(benchmark::kMicrosecond)->UseRealTime()
+#define SPEX_CONFIGS ->Arg(0)->Arg(1)
+#define SPEX_NONE
+SPEX_PER_STORAGE(BM_PeerExpertStep, "f32", TableStorage::native, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerExpertStep, "bf16", TableStorage::bf16, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerExpertStep, "int8", TableStorage::int8, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerInfer, "f32", TableStorage::native, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerInfer, "bf16", TableStorage::bf16, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerInfer, "int8", TableStorage::int8, SPEX_CONFIGS);
+BENCHMARK(BM_PeerLatencyPart_query)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_PeerLatencyPart_scores)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_PeerLatencyPart_topk)->Unit(benchmark::kMicrosecond)->UseRealTime();
+SPEX_PER_STORAGE(BM_PeerLatencyExperts, "f32", TableStorage::native, SPEX_NONE);
+SPEX_PER_STORAGE(BM_PeerLatencyExperts, "bf16", TableStorage::bf16, SPEX_NONE);
+SPEX_PER_STORAGE(BM_PeerLatencyExperts, "int8", TableStorage::int8, SPEX_NONE);
+SPEX_PER_STORAGE(BM_PeerLatency, "f32", TableStorage::native, SPEX_NONE);
+SPEX_PER_STORAGE(BM_PeerLatency, "bf16", TableStorage::bf16, SPEX_NONE);
+SPEX_PER_STORAGE(BM_PeerLatency, "int8", TableStorage::int8, SPEX_NONE);
