@@ -121,6 +121,29 @@ spex::ProductKeyLayerConfig pk_config(const TaskShape& ts, Index n, Index top_k,
 
 std::string size_name(Index n) { return std::to_string(n * n / 1024) + "k"; }
 
+/// Validation loss and block output error of a trained PEER or PKM block with its expert tables
+/// stored as bf16 and as int8 (each converted from the trained float tables). Converts the
+/// model's block: call it after everything else that uses the model.
+template <class Block>
+void compact_accuracy(Model<Block>& model, const Dataset& data, Summary& sum) {
+  std::vector<Mat> reference;  // the float block's outputs, batch by batch
+  model.evaluate(data.val_x, data.val_y, 0, data.n_val(), [&](const typename Block::Cache&) { reference.push_back(model.block_output()); });
+  const Block trained = model.block();
+  const spex::TableStorage storages[2] = {spex::TableStorage::bf16, spex::TableStorage::int8};
+  for (int i = 0; i < 2; ++i) {
+    model.block() = trained;
+    model.block().set_storage(storages[i]);
+    double err = 0, norm = 0;
+    std::size_t batch = 0;
+    sum.compact_val_loss[i] = model.evaluate(data.val_x, data.val_y, 0, data.n_val(), [&](const typename Block::Cache&) {
+      err += (model.block_output() - reference[batch]).squaredNorm();
+      norm += reference[batch++].squaredNorm();
+    });
+    sum.compact_rel_error[i] = std::sqrt(err / norm);
+  }
+  sum.has_compact = true;
+}
+
 template <class Block>
 Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts, std::unique_ptr<Block> block,
             Index block_active, double block_flops, const Options& opt, std::vector<Curve>& curves) {
@@ -203,6 +226,7 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
     });
     sum.has_usage = true;
     sum.usage = usage.summary();
+    compact_accuracy(model, data, sum);  // last: it converts the block's tables
   }
   curves.push_back(std::move(curve));
   return sum;

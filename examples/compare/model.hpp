@@ -59,6 +59,8 @@ class Model {
   spex::ParameterList<float>& parameters() { return params_; }
   spex::Adam<float>& optimizer() { return *opt_; }
   typename Block::Cache& block_cache() { return bc_; }
+  /// The block's output of the last forward or evaluate batch (rows = that batch's examples).
+  const Mat& block_output() const { return bo_; }
   const spex::ParameterList<float>& parameters() const { return params_; }
 
   /// Parameters a token touches: embeddings of its window, norm, the block's active part

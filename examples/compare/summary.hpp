@@ -55,6 +55,10 @@ struct Summary {
   bool has_sparsity = false;
   SparsityReport sparsity_report;
   double eval_active = 0, eval_zero_tokens = 0;  // on the validation set: experts per token, tokens with none
+  // PEER and PKM after training, expert tables stored compact for inference (bf16, int8): the
+  // validation loss and the block output's error relative to float32 on the validation set.
+  bool has_compact = false;
+  double compact_val_loss[2] = {0, 0}, compact_rel_error[2] = {0, 0};
 };
 
 inline void print_table(const std::vector<Summary>& rows, double dense_flops) {
@@ -65,6 +69,19 @@ inline void print_table(const std::vector<Summary>& rows, double dense_flops) {
                 (long long)s.total, s.flops / 1e3, s.flops / dense_flops, s.train_loss, s.val_loss, s.tokens_per_s,
                 100 * s.optimizer_share);
     s.has_usage ? std::printf(" %8.1f\n", s.usage.usage_percent) : std::printf(" %8s\n", "-");
+  }
+  bool any_compact = false;
+  for (const auto& s : rows) any_compact = any_compact || s.has_compact;
+  if (any_compact) {
+    std::printf("\nexpert tables stored compact for inference (validation loss, change vs float32; block output error):\n");
+    std::printf("%-10s %10s %20s %20s %12s %12s\n", "variant", "f32 loss", "bf16 loss", "int8 loss", "bf16 error", "int8 error");
+    for (const auto& s : rows) {
+      if (!s.has_compact) continue;
+      auto change = [&](double v) { return 100 * (v - s.val_loss) / s.val_loss; };
+      std::printf("%-10s %10.4f %10.4f (%+6.3f%%) %10.4f (%+6.3f%%) %12.2e %12.2e\n", s.variant.c_str(), s.val_loss,
+                  s.compact_val_loss[0], change(s.compact_val_loss[0]), s.compact_val_loss[1], change(s.compact_val_loss[1]),
+                  s.compact_rel_error[0], s.compact_rel_error[1]);
+    }
   }
   for (const auto& s : rows) {
     if (!s.has_sparsity) continue;

@@ -1,6 +1,7 @@
 #pragma once
 // Umbrella header: everything public in spex.
 #include "core/check.hpp"
+#include "core/compact_table.hpp"
 #include "core/gemm.hpp"
 #include "core/layer_state.hpp"
 #include "core/parallel.hpp"
@@ -9,6 +10,7 @@
 #include "core/sparse_rows.hpp"
 #include "core/types.hpp"
 #include "kernels/activation.hpp"
+#include "kernels/compact.hpp"
 #include "kernels/gather.hpp"
 #include "kernels/optim.hpp"
 #include "kernels/product_topk.hpp"

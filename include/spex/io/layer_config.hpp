@@ -2,7 +2,7 @@
 // Layer configurations in a file's __metadata__, so a layer can be built from the file alone.
 //
 // Format (documented in README, "File format"): the metadata key "spex" holds a JSON document
-//   {"format": "spex", "version": [1, 0],
+//   {"format": "spex", "version": [1, 2],
 //    "layers": {"<prefix>": {"kind": "Peer" | "Pkm" | "ReMoE" | "TopKMoE",
 //                            "dtype": "F32" | "F64",
 //                            "config": {<every Config field by its C++ name>},
@@ -10,7 +10,8 @@
 // Enum fields are strings (to_string of the enum: "gelu_erf", "softmax", "batch", "swiglu",
 // "l1_lb", ...). A config field that is absent takes the Config's default, except where a
 // version changed a default: in a 1.0 file an absent learn_keys reads as true (1.0 had no such
-// field and trained the sub-keys) and an absent penalty as l1_lb (1.0's default).
+// field and trained the sub-keys) and an absent penalty as l1_lb (1.0's default). 1.2 added
+// "storage" (native, bf16, int8: how a Peer or Pkm stores its expert tables; io/compact_tables.hpp).
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
