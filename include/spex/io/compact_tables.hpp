@@ -148,15 +148,11 @@ class CompactTableLoad {
   // Every value the table would hold is finite (and every scale finite and >= 0).
   bool check_values(const Item& it, std::vector<std::string>& problems) const {
     if (it.scale) {
-      const unsigned char* p = file_.data(*it.scale);
-      for (Index r = 0; r < it.table->rows(); ++r) {
-        float s;
-        std::memcpy(&s, p + sizeof(float) * static_cast<std::size_t>(r), sizeof s);
-        if (!(std::isfinite(s) && s >= 0)) {
-          problems.push_back("'" + it.scale->name + "' holds " + std::to_string(s) + " at row " + std::to_string(r) +
-                             "; a scale must be finite and >= 0");
-          return false;
-        }
+      const std::int64_t r = detail::first_bad_scale(file_.data(*it.scale), it.table->rows());
+      if (r >= 0) {
+        problems.push_back("'" + it.scale->name + "' holds a non-finite or negative scale at row " + std::to_string(r) +
+                           "; a scale must be finite and >= 0");
+        return false;
       }
       return true;  // int8 rows times finite scales are finite
     }
@@ -179,13 +175,8 @@ class CompactTableLoad {
       convert_from_bytes(src, it.t->dtype, buf.data(), count);
       return;
     }
-    const unsigned char* scales = file_.data(*it.scale);
-    for (Index r = 0; r < n; ++r) {
-      float s;
-      std::memcpy(&s, scales + sizeof(float) * static_cast<std::size_t>(first + r), sizeof s);
-      const auto* q = reinterpret_cast<const std::int8_t*>(src) + static_cast<std::size_t>(r) * c;
-      for (std::size_t i = 0; i < c; ++i) buf[static_cast<std::size_t>(r) * c + i] = s * float(q[i]);
-    }
+    const std::uint64_t cols = static_cast<std::uint64_t>(c);
+    detail::dequantize_i8(src, file_.data(*it.scale), static_cast<std::uint64_t>(first) * cols, count, cols, buf.data());
   }
 
   // Calls f(first row, rows, bytes) over the tensor in blocks of about 16 MiB, unmapping each

@@ -70,6 +70,28 @@ std::int64_t first_non_finite(const unsigned char* p, DType t, std::uint64_t n) 
   return -1;
 }
 
+/// n int8 values `q` of a table with `cols` columns, from its flat index `first` on, times their
+/// row's scale (F32 bytes `scales`, one per row: io/compact_tables.hpp), as T.
+template <class T>
+void dequantize_i8(const unsigned char* q, const unsigned char* scales, std::uint64_t first, std::uint64_t n,
+                   std::uint64_t cols, T* out) {
+  for (std::uint64_t i = 0; i < n; ++i) {
+    float s;
+    std::memcpy(&s, scales + sizeof(float) * ((first + i) / cols), sizeof s);
+    out[i] = static_cast<T>(s * float(static_cast<std::int8_t>(q[i])));
+  }
+}
+
+/// The first of `rows` F32 scales that is not finite or is negative, or -1.
+inline std::int64_t first_bad_scale(const unsigned char* scales, std::int64_t rows) {
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float s;
+    std::memcpy(&s, scales + sizeof(float) * static_cast<std::size_t>(r), sizeof s);
+    if (!(std::isfinite(s) && s >= 0)) return r;
+  }
+  return -1;
+}
+
 inline std::string join(const std::vector<std::string>& v) {
   std::string s;
   for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + v[i];
@@ -124,16 +146,9 @@ class ParameterLoad {
       }
       const bool map = opt.map && p.table && keep_alive_ && t->dtype == dtype_of<T>() && t->shape.size() == 2 &&
                        reinterpret_cast<std::uintptr_t>(file.data(*t)) % alignof(T) == 0;
-      if (scale && opt.check_finite) {
-        const unsigned char* sp = file.data(*scale);
-        for (Index r = 0; r < p.rows; ++r) {
-          float v;
-          std::memcpy(&v, sp + sizeof(float) * static_cast<std::size_t>(r), sizeof v);
-          if (!std::isfinite(v)) {
-            problems.push_back("'" + scale->name + "' holds a non-finite value at row " + std::to_string(r));
-            break;
-          }
-        }
+      if (scale) {
+        const std::int64_t r = detail::first_bad_scale(file.data(*scale), p.rows);
+        if (r >= 0) problems.push_back("'" + scale->name + "' holds a non-finite or negative scale at row " + std::to_string(r));
       } else if (!map && opt.check_finite) {
         std::int64_t at = -1;
         for_each_chunk(*t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
@@ -171,7 +186,7 @@ class ParameterLoad {
         continue;
       }
       for_each_chunk(t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
-        if (it.scale) dequantize(src, first, n, *it.scale, static_cast<std::uint64_t>(it.p.cols), it.p.value + first);
+        if (it.scale) detail::dequantize_i8(src, file_.data(*it.scale), first, n, static_cast<std::uint64_t>(it.p.cols), it.p.value + first);
         else if (t.dtype == dtype_of<T>()) std::memcpy(it.p.value + first, src, n * sizeof(T));
         else convert_from_bytes(src, t.dtype, it.p.value + first, n);
       });
@@ -193,17 +208,6 @@ class ParameterLoad {
       const unsigned char* src = file_.data(t) + first * size;
       f(first, len, src);
       if (file_mapping_) release_file_pages(src, len * size);
-    }
-  }
-
-  // n int8 values from flat index `first` of a table with `cols` columns, times their row's scale.
-  void dequantize(const unsigned char* src, std::uint64_t first, std::uint64_t n, const TensorInfo& scale, std::uint64_t cols,
-                  T* out) const {
-    const unsigned char* scales = file_.data(scale);
-    for (std::uint64_t i = 0; i < n; ++i) {
-      float s;
-      std::memcpy(&s, scales + sizeof(float) * ((first + i) / cols), sizeof s);
-      out[i] = static_cast<T>(s * float(static_cast<std::int8_t>(src[i])));
     }
   }
 
