@@ -1,7 +1,8 @@
 // Compact expert tables in files (io/compact_tables.hpp): saved as stored and loaded back bit
 // for bit (mapped in place or copied), quantized on load from a float file exactly as
 // set_storage quantizes, read by float layers where the dtype allows, and every malformed
-// file rejected before anything is written.
+// file rejected before anything is written. And a grown layer (ExpertIds::shells): its size and
+// id scheme travel in its file.
 #include <cstring>
 
 #include <catch2/catch.hpp>
@@ -194,4 +195,22 @@ TEST_CASE("malformed compact files are rejected before anything is written", "[i
   LoadOptions bf;
   bf.storage = TableStorage::bf16;
   CHECK_THROWS_WITH(load_into(dir.path("i8.safetensors"), target, "", bf), Catch::Contains("LoadOptions::storage"));
+}
+
+TEST_CASE("a grown layer saves its size and id scheme and loads back equal", "[io][grow]") {
+  TempDir dir;
+  ProductKeyLayerConfig c = config();
+  c.expert_ids = ExpertIds::shells;
+  Peer<float> p(c, 1);
+  p.grow(9, 4);
+  save_layer(dir.path("g.safetensors"), p);
+  const Peer<float> q = load_layer<Peer<float>>(dir.path("g.safetensors"));
+  CHECK(q.config().n_keys == 9);
+  CHECK(q.config().expert_ids == ExpertIds::shells);
+  CHECK(config_to_json(q.config()) == config_to_json(p.config()));
+  CHECK(infer(q) == infer(p));
+  CHECK(q.experts().down() == p.experts().down());
+  // A layer of the original size cannot take the grown file.
+  Peer<float> small(c, 1);
+  CHECK_THROWS_WITH(load_into(dir.path("g.safetensors"), small), Catch::Contains("n_keys"));
 }

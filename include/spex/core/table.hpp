@@ -51,6 +51,18 @@ class Table {
     return owned_;
   }
 
+  /// Grows to `rows` rows (at least rows()): the existing rows are copied once into a new owned
+  /// table (a view becomes owned), the new rows are unspecified (fill them). Huge pages are
+  /// requested for the new table before it is touched.
+  void grow_rows(Index rows) {
+    SPEX_CHECK(rows >= this->rows(), "grow_rows(" << rows << ") on a table of " << this->rows() << " rows");
+    Matrix grown(rows, cols());
+    advise_huge_pages(grown.data(), sizeof(T) * static_cast<std::size_t>(grown.size()));
+    std::copy(data(), data() + size(), grown.data());
+    owned_.swap(grown);
+    if (view_) release_view();
+  }
+
   /// Reads `data` (rows x cols, row-major, contiguous) in place from now on; `keep_alive` owns
   /// that memory and is held as long as the view is. The owned storage is released. The shape
   /// must be the table's.

@@ -80,6 +80,21 @@ class NeuronExperts {
     }
   }
 
+  /// Grows to n_new experts (at least n_experts()): rows 0 .. N - 1 stay, the new rows are drawn
+  /// as at construction (rng's splits 11 and 12). Each table is copied once. Native tables only.
+  void grow(Index n_new, Rng& rng) {
+    require_native("grow");
+    SPEX_CHECK(n_new >= n_experts(), "NeuronExperts::grow(" << n_new << ") below the " << n_experts() << " experts it has");
+    const Index n0 = n_experts();
+    Rng r1 = rng.split(11), r2 = rng.split(12);
+    down_.grow_rows(n_new);
+    up_.grow_rows(n_new);
+    auto new_down = down_.mutable_matrix().bottomRows(n_new - n0);
+    auto new_up = up_.mutable_matrix().bottomRows(n_new - n0);
+    fill_normal(new_down, 1.0 / std::sqrt(double(d_in())), r1);
+    fill_normal(new_up, 1.0 / std::sqrt(double(d_out())), r2);
+  }
+
   /// How the tables are stored: native (T, trainable) or compact (bf16, int8; inference).
   TableStorage storage() const { return storage_; }
   /// Converts the tables to storage `s` in place, one table at a time (the peak is one table

@@ -60,6 +60,18 @@ class ValueExperts {
   Index n_experts() const { return compact() ? cvalues_.rows() : values_.rows(); }
   Index d_out() const { return compact() ? cvalues_.cols() : values_.cols(); }
 
+  /// Grows to n_new slots (at least n_experts()): rows 0 .. N - 1 stay, the new rows are drawn
+  /// as at construction (rng's split 13). The table is copied once. Native tables only.
+  void grow(Index n_new, Rng& rng) {
+    require_native("grow");
+    SPEX_CHECK(n_new >= n_experts(), "ValueExperts::grow(" << n_new << ") below the " << n_experts() << " slots it has");
+    const Index n0 = n_experts();
+    Rng r = rng.split(13);
+    values_.grow_rows(n_new);
+    auto fresh = values_.mutable_matrix().bottomRows(n_new - n0);
+    fill_normal(fresh, 1.0 / std::sqrt(double(d_out())), r);
+  }
+
   /// How the table is stored: native (T, trainable) or compact (bf16, int8; inference).
   TableStorage storage() const { return storage_; }
   /// Converts the table to storage `s` in place (NeuronExperts::set_storage).

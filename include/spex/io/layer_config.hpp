@@ -11,7 +11,8 @@
 // "l1_lb", ...). A config field that is absent takes the Config's default, except where a
 // version changed a default: in a 1.0 file an absent learn_keys reads as true (1.0 had no such
 // field and trained the sub-keys) and an absent penalty as l1_lb (1.0's default). 1.2 added
-// "storage" (native, bf16, int8: how a Peer or Pkm stores its expert tables; io/compact_tables.hpp).
+// "storage" (native, bf16, int8: how a Peer or Pkm stores its expert tables; io/compact_tables.hpp)
+// and "expert_ids" (row_major, shells: ExpertIds in select/product_keys.hpp).
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
@@ -104,6 +105,7 @@ struct ConfigFromJson {
   static int enum_count(FfnKind) { return 2; }
   static int enum_count(Penalty) { return 4; }
   static int enum_count(TableStorage) { return 3; }
+  static int enum_count(ExpertIds) { return 2; }
 };
 
 template <class C, class F>
@@ -126,6 +128,7 @@ void for_each_field(C& c, F& f) {
     f("norm_eps", c.norm_eps);
     f("norm_momentum", c.norm_momentum);
     f("storage", c.storage);
+    f("expert_ids", c.expert_ids);
   } else {
     static_assert(std::is_same<std::remove_const_t<C>, MoEConfig>::value, "a layer Config");
     f("d_in", c.d_in);

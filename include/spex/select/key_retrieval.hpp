@@ -57,6 +57,9 @@ struct KeyRetrievalConfig {
   bool learn_keys = false;
   bool query_bias = false;
   double norm_eps = 1e-5, norm_momentum = 0.1;
+  /// How sub-key pairs are numbered as expert ids: row_major (i1 * n + i2, the references'),
+  /// or shells, which keeps every id when the layer grows (ExpertIds, grow()).
+  ExpertIds expert_ids = ExpertIds::row_major;
 };
 
 /// Thread safety: infer() and backward() are const (distinct caches per thread); train-mode
@@ -106,7 +109,21 @@ class KeyRetrieval {
     query_ = Linear<T>(cfg.d_in, cfg.heads * cfg.d_key, cfg.query_bias, rng);
     norm_ = Norm<T>(cfg.norm, cfg.heads * cfg.d_key, cfg.d_key, T(cfg.norm_eps), T(cfg.norm_momentum));
     const Index sets = cfg.shared_keys ? 1 : cfg.heads;
-    for (Index s = 0; s < sets; ++s) keys_.emplace_back(cfg.n_keys, cfg.d_key, rng.next_u64());
+    for (Index s = 0; s < sets; ++s) keys_.emplace_back(cfg.n_keys, cfg.d_key, rng.next_u64(), cfg.expert_ids);
+  }
+
+  /// Grows every sub-key set to n_new rows per half (N = n_new^2 experts), keeping the existing
+  /// rows; the new rows are drawn as at construction from `seed` (set s from a seed split off it).
+  /// Needs ExpertIds::shells (every expert keeps its id). Gradients made before must be made
+  /// again (make_grads). Not thread-safe.
+  void grow(Index n_new, std::uint64_t seed) {
+    SPEX_CHECK(cfg_.expert_ids == ExpertIds::shells,
+               "grow: experts numbered " << to_string(cfg_.expert_ids) << " would all change id; use ExpertIds::shells");
+    SPEX_CHECK(n_new >= cfg_.n_keys && n_new <= kMaxProductKeys,
+               "grow: n_new = " << n_new << " must be in [n_keys = " << cfg_.n_keys << ", " << kMaxProductKeys << "]");
+    Rng rng(seed);
+    for (auto& k : keys_) k.grow(n_new, rng.next_u64());
+    cfg_.n_keys = n_new;
   }
 
   /// Throws spex::Error naming the first field that is out of range.
@@ -124,6 +141,8 @@ class KeyRetrieval {
                "score = " << int(cfg.score) << " is not a ScoreFn");
     SPEX_CHECK(cfg.norm == NormKind::none || cfg.norm == NormKind::batch || cfg.norm == NormKind::layer,
                "norm = " << int(cfg.norm) << " is not a NormKind");
+    SPEX_CHECK(cfg.expert_ids == ExpertIds::row_major || cfg.expert_ids == ExpertIds::shells,
+               "expert_ids = " << int(cfg.expert_ids) << " is not an ExpertIds");
     check_positive(cfg.norm_eps, "norm_eps");
     check_range(cfg.norm_momentum, 0.0, 1.0, "norm_momentum");
     return cfg;
@@ -310,11 +329,12 @@ class KeyRetrieval {
         const Index set = key_set(h);
         T* dq1 = &c.dq(t, h * dk);
         for (Index j = 0; j < k; ++j) {
-          const Index e = c.ids(t, h * k + j);
           const T ds = c.dscores(t, h * k + j);
           if (ds == T(0)) continue;
-          kernels::axpy<Arch>(ds, keys_[set].sub_keys(0).row(e / n).data(), dq1, hs);
-          kernels::axpy<Arch>(ds, keys_[set].sub_keys(1).row(e % n).data(), dq1 + half, hs);
+          Index i1, i2;
+          expert_pair(cfg_.expert_ids, c.ids(t, h * k + j), n, i1, i2);
+          kernels::axpy<Arch>(ds, keys_[set].sub_keys(0).row(i1).data(), dq1, hs);
+          kernels::axpy<Arch>(ds, keys_[set].sub_keys(1).row(i2).data(), dq1 + half, hs);
         }
       }
     });
@@ -325,10 +345,12 @@ class KeyRetrieval {
     auto& plan = c.key_plan;
     plan.slot.resize(static_cast<std::size_t>(2 * occ));
     for (Index o = 0; o < occ; ++o) {
-      const Index h = (o / k) % heads, e = c.ids.data()[o];
+      const Index h = (o / k) % heads;
       const bool used = c.dscores.data()[o] != T(0);
-      plan.slot[2 * o] = used ? (key_set(h) * 2) * n + e / n : -1;
-      plan.slot[2 * o + 1] = used ? (key_set(h) * 2 + 1) * n + e % n : -1;
+      Index i1 = 0, i2 = 0;
+      if (used) expert_pair(cfg_.expert_ids, c.ids.data()[o], n, i1, i2);
+      plan.slot[2 * o] = used ? (key_set(h) * 2) * n + i1 : -1;
+      plan.slot[2 * o + 1] = used ? (key_set(h) * 2 + 1) * n + i2 : -1;
     }
     plan.group(n_rows);
     constexpr Index kRowsPerTask = 64;

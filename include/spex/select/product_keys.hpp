@@ -1,6 +1,7 @@
 #pragma once
 // Product keys (Lample et al. 2019; PEER, He 2024): two sub-key tables C1, C2 of n rows of
-// d_key/2 stand for N = n^2 virtual keys [C1[i]; C2[j]] with id i * n + j. Because
+// d_key/2 stand for N = n^2 virtual keys [C1[i]; C2[j]] with id i * n + j (or numbered by
+// shells, ExpertIds below, so that the pool can grow without renumbering). Because
 // q . [c; c'] = q1 . c + q2 . c', the exact top-k over all N keys is found from the top-k of
 // each half (the k best keys can only use rows among their half's k best) and an exact top-k
 // of the k x k candidate sums (kernels/product_topk.hpp). Cost per query: n * d_key MACs of
@@ -18,6 +19,48 @@
 #include "../kernels/topk.hpp"
 
 namespace spex {
+
+/// How a pair of sub-key rows (i1, i2) is numbered as an expert id among N = n^2:
+/// row_major: i1 * n + i2 (the papers' and PyTorch references'); every id changes with n.
+/// shells: by shells of max(i1, i2): shell m holds (m, 0..m) as m^2 .. m^2 + m and (0..m-1, m)
+/// as m^2 + m + 1 .. (m + 1)^2 - 1. The ids of pairs below n do not depend on n, so growing n to
+/// n' keeps every expert's id and gives the new experts the ids n^2 .. n'^2 - 1.
+enum class ExpertIds { row_major, shells };
+
+inline const char* to_string(ExpertIds s) {
+  switch (s) {
+    case ExpertIds::row_major: return "row_major";
+    case ExpertIds::shells: return "shells";
+  }
+  return "?";
+}
+
+/// The id of the pair (i1, i2), 0 <= i1, i2 < n.
+inline Index expert_id(ExpertIds s, Index i1, Index i2, Index n) {
+  if (s == ExpertIds::row_major) return i1 * n + i2;
+  const Index m = std::max(i1, i2);
+  return m * m + (i1 == m ? i2 : m + 1 + i1);
+}
+
+/// The pair (i1, i2) of expert `id`, 0 <= id < n^2 (the inverse of expert_id).
+inline void expert_pair(ExpertIds s, Index id, Index n, Index& i1, Index& i2) {
+  if (s == ExpertIds::row_major) {
+    i1 = id / n;
+    i2 = id % n;
+    return;
+  }
+  Index m = static_cast<Index>(std::sqrt(static_cast<double>(id)));
+  while (m * m > id) --m;
+  while ((m + 1) * (m + 1) <= id) ++m;
+  const Index r = id - m * m;  // 0 .. 2m
+  if (r <= m) {
+    i1 = m;
+    i2 = r;
+  } else {
+    i1 = r - m - 1;
+    i2 = m;
+  }
+}
 
 /// Scratch for ProductKeys::search, one set per thread. Reused across calls, it stops
 /// allocating once it has seen the largest batch and k. One workspace per concurrent caller.
@@ -45,21 +88,17 @@ class ProductKeys {
   static constexpr Index kTransposedKeysMinQueries = 1024;
 
   /// n rows per half (N = n^2 keys) of d_key / 2 each (d_key even), initialized
-  /// U(-1/sqrt(d_key/2), 1/sqrt(d_key/2)) as the PKM reference does, from `seed`.
-  ProductKeys(Index n, Index d_key, std::uint64_t seed = 0) {
+  /// U(-1/sqrt(d_key/2), 1/sqrt(d_key/2)) as the PKM reference does, from `seed`; ids as `ids`.
+  ProductKeys(Index n, Index d_key, std::uint64_t seed = 0, ExpertIds ids = ExpertIds::row_major) : ids_(checked(ids)) {
     SPEX_CHECK(n >= 1, "n = " << n << " must be >= 1");
     SPEX_CHECK(d_key >= 2 && d_key % 2 == 0, "d_key = " << d_key << " must be even and >= 2");
-    const double bound = 1.0 / std::sqrt(static_cast<double>(d_key / 2));
-    Rng rng(seed);
-    c1_.resize(n, d_key / 2);
-    c2_.resize(n, d_key / 2);
-    Rng r1 = rng.split(1), r2 = rng.split(2);
-    fill_uniform(c1_, -bound, bound, r1);
-    fill_uniform(c2_, -bound, bound, r2);
+    c1_.resize(0, d_key / 2);
+    c2_.resize(0, d_key / 2);
+    append_rows(n, seed);
   }
 
   /// From given sub-key tables (n x d_key/2 each).
-  ProductKeys(RowMat<T> c1, RowMat<T> c2) : c1_(std::move(c1)), c2_(std::move(c2)) {
+  ProductKeys(RowMat<T> c1, RowMat<T> c2, ExpertIds ids = ExpertIds::row_major) : ids_(checked(ids)), c1_(std::move(c1)), c2_(std::move(c2)) {
     SPEX_CHECK(c1_.rows() >= 1 && c1_.cols() >= 1, "sub-key table c1 is empty");
     check_shape(c2_, c1_.rows(), c1_.cols(), "sub-key table c2");
     check_finite(c1_, "sub-key table c1");
@@ -67,6 +106,18 @@ class ProductKeys {
   }
 
   Index n() const { return c1_.rows(); }
+  /// How pairs of sub-key rows are numbered (ExpertIds).
+  ExpertIds ids() const { return ids_; }
+
+  /// Grows to n_new rows per half (N = n_new^2): the existing rows stay as they are, the new
+  /// ones are drawn as at construction from `seed`. Only with ExpertIds::shells, under which
+  /// every existing key keeps its id and the new keys take the ids n^2 .. n_new^2 - 1.
+  void grow(Index n_new, std::uint64_t seed) {
+    SPEX_CHECK(ids_ == ExpertIds::shells, "grow: keys numbered " << to_string(ids_)
+                                                                 << " would all change id; construct with ExpertIds::shells");
+    SPEX_CHECK(n_new >= n() && n_new <= (Index(1) << 20), "grow: n_new = " << n_new << " must be in [n = " << n() << ", 2^20]");
+    append_rows(n_new - n(), seed);
+  }
   /// Number of virtual keys N = n^2.
   Index size() const { return n() * n(); }
   Index d_key() const { return 2 * c1_.cols(); }
@@ -81,8 +132,9 @@ class ProductKeys {
     RowMat<T> keys(size(), d_key());
     for (Index i = 0; i < n(); ++i)
       for (Index j = 0; j < n(); ++j) {
-        keys.row(i * n() + j).head(h) = c1_.row(i);
-        keys.row(i * n() + j).tail(h) = c2_.row(j);
+        const Index id = expert_id(ids_, i, j, n());
+        keys.row(id).head(h) = c1_.row(i);
+        keys.row(id).tail(h) = c2_.row(j);
       }
     return keys;
   }
@@ -140,6 +192,9 @@ class ProductKeys {
         kernels::topk<Arch>(&w.s2(r, 0), ns, ks, w.b.data(), w.ib.data());
         kernels::product_topk(method, w.a.data(), w.ia.data(), ks, w.b.data(), w.ib.data(), ks, n(), ks,
                               &scores(q0 + r, 0), &ids(q0 + r, 0), w.scratch);
+        if (ids_ == ExpertIds::shells)  // ids -1 (fewer finite scores than k) stay -1
+          for (Index j = 0; j < k; ++j)
+            if (const Index id = ids(q0 + r, j); id >= 0) ids(q0 + r, j) = expert_id(ids_, id / n(), id % n(), n());
       }
     });
   }
@@ -149,6 +204,26 @@ class ProductKeys {
   }
 
  private:
+  static ExpertIds checked(ExpertIds s) {
+    SPEX_CHECK(s == ExpertIds::row_major || s == ExpertIds::shells, "expert ids = " << int(s) << " is not an ExpertIds");
+    return s;
+  }
+
+  // Appends `rows` rows to each half, U(-1/sqrt(d_key/2), 1/sqrt(d_key/2)) from `seed`: the
+  // tables once copied (conservativeResize), the old rows unchanged.
+  void append_rows(Index rows, std::uint64_t seed) {
+    const Index n0 = c1_.rows(), h = c1_.cols();
+    const double bound = 1.0 / std::sqrt(static_cast<double>(h));
+    Rng rng(seed);
+    Rng r1 = rng.split(1), r2 = rng.split(2);
+    c1_.conservativeResize(n0 + rows, h);
+    c2_.conservativeResize(n0 + rows, h);
+    auto new1 = c1_.bottomRows(rows);
+    auto new2 = c2_.bottomRows(rows);
+    fill_uniform(new1, -bound, bound, r1);
+    fill_uniform(new2, -bound, bound, r2);
+  }
+
   void reserve(Workspace& ws, int threads, Index qb, Index k) const {
     if (static_cast<int>(ws.threads.size()) < threads) ws.threads.resize(threads);
     for (auto& w : ws.threads) {
@@ -166,6 +241,7 @@ class ProductKeys {
     }
   }
 
+  ExpertIds ids_ = ExpertIds::row_major;
   RowMat<T> c1_, c2_;
 };
 

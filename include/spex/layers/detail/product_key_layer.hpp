@@ -40,6 +40,8 @@ struct ProductKeyLayerConfig {
   /// How the expert tables are stored: native (T; trainable) or, for inference only with
   /// T = float, bf16 or int8 (core/compact_table.hpp). Retrieval always stays in T.
   TableStorage storage = TableStorage::native;
+  /// Expert numbering (ExpertIds): row_major (the references'), or shells, which grow() needs.
+  ExpertIds expert_ids = ExpertIds::row_major;
 };
 
 namespace detail {
@@ -93,6 +95,7 @@ inline KeyRetrievalConfig retrieval_config(const ProductKeyLayerConfig& c) {
   r.query_bias = c.query_bias;
   r.norm_eps = c.norm_eps;
   r.norm_momentum = c.norm_momentum;
+  r.expert_ids = c.expert_ids;
   return r;
 }
 
@@ -159,11 +162,35 @@ class ProductKeyLayer {
   TableStorage storage() const { return cfg_.storage; }
   /// Converts the expert tables to storage `s` in place: compact (bf16, int8) for inference
   /// after training, native again to train on (with the compact values). One table is held in
-  /// both forms at a time. Not thread-safe; invalidates caches.
+  /// both forms at a time. Not thread-safe: no call on the layer may run meanwhile.
   void set_storage(TableStorage s) {
     experts_.set_storage(s);
     cfg_.storage = s;
   }
+  /// Grows the expert pool in place from N = n^2 to n_new^2 (config().expert_ids must be
+  /// shells): every existing expert keeps its id, its table rows and its sub-key rows; the new
+  /// sub-key rows and expert rows are drawn as at construction from `seed`. The expert tables
+  /// are copied once (into tables of the new size). Gradients and optimizers made before must be
+  /// made again. Native tables only. Not thread-safe.
+  void grow(Index n_new, std::uint64_t seed) {
+    require_native("grow");
+    SPEX_CHECK(cfg_.expert_ids == ExpertIds::shells,
+               Layer::kName << "::grow: experts numbered " << to_string(cfg_.expert_ids)
+                            << " would all change id; construct with expert_ids = ExpertIds::shells");
+    SPEX_CHECK(n_new >= cfg_.n_keys && n_new <= kMaxProductKeys,
+               Layer::kName << "::grow: n_new = " << n_new << " must be in [n_keys = " << cfg_.n_keys << ", " << kMaxProductKeys << "]");
+    if (n_new == cfg_.n_keys) return;
+    Config grown = cfg_;
+    grown.n_keys = n_new;
+    grown.n_experts = n_new * n_new;
+    checked_mul(grown.n_experts, std::max(grown.d_in, grown.d_out), "the expert table size n_experts * d");
+    Rng rng(seed);
+    Rng key_rng = rng.split(1), table_rng = rng.split(2);
+    experts_.grow(grown.n_experts, table_rng);  // first: the only step that allocates much
+    retrieval_.grow(n_new, key_rng.next_u64());
+    cfg_ = grown;
+  }
+
   /// Bytes of the expert tables as stored.
   std::size_t table_bytes() const { return experts_.table_bytes(); }
   /// The compact expert tables by name (prefix + "experts.down", ...); none while native.
