@@ -86,7 +86,7 @@ TEST_CASE("shell-numbered product keys stay exact through several growths", "[gr
   CHECK_THROWS_WITH(a.grow(8, 1), Catch::Contains("n_new = 8"));
 }
 
-TEST_CASE("Peer and Pkm grow in place: old experts keep ids, rows and sub-keys; retrieval exact", "[grow]") {
+TEST_CASE("Peer and Pkm grow in place: old experts keep ids, rows and sub-keys, retrieval exact", "[grow]") {
   Peer<float> p(grow_config(6), 1);
   Pkm<float> k(grow_config(6), 2);
   Rng rng(5);

@@ -175,7 +175,7 @@ TEST_CASE("backward needs a training forward of the same layer as the cache's la
   CHECK_THROWS_WITH(peer.backward(RowMat<double>(0, 6), pdx, pc, pg), Catch::Contains("dy has 0 rows"));
 }
 
-TEST_CASE("dx may be dy itself; other overlaps are errors", "[hardening]") {
+TEST_CASE("dx may be dy itself, other overlaps are errors", "[hardening]") {
   const RowMat<double> x = randn_mat(7, 6, 1), dy = randn_mat(7, 6, 2);
   auto check_in_place = [&](auto& layer) {
     using L = std::decay_t<decltype(layer)>;
@@ -288,7 +288,7 @@ TEST_CASE("ReMoE with an unreachable sparsity target trains for 1000 steps witho
   for (const auto& p : params) CHECK(p.value_map().allFinite());
 }
 
-TEST_CASE("every config field is validated; sizes never overflow", "[hardening]") {
+TEST_CASE("every config field is validated, sizes never overflow", "[hardening]") {
   auto peer = [](ProductKeyLayerConfig c) { Peer<float> p(c); };
   auto cfg = pk_config();
   auto with = [&](auto f) {
@@ -310,7 +310,11 @@ TEST_CASE("every config field is validated; sizes never overflow", "[hardening]"
   CHECK_THROWS_WITH(peer(with([](auto& c) { c.activation = kernels::Activation(42); })), Catch::Contains("activation = 42"));
   CHECK_THROWS_WITH(peer(with([](auto& c) { c.norm_eps = kNaN; })), Catch::Contains("norm_eps"));
   CHECK_THROWS_WITH(peer(with([](auto& c) { c.norm_momentum = 2; })), Catch::Contains("norm_momentum"));
-  CHECK_THROWS_WITH(peer(with([](auto& c) { c.heads = Index(1) << 40; })), Catch::Contains("overflows"));
+  CHECK_THROWS_WITH(peer(with([](auto& c) {
+                      c.heads = Index(1) << 40;
+                      c.d_key = Index(1) << 24;  // heads * d_key = 2^64
+                    })),
+                    Catch::Contains("heads * d_key") && Catch::Contains("overflows"));
 
   auto moe = [](MoEConfig c) { ReMoE m(c); };
   auto mwith = [&](auto f) {

@@ -140,7 +140,7 @@ TEST_CASE("a strict load lists every problem in one error and writes nothing", "
   CHECK_NOTHROW(load_layer<Peer<float>>(dir.path("full.safetensors"), "", lenient));
 }
 
-TEST_CASE("non-finite values in a file are an error naming the tensor; nothing is written", "[io]") {
+TEST_CASE("non-finite values in a file are an error naming the tensor, nothing is written", "[io]") {
   TempDir dir;
   Peer<double> a(pk_config(), 1);
   Peer<float> b(pk_config(), 2);
@@ -209,7 +209,7 @@ TEST_CASE("several layers in one file, each built from its prefix", "[io]") {
   CHECK_THROWS_WITH(load_layer<TopKf>(f, "b1."), Catch::Contains("kind 'Pkm'"));
 }
 
-TEST_CASE("mapped loading reads expert tables in place; training copies them once", "[io]") {
+TEST_CASE("mapped loading reads expert tables in place, training copies them once", "[io]") {
   TempDir dir;
   const std::string path = dir.path("peer.safetensors");
   const Peer<float> a(pk_config(), 1);

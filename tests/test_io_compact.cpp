@@ -96,7 +96,7 @@ TEST_CASE("compact layers save as stored and load back bit for bit, mapped or co
   }
 }
 
-TEST_CASE("quantize on load equals set_storage on the float layer; compact files load as float", "[io][compact]") {
+TEST_CASE("quantize on load equals set_storage on the float layer, and compact files load as float", "[io][compact]") {
   TempDir dir;
   const Peer<float> f(config(), 3);
   save_layer(dir.path("f32.safetensors"), f);

@@ -51,16 +51,14 @@ class Table {
     return owned_;
   }
 
-  /// Grows to `rows` rows (at least rows()): the existing rows are copied once into a new owned
-  /// table (a view becomes owned), the new rows are unspecified (fill them). Huge pages are
-  /// requested for the new table before it is touched.
-  void grow_rows(Index rows) {
-    SPEX_CHECK(rows >= this->rows(), "grow_rows(" << rows << ") on a table of " << this->rows() << " rows");
-    Matrix grown(rows, cols());
-    advise_huge_pages(grown.data(), sizeof(T) * static_cast<std::size_t>(grown.size()));
-    std::copy(data(), data() + size(), grown.data());
-    owned_.swap(grown);
-    if (view_) release_view();
+  /// A new owned table of `rows` rows (at least rows()) whose first rows() rows are this one's
+  /// (copied once) and whose other rows are unspecified (fill them). This table is unchanged, so
+  /// a caller can build every grown table before replacing any (all-or-nothing).
+  Table grown(Index rows) const {
+    SPEX_CHECK(rows >= this->rows(), "grown(" << rows << ") from a table of " << this->rows() << " rows");
+    Table t(rows, cols());
+    std::copy(data(), data() + size(), t.owned_.data());
+    return t;
   }
 
   /// Reads `data` (rows x cols, row-major, contiguous) in place from now on; `keep_alive` owns

@@ -87,12 +87,13 @@ class NeuronExperts {
     SPEX_CHECK(n_new >= n_experts(), "NeuronExperts::grow(" << n_new << ") below the " << n_experts() << " experts it has");
     const Index n0 = n_experts();
     Rng r1 = rng.split(11), r2 = rng.split(12);
-    down_.grow_rows(n_new);
-    up_.grow_rows(n_new);
-    auto new_down = down_.mutable_matrix().bottomRows(n_new - n0);
-    auto new_up = up_.mutable_matrix().bottomRows(n_new - n0);
+    Table<T> down = down_.grown(n_new), up = up_.grown(n_new);  // both before either is replaced
+    auto new_down = down.mutable_matrix().bottomRows(n_new - n0);
+    auto new_up = up.mutable_matrix().bottomRows(n_new - n0);
     fill_normal(new_down, 1.0 / std::sqrt(double(d_in())), r1);
     fill_normal(new_up, 1.0 / std::sqrt(double(d_out())), r2);
+    down_ = std::move(down);
+    up_ = std::move(up);
   }
 
   /// How the tables are stored: native (T, trainable) or compact (bf16, int8; inference).

@@ -67,9 +67,10 @@ class ValueExperts {
     SPEX_CHECK(n_new >= n_experts(), "ValueExperts::grow(" << n_new << ") below the " << n_experts() << " slots it has");
     const Index n0 = n_experts();
     Rng r = rng.split(13);
-    values_.grow_rows(n_new);
-    auto fresh = values_.mutable_matrix().bottomRows(n_new - n0);
+    Table<T> grown = values_.grown(n_new);
+    auto fresh = grown.mutable_matrix().bottomRows(n_new - n0);
     fill_normal(fresh, 1.0 / std::sqrt(double(d_out())), r);
+    values_ = std::move(grown);
   }
 
   /// How the table is stored: native (T, trainable) or compact (bf16, int8; inference).

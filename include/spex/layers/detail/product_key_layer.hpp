@@ -186,7 +186,7 @@ class ProductKeyLayer {
     checked_mul(grown.n_experts, std::max(grown.d_in, grown.d_out), "the expert table size n_experts * d");
     Rng rng(seed);
     Rng key_rng = rng.split(1), table_rng = rng.split(2);
-    experts_.grow(grown.n_experts, table_rng);  // first: the only step that allocates much
+    experts_.grow(grown.n_experts, table_rng);  // first: it allocates the most, and changes nothing if that fails
     retrieval_.grow(n_new, key_rng.next_u64());
     cfg_ = grown;
   }
