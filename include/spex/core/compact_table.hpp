@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -40,6 +41,15 @@ inline const char* to_string(TableStorage s) {
     case TableStorage::int8: return "int8";
   }
   return "?";
+}
+
+/// `s`, checked: a TableStorage, and native unless T is float (the compact gathers widen to float).
+template <class T>
+TableStorage checked_storage(TableStorage s) {
+  SPEX_CHECK(s == TableStorage::native || s == TableStorage::bf16 || s == TableStorage::int8,
+             "storage = " << int(s) << " is not a TableStorage");
+  SPEX_CHECK(s == TableStorage::native || (std::is_same<T, float>::value), "compact tables (" << to_string(s) << ") need T = float");
+  return s;
 }
 
 /// Bytes one row of `cols` values takes in storage `s` for a scalar of `native_size` bytes
@@ -122,10 +132,12 @@ class CompactTable {
     SPEX_CHECK(r >= 0 && r < rows_, "get_row(" << r << ") on " << rows_ << " rows");
     const std::size_t c = static_cast<std::size_t>(cols_), o = static_cast<std::size_t>(r) * c;
     if (storage_ == TableStorage::bf16) {
-      for (std::size_t i = 0; i < c; ++i) out[i] = kernels::scalar::bf16_to_float(bf16()[o + i]);
+      const std::uint16_t* row = bf16() + o;
+      for (std::size_t i = 0; i < c; ++i) out[i] = kernels::scalar::bf16_to_float(row[i]);
     } else {
       const float s = scales()[r];
-      for (std::size_t i = 0; i < c; ++i) out[i] = s * float(i8()[o + i]);
+      const std::int8_t* row = i8() + o;
+      for (std::size_t i = 0; i < c; ++i) out[i] = s * float(row[i]);
     }
   }
 

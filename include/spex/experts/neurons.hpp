@@ -53,7 +53,7 @@ class NeuronExperts {
   /// tables never exist at once).
   NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng,
                 TableStorage storage = TableStorage::native)
-      : act_(act), storage_(checked_storage(storage)) {
+      : act_(act), storage_(checked_storage<T>(storage)) {
     checked_size(n_experts, d_in, d_out);
     Rng r1 = rng.split(11), r2 = rng.split(12);
     if (storage == TableStorage::native) {
@@ -69,7 +69,7 @@ class NeuronExperts {
   /// Tables allocated, values unspecified: for loaders that fill or map every row.
   NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act,
                 TableStorage storage = TableStorage::native)
-      : act_(act), storage_(checked_storage(storage)) {
+      : act_(act), storage_(checked_storage<T>(storage)) {
     checked_size(n_experts, d_in, d_out);
     if (storage == TableStorage::native) {
       down_ = Table<T>(n_experts, d_in);
@@ -102,7 +102,7 @@ class NeuronExperts {
   /// in both forms). native -> compact rounds (bf16) or quantizes (int8); compact -> native
   /// gives the values the compact table computes with (exact); bf16 <-> int8 goes through them.
   void set_storage(TableStorage s) {
-    checked_storage(s);
+    checked_storage<T>(s);
     if (s == storage_) return;
     convert(down_, cdown_, s, "experts.down");
     convert(up_, cup_, s, "experts.up");
@@ -242,12 +242,6 @@ class NeuronExperts {
     return t;
   }
 
-  static TableStorage checked_storage(TableStorage s) {
-    SPEX_CHECK(s == TableStorage::native || s == TableStorage::bf16 || s == TableStorage::int8,
-               "storage = " << int(s) << " is not a TableStorage");
-    SPEX_CHECK(s == TableStorage::native || (std::is_same<T, float>::value), "compact tables (" << to_string(s) << ") need T = float");
-    return s;
-  }
 
   void convert(Table<T>& native, CompactTable& small, TableStorage to, const char* what) {
     if constexpr (std::is_same<T, float>::value) convert_table(native, small, to, what);

@@ -40,7 +40,7 @@ class ValueExperts {
   /// N slots of d_out; values ~ N(0, 1/d_out) (the PKM reference's N(0, v_dim^-1/2)). Stored
   /// compact, the table is the same draws rounded or quantized block by block.
   ValueExperts(Index n_slots, Index d_out, Rng& rng, TableStorage storage = TableStorage::native)
-      : storage_(checked_storage(storage)) {
+      : storage_(checked_storage<T>(storage)) {
     checked_size(n_slots, d_out);
     Rng r = rng.split(13);
     if (storage == TableStorage::native) {
@@ -51,7 +51,7 @@ class ValueExperts {
     }
   }
   /// Table allocated, values unspecified: for loaders that fill or map every row.
-  ValueExperts(Index n_slots, Index d_out, TableStorage storage = TableStorage::native) : storage_(checked_storage(storage)) {
+  ValueExperts(Index n_slots, Index d_out, TableStorage storage = TableStorage::native) : storage_(checked_storage<T>(storage)) {
     checked_size(n_slots, d_out);
     if (storage == TableStorage::native) values_ = Table<T>(n_slots, d_out);
     else cvalues_ = CompactTable(storage, n_slots, d_out);
@@ -77,7 +77,7 @@ class ValueExperts {
   TableStorage storage() const { return storage_; }
   /// Converts the table to storage `s` in place (NeuronExperts::set_storage).
   void set_storage(TableStorage s) {
-    checked_storage(s);
+    checked_storage<T>(s);
     if (s == storage_) return;
     if constexpr (std::is_same<T, float>::value) convert_table(values_, cvalues_, s, "experts.values");
     storage_ = s;
@@ -164,12 +164,6 @@ class ValueExperts {
   const Table<T>& native_table() const {
     require_native("values()");
     return values_;
-  }
-  static TableStorage checked_storage(TableStorage s) {
-    SPEX_CHECK(s == TableStorage::native || s == TableStorage::bf16 || s == TableStorage::int8,
-               "storage = " << int(s) << " is not a TableStorage");
-    SPEX_CHECK(s == TableStorage::native || (std::is_same<T, float>::value), "compact tables (" << to_string(s) << ") need T = float");
-    return s;
   }
   void rows_axpy(const Index* ids, const T* alpha, std::size_t m, T* y) const {
     if constexpr (std::is_same<T, float>::value) gather_axpy<Arch>(cvalues_, ids, alpha, m, y);
