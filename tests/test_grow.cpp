@@ -1,10 +1,14 @@
 // Growing a product-key layer's expert pool (ExpertIds::shells): the id scheme is a bijection
 // whose ids do not depend on n, retrieval stays exact against exhaustive search after several
-// growths, and every existing expert keeps its id, its table rows and its sub-key rows.
+// growths, and every existing expert keeps its id, its table rows and its sub-key rows. Freezing
+// (FrozenSet): frozen rows get no gradient, optimizers leave them and their state bit-identical,
+// the other gradients and dx are unchanged.
 #include <set>
 
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
+#include <spex/optim/adam.hpp>
+#include <spex/optim/sgd.hpp>
 #include <spex/select/exhaustive.hpp>
 
 #include "test_util.hpp"
@@ -143,4 +147,187 @@ TEST_CASE("grow refuses what would renumber, shrink or touch compact tables", "[
   ProductKeyLayerConfig bad = grow_config(6);
   bad.expert_ids = ExpertIds(5);
   CHECK_THROWS_WITH(Peer<float>(bad, 1), Catch::Contains("expert_ids = 5"));
+}
+
+namespace {
+
+// A layer grown from n0 to n with learned sub-keys, the n0^2 old experts frozen as `f` says.
+template <class L>
+L grown_frozen(Index n0, Index n, FrozenSet f, std::uint64_t seed) {
+  ProductKeyLayerConfig c = grow_config(n0);
+  c.learn_keys = true;
+  L layer(c, seed);
+  layer.freeze(f);
+  layer.grow(n, seed + 1);
+  return layer;
+}
+
+template <class L>
+std::vector<RowMat<float>> values_of(const L& layer) {
+  std::vector<RowMat<float>> out;
+  for (const auto& p : layer.parameters()) out.push_back(p.value_map());
+  return out;
+}
+
+/// Trains `layer` `steps` steps with `opt` on its parameter list `params` (MSE to a fixed map).
+template <class L, class Opt>
+void train(L& layer, typename L::Grads& g, const ParameterList<float>& params, Opt& opt, int steps, std::uint64_t seed) {
+  Rng rng(seed);
+  typename L::Cache c;
+  RowMat<float> x(32, 24), y(32, 24);
+  for (int s = 0; s < steps; ++s) {
+    fill_normal(x, 1.0, rng);
+    layer.forward(x, y, c);
+    const RowMat<float> dy = (y - x.array().sin().matrix()) / 32.f;
+    zero_grads(params);
+    layer.backward(dy, c, g);
+    opt.step();
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("frozen experts, sub-key rows and query stay bit-identical through training, the rest learns",
+                   "[grow][freeze]", Peer<float>, Pkm<float>) {
+  for (bool query : {true, false}) {
+    TestType layer = grown_frozen<TestType>(4, 7, FrozenSet{4, true, query}, 3);
+    CHECK(layer.frozen_experts() == 16);
+    const std::vector<RowMat<float>> before = values_of(layer);
+    auto g = layer.make_grads();
+    const ParameterList<float> params = layer.parameters(g);
+    for (const auto& p : params) {  // the list says what is frozen
+      const bool q = p.name.rfind("query.", 0) == 0 || p.name.rfind("norm.", 0) == 0;
+      if (q) CHECK(p.trainable() == (!query && p.name.find("running") == std::string::npos));
+      if (p.name.rfind("keys.", 0) == 0) CHECK(p.frozen_rows == 4);
+      if (p.name.rfind("experts.", 0) == 0) CHECK(p.frozen_rows == 16);
+    }
+    Adam<float> adam(params, AdamConfig{1e-2, 0.9, 0.999, 1e-8, 1e-3, true});
+    train(layer, g, params, adam, 5, 9);
+    // The gradient of the last step holds no frozen row.
+    for (const auto& p : params)
+      if (p.sparse_grad) {
+        CHECK(p.sparse_grad->nnz_rows() > 0);
+        for (Index r : p.sparse_grad->rows()) CHECK(r >= 16);
+      }
+    const std::vector<RowMat<float>> after = values_of(layer);
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const auto& p = params[i];
+      INFO(p.name << ", query frozen " << query);
+      const bool q = p.name.rfind("query.", 0) == 0 || p.name.rfind("norm.", 0) == 0;
+      if (q) {
+        if (query) CHECK(after[i] == before[i]);  // weights and running statistics
+        else CHECK(after[i] != before[i]);
+        continue;
+      }
+      const Index fr = p.frozen_rows;
+      REQUIRE(fr > 0);
+      CHECK(after[i].topRows(fr) == before[i].topRows(fr));
+      CHECK(after[i].bottomRows(p.rows - fr) != before[i].bottomRows(p.rows - fr));
+      // Adam's moments of the frozen rows were never written.
+      CHECK(adam.first_moment(i).topRows(fr).isZero(0));
+      CHECK(adam.second_moment(i).topRows(fr).isZero(0));
+    }
+  }
+}
+
+TEST_CASE("freezing leaves the other gradients and dx as they were, and SGD skips frozen rows", "[grow][freeze]") {
+  // Query trainable: the frozen layer's gradients of trainable rows and its dx equal the
+  // unfrozen layer's exactly; the frozen rows get none.
+  Peer<float> open = grown_frozen<Peer<float>>(4, 6, FrozenSet{}, 5);
+  Peer<float> frozen = open;
+  frozen.freeze(FrozenSet{4, true, false});
+  RowMat<float> x = spex_test::randn_mat(16, 24, 3).cast<float>(), y1(16, 24), y2(16, 24), dx1(16, 24), dx2(16, 24);
+  Peer<float>::Cache c1, c2;
+  auto g1 = open.make_grads();
+  auto g2 = frozen.make_grads();
+  open.forward(x, y1, c1);
+  frozen.forward(x, y2, c2);
+  REQUIRE(y1 == y2);
+  open.backward(y1, dx1, c1, g1);
+  frozen.backward(y2, dx2, c2, g2);
+  CHECK(dx1 == dx2);
+  CHECK(g1.retrieval.query.weight == g2.retrieval.query.weight);
+  const RowMat<float> k1 = g1.retrieval.keys[0], k2 = g2.retrieval.keys[0];
+  CHECK(k2.topRows(4).isZero(0));
+  CHECK(k1.topRows(4) != k2.topRows(4));
+  CHECK(k1.bottomRows(2) == k2.bottomRows(2));
+  const RowMat<float> d1 = g1.experts.up.to_dense(), d2 = g2.experts.up.to_dense();
+  CHECK(d2.topRows(16).isZero(0));
+  CHECK(d1.bottomRows(20) == d2.bottomRows(20));
+
+  // Gradients made before the freeze are refused.
+  Peer<float> again = open;
+  auto stale = again.make_grads();
+  again.freeze(FrozenSet{4, true, true});
+  again.forward(x, y1, c1);
+  CHECK_THROWS_WITH(again.backward(y1, c1, stale), Catch::Contains("make_grads() again"));
+
+  // SGD with momentum on a frozen layer: frozen rows and their buffers untouched.
+  auto g = frozen.make_grads();
+  const ParameterList<float> params = frozen.parameters(g);
+  const std::vector<RowMat<float>> before = values_of(frozen);
+  Sgd<float> sgd(params, SgdConfig{0.05, 0.9, 1e-3, false});
+  train(frozen, g, params, sgd, 4, 2);
+  const std::vector<RowMat<float>> after = values_of(frozen);
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (params[i].frozen_rows > 0) {
+      const Index fr = params[i].frozen_rows;
+      CHECK(after[i].topRows(fr) == before[i].topRows(fr));
+      CHECK(sgd.momentum_buffer(i).topRows(fr).isZero(0));
+      CHECK(after[i].bottomRows(params[i].rows - fr) != before[i].bottomRows(params[i].rows - fr));
+    }
+}
+
+TEST_CASE("a frozen query network still passes the exact input gradient (finite differences)", "[grow][freeze]") {
+  ProductKeyLayerConfig cfg = grow_config(4);
+  Peer<double> p(cfg, 2);
+  p.freeze(FrozenSet{4, true, true});
+  p.grow(5, 3);
+  const RowMat<double> x = spex_test::randn_mat(6, 24, 8), w = spex_test::randn_mat(6, 24, 9);
+  RowMat<double> y(6, 24), dx(6, 24);
+  Peer<double>::Cache c;
+  auto g = p.make_grads();
+  p.forward(x, y, c);
+  p.backward(w, dx, c, g);  // loss = sum(w .* y)
+  CHECK(g.retrieval.query.weight.isZero(0));
+  CHECK(g.retrieval.norm.weight.isZero(0));
+  const double eps = 1e-6;
+  double worst = 0;
+  for (Index t = 0; t < 6; ++t)
+    for (Index i = 0; i < 24; i += 5) {
+      RowMat<double> xp = x, xm = x, yp(6, 24), ym(6, 24);
+      xp(t, i) += eps;
+      xm(t, i) -= eps;
+      p.forward(xp, yp, c);  // frozen: BatchNorm uses its running statistics, no batch coupling
+      p.forward(xm, ym, c);
+      const double fd = ((yp - ym).array() * w.array()).sum() / (2 * eps);
+      worst = std::max(worst, std::abs(fd - dx(t, i)) / std::max(1.0, std::abs(fd)));
+    }
+  CHECK(worst < 1e-7);
+}
+
+TEST_CASE("freeze refuses what it cannot freeze, and grad_norm counts only trainable rows", "[grow][freeze]") {
+  Peer<float> p(grow_config(4), 1);
+  CHECK_THROWS_WITH(p.freeze(FrozenSet{5, true, false}), Catch::Contains("frozen.keys = 5"));
+  ProductKeyLayerConfig rm = grow_config(4);
+  rm.expert_ids = ExpertIds::row_major;
+  Peer<float> r(rm, 1);
+  CHECK_THROWS_WITH(r.freeze(FrozenSet{2, true, false}), Catch::Contains("shells"));
+  r.freeze(FrozenSet{4, true, true});  // all experts: any numbering
+  CHECK(r.frozen_experts() == 16);
+  CHECK(p.frozen_experts() == 0);  // the failed freeze changed nothing
+
+  RowMat<float> v = RowMat<float>::Zero(3, 2), gr(3, 2);
+  gr << 100, 100, 3, 4, 0, 0;
+  ParameterList<float> list{dense_parameter<float>("w", v, &gr, 1)};
+  CHECK(grad_norm(list) == Approx(5.0));
+  clip_grad_norm(list, 1.0);
+  CHECK(gr(0, 0) == 100);  // frozen rows untouched
+  CHECK(gr.bottomRows(2).norm() == Approx(1.0).epsilon(1e-5));
+  SparseRowGrad<float> sg(5, 2, 3);
+  const float one[2] = {1, 1};
+  sg.add_row(1, one);  // frozen: dropped
+  sg.add_row(4, one);
+  CHECK(sg.nnz_rows() == 1);
+  CHECK_THROWS_WITH(sg.slot(2), Catch::Contains("frozen"));
 }

@@ -2,7 +2,7 @@
 // for bit (mapped in place or copied), quantized on load from a float file exactly as
 // set_storage quantizes, read by float layers where the dtype allows, and every malformed
 // file rejected before anything is written. And a grown layer (ExpertIds::shells): its size and
-// id scheme travel in its file.
+// id scheme travel in its file, and a grown, partly frozen one resumes training bit for bit.
 #include <cstring>
 
 #include <catch2/catch.hpp>
@@ -213,4 +213,66 @@ TEST_CASE("a grown layer saves its size and id scheme and loads back equal", "[i
   // A layer of the original size cannot take the grown file.
   Peer<float> small(c, 1);
   CHECK_THROWS_WITH(load_into(dir.path("g.safetensors"), small), Catch::Contains("n_keys"));
+}
+
+namespace {
+
+// A grown, partly frozen Peer trained with Adam (MSE to a fixed map, data from `rng`).
+struct GrownRun {
+  Peer<float> layer;
+  Peer<float>::Grads grads;
+  ParameterList<float> params;
+  Adam<float> adam;
+  GrownRun(Peer<float> l, const AdamConfig& c)
+      : layer(std::move(l)), grads(layer.make_grads()), params(layer.parameters(grads)), adam(params, c) {}
+  void train(int steps, Rng& rng) {
+    Peer<float>::Cache c;
+    RowMat<float> x(24, 20), y(24, 20);
+    for (int s = 0; s < steps; ++s) {
+      fill_normal(x, 1.0, rng);
+      layer.forward(x, y, c);
+      const RowMat<float> dy = (y - (1.3f * x.array()).sin().matrix()) / 24.f;
+      zero_grads(params);
+      layer.backward(dy, c, grads);
+      adam.step();
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a grown, partly frozen layer saves its frozen set and resumes bit for bit", "[io][grow][freeze]") {
+  TempDir dir;
+  ProductKeyLayerConfig c = config();
+  c.expert_ids = ExpertIds::shells;
+  const AdamConfig ac{1e-2, 0.9, 0.999, 1e-8, 1e-3, true};
+  Peer<float> base(c, 1);
+  base.freeze(FrozenSet{6, true, true});
+  base.grow(8, 2);
+  GrownRun straight(base, ac);
+  Rng data(5);
+  straight.train(3, data);
+  const std::string path = dir.path("grown.safetensors");
+  SafetensorsWriter().add_layer("layer.", straight.layer).add_optimizer("optim.", straight.adam).add_state("data", data).write(path);
+  straight.train(3, data);
+
+  // Resumed from the file alone: size, id scheme and frozen set come from it.
+  const Peer<float> loaded = load_layer<Peer<float>>(path, "layer.");
+  CHECK(loaded.config().n_keys == 8);
+  CHECK(loaded.frozen().keys == 6);
+  CHECK(loaded.frozen().query);
+  GrownRun resumed(loaded, ac);
+  Rng data2(0);
+  SafetensorsLoader(path).optimizer(resumed.adam, "optim.").state(data2, "data").commit();
+  resumed.train(3, data2);
+  const auto a = std::as_const(straight.layer).parameters(), b = std::as_const(resumed.layer).parameters();
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) CHECK(a[i].value_map() == b[i].value_map());
+  for (std::size_t i = 0; i < straight.params.size(); ++i) CHECK(straight.adam.first_moment(i) == resumed.adam.first_moment(i));
+  CHECK(resumed.adam.steps() == 6);
+
+  // Into an existing layer, the frozen set must match (it decides what training changes).
+  Peer<float> unfrozen(c, 1);
+  unfrozen.grow(8, 2);
+  CHECK_THROWS_WITH(load_into(path, unfrozen, "layer."), Catch::Contains("frozen_keys"));
 }

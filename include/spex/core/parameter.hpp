@@ -23,6 +23,11 @@ namespace spex {
 /// same shape), row-sparse (`sparse_grad`), or absent (both null: a buffer such as BatchNorm's
 /// running statistics, listed for saving, never stepped). `Parameter<const T>` is the
 /// read-only form a const layer hands out (never with gradients).
+///
+/// Frozen rows: rows [0, frozen_rows) are left unchanged by training (a grown product-key
+/// layer's old experts and sub-key rows): backward writes no gradient for them (a row-sparse
+/// gradient never holds them, a dense one keeps them zero), optimizers step neither them nor
+/// their state, and grad_norm does not count them.
 template <class T>
 struct Parameter {
   using Scalar = std::remove_const_t<T>;
@@ -36,10 +41,15 @@ struct Parameter {
   /// The table storage behind `value` when it can read a mapped file in place (expert tables;
   /// io/ uses it for memory-mapped loading), else null.
   Table<Scalar>* table = nullptr;
+  /// Rows [0, frozen_rows) are frozen (see above); 0: none.
+  Index frozen_rows = 0;
 
   ValueMap value_map() const { return ValueMap(value, rows, cols); }
   Eigen::Map<RowMat<Scalar>> grad_map() const { return Eigen::Map<RowMat<Scalar>>(grad, rows, cols); }
   bool trainable() const { return grad != nullptr || sparse_grad != nullptr; }
+  /// Entries of the trainable rows [frozen_rows, rows), which start at value + frozen_entries().
+  Index trainable_entries() const { return (rows - frozen_rows) * cols; }
+  Index frozen_entries() const { return frozen_rows * cols; }
   Index size() const { return rows * cols; }
 };
 
@@ -47,22 +57,26 @@ template <class T>
 using ParameterList = std::vector<Parameter<T>>;
 
 /// A dense parameter (any Eigen matrix or vector) with its same-shaped gradient, or none (null:
-/// a buffer such as running statistics).
+/// a buffer such as running statistics); rows [0, frozen_rows) frozen.
 template <class T, class M>
-Parameter<T> dense_parameter(std::string name, M& value, std::remove_const_t<M>* grad) {
+Parameter<T> dense_parameter(std::string name, M& value, std::remove_const_t<M>* grad, Index frozen_rows = 0) {
   if (grad) check_shape(*grad, value.rows(), value.cols(), "gradient of a dense parameter");
+  SPEX_CHECK(frozen_rows >= 0 && frozen_rows <= Index(value.rows()),
+             "frozen rows = " << frozen_rows << " of '" << name << "' must be in [0, " << value.rows() << "]");
   return Parameter<T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()),
-                      grad ? grad->data() : nullptr, nullptr, nullptr};
+                      grad ? grad->data() : nullptr, nullptr, nullptr, frozen_rows};
 }
 
-/// A table whose gradient is row-sparse (or none when grad is null).
+/// A table whose gradient is row-sparse (or none when grad is null); its frozen rows are the
+/// gradient's (SparseRowGrad::frozen_rows).
 template <class T>
 Parameter<T> sparse_parameter(std::string name, RowMat<T>& table, SparseRowGrad<T>* grad) {
   if (grad)
     SPEX_CHECK(grad->n_rows() == table.rows() && grad->width() == table.cols(),
                "the row-sparse gradient of '" << name << "' is for a " << grad->n_rows() << " x " << grad->width()
                                               << " table, the table is " << table.rows() << " x " << table.cols());
-  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad, nullptr};
+  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad, nullptr,
+                      grad ? grad->frozen_rows() : 0};
 }
 
 /// A Table (core/table.hpp) with its row-sparse gradient (or none). A mapped table is copied
@@ -141,7 +155,8 @@ void check_unique_names(const ParameterList<T>& list) {
 }
 
 /// Clears every gradient of the list (dense ones set to zero, row-sparse ones emptied): one
-/// call per optimizer step, since backward accumulates.
+/// call per optimizer step, since backward accumulates. Frozen rows are zeroed too (they hold
+/// zero already when only backward wrote them).
 template <class T>
 void zero_grads(const ParameterList<T>& list) {
   for (const auto& p : list) {

@@ -16,6 +16,8 @@ namespace spex {
 /// rows()[s] is the table row held in values().row(s); a row appears once. Rows are kept in
 /// the order they were first touched. Accumulates until zero(); zero() costs O(rows touched).
 /// A row lookup table of n_rows int32 (4 bytes per table row) makes find-or-add O(1).
+/// Rows [0, frozen_rows()) are frozen (a grown layer's old experts): accumulate_rows and
+/// add_row drop them, slot() refuses them, so the gradient never holds one.
 /// Thread safety: none; writers coordinate through RowScatterPlan (see accumulate_rows).
 ///
 /// Usage: examples/snippets/building_blocks.cpp (compiled and run by the test suite).
@@ -23,9 +25,12 @@ template <class T>
 class SparseRowGrad {
  public:
   SparseRowGrad() = default;
-  SparseRowGrad(Index n_rows, Index width) { reset(n_rows, width); }
+  SparseRowGrad(Index n_rows, Index width, Index frozen_rows = 0) {
+    reset(n_rows, width);
+    set_frozen_rows(frozen_rows);
+  }
 
-  /// Re-shapes for a table of n_rows x width and clears.
+  /// Re-shapes for a table of n_rows x width and clears (no frozen rows).
   void reset(Index n_rows, Index width) {
     SPEX_CHECK(n_rows >= 0 && width >= 0, "table shape " << n_rows << " x " << width << " is negative");
     SPEX_CHECK(n_rows <= Index(INT32_MAX),
@@ -33,12 +38,22 @@ class SparseRowGrad {
                    << " (training a product-key layer needs n_experts <= 2^31 - 1; infer has no such limit)");
     n_rows_ = n_rows;
     width_ = width;
+    frozen_rows_ = 0;
     slot_of_row_.assign(static_cast<std::size_t>(n_rows), -1);
     rows_.clear();
     values_.resize(0, width);
   }
 
   Index n_rows() const { return n_rows_; }
+  /// Rows [0, frozen_rows()) never get a gradient.
+  Index frozen_rows() const { return frozen_rows_; }
+  /// Freezes rows [0, n) (0 <= n <= n_rows); clears the gradient.
+  void set_frozen_rows(Index n) {
+    SPEX_CHECK(n >= 0 && n <= n_rows_, "frozen rows = " << n << " must be in [0, " << n_rows_ << "]");
+    zero();
+    frozen_rows_ = n;
+  }
+  bool frozen(Index row) const { return row < frozen_rows_; }
   Index width() const { return width_; }
   /// Number of rows holding a gradient.
   Index nnz_rows() const { return static_cast<Index>(rows_.size()); }
@@ -58,7 +73,8 @@ class SparseRowGrad {
   /// Slot of `row`, adding it with its values left unset: the caller writes every new row
   /// (accumulate_rows does, and so skips a memset of every new row).
   Index slot_unset(Index row) {
-    SPEX_CHECK(row >= 0 && row < n_rows_, "row " << row << " is outside [0, " << n_rows_ << ")");
+    SPEX_CHECK(row >= frozen_rows_ && row < n_rows_,
+               "row " << row << " is outside [0, " << n_rows_ << ")" << (row >= 0 && row < n_rows_ ? " or frozen" : ""));
     std::int32_t& s = slot_of_row_[static_cast<std::size_t>(row)];
     if (s < 0) {
       s = static_cast<std::int32_t>(rows_.size());
@@ -73,8 +89,9 @@ class SparseRowGrad {
     return (row >= 0 && row < n_rows_) ? slot_of_row_[static_cast<std::size_t>(row)] : -1;
   }
 
-  /// Adds g[0..width) to the gradient of `row`.
+  /// Adds g[0..width) to the gradient of `row` (nothing for a frozen row).
   void add_row(Index row, const T* g) {
+    if (frozen(row) && row >= 0) return;
     const Index s = slot(row);
     kernels::axpy(T(1), g, values_.row(s).data(), static_cast<std::size_t>(width_));
   }
@@ -111,7 +128,7 @@ class SparseRowGrad {
     values_.conservativeResize(cap, width_);
   }
 
-  Index n_rows_ = 0, width_ = 0;
+  Index n_rows_ = 0, width_ = 0, frozen_rows_ = 0;
   std::vector<std::int32_t> slot_of_row_;
   std::vector<Index> rows_;
   RowMat<T> values_;
@@ -150,8 +167,8 @@ struct RowScatterPlan {
   }
 };
 
-/// grad.row(ids(t, j)) += coef(t, j) * src.row(t) for every occurrence with ids(t, j) >= 0,
-/// parallel over gradient rows. ids and coef are B x m; src is B x width.
+/// grad.row(ids(t, j)) += coef(t, j) * src.row(t) for every occurrence with ids(t, j) >= 0
+/// and not frozen, parallel over gradient rows. ids and coef are B x m; src is B x width.
 template <class Arch = default_arch, class T>
 void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no_deduce<CMatRef<T>> src,
                      SparseRowGrad<T>& grad, RowScatterPlan& plan) {
@@ -164,7 +181,7 @@ void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no
   for (Index t = 0; t < batch; ++t)
     for (Index j = 0; j < m; ++j) {
       const Index id = ids(t, j);
-      plan.slot[t * m + j] = id < 0 ? -1 : grad.slot_unset(id);
+      plan.slot[t * m + j] = id < 0 || grad.frozen(id) ? -1 : grad.slot_unset(id);
     }
   // Slots touched before this call are included too.
   const Index n_slots = grad.nnz_rows();

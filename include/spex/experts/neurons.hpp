@@ -39,6 +39,8 @@ class NeuronExperts {
       down.zero();
       up.zero();
     }
+    /// Experts [0, frozen_rows()) get no gradient (make_grads).
+    Index frozen_rows() const { return down.frozen_rows(); }
   };
 
   /// Throws unless `g` was made for tables of this shape (`what` names it).
@@ -163,10 +165,11 @@ class NeuronExperts {
     return {{prefix + "down", &cdown_}, {prefix + "up", &cup_}};
   }
 
-  /// Row-sparse gradients for both tables (training: N <= 2^31 - 1, see SparseRowGrad).
-  Grads make_grads() const {
+  /// Row-sparse gradients for both tables (training: N <= 2^31 - 1, see SparseRowGrad); the
+  /// experts [0, frozen_rows) frozen: never held by them.
+  Grads make_grads(Index frozen_rows = 0) const {
     require_native("make_grads");
-    return Grads{SparseRowGrad<T>(n_experts(), d_in()), SparseRowGrad<T>(n_experts(), d_out())};
+    return Grads{SparseRowGrad<T>(n_experts(), d_in(), frozen_rows), SparseRowGrad<T>(n_experts(), d_out(), frozen_rows)};
   }
 
   /// y (B x d_out, assigned) = sum_j gates(t, j) act(u_{ids(t,j)} . x_t) v_{ids(t,j)};

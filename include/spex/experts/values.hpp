@@ -31,6 +31,8 @@ class ValueExperts {
   struct Grads {
     SparseRowGrad<T> values;
     void zero() { values.zero(); }
+    /// Experts [0, frozen_rows()) get no gradient (make_grads).
+    Index frozen_rows() const { return values.frozen_rows(); }
   };
 
   /// Throws unless `g` was made for a table of this shape (`what` names it).
@@ -115,9 +117,9 @@ class ValueExperts {
     return values_.mutable_matrix();
   }
   const Table<T>& values_table() const { return native_table(); }
-  Grads make_grads() const {
+  Grads make_grads(Index frozen_rows = 0) const {
     require_native("make_grads");
-    return Grads{SparseRowGrad<T>(n_experts(), d_out())};
+    return Grads{SparseRowGrad<T>(n_experts(), d_out(), frozen_rows)};
   }
   /// "<prefix>values" with its row-sparse gradient in g (or none); nothing while compact.
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {

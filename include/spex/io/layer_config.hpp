@@ -2,7 +2,7 @@
 // Layer configurations in a file's __metadata__, so a layer can be built from the file alone.
 //
 // Format (documented in README, "File format"): the metadata key "spex" holds a JSON document
-//   {"format": "spex", "version": [1, 2],
+//   {"format": "spex", "version": [1, 3],
 //    "layers": {"<prefix>": {"kind": "Peer" | "Pkm" | "ReMoE" | "TopKMoE",
 //                            "dtype": "F32" | "F64",
 //                            "config": {<every Config field by its C++ name>},
@@ -12,7 +12,8 @@
 // version changed a default: in a 1.0 file an absent learn_keys reads as true (1.0 had no such
 // field and trained the sub-keys) and an absent penalty as l1_lb (1.0's default). 1.2 added
 // "storage" (native, bf16, int8: how a Peer or Pkm stores its expert tables; io/compact_tables.hpp)
-// and "expert_ids" (row_major, shells: ExpertIds in select/product_keys.hpp).
+// and "expert_ids" (row_major, shells: ExpertIds in select/product_keys.hpp); 1.3 the frozen set
+// of a Peer or Pkm ("frozen_keys", "frozen_sub_keys", "frozen_query": FrozenSet).
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
@@ -29,7 +30,7 @@
 
 namespace spex {
 
-constexpr int kFormatMajor = 1, kFormatMinor = 2;
+constexpr int kFormatMajor = 1, kFormatMinor = 3;
 /// The __metadata__ key that holds spex's document.
 constexpr const char* kMetadataKey = "spex";
 
@@ -129,6 +130,9 @@ void for_each_field(C& c, F& f) {
     f("norm_momentum", c.norm_momentum);
     f("storage", c.storage);
     f("expert_ids", c.expert_ids);
+    f("frozen_keys", c.frozen.keys);
+    f("frozen_sub_keys", c.frozen.sub_keys);
+    f("frozen_query", c.frozen.query);
   } else {
     static_assert(std::is_same<std::remove_const_t<C>, MoEConfig>::value, "a layer Config");
     f("d_in", c.d_in);

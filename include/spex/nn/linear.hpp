@@ -84,6 +84,12 @@ class Linear {
     if (dx) check_shape(*dx, x.rows(), in_features(), "dx");
     backward_impl(x, dy, grads, dx, true);
   }
+  /// dx += dy W only (a frozen layer: no weight gradient). dx may be dy itself.
+  void backward_input_accumulate(CMatRef<T> dy, MatRef<T> dx) const {
+    SPEX_CHECK(dy.cols() == out_features(), "dy has " << dy.cols() << " columns, expected out_features = " << out_features());
+    check_shape(dx, dy.rows(), in_features(), "dx");
+    input_gradient(dy, dx, true);
+  }
 
  private:
   void backward_impl(CMatRef<T> x, CMatRef<T> dy, Grads& grads, MatRef<T>* dx, bool add) const {
@@ -91,12 +97,15 @@ class Linear {
     check_grads(grads, "grads");
     gemm(grads.weight, dy.transpose(), x, true);
     if (has_bias()) grads.bias += dy.colwise().sum().transpose();
-    if (!dx) return;
-    if (overlap(dy, *dx) == Overlap::none) {
-      gemm(*dx, dy, weight_, add);
+    if (dx) input_gradient(dy, *dx, add);
+  }
+
+  void input_gradient(CMatRef<T> dy, MatRef<T> dx, bool add) const {
+    if (overlap(dy, dx) == Overlap::none) {
+      gemm(dx, dy, weight_, add);
     } else {
       const RowMat<T> copy = dy;  // dx overwrites dy
-      gemm(*dx, copy, weight_, add);
+      gemm(dx, copy, weight_, add);
     }
   }
 

@@ -175,6 +175,14 @@ class Norm {
 
   /// grads += d(weight, bias); dx = d(input) (assigned). dx may be dy itself.
   void backward(CMatRef<T> dy, const Cache& cache, Grads& grads, MatRef<T> dx) const {
+    check_grads(grads, "grads");
+    backward_impl(dy, cache, &grads, dx);
+  }
+  /// dx = d(input) only (a frozen norm: no gradient for weight and bias). dx may be dy itself.
+  void backward_input(CMatRef<T> dy, const Cache& cache, MatRef<T> dx) const { backward_impl(dy, cache, nullptr, dx); }
+
+ private:
+  void backward_impl(CMatRef<T> dy, const Cache& cache, Grads* grads, MatRef<T> dx) const {
     check_shape(dx, dy.rows(), features_, "dx");
     check_no_partial_overlap(dy, dx, "dy", "dx");
     if (kind_ == NormKind::none) {
@@ -182,9 +190,10 @@ class Norm {
       return;
     }
     check_shape(dy, cache.xhat.rows(), features_, "dy");
-    check_grads(grads, "grads");
-    grads.weight += (dy.array() * cache.xhat.array()).colwise().sum().transpose().matrix();
-    grads.bias += dy.colwise().sum().transpose();
+    if (grads) {
+      grads->weight += (dy.array() * cache.xhat.array()).colwise().sum().transpose().matrix();
+      grads->bias += dy.colwise().sum().transpose();
+    }
     const Index b = dy.rows();
     if (kind_ == NormKind::batch) {
       const Vec<T> g = weight_.array() * cache.inv_std.array();
@@ -213,7 +222,6 @@ class Norm {
       }
   }
 
- private:
   void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {
     SPEX_CHECK(x.cols() == features_, "the norm's input has " << x.cols() << " columns, expected " << features_ << " features");
     check_shape(y, x.rows(), features_, "the norm's output");

@@ -12,7 +12,8 @@
 // t counts the optimizer's steps (SparseAdam counts a parameter's steps with a gradient; the
 // two agree when every step() follows a backward, as in training). SparseAdam has no weight
 // decay; here a group's weight decay applies to the held rows only. Dense Adam on a 1M-row
-// table would touch 2 N d floats of state every step.
+// table would touch 2 N d floats of state every step. Frozen rows (Parameter::frozen_rows)
+// are never stepped: their values, m and v stay bit-identical.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -105,10 +106,10 @@ class Adam {
         RowMat<T>& m = m_[i];
         RowMat<T>& v = v_[i];
         ++i;
-        if (p.grad) {  // dense: the whole parameter, contiguous, in chunks over the threads
-          const Index n = p.rows * p.cols, chunks = (n + kChunk - 1) / kChunk;
+        if (p.grad) {  // dense: the rows not frozen, contiguous, in chunks over the threads
+          const Index n = p.trainable_entries(), base = p.frozen_entries(), chunks = (n + kChunk - 1) / kChunk;
           parallel_for(chunks, [&](Index c, int) {
-            const Index off = c * kChunk, len = std::min(kChunk, n - off);
+            const Index off = base + c * kChunk, len = std::min(kChunk, base + n - off);
             kernels::adam_update<Arch>(p.value + off, p.grad + off, m.data() + off, v.data() + off,
                                        static_cast<std::size_t>(len), dense);
           });
@@ -120,6 +121,7 @@ class Adam {
           const Index n_rows = Index(rows.size()), per = std::max<Index>(1, kChunk / std::max<Index>(1, p.cols));
           parallel_for((n_rows + per - 1) / per, [&](Index c, int) {
             for (Index s = c * per; s < std::min(n_rows, (c + 1) * per); ++s) {
+              if (rows[s] < p.frozen_rows) continue;  // a gradient made without the freeze
               const std::size_t off = static_cast<std::size_t>(rows[s]) * w;
               kernels::adam_update<Arch>(p.value + off, &vals(s, 0), m.data() + off, v.data() + off, w, sparse);
             }

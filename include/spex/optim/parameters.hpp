@@ -108,13 +108,21 @@ ParameterList<V> state_tensors(const std::vector<ParamGroup<T>>& groups, const s
 }
 }  // namespace detail
 
-/// L2 norm of all gradients: dense ones and the rows a row-sparse one holds (each row once,
-/// duplicates already summed).
+namespace detail {
+/// The gradient of a dense parameter's rows that are not frozen.
+template <class T>
+auto trainable_grad(const Parameter<T>& p) {
+  return p.grad_map().bottomRows(p.rows - p.frozen_rows);
+}
+}  // namespace detail
+
+/// L2 norm of all gradients: dense ones (rows not frozen) and the rows a row-sparse one holds
+/// (each row once, duplicates already summed).
 template <class T>
 double grad_norm(const ParameterList<T>& params) {
   double s = 0;
   for (const auto& p : params) {
-    if (p.grad) s += p.grad_map().template cast<double>().squaredNorm();
+    if (p.grad) s += detail::trainable_grad(p).template cast<double>().squaredNorm();
     if (p.sparse_grad) s += p.sparse_grad->values().template cast<double>().squaredNorm();
   }
   return std::sqrt(s);
@@ -131,7 +139,7 @@ double clip_grad_norm(const ParameterList<T>& params, double max_norm) {
   if (norm <= max_norm) return norm;
   const T scale = T(max_norm / (norm + 1e-6));
   for (const auto& p : params) {
-    if (p.grad) p.grad_map() *= scale;
+    if (p.grad) detail::trainable_grad(p) *= scale;
     if (p.sparse_grad) p.sparse_grad->values() *= scale;
   }
   return norm;

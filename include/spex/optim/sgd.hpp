@@ -2,7 +2,8 @@
 // SGD with momentum (PyTorch's torch.optim.SGD: buf = mu buf + g, p -= lr buf; Nesterov
 // optional; L2 weight decay added to the gradient). Dense parameters step every entry;
 // row-sparse ones (expert tables) step only the rows their gradient holds, and with momentum
-// keep a buffer per table row that only those rows update (lazy momentum).
+// keep a buffer per table row that only those rows update (lazy momentum). Frozen rows
+// (Parameter::frozen_rows) are never stepped: values and momentum stay bit-identical.
 #include <cmath>
 #include <vector>
 
@@ -68,13 +69,14 @@ class Sgd {
         if (p.grad) {
           auto w = p.value_map();
           auto gr = p.grad_map();
-          for (Index r = 0; r < p.rows; ++r) update_row(w.row(r), gr.row(r), buf, r, lr, wd);
+          for (Index r = p.frozen_rows; r < p.rows; ++r) update_row(w.row(r), gr.row(r), buf, r, lr, wd);
         }
         if (p.sparse_grad) {
           auto w = p.value_map();
           const auto vals = p.sparse_grad->values();
           const auto& rows = p.sparse_grad->rows();
-          for (Index s = 0; s < Index(rows.size()); ++s) update_row(w.row(rows[s]), vals.row(s), buf, rows[s], lr, wd);
+          for (Index s = 0; s < Index(rows.size()); ++s)
+            if (rows[s] >= p.frozen_rows) update_row(w.row(rows[s]), vals.row(s), buf, rows[s], lr, wd);
         }
       }
     }

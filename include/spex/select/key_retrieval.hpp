@@ -60,6 +60,13 @@ struct KeyRetrievalConfig {
   /// How sub-key pairs are numbered as expert ids: row_major (i1 * n + i2, the references'),
   /// or shells, which keeps every id when the layer grows (ExpertIds, grow()).
   ExpertIds expert_ids = ExpertIds::row_major;
+  /// Frozen (training leaves them bit-identical; Parameter::frozen_rows): the sub-key rows
+  /// [0, frozen_key_rows) of every set and half (only matters with learn_keys), and with
+  /// frozen_query the query network and the norm, whose BatchNorm then normalizes with its
+  /// running statistics in training too and keeps them (an input seen before is mapped to the
+  /// same query). Both are listed without a gradient or with those rows frozen.
+  Index frozen_key_rows = 0;
+  bool frozen_query = false;
 };
 
 /// Thread safety: infer() and backward() are const (distinct caches per thread); train-mode
@@ -83,6 +90,8 @@ class KeyRetrieval {
     typename Linear<T>::Grads query;
     typename Norm<T>::Grads norm;
     std::vector<RowMat<T>> keys;    // [set * 2 + half], n x d_key/2 each
+    Index frozen_key_rows = 0;      // the frozen set they were made for
+    bool frozen_query = false;
     void zero() {
       query.zero();
       norm.zero();
@@ -102,6 +111,10 @@ class KeyRetrieval {
       SPEX_CHECK(k.rows() == cfg_.n_keys && k.cols() == cfg_.d_key / 2,
                  what << " holds a " << k.rows() << " x " << k.cols() << " sub-key gradient, the layer's sub-keys are "
                       << cfg_.n_keys << " x " << cfg_.d_key / 2 << ": grads were made by another layer");
+    SPEX_CHECK(g.frozen_key_rows == cfg_.frozen_key_rows && g.frozen_query == cfg_.frozen_query,
+               what << " were made for " << g.frozen_key_rows << " frozen sub-key rows and " << (g.frozen_query ? "a frozen" : "a trainable")
+                    << " query network, the layer has " << cfg_.frozen_key_rows << " and "
+                    << (cfg_.frozen_query ? "a frozen" : "a trainable") << " one: make_grads() again after freezing");
   }
 
   KeyRetrieval() = default;
@@ -126,6 +139,15 @@ class KeyRetrieval {
     cfg_.n_keys = n_new;
   }
 
+  /// Freezes the sub-key rows [0, key_rows) and, with `query`, the query network and norm
+  /// (KeyRetrievalConfig::frozen_key_rows, frozen_query); unfreezes what the call leaves out.
+  /// Gradients made before must be made again. Not thread-safe.
+  void freeze(Index key_rows, bool query) {
+    check_frozen_key_rows(key_rows, cfg_.n_keys);
+    cfg_.frozen_key_rows = key_rows;
+    cfg_.frozen_query = query;
+  }
+
   /// Throws spex::Error naming the first field that is out of range.
   static const Config& validate(const Config& cfg) {
     SPEX_CHECK(cfg.d_in >= 1, "d_in = " << cfg.d_in << " must be >= 1");
@@ -145,6 +167,7 @@ class KeyRetrieval {
                "expert_ids = " << int(cfg.expert_ids) << " is not an ExpertIds");
     check_positive(cfg.norm_eps, "norm_eps");
     check_range(cfg.norm_momentum, 0.0, 1.0, "norm_momentum");
+    check_frozen_key_rows(cfg.frozen_key_rows, cfg.n_keys);
     return cfg;
   }
 
@@ -172,7 +195,7 @@ class KeyRetrieval {
   Index key_sets() const { return static_cast<Index>(keys_.size()); }
 
   Grads make_grads() const {
-    Grads g{query_.make_grads(), norm_.make_grads(), {}};
+    Grads g{query_.make_grads(), norm_.make_grads(), {}, cfg_.frozen_key_rows, cfg_.frozen_query};
     if (cfg_.learn_keys)
       for (const auto& k : keys_) {
         g.keys.push_back(RowMat<T>::Zero(k.n(), k.d_key() / 2));
@@ -185,7 +208,10 @@ class KeyRetrieval {
   /// call commit_running_stats(c) once the whole pass has succeeded (all-or-nothing).
   void forward(CMatRef<T> x, Cache& c) const {
     project(x, c);
-    norm_.forward_batch_stats(c.q_raw, c.q, c.norm);
+    if (cfg_.frozen_query)  // a frozen BatchNorm normalizes as at inference and keeps its statistics
+      norm_.forward_eval(c.q_raw, c.q, c.norm);
+    else
+      norm_.forward_batch_stats(c.q_raw, c.q, c.norm);
     retrieve(c);
   }
 
@@ -224,19 +250,28 @@ class KeyRetrieval {
       }
     });
     sub_key_backward(c, g);
+    if (cfg_.frozen_query) {  // dx only: no gradient for the query network and norm
+      if (!dx) return;
+      norm_.backward_input(c.dq, c.norm, c.dq);
+      query_.backward_input_accumulate(c.dq, *dx);
+      return;
+    }
     norm_.backward(c.dq, c.norm, g.norm, c.dq);
     query_.backward_accumulate(x, c.dq, dx, g.query);
   }
 
   /// Named parameters ("query.weight", "norm.weight", "keys.c1" or "keys.h3.c1", ...) with
-  /// their gradients in `g` (or none when g is null).
+  /// their gradients in `g` (or none when g is null). Frozen ones: the query network and norm
+  /// without a gradient, the sub-keys with their frozen rows (Parameter::frozen_rows).
   ParameterList<T> parameters(Grads* g) {
+    if (g) check_grads(*g, "grads");
     ParameterList<T> list;
-    list.push_back(dense_parameter<T>("query.weight", query_.weight(), g ? &g->query.weight : nullptr));
-    if (query_.has_bias()) list.push_back(dense_parameter<T>("query.bias", query_.bias(), g ? &g->query.bias : nullptr));
+    Grads* gq = cfg_.frozen_query ? nullptr : g;
+    list.push_back(dense_parameter<T>("query.weight", query_.weight(), gq ? &gq->query.weight : nullptr));
+    if (query_.has_bias()) list.push_back(dense_parameter<T>("query.bias", query_.bias(), gq ? &gq->query.bias : nullptr));
     if (norm_.kind() != NormKind::none) {
-      list.push_back(dense_parameter<T>("norm.weight", norm_.weight(), g ? &g->norm.weight : nullptr));
-      list.push_back(dense_parameter<T>("norm.bias", norm_.bias(), g ? &g->norm.bias : nullptr));
+      list.push_back(dense_parameter<T>("norm.weight", norm_.weight(), gq ? &gq->norm.weight : nullptr));
+      list.push_back(dense_parameter<T>("norm.bias", norm_.bias(), gq ? &gq->norm.bias : nullptr));
     }
     if (norm_.kind() == NormKind::batch) {
       list.push_back(dense_parameter<T>("norm.running_mean", norm_.running_mean(), static_cast<Vec<T>*>(nullptr)));
@@ -246,7 +281,8 @@ class KeyRetrieval {
       const std::string base = cfg_.shared_keys ? "keys." : "keys.h" + std::to_string(s) + ".";
       for (int half = 0; half < 2; ++half)
         list.push_back(dense_parameter<T>(base + (half == 0 ? "c1" : "c2"), keys_[s].sub_keys(half),
-                                              g && cfg_.learn_keys ? &g->keys[2 * s + half] : nullptr));
+                                          g && cfg_.learn_keys ? &g->keys[2 * s + half] : nullptr,
+                                          g && cfg_.learn_keys ? cfg_.frozen_key_rows : 0));
     }
     return list;
   }
@@ -255,6 +291,10 @@ class KeyRetrieval {
 
  private:
   Index key_set(Index head) const { return cfg_.shared_keys ? 0 : head; }
+
+  static void check_frozen_key_rows(Index rows, Index n_keys) {
+    SPEX_CHECK(rows >= 0 && rows <= n_keys, "frozen sub-key rows = " << rows << " must be in [0, n_keys = " << n_keys << "]");
+  }
 
   void project(CMatRef<T> x, Cache& c) const {
     SPEX_CHECK(x.cols() == cfg_.d_in, "x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
@@ -317,9 +357,9 @@ class KeyRetrieval {
   }
 
   /// score = q1 . C1[i1] + q2 . C2[i2]: dq gets ds * C rows (per token, parallel); the sub-key
-  /// gradients get ds * q halves. Rows collide across tokens, so the occurrences are grouped by
-  /// sub-key row (a counting sort) and each row is summed by one thread in token order: the
-  /// result does not depend on the number of threads.
+  /// gradients get ds * q halves (frozen rows none). Rows collide across tokens, so the
+  /// occurrences are grouped by sub-key row (a counting sort) and each row is summed by one
+  /// thread in token order: the result does not depend on the number of threads.
   void sub_key_backward(Cache& c, Grads& g) const {
     const Index b = c.q.rows(), k = cfg_.top_k, dk = cfg_.d_key, half = dk / 2, n = cfg_.n_keys, heads = cfg_.heads;
     const std::size_t hs = static_cast<std::size_t>(half);
@@ -349,8 +389,9 @@ class KeyRetrieval {
       const bool used = c.dscores.data()[o] != T(0);
       Index i1 = 0, i2 = 0;
       if (used) expert_pair(cfg_.expert_ids, c.ids.data()[o], n, i1, i2);
-      plan.slot[2 * o] = used ? (key_set(h) * 2) * n + i1 : -1;
-      plan.slot[2 * o + 1] = used ? (key_set(h) * 2 + 1) * n + i2 : -1;
+      const Index frozen = cfg_.frozen_key_rows;
+      plan.slot[2 * o] = used && i1 >= frozen ? (key_set(h) * 2) * n + i1 : -1;
+      plan.slot[2 * o + 1] = used && i2 >= frozen ? (key_set(h) * 2 + 1) * n + i2 : -1;
     }
     plan.group(n_rows);
     constexpr Index kRowsPerTask = 64;

@@ -16,6 +16,31 @@
 
 namespace spex {
 
+/// What training leaves bit-identical in a product-key layer: after a growth, the experts it
+/// had, and the retrieval parts that decide which of them an input finds. Frozen parameters get
+/// no gradient (a row-sparse gradient never holds their rows, a dense one keeps them zero) and
+/// optimizers step neither them nor their state (Parameter::frozen_rows).
+///
+/// Shared parts: an old sub-key row i < keys also serves the new experts (i, j) with j >= keys,
+/// and the query network serves every expert. The choices:
+///  - sub_keys (with learn_keys): frozen, the old experts' keys stay as they were, and the new
+///    experts learn through their new rows only; trainable, training on new data moves the old
+///    experts' keys too, so old inputs may retrieve other experts than before.
+///  - query: frozen (with the norm: BatchNorm then normalizes with its running statistics in
+///    training too, and keeps them), an input seen before gets the same query and the same
+///    scores for the old experts; trainable, the layer can learn to send new inputs to new
+///    experts, at the price of moving old inputs' queries.
+/// In either case new experts can outscore old ones for an old input and join its top-k: the
+/// pool is shared, not partitioned (README, "Lifelong learning", measures what that costs).
+struct FrozenSet {
+  /// The experts of sub-key pairs (i1, i2) with both below `keys` are frozen: with
+  /// ExpertIds::shells the ids [0, keys^2), all the experts a layer of n_keys = keys had.
+  /// 0 < keys < n_keys needs shells ids (under row_major they are not a range of ids).
+  Index keys = 0;
+  bool sub_keys = true;  ///< also the sub-key rows [0, keys) (see above; only with learn_keys)
+  bool query = false;    ///< also the query network and norm (see above)
+};
+
 /// Configuration of a product-key layer (PEER, PKM). Give n_keys (n, N = n^2) or n_experts
 /// (N, a perfect square). Defaults are the PEER paper's: h = 8, k = 16, query BatchNorm,
 /// softmax over each head's k scores, sub-keys shared by all heads.
@@ -42,6 +67,8 @@ struct ProductKeyLayerConfig {
   TableStorage storage = TableStorage::native;
   /// Expert numbering (ExpertIds): row_major (the references'), or shells, which grow() needs.
   ExpertIds expert_ids = ExpertIds::row_major;
+  /// What training leaves unchanged (FrozenSet; Peer/Pkm::freeze). Default: nothing.
+  FrozenSet frozen;
 };
 
 namespace detail {
@@ -76,6 +103,11 @@ inline ProductKeyLayerConfig resolve(ProductKeyLayerConfig c) {
              "storage = " << int(c.storage) << " is not a TableStorage");
   c.n_keys = resolve_n_keys(c);
   c.n_experts = c.n_keys * c.n_keys;
+  SPEX_CHECK(c.frozen.keys >= 0 && c.frozen.keys <= c.n_keys,
+             "frozen.keys = " << c.frozen.keys << " must be in [0, n_keys = " << c.n_keys << "]");
+  SPEX_CHECK(c.frozen.keys == 0 || c.frozen.keys == c.n_keys || c.expert_ids == ExpertIds::shells,
+             "frozen.keys = " << c.frozen.keys << " of n_keys = " << c.n_keys
+                              << " needs expert_ids = shells (under row_major the frozen experts are not a range of ids)");
   if (c.d_out == 0) c.d_out = c.d_in;
   checked_mul(c.n_experts, std::max(c.d_in, c.d_out), "the expert table size n_experts * d");
   return c;
@@ -96,6 +128,8 @@ inline KeyRetrievalConfig retrieval_config(const ProductKeyLayerConfig& c) {
   r.norm_eps = c.norm_eps;
   r.norm_momentum = c.norm_momentum;
   r.expert_ids = c.expert_ids;
+  r.frozen_key_rows = c.frozen.sub_keys ? c.frozen.keys : 0;
+  r.frozen_query = c.frozen.query;
   return r;
 }
 
@@ -153,9 +187,27 @@ class ProductKeyLayer {
   Experts& experts() { return experts_; }
   const Experts& experts() const { return experts_; }
 
+  /// Gradients for this layer's shapes and frozen set (make them again after grow or freeze).
   Grads make_grads() const {
     require_native("make_grads");
-    return Grads(retrieval_.make_grads(), experts_.make_grads());
+    return Grads(retrieval_.make_grads(), experts_.make_grads(frozen_experts()));
+  }
+
+  /// What training leaves unchanged (config().frozen).
+  const FrozenSet& frozen() const { return cfg_.frozen; }
+  /// The frozen experts: ids [0, frozen_experts()) (frozen().keys^2).
+  Index frozen_experts() const { return cfg_.frozen.keys * cfg_.frozen.keys; }
+  /// Freezes what `f` names and unfreezes the rest (FrozenSet; f.keys <= n_keys, shells ids
+  /// unless 0 or n_keys). Typical: freeze({n_keys, true, true}) then grow(n_new, seed), and
+  /// train: only the new experts learn. Gradients, parameter lists and optimizers made before
+  /// must be made again (backward refuses gradients made for another frozen set). Checkpoints
+  /// record the frozen set (io). Not thread-safe.
+  void freeze(const FrozenSet& f) {
+    Config c = cfg_;
+    c.frozen = f;
+    c = resolve(c);  // validates
+    retrieval_.freeze(c.frozen.sub_keys ? c.frozen.keys : 0, c.frozen.query);
+    cfg_ = c;
   }
 
   /// How the expert tables are stored (config().storage).
@@ -257,6 +309,9 @@ class ProductKeyLayer {
   void check_grads(const Grads& g) const {
     retrieval_.check_grads(g.retrieval, "grads");
     experts_.check_grads(g.experts, "grads");
+    SPEX_CHECK(g.experts.frozen_rows() == frozen_experts(),
+               "grads were made for " << g.experts.frozen_rows() << " frozen experts, the layer has " << frozen_experts()
+                                      << ": make_grads() again after freezing");
   }
 
  protected:
