@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds one example compiled for this machine's CPU and runs it with the remaining arguments.
-#   scripts/example.sh retrieval_demo | compare_layers [args...]
+#   scripts/example.sh retrieval_demo | compare_layers | lifelong [args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=$1
