@@ -68,7 +68,7 @@ double mean_tail(const std::vector<double>& v, std::size_t n) {
 
 }  // namespace
 
-TEST_CASE("ReMoE's controller drives sparsity to 1 - k/E and holds it, TopK learns as well", "[remoe]") {
+TEST_CASE("ReMoE's controller drives sparsity to 1 - k/E and holds it, TopK learns as well", "[remoe][training]") {
   const int steps = 400;
   const Run remoe = train<ReluRouter<double>>(steps, 1);
   const double target = 0.75;
