@@ -1,8 +1,9 @@
 # compare_layers --save / --resume: 20 steps, save, resume to 40 must print and write the same
 # losses for steps 21-40 as one uninterrupted run of 40 steps (every bit of the CSV's doubles).
+# The recall task only: it trains all five layers; char-lm runs the same ones at three times the cost.
 set(ENV{OMP_WAIT_POLICY} PASSIVE)
 function(run_program name)
-  execute_process(COMMAND ${PROGRAM} --quick ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  execute_process(COMMAND ${PROGRAM} --quick --tasks recall ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "compare_layers ${ARGN} failed (${rc}): ${err}")
   endif()
