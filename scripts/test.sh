@@ -2,11 +2,12 @@
 # The whole test suite: an optimized build with the GEMM engines found (OpenBLAS + libxsmm; the
 # GEMM tests also against BLIS), a Debug build under AddressSanitizer and
 # UndefinedBehaviorSanitizer with Eigen's GEMM only (header-only use), and a short libFuzzer run
-# over the safetensors loaders (clang). All must pass. clang (fuzzing), BLIS and python3-torch
-# (the PyTorch interop test) are installed too.
+# over the safetensors loaders (clang). All must pass. clang (fuzzing), BLIS, python3-torch
+# (the PyTorch interop test) and Open MPI (the expert-parallel tests, run with mpirun, label mpi)
+# are installed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh clang libclang-rt-14-dev libblis-openmp-dev python3-torch python3-numpy
+scripts/deps.sh clang libclang-rt-14-dev libblis-openmp-dev python3-torch python3-numpy libopenmpi-dev openmpi-bin openssh-client
 jobs=$(nproc)
 
 cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DSPEX_BUILD_TESTS=ON

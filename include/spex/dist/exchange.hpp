@@ -1,0 +1,221 @@
+#pragma once
+// Expert parallelism over MPI: each rank holds a shard of a layer's experts (partition.hpp) and
+// its own tokens; a token's retrieved experts live on several ranks. ExpertExchange moves what
+// the owners need to them and their results back, with MPI_Alltoallv:
+//   plan(ids, gates)        the (token, expert, gate) requests, grouped by owner, go to the owners;
+//   to_owners(rows)         one row per (token, owner) pair (x forward, dy backward), never one per
+//                           request: a token that retrieves 32 experts on 3 ranks is sent 3 times;
+//   to_sources(partial)     each owner's partial row per received token comes back and is summed
+//                           over the owners in rank order (deterministic for a given P);
+//   requests_to_sources(v)  one value per request back to its (token, slot) (gate gradients).
+// All ranks call the same functions in the same order (collectives). MPI reports errors through
+// the communicator's handler: the default aborts; with MPI_ERRORS_RETURN they throw spex::Error.
+// Thread safety: none; one exchange per concurrent caller (and communicator). After the first
+// batches of the largest size no call allocates.
+#include <mpi.h>
+
+#include <climits>
+#include <cstdint>
+#include <vector>
+
+#include "../core/check.hpp"
+#include "../core/types.hpp"
+#include "partition.hpp"
+
+namespace spex {
+namespace dist {
+
+template <class T>
+MPI_Datatype mpi_type();
+template <>
+inline MPI_Datatype mpi_type<float>() { return MPI_FLOAT; }
+template <>
+inline MPI_Datatype mpi_type<double>() { return MPI_DOUBLE; }
+template <>
+inline MPI_Datatype mpi_type<std::int64_t>() { return MPI_INT64_T; }
+
+/// Throws spex::Error naming the MPI call when rc is not MPI_SUCCESS.
+inline void check_mpi(int rc, const char* call) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  SPEX_CHECK(false, call << " failed: " << std::string(text, static_cast<std::size_t>(len)));
+}
+
+template <class T>
+class ExpertExchange {
+ public:
+  explicit ExpertExchange(MPI_Comm comm) : comm_(comm) {
+    check_mpi(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
+    check_mpi(MPI_Comm_size(comm, &ranks_), "MPI_Comm_size");
+    const std::size_t p = static_cast<std::size_t>(ranks_);
+    for (auto* v : {&send_tokens_, &send_requests_, &recv_tokens_, &recv_requests_}) v->assign(p, 0);
+  }
+
+  int rank() const { return rank_; }
+  int ranks() const { return ranks_; }
+
+  /// Plans one batch: ids and gates (B x m) of this rank's B tokens, ids in [0, part.n_experts()),
+  /// part over this communicator's ranks. Sends every request to its owner; afterwards this rank
+  /// holds received_tokens() tokens (from all sources, source by source, each source's in its
+  /// token order) and their requests.
+  void plan(CIndexMatRef ids, CMatRef<T> gates, const ExpertPartition& part) {
+    SPEX_CHECK(part.ranks() == ranks_, "the partition is over " << part.ranks() << " ranks, the communicator has " << ranks_);
+    check_shape(gates, ids.rows(), ids.cols(), "gates");
+    batch_ = ids.rows();
+    per_token_ = ids.cols();
+    for (Index t = 0; t < batch_; ++t)
+      for (Index j = 0; j < per_token_; ++j)
+        SPEX_CHECK(ids(t, j) >= 0 && ids(t, j) < part.n_experts(),
+                   "expert id " << ids(t, j) << " of token " << t << " is outside [0, " << part.n_experts() << ")");
+    // Requests grouped by owner, then token, then slot; one token entry per (token, owner).
+    std::fill(send_tokens_.begin(), send_tokens_.end(), 0);
+    std::fill(send_requests_.begin(), send_requests_.end(), 0);
+    token_of_.clear();
+    request_slot_.clear();
+    send_meta_.clear();
+    send_gates_.clear();
+    for (int o = 0; o < ranks_; ++o)
+      for (Index t = 0; t < batch_; ++t) {
+        bool sent = false;
+        for (Index j = 0; j < per_token_; ++j) {
+          const Index id = ids(t, j);
+          if (part.owner(id) != o) continue;
+          if (!sent) {
+            token_of_.push_back(t);
+            ++send_tokens_[o];
+            sent = true;
+          }
+          ++send_requests_[o];
+          request_slot_.push_back(t * per_token_ + j);
+          send_meta_.push_back(send_tokens_[o] - 1);  // the token's place in what o receives from here
+          send_meta_.push_back(part.local_row(id));
+          send_gates_.push_back(gates(t, j));
+        }
+      }
+    // Counts: tokens and requests per pair of ranks.
+    counts_out_.resize(2 * static_cast<std::size_t>(ranks_));
+    counts_in_.resize(counts_out_.size());
+    for (int o = 0; o < ranks_; ++o) {
+      counts_out_[2 * o] = send_tokens_[o];
+      counts_out_[2 * o + 1] = send_requests_[o];
+    }
+    check_mpi(MPI_Alltoall(counts_out_.data(), 2, MPI_INT64_T, counts_in_.data(), 2, MPI_INT64_T, comm_), "MPI_Alltoall");
+    received_ = 0;
+    Index received_requests = 0;
+    for (int s = 0; s < ranks_; ++s) {
+      recv_tokens_[s] = counts_in_[2 * s];
+      recv_requests_[s] = counts_in_[2 * s + 1];
+      received_ += recv_tokens_[s];
+      received_requests += recv_requests_[s];
+    }
+    // The requests: (token place, local row) pairs and the gates.
+    recv_meta_.resize(2 * static_cast<std::size_t>(received_requests));
+    recv_gates_.resize(static_cast<std::size_t>(received_requests));
+    alltoallv(send_meta_.data(), send_requests_, 2, recv_meta_.data(), recv_requests_);
+    alltoallv(send_gates_.data(), send_requests_, 1, recv_gates_.data(), recv_requests_);
+    // Requests arrive source by source, each source's grouped by token in its order: the CSR
+    // offsets per received token follow from the token places.
+    request_begin_.assign(static_cast<std::size_t>(received_ + 1), 0);
+    Index token_base = 0, q = 0;
+    for (int s = 0; s < ranks_; ++s) {
+      for (Index r = 0; r < recv_requests_[s]; ++r, ++q) {
+        const Index place = recv_meta_[2 * q];
+        SPEX_CHECK(place >= 0 && place < recv_tokens_[s], "rank " << s << " sent a request for token " << place
+                                                                  << " of the " << recv_tokens_[s] << " it sent");
+        ++request_begin_[token_base + place + 1];
+      }
+      token_base += recv_tokens_[s];
+    }
+    for (Index r = 0; r < received_; ++r) request_begin_[r + 1] += request_begin_[r];
+  }
+
+  /// Tokens received by this rank's experts in the last plan() (one per (token, source) pair).
+  Index received_tokens() const { return received_; }
+  /// Requests of received token r: [request_begin(r), request_begin(r + 1)), in the source
+  /// token's slot order.
+  Index request_begin(Index r) const { return request_begin_[static_cast<std::size_t>(r)]; }
+  /// The expert row (in this rank's shard) and gate of request q.
+  Index request_row(Index q) const { return recv_meta_[2 * static_cast<std::size_t>(q) + 1]; }
+  T request_gate(Index q) const { return recv_gates_[static_cast<std::size_t>(q)]; }
+
+  /// Sends row t of `rows` (B x w, this rank's tokens) to every rank that owns one of token t's
+  /// experts; `received` becomes received_tokens() x w in received order.
+  void to_owners(CMatRef<T> rows, RowMat<T>& received) {
+    SPEX_CHECK(rows.rows() == batch_, "rows has " << rows.rows() << " rows, the planned batch " << batch_);
+    const Index w = rows.cols();
+    row_buffer_.resize(static_cast<std::size_t>(Index(token_of_.size()) * w));
+    for (std::size_t i = 0; i < token_of_.size(); ++i)
+      for (Index c = 0; c < w; ++c) row_buffer_[i * static_cast<std::size_t>(w) + static_cast<std::size_t>(c)] = rows(token_of_[i], c);
+    received.resize(received_, w);
+    alltoallv(row_buffer_.data(), send_tokens_, w, received.data(), recv_tokens_);
+  }
+
+  /// Sends each received token's row of `partial` (received_tokens() x w) back to its source;
+  /// out (B x w) = for each token, the sum of the rows its owners sent, in rank order (tokens
+  /// without a request: zero).
+  void to_sources(CMatRef<T> partial, MatRef<T> out) {
+    SPEX_CHECK(partial.rows() == received_, "partial has " << partial.rows() << " rows, " << received_ << " tokens were received");
+    const Index w = partial.cols();
+    check_shape(out, batch_, w, "out");
+    packed_.resize(static_cast<std::size_t>(received_ * w));
+    for (Index r = 0; r < received_; ++r)
+      for (Index c = 0; c < w; ++c) packed_[static_cast<std::size_t>(r * w + c)] = partial(r, c);
+    row_buffer_.resize(static_cast<std::size_t>(Index(token_of_.size()) * w));
+    alltoallv(packed_.data(), recv_tokens_, w, row_buffer_.data(), send_tokens_);
+    out.setZero();
+    for (std::size_t i = 0; i < token_of_.size(); ++i)  // owner by owner: the sum's order is the ranks'
+      for (Index c = 0; c < w; ++c) out(token_of_[i], c) += row_buffer_[i * static_cast<std::size_t>(w) + static_cast<std::size_t>(c)];
+  }
+
+  /// One value per received request (in request order) back to its source's (token, slot):
+  /// out (B x m) gets them; slots are all covered (every request has one owner).
+  void requests_to_sources(const std::vector<T>& values, MatRef<T> out) {
+    SPEX_CHECK(Index(values.size()) == request_begin_.back(),
+               values.size() << " values for " << request_begin_.back() << " received requests");
+    check_shape(out, batch_, per_token_, "out");
+    back_.resize(request_slot_.size());
+    alltoallv(values.data(), recv_requests_, 1, back_.data(), send_requests_);
+    for (std::size_t i = 0; i < request_slot_.size(); ++i)
+      out(request_slot_[i] / per_token_, request_slot_[i] % per_token_) = back_[i];
+  }
+
+ private:
+  /// MPI_Alltoallv of `width` values per counted item, counts per rank, in items.
+  template <class V>
+  void alltoallv(const V* send, const std::vector<Index>& send_items, Index width, V* recv, const std::vector<Index>& recv_items) {
+    displacements(send_items, width, send_counts_, send_displs_);
+    displacements(recv_items, width, recv_counts_, recv_displs_);
+    check_mpi(MPI_Alltoallv(send, send_counts_.data(), send_displs_.data(), mpi_type<V>(), recv, recv_counts_.data(),
+                            recv_displs_.data(), mpi_type<V>(), comm_),
+              "MPI_Alltoallv");
+  }
+
+  static void displacements(const std::vector<Index>& items, Index width, std::vector<int>& counts, std::vector<int>& displs) {
+    counts.resize(items.size());
+    displs.resize(items.size());
+    Index at = 0;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      const Index n = items[i] * width;
+      SPEX_CHECK(at + n <= Index(INT_MAX), "an exchange of " << at + n << " values exceeds MPI's int counts: use smaller batches");
+      counts[i] = static_cast<int>(n);
+      displs[i] = static_cast<int>(at);
+      at += n;
+    }
+  }
+
+  MPI_Comm comm_;
+  int rank_ = 0, ranks_ = 1;
+  Index batch_ = 0, per_token_ = 0, received_ = 0;
+  std::vector<Index> send_tokens_, send_requests_, recv_tokens_, recv_requests_;  // per rank, in items
+  std::vector<Index> token_of_;       // sent token entries, owner by owner: the local token
+  std::vector<Index> request_slot_;   // sent requests, owner by owner: t * m + j
+  std::vector<std::int64_t> counts_out_, counts_in_, send_meta_, recv_meta_;
+  std::vector<T> send_gates_, recv_gates_, row_buffer_, packed_, back_;
+  std::vector<Index> request_begin_;
+  std::vector<int> send_counts_, send_displs_, recv_counts_, recv_displs_;
+};
+
+}  // namespace dist
+}  // namespace spex

@@ -1,0 +1,41 @@
+#pragma once
+// Which rank owns which expert when a layer's expert tables are sharded over P ranks.
+//
+// Round robin: expert `id` lives on rank id mod P, as row id / P of that rank's table. Why not
+// contiguous id ranges: with ExpertIds::shells a grown layer's new experts take the highest ids,
+// so ranges would give every new expert to the last rank (and, with the row_major numbering, a
+// range of ids is a range of i1 rows, which retrieval does not visit evenly). Round robin spreads
+// every id range, grown or not, evenly over the ranks; each rank holds ceil or floor of N / P rows.
+// No MPI here: the partition is plain arithmetic, usable (and tested) without MPI.
+#include "../core/check.hpp"
+#include "../core/types.hpp"
+
+namespace spex {
+namespace dist {
+
+class ExpertPartition {
+ public:
+  ExpertPartition() = default;
+  /// n_experts over `ranks` ranks (>= 1).
+  ExpertPartition(Index n_experts, int ranks) : n_(n_experts), p_(ranks) {
+    SPEX_CHECK(ranks >= 1, "ranks = " << ranks << " must be >= 1");
+    SPEX_CHECK(n_experts >= 0, "n_experts = " << n_experts << " must be >= 0");
+  }
+  Index n_experts() const { return n_; }
+  int ranks() const { return p_; }
+  /// The rank that owns expert `id` (0 <= id < n_experts).
+  int owner(Index id) const { return static_cast<int>(id % p_); }
+  /// Its row in the owner's table.
+  Index local_row(Index id) const { return id / p_; }
+  /// The expert id of row `row` on rank `rank`.
+  Index global_id(int rank, Index row) const { return row * p_ + rank; }
+  /// Rows of rank `rank`'s table: the ids rank, rank + P, ... below n_experts.
+  Index local_rows(int rank) const { return n_ > rank ? (n_ - rank + p_ - 1) / p_ : 0; }
+
+ private:
+  Index n_ = 0;
+  int p_ = 1;
+};
+
+}  // namespace dist
+}  // namespace spex
