@@ -8,14 +8,17 @@
 //   to_sources(partial)     each owner's partial row per received token comes back and is summed
 //                           over the owners in rank order (deterministic for a given P);
 //   requests_to_sources(v)  one value per request back to its (token, slot) (gate gradients).
-// All ranks call the same functions in the same order (collectives). MPI reports errors through
-// the communicator's handler: the default aborts; with MPI_ERRORS_RETURN they throw spex::Error.
+// All ranks call the same functions in the same order (collectives). Bad arguments on any rank
+// make plan() throw spex::Error on every rank (none is left waiting), before anything is sent.
+// MPI reports its own errors through the communicator's handler: the default aborts; with
+// MPI_ERRORS_RETURN they throw spex::Error.
 // Thread safety: none; one exchange per concurrent caller (and communicator). After the first
 // batches of the largest size no call allocates.
 #include <mpi.h>
 
 #include <climits>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../core/check.hpp"
@@ -61,14 +64,25 @@ class ExpertExchange {
   /// holds received_tokens() tokens (from all sources, source by source, each source's in its
   /// token order) and their requests.
   void plan(CIndexMatRef ids, CMatRef<T> gates, const ExpertPartition& part) {
-    SPEX_CHECK(part.ranks() == ranks_, "the partition is over " << part.ranks() << " ranks, the communicator has " << ranks_);
-    check_shape(gates, ids.rows(), ids.cols(), "gates");
+    // Every rank checks its arguments, then all learn whether any failed: a rank that threw alone
+    // would leave the others waiting in the exchange for ever.
+    std::string problem;
+    try {
+      SPEX_CHECK(part.ranks() == ranks_, "the partition is over " << part.ranks() << " ranks, the communicator has " << ranks_);
+      check_shape(gates, ids.rows(), ids.cols(), "gates");
+      for (Index t = 0; t < ids.rows(); ++t)
+        for (Index j = 0; j < ids.cols(); ++j)
+          SPEX_CHECK(ids(t, j) >= 0 && ids(t, j) < part.n_experts(),
+                     "expert id " << ids(t, j) << " of token " << t << " is outside [0, " << part.n_experts() << ")");
+    } catch (const Error& e) {
+      problem = e.what();
+    }
+    int bad = problem.empty() ? 0 : 1, any_bad = 0;
+    check_mpi(MPI_Allreduce(&bad, &any_bad, 1, MPI_INT, MPI_MAX, comm_), "MPI_Allreduce");
+    SPEX_CHECK(!bad, "ExpertExchange::plan on rank " << rank_ << ": " << problem);
+    SPEX_CHECK(!any_bad, "ExpertExchange::plan: another rank's arguments were refused (its message says why)");
     batch_ = ids.rows();
     per_token_ = ids.cols();
-    for (Index t = 0; t < batch_; ++t)
-      for (Index j = 0; j < per_token_; ++j)
-        SPEX_CHECK(ids(t, j) >= 0 && ids(t, j) < part.n_experts(),
-                   "expert id " << ids(t, j) << " of token " << t << " is outside [0, " << part.n_experts() << ")");
     // Requests grouped by owner, then token, then slot; one token entry per (token, owner).
     std::fill(send_tokens_.begin(), send_tokens_.end(), 0);
     std::fill(send_requests_.begin(), send_requests_.end(), 0);
