@@ -9,6 +9,9 @@
 
 #include <spex/io/io.hpp>
 #endif
+#if SPEX_CONSUMER_DIST
+#include <spex/dist/exchange.hpp>
+#endif
 
 int main() {
   spex::ProductKeys<float> keys(16, 8, /*seed=*/1);
@@ -44,6 +47,15 @@ int main() {
     std::puts("a layer saved and loaded through spex::io differs");
     return 1;
   }
+#endif
+#if SPEX_CONSUMER_DIST
+  // The installed spex::dist compiles against MPI's headers and links its library.
+  const spex::dist::ExpertPartition part(10, 3);
+  if (part.owner(7) != 1 || part.local_rows(0) != 4) {
+    std::puts("spex::dist's partition differs");
+    return 1;
+  }
+  std::printf("spex::dist with %s\n", MPI_VERSION >= 3 ? "MPI 3 or later" : "MPI before 3");
 #endif
   std::puts("spex consumer: ok");
   return 0;
