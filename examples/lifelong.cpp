@@ -285,8 +285,8 @@ int main(int argc, char** argv) {
     std::printf("\n");
   }
 
-  // Targets (issue: grow + freeze keeps >= 90% of task 1 and reaches >= 90% of a fresh layer on
-  // each new task).
+  // The goals: grow + freeze keeps >= 90% of task 1 and learns each new task to >= 90% of a
+  // fresh layer.
   const Variant& gf = variants[1];
   bool new_tasks_ok = true;
   for (std::size_t t = 0; t < tasks.size(); ++t) new_tasks_ok = new_tasks_ok && gf.acc[t][t] >= 0.9 * fresh[t];
