@@ -145,6 +145,14 @@ class ExpertExchange {
     for (Index r = 0; r < received_; ++r) request_begin_[r + 1] += request_begin_[r];
   }
 
+  /// What the last plan() sends from this rank: token rows per to_owners() call (one per
+  /// (token, owner) pair, this rank's own included) and requests (16 bytes of indices + one T
+  /// each). For the bytes-per-token model (bench/bench_dist_exchange.cpp).
+  Index sent_token_rows() const { return Index(token_of_.size()); }
+  Index sent_requests() const { return Index(request_slot_.size()); }
+  /// Of those, the ones that stay on this rank (no network traffic).
+  Index own_token_rows() const { return send_tokens_[static_cast<std::size_t>(rank_)]; }
+
   /// Tokens received by this rank's experts in the last plan() (one per (token, source) pair).
   Index received_tokens() const { return received_; }
   /// Requests of received token r: [request_begin(r), request_begin(r + 1)), in the source
