@@ -27,6 +27,7 @@
 #include <spex/spex.hpp>
 
 #include "compare/blocks.hpp"
+#include "compare/options.hpp"
 #include "compare/plot.hpp"
 #include "example_setup.hpp"
 
@@ -53,12 +54,7 @@ constexpr const char* kUsage =
 
 Options parse(int argc, char** argv) {
   Options o;
-  auto count = [](const std::string& flag, const char* v) {
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    if (*v == '\0' || *end != '\0' || n < 1 || n > 10000000) throw std::invalid_argument(flag + " takes a count, not '" + v + "'");
-    return int(n);
-  };
+  const auto count = compare::parse_count;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> const char* {

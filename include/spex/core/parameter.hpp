@@ -41,7 +41,8 @@ struct Parameter {
   /// The table storage behind `value` when it can read a mapped file in place (expert tables;
   /// io/ uses it for memory-mapped loading), else null.
   Table<Scalar>* table = nullptr;
-  /// Rows [0, frozen_rows) are frozen (see above); 0: none.
+  /// Rows [0, frozen_rows) are frozen (see above); 0: none. With a row-sparse gradient, the
+  /// gradient's own (SparseRowGrad::frozen_rows), which never holds them.
   Index frozen_rows = 0;
 
   ValueMap value_map() const { return ValueMap(value, rows, cols); }

@@ -84,29 +84,48 @@ class ExpertExchange {
     batch_ = ids.rows();
     per_token_ = ids.cols();
     // Requests grouped by owner, then token, then slot; one token entry per (token, owner).
+    // A counting sort over the owners: one pass counts, one pass places.
+    const std::size_t p = static_cast<std::size_t>(ranks_), n_requests = static_cast<std::size_t>(batch_ * per_token_);
     std::fill(send_tokens_.begin(), send_tokens_.end(), 0);
     std::fill(send_requests_.begin(), send_requests_.end(), 0);
-    token_of_.clear();
-    request_slot_.clear();
-    send_meta_.clear();
-    send_gates_.clear();
-    for (int o = 0; o < ranks_; ++o)
-      for (Index t = 0; t < batch_; ++t) {
-        bool sent = false;
-        for (Index j = 0; j < per_token_; ++j) {
-          const Index id = ids(t, j);
-          if (part.owner(id) != o) continue;
-          if (!sent) {
-            token_of_.push_back(t);
-            ++send_tokens_[o];
-            sent = true;
-          }
-          ++send_requests_[o];
-          request_slot_.push_back(t * per_token_ + j);
-          send_meta_.push_back(send_tokens_[o] - 1);  // the token's place in what o receives from here
-          send_meta_.push_back(part.local_row(id));
-          send_gates_.push_back(gates(t, j));
+    last_token_.assign(p, -1);
+    owner_of_.resize(n_requests);
+    for (Index t = 0; t < batch_; ++t)
+      for (Index j = 0; j < per_token_; ++j) {
+        const int o = part.owner(ids(t, j));
+        owner_of_[static_cast<std::size_t>(t * per_token_ + j)] = o;
+        ++send_requests_[o];
+        if (last_token_[o] != t) {
+          last_token_[o] = t;
+          ++send_tokens_[o];
         }
+      }
+    token_first_.assign(p, 0);
+    request_at_.assign(p, 0);
+    for (std::size_t o = 1; o < p; ++o) {
+      token_first_[o] = token_first_[o - 1] + send_tokens_[o - 1];
+      request_at_[o] = request_at_[o - 1] + send_requests_[o - 1];
+    }
+    token_at_ = token_first_;
+    token_of_.resize(static_cast<std::size_t>(token_first_[p - 1] + send_tokens_[p - 1]));
+    request_slot_.resize(n_requests);
+    send_meta_.resize(2 * n_requests);
+    send_gates_.resize(n_requests);
+    last_token_.assign(p, -1);
+    for (Index t = 0; t < batch_; ++t)
+      for (Index j = 0; j < per_token_; ++j) {
+        const std::size_t slot = static_cast<std::size_t>(t * per_token_ + j);
+        const int o = owner_of_[slot];
+        if (last_token_[o] != t) {
+          last_token_[o] = t;
+          token_of_[static_cast<std::size_t>(token_at_[o]++)] = t;
+        }
+        const std::size_t q = static_cast<std::size_t>(request_at_[o]++);
+        request_slot_[q] = Index(slot);
+        // The token's place in what o receives from here, and the expert's row there.
+        send_meta_[2 * q] = token_at_[o] - 1 - token_first_[o];
+        send_meta_[2 * q + 1] = part.local_row(ids(t, j));
+        send_gates_[q] = gates(t, j);
       }
     // Counts: tokens and requests per pair of ranks.
     counts_out_.resize(2 * static_cast<std::size_t>(ranks_));
@@ -166,10 +185,10 @@ class ExpertExchange {
   /// experts; `received` becomes received_tokens() x w in received order.
   void to_owners(CMatRef<T> rows, RowMat<T>& received) {
     SPEX_CHECK(rows.rows() == batch_, "rows has " << rows.rows() << " rows, the planned batch " << batch_);
-    const Index w = rows.cols();
-    row_buffer_.resize(static_cast<std::size_t>(Index(token_of_.size()) * w));
-    for (std::size_t i = 0; i < token_of_.size(); ++i)
-      for (Index c = 0; c < w; ++c) row_buffer_[i * static_cast<std::size_t>(w) + static_cast<std::size_t>(c)] = rows(token_of_[i], c);
+    const Index w = rows.cols(), sent = Index(token_of_.size());
+    row_buffer_.resize(static_cast<std::size_t>(sent * w));
+    Eigen::Map<RowMat<T>> out(row_buffer_.data(), sent, w);
+    for (Index i = 0; i < sent; ++i) out.row(i) = rows.row(token_of_[static_cast<std::size_t>(i)]);
     received.resize(received_, w);
     alltoallv(row_buffer_.data(), send_tokens_, w, received.data(), recv_tokens_);
   }
@@ -179,16 +198,16 @@ class ExpertExchange {
   /// without a request: zero).
   void to_sources(CMatRef<T> partial, MatRef<T> out) {
     SPEX_CHECK(partial.rows() == received_, "partial has " << partial.rows() << " rows, " << received_ << " tokens were received");
-    const Index w = partial.cols();
+    const Index w = partial.cols(), sent = Index(token_of_.size());
     check_shape(out, batch_, w, "out");
     packed_.resize(static_cast<std::size_t>(received_ * w));
-    for (Index r = 0; r < received_; ++r)
-      for (Index c = 0; c < w; ++c) packed_[static_cast<std::size_t>(r * w + c)] = partial(r, c);
-    row_buffer_.resize(static_cast<std::size_t>(Index(token_of_.size()) * w));
+    Eigen::Map<RowMat<T>>(packed_.data(), received_, w) = partial;  // contiguous rows for MPI
+    row_buffer_.resize(static_cast<std::size_t>(sent * w));
     alltoallv(packed_.data(), recv_tokens_, w, row_buffer_.data(), send_tokens_);
+    const Eigen::Map<const RowMat<T>> back(row_buffer_.data(), sent, w);
     out.setZero();
-    for (std::size_t i = 0; i < token_of_.size(); ++i)  // owner by owner: the sum's order is the ranks'
-      for (Index c = 0; c < w; ++c) out(token_of_[i], c) += row_buffer_[i * static_cast<std::size_t>(w) + static_cast<std::size_t>(c)];
+    for (Index i = 0; i < sent; ++i)  // owner by owner: the sum's order is the ranks'
+      out.row(token_of_[static_cast<std::size_t>(i)]) += back.row(i);
   }
 
   /// One value per received request (in request order) back to its source's (token, slot):
@@ -232,6 +251,8 @@ class ExpertExchange {
   Index batch_ = 0, per_token_ = 0, received_ = 0;
   std::vector<Index> send_tokens_, send_requests_, recv_tokens_, recv_requests_;  // per rank, in items
   std::vector<Index> token_of_;       // sent token entries, owner by owner: the local token
+  std::vector<Index> last_token_, token_first_, token_at_, request_at_;  // plan()'s counting sort, per owner
+  std::vector<int> owner_of_;         // per (token, slot)
   std::vector<Index> request_slot_;   // sent requests, owner by owner: t * m + j
   std::vector<std::int64_t> counts_out_, counts_in_, send_meta_, recv_meta_;
   std::vector<T> send_gates_, recv_gates_, row_buffer_, packed_, back_;

@@ -121,7 +121,6 @@ class Adam {
           const Index n_rows = Index(rows.size()), per = std::max<Index>(1, kChunk / std::max<Index>(1, p.cols));
           parallel_for((n_rows + per - 1) / per, [&](Index c, int) {
             for (Index s = c * per; s < std::min(n_rows, (c + 1) * per); ++s) {
-              if (rows[s] < p.frozen_rows) continue;  // a gradient made without the freeze
               const std::size_t off = static_cast<std::size_t>(rows[s]) * w;
               kernels::adam_update<Arch>(p.value + off, &vals(s, 0), m.data() + off, v.data() + off, w, sparse);
             }

@@ -78,12 +78,18 @@ std::vector<ParamGroup<T>> make_groups(const ParameterList<T>& params, const std
 }
 
 namespace detail {
-/// What every optimizer checks of its groups: usable settings, no parameter twice.
+/// What every optimizer checks of its groups: usable settings, no parameter twice, and a
+/// row-sparse gradient that never holds a frozen row (its own frozen rows are the parameter's;
+/// the optimizers rely on it and skip no rows of it).
 template <class T>
 void check_groups(const std::vector<ParamGroup<T>>& groups) {
   ParameterList<T> all;
   for (const auto& g : groups) {
     check_group(g);
+    for (const auto& p : g.params)
+      SPEX_CHECK(!p.sparse_grad || p.sparse_grad->frozen_rows() == p.frozen_rows,
+                 "parameter '" << p.name << "' has " << p.frozen_rows << " frozen rows, its row-sparse gradient "
+                               << p.sparse_grad->frozen_rows() << ": take the list from the layer's parameters(grads)");
     all.insert(all.end(), g.params.begin(), g.params.end());
   }
   check_unique_names(all);

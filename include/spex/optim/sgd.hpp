@@ -75,8 +75,7 @@ class Sgd {
           auto w = p.value_map();
           const auto vals = p.sparse_grad->values();
           const auto& rows = p.sparse_grad->rows();
-          for (Index s = 0; s < Index(rows.size()); ++s)
-            if (rows[s] >= p.frozen_rows) update_row(w.row(rows[s]), vals.row(s), buf, rows[s], lr, wd);
+          for (Index s = 0; s < Index(rows.size()); ++s) update_row(w.row(rows[s]), vals.row(s), buf, rows[s], lr, wd);
         }
       }
     }
