@@ -130,4 +130,14 @@ void check_ids(const Mat& ids, Index n) {
                  "expert id " << ids(r, c) << " at (" << r << ", " << c << ") is outside [0, " << n << ")");
 }
 
+/// Throws unless the pick lists of `tokens` tokens are well formed: token t's picks are
+/// [begin[t], begin[t + 1]) of ids, begin[0] = 0, non-decreasing, every id in [0, n).
+inline void check_pick_lists(Index tokens, const Index* begin, const Index* ids, Index n) {
+  SPEX_CHECK(begin[0] == 0, "the first token's picks begin at " << begin[0] << ", not 0");
+  for (Index t = 0; t < tokens; ++t)
+    SPEX_CHECK(begin[t + 1] >= begin[t], "token " << t << "'s picks end at " << begin[t + 1] << " before they begin at " << begin[t]);
+  for (Index p = 0; p < begin[tokens]; ++p)
+    SPEX_CHECK(ids[p] >= 0 && ids[p] < n, "pick " << p << " names expert " << ids[p] << ", outside [0, " << n << ")");
+}
+
 }  // namespace spex

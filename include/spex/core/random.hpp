@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "check.hpp"
 #include "types.hpp"
 
 namespace spex {
@@ -75,6 +76,30 @@ void fill_normal(Eigen::DenseBase<Derived>& m, double stddev, Rng& rng) {
   for (Eigen::Index r = 0; r < m.rows(); ++r)
     for (Eigen::Index c = 0; c < m.cols(); ++c)
       m(r, c) = static_cast<typename Derived::Scalar>(stddev * rng.normal());
+}
+
+/// The rows first, first + step, first + 2 step, ... of a table: a round-robin shard of its
+/// rows (dist/partition.hpp). The default is every row.
+struct RowStride {
+  Index first = 0, step = 1;
+  /// How many of a table's `total` rows the stride holds.
+  Index rows_of(Index total) const { return total > first ? (total - first + step - 1) / step : 0; }
+};
+
+/// Fills m with the rows `rows` selects out of what fill_normal would draw for a table of
+/// `total` rows of m.cols() (the other rows are drawn and dropped): a shard of a table equal
+/// to the same rows of the whole one, in 1/step of its memory.
+template <class Derived>
+void fill_normal(Eigen::DenseBase<Derived>& m, double stddev, Rng& rng, Index total, RowStride rows) {
+  SPEX_CHECK(rows.step >= 1 && rows.first >= 0, "row stride (first " << rows.first << ", step " << rows.step << ") needs first >= 0, step >= 1");
+  SPEX_CHECK(m.rows() == rows.rows_of(total), "a shard of " << rows.rows_of(total) << " rows of " << total << " has " << m.rows());
+  for (Index r = 0; r < total; ++r) {
+    const bool kept = r >= rows.first && (r - rows.first) % rows.step == 0;
+    for (Eigen::Index c = 0; c < m.cols(); ++c) {
+      const double v = stddev * rng.normal();
+      if (kept) m((r - rows.first) / rows.step, c) = static_cast<typename Derived::Scalar>(v);
+    }
+  }
 }
 
 }  // namespace spex

@@ -167,22 +167,20 @@ struct RowScatterPlan {
   }
 };
 
-/// grad.row(ids(t, j)) += coef(t, j) * src.row(t) for every occurrence with ids(t, j) >= 0
-/// and not frozen, parallel over gradient rows. ids and coef are B x m; src is B x width.
-template <class Arch = default_arch, class T>
-void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no_deduce<CMatRef<T>> src,
-                     SparseRowGrad<T>& grad, RowScatterPlan& plan) {
-  const Index batch = ids.rows(), m = ids.cols(), occ = batch * m;
-  check_shape(coef, batch, m, "coef");
-  check_shape(src, batch, grad.width(), "src");
+namespace detail {
+/// grad.row(id(o)) += coef(o) * src.row(token(o)) for the occurrences o in [0, occ) with
+/// id(o) >= 0 and not frozen, parallel over gradient rows, each row summed in occurrence order.
+template <class Arch, class T, class IdOf, class CoefOf, class TokenOf>
+void accumulate_occurrences(Index occ, IdOf id_of, CoefOf coef_of, TokenOf token_of, CMatRef<T> src,
+                            SparseRowGrad<T>& grad, RowScatterPlan& plan) {
+  check_shape(src, src.rows(), grad.width(), "src");
   plan.slot.resize(static_cast<std::size_t>(occ));
   grad.reserve(grad.nnz_rows() + occ);
   const Index first_new = grad.nnz_rows();
-  for (Index t = 0; t < batch; ++t)
-    for (Index j = 0; j < m; ++j) {
-      const Index id = ids(t, j);
-      plan.slot[t * m + j] = id < 0 || grad.frozen(id) ? -1 : grad.slot_unset(id);
-    }
+  for (Index o = 0; o < occ; ++o) {
+    const Index id = id_of(o);
+    plan.slot[o] = id < 0 || grad.frozen(id) ? -1 : grad.slot_unset(id);
+  }
   // Slots touched before this call are included too.
   const Index n_slots = grad.nnz_rows();
   plan.group(n_slots);
@@ -192,14 +190,41 @@ void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no
     T* row = values.row(s).data();
     Index p = plan.offsets[s];
     if (s >= first_new) {  // a row new in this call has at least one occurrence: it sets the row
-      const Index o = plan.order[p++], t = o / m;
-      kernels::scale_to<Arch>(coef(t, o % m), row_ptr(src, t), row, w);
+      const Index o = plan.order[p++];
+      kernels::scale_to<Arch>(coef_of(o), row_ptr(src, token_of(o)), row, w);
     }
     for (; p < plan.offsets[s + 1]; ++p) {
-      const Index o = plan.order[p], t = o / m;
-      kernels::axpy<Arch>(coef(t, o % m), row_ptr(src, t), row, w);
+      const Index o = plan.order[p];
+      kernels::axpy<Arch>(coef_of(o), row_ptr(src, token_of(o)), row, w);
     }
   });
+}
+}  // namespace detail
+
+/// grad.row(ids(t, j)) += coef(t, j) * src.row(t) for every occurrence with ids(t, j) >= 0
+/// and not frozen, parallel over gradient rows. ids and coef are B x m; src is B x width.
+/// Each row is summed in token order, then slot order: the result does not depend on threads.
+template <class Arch = default_arch, class T>
+void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no_deduce<CMatRef<T>> src,
+                     SparseRowGrad<T>& grad, RowScatterPlan& plan) {
+  const Index batch = ids.rows(), m = ids.cols();
+  check_shape(coef, batch, m, "coef");
+  check_shape(src, batch, grad.width(), "src");
+  detail::accumulate_occurrences<Arch, T>(
+      batch * m, [&](Index o) { return ids(o / m, o % m); }, [&](Index o) { return coef(o / m, o % m); },
+      [&](Index o) { return o / m; }, src, grad, plan);
+}
+
+/// The same for occurrences listed one by one: grad.row(ids[o]) += coef[o] * src.row(token[o])
+/// for o in [0, occ) (an expert shard's received requests, dist/). Rows summed in list order.
+template <class Arch = default_arch, class T>
+void accumulate_rows(const Index* ids, const T* coef, const Index* token, Index occ, no_deduce<CMatRef<T>> src,
+                     SparseRowGrad<T>& grad, RowScatterPlan& plan) {
+  for (Index o = 0; o < occ; ++o)
+    SPEX_CHECK(token[o] >= 0 && token[o] < src.rows(), "occurrence " << o << " names token " << token[o] << " of " << src.rows());
+  detail::accumulate_occurrences<Arch, T>(
+      occ, [&](Index o) { return ids[o]; }, [&](Index o) { return coef[o]; }, [&](Index o) { return token[o]; }, src, grad,
+      plan);
 }
 
 }  // namespace spex

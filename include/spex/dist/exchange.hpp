@@ -23,145 +23,62 @@
 
 #include "../core/check.hpp"
 #include "../core/types.hpp"
+#include "collectives.hpp"
 #include "partition.hpp"
 
 namespace spex {
 namespace dist {
 
 template <class T>
-MPI_Datatype mpi_type();
-template <>
-inline MPI_Datatype mpi_type<float>() { return MPI_FLOAT; }
-template <>
-inline MPI_Datatype mpi_type<double>() { return MPI_DOUBLE; }
-template <>
-inline MPI_Datatype mpi_type<std::int64_t>() { return MPI_INT64_T; }
-
-/// Throws spex::Error naming the MPI call when rc is not MPI_SUCCESS.
-inline void check_mpi(int rc, const char* call) {
-  if (rc == MPI_SUCCESS) return;
-  char text[MPI_MAX_ERROR_STRING];
-  int len = 0;
-  MPI_Error_string(rc, text, &len);
-  SPEX_CHECK(false, call << " failed: " << std::string(text, static_cast<std::size_t>(len)));
-}
-
-template <class T>
 class ExpertExchange {
  public:
-  explicit ExpertExchange(MPI_Comm comm) : comm_(comm) {
-    check_mpi(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
-    check_mpi(MPI_Comm_size(comm, &ranks_), "MPI_Comm_size");
+  /// An exchange bound to no communicator (a layer's Cache binds it on first use: bind()).
+  ExpertExchange() = default;
+  explicit ExpertExchange(MPI_Comm comm) { bind(comm); }
+  /// Binds to `comm`, dropping any plan.
+  void bind(MPI_Comm comm) {
+    comm_ = comm;
+    rank_ = comm_rank(comm);
+    ranks_ = comm_size(comm);
     const std::size_t p = static_cast<std::size_t>(ranks_);
     for (auto* v : {&send_tokens_, &send_requests_, &recv_tokens_, &recv_requests_}) v->assign(p, 0);
+    batch_ = per_token_ = received_ = 0;
+    request_begin_.assign(1, 0);
   }
 
+  MPI_Comm comm() const { return comm_; }
   int rank() const { return rank_; }
   int ranks() const { return ranks_; }
 
   /// Plans one batch: ids and gates (B x m) of this rank's B tokens, ids in [0, part.n_experts()),
   /// part over this communicator's ranks. Sends every request to its owner; afterwards this rank
   /// holds received_tokens() tokens (from all sources, source by source, each source's in its
-  /// token order) and their requests.
+  /// token order) and their requests. Bad arguments on any rank throw on every rank.
   void plan(CIndexMatRef ids, CMatRef<T> gates, const ExpertPartition& part) {
-    // Every rank checks its arguments, then all learn whether any failed: a rank that threw alone
-    // would leave the others waiting in the exchange for ever.
-    std::string problem;
-    try {
-      SPEX_CHECK(part.ranks() == ranks_, "the partition is over " << part.ranks() << " ranks, the communicator has " << ranks_);
-      check_shape(gates, ids.rows(), ids.cols(), "gates");
-      for (Index t = 0; t < ids.rows(); ++t)
-        for (Index j = 0; j < ids.cols(); ++j)
-          SPEX_CHECK(ids(t, j) >= 0 && ids(t, j) < part.n_experts(),
-                     "expert id " << ids(t, j) << " of token " << t << " is outside [0, " << part.n_experts() << ")");
-    } catch (const Error& e) {
-      problem = e.what();
-    }
-    int bad = problem.empty() ? 0 : 1, any_bad = 0;
-    check_mpi(MPI_Allreduce(&bad, &any_bad, 1, MPI_INT, MPI_MAX, comm_), "MPI_Allreduce");
-    SPEX_CHECK(!bad, "ExpertExchange::plan on rank " << rank_ << ": " << problem);
-    SPEX_CHECK(!any_bad, "ExpertExchange::plan: another rank's arguments were refused (its message says why)");
-    batch_ = ids.rows();
-    per_token_ = ids.cols();
-    // Requests grouped by owner, then token, then slot; one token entry per (token, owner).
-    // A counting sort over the owners: one pass counts, one pass places.
-    const std::size_t p = static_cast<std::size_t>(ranks_), n_requests = static_cast<std::size_t>(batch_ * per_token_);
-    std::fill(send_tokens_.begin(), send_tokens_.end(), 0);
-    std::fill(send_requests_.begin(), send_requests_.end(), 0);
-    last_token_.assign(p, -1);
-    owner_of_.resize(n_requests);
-    for (Index t = 0; t < batch_; ++t)
-      for (Index j = 0; j < per_token_; ++j) {
-        const int o = part.owner(ids(t, j));
-        owner_of_[static_cast<std::size_t>(t * per_token_ + j)] = o;
-        ++send_requests_[o];
-        if (last_token_[o] != t) {
-          last_token_[o] = t;
-          ++send_tokens_[o];
-        }
-      }
-    token_first_.assign(p, 0);
-    request_at_.assign(p, 0);
-    for (std::size_t o = 1; o < p; ++o) {
-      token_first_[o] = token_first_[o - 1] + send_tokens_[o - 1];
-      request_at_[o] = request_at_[o - 1] + send_requests_[o - 1];
-    }
-    token_at_ = token_first_;
-    token_of_.resize(static_cast<std::size_t>(token_first_[p - 1] + send_tokens_[p - 1]));
-    request_slot_.resize(n_requests);
-    send_meta_.resize(2 * n_requests);
-    send_gates_.resize(n_requests);
-    last_token_.assign(p, -1);
-    for (Index t = 0; t < batch_; ++t)
-      for (Index j = 0; j < per_token_; ++j) {
-        const std::size_t slot = static_cast<std::size_t>(t * per_token_ + j);
-        const int o = owner_of_[slot];
-        if (last_token_[o] != t) {
-          last_token_[o] = t;
-          token_of_[static_cast<std::size_t>(token_at_[o]++)] = t;
-        }
-        const std::size_t q = static_cast<std::size_t>(request_at_[o]++);
-        request_slot_[q] = Index(slot);
-        // The token's place in what o receives from here, and the expert's row there.
-        send_meta_[2 * q] = token_at_[o] - 1 - token_first_[o];
-        send_meta_[2 * q + 1] = part.local_row(ids(t, j));
-        send_gates_[q] = gates(t, j);
-      }
-    // Counts: tokens and requests per pair of ranks.
-    counts_out_.resize(2 * static_cast<std::size_t>(ranks_));
-    counts_in_.resize(counts_out_.size());
-    for (int o = 0; o < ranks_; ++o) {
-      counts_out_[2 * o] = send_tokens_[o];
-      counts_out_[2 * o + 1] = send_requests_[o];
-    }
-    check_mpi(MPI_Alltoall(counts_out_.data(), 2, MPI_INT64_T, counts_in_.data(), 2, MPI_INT64_T, comm_), "MPI_Alltoall");
-    received_ = 0;
-    Index received_requests = 0;
-    for (int s = 0; s < ranks_; ++s) {
-      recv_tokens_[s] = counts_in_[2 * s];
-      recv_requests_[s] = counts_in_[2 * s + 1];
-      received_ += recv_tokens_[s];
-      received_requests += recv_requests_[s];
-    }
-    // The requests: (token place, local row) pairs and the gates.
-    recv_meta_.resize(2 * static_cast<std::size_t>(received_requests));
-    recv_gates_.resize(static_cast<std::size_t>(received_requests));
-    alltoallv(send_meta_.data(), send_requests_, 2, recv_meta_.data(), recv_requests_);
-    alltoallv(send_gates_.data(), send_requests_, 1, recv_gates_.data(), recv_requests_);
-    // Requests arrive source by source, each source's grouped by token in its order: the CSR
-    // offsets per received token follow from the token places.
-    request_begin_.assign(static_cast<std::size_t>(received_ + 1), 0);
-    Index token_base = 0, q = 0;
-    for (int s = 0; s < ranks_; ++s) {
-      for (Index r = 0; r < recv_requests_[s]; ++r, ++q) {
-        const Index place = recv_meta_[2 * q];
-        SPEX_CHECK(place >= 0 && place < recv_tokens_[s], "rank " << s << " sent a request for token " << place
-                                                                  << " of the " << recv_tokens_[s] << " it sent");
-        ++request_begin_[token_base + place + 1];
-      }
-      token_base += recv_tokens_[s];
-    }
-    for (Index r = 0; r < received_; ++r) request_begin_[r + 1] += request_begin_[r];
+    const Index m = ids.cols();
+    all_or_none(comm_, "ExpertExchange::plan", [&] {
+      check_partition(part);
+      check_shape(gates, ids.rows(), m, "gates");
+      check_ids(ids, part.n_experts());
+    });
+    per_token_ = m;
+    plan_requests(
+        ids.rows(), [&](Index t) { return t * m; }, [&](Index t, Index j) { return ids(t, j); },
+        [&](Index t, Index j) { return gates(t, j); }, [&](Index) { return m; }, part);
+  }
+
+  /// The same for tokens with pick lists of their own lengths (mixture-of-experts routing):
+  /// token t's requests are [begin[t], begin[t + 1]) of ids and gates, B + 1 offsets.
+  void plan(Index tokens, const Index* begin, const Index* ids, const T* gates, const ExpertPartition& part) {
+    all_or_none(comm_, "ExpertExchange::plan", [&] {
+      check_partition(part);
+      SPEX_CHECK(tokens >= 0, "tokens = " << tokens << " must be >= 0");
+      check_pick_lists(tokens, begin, ids, part.n_experts());
+    });
+    per_token_ = 0;
+    plan_requests(
+        tokens, [&](Index t) { return begin[t]; }, [&](Index t, Index j) { return ids[begin[t] + j]; },
+        [&](Index t, Index j) { return gates[begin[t] + j]; }, [&](Index t) { return begin[t + 1] - begin[t]; }, part);
   }
 
   /// What the last plan() sends from this rank: token rows per to_owners() call (one per
@@ -178,8 +95,16 @@ class ExpertExchange {
   /// token's slot order.
   Index request_begin(Index r) const { return request_begin_[static_cast<std::size_t>(r)]; }
   /// The expert row (in this rank's shard) and gate of request q.
-  Index request_row(Index q) const { return recv_meta_[2 * static_cast<std::size_t>(q) + 1]; }
+  Index request_row(Index q) const { return recv_rows_[static_cast<std::size_t>(q)]; }
   T request_gate(Index q) const { return recv_gates_[static_cast<std::size_t>(q)]; }
+  /// The received requests as pick lists for the experts' grouped forms: received token r's
+  /// requests are [offsets[r], offsets[r + 1]) of rows and gates (received_tokens() + 1
+  /// offsets), and tokens[q] is request q's received token.
+  Index received_requests() const { return request_begin_.back(); }
+  const Index* request_offsets() const { return request_begin_.data(); }
+  const Index* request_rows() const { return recv_rows_.data(); }
+  const T* request_gates() const { return recv_gates_.data(); }
+  const Index* request_tokens() const { return recv_token_.data(); }
 
   /// Sends row t of `rows` (B x w, this rank's tokens) to every rank that owns one of token t's
   /// experts; `received` becomes received_tokens() x w in received order.
@@ -213,16 +138,125 @@ class ExpertExchange {
   /// One value per received request (in request order) back to its source's (token, slot):
   /// out (B x m) gets them; slots are all covered (every request has one owner).
   void requests_to_sources(const std::vector<T>& values, MatRef<T> out) {
-    SPEX_CHECK(Index(values.size()) == request_begin_.back(),
-               values.size() << " values for " << request_begin_.back() << " received requests");
+    SPEX_CHECK(per_token_ > 0 || batch_ == 0, "the last plan had pick lists: pass a flat output (requests_to_sources(values, T*))");
     check_shape(out, batch_, per_token_, "out");
-    back_.resize(request_slot_.size());
-    alltoallv(values.data(), recv_requests_, 1, back_.data(), send_requests_);
+    values_back(values);
     for (std::size_t i = 0; i < request_slot_.size(); ++i)
       out(request_slot_[i] / per_token_, request_slot_[i] % per_token_) = back_[i];
   }
+  /// The same after a plan from pick lists: out[p] for the request at place p of the lists
+  /// (sent_requests() values).
+  void requests_to_sources(const std::vector<T>& values, T* out) {
+    values_back(values);
+    for (std::size_t i = 0; i < request_slot_.size(); ++i) out[request_slot_[i]] = back_[i];
+  }
 
  private:
+  void values_back(const std::vector<T>& values) {
+    SPEX_CHECK(Index(values.size()) == request_begin_.back(),
+               values.size() << " values for " << request_begin_.back() << " received requests");
+    back_.resize(request_slot_.size());
+    alltoallv(values.data(), recv_requests_, 1, back_.data(), send_requests_);
+  }
+
+  void check_partition(const ExpertPartition& part) const {
+    SPEX_CHECK(ranks_ >= 1, "the exchange is bound to no communicator");
+    SPEX_CHECK(part.ranks() == ranks_, "the partition is over " << part.ranks() << " ranks, the communicator has " << ranks_);
+  }
+
+  /// plan()'s work, once the arguments are known good on every rank: B tokens, token t's
+  /// requests j in [0, count(t)) with expert id(t, j) and gate gate(t, j), and its place
+  /// first(t) + j in the caller's flat list of requests.
+  template <class First, class Id, class Gate, class Count>
+  void plan_requests(Index b, First first, Id id, Gate gate, Count count, const ExpertPartition& part) {
+    batch_ = b;
+    // Requests grouped by owner, then token, then slot; one token entry per (token, owner).
+    // A counting sort over the owners: one pass counts, one pass places.
+    const std::size_t p = static_cast<std::size_t>(ranks_);
+    Index n_requests = 0;
+    for (Index t = 0; t < b; ++t) n_requests += count(t);
+    std::fill(send_tokens_.begin(), send_tokens_.end(), 0);
+    std::fill(send_requests_.begin(), send_requests_.end(), 0);
+    last_token_.assign(p, -1);
+    owner_of_.resize(static_cast<std::size_t>(n_requests));
+    for (Index t = 0, q = 0; t < b; ++t)
+      for (Index j = 0; j < count(t); ++j, ++q) {
+        const int o = part.owner(id(t, j));
+        owner_of_[static_cast<std::size_t>(q)] = o;
+        ++send_requests_[o];
+        if (last_token_[o] != t) {
+          last_token_[o] = t;
+          ++send_tokens_[o];
+        }
+      }
+    token_first_.assign(p, 0);
+    request_at_.assign(p, 0);
+    for (std::size_t o = 1; o < p; ++o) {
+      token_first_[o] = token_first_[o - 1] + send_tokens_[o - 1];
+      request_at_[o] = request_at_[o - 1] + send_requests_[o - 1];
+    }
+    token_at_ = token_first_;
+    token_of_.resize(static_cast<std::size_t>(token_first_[p - 1] + send_tokens_[p - 1]));
+    request_slot_.resize(static_cast<std::size_t>(n_requests));
+    send_meta_.resize(2 * static_cast<std::size_t>(n_requests));
+    send_gates_.resize(static_cast<std::size_t>(n_requests));
+    last_token_.assign(p, -1);
+    for (Index t = 0, k = 0; t < b; ++t)
+      for (Index j = 0; j < count(t); ++j, ++k) {
+        const int o = owner_of_[static_cast<std::size_t>(k)];
+        if (last_token_[o] != t) {
+          last_token_[o] = t;
+          token_of_[static_cast<std::size_t>(token_at_[o]++)] = t;
+        }
+        const std::size_t q = static_cast<std::size_t>(request_at_[o]++);
+        request_slot_[q] = first(t) + j;
+        // The token's place in what o receives from here, and the expert's row there.
+        send_meta_[2 * q] = token_at_[o] - 1 - token_first_[o];
+        send_meta_[2 * q + 1] = part.local_row(id(t, j));
+        send_gates_[q] = gate(t, j);
+      }
+    // Counts: tokens and requests per pair of ranks.
+    counts_out_.resize(2 * p);
+    counts_in_.resize(counts_out_.size());
+    for (int o = 0; o < ranks_; ++o) {
+      counts_out_[2 * o] = send_tokens_[o];
+      counts_out_[2 * o + 1] = send_requests_[o];
+    }
+    check_mpi(MPI_Alltoall(counts_out_.data(), 2, MPI_INT64_T, counts_in_.data(), 2, MPI_INT64_T, comm_), "MPI_Alltoall");
+    received_ = 0;
+    Index received_requests = 0;
+    for (int s = 0; s < ranks_; ++s) {
+      recv_tokens_[s] = counts_in_[2 * s];
+      recv_requests_[s] = counts_in_[2 * s + 1];
+      received_ += recv_tokens_[s];
+      received_requests += recv_requests_[s];
+    }
+    // The requests: (token place, local row) pairs and the gates.
+    const std::size_t rq = static_cast<std::size_t>(received_requests);
+    recv_meta_.resize(2 * rq);
+    recv_gates_.resize(rq);
+    alltoallv(send_meta_.data(), send_requests_, 2, recv_meta_.data(), recv_requests_);
+    alltoallv(send_gates_.data(), send_requests_, 1, recv_gates_.data(), recv_requests_);
+    // Requests arrive source by source, each source's grouped by token in its order, so they
+    // are already grouped by received token: the offsets per token follow from the places.
+    request_begin_.assign(static_cast<std::size_t>(received_ + 1), 0);
+    recv_rows_.resize(rq);
+    recv_token_.resize(rq);
+    Index token_base = 0, q = 0;
+    for (int s = 0; s < ranks_; ++s) {
+      for (Index r = 0; r < recv_requests_[s]; ++r, ++q) {
+        const Index place = recv_meta_[2 * q];
+        SPEX_CHECK(place >= 0 && place < recv_tokens_[s], "rank " << s << " sent a request for token " << place
+                                                                  << " of the " << recv_tokens_[s] << " it sent");
+        SPEX_CHECK(q == 0 || recv_token_[q - 1] <= token_base + place, "rank " << s << " sent its requests out of token order");
+        recv_token_[q] = token_base + place;
+        recv_rows_[q] = recv_meta_[2 * q + 1];
+        ++request_begin_[token_base + place + 1];
+      }
+      token_base += recv_tokens_[s];
+    }
+    for (Index r = 0; r < received_; ++r) request_begin_[r + 1] += request_begin_[r];
+  }
   /// MPI_Alltoallv of `width` values per counted item, counts per rank, in items.
   template <class V>
   void alltoallv(const V* send, const std::vector<Index>& send_items, Index width, V* recv, const std::vector<Index>& recv_items) {
@@ -246,8 +280,8 @@ class ExpertExchange {
     }
   }
 
-  MPI_Comm comm_;
-  int rank_ = 0, ranks_ = 1;
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, ranks_ = 0;
   Index batch_ = 0, per_token_ = 0, received_ = 0;
   std::vector<Index> send_tokens_, send_requests_, recv_tokens_, recv_requests_;  // per rank, in items
   std::vector<Index> token_of_;       // sent token entries, owner by owner: the local token
@@ -256,7 +290,8 @@ class ExpertExchange {
   std::vector<Index> request_slot_;   // sent requests, owner by owner: t * m + j
   std::vector<std::int64_t> counts_out_, counts_in_, send_meta_, recv_meta_;
   std::vector<T> send_gates_, recv_gates_, row_buffer_, packed_, back_;
-  std::vector<Index> request_begin_;
+  std::vector<Index> request_begin_ = std::vector<Index>(1, 0);
+  std::vector<Index> recv_rows_, recv_token_;  // per received request: its row here, its received token
   std::vector<int> send_counts_, send_displs_, recv_counts_, recv_displs_;
 };
 

@@ -30,7 +30,10 @@ class ExpertPartition {
   /// The expert id of row `row` on rank `rank`.
   Index global_id(int rank, Index row) const { return row * p_ + rank; }
   /// Rows of rank `rank`'s table: the ids rank, rank + P, ... below n_experts.
-  Index local_rows(int rank) const { return n_ > rank ? (n_ - rank + p_ - 1) / p_ : 0; }
+  Index local_rows(int rank) const { return local_rows_below(rank, n_); }
+  /// Rows of rank `rank` that hold the experts below `id_end`: its first ones (a grown layer's
+  /// old experts, which FrozenSet freezes, are the first rows of every shard).
+  Index local_rows_below(int rank, Index id_end) const { return id_end > rank ? (id_end - rank + p_ - 1) / p_ : 0; }
 
  private:
   Index n_ = 0;

@@ -6,8 +6,10 @@
 // gathered rows are never copied out (PEER-pytorch's einsum materializes them: 512 MiB per
 // call at its sizes). For inference the tables may be stored compact (bf16, or int8 with a
 // scale per row: core/compact_table.hpp); training needs them as T.
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "../core/check.hpp"
 #include "../core/compact_table.hpp"
@@ -67,6 +69,16 @@ class NeuronExperts {
       cdown_ = make_compact(storage, n_experts, d_in, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r1), "experts.down");
       cup_ = make_compact(storage, n_experts, d_out, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r2), "experts.up");
     }
+  }
+  /// The shard `rows` of the N experts the constructor above draws from `rng` (row i is expert
+  /// rows.first + i * rows.step), with the same values; native storage (dist/).
+  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng, RowStride rows) : act_(act) {
+    checked_size(n_experts, d_in, d_out);
+    Rng r1 = rng.split(11), r2 = rng.split(12);
+    down_ = Table<T>(rows.rows_of(n_experts), d_in);
+    up_ = Table<T>(rows.rows_of(n_experts), d_out);
+    fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1, n_experts, rows);
+    fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2, n_experts, rows);
   }
   /// Tables allocated, values unspecified: for loaders that fill or map every row.
   NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act,
@@ -179,23 +191,24 @@ class NeuronExperts {
     check_inputs(x, ids, gates);
     check_shape(y, b, d_out(), "y");
     pre.resize(b, m);
-    const std::size_t ms = static_cast<std::size_t>(m), din = static_cast<std::size_t>(d_in()),
-                      dout = static_cast<std::size_t>(d_out());
     parallel_for(b, [&](Index t, int) {
-      T* a = &pre(t, 0);
-      if (compact()) rows_dot(cdown_, row_ptr(ids, t), ms, row_ptr(x, t), a);
-      else kernels::gather_dot<Arch>(down_.data(), din, row_ptr(ids, t), ms, row_ptr(x, t), din, a);
-      // Gate-scaled activations in chunks on the stack, then one gather-axpy of the v rows.
-      T* y_row = &y(t, 0);
-      for (std::size_t i = 0; i < dout; ++i) y_row[i] = T(0);
-      constexpr std::size_t kChunk = 64;
-      T c[kChunk];
-      for (std::size_t j0 = 0; j0 < ms; j0 += kChunk) {
-        const std::size_t len = std::min(kChunk, ms - j0);
-        for (std::size_t j = 0; j < len; ++j) c[j] = gates(t, Index(j0 + j)) * kernels::scalar::activate(act_, a[j0 + j]);
-        if (compact()) rows_axpy(cup_, row_ptr(ids, t) + j0, c, len, y_row);
-        else kernels::gather_axpy<Arch>(up_.data(), dout, row_ptr(ids, t) + j0, c, len, y_row, dout);
-      }
+      forward_token(row_ptr(ids, t), row_ptr(gates, t), static_cast<std::size_t>(m), row_ptr(x, t), &pre(t, 0), &y(t, 0));
+    });
+  }
+
+  /// The same for tokens with pick lists of their own lengths (an expert shard's received
+  /// requests, dist/): token t's picks are [begin[t], begin[t + 1]) of ids and gates (B + 1
+  /// offsets); pre gets begin[B] pre-activations. Tokens without a pick get y = 0.
+  void forward_grouped(CMatRef<T> x, const Index* begin, const Index* ids, const T* gates, MatRef<T> y,
+                       std::vector<T>& pre) const {
+    const Index b = x.rows();
+    SPEX_CHECK(x.cols() == d_in(), "x has " << x.cols() << " columns, expected d_in = " << d_in());
+    check_shape(y, b, d_out(), "y");
+    check_pick_lists(b, begin, ids, n_experts());
+    pre.resize(static_cast<std::size_t>(begin[b]));
+    parallel_for(b, [&](Index t, int) {
+      forward_token(ids + begin[t], gates + begin[t], static_cast<std::size_t>(begin[t + 1] - begin[t]), row_ptr(x, t),
+                    pre.data() + begin[t], &y(t, 0));
     });
   }
 
@@ -212,24 +225,72 @@ class NeuronExperts {
     if (dx) check_shape(*dx, b, d_in(), "dx");
     c.coef_down.resize(b, m);
     c.coef_up.resize(b, m);
-    const std::size_t ms = static_cast<std::size_t>(m), din = static_cast<std::size_t>(d_in()),
-                      dout = static_cast<std::size_t>(d_out());
     parallel_for(b, [&](Index t, int) {
-      T* tv = &dgates(t, 0);  // first v . dy, then overwritten by dgates
-      kernels::gather_dot<Arch>(up_.data(), dout, row_ptr(ids, t), ms, row_ptr(dy, t), dout, tv);
-      for (Index j = 0; j < m; ++j) {
-        const T a = pre(t, j), z = kernels::scalar::activate(act_, a), vdy = tv[j];
-        c.coef_up(t, j) = gates(t, j) * z;                                          // dv += g z dy
-        c.coef_down(t, j) = gates(t, j) * vdy * kernels::scalar::derivative(act_, a);  // du += g (v.dy) act'(a) x
-        tv[j] = z * vdy;                                                            // dL/dg
-      }
-      if (dx) kernels::gather_axpy<Arch>(down_.data(), din, row_ptr(ids, t), &c.coef_down(t, 0), ms, &(*dx)(t, 0), din);
+      backward_token(row_ptr(ids, t), row_ptr(gates, t), &pre(t, 0), static_cast<std::size_t>(m), row_ptr(dy, t), &dgates(t, 0),
+                     &c.coef_up(t, 0), &c.coef_down(t, 0), dx ? &(*dx)(t, 0) : nullptr);
     });
     accumulate_rows<Arch>(ids, c.coef_up, dy, g.up, c.plan);
     accumulate_rows<Arch>(ids, c.coef_down, x, g.down, c.plan);
   }
 
+  /// backward() for forward_grouped(): token[p] is pick p's token (begin's inverse); dgates
+  /// gets begin[B] values; grads accumulate, each row in pick order.
+  void backward_grouped(CMatRef<T> x, const Index* begin, const Index* ids, const Index* token, const T* gates,
+                        const std::vector<T>& pre, CMatRef<T> dy, T* dgates, MatRef<T>* dx, Grads& g, Cache& c) const {
+    const Index b = x.rows();
+    require_native("backward");
+    SPEX_CHECK(x.cols() == d_in(), "x has " << x.cols() << " columns, expected d_in = " << d_in());
+    check_pick_lists(b, begin, ids, n_experts());
+    const Index picks = begin[b];
+    SPEX_CHECK(Index(pre.size()) == picks, "pre holds " << pre.size() << " values for " << picks << " picks");
+    check_shape(dy, b, d_out(), "dy");
+    if (dx) check_shape(*dx, b, d_in(), "dx");
+    c.coef_down.resize(1, picks);
+    c.coef_up.resize(1, picks);
+    parallel_for(b, [&](Index t, int) {
+      const Index p = begin[t];
+      backward_token(ids + p, gates + p, pre.data() + p, static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), dgates + p,
+                     c.coef_up.data() + p, c.coef_down.data() + p, dx ? &(*dx)(t, 0) : nullptr);
+    });
+    accumulate_rows<Arch>(ids, c.coef_up.data(), token, picks, dy, g.up, c.plan);
+    accumulate_rows<Arch>(ids, c.coef_down.data(), token, picks, x, g.down, c.plan);
+  }
+
  private:
+  /// One token's forward: pre (m) = u . x over its picks, y (d_out, assigned) = sum_j
+  /// gates_j act(pre_j) v_{ids_j}.
+  void forward_token(const Index* ids, const T* gates, std::size_t m, const T* x, T* pre, T* y) const {
+    const std::size_t din = static_cast<std::size_t>(d_in()), dout = static_cast<std::size_t>(d_out());
+    if (compact()) rows_dot(cdown_, ids, m, x, pre);
+    else kernels::gather_dot<Arch>(down_.data(), din, ids, m, x, din, pre);
+    // Gate-scaled activations in chunks on the stack, then one gather-axpy of the v rows.
+    for (std::size_t i = 0; i < dout; ++i) y[i] = T(0);
+    constexpr std::size_t kChunk = 64;
+    T c[kChunk];
+    for (std::size_t j0 = 0; j0 < m; j0 += kChunk) {
+      const std::size_t len = std::min(kChunk, m - j0);
+      for (std::size_t j = 0; j < len; ++j) c[j] = gates[j0 + j] * kernels::scalar::activate(act_, pre[j0 + j]);
+      if (compact()) rows_axpy(cup_, ids + j0, c, len, y);
+      else kernels::gather_axpy<Arch>(up_.data(), dout, ids + j0, c, len, y, dout);
+    }
+  }
+
+  /// One token's backward: dgates (m, assigned), the coefficients of its rows' gradients
+  /// (dv += coef_up dy, du += coef_down x), and dx (d_in) += its input gradient when given.
+  void backward_token(const Index* ids, const T* gates, const T* pre, std::size_t m, const T* dy, T* dgates, T* coef_up,
+                      T* coef_down, T* dx) const {
+    const std::size_t din = static_cast<std::size_t>(d_in()), dout = static_cast<std::size_t>(d_out());
+    T* tv = dgates;  // first v . dy, then overwritten by dgates
+    kernels::gather_dot<Arch>(up_.data(), dout, ids, m, dy, dout, tv);
+    for (std::size_t j = 0; j < m; ++j) {
+      const T a = pre[j], z = kernels::scalar::activate(act_, a), vdy = tv[j];
+      coef_up[j] = gates[j] * z;                                          // dv += g z dy
+      coef_down[j] = gates[j] * vdy * kernels::scalar::derivative(act_, a);  // du += g (v.dy) act'(a) x
+      tv[j] = z * vdy;                                                    // dL/dg
+    }
+    if (dx) kernels::gather_axpy<Arch>(down_.data(), din, ids, coef_down, m, dx, din);
+  }
+
   bool compact() const { return storage_ != TableStorage::native; }
 
   void require_native(const char* what) const {

@@ -52,6 +52,14 @@ class ValueExperts {
       cvalues_ = make_compact(storage, n_slots, d_out, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r), "experts.values");
     }
   }
+  /// The shard `rows` of the N slots the constructor above draws from `rng` (row i is slot
+  /// rows.first + i * rows.step), with the same values; native storage (dist/).
+  ValueExperts(Index n_slots, Index d_out, Rng& rng, RowStride rows) {
+    checked_size(n_slots, d_out);
+    Rng r = rng.split(13);
+    values_ = Table<T>(rows.rows_of(n_slots), d_out);
+    fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r, n_slots, rows);
+  }
   /// Table allocated, values unspecified: for loaders that fill or map every row.
   ValueExperts(Index n_slots, Index d_out, TableStorage storage = TableStorage::native) : storage_(checked_storage<T>(storage)) {
     checked_size(n_slots, d_out);
@@ -157,8 +165,41 @@ class ValueExperts {
     accumulate_rows<Arch>(ids, gates, dy, g.values, c.plan);
   }
 
+  /// The same for tokens with pick lists of their own lengths (an expert shard's received
+  /// requests, dist/): y's token t sums the picks [begin[t], begin[t + 1]) of ids and gates.
+  void forward_grouped(const Index* begin, const Index* ids, const T* gates, MatRef<T> y) const {
+    const Index b = y.rows();
+    check_shape(y, b, d_out(), "y");
+    check_pick_lists(b, begin, ids, n_experts());
+    const std::size_t d = static_cast<std::size_t>(d_out());
+    parallel_for(b, [&](Index t, int) {
+      const Index p = begin[t];
+      const std::size_t m = static_cast<std::size_t>(begin[t + 1] - p);
+      y.row(t).setZero();
+      if (compact()) rows_axpy(ids + p, gates + p, m, &y(t, 0));
+      else kernels::gather_axpy<Arch>(values_.data(), d, ids + p, gates + p, m, &y(t, 0), d);
+    });
+  }
+
+  /// backward() for forward_grouped(): token[p] is pick p's token; dgates gets begin[B] values.
+  void backward_grouped(const Index* begin, const Index* ids, const Index* token, const T* gates, CMatRef<T> dy, T* dgates,
+                        Grads& g, Cache& c) const {
+    require_native("backward");
+    const Index b = dy.rows();
+    check_shape(dy, b, d_out(), "dy");
+    check_pick_lists(b, begin, ids, n_experts());
+    const std::size_t d = static_cast<std::size_t>(d_out());
+    parallel_for(b, [&](Index t, int) {
+      const Index p = begin[t];
+      kernels::gather_dot<Arch>(values_.data(), d, ids + p, static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), d,
+                                dgates + p);
+    });
+    accumulate_rows<Arch>(ids, gates, token, begin[b], dy, g.values, c.plan);
+  }
+
  private:
   bool compact() const { return storage_ != TableStorage::native; }
+
   void require_native(const char* what) const {
     SPEX_CHECK(!compact(), "ValueExperts::" << what << ": the table is stored as " << to_string(storage_)
                                              << " (inference only); training needs it as T: set_storage(TableStorage::native)");

@@ -9,6 +9,7 @@
 // Affine weight (gamma) and bias (beta) per feature in both.
 #include <cmath>
 
+#include "../core/batch_reduction.hpp"
 #include "../core/check.hpp"
 #include "../core/types.hpp"
 
@@ -36,6 +37,7 @@ class Norm {
     RowMat<T> xhat;            // normalized input, B x features
     Vec<T> inv_std;            // per feature (batch) or per (row, group) (layer)
     Vec<T> batch_mean, batch_var_unbiased;  // training BatchNorm: what commit_running_stats uses
+    Index batch_tokens = 0;                 // training BatchNorm: tokens of the whole batch
     bool training = false;
   };
   struct Grads {
@@ -81,6 +83,15 @@ class Norm {
   const Vec<T>& running_var() const { return running_var_; }
 
   Grads make_grads() const { return Grads{Vec<T>::Zero(weight_.size()), Vec<T>::Zero(bias_.size())}; }
+
+  /// BatchNorm over a batch split across processes (data parallelism): with a reduction, the
+  /// training statistics and backward's batch means are the whole batch's (its parts summed by
+  /// `r`), so every part normalizes as one process would ("synchronized BatchNorm"); the
+  /// gradients of weight and bias stay this part's (the caller sums them with the others).
+  /// Not owned: `r` must outlive the norm's use, and a copy of the norm shares it. nullptr:
+  /// this process holds the whole batch (the default).
+  void set_batch_reduction(const BatchReduction<T>* r) { across_ = r; }
+  const BatchReduction<T>* batch_reduction() const { return across_; }
 
   /// Throws unless `g` has this norm's shapes (`what` names it in the message).
   void check_grads(const Grads& g, const char* what) const {
@@ -141,11 +152,16 @@ class Norm {
     if (kind_ != NormKind::batch) return forward_eval(x, y, cache);
     check_input(x, y);
     cache.training = true;
-    const Index b = x.rows();
+    const Index b = across_ ? across_->sum(x.rows()) : x.rows();
     SPEX_CHECK(b >= 2, "BatchNorm in training needs a batch of at least 2 tokens, got " << b);
-    cache.batch_mean = x.colwise().mean().transpose();
+    cache.batch_tokens = b;
+    cache.batch_mean = x.colwise().sum().transpose();
+    batch_sum(cache.batch_mean);
+    cache.batch_mean /= T(b);
     cache.xhat = x.rowwise() - cache.batch_mean.transpose();
-    const Vec<T> var = cache.xhat.array().square().colwise().sum().transpose() / T(b);  // biased, for normalizing
+    Vec<T> var = cache.xhat.array().square().colwise().sum().transpose();
+    batch_sum(var);
+    var /= T(b);  // biased, for normalizing
     for (Index f = 0; f < features_; ++f)
       SPEX_CHECK(std::isfinite(double(cache.batch_mean(f))) && std::isfinite(double(var(f))),
                  "BatchNorm: feature " << f << " of the batch has mean " << cache.batch_mean(f) << " and variance "
@@ -201,9 +217,13 @@ class Norm {
         dx = dy.array().rowwise() * g.transpose().array();
         return;
       }
-      // dx = g (dy - mean(dy) - xhat mean(dy xhat)), per feature over the batch.
-      const Vec<T> mean_dy = dy.colwise().mean().transpose();
-      const Vec<T> mean_dy_xhat = (dy.array() * cache.xhat.array()).colwise().sum().transpose() / T(b);
+      // dx = g (dy - mean(dy) - xhat mean(dy xhat)), per feature over the (whole) batch.
+      Vec<T> sums(2 * features_);
+      sums.head(features_) = dy.colwise().sum().transpose();
+      sums.tail(features_) = (dy.array() * cache.xhat.array()).colwise().sum().transpose();
+      batch_sum(sums);
+      const Vec<T> mean_dy = sums.head(features_) / T(cache.batch_tokens);
+      const Vec<T> mean_dy_xhat = sums.tail(features_) / T(cache.batch_tokens);
       dx = ((dy.rowwise() - mean_dy.transpose()).array() -
             cache.xhat.array().rowwise() * mean_dy_xhat.transpose().array())
                .rowwise() *
@@ -251,7 +271,13 @@ class Norm {
       }
   }
 
+  /// Sums a per-feature vector over the parts of the batch (nothing to do in one process).
+  void batch_sum(Vec<T>& v) const {
+    if (across_) across_->sum(v.data(), v.size());
+  }
+
   NormKind kind_ = NormKind::none;
+  const BatchReduction<T>* across_ = nullptr;
   Index features_ = 0, group_ = 1;
   T eps_ = T(1e-5), momentum_ = T(0.1);
   Vec<T> weight_, bias_, running_mean_, running_var_;

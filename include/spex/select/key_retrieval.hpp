@@ -208,7 +208,23 @@ class KeyRetrieval {
   /// call commit_running_stats(c) once the whole pass has succeeded (all-or-nothing).
   void forward(CMatRef<T> x, Cache& c) const {
     project(x, c);
-    if (cfg_.frozen_query)  // a frozen BatchNorm normalizes as at inference and keeps its statistics
+    forward_projected(c);
+  }
+  /// The halves of forward(), for a caller that acts between them (dist/: the ranks agree that
+  /// every one's projection succeeded before the norm sums over their batches): the query
+  /// projection of x into c.q_raw (throws on a non-finite projection), then the norm and the
+  /// retrieval.
+  void project(CMatRef<T> x, Cache& c) const {
+    SPEX_CHECK(x.cols() == cfg_.d_in, "x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
+    c.q_raw.resize(x.rows(), cfg_.heads * cfg_.d_key);
+    c.q.resize(x.rows(), cfg_.heads * cfg_.d_key);
+    query_.forward(x, c.q_raw);
+    check_rows_finite(c.q_raw, "the query projection of token ",
+                      " is not finite: x or query.weight holds NaN/Inf, or their product overflows");
+  }
+  /// `training` false: the norm in eval mode, as infer().
+  void forward_projected(Cache& c, bool training = true) const {
+    if (!training || cfg_.frozen_query)  // a frozen BatchNorm normalizes as at inference and keeps its statistics
       norm_.forward_eval(c.q_raw, c.q, c.norm);
     else
       norm_.forward_batch_stats(c.q_raw, c.q, c.norm);
@@ -222,8 +238,7 @@ class KeyRetrieval {
   /// Eval forward: running statistics, nothing in the layer changes.
   void infer(CMatRef<T> x, Cache& c) const {
     project(x, c);
-    norm_.forward_eval(c.q_raw, c.q, c.norm);
-    retrieve(c);
+    forward_projected(c, false);
   }
 
   /// From dgates (B x h*k): grads accumulate; *dx += the input gradient when dx is given
@@ -294,15 +309,6 @@ class KeyRetrieval {
 
   static void check_frozen_key_rows(Index rows, Index n_keys) {
     SPEX_CHECK(rows >= 0 && rows <= n_keys, "frozen sub-key rows = " << rows << " must be in [0, n_keys = " << n_keys << "]");
-  }
-
-  void project(CMatRef<T> x, Cache& c) const {
-    SPEX_CHECK(x.cols() == cfg_.d_in, "x has " << x.cols() << " columns, expected d_in = " << cfg_.d_in);
-    c.q_raw.resize(x.rows(), cfg_.heads * cfg_.d_key);
-    c.q.resize(x.rows(), cfg_.heads * cfg_.d_key);
-    query_.forward(x, c.q_raw);
-    check_rows_finite(c.q_raw, "the query projection of token ",
-                      " is not finite: x or query.weight holds NaN/Inf, or their product overflows");
   }
 
   /// Names the token (row) of the first non-finite value; one cheap pass when all is finite.

@@ -1,0 +1,105 @@
+#pragma once
+// What the ranks of a communicator do together, besides moving expert requests (exchange.hpp):
+//  - all_or_none(comm, f): every rank runs its local work f; if it threw spex::Error on any
+//    rank, it throws on every rank. A rank that threw alone would leave the others waiting in
+//    the next collective for ever; with it, a bad input on one rank is an error on all.
+//  - RankOrderSum: sums of per-rank vectors that are the same bits on every rank and do not
+//    depend on the MPI library's reduction algorithm: every rank gathers all the parts and adds
+//    them in rank order. Replicated parameters (a layer's retrieval) must stay identical on
+//    every rank, or their top-k choices drift apart. It costs (P - 1) parts received per rank
+//    instead of an all-reduce's ~2 (P - 1) / P; the replicated gradients are small (the query
+//    network), the expert tables are never summed.
+// All ranks call the same functions in the same order.
+#include <mpi.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../core/batch_reduction.hpp"
+#include "../core/check.hpp"
+#include "../core/types.hpp"
+
+namespace spex {
+namespace dist {
+
+template <class T>
+MPI_Datatype mpi_type();
+template <>
+inline MPI_Datatype mpi_type<float>() { return MPI_FLOAT; }
+template <>
+inline MPI_Datatype mpi_type<double>() { return MPI_DOUBLE; }
+template <>
+inline MPI_Datatype mpi_type<std::int64_t>() { return MPI_INT64_T; }
+
+/// Throws spex::Error naming the MPI call when rc is not MPI_SUCCESS.
+inline void check_mpi(int rc, const char* call) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  SPEX_CHECK(false, call << " failed: " << std::string(text, static_cast<std::size_t>(len)));
+}
+
+inline int comm_rank(MPI_Comm comm) {
+  int r = 0;
+  check_mpi(MPI_Comm_rank(comm, &r), "MPI_Comm_rank");
+  return r;
+}
+inline int comm_size(MPI_Comm comm) {
+  int p = 0;
+  check_mpi(MPI_Comm_size(comm, &p), "MPI_Comm_size");
+  return p;
+}
+
+/// Runs f() on this rank, then throws spex::Error on every rank if it threw spex::Error on any:
+/// this rank's message (prefixed with `what` and the rank), or on the others a message naming
+/// the first rank that failed. Other exceptions propagate unchanged (bad_alloc, ...).
+template <class F>
+void all_or_none(MPI_Comm comm, const char* what, F&& f) {
+  std::string problem;
+  try {
+    f();
+  } catch (const Error& e) {
+    problem = e.what();
+  }
+  const int rank = comm_rank(comm), mine = problem.empty() ? INT32_MAX : rank;
+  int first = INT32_MAX;
+  check_mpi(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce");
+  SPEX_CHECK(problem.empty(), what << " on rank " << rank << ": " << problem);
+  SPEX_CHECK(first == INT32_MAX, what << ": refused on rank " << first << " (its message says why)");
+}
+
+/// BatchReduction over the ranks of a communicator (see the file's comment). One per layer;
+/// not thread-safe (a scratch buffer).
+template <class T>
+class RankOrderSum : public BatchReduction<T> {
+ public:
+  explicit RankOrderSum(MPI_Comm comm) : comm_(comm), ranks_(comm_size(comm)) {}
+
+  void sum(T* values, Index n) const override {
+    if (n == 0 || ranks_ == 1) return;
+    SPEX_CHECK(n <= Index(INT32_MAX), "a sum of " << n << " values exceeds MPI's int counts");
+    parts_.resize(static_cast<std::size_t>(n) * static_cast<std::size_t>(ranks_));
+    check_mpi(MPI_Allgather(values, static_cast<int>(n), mpi_type<T>(), parts_.data(), static_cast<int>(n), mpi_type<T>(), comm_),
+              "MPI_Allgather");
+    for (Index i = 0; i < n; ++i) {
+      T s = parts_[static_cast<std::size_t>(i)];
+      for (int r = 1; r < ranks_; ++r) s += parts_[static_cast<std::size_t>(r) * static_cast<std::size_t>(n) + static_cast<std::size_t>(i)];
+      values[i] = s;
+    }
+  }
+  Index sum(Index count) const override {
+    std::int64_t in = count, out = 0;
+    check_mpi(MPI_Allreduce(&in, &out, 1, MPI_INT64_T, MPI_SUM, comm_), "MPI_Allreduce");
+    return out;
+  }
+
+ private:
+  MPI_Comm comm_;
+  int ranks_ = 1;
+  mutable std::vector<T> parts_;
+};
+
+}  // namespace dist
+}  // namespace spex

@@ -1,0 +1,233 @@
+// dist::ShardedPeer and dist::ShardedPkm under mpirun with P ranks, against Peer and Pkm in one
+// process over the same global batch (every rank also runs the one-process layer, on the whole
+// batch: the reference). Each rank takes its block of tokens in rank order. Checked, in double:
+//  - the shard's table rows are the one-process layer's rows of its experts (bit for bit);
+//  - forward outputs, dx, the retrieval's gradients, every expert row's gradient (the same rows
+//    non-zero), and the parameters and BatchNorm statistics after 3 Adam steps, to a relative
+//    1e-12 (P = 1: bit for bit; P > 1 sums partial sums in another order, see the header);
+//  - the replicated parameters are the same bits on every rank after the steps;
+//  - bad input on one rank throws on every rank (none hangs).
+// Exit code 0 on every rank = pass.
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include <spex/dist/product_key_layers.hpp>
+#include <spex/layers/peer.hpp>
+#include <spex/layers/pkm.hpp>
+#include <spex/optim/adam.hpp>
+
+namespace {
+
+using spex::Index;
+using Mat = spex::RowMat<double>;
+
+int rank = 0, ranks = 1, failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, what.c_str());
+    ++failures;
+  }
+}
+
+/// Largest |a - b| / max(1, |b|) over the entries (a and b the same shape).
+template <class A, class B>
+double rel_diff(const A& a, const B& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return INFINITY;
+  double worst = 0;
+  for (Index r = 0; r < a.rows(); ++r)
+    for (Index c = 0; c < a.cols(); ++c)
+      worst = std::max(worst, std::abs(double(a(r, c)) - double(b(r, c))) / std::max(1.0, std::abs(double(b(r, c)))));
+  return worst;
+}
+
+double tolerance() { return ranks == 1 ? 0.0 : 1e-12; }
+
+void expect_close(double diff, const std::string& what) {
+  expect(diff <= tolerance(), what + ": relative difference " + std::to_string(diff));
+}
+
+/// The one-process layer's table row of every shard row equals the shard's.
+template <class Sharded>
+Mat shard_rows(const Sharded& s, const Mat& full) {
+  Mat out(s.partition().local_rows(rank), full.cols());
+  for (Index i = 0; i < out.rows(); ++i) out.row(i) = full.row(s.partition().global_id(rank, i));
+  return out;
+}
+
+/// The expert gradient of the shard against the one-process layer's rows of its experts.
+template <class Sharded>
+void compare_sparse(const Sharded& s, const spex::SparseRowGrad<double>& shard, const spex::SparseRowGrad<double>& full,
+                    const std::string& what) {
+  Index owned = 0;
+  for (Index row : full.rows()) owned += s.partition().owner(row) == rank;
+  expect(shard.nnz_rows() == owned, what + ": the shard's gradient rows are the full gradient's rows of its experts");
+  double worst = 0;
+  for (Index i = 0; i < shard.nnz_rows(); ++i) {
+    const Index id = s.partition().global_id(rank, shard.rows()[i]), f = full.find(id);
+    if (f < 0) {
+      expect(false, what + ": a row the one-process gradient does not have");
+      continue;
+    }
+    worst = std::max(worst, rel_diff(shard.values().row(i), full.values().row(f)));
+  }
+  expect_close(worst, what);
+}
+
+/// Every value of `params` (replicated ones) holds the same bits on every rank.
+void expect_replicas_identical(const spex::ParameterList<double>& params) {
+  for (const auto& p : params) {
+    if (p.sparse_grad || p.name.rfind("experts.", 0) == 0) continue;
+    Mat mine = p.value_map(), lo(p.rows, p.cols), hi(p.rows, p.cols);
+    MPI_Allreduce(mine.data(), lo.data(), int(mine.size()), MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(mine.data(), hi.data(), int(mine.size()), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    expect(lo == hi, p.name + " differs between the ranks");
+  }
+}
+
+template <class Full, class Sharded>
+void check(const char* name, spex::ProductKeyLayerConfig cfg) {
+  const Index total = 13, seed = 5;
+  const std::string tag = std::string(name) + ": ";
+  Full full(cfg, seed);
+  Sharded sharded(cfg, seed, MPI_COMM_WORLD);
+  // Initial weights: the retrieval is the one-process layer's, the shard holds its experts' rows.
+  {
+    auto fp = full.parameters(), sp = sharded.parameters();
+    expect(fp.size() == sp.size(), tag + "the same parameter list");
+    for (std::size_t i = 0; i < std::min(fp.size(), sp.size()); ++i) {
+      expect(fp[i].name == sp[i].name, tag + "parameter names " + fp[i].name + " / " + sp[i].name);
+      const Mat f = fp[i].value_map(), s = sp[i].value_map();
+      const bool table = fp[i].name.rfind("experts.", 0) == 0;
+      expect((table ? shard_rows(sharded, f) : f) == s, tag + sp[i].name + " as the one-process layer's");
+    }
+  }
+  spex::Rng rng(17);
+  Mat x(total, cfg.d_in), dy(total, full.d_out());
+  const Index first = total * rank / ranks, b = total * (rank + 1) / ranks - first;
+
+  auto fg = full.make_grads();
+  auto sg = sharded.make_grads();
+  spex::AdamConfig ac;
+  ac.lr = 1e-2;
+  spex::Adam<double> full_adam(full.parameters(fg), ac), shard_adam(sharded.parameters(sg), ac);
+  typename Full::Cache fc;
+  typename Sharded::Cache sc;
+  for (int step = 0; step < 3; ++step) {
+    const std::string at = tag + "step " + std::to_string(step) + ": ";
+    spex::fill_normal(x, 1.0, rng);
+    spex::fill_normal(dy, 1.0, rng);
+    Mat y_full(total, full.d_out()), dx_full(total, cfg.d_in), y(b, full.d_out()), dx(b, cfg.d_in);
+    fg.zero();
+    sg.zero();
+    full.forward(x, y_full, fc);
+    full.backward(dy, dx_full, fc, fg);
+    sharded.forward(x.middleRows(first, b), y, sc);
+    sharded.backward(dy.middleRows(first, b), dx, sc, sg);
+    expect_close(rel_diff(y, y_full.middleRows(first, b)), at + "y");
+    expect_close(rel_diff(dx, dx_full.middleRows(first, b)), at + "dx");
+    expect_close(rel_diff(sg.retrieval.query.weight, fg.retrieval.query.weight), at + "query.weight gradient");
+    expect_close(rel_diff(sg.retrieval.norm.weight, fg.retrieval.norm.weight), at + "norm.weight gradient");
+    expect_close(rel_diff(sg.retrieval.norm.bias, fg.retrieval.norm.bias), at + "norm.bias gradient");
+    for (std::size_t i = 0; i < fg.retrieval.keys.size(); ++i)
+      expect_close(rel_diff(sg.retrieval.keys[i], fg.retrieval.keys[i]), at + "sub-key gradient");
+    if constexpr (std::is_same<Full, spex::Peer<double>>::value) {
+      compare_sparse(sharded, sg.experts.down, fg.experts.down, at + "experts.down gradient");
+      compare_sparse(sharded, sg.experts.up, fg.experts.up, at + "experts.up gradient");
+    } else {
+      compare_sparse(sharded, sg.experts.values, fg.experts.values, at + "experts.values gradient");
+    }
+    full_adam.step();
+    shard_adam.step();
+  }
+  auto fp = full.parameters(), sp = sharded.parameters();
+  for (std::size_t i = 0; i < std::min(fp.size(), sp.size()); ++i) {
+    const Mat f = fp[i].value_map(), s = sp[i].value_map();
+    const bool table = fp[i].name.rfind("experts.", 0) == 0;
+    expect_close(rel_diff(s, table ? shard_rows(sharded, f) : f), tag + sp[i].name + " after 3 Adam steps");
+  }
+  expect_replicas_identical(sharded.parameters());
+  // Inference after training: running statistics, the same exchange.
+  Mat y_full(total, full.d_out()), y(b, full.d_out());
+  full.infer(x, y_full);
+  sharded.infer(x.middleRows(first, b), y, sc);
+  expect_close(rel_diff(y, y_full.middleRows(first, b)), tag + "infer");
+}
+
+void check_refusals() {
+  spex::ProductKeyLayerConfig cfg;
+  cfg.d_in = 8;
+  cfg.n_keys = 6;
+  cfg.heads = 2;
+  cfg.top_k = 3;
+  cfg.d_key = 4;
+  spex::dist::ShardedPeer<double> layer(cfg, 1, MPI_COMM_WORLD);
+  spex::dist::ShardedPeer<double>::Cache c;
+  Mat x = Mat::Ones(4, 8), y(4, 8);
+  if (rank == ranks - 1) x(2, 3) = NAN;  // one rank's bad input
+  bool threw = false;
+  try {
+    layer.forward(x, y, c);
+  } catch (const spex::Error& e) {
+    threw = true;
+    const std::string msg = e.what();
+    expect(msg.find(rank == ranks - 1 ? "non-finite" : "refused on rank") != std::string::npos, "the refusal says why: " + msg);
+  }
+  expect(threw, "a NaN on one rank throws on every rank");
+  // Backward without a forward: refused on every rank, and the layer still works afterwards.
+  auto g = layer.make_grads();
+  threw = false;
+  try {
+    layer.backward(y, c, g);
+  } catch (const spex::Error&) {
+    threw = true;
+  }
+  expect(threw, "backward without a forward pass throws");
+  x.setOnes();
+  layer.forward(x, y, c);
+  layer.backward(y, c, g);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  try {
+    spex::ProductKeyLayerConfig cfg;
+    cfg.d_in = 12;
+    cfg.d_out = 10;
+    cfg.n_keys = 9;
+    cfg.heads = 3;
+    cfg.top_k = 4;
+    cfg.d_key = 6;
+    // PEER's defaults: BatchNorm over the whole batch, softmax.
+    check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, BatchNorm, softmax", cfg);
+    cfg.norm = spex::NormKind::layer;
+    cfg.score = spex::ScoreFn::sigmoid;
+    cfg.learn_keys = true;
+    cfg.shared_keys = false;
+    cfg.query_bias = true;
+    check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, LayerNorm, sigmoid, learned per-head keys", cfg);
+    cfg = spex::ProductKeyLayerConfig{};
+    cfg.d_in = 12;
+    cfg.n_keys = 8;
+    cfg.heads = 2;
+    cfg.top_k = 5;
+    cfg.d_key = 8;
+    cfg.learn_keys = true;
+    check<spex::Pkm<double>, spex::dist::ShardedPkm<double>>("Pkm, BatchNorm, learned keys", cfg);
+    check_refusals();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, e.what());
+    failures++;
+  }
+  if (rank == 0 && failures == 0) std::printf("sharded layers equal one process on %d ranks\n", ranks);
+  MPI_Finalize();
+  return failures == 0 ? 0 : 1;
+}
