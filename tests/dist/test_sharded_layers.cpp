@@ -8,50 +8,18 @@
 //  - the replicated parameters are the same bits on every rank after the steps;
 //  - bad input on one rank throws on every rank (none hangs).
 // Exit code 0 on every rank = pass.
-#include <mpi.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdio>
-#include <string>
-
 #include <spex/dist/product_key_layers.hpp>
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
 #include <spex/optim/adam.hpp>
 
+#include "dist_test_util.hpp"
+
 namespace {
 
-using spex::Index;
-using Mat = spex::RowMat<double>;
+using namespace dist_test;
 
-int rank = 0, ranks = 1, failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, what.c_str());
-    ++failures;
-  }
-}
-
-/// Largest |a - b| / max(1, |b|) over the entries (a and b the same shape).
-template <class A, class B>
-double rel_diff(const A& a, const B& b) {
-  if (a.rows() != b.rows() || a.cols() != b.cols()) return INFINITY;
-  double worst = 0;
-  for (Index r = 0; r < a.rows(); ++r)
-    for (Index c = 0; c < a.cols(); ++c)
-      worst = std::max(worst, std::abs(double(a(r, c)) - double(b(r, c))) / std::max(1.0, std::abs(double(b(r, c)))));
-  return worst;
-}
-
-double tolerance() { return ranks == 1 ? 0.0 : 1e-12; }
-
-void expect_close(double diff, const std::string& what) {
-  expect(diff <= tolerance(), what + ": relative difference " + std::to_string(diff));
-}
-
-/// The one-process layer's table row of every shard row equals the shard's.
+/// The one-process layer's table rows of the shard's experts, in the shard's order.
 template <class Sharded>
 Mat shard_rows(const Sharded& s, const Mat& full) {
   Mat out(s.partition().local_rows(rank), full.cols());
@@ -76,17 +44,6 @@ void compare_sparse(const Sharded& s, const spex::SparseRowGrad<double>& shard, 
     worst = std::max(worst, rel_diff(shard.values().row(i), full.values().row(f)));
   }
   expect_close(worst, what);
-}
-
-/// Every value of `params` (replicated ones) holds the same bits on every rank.
-void expect_replicas_identical(const spex::ParameterList<double>& params) {
-  for (const auto& p : params) {
-    if (p.sparse_grad || p.name.rfind("experts.", 0) == 0) continue;
-    Mat mine = p.value_map(), lo(p.rows, p.cols), hi(p.rows, p.cols);
-    MPI_Allreduce(mine.data(), lo.data(), int(mine.size()), MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD);
-    MPI_Allreduce(mine.data(), hi.data(), int(mine.size()), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    expect(lo == hi, p.name + " differs between the ranks");
-  }
 }
 
 template <class Full, class Sharded>
@@ -150,7 +107,7 @@ void check(const char* name, spex::ProductKeyLayerConfig cfg) {
     const bool table = fp[i].name.rfind("experts.", 0) == 0;
     expect_close(rel_diff(s, table ? shard_rows(sharded, f) : f), tag + sp[i].name + " after 3 Adam steps");
   }
-  expect_replicas_identical(sharded.parameters());
+  expect_replicas_identical(sharded.parameters(), "experts.");
   // Inference after training: running statistics, the same exchange.
   Mat y_full(total, full.d_out()), y(b, full.d_out());
   full.infer(x, y_full);
@@ -195,9 +152,7 @@ void check_refusals() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  start(&argc, &argv);
   try {
     spex::ProductKeyLayerConfig cfg;
     cfg.d_in = 12;
@@ -227,7 +182,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, e.what());
     failures++;
   }
-  if (rank == 0 && failures == 0) std::printf("sharded layers equal one process on %d ranks\n", ranks);
-  MPI_Finalize();
-  return failures == 0 ? 0 : 1;
+  return finish("sharded Peer and Pkm equal one process");
 }

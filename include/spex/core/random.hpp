@@ -78,12 +78,16 @@ void fill_normal(Eigen::DenseBase<Derived>& m, double stddev, Rng& rng) {
       m(r, c) = static_cast<typename Derived::Scalar>(stddev * rng.normal());
 }
 
-/// The rows first, first + step, first + 2 step, ... of a table: a round-robin shard of its
-/// rows (dist/partition.hpp). The default is every row.
+/// Blocks of `block` rows first, first + step, first + 2 step, ... of a table: a round-robin
+/// shard of its rows (block 1) or of its experts' blocks of rows (dist/partition.hpp). The
+/// default is every row.
 struct RowStride {
-  Index first = 0, step = 1;
-  /// How many of a table's `total` rows the stride holds.
-  Index rows_of(Index total) const { return total > first ? (total - first + step - 1) / step : 0; }
+  Index first = 0, step = 1, block = 1;
+  /// How many of a table's `total` rows (whole blocks) the stride holds.
+  Index rows_of(Index total) const {
+    const Index blocks = total / block;
+    return (blocks > first ? (blocks - first + step - 1) / step : 0) * block;
+  }
 };
 
 /// Fills m with the rows `rows` selects out of what fill_normal would draw for a table of
@@ -91,13 +95,17 @@ struct RowStride {
 /// to the same rows of the whole one, in 1/step of its memory.
 template <class Derived>
 void fill_normal(Eigen::DenseBase<Derived>& m, double stddev, Rng& rng, Index total, RowStride rows) {
-  SPEX_CHECK(rows.step >= 1 && rows.first >= 0, "row stride (first " << rows.first << ", step " << rows.step << ") needs first >= 0, step >= 1");
+  SPEX_CHECK(rows.step >= 1 && rows.first >= 0 && rows.block >= 1 && total % rows.block == 0,
+             "row stride (first " << rows.first << ", step " << rows.step << ", block " << rows.block << ") of " << total
+                                  << " rows needs first >= 0, step >= 1, whole blocks");
   SPEX_CHECK(m.rows() == rows.rows_of(total), "a shard of " << rows.rows_of(total) << " rows of " << total << " has " << m.rows());
   for (Index r = 0; r < total; ++r) {
-    const bool kept = r >= rows.first && (r - rows.first) % rows.step == 0;
+    const Index blk = r / rows.block;
+    const bool kept = blk >= rows.first && (blk - rows.first) % rows.step == 0;
+    const Index local = ((blk - rows.first) / rows.step) * rows.block + r % rows.block;
     for (Eigen::Index c = 0; c < m.cols(); ++c) {
       const double v = stddev * rng.normal();
-      if (kept) m((r - rows.first) / rows.step, c) = static_cast<typename Derived::Scalar>(v);
+      if (kept) m(local, c) = static_cast<typename Derived::Scalar>(v);
     }
   }
 }

@@ -12,6 +12,7 @@
 // All ranks call the same functions in the same order.
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -70,25 +71,14 @@ void all_or_none(MPI_Comm comm, const char* what, F&& f) {
   SPEX_CHECK(first == INT32_MAX, what << ": refused on rank " << first << " (its message says why)");
 }
 
-/// BatchReduction over the ranks of a communicator (see the file's comment). One per layer;
-/// not thread-safe (a scratch buffer).
-template <class T>
-class RankOrderSum : public BatchReduction<T> {
+/// BatchReduction over the ranks of a communicator (see the file's comment). Not thread-safe
+/// (a scratch buffer).
+class RankOrderSum : public BatchReduction {
  public:
   explicit RankOrderSum(MPI_Comm comm) : comm_(comm), ranks_(comm_size(comm)) {}
 
-  void sum(T* values, Index n) const override {
-    if (n == 0 || ranks_ == 1) return;
-    SPEX_CHECK(n <= Index(INT32_MAX), "a sum of " << n << " values exceeds MPI's int counts");
-    parts_.resize(static_cast<std::size_t>(n) * static_cast<std::size_t>(ranks_));
-    check_mpi(MPI_Allgather(values, static_cast<int>(n), mpi_type<T>(), parts_.data(), static_cast<int>(n), mpi_type<T>(), comm_),
-              "MPI_Allgather");
-    for (Index i = 0; i < n; ++i) {
-      T s = parts_[static_cast<std::size_t>(i)];
-      for (int r = 1; r < ranks_; ++r) s += parts_[static_cast<std::size_t>(r) * static_cast<std::size_t>(n) + static_cast<std::size_t>(i)];
-      values[i] = s;
-    }
-  }
+  void sum(float* values, Index n) const override { sum_parts(values, n, floats_); }
+  void sum(double* values, Index n) const override { sum_parts(values, n, doubles_); }
   Index sum(Index count) const override {
     std::int64_t in = count, out = 0;
     check_mpi(MPI_Allreduce(&in, &out, 1, MPI_INT64_T, MPI_SUM, comm_), "MPI_Allreduce");
@@ -96,10 +86,55 @@ class RankOrderSum : public BatchReduction<T> {
   }
 
  private:
+  template <class T>
+  void sum_parts(T* values, Index n, std::vector<T>& parts) const {
+    if (n == 0 || ranks_ == 1) return;
+    SPEX_CHECK(n <= Index(INT32_MAX), "a sum of " << n << " values exceeds MPI's int counts");
+    const std::size_t len = static_cast<std::size_t>(n);
+    parts.resize(len * static_cast<std::size_t>(ranks_));
+    check_mpi(MPI_Allgather(values, static_cast<int>(n), mpi_type<T>(), parts.data(), static_cast<int>(n), mpi_type<T>(), comm_),
+              "MPI_Allgather");
+    for (std::size_t i = 0; i < len; ++i) {
+      T s = parts[i];
+      for (int r = 1; r < ranks_; ++r) s += parts[static_cast<std::size_t>(r) * len + i];
+      values[i] = s;
+    }
+  }
+
   MPI_Comm comm_;
   int ranks_ = 1;
-  mutable std::vector<T> parts_;
+  mutable std::vector<float> floats_;
+  mutable std::vector<double> doubles_;
 };
+
+/// One gradient array of a replicated part: this rank's `local` values, to be summed over the
+/// ranks into `total` (n values each).
+template <class T>
+struct RankSum {
+  const T* local;
+  T* total;
+  Index n;
+};
+
+/// total += the sum over the ranks of every rank's local, for every span; one gather for all
+/// of them (packed into `flat`, a reusable buffer).
+template <class T>
+void add_rank_sums(const RankOrderSum& r, const std::vector<RankSum<T>>& spans, std::vector<T>& flat) {
+  Index n = 0;
+  for (const auto& s : spans) n += s.n;
+  flat.resize(static_cast<std::size_t>(n));
+  Index at = 0;
+  for (const auto& s : spans) {
+    std::copy(s.local, s.local + s.n, flat.data() + at);
+    at += s.n;
+  }
+  r.sum(flat.data(), n);
+  at = 0;
+  for (const auto& s : spans) {
+    for (Index i = 0; i < s.n; ++i) s.total[i] += flat[static_cast<std::size_t>(at + i)];
+    at += s.n;
+  }
+}
 
 }  // namespace dist
 }  // namespace spex

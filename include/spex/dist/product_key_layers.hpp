@@ -77,6 +77,8 @@ class ShardedProductKeyLayer {
     RowMat<T> dgates;                                // this rank's tokens, B x h*k
     typename Experts::Cache experts;
     typename KeyRetrieval<T, Arch>::Grads local;     // this rank's retrieval gradients, before the sum
+    std::vector<RankSum<T>> sums;
+    std::vector<T> flat;
     RowMat<T> dy_copy;
     detail::PassTag pass;
   };
@@ -97,7 +99,7 @@ class ShardedProductKeyLayer {
   /// `comm` must outlive the layer.
   ShardedProductKeyLayer(const Config& cfg, std::uint64_t seed, MPI_Comm comm)
       : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)), cfg_(detail::resolve(cfg)),
-        reduction_(std::make_unique<RankOrderSum<T>>(comm)) {
+        reduction_(std::make_unique<RankOrderSum>(comm)) {
     SPEX_CHECK(cfg_.n_experts >= ranks_, kName << ": " << cfg_.n_experts << " experts cannot be sharded over " << ranks_ << " ranks");
     SPEX_CHECK(cfg_.storage == TableStorage::native,
                kName << ": storage " << to_string(cfg_.storage) << " is for inference in one process; shards are native");
@@ -242,32 +244,19 @@ class ShardedProductKeyLayer {
     c.local = g.retrieval;  // shapes and frozen set; the values are cleared next
     c.local.zero();
     retrieval_.backward(c.x, c.dgates, c.retrieval, c.local, dx);
-    sum_into(c.local, g.retrieval);
+    sum_into(c.local, g.retrieval, c);
   }
 
   /// g += the sum over the ranks of every rank's `local` (rank order; the same on every rank).
-  void sum_into(typename KeyRetrieval<T, Arch>::Grads& local, typename KeyRetrieval<T, Arch>::Grads& g) const {
-    auto each = [&](auto&& f) {
-      f(local.query.weight, g.query.weight);
-      f(local.query.bias, g.query.bias);
-      f(local.norm.weight, g.norm.weight);
-      f(local.norm.bias, g.norm.bias);
-      for (std::size_t i = 0; i < local.keys.size(); ++i) f(local.keys[i], g.keys[i]);
-    };
-    Index n = 0;
-    each([&](auto& l, auto&) { n += l.size(); });
-    flat_.resize(static_cast<std::size_t>(n));
-    Index at = 0;
-    each([&](auto& l, auto&) {
-      std::copy(l.data(), l.data() + l.size(), flat_.data() + at);
-      at += l.size();
-    });
-    reduction_->sum(flat_.data(), n);
-    at = 0;
-    each([&](auto& l, auto& dst) {
-      for (Index i = 0; i < l.size(); ++i) dst.data()[i] += flat_[static_cast<std::size_t>(at + i)];
-      at += l.size();
-    });
+  void sum_into(const typename KeyRetrieval<T, Arch>::Grads& local, typename KeyRetrieval<T, Arch>::Grads& g, Cache& c) const {
+    c.sums.clear();
+    auto add = [&](const auto& l, auto& total) { c.sums.push_back({l.data(), total.data(), Index(l.size())}); };
+    add(local.query.weight, g.query.weight);
+    add(local.query.bias, g.query.bias);
+    add(local.norm.weight, g.norm.weight);
+    add(local.norm.bias, g.norm.bias);
+    for (std::size_t i = 0; i < local.keys.size(); ++i) add(local.keys[i], g.keys[i]);
+    add_rank_sums(*reduction_, c.sums, c.flat);
   }
 
   ParameterList<T> list(Grads* g, const std::string& prefix) {
@@ -279,11 +268,10 @@ class ShardedProductKeyLayer {
   MPI_Comm comm_;
   int rank_ = 0, ranks_ = 1;
   Config cfg_;
-  std::unique_ptr<RankOrderSum<T>> reduction_;  // its address is the norm's: stable across moves
+  std::unique_ptr<RankOrderSum> reduction_;  // its address is the norm's: stable across moves
   ExpertPartition part_;
   KeyRetrieval<T, Arch> retrieval_;
   Experts experts_;
-  mutable std::vector<T> flat_;  // backward's gradient sums
   detail::LayerId id_;
 };
 

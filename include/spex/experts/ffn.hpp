@@ -83,15 +83,25 @@ class FfnExperts {
   FfnExperts() = default;
   /// Init N(0, std^2) with std = 1/sqrt(d) for W1 and 1/sqrt(hidden) for W2.
   FfnExperts(FfnKind kind, Index n_experts, Index d, Index hidden, Rng& rng, Index d_out = 0)
-      : kind_(kind), n_experts_(n_experts), d_(d), hidden_(hidden), d_out_(d_out > 0 ? d_out : d) {
+      : FfnExperts(kind, n_experts, d, hidden, rng, d_out, RowStride{}) {}
+  /// The shard `experts` of the E experts the constructor above draws from `rng` (its expert
+  /// i is expert experts.first + i * experts.step; experts.block must be 1), with the same
+  /// weights (dist/).
+  FfnExperts(FfnKind kind, Index n_experts, Index d, Index hidden, Rng& rng, Index d_out, RowStride experts)
+      : kind_(kind), d_(d), hidden_(hidden), d_out_(d_out > 0 ? d_out : d) {
     SPEX_CHECK(n_experts >= 1 && d >= 1 && hidden >= 1 && d_out >= 0,
                "FfnExperts(" << n_experts << " experts, d = " << d << ", hidden = " << hidden << ") needs positive sizes");
+    SPEX_CHECK(experts.block == 1 && experts.first >= 0 && experts.first < n_experts && experts.step >= 1,
+               "expert shard (first " << experts.first << ", step " << experts.step << ", block " << experts.block
+                                      << ") of " << n_experts << " experts needs block 1, first in [0, E), step >= 1");
     SPEX_CHECK(kind == FfnKind::gelu || kind == FfnKind::swiglu, "ffn kind " << int(kind) << " is not an FfnKind");
-    w1_.resize(checked_mul(n_experts, h1(), "expert rows of W1"), d);
-    w2_.resize(checked_mul(n_experts, d_out_, "expert rows of W2"), hidden);
+    const Index w1_rows = checked_mul(n_experts, h1(), "expert rows of W1"), w2_rows = checked_mul(n_experts, d_out_, "expert rows of W2");
+    n_experts_ = experts.rows_of(n_experts);
+    w1_.resize(n_experts_ * h1(), d);
+    w2_.resize(n_experts_ * d_out_, hidden);
     Rng r1 = rng.split(21), r2 = rng.split(22);
-    fill_normal(w1_, 1.0 / std::sqrt(double(d)), r1);
-    fill_normal(w2_, 1.0 / std::sqrt(double(hidden)), r2);
+    fill_normal(w1_, 1.0 / std::sqrt(double(d)), r1, w1_rows, RowStride{experts.first, experts.step, h1()});
+    fill_normal(w2_, 1.0 / std::sqrt(double(hidden)), r2, w2_rows, RowStride{experts.first, experts.step, d_out_});
   }
 
   FfnKind kind() const { return kind_; }

@@ -90,8 +90,8 @@ class Norm {
   /// gradients of weight and bias stay this part's (the caller sums them with the others).
   /// Not owned: `r` must outlive the norm's use, and a copy of the norm shares it. nullptr:
   /// this process holds the whole batch (the default).
-  void set_batch_reduction(const BatchReduction<T>* r) { across_ = r; }
-  const BatchReduction<T>* batch_reduction() const { return across_; }
+  void set_batch_reduction(const BatchReduction* r) { across_ = r; }
+  const BatchReduction* batch_reduction() const { return across_; }
 
   /// Throws unless `g` has this norm's shapes (`what` names it in the message).
   void check_grads(const Grads& g, const char* what) const {
@@ -277,7 +277,7 @@ class Norm {
   }
 
   NormKind kind_ = NormKind::none;
-  const BatchReduction<T>* across_ = nullptr;
+  const BatchReduction* across_ = nullptr;
   Index features_ = 0, group_ = 1;
   T eps_ = T(1e-5), momentum_ = T(0.1);
   Vec<T> weight_, bias_, running_mean_, running_var_;

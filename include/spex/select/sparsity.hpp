@@ -67,21 +67,39 @@ Vec<double> routed_counts(const Eigen::MatrixBase<Derived>& gates) {
 
 /// The penalty's per-expert weights w_e, so that L_reg = (1/T) sum_{t,e} w_e R_te and
 /// dL_reg/dR_te = w_e / T on active entries (but the spared one, spared_expert): 1 for l1,
-/// f_e = E c_e / (k T) for l1_lb and l1_lb_spare_top, 0 for none.
-/// `k` is the routing budget (target 1 - k/E).
-template <class Derived>
-Vec<double> penalty_weights(Penalty p, const Eigen::MatrixBase<Derived>& gates, double k) {
-  const Index b = gates.rows(), e = gates.cols();
+/// f_e = E c_e / (k T) for l1_lb and l1_lb_spare_top, 0 for none; from the routed counts c_e
+/// (routed_counts) of a batch of T tokens. `k` is the routing budget (target 1 - k/E).
+inline Vec<double> penalty_weights(Penalty p, const Vec<double>& counts, Index tokens, double k) {
+  const Index e = counts.size();
   switch (p) {
     case Penalty::none: return Vec<double>::Zero(e);
     case Penalty::l1: return Vec<double>::Ones(e);
     case Penalty::l1_lb:
     case Penalty::l1_lb_spare_top:
       SPEX_CHECK(k > 0, "the load-balanced penalty needs a budget k > 0, got " << k);
-      if (b == 0) return Vec<double>::Zero(e);
-      return routed_counts(gates) * (double(e) / (k * double(b)));
+      if (tokens == 0) return Vec<double>::Zero(e);
+      return counts * (double(e) / (k * double(tokens)));
   }
   return Vec<double>::Zero(e);
+}
+/// The same from a B x E gate matrix (its counts, T = B).
+template <class Derived>
+Vec<double> penalty_weights(Penalty p, const Eigen::MatrixBase<Derived>& gates, double k) {
+  return penalty_weights(p, routed_counts(gates), gates.rows(), k);
+}
+
+/// sum_{t,e} w_e R_te over the penalized entries of a gate matrix (accumulated in double):
+/// T L_reg, with `weights` = penalty_weights(...).
+template <class Derived>
+double penalty_sum(Penalty p, const Eigen::MatrixBase<Derived>& gates, const Vec<double>& weights) {
+  if (p == Penalty::none) return 0.0;
+  double s = 0;
+  for (Index t = 0; t < gates.rows(); ++t) {
+    const Index spared = spared_expert(p, gates, t);
+    for (Index e = 0; e < gates.cols(); ++e)
+      if (e != spared) s += weights(e) * double(gates(t, e));
+  }
+  return s;
 }
 
 /// Unscaled penalty value L_reg of a B x E gate matrix (accumulated in double).
@@ -89,24 +107,18 @@ template <class Derived>
 double penalty_value(Penalty p, const Eigen::MatrixBase<Derived>& gates, double k) {
   const Index b = gates.rows();
   if (b == 0 || p == Penalty::none) return 0.0;
-  const Vec<double> w = penalty_weights(p, gates, k);
-  double s = 0;
-  for (Index t = 0; t < b; ++t) {
-    const Index spared = spared_expert(p, gates, t);
-    for (Index e = 0; e < gates.cols(); ++e)
-      if (e != spared) s += w(e) * double(gates(t, e));
-  }
-  return s / double(b);
+  return penalty_sum(p, gates, penalty_weights(p, gates, k)) / double(b);
 }
 
 /// Adds lambda * dL_reg/dR to `dgates` on the active, penalized entries of `gates`;
-/// `weights` = penalty_weights(p, gates, k).
+/// `weights` = penalty_weights(...) of a batch of `tokens` tokens (default: gates' rows; more
+/// when gates are one part of a batch split over processes, dist/).
 template <class Derived, class T>
 void add_penalty_gradient(Penalty p, const Eigen::MatrixBase<Derived>& gates, const Vec<double>& weights, double lambda,
-                          RowMat<T>& dgates) {
-  const Index b = gates.rows();
+                          RowMat<T>& dgates, Index tokens = -1) {
+  const Index b = gates.rows(), total = tokens < 0 ? b : tokens;
   if (p == Penalty::none || lambda == 0 || b == 0) return;
-  const double scale = lambda / double(b);
+  const double scale = lambda / double(total);
   for (Index t = 0; t < b; ++t) {
     const Index spared = spared_expert(p, gates, t);
     for (Index e = 0; e < gates.cols(); ++e)

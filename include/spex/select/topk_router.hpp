@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../core/batch_reduction.hpp"
 #include "../core/check.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
@@ -34,6 +35,9 @@ class TopKRouter {
     RowMat<unsigned char> kept;      // B x k: 0 where capacity dropped the pair
     RowMat<T> selected_logits;       // B x k
     Vec<double> counts;              // c_e of the selection
+    Vec<double> p_sum;               // sum over the tokens of P, per expert
+    double lse_sq = 0;               // sum over the tokens of logsumexp^2
+    Index batch_tokens = 0;          // T of the losses: the batch's, or the whole batch's (use_whole_batch)
     Vec<T> lse;                      // logsumexp per token
     Index dropped = 0;               // (token, expert) pairs dropped by capacity
     double aux = 0, z = 0;           // loss values (scaled by their coefficients)
@@ -105,12 +109,25 @@ class TopKRouter {
           }
         }
     }
-    c.aux = 0;
-    if (aux_coeff_ > 0 && b > 0) {
-      const Vec<double> p_sum = c.probs.colwise().sum().transpose().template cast<double>();
-      c.aux = aux_coeff_ * double(e) / (double(k_) * double(b) * double(b)) * p_sum.dot(c.counts);
-    }
-    c.z = (z_coeff_ > 0 && b > 0) ? z_coeff_ * c.lse.template cast<double>().squaredNorm() / double(b) : 0.0;
+    c.p_sum = c.probs.colwise().sum().transpose().template cast<double>();
+    c.lse_sq = c.lse.template cast<double>().squaredNorm();
+    c.batch_tokens = b;
+    losses(c);
+  }
+
+  /// Makes a forward's batch statistics those of the whole batch when this batch is one part of
+  /// it (data parallelism, dist/): the selection counts, probability sums, z-loss sum and token
+  /// count are summed over the parts by `r`, the aux and z losses recomputed from them, and
+  /// backward uses them. Every part calls it after its forward (it is collective). Capacity
+  /// needs the whole batch's token order and is refused.
+  void use_whole_batch(Cache& c, const BatchReduction& r) const {
+    SPEX_CHECK(capacity_factor_ == 0, "capacity_factor = " << capacity_factor_
+                                                            << ": capacity drops by the whole batch's token order; a batch in parts is dropless");
+    r.sum(c.counts.data(), c.counts.size());
+    r.sum(c.p_sum.data(), c.p_sum.size());
+    r.sum(&c.lse_sq, 1);
+    c.batch_tokens = r.sum(c.batch_tokens);
+    losses(c);
   }
 
   void backward(CMatRef<T> x, CMatRef<T> dgates, Cache& c, Grads& g, MatRef<T>* dx) const {
@@ -118,7 +135,8 @@ class TopKRouter {
     check_shape(dgates, b, e, "dgates");
     c.dlogits.setZero(b, e);
     c.dprobs.resize(b, e);
-    const T aux_scale = b > 0 ? T(aux_coeff_ * double(e) / (double(k_) * double(b) * double(b))) : T(0);
+    const double bt = double(c.batch_tokens);
+    const T aux_scale = bt > 0 ? T(aux_coeff_ * double(e) / (double(k_) * bt * bt)) : T(0);
     parallel_for(b, [&](Index t, int) {
       T* dp = &c.dprobs(t, 0);
       T* dl = &c.dlogits(t, 0);
@@ -158,7 +176,7 @@ class TopKRouter {
       const T* p = &c.probs(t, 0);
       T pdp = 0;
       for (Index j = 0; j < e; ++j) pdp += p[j] * dp[j];
-      const T zs = T(2 * z_coeff_) * c.lse(t) / T(b);
+      const T zs = T(2 * z_coeff_) * c.lse(t) / T(c.batch_tokens);
       for (Index j = 0; j < e; ++j) dl[j] += p[j] * (dp[j] - pdp) + zs * p[j];
     });
     linear_.backward_accumulate(x, c.dlogits, dx, g);
@@ -168,6 +186,13 @@ class TopKRouter {
   double aux_loss(const Cache& c) const { return c.aux + c.z; }
 
  private:
+  /// aux and z from the batch statistics in `c`.
+  void losses(Cache& c) const {
+    const double bt = double(c.batch_tokens), e = double(n_experts());
+    c.aux = (aux_coeff_ > 0 && bt > 0) ? aux_coeff_ * e / (double(k_) * bt * bt) * c.p_sum.dot(c.counts) : 0.0;
+    c.z = (z_coeff_ > 0 && bt > 0) ? z_coeff_ * c.lse_sq / bt : 0.0;
+  }
+
   Linear<T> linear_;
   Index k_ = 1;
   bool pre_softmax_ = true, renormalize_ = false;
