@@ -210,6 +210,12 @@ class SafetensorsLoader {
   /// parameter list.
   template <class Opt>
   SafetensorsLoader& optimizer(Opt& opt, const std::string& prefix) {
+    return optimizer(opt, prefix, opt.state(prefix));
+  }
+  /// The same for the part `state` of the optimizer's state list (opt.state(prefix)), and its
+  /// step count: a file that holds only some of its tensors (dist/checkpoint.hpp).
+  template <class Opt, class T>
+  SafetensorsLoader& optimizer(Opt& opt, const std::string& prefix, const ParameterList<T>& state) {
     const std::string where = file_.path() + ": optimizer '" + prefix + "'";
     nlohmann::json j = parse_state(prefix, where);
     const std::string kind = detail::string_field(j, "kind");
@@ -220,7 +226,7 @@ class SafetensorsLoader {
       SPEX_CHECK(t >= 0, where << ": steps = " << t << " must be >= 0");
       actions_.push_back([&opt, t] { opt.set_steps(t); });
     }
-    return parameters(opt.state(prefix), prefix);
+    return parameters(state, prefix);
   }
 
   SafetensorsLoader& state(LambdaController& c, const std::string& key) {

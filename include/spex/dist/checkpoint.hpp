@@ -1,0 +1,226 @@
+#pragma once
+// Checkpoints of sharded layers (dist::ShardedPeer, ShardedPkm, ShardedMoE): one directory,
+//   replicated.safetensors              written once (rank 0): the replicated parameters (the
+//                                       retrieval, the router), their optimizer state, the
+//                                       layers' configs and the states added to replicated();
+//   shard-<r>-of-<P>.safetensors        one per rank: its expert tables and their optimizer
+//                                       state (Adam's m and v rows stay with their rows).
+// A tensor belongs to the shards when its name has the component "experts." (the sharded
+// layers name their tables so; name nothing replicated that way). Every file records P and a
+// checkpoint id drawn at write time, so a directory that mixes files of two writes, or of
+// another P, is refused.
+// Loading needs the same P and the same layer configs: rank r reads replicated.safetensors and
+// its own shard. Resharding (P to P') is not implemented: with round robin, row i of rank r is
+// expert i P + r, so a new rank r' would take its row i' (expert i' P' + r') from old rank
+// (i' P' + r') mod P, row (i' P' + r') / P, and Adam's m and v rows the same way.
+// Both sides are collective: a failure on any rank (a file missing, a config that differs, a
+// write that failed) throws on every rank; loading changes nothing unless every rank's files
+// were valid. A failed write may leave a directory with some new files: their id tells them
+// apart, and the loader refuses the mixture.
+#include <mpi.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../io/checkpoint.hpp"
+#include "../io/layer_config.hpp"
+#include "collectives.hpp"
+#include "moe.hpp"
+#include "product_key_layers.hpp"
+
+namespace spex {
+
+// The sharded layers are recorded as the kinds they shard (the same configs).
+template <class T, class Arch, class Experts>
+struct LayerKind<dist::ShardedProductKeyLayer<T, Arch, Experts>>
+    : LayerKind<std::conditional_t<std::is_same<Experts, NeuronExperts<T, Arch>>::value, Peer<T, Arch>, Pkm<T, Arch>>> {};
+template <class T, class Router, class Arch>
+struct LayerKind<dist::ShardedMoE<T, Router, Arch>> : LayerKind<MoE<T, Router, Arch>> {};
+
+namespace dist {
+
+/// The metadata key of a sharded checkpoint's files.
+inline constexpr const char* kShardKey = "spex.shard";
+
+/// Whether a tensor named `name` belongs to the shards (a component "experts.").
+inline bool is_sharded_name(const std::string& name) {
+  return name.rfind("experts.", 0) == 0 || name.find(".experts.") != std::string::npos;
+}
+
+namespace detail {
+inline std::string shard_file(const std::string& dir, int rank, int ranks) {
+  return dir + "/shard-" + std::to_string(rank) + "-of-" + std::to_string(ranks) + ".safetensors";
+}
+inline std::string replicated_file(const std::string& dir) { return dir + "/replicated.safetensors"; }
+
+template <class P>
+void split(const ParameterList<P>& all, ParameterList<P>& replicated, ParameterList<P>& sharded) {
+  for (const auto& p : all) (is_sharded_name(p.name) ? sharded : replicated).push_back(p);
+}
+}  // namespace detail
+
+/// Collects what to save, then write(dir) (collective). Holds pointers to what was added: it
+/// must outlive write(). Usage: examples/snippets/sharded_peer.cpp.
+class ShardedCheckpointWriter {
+ public:
+  explicit ShardedCheckpointWriter(MPI_Comm comm) : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)) {}
+
+  /// A sharded layer under `prefix`: replicated parameters and config once, tables per rank.
+  template <class L>
+  ShardedCheckpointWriter& add_layer(const std::string& prefix, const L& layer) {
+    SPEX_CHECK(!layers_.contains(prefix), "add_layer: a layer with prefix '" << prefix << "' was already added");
+    add(layer.parameters(prefix));
+    layers_[prefix] = layer_entry(layer);
+    return *this;
+  }
+  /// An optimizer's state under `prefix`, split as its parameters are.
+  template <class Opt>
+  ShardedCheckpointWriter& add_optimizer(const std::string& prefix, const Opt& opt) {
+    add(opt.state(prefix));
+    nlohmann::json j = {{"kind", spex::detail::OptimizerKind<Opt>::name}};
+    if constexpr (spex::detail::OptimizerKind<Opt>::has_steps) j["steps"] = opt.steps();
+    replicated_.set_metadata(prefix, j.dump());
+    return *this;
+  }
+  /// Parameters of any kind, split by name (is_sharded_name).
+  template <class P>
+  ShardedCheckpointWriter& add(const ParameterList<P>& params) {
+    ParameterList<P> rep, sh;
+    detail::split(params, rep, sh);
+    replicated_.add(rep);
+    shard_.add(sh);
+    return *this;
+  }
+  /// The replicated file's writer, for states saved once (LambdaController, Rng, ...).
+  SafetensorsWriter& replicated() { return replicated_; }
+
+  /// Writes the directory (which must exist): rank 0 the replicated file, every rank its shard.
+  /// Collective; throws on every rank if any rank's write failed.
+  void write(const std::string& dir, const WriteOptions& opt = {}) {
+    std::uint64_t id = 0;
+    if (rank_ == 0) id = (std::uint64_t(std::random_device{}()) << 32) ^ std::random_device{}();
+    check_mpi(MPI_Bcast(&id, 1, MPI_UINT64_T, 0, comm_), "MPI_Bcast");
+    all_or_none(comm_, "ShardedCheckpointWriter::write", [&] {
+      nlohmann::json meta = {{"ranks", ranks_}, {"id", std::to_string(id)}};
+      if (rank_ == 0) {
+        nlohmann::json rep = meta;
+        rep["rank"] = "replicated";
+        rep["layers"] = layers_;
+        SafetensorsWriter w = replicated_;
+        w.set_metadata(kShardKey, rep.dump());
+        w.write(detail::replicated_file(dir), opt);
+      }
+      meta["rank"] = rank_;
+      SafetensorsWriter w = shard_;
+      w.set_metadata(kShardKey, meta.dump());
+      w.write(detail::shard_file(dir, rank_, ranks_), opt);
+    });
+  }
+
+ private:
+  MPI_Comm comm_;
+  int rank_ = 0, ranks_ = 1;
+  SafetensorsWriter replicated_, shard_;
+  nlohmann::json layers_ = nlohmann::json::object();
+};
+
+/// Stages a sharded checkpoint's parts, then commit() restores all of them. Every staging call
+/// is collective and throws on every rank if any rank's part is invalid; nothing changes before
+/// commit(). After a throw, discard the loader (other ranks' parts may be staged).
+class ShardedCheckpointLoader {
+ public:
+  /// Opens `dir`'s replicated file and this rank's shard; both must be of this communicator's P
+  /// and of one write.
+  ShardedCheckpointLoader(const std::string& dir, MPI_Comm comm) : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)) {
+    all_or_none(comm_, "ShardedCheckpointLoader", [&] {
+      replicated_.emplace(detail::replicated_file(dir));
+      shard_.emplace(detail::shard_file(dir, rank_, ranks_));
+      const nlohmann::json rep = shard_meta(*replicated_), mine = shard_meta(*shard_);
+      SPEX_CHECK(rep["ranks"] == ranks_ && mine["ranks"] == ranks_,
+                 dir << ": a checkpoint of " << rep["ranks"].dump() << " ranks; this run has " << ranks_ << " (resharding: see dist/checkpoint.hpp)");
+      SPEX_CHECK(rep["id"] == mine["id"] && mine["rank"] == rank_,
+                 shard_->file().path() << " is not rank " << rank_ << "'s shard of the write that made " << replicated_->file().path());
+      layers_ = rep.contains("layers") && rep["layers"].is_object() ? rep["layers"] : nlohmann::json::object();
+    });
+  }
+
+  /// A sharded layer saved under `prefix`: its config must be the layer's.
+  template <class L>
+  ShardedCheckpointLoader& layer(L& layer, const std::string& prefix = "", const LoadOptions& opt = {}) {
+    all_or_none(comm_, "ShardedCheckpointLoader::layer", [&] {
+      const std::string where = replicated_->file().path() + ": layer '" + prefix + "'";
+      SPEX_CHECK(layers_.contains(prefix), where << ": not in the checkpoint");
+      const auto entry = read_layer_entry<L>(layers_[prefix], kFormatMinor, where);
+      nlohmann::json a = config_to_json(entry.config), b = config_to_json(layer.config());
+      a.erase("check_finite");
+      b.erase("check_finite");
+      SPEX_CHECK(a == b, where << ": the file's config " << a.dump() << " differs from the layer's " << b.dump());
+      stage(layer.parameters(prefix), prefix, opt);
+      if constexpr (LayerKind<L>::has_lambda) {
+        check_range(entry.lambda, 0, kMaxLambda, "lambda in the file");
+        lambdas_.push_back([&layer, lambda = entry.lambda] { layer.set_lambda(lambda); });
+      }
+    });
+    return *this;
+  }
+  /// An optimizer's state saved by add_optimizer(prefix, ...) for the same parameter list.
+  template <class Opt>
+  ShardedCheckpointLoader& optimizer(Opt& opt, const std::string& prefix) {
+    all_or_none(comm_, "ShardedCheckpointLoader::optimizer", [&] {
+      auto all = opt.state(prefix);
+      decltype(all) rep, sh;
+      detail::split(all, rep, sh);
+      replicated_->optimizer(opt, prefix, rep);
+      shard_->parameters(sh, prefix);
+    });
+    return *this;
+  }
+  /// The replicated file's loader, for states saved through ShardedCheckpointWriter::replicated().
+  /// A staging call on it that throws must throw on every rank alike (they read the same file).
+  SafetensorsLoader& replicated() { return *replicated_; }
+
+  /// Restores everything staged, on every rank.
+  LoadReport commit() {
+    LoadReport r = replicated_->commit(), s = shard_->commit();
+    for (auto& f : lambdas_) f();
+    lambdas_.clear();
+    r.copied.insert(r.copied.end(), s.copied.begin(), s.copied.end());
+    r.mapped.insert(r.mapped.end(), s.mapped.begin(), s.mapped.end());
+    r.missing.insert(r.missing.end(), s.missing.begin(), s.missing.end());
+    r.unexpected.insert(r.unexpected.end(), s.unexpected.begin(), s.unexpected.end());
+    return r;
+  }
+
+ private:
+  template <class T>
+  void stage(const ParameterList<T>& params, const std::string& prefix, const LoadOptions& opt) {
+    ParameterList<T> rep, sh;
+    detail::split(params, rep, sh);
+    replicated_->parameters(rep, prefix, opt);
+    shard_->parameters(sh, prefix, opt);
+  }
+
+  static nlohmann::json shard_meta(const SafetensorsLoader& f) {
+    const std::string where = f.file().path();
+    return spex::detail::guard_json(where, [&] {
+      const nlohmann::json j = nlohmann::json::parse(f.metadata(kShardKey));
+      SPEX_CHECK(j.is_object() && j.contains("ranks") && j.contains("id") && j.contains("rank"),
+                 where << ": not a file of a sharded checkpoint ('" << kShardKey << "' lacks ranks, id or rank)");
+      return j;
+    });
+  }
+
+  MPI_Comm comm_;
+  int rank_ = 0, ranks_ = 1;
+  std::optional<SafetensorsLoader> replicated_, shard_;
+  nlohmann::json layers_;
+  std::vector<std::function<void()>> lambdas_;
+};
+
+}  // namespace dist
+}  // namespace spex

@@ -1,0 +1,152 @@
+// Sharded checkpoints (dist/checkpoint.hpp) under mpirun with P ranks: a ShardedPeer and a
+// ShardedMoE (ReLU router) trained 2 Adam steps, saved with the optimizer, the lambda and a
+// LambdaController, loaded into layers built from another seed with a fresh optimizer, and both
+// trained 2 more steps: every parameter and optimizer state equal bit for bit. Refused on every
+// rank: another config, a directory mixing two writes, a missing shard.
+#include <spex/dist/checkpoint.hpp>
+#include <spex/optim/adam.hpp>
+
+#include <filesystem>
+#include <unistd.h>
+
+#include "dist_test_util.hpp"
+
+namespace {
+
+using namespace dist_test;
+
+/// A directory every rank knows (rank 0 makes it).
+std::string shared_temp_dir() {
+  char path[256] = "/tmp/spex_dist_ckpt_XXXXXX";
+  if (rank == 0 && !mkdtemp(path)) path[0] = 0;
+  MPI_Bcast(path, sizeof path, MPI_CHAR, 0, MPI_COMM_WORLD);
+  return path;
+}
+
+template <class L>
+void train(L& layer, spex::Adam<double>& adam, typename L::Grads& g, spex::Rng& rng, int steps) {
+  typename L::Cache c;
+  Mat x(5, layer.d_in()), y(5, layer.d_out()), dy(5, layer.d_out());
+  for (int s = 0; s < steps; ++s) {
+    spex::fill_normal(x, 1.0, rng);
+    spex::fill_normal(dy, 1.0, rng);
+    g.zero();
+    layer.forward(x, y, c);
+    layer.backward(dy, c, g);
+    adam.step();
+  }
+}
+
+void expect_same(const spex::ParameterList<const double>& a, const spex::ParameterList<const double>& b, const std::string& what) {
+  expect(a.size() == b.size(), what + ": the same lists");
+  for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+    expect(a[i].name == b[i].name && Mat(a[i].value_map()) == Mat(b[i].value_map()), what + ": " + a[i].name + " bit for bit");
+}
+
+template <class L>
+void check(const std::string& name, const typename L::Config& cfg, const std::string& dir) {
+  const std::string tag = name + ": ";
+  L a(cfg, 1, MPI_COMM_WORLD), b(cfg, 2, MPI_COMM_WORLD);
+  auto ga = a.make_grads();
+  auto gb = b.make_grads();
+  spex::AdamConfig ac;
+  ac.lr = 1e-2;
+  spex::Adam<double> adam_a(a.parameters(ga), ac), adam_b(b.parameters(gb), ac);
+  auto controller = spex::LambdaController::for_small_batches(0.5), other = spex::LambdaController(0.25);
+  if constexpr (L::kName == std::string_view("ShardedMoE")) a.set_lambda(0.125);
+  spex::Rng rng(100 + rank), rng_b = rng;
+  train(a, adam_a, ga, rng, 2);
+  controller.update(0.3);
+  spex::dist::ShardedCheckpointWriter w(MPI_COMM_WORLD);
+  w.add_layer("layer.", a).add_optimizer("adam.", adam_a);
+  w.replicated().add_state("controller", controller);
+  w.write(dir);
+
+  spex::dist::ShardedCheckpointLoader ld(dir, MPI_COMM_WORLD);
+  ld.layer(b, "layer.").optimizer(adam_b, "adam.");
+  ld.replicated().state(other, "controller");
+  ld.commit();
+  expect(other.state().lambda == controller.state().lambda && other.rule() == controller.rule(), tag + "the controller");
+  if constexpr (L::kName == std::string_view("ShardedMoE")) expect(b.lambda() == 0.125, tag + "lambda");
+  expect(adam_b.steps() == adam_a.steps(), tag + "Adam's steps");
+  rng_b = rng;
+  train(a, adam_a, ga, rng, 2);
+  train(b, adam_b, gb, rng_b, 2);
+  expect_same(std::as_const(a).parameters(), std::as_const(b).parameters(), tag + "parameters after resuming");
+  expect_same(std::as_const(adam_a).state(), std::as_const(adam_b).state(), tag + "Adam's state after resuming");
+
+  // Another config: refused on every rank, nothing loaded.
+  typename L::Config other_cfg = cfg;
+  other_cfg.d_out = cfg.d_in + 1;
+  L c(other_cfg, 3, MPI_COMM_WORLD);
+  bool refused = false;
+  try {
+    spex::dist::ShardedCheckpointLoader(dir, MPI_COMM_WORLD).layer(c, "layer.");
+  } catch (const spex::Error& e) {
+    refused = std::string(e.what()).find("config") != std::string::npos || std::string(e.what()).find("refused") != std::string::npos;
+  }
+  expect(refused, tag + "another config is refused");
+}
+
+void check_mixed_directory(const spex::ProductKeyLayerConfig& cfg, const std::string& dir) {
+  spex::dist::ShardedPeer<double> a(cfg, 1, MPI_COMM_WORLD);
+  const std::string other = dir + "/other";
+  if (rank == 0) std::filesystem::create_directory(other);
+  MPI_Barrier(MPI_COMM_WORLD);
+  spex::dist::ShardedCheckpointWriter(MPI_COMM_WORLD).add_layer("layer.", a).write(dir);
+  spex::dist::ShardedCheckpointWriter(MPI_COMM_WORLD).add_layer("layer.", a).write(other);
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank == ranks - 1) {  // the last rank's shard from the other write
+    const std::string f = "/shard-" + std::to_string(rank) + "-of-" + std::to_string(ranks) + ".safetensors";
+    std::filesystem::copy_file(other + f, dir + f, std::filesystem::copy_options::overwrite_existing);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  bool refused = false;
+  try {
+    spex::dist::ShardedCheckpointLoader ld(dir, MPI_COMM_WORLD);
+  } catch (const spex::Error&) {
+    refused = true;
+  }
+  expect(refused, "a shard of another write is refused on every rank");
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank == 0) std::filesystem::remove(dir + "/shard-0-of-" + std::to_string(ranks) + ".safetensors");
+  MPI_Barrier(MPI_COMM_WORLD);
+  refused = false;
+  try {
+    spex::dist::ShardedCheckpointLoader ld(dir, MPI_COMM_WORLD);
+  } catch (const spex::Error&) {
+    refused = true;
+  }
+  expect(refused, "a missing shard is refused on every rank");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  start(&argc, &argv);
+  const std::string dir = shared_temp_dir();
+  try {
+    expect(!dir.empty(), "a temporary directory");
+    spex::ProductKeyLayerConfig pk;
+    pk.d_in = 8;
+    pk.n_keys = 6;
+    pk.heads = 2;
+    pk.top_k = 3;
+    pk.d_key = 4;
+    pk.learn_keys = true;
+    check<spex::dist::ShardedPeer<double>>("ShardedPeer", pk, dir);
+    spex::MoEConfig moe;
+    moe.d_in = 8;
+    moe.n_experts = 4;
+    moe.hidden = 8;
+    moe.router_init_std = 0.5;
+    check<spex::dist::ShardedMoE<double>>("ShardedMoE", moe, dir);
+    check_mixed_directory(pk, dir);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, e.what());
+    failures++;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank == 0 && !dir.empty()) std::filesystem::remove_all(dir);
+  return finish("sharded checkpoints resume bit for bit");
+}
