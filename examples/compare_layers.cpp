@@ -35,6 +35,7 @@
 #include "compare/model.hpp"
 #include "compare/options.hpp"
 #include "compare/plot.hpp"
+#include "compare/shapes.hpp"
 #include "compare/summary.hpp"
 
 #include "example_setup.hpp"
@@ -43,8 +44,6 @@ namespace {
 
 using namespace compare;
 
-constexpr double kPeakLr = 3e-3;
-constexpr Index kBatch = 128;
 constexpr Index kMoEExperts = 8, kMoEPerToken = 1;
 
 std::vector<std::string> default_texts() {
@@ -64,25 +63,6 @@ struct Curve {
   std::vector<double> eval_step, val_loss;
 };
 
-/// One task's model and block sizes. The dense block's hidden size is 4d (a transformer's);
-/// MoE experts have the same hidden size; PEER and PKM take `pk_heads` heads of `peer_k` /
-/// `pkm_k` picks, and the largest even d_key whose FLOPs at N = budget_n^2 stay within the
-/// dense block's.
-struct TaskShape {
-  int context;
-  Index emb;
-  Index pk_heads, peer_k, pkm_k;
-  Index budget_n;                 // the N = n^2 at which PEER/PKM match the dense FLOPs
-  std::vector<Index> peer_n;      // PEER sizes trained (same d_key: fixed active parameters)
-  Index pkm_n;
-  Index d() const { return Index(context) * emb; }
-  Index hidden() const { return 4 * d(); }
-};
-
-double dense_block_flops(const TaskShape& ts) {
-  return spex::FfnExperts<float>::flops_per_token(spex::FfnKind::gelu, ts.d(), ts.hidden(), ts.d(), 1).total();
-}
-
 spex::MoEConfig moe_config(const TaskShape& ts, spex::Penalty penalty, int granularity) {
   spex::MoEConfig moe;
   moe.d_in = ts.d();
@@ -94,29 +74,6 @@ spex::MoEConfig moe_config(const TaskShape& ts, spex::Penalty penalty, int granu
   moe.penalty = penalty;
   moe.granularity = granularity;
   return moe;
-}
-
-/// The largest even d_key (2..512) that keeps a product-key block with `c`'s other sizes within
-/// `budget` FLOPs per token at N = budget_n^2 (2 when none does).
-template <class Block>
-Index d_key_for_budget(spex::ProductKeyLayerConfig c, Index budget_n, double budget) {
-  c.n_keys = budget_n;
-  Index best = 2;
-  for (Index dk = 2; dk <= 512; dk += 2) {
-    c.d_key = dk;
-    if (Block::flops_per_token(c).total() <= budget) best = dk;
-  }
-  return best;
-}
-
-spex::ProductKeyLayerConfig pk_config(const TaskShape& ts, Index n, Index top_k, bool learn_keys) {
-  spex::ProductKeyLayerConfig pk;
-  pk.d_in = ts.d();
-  pk.n_keys = n;
-  pk.heads = ts.pk_heads;
-  pk.top_k = top_k;
-  pk.learn_keys = learn_keys;
-  return pk;  // the paper's defaults otherwise: shared sub-keys, query BatchNorm, softmax
 }
 
 std::string size_name(Index n) { return std::to_string(n * n / 1024) + "k"; }
@@ -372,8 +329,7 @@ int main(int argc, char** argv) {
     // PEER sizes: N = 128^2 and 256^2 (--quick: 128^2); FLOPs matched at 256^2 (--quick: 128^2).
     const Index budget_n = opt.quick ? 128 : 256;
     const std::vector<Index> peer_n = opt.quick ? std::vector<Index>{128} : std::vector<Index>{128, 256};
-    const TaskShape lm{8, 16, 8, 16, 16, budget_n, peer_n, budget_n};
-    const TaskShape facts{5, 16, 4, 16, 16, budget_n, peer_n, budget_n};
+    const TaskShape lm = char_lm_shape(budget_n, peer_n), facts = recall_shape(budget_n, peer_n);
     if (opt.table2) {
       run_table2(char_lm(opt.text, lm.context), lm, opt);
       return 0;

@@ -75,16 +75,28 @@ class Model {
     return n;
   }
 
-  /// One optimizer step on examples [rows] of the dataset.
-  StepResult train_step(const std::vector<int>& xs, const std::vector<int>& ys, const std::vector<std::size_t>& rows) {
+  /// Data parallelism (sharded_training): called after backward, before the optimizer step,
+  /// with the model's own parameters (not the block's: a sharded block sums its own), whose
+  /// gradients it sums over the processes.
+  void set_gradient_sum(std::function<void(spex::ParameterList<float>&)> f) {
+    gradient_sum_ = std::move(f);
+    own_params_.clear();
+    for (const auto& p : params_)
+      if (p.name.rfind("block.", 0) != 0) own_params_.push_back(p);
+  }
+
+  /// One optimizer step on examples [rows] of the dataset. The loss is the mean over
+  /// `batch_tokens` examples (0: rows.size(); more when rows are one process's part of a batch).
+  StepResult train_step(const std::vector<int>& xs, const std::vector<int>& ys, const std::vector<std::size_t>& rows,
+                        Index batch_tokens = 0) {
     using clock = std::chrono::steady_clock;
     const auto t0 = clock::now();
     StepResult r;
-    const Index b = Index(rows.size());
+    const Index b = Index(rows.size()), total = batch_tokens > 0 ? batch_tokens : b;
     r.loss = forward(xs, ys, rows, true);
     // dL/dlogits = (softmax - onehot) / B
-    dlogits_ = probs_ / float(b);
-    for (Index i = 0; i < b; ++i) dlogits_(i, ys[rows[i]]) -= 1.0f / float(b);
+    dlogits_ = probs_ / float(total);
+    for (Index i = 0; i < b; ++i) dlogits_(i, ys[rows[i]]) -= 1.0f / float(total);
     spex::zero_grads(params_);
     dh_.resize(b, d_);
     out_.backward(h_, dlogits_, dh_, g_out_);
@@ -94,6 +106,7 @@ class Model {
     dh_ += dxn_;  // the residual: dx = dh + d(norm path)
     for (Index i = 0; i < b; ++i)
       for (int j = 0; j < context_; ++j) g_embed_.add_row(xs[rows[i] * context_ + j], &dh_(i, j * emb_));
+    if (gradient_sum_) gradient_sum_(own_params_);
     const auto t1 = clock::now();
     opt_->step();
     const auto t2 = clock::now();
@@ -153,6 +166,8 @@ class Model {
   typename Block::Grads g_block_;  // made once: the parameter list points into it
   spex::Linear<float>::Grads g_out_;
   spex::ParameterList<float> params_;
+  spex::ParameterList<float> own_params_;  // params_ but the block's (set_gradient_sum)
+  std::function<void(spex::ParameterList<float>&)> gradient_sum_;
   std::unique_ptr<spex::Adam<float>> opt_;
   spex::Norm<float>::Cache nc_;
   typename Block::Cache bc_;

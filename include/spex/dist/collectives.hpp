@@ -19,6 +19,7 @@
 
 #include "../core/batch_reduction.hpp"
 #include "../core/check.hpp"
+#include "../core/sparse_rows.hpp"
 #include "../core/types.hpp"
 
 namespace spex {
@@ -134,6 +135,39 @@ void add_rank_sums(const RankOrderSum& r, const std::vector<RankSum<T>>& spans, 
     for (Index i = 0; i < s.n; ++i) s.total[i] += flat[static_cast<std::size_t>(at + i)];
     at += s.n;
   }
+}
+
+/// A row-sparse gradient of a replicated table (an embedding, in data-parallel training)
+/// becomes its sum over the ranks: every rank then holds the union of the ranks' rows, each
+/// summed in rank order (the same bits on every rank). Collective. `rows` and `values` are
+/// reusable buffers.
+template <class T>
+void sum_rows_over_ranks(SparseRowGrad<T>& g, MPI_Comm comm, std::vector<std::int64_t>& rows, std::vector<T>& values) {
+  const int ranks = comm_size(comm);
+  if (ranks == 1) return;
+  const std::int64_t mine = g.nnz_rows(), width = g.width();
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(ranks));
+  check_mpi(MPI_Allgather(&mine, 1, MPI_INT64_T, counts.data(), 1, MPI_INT64_T, comm), "MPI_Allgather");
+  std::vector<int> row_counts(counts.size()), row_displs(counts.size()), value_counts(counts.size()), value_displs(counts.size());
+  std::int64_t total = 0;
+  for (std::size_t r = 0; r < counts.size(); ++r) {
+    SPEX_CHECK((total + counts[r]) * width <= INT32_MAX, "a row-sparse gradient of " << (total + counts[r]) << " rows of "
+                                                                                      << width << " exceeds MPI's int counts");
+    row_counts[r] = int(counts[r]);
+    row_displs[r] = int(total);
+    value_counts[r] = int(counts[r] * width);
+    value_displs[r] = int(total * width);
+    total += counts[r];
+  }
+  rows.resize(static_cast<std::size_t>(total));
+  values.resize(static_cast<std::size_t>(total * width));
+  check_mpi(MPI_Allgatherv(g.rows().data(), int(mine), MPI_INT64_T, rows.data(), row_counts.data(), row_displs.data(), MPI_INT64_T, comm),
+            "MPI_Allgatherv");
+  check_mpi(MPI_Allgatherv(g.values().data(), int(mine * width), mpi_type<T>(), values.data(), value_counts.data(),
+                           value_displs.data(), mpi_type<T>(), comm),
+            "MPI_Allgatherv");
+  g.zero();
+  for (std::int64_t i = 0; i < total; ++i) g.add_row(rows[static_cast<std::size_t>(i)], values.data() + i * width);
 }
 
 }  // namespace dist
