@@ -1,5 +1,5 @@
 // Documentation cannot drift from the API: every C++ block in README.md is one of the
-// programs in examples/snippets/, verbatim, and those are compiled and run by this suite
+// programs in examples/snippets/ (dist/: under mpirun), verbatim, and those are compiled and run by this suite
 // (tests/CMakeLists.txt, snippet_*).
 #include <filesystem>
 #include <fstream>
@@ -38,7 +38,7 @@ std::vector<std::string> cpp_blocks(const std::string& md) {
 TEST_CASE("every C++ block of the README is a compiled snippet, verbatim", "[docs]") {
   const std::filesystem::path root(SPEX_SOURCE_DIR);
   std::set<std::string> snippets;
-  for (const auto& f : std::filesystem::directory_iterator(root / "examples" / "snippets"))
+  for (const auto& f : std::filesystem::recursive_directory_iterator(root / "examples" / "snippets"))
     if (f.path().extension() == ".cpp") snippets.insert(read(f.path()));
   REQUIRE(snippets.size() >= 4);
   const auto blocks = cpp_blocks(read(root / "README.md"));

@@ -79,8 +79,11 @@ class RankOrderSum : public BatchReduction {
   explicit RankOrderSum(MPI_Comm comm) : comm_(comm), ranks_(comm_size(comm)) {}
 
   void sum(float* values, Index n) const override { sum_parts(values, n, floats_); }
+  /// Bytes this rank sent to other ranks since construction (what a network would carry).
+  std::uint64_t off_rank_bytes() const { return off_rank_bytes_; }
   void sum(double* values, Index n) const override { sum_parts(values, n, doubles_); }
   Index sum(Index count) const override {
+    off_rank_bytes_ += sizeof(std::int64_t) * static_cast<std::uint64_t>(ranks_ - 1);
     std::int64_t in = count, out = 0;
     check_mpi(MPI_Allreduce(&in, &out, 1, MPI_INT64_T, MPI_SUM, comm_), "MPI_Allreduce");
     return out;
@@ -93,6 +96,7 @@ class RankOrderSum : public BatchReduction {
     SPEX_CHECK(n <= Index(INT32_MAX), "a sum of " << n << " values exceeds MPI's int counts");
     const std::size_t len = static_cast<std::size_t>(n);
     parts.resize(len * static_cast<std::size_t>(ranks_));
+    off_rank_bytes_ += sizeof(T) * len * static_cast<std::uint64_t>(ranks_ - 1);
     check_mpi(MPI_Allgather(values, static_cast<int>(n), mpi_type<T>(), parts.data(), static_cast<int>(n), mpi_type<T>(), comm_),
               "MPI_Allgather");
     for (std::size_t i = 0; i < len; ++i) {
@@ -106,6 +110,7 @@ class RankOrderSum : public BatchReduction {
   int ranks_ = 1;
   mutable std::vector<float> floats_;
   mutable std::vector<double> doubles_;
+  mutable std::uint64_t off_rank_bytes_ = 0;
 };
 
 /// One gradient array of a replicated part: this rank's `local` values, to be summed over the

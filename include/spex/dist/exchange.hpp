@@ -89,6 +89,11 @@ class ExpertExchange {
   /// Of those, the ones that stay on this rank (no network traffic).
   Index own_token_rows() const { return send_tokens_[static_cast<std::size_t>(rank_)]; }
 
+  /// Bytes this rank sent to other ranks since the last reset_traffic() (every exchange call:
+  /// counts, requests, rows, values; what a network would carry from this rank).
+  std::uint64_t off_rank_bytes() const { return off_rank_bytes_; }
+  void reset_traffic() { off_rank_bytes_ = 0; }
+
   /// Tokens received by this rank's experts in the last plan() (one per (token, source) pair).
   Index received_tokens() const { return received_; }
   /// Requests of received token r: [request_begin(r), request_begin(r + 1)), in the source
@@ -223,6 +228,7 @@ class ExpertExchange {
       counts_out_[2 * o + 1] = send_requests_[o];
     }
     check_mpi(MPI_Alltoall(counts_out_.data(), 2, MPI_INT64_T, counts_in_.data(), 2, MPI_INT64_T, comm_), "MPI_Alltoall");
+    off_rank_bytes_ += 2 * sizeof(std::int64_t) * static_cast<std::uint64_t>(ranks_ - 1);
     received_ = 0;
     Index received_requests = 0;
     for (int s = 0; s < ranks_; ++s) {
@@ -262,6 +268,8 @@ class ExpertExchange {
   void alltoallv(const V* send, const std::vector<Index>& send_items, Index width, V* recv, const std::vector<Index>& recv_items) {
     displacements(send_items, width, send_counts_, send_displs_);
     displacements(recv_items, width, recv_counts_, recv_displs_);
+    for (int o = 0; o < ranks_; ++o)
+      if (o != rank_) off_rank_bytes_ += sizeof(V) * static_cast<std::uint64_t>(send_counts_[static_cast<std::size_t>(o)]);
     check_mpi(MPI_Alltoallv(send, send_counts_.data(), send_displs_.data(), mpi_type<V>(), recv, recv_counts_.data(),
                             recv_displs_.data(), mpi_type<V>(), comm_),
               "MPI_Alltoallv");
@@ -283,6 +291,7 @@ class ExpertExchange {
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, ranks_ = 0;
   Index batch_ = 0, per_token_ = 0, received_ = 0;
+  std::uint64_t off_rank_bytes_ = 0;
   std::vector<Index> send_tokens_, send_requests_, recv_tokens_, recv_requests_;  // per rank, in items
   std::vector<Index> token_of_;       // sent token entries, owner by owner: the local token
   std::vector<Index> last_token_, token_first_, token_at_, request_at_;  // plan()'s counting sort, per owner

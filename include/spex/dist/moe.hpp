@@ -111,6 +111,10 @@ class ShardedMoE {
   Index n_experts() const { return cfg_.total_experts(); }
   Index experts_per_token() const { return cfg_.total_per_token(); }
   MPI_Comm comm() const { return comm_; }
+  /// Bytes this rank has sent to other ranks for the replicated part (its gradient sums and,
+  /// with BatchNorm, the batch statistics) since construction; the experts' traffic is the
+  /// cache's (Cache::exchange.off_rank_bytes()).
+  std::uint64_t replicated_bytes() const { return reduction_->off_rank_bytes(); }
   int rank() const { return rank_; }
   int ranks() const { return ranks_; }
   const ExpertPartition& partition() const { return part_; }

@@ -124,6 +124,10 @@ class ShardedProductKeyLayer {
   /// Experts of the whole layer (all shards).
   Index n_experts() const { return cfg_.n_experts; }
   MPI_Comm comm() const { return comm_; }
+  /// Bytes this rank has sent to other ranks for the replicated part (its gradient sums and,
+  /// with BatchNorm, the batch statistics) since construction; the experts' traffic is the
+  /// cache's (Cache::exchange.off_rank_bytes()).
+  std::uint64_t replicated_bytes() const { return reduction_->off_rank_bytes(); }
   int rank() const { return rank_; }
   int ranks() const { return ranks_; }
   /// Which rank holds which expert, as which row.
