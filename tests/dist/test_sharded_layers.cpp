@@ -177,6 +177,12 @@ int main(int argc, char** argv) {
     cfg.d_key = 8;
     cfg.learn_keys = true;
     check<spex::Pkm<double>, spex::dist::ShardedPkm<double>>("Pkm, BatchNorm, learned keys", cfg);
+    // A frozen set (a grown layer's old experts, sub-key rows and query network): the shards'
+    // first rows are frozen, as the one-process layer's first experts.
+    cfg.n_keys = 7;
+    cfg.expert_ids = spex::ExpertIds::shells;
+    cfg.frozen = spex::FrozenSet{4, true, true};
+    check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, frozen experts, sub-keys and query", cfg);
     check_refusals();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, e.what());
