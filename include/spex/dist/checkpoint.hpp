@@ -1,5 +1,6 @@
 #pragma once
-// Checkpoints of sharded layers (dist::ShardedPeer, ShardedPkm, ShardedMoE): one directory,
+// Checkpoints of sharded layers (dist::ShardedPeer, ShardedPkm, ShardedMoE; needs spex::io as
+// well as spex::dist): one directory,
 //   replicated.safetensors              written once (rank 0): the replicated parameters (the
 //                                       retrieval, the router), their optimizer state, the
 //                                       layers' configs and the states added to replicated();
@@ -110,6 +111,7 @@ class ShardedCheckpointWriter {
       if (rank_ == 0) {
         nlohmann::json rep = meta;
         rep["rank"] = "replicated";
+        rep["minor"] = kFormatMinor;  // of the layer entries (io/layer_config.hpp)
         rep["layers"] = layers_;
         SafetensorsWriter w = replicated_;
         w.set_metadata(kShardKey, rep.dump());
@@ -146,6 +148,7 @@ class ShardedCheckpointLoader {
       SPEX_CHECK(rep["id"] == mine["id"] && mine["rank"] == rank_,
                  shard_->file().path() << " is not rank " << rank_ << "'s shard of the write that made " << replicated_->file().path());
       layers_ = rep.contains("layers") && rep["layers"].is_object() ? rep["layers"] : nlohmann::json::object();
+      minor_ = rep.contains("minor") && rep["minor"].is_number_integer() ? rep["minor"].get<int>() : kFormatMinor;
     });
   }
 
@@ -155,7 +158,7 @@ class ShardedCheckpointLoader {
     all_or_none(comm_, "ShardedCheckpointLoader::layer", [&] {
       const std::string where = replicated_->file().path() + ": layer '" + prefix + "'";
       SPEX_CHECK(layers_.contains(prefix), where << ": not in the checkpoint");
-      const auto entry = read_layer_entry<L>(layers_[prefix], kFormatMinor, where);
+      const auto entry = read_layer_entry<L>(layers_[prefix], minor_, where);
       nlohmann::json a = config_to_json(entry.config), b = config_to_json(layer.config());
       a.erase("check_finite");
       b.erase("check_finite");
@@ -219,6 +222,7 @@ class ShardedCheckpointLoader {
   int rank_ = 0, ranks_ = 1;
   std::optional<SafetensorsLoader> replicated_, shard_;
   nlohmann::json layers_;
+  int minor_ = kFormatMinor;
   std::vector<std::function<void()>> lambdas_;
 };
 
