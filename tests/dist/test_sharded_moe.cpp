@@ -88,6 +88,13 @@ void check(const std::string& name, spex::MoEConfig cfg) {
     controller.update(sharded.sparsity(sc));
     full_controller.update(s_full);
     expect(controller.lambda() == full_controller.lambda(), at + "lambda");
+    if (step == 1) {  // the whole model's gradient norm, and clipping to half of it on every rank
+      const spex::dist::RankOrderSum sum(MPI_COMM_WORLD);
+      const double norm = spex::grad_norm(full.parameters(fg)), shard_norm = spex::dist::grad_norm(sharded.parameters(sg), sum);
+      expect(std::abs(shard_norm - norm) <= tolerance() * norm, at + "gradient norm " + std::to_string(shard_norm) + " vs " + std::to_string(norm));
+      spex::clip_grad_norm(full.parameters(fg), norm / 2);
+      spex::dist::clip_grad_norm(sharded.parameters(sg), norm / 2, sum);
+    }
     full_adam.step();
     shard_adam.step();
   }

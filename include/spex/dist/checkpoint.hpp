@@ -48,11 +48,6 @@ namespace dist {
 /// The metadata key of a sharded checkpoint's files.
 inline constexpr const char* kShardKey = "spex.shard";
 
-/// Whether a tensor named `name` belongs to the shards (a component "experts.").
-inline bool is_sharded_name(const std::string& name) {
-  return name.rfind("experts.", 0) == 0 || name.find(".experts.") != std::string::npos;
-}
-
 namespace detail {
 inline std::string shard_file(const std::string& dir, int rank, int ranks) {
   return dir + "/shard-" + std::to_string(rank) + "-of-" + std::to_string(ranks) + ".safetensors";

@@ -9,10 +9,13 @@
 //    every rank, or their top-k choices drift apart. It costs (P - 1) parts received per rank
 //    instead of an all-reduce's ~2 (P - 1) / P; the replicated gradients are small (the query
 //    network), the expert tables are never summed.
+//  - sum_rows_over_ranks: a replicated table's row-sparse gradient (an embedding) summed;
+//  - grad_norm, clip_grad_norm: optim's, over a model whose expert parameters are sharded.
 // All ranks call the same functions in the same order.
 #include <mpi.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -21,6 +24,8 @@
 #include "../core/check.hpp"
 #include "../core/sparse_rows.hpp"
 #include "../core/types.hpp"
+#include "../optim/parameters.hpp"
+#include "partition.hpp"
 
 namespace spex {
 namespace dist {
@@ -79,6 +84,7 @@ class RankOrderSum : public BatchReduction {
   explicit RankOrderSum(MPI_Comm comm) : comm_(comm), ranks_(comm_size(comm)) {}
 
   void sum(float* values, Index n) const override { sum_parts(values, n, floats_); }
+  int ranks() const { return ranks_; }
   /// Bytes this rank sent to other ranks since construction (what a network would carry).
   std::uint64_t off_rank_bytes() const { return off_rank_bytes_; }
   void sum(double* values, Index n) const override { sum_parts(values, n, doubles_); }
@@ -173,6 +179,28 @@ void sum_rows_over_ranks(SparseRowGrad<T>& g, MPI_Comm comm, std::vector<std::in
             "MPI_Allgatherv");
   g.zero();
   for (std::int64_t i = 0; i < total; ++i) g.add_row(rows[static_cast<std::size_t>(i)], values.data() + i * width);
+}
+
+/// The L2 norm of all the gradients of a model sharded over the ranks (optim's grad_norm over
+/// every rank's `params`): the shards' parameters (is_sharded_name) counted on every rank, the
+/// replicated ones once. The same on every rank. Collective.
+template <class T>
+double grad_norm(const ParameterList<T>& params, const RankOrderSum& sum) {
+  if (sum.ranks() == 1) return spex::grad_norm(params);  // one process's sum, bit for bit
+  ParameterList<T> replicated, sharded;
+  for (const auto& p : params) (is_sharded_name(p.name) ? sharded : replicated).push_back(p);
+  double sharded_sq = spex::grad_norm(sharded);
+  sharded_sq *= sharded_sq;
+  sum.sum(&sharded_sq, 1);
+  const double r = spex::grad_norm(replicated);
+  return std::sqrt(r * r + sharded_sq);
+}
+
+/// clip_grad_norm over a model sharded over the ranks: every rank scales its gradients by the
+/// same factor, from grad_norm(params, sum). Returns the norm before clipping. Collective.
+template <class T>
+double clip_grad_norm(const ParameterList<T>& params, double max_norm, const RankOrderSum& sum) {
+  return clip_grad_norm_to(params, grad_norm(params, sum), max_norm);
 }
 
 }  // namespace dist

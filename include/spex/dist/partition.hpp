@@ -7,6 +7,8 @@
 // range of ids is a range of i1 rows, which retrieval does not visit evenly). Round robin spreads
 // every id range, grown or not, evenly over the ranks; each rank holds ceil or floor of N / P rows.
 // No MPI here: the partition is plain arithmetic, usable (and tested) without MPI.
+#include <string>
+
 #include "../core/check.hpp"
 #include "../core/types.hpp"
 
@@ -39,6 +41,13 @@ class ExpertPartition {
   Index n_ = 0;
   int p_ = 1;
 };
+
+/// Whether a parameter or tensor named `name` belongs to the shards: the sharded layers name
+/// their expert tables "...experts.<table>" (a component "experts."), and nothing replicated is
+/// named so. Checkpoints and gradient norms split parameter lists by it.
+inline bool is_sharded_name(const std::string& name) {
+  return name.rfind("experts.", 0) == 0 || name.find(".experts.") != std::string::npos;
+}
 
 }  // namespace dist
 }  // namespace spex

@@ -134,13 +134,11 @@ double grad_norm(const ParameterList<T>& params) {
   return std::sqrt(s);
 }
 
-/// Scales every gradient by max_norm / (norm + 1e-6) when the global norm exceeds max_norm
-/// (PyTorch's clip_grad_norm_). Returns the norm before clipping. A non-finite norm throws,
-/// leaving the gradients unchanged.
+/// clip_grad_norm with the norm given: for a norm computed over more than `params` (the
+/// gradients of a model sharded over processes: dist::clip_grad_norm).
 template <class T>
-double clip_grad_norm(const ParameterList<T>& params, double max_norm) {
+double clip_grad_norm_to(const ParameterList<T>& params, double norm, double max_norm) {
   check_positive(max_norm, "max_norm");
-  const double norm = grad_norm(params);
   SPEX_CHECK(std::isfinite(norm), "the gradient norm is " << norm << ": a gradient holds NaN or Inf");
   if (norm <= max_norm) return norm;
   const T scale = T(max_norm / (norm + 1e-6));
@@ -149,6 +147,14 @@ double clip_grad_norm(const ParameterList<T>& params, double max_norm) {
     if (p.sparse_grad) p.sparse_grad->values() *= scale;
   }
   return norm;
+}
+
+/// Scales every gradient by max_norm / (norm + 1e-6) when the global norm exceeds max_norm
+/// (PyTorch's clip_grad_norm_). Returns the norm before clipping. A non-finite norm throws,
+/// leaving the gradients unchanged.
+template <class T>
+double clip_grad_norm(const ParameterList<T>& params, double max_norm) {
+  return clip_grad_norm_to(params, grad_norm(params), max_norm);
 }
 
 }  // namespace spex
