@@ -154,6 +154,18 @@ void check_refusals() {
   x.setOnes();
   layer.forward(x, y, c);
   layer.backward(y, c, g);
+  // Ranks given different configs (or seeds) would build different layers: refused on all.
+  if (ranks > 1) {
+    threw = false;
+    try {
+      spex::ProductKeyLayerConfig other = cfg;
+      if (rank == ranks - 1) other.top_k = 2;
+      spex::dist::ShardedPeer<double> mixed(other, 1, MPI_COMM_WORLD);
+    } catch (const spex::Error& e) {
+      threw = std::string(e.what()).find("different configs") != std::string::npos;
+    }
+    expect(threw, "different configs on the ranks are refused on every rank");
+  }
 }
 
 }  // namespace

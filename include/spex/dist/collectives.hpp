@@ -77,6 +77,15 @@ void all_or_none(MPI_Comm comm, const char* what, F&& f) {
   SPEX_CHECK(first == INT32_MAX, what << ": refused on rank " << first << " (its message says why)");
 }
 
+/// Throws spex::Error on every rank unless every rank passed the same `values` (a layer's
+/// sizes and seed: ranks built with different configs would exchange garbage or wait for ever).
+inline void check_same_on_all_ranks(MPI_Comm comm, const char* what, std::vector<std::int64_t> values) {
+  std::vector<std::int64_t> lo(values.size()), hi(values.size());
+  check_mpi(MPI_Allreduce(values.data(), lo.data(), int(values.size()), MPI_INT64_T, MPI_MIN, comm), "MPI_Allreduce");
+  check_mpi(MPI_Allreduce(values.data(), hi.data(), int(values.size()), MPI_INT64_T, MPI_MAX, comm), "MPI_Allreduce");
+  SPEX_CHECK(lo == hi, what << ": the ranks were given different configs or seeds (every rank must build the same layer)");
+}
+
 /// BatchReduction over the ranks of a communicator (see the file's comment). Not thread-safe
 /// (a scratch buffer).
 class RankOrderSum : public BatchReduction {

@@ -88,11 +88,17 @@ class ShardedMoE {
   /// router on every rank and this rank's experts (rank, rank + P, ...) with the same weights,
   /// drawn without ever holding the others. `comm` must outlive the layer.
   ShardedMoE(const Config& cfg, std::uint64_t seed, MPI_Comm comm)
-      : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)), cfg_(validate(cfg)),
-        reduction_(std::make_unique<RankOrderSum>(comm)) {
-    SPEX_CHECK(cfg_.total_experts() >= ranks_, kName << ": " << cfg_.total_experts() << " experts cannot be sharded over " << ranks_ << " ranks");
-    SPEX_CHECK(kRelu || cfg_.capacity_factor == 0,
-               kName << ": capacity_factor = " << cfg_.capacity_factor << " drops by the whole batch's token order; the sharded layer is dropless (0)");
+      : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)), reduction_(std::make_unique<RankOrderSum>(comm)) {
+    all_or_none(comm_, kName, [&] {
+      cfg_ = validate(cfg);
+      SPEX_CHECK(cfg_.total_experts() >= ranks_,
+                 kName << ": " << cfg_.total_experts() << " experts cannot be sharded over " << ranks_ << " ranks");
+      SPEX_CHECK(kRelu || cfg_.capacity_factor == 0, kName << ": capacity_factor = " << cfg_.capacity_factor
+                                                           << " drops by the whole batch's token order; the sharded layer is dropless (0)");
+    });
+    check_same_on_all_ranks(comm_, kName,
+                            {cfg_.total_experts(), cfg_.d_in, cfg_.output_width(), cfg_.expert_hidden(), cfg_.total_per_token(),
+                             int(cfg_.ffn), int(cfg_.penalty), std::int64_t(seed)});
     part_ = ExpertPartition(cfg_.total_experts(), ranks_);
     Rng rng(seed);  // MoE's constructor's draws
     router_ = Router(cfg_, rng);

@@ -98,11 +98,16 @@ class ShardedProductKeyLayer {
   /// (drawn row by row, never held whole: 1/P of the tables' memory). Native storage only.
   /// `comm` must outlive the layer.
   ShardedProductKeyLayer(const Config& cfg, std::uint64_t seed, MPI_Comm comm)
-      : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)), cfg_(detail::resolve(cfg)),
-        reduction_(std::make_unique<RankOrderSum>(comm)) {
-    SPEX_CHECK(cfg_.n_experts >= ranks_, kName << ": " << cfg_.n_experts << " experts cannot be sharded over " << ranks_ << " ranks");
-    SPEX_CHECK(cfg_.storage == TableStorage::native,
-               kName << ": storage " << to_string(cfg_.storage) << " is for inference in one process; shards are native");
+      : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)), reduction_(std::make_unique<RankOrderSum>(comm)) {
+    all_or_none(comm_, kName, [&] {
+      cfg_ = detail::resolve(cfg);
+      SPEX_CHECK(cfg_.n_experts >= ranks_, kName << ": " << cfg_.n_experts << " experts cannot be sharded over " << ranks_ << " ranks");
+      SPEX_CHECK(cfg_.storage == TableStorage::native,
+                 kName << ": storage " << to_string(cfg_.storage) << " is for inference in one process; shards are native");
+    });
+    check_same_on_all_ranks(comm_, kName,
+                            {cfg_.n_experts, cfg_.d_in, cfg_.d_out, cfg_.heads, cfg_.top_k, cfg_.d_key, int(cfg_.norm), int(cfg_.score),
+                             cfg_.learn_keys, cfg_.shared_keys, cfg_.frozen.keys, std::int64_t(seed)});
     part_ = ExpertPartition(cfg_.n_experts, ranks_);
     Rng rng(seed);  // the draws of detail::ProductKeyLayer's and Peer's / Pkm's constructors
     retrieval_ = KeyRetrieval<T, Arch>(detail::retrieval_config(cfg_), rng);
