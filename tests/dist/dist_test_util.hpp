@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <utility>
 
 #include <spex/core/parameter.hpp>
 
@@ -47,6 +48,15 @@ double rel_diff(const A& a, const B& b) {
     for (Index c = 0; c < a.cols(); ++c)
       worst = std::max(worst, std::abs(double(a(r, c)) - double(b(r, c))) / std::max(1.0, std::abs(double(b(r, c)))));
   return worst;
+}
+
+/// This rank's tokens [first, first + count) of `total`, in rank order; with `first_empty`
+/// (and P > 1) rank 0 has none.
+inline std::pair<Index, Index> my_tokens(Index total, bool first_empty) {
+  if (!first_empty || ranks == 1) return {total * rank / ranks, total * (rank + 1) / ranks - total * rank / ranks};
+  if (rank == 0) return {0, 0};
+  const int r = rank - 1, p = ranks - 1;
+  return {total * r / p, total * (r + 1) / p - total * r / p};
 }
 
 /// What the sharded layers promise against one process: bit for bit with one rank, else the

@@ -47,7 +47,7 @@ void compare_sparse(const Sharded& s, const spex::SparseRowGrad<double>& shard, 
 }
 
 template <class Full, class Sharded>
-void check(const char* name, spex::ProductKeyLayerConfig cfg) {
+void check(const char* name, spex::ProductKeyLayerConfig cfg, bool first_empty = false) {
   const Index total = 13, seed = 5;
   const std::string tag = std::string(name) + ": ";
   Full full(cfg, seed);
@@ -65,7 +65,7 @@ void check(const char* name, spex::ProductKeyLayerConfig cfg) {
   }
   spex::Rng rng(17);
   Mat x(total, cfg.d_in), dy(total, full.d_out());
-  const Index first = total * rank / ranks, b = total * (rank + 1) / ranks - first;
+  const auto [first, b] = my_tokens(total, first_empty);
 
   auto fg = full.make_grads();
   auto sg = sharded.make_grads();
@@ -182,6 +182,7 @@ int main(int argc, char** argv) {
     cfg.d_key = 6;
     // PEER's defaults: BatchNorm over the whole batch, softmax.
     check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, BatchNorm, softmax", cfg);
+    check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, BatchNorm, softmax, rank 0 without tokens", cfg, true);
     cfg.norm = spex::NormKind::layer;
     cfg.score = spex::ScoreFn::sigmoid;
     cfg.learn_keys = true;

@@ -28,7 +28,7 @@ Mat shard_blocks(const Sharded& s, const Mat& full, Index block) {
 }
 
 template <class Router>
-void check(const std::string& name, spex::MoEConfig cfg) {
+void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = false) {
   using Full = spex::MoE<double, Router>;
   using Sharded = spex::dist::ShardedMoE<double, Router>;
   const Index total = 14, seed = 3;
@@ -56,7 +56,7 @@ void check(const std::string& name, spex::MoEConfig cfg) {
   auto controller = spex::LambdaController::for_small_batches(0.5), full_controller = controller;
   spex::Rng rng(23);
   Mat x(total, cfg.d_in), dy(total, d_out);
-  const Index first = total * rank / ranks, b = total * (rank + 1) / ranks - first;
+  const auto [first, b] = my_tokens(total, first_empty);
   auto fg = full.make_grads();
   auto sg = sharded.make_grads();
   spex::AdamConfig ac;
@@ -118,10 +118,12 @@ int main(int argc, char** argv) {
       cfg.penalty = p;
       check<spex::ReluRouter<double>>(std::string("ReMoE, ") + spex::to_string(p), cfg);
     }
+    check<spex::ReluRouter<double>>("ReMoE, rank 0 without tokens", cfg, true);
     cfg.ffn = spex::FfnKind::gelu;
     cfg.granularity = 2;  // 10 experts of hidden 4, k = 4
     cfg.z_coeff = 1e-3;
     check<spex::TopKRouter<double>>("TopK, pre-softmax, aux and z losses, granularity 2", cfg);
+    check<spex::TopKRouter<double>>("TopK, rank 0 without tokens", cfg, true);
     cfg.granularity = 1;
     cfg.pre_softmax = false;
     check<spex::TopKRouter<double>>("TopK, softmax over the k", cfg);
