@@ -46,12 +46,21 @@ void compare_sparse(const Sharded& s, const spex::SparseRowGrad<double>& shard, 
   expect_close(worst, what);
 }
 
-template <class Full, class Sharded>
-void check(const char* name, spex::ProductKeyLayerConfig cfg, bool first_empty = false) {
+struct Unchanged {
+  template <class L>
+  void operator()(L&) const {}
+};
+
+/// `prepare` runs on both layers after construction (growing, freezing).
+template <class Full, class Sharded, class Prepare = Unchanged>
+void check(const char* name, spex::ProductKeyLayerConfig cfg, bool first_empty = false, Prepare prepare = {}) {
   const Index total = 13, seed = 5;
   const std::string tag = std::string(name) + ": ";
   Full full(cfg, seed);
   Sharded sharded(cfg, seed, MPI_COMM_WORLD);
+  prepare(full);
+  prepare(sharded);
+  cfg = full.config();
   // Initial weights: the retrieval is the one-process layer's, the shard holds its experts' rows.
   {
     auto fp = full.parameters(), sp = sharded.parameters();
@@ -203,6 +212,15 @@ int main(int argc, char** argv) {
     cfg.expert_ids = spex::ExpertIds::shells;
     cfg.frozen = spex::FrozenSet{4, true, true};
     check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, frozen experts, sub-keys and query", cfg);
+    // Frozen, then grown from 7^2 to 9^2 experts (the lifelong recipe): the shards' new rows are
+    // the one-process layer's new experts', the old ones stay.
+    cfg.frozen = spex::FrozenSet{};
+    auto freeze_and_grow = [](auto& layer) {
+      layer.freeze(spex::FrozenSet{7, true, true});
+      layer.grow(9, 21);
+    };
+    check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, frozen and grown", cfg, false, freeze_and_grow);
+    check<spex::Pkm<double>, spex::dist::ShardedPkm<double>>("Pkm, frozen and grown, learned keys", cfg, false, freeze_and_grow);
     check_refusals();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, e.what());

@@ -83,6 +83,12 @@ void fill_normal(Eigen::DenseBase<Derived>& m, double stddev, Rng& rng) {
 /// default is every row.
 struct RowStride {
   Index first = 0, step = 1, block = 1;
+  /// The same rows (block 1) counted from row `start` on: the stride over rows start, start + 1,
+  /// ... (a grown table's new rows).
+  RowStride from(Index start) const {
+    const Index first_at = start <= first ? first : first + (start - first + step - 1) / step * step;
+    return RowStride{first_at - start, step, 1};
+  }
   /// How many of a table's `total` rows (whole blocks) the stride holds.
   Index rows_of(Index total) const {
     const Index blocks = total / block;

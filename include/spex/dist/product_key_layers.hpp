@@ -150,6 +150,37 @@ class ShardedProductKeyLayer {
 
   Grads make_grads() const { return Grads{retrieval_.make_grads(), experts_.make_grads(frozen_rows())}; }
 
+  /// What Peer/Pkm::grow(n_new, seed) does to the layer (ExpertIds::shells): the same new
+  /// sub-keys on every rank and, on each, its rows of the same new experts (round robin appends
+  /// the new ids at the end of every shard: the old rows keep their place). Collective, with the
+  /// same arguments on every rank. Gradients, parameter lists and optimizers made before must be
+  /// made again.
+  void grow(Index n_new, std::uint64_t seed) {
+    Config grown;
+    all_or_none(comm_, kName, [&] { grown = detail::grown_config(cfg_, n_new, kName); });
+    check_same_on_all_ranks(comm_, kName, {n_new, std::int64_t(seed)});
+    if (n_new == cfg_.n_keys) return;
+    Rng rng(seed);  // ProductKeyLayer::grow's draws
+    Rng key_rng = rng.split(1), table_rng = rng.split(2);
+    // First, on every rank or none: it allocates the most, and changes nothing if it fails.
+    all_or_none(comm_, kName, [&] { experts_.grow(cfg_.n_experts, grown.n_experts, table_rng, RowStride{rank_, ranks_}); });
+    retrieval_.grow(n_new, key_rng.next_u64());
+    cfg_ = grown;
+    part_ = ExpertPartition(cfg_.n_experts, ranks_);
+  }
+  /// What Peer/Pkm::freeze(f) does (FrozenSet): on every shard its rows of the frozen experts.
+  /// Collective. Gradients and optimizers made before must be made again.
+  void freeze(const FrozenSet& f) {
+    Config c = cfg_;
+    all_or_none(comm_, kName, [&] {
+      c.frozen = f;
+      c = detail::resolve(c);  // validates
+    });
+    check_same_on_all_ranks(comm_, kName, {c.frozen.keys, c.frozen.sub_keys, c.frozen.query});
+    retrieval_.freeze(c.frozen.sub_keys ? c.frozen.keys : 0, c.frozen.query);
+    cfg_ = c;
+  }
+
   /// Training forward over this rank's tokens (collective): y (B x d_out) from x (B x d_in).
   /// BatchNorm's running statistics are updated (the same on every rank) only once the pass
   /// has succeeded on every rank. y may be x itself.

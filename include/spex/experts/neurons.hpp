@@ -96,16 +96,21 @@ class NeuronExperts {
 
   /// Grows to n_new experts (at least n_experts()): rows 0 .. N - 1 stay, the new rows are drawn
   /// as at construction (rng's splits 11 and 12). Each table is copied once. Native tables only.
-  void grow(Index n_new, Rng& rng) {
+  void grow(Index n_new, Rng& rng) { grow(n_experts(), n_new, rng, RowStride{}); }
+  /// A shard's growth (dist/): the shard `rows` of n_old experts becomes the shard `rows` of
+  /// n_new, its new rows the ones grow(n_new) of the whole table would draw.
+  void grow(Index n_old, Index n_new, Rng& rng, RowStride rows) {
     require_native("grow");
-    SPEX_CHECK(n_new >= n_experts(), "NeuronExperts::grow(" << n_new << ") below the " << n_experts() << " experts it has");
-    const Index n0 = n_experts();
+    SPEX_CHECK(rows.rows_of(n_old) == n_experts(), "NeuronExperts::grow: the shard holds " << n_experts() << " rows, not its "
+                                                                                           << rows.rows_of(n_old) << " of " << n_old);
+    SPEX_CHECK(n_new >= n_old, "NeuronExperts::grow(" << n_new << ") below the " << n_old << " experts it has");
     Rng r1 = rng.split(11), r2 = rng.split(12);
-    Table<T> down = down_.grown(n_new), up = up_.grown(n_new);  // both before either is replaced
-    auto new_down = down.mutable_matrix().bottomRows(n_new - n0);
-    auto new_up = up.mutable_matrix().bottomRows(n_new - n0);
-    fill_normal(new_down, 1.0 / std::sqrt(double(d_in())), r1);
-    fill_normal(new_up, 1.0 / std::sqrt(double(d_out())), r2);
+    const Index local = rows.rows_of(n_new), added = local - n_experts();
+    Table<T> down = down_.grown(local), up = up_.grown(local);  // both before either is replaced
+    auto new_down = down.mutable_matrix().bottomRows(added);
+    auto new_up = up.mutable_matrix().bottomRows(added);
+    fill_normal(new_down, 1.0 / std::sqrt(double(d_in())), r1, n_new - n_old, rows.from(n_old));
+    fill_normal(new_up, 1.0 / std::sqrt(double(d_out())), r2, n_new - n_old, rows.from(n_old));
     down_ = std::move(down);
     up_ = std::move(up);
   }

@@ -72,14 +72,18 @@ class ValueExperts {
 
   /// Grows to n_new slots (at least n_experts()): rows 0 .. N - 1 stay, the new rows are drawn
   /// as at construction (rng's split 13). The table is copied once. Native tables only.
-  void grow(Index n_new, Rng& rng) {
+  void grow(Index n_new, Rng& rng) { grow(n_experts(), n_new, rng, RowStride{}); }
+  /// A shard's growth (dist/): as NeuronExperts::grow(n_old, n_new, rng, rows).
+  void grow(Index n_old, Index n_new, Rng& rng, RowStride rows) {
     require_native("grow");
-    SPEX_CHECK(n_new >= n_experts(), "ValueExperts::grow(" << n_new << ") below the " << n_experts() << " slots it has");
-    const Index n0 = n_experts();
+    SPEX_CHECK(rows.rows_of(n_old) == n_experts(), "ValueExperts::grow: the shard holds " << n_experts() << " rows, not its "
+                                                                                          << rows.rows_of(n_old) << " of " << n_old);
+    SPEX_CHECK(n_new >= n_old, "ValueExperts::grow(" << n_new << ") below the " << n_old << " slots it has");
     Rng r = rng.split(13);
-    Table<T> grown = values_.grown(n_new);
-    auto fresh = grown.mutable_matrix().bottomRows(n_new - n0);
-    fill_normal(fresh, 1.0 / std::sqrt(double(d_out())), r);
+    const Index local = rows.rows_of(n_new);
+    Table<T> grown = values_.grown(local);
+    auto fresh = grown.mutable_matrix().bottomRows(local - n_experts());
+    fill_normal(fresh, 1.0 / std::sqrt(double(d_out())), r, n_new - n_old, rows.from(n_old));
     values_ = std::move(grown);
   }
 

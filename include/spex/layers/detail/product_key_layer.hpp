@@ -133,6 +133,20 @@ inline KeyRetrievalConfig retrieval_config(const ProductKeyLayerConfig& c) {
   return r;
 }
 
+/// `c` grown to n_new sub-key rows per half (ProductKeyLayer::grow, and the sharded layers'):
+/// validated, `layer` naming the caller in errors.
+inline ProductKeyLayerConfig grown_config(const ProductKeyLayerConfig& c, Index n_new, const char* layer) {
+  SPEX_CHECK(c.expert_ids == ExpertIds::shells, layer << "::grow: experts numbered " << to_string(c.expert_ids)
+                                                      << " would all change id; construct with expert_ids = ExpertIds::shells");
+  SPEX_CHECK(n_new >= c.n_keys && n_new <= kMaxProductKeys,
+             layer << "::grow: n_new = " << n_new << " must be in [n_keys = " << c.n_keys << ", " << kMaxProductKeys << "]");
+  ProductKeyLayerConfig grown = c;
+  grown.n_keys = n_new;
+  grown.n_experts = n_new * n_new;
+  checked_mul(grown.n_experts, std::max(grown.d_in, grown.d_out), "the expert table size n_experts * d");
+  return grown;
+}
+
 /// The layer skeleton. Layer provides: kName, experts_forward(x, c, y), experts_backward(dy,
 /// c, dx, g), and Experts with parameters(prefix, grads*), check_grads(grads, what).
 template <class T, class Arch, class Layer, class Experts>
@@ -226,16 +240,8 @@ class ProductKeyLayer {
   /// made again. Native tables only. Not thread-safe.
   void grow(Index n_new, std::uint64_t seed) {
     require_native("grow");
-    SPEX_CHECK(cfg_.expert_ids == ExpertIds::shells,
-               Layer::kName << "::grow: experts numbered " << to_string(cfg_.expert_ids)
-                            << " would all change id; construct with expert_ids = ExpertIds::shells");
-    SPEX_CHECK(n_new >= cfg_.n_keys && n_new <= kMaxProductKeys,
-               Layer::kName << "::grow: n_new = " << n_new << " must be in [n_keys = " << cfg_.n_keys << ", " << kMaxProductKeys << "]");
+    const Config grown = grown_config(cfg_, n_new, Layer::kName);
     if (n_new == cfg_.n_keys) return;
-    Config grown = cfg_;
-    grown.n_keys = n_new;
-    grown.n_experts = n_new * n_new;
-    checked_mul(grown.n_experts, std::max(grown.d_in, grown.d_out), "the expert table size n_experts * d");
     Rng rng(seed);
     Rng key_rng = rng.split(1), table_rng = rng.split(2);
     experts_.grow(grown.n_experts, table_rng);  // first: it allocates the most, and changes nothing if that fails
