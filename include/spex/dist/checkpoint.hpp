@@ -61,7 +61,7 @@ void split(const ParameterList<P>& all, ParameterList<P>& replicated, ParameterL
 }  // namespace detail
 
 /// Collects what to save, then write(dir) (collective). Holds pointers to what was added: it
-/// must outlive write(). Usage: examples/snippets/sharded_peer.cpp.
+/// must outlive write(). Usage: examples/snippets/dist/sharded_layers.cpp.
 class ShardedCheckpointWriter {
  public:
   explicit ShardedCheckpointWriter(MPI_Comm comm) : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)) {}

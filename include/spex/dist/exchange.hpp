@@ -2,12 +2,15 @@
 // Expert parallelism over MPI: each rank holds a shard of a layer's experts (partition.hpp) and
 // its own tokens; a token's retrieved experts live on several ranks. ExpertExchange moves what
 // the owners need to them and their results back, with MPI_Alltoallv:
-//   plan(ids, gates)        the (token, expert, gate) requests, grouped by owner, go to the owners;
+//   plan(ids, gates)        the (token, expert, gate) requests, grouped by owner, go to the owners
+//                           (h*k per token, or pick lists of any length per token: MoE routing);
 //   to_owners(rows)         one row per (token, owner) pair (x forward, dy backward), never one per
 //                           request: a token that retrieves 32 experts on 3 ranks is sent 3 times;
 //   to_sources(partial)     each owner's partial row per received token comes back and is summed
 //                           over the owners in rank order (deterministic for a given P);
 //   requests_to_sources(v)  one value per request back to its (token, slot) (gate gradients).
+// The owners read the requests as pick lists per received token (request_offsets/rows/gates/
+// tokens) for the experts' grouped kernels; off_rank_bytes() counts what left this rank.
 // All ranks call the same functions in the same order (collectives). Bad arguments on any rank
 // make plan() throw spex::Error on every rank (none is left waiting), before anything is sent.
 // MPI reports its own errors through the communicator's handler: the default aborts; with

@@ -23,6 +23,7 @@
 //
 // Collectives: every rank calls the same methods in the same order; bad arguments on any rank
 // throw spex::Error on every rank. Thread safety: none.
+// Usage: examples/snippets/dist/sharded_layers.cpp (compiled and run by the test suite under mpirun).
 #include <mpi.h>
 
 #include <memory>

@@ -33,7 +33,7 @@
 // Every rank calls the same methods in the same order (they are collectives). Bad arguments on
 // any rank throw spex::Error on every rank (all_or_none) before anything changes.
 // Thread safety: none (collectives in a fixed order); one cache per forward/backward pair.
-// Usage: examples/snippets/sharded_peer.cpp (compiled and run by the test suite under mpirun).
+// Usage: examples/snippets/dist/sharded_layers.cpp (compiled and run by the test suite under mpirun).
 #include <mpi.h>
 
 #include <memory>
