@@ -1,12 +1,18 @@
 // Sharded checkpoints (dist/checkpoint.hpp) under mpirun with P ranks: a ShardedPeer and a
 // ShardedMoE (ReLU router) trained 2 Adam steps, saved with the optimizer, the lambda and a
 // LambdaController, loaded into layers built from another seed with a fresh optimizer, and both
-// trained 2 more steps: every parameter and optimizer state equal bit for bit. Refused on every
-// rank: another config, a directory mixing two writes, a missing shard.
+// trained 2 more steps: every parameter and optimizer state equal bit for bit. Resharding (P - 1
+// ranks to P and back) against the one-process layer. Refused on every rank: another config, a
+// directory mixing two writes, a missing shard.
 #include <spex/dist/checkpoint.hpp>
+#include <spex/layers/moe.hpp>
+#include <spex/layers/peer.hpp>
+#include <spex/layers/pkm.hpp>
 #include <spex/optim/adam.hpp>
 
 #include <filesystem>
+#include <memory>
+#include <utility>
 #include <unistd.h>
 
 #include "dist_test_util.hpp"
@@ -88,6 +94,113 @@ void check(const std::string& name, const typename L::Config& cfg, const std::st
   expect(refused, tag + "another config is refused");
 }
 
+/// The one-process values of the experts comm rank `r` of `p` holds: expert e = i p + r is
+/// block i of the shard (an expert is full.rows() / n rows).
+Mat shard_of(const Mat& full, Index n, int r, int p) {
+  const Index block = full.rows() / n, mine = spex::RowStride{r, p}.rows_of(n);
+  Mat out(mine * block, full.cols());
+  for (Index i = 0; i < mine; ++i) out.middleRows(i * block, block) = full.middleRows((i * p + r) * block, block);
+  return out;
+}
+
+/// Every value of `sharded` (a layer's or an optimizer's list on rank r of p) against the
+/// one-process `full` list: the shards' rows against their experts' rows.
+void expect_as_full(const spex::ParameterList<const double>& sharded, const spex::ParameterList<const double>& full, Index n, int r,
+                    int p, const std::string& what) {
+  expect(sharded.size() == full.size(), what + ": the same lists");
+  for (std::size_t i = 0; i < std::min(sharded.size(), full.size()); ++i) {
+    const Mat f = full[i].value_map(), s = sharded[i].value_map();
+    const Mat want = spex::dist::is_sharded_name(full[i].name) ? shard_of(f, n, r, p) : f;
+    expect(sharded[i].name == full[i].name && rel_diff(s, want) <= 1e-12, what + ": " + sharded[i].name);
+  }
+}
+
+/// Resharding: layer L trained 2 Adam steps on the first P - 1 ranks (sub-communicator), saved,
+/// loaded on all P ranks, trained 1 step, saved, loaded on P - 1 ranks again: every time each
+/// rank's values and Adam state equal those of the one-process layer `Full` trained alongside on
+/// the same batches (1e-12; the sharded layers' own tolerance), experts' rows at their new place.
+template <class L, class Full>
+void check_reshard(const std::string& name, const typename L::Config& cfg, const std::string& dir) {
+  if (ranks < 2) return;
+  const std::string tag = name + ", resharding: ";
+  MPI_Comm small;
+  MPI_Comm_split(MPI_COMM_WORLD, rank < ranks - 1 ? 0 : MPI_UNDEFINED, rank, &small);
+  const std::string from_small = dir + "/small", from_all = dir + "/all";
+  if (rank == 0) {
+    std::filesystem::create_directory(from_small);
+    std::filesystem::create_directory(from_all);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  spex::AdamConfig ac;
+  ac.lr = 1e-2;
+  Full full(cfg, 4);
+  auto fg = full.make_grads();
+  spex::Adam<double> full_adam(full.parameters(fg), ac);
+  typename Full::Cache fc;
+  spex::Rng rng(77);
+  const Index total = 12;
+  Mat x(total, full.d_in()), dy(total, full.d_out());
+  // One step of the one-process layer and of `layer` (its comm's part of the same batch).
+  auto step = [&](L* layer, typename L::Grads* g, spex::Adam<double>* adam, MPI_Comm comm) {
+    spex::fill_normal(x, 1.0, rng);
+    spex::fill_normal(dy, 1.0, rng);
+    Mat y(total, full.d_out());
+    fg.zero();
+    full.forward(x, y, fc);
+    full.backward(dy, fc, fg);
+    full_adam.step();
+    if (!layer) return;
+    int r = 0, p = 1;
+    MPI_Comm_rank(comm, &r);
+    MPI_Comm_size(comm, &p);
+    const Index first = total * r / p, b = total * (r + 1) / p - first;
+    typename L::Cache c;
+    Mat ys(b, full.d_out());
+    g->zero();
+    layer->forward(x.middleRows(first, b), ys, c);
+    layer->backward(dy.middleRows(first, b), c, *g);
+    adam->step();
+  };
+  const Index n = full.n_experts();
+  {
+    std::unique_ptr<L> a;
+    std::unique_ptr<typename L::Grads> ga;
+    std::unique_ptr<spex::Adam<double>> adam_a;
+    if (small != MPI_COMM_NULL) {
+      a = std::make_unique<L>(cfg, 4, small);
+      ga = std::make_unique<typename L::Grads>(a->make_grads());
+      adam_a = std::make_unique<spex::Adam<double>>(a->parameters(*ga), ac);
+    }
+    for (int s = 0; s < 2; ++s) step(a.get(), ga.get(), adam_a.get(), small);
+    if (small != MPI_COMM_NULL) spex::dist::ShardedCheckpointWriter(small).add_layer("l.", *a).add_optimizer("adam.", *adam_a).write(from_small);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  L b(cfg, 5, MPI_COMM_WORLD);
+  auto gb = b.make_grads();
+  spex::Adam<double> adam_b(b.parameters(gb), ac);
+  spex::dist::ShardedCheckpointLoader ld(from_small, MPI_COMM_WORLD);
+  expect(ld.resharding(), tag + "a checkpoint of P - 1 ranks loads on P");
+  ld.layer(b, "l.").optimizer(adam_b, "adam.").commit();
+  expect_as_full(std::as_const(b).parameters(), std::as_const(full).parameters(), n, rank, ranks, tag + "P - 1 to P");
+  expect_as_full(std::as_const(adam_b).state(), std::as_const(full_adam).state(), n, rank, ranks, tag + "P - 1 to P, Adam");
+  expect(adam_b.steps() == 2, tag + "Adam's steps");
+  step(&b, &gb, &adam_b, MPI_COMM_WORLD);
+  expect_as_full(std::as_const(b).parameters(), std::as_const(full).parameters(), n, rank, ranks, tag + "a step on P");
+  spex::dist::ShardedCheckpointWriter(MPI_COMM_WORLD).add_layer("l.", b).add_optimizer("adam.", adam_b).write(from_all);
+  if (small != MPI_COMM_NULL) {
+    int r = 0;
+    MPI_Comm_rank(small, &r);
+    L c(cfg, 6, small);
+    auto gc = c.make_grads();
+    spex::Adam<double> adam_c(c.parameters(gc), ac);
+    spex::dist::ShardedCheckpointLoader(from_all, small).layer(c, "l.").optimizer(adam_c, "adam.").commit();
+    expect_as_full(std::as_const(c).parameters(), std::as_const(full).parameters(), n, r, ranks - 1, tag + "P to P - 1");
+    expect_as_full(std::as_const(adam_c).state(), std::as_const(full_adam).state(), n, r, ranks - 1, tag + "P to P - 1, Adam");
+    MPI_Comm_free(&small);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
 void check_mixed_directory(const spex::ProductKeyLayerConfig& cfg, const std::string& dir) {
   spex::dist::ShardedPeer<double> a(cfg, 1, MPI_COMM_WORLD);
   const std::string other = dir + "/other";
@@ -141,6 +254,10 @@ int main(int argc, char** argv) {
     moe.hidden = 8;
     moe.router_init_std = 0.5;
     check<spex::dist::ShardedMoE<double>>("ShardedMoE", moe, dir);
+    check_reshard<spex::dist::ShardedPeer<double>, spex::Peer<double>>("ShardedPeer", pk, dir);
+    pk.n_keys = 7;  // 49 experts: shards of unequal sizes
+    check_reshard<spex::dist::ShardedPkm<double>, spex::Pkm<double>>("ShardedPkm", pk, dir);
+    check_reshard<spex::dist::ShardedMoE<double>, spex::MoE<double>>("ShardedMoE", moe, dir);
     check_mixed_directory(pk, dir);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, e.what());

@@ -10,18 +10,23 @@
 // layers name their tables so; name nothing replicated that way). Every file records P and a
 // checkpoint id drawn at write time, so a directory that mixes files of two writes, or of
 // another P, is refused.
-// Loading needs the same P and the same layer configs: rank r reads replicated.safetensors and
-// its own shard. Resharding (P to P') is not implemented: with round robin, row i of rank r is
-// expert i P + r, so a new rank r' would take its row i' (expert i' P' + r') from old rank
-// (i' P' + r') mod P, row (i' P' + r') / P, and Adam's m and v rows the same way.
+// Loading needs the same layer configs. With the same P, rank r reads replicated.safetensors and
+// its own shard. With another P (resharding), every rank maps all old shards and copies its
+// rows: with round robin row i of rank r is expert i P + r, so a new rank r' takes its row i'
+// (expert e = i' P' + r', P' ranks now) from old rank e mod P, row e / P, and its optimizer
+// rows (Adam's m and v) the same way; an MoE expert is a block of rows.
 // Both sides are collective: a failure on any rank (a file missing, a config that differs, a
 // write that failed) throws on every rank; loading changes nothing unless every rank's files
 // were valid. A failed write may leave a directory with some new files: their id tells them
 // apart, and the loader refuses the mixture.
 #include <mpi.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <map>
+#include <memory>
 #include <optional>
 #include <random>
 #include <string>
@@ -129,6 +134,9 @@ class ShardedCheckpointWriter {
 /// Stages a sharded checkpoint's parts, then commit() restores all of them. Every staging call
 /// is collective and throws on every rank if any rank's part is invalid; nothing changes before
 /// commit(). After a throw, discard the loader (other ranks' parts may be staged).
+/// Resharding: a checkpoint of P' ranks loads into P ranks (see the file's comment); the shards'
+/// tensors must be stored as the layers' T, and layers are staged before their optimizers (the
+/// rows of an optimizer's state follow its layer's experts).
 class ShardedCheckpointLoader {
  public:
   /// Opens `dir`'s replicated file and this rank's shard; both must be of this communicator's P
@@ -136,16 +144,29 @@ class ShardedCheckpointLoader {
   ShardedCheckpointLoader(const std::string& dir, MPI_Comm comm) : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)) {
     all_or_none(comm_, "ShardedCheckpointLoader", [&] {
       replicated_.emplace(detail::replicated_file(dir));
-      shard_.emplace(detail::shard_file(dir, rank_, ranks_));
-      const nlohmann::json rep = shard_meta(*replicated_), mine = shard_meta(*shard_);
-      SPEX_CHECK(rep["ranks"] == ranks_ && mine["ranks"] == ranks_,
-                 dir << ": a checkpoint of " << rep["ranks"].dump() << " ranks; this run has " << ranks_ << " (resharding: see dist/checkpoint.hpp)");
-      SPEX_CHECK(rep["id"] == mine["id"] && mine["rank"] == rank_,
-                 shard_->file().path() << " is not rank " << rank_ << "'s shard of the write that made " << replicated_->file().path());
+      const nlohmann::json rep = shard_meta(replicated_->file());
+      SPEX_CHECK(rep["ranks"].is_number_integer() && rep["ranks"].get<int>() >= 1,
+                 replicated_->file().path() << ": '" << kShardKey << "' holds no rank count");
+      file_ranks_ = rep["ranks"].get<int>();
       layers_ = rep.contains("layers") && rep["layers"].is_object() ? rep["layers"] : nlohmann::json::object();
       minor_ = rep.contains("minor") && rep["minor"].is_number_integer() ? rep["minor"].get<int>() : kFormatMinor;
+      // The same P: this rank's shard. Another P: every old shard (mapped; only the rows this
+      // rank's experts need are read).
+      for (int s = 0; s < file_ranks_; ++s) {
+        if (file_ranks_ == ranks_ && s != rank_) continue;
+        SafetensorsFile f(detail::shard_file(dir, s, file_ranks_));
+        const nlohmann::json mine = shard_meta(f);
+        SPEX_CHECK(rep["id"] == mine["id"] && mine["rank"] == s && mine["ranks"] == file_ranks_,
+                   f.path() << " is not rank " << s << "'s shard of the write that made " << replicated_->file().path());
+        if (file_ranks_ == ranks_) shard_.emplace(std::move(f));
+        else old_shards_.push_back(std::move(f));
+      }
     });
   }
+
+  /// Whether the checkpoint was written by another number of ranks (its shards are then read
+  /// row by row into this run's partition).
+  bool resharding() const { return file_ranks_ != ranks_; }
 
   /// A sharded layer saved under `prefix`: its config must be the layer's.
   template <class L>
@@ -158,6 +179,7 @@ class ShardedCheckpointLoader {
       a.erase("check_finite");
       b.erase("check_finite");
       SPEX_CHECK(a == b, where << ": the file's config " << a.dump() << " differs from the layer's " << b.dump());
+      experts_of_[prefix] = layer.n_experts();
       stage(layer.parameters(prefix), prefix, opt);
       if constexpr (LayerKind<L>::has_lambda) {
         check_range(entry.lambda, 0, kMaxLambda, "lambda in the file");
@@ -174,7 +196,7 @@ class ShardedCheckpointLoader {
       decltype(all) rep, sh;
       detail::split(all, rep, sh);
       replicated_->optimizer(opt, prefix, rep);
-      shard_->parameters(sh, prefix);
+      stage_sharded(sh, prefix, LoadOptions{});
     });
     return *this;
   }
@@ -184,7 +206,11 @@ class ShardedCheckpointLoader {
 
   /// Restores everything staged, on every rank.
   LoadReport commit() {
-    LoadReport r = replicated_->commit(), s = shard_->commit();
+    LoadReport r = replicated_->commit(), s = shard_ ? shard_->commit() : LoadReport{};
+    for (auto& f : resharded_) f();
+    resharded_.clear();
+    s.copied.insert(s.copied.end(), resharded_names_.begin(), resharded_names_.end());
+    resharded_names_.clear();
     for (auto& f : lambdas_) f();
     lambdas_.clear();
     r.copied.insert(r.copied.end(), s.copied.begin(), s.copied.end());
@@ -200,13 +226,68 @@ class ShardedCheckpointLoader {
     ParameterList<T> rep, sh;
     detail::split(params, rep, sh);
     replicated_->parameters(rep, prefix, opt);
-    shard_->parameters(sh, prefix, opt);
+    stage_sharded(sh, prefix, opt);
   }
 
-  static nlohmann::json shard_meta(const SafetensorsLoader& f) {
-    const std::string where = f.file().path();
+  template <class T>
+  void stage_sharded(const ParameterList<T>& sh, const std::string& prefix, const LoadOptions& opt) {
+    if (!resharding()) {
+      shard_->parameters(sh, prefix, opt);
+      return;
+    }
+    for (const auto& p : sh) stage_resharded(p, opt);
+  }
+
+  /// Parameter p (this rank's rows of a sharded table, or of an optimizer's state for one) from
+  /// the old shards: expert e = i P + rank, the i-th of this rank, was row e / P' of old rank
+  /// e mod P'; an expert is `block` rows (1 for product-key tables, an FFN's rows for MoE).
+  template <class T>
+  void stage_resharded(const Parameter<T>& p, const LoadOptions& opt) {
+    const Index n = experts_of(p.name), mine = RowStride{rank_, ranks_}.rows_of(n);
+    SPEX_CHECK(mine > 0 && p.rows % mine == 0, p.name << ": " << p.rows << " rows are not whole experts of " << mine);
+    const Index block = p.rows / mine, width = p.cols;
+    auto staged = std::make_shared<std::vector<T>>(static_cast<std::size_t>(p.rows * width));
+    for (Index i = 0; i < mine; ++i) {
+      const Index e = i * ranks_ + rank_, old = e % file_ranks_, row = e / file_ranks_;
+      const SafetensorsFile& f = old_shards_[static_cast<std::size_t>(old)];
+      const TensorInfo& t = f.at(p.name);
+      SPEX_CHECK(t.dtype == dtype_of<std::remove_const_t<T>>(),
+                 f.path() << ": " << p.name << " is stored as " << to_string(t.dtype) << "; resharding reads the layer's own dtype");
+      const Index old_rows = RowStride{old, file_ranks_}.rows_of(n) * block;
+      SPEX_CHECK(shape_matches(t.shape, old_rows, width),
+                 f.path() << ": " << p.name << " has shape " << shape_string(t.shape) << ", rank " << old << " of " << file_ranks_
+                          << " holds " << old_rows << " x " << width);
+      std::memcpy(staged->data() + i * block * width, f.data(t) + static_cast<std::size_t>(row * block * width) * sizeof(T),
+                  static_cast<std::size_t>(block * width) * sizeof(T));
+    }
+    if (opt.check_finite)
+      for (std::size_t k = 0; k < staged->size(); ++k)
+        SPEX_CHECK(std::isfinite(double((*staged)[k])), p.name << ": a non-finite value in the old shards");
+    resharded_.push_back([p, staged] { std::copy(staged->begin(), staged->end(), p.value); });
+    resharded_names_.push_back(p.name);
+  }
+
+  /// The number of experts of the staged layer whose rows tensor `name` holds: the layer whose
+  /// prefix + "experts." the name contains (the longest such prefix), else, for an optimizer
+  /// built over unprefixed names, the one layer staged (or all staged layers, if they agree).
+  Index experts_of(const std::string& name) const {
+    SPEX_CHECK(!experts_of_.empty(), name << ": no layer staged (stage layers before their optimizers)");
+    const std::pair<const std::string, Index>* best = nullptr;
+    for (const auto& kv : experts_of_)
+      if (name.find(kv.first + "experts.") != std::string::npos && (!best || kv.first.size() > best->first.size())) best = &kv;
+    if (best && !best->first.empty()) return best->second;
+    const Index n = experts_of_.begin()->second;
+    for (const auto& kv : experts_of_)
+      SPEX_CHECK(kv.second == n, name << ": which staged layer's experts it holds is ambiguous (name the optimizer's parameters with "
+                                         "the layers' prefixes)");
+    return n;
+  }
+
+  static nlohmann::json shard_meta(const SafetensorsFile& f) {
+    const std::string where = f.path();
     return spex::detail::guard_json(where, [&] {
-      const nlohmann::json j = nlohmann::json::parse(f.metadata(kShardKey));
+      SPEX_CHECK(f.metadata().count(kShardKey), where << ": not a file of a sharded checkpoint (no '" << kShardKey << "')");
+      const nlohmann::json j = nlohmann::json::parse(f.metadata().at(kShardKey));
       SPEX_CHECK(j.is_object() && j.contains("ranks") && j.contains("id") && j.contains("rank"),
                  where << ": not a file of a sharded checkpoint ('" << kShardKey << "' lacks ranks, id or rank)");
       return j;
@@ -216,6 +297,11 @@ class ShardedCheckpointLoader {
   MPI_Comm comm_;
   int rank_ = 0, ranks_ = 1;
   std::optional<SafetensorsLoader> replicated_, shard_;
+  int file_ranks_ = 1;
+  std::vector<SafetensorsFile> old_shards_;        // resharding: every old shard
+  std::map<std::string, Index> experts_of_;        // staged layers: prefix -> experts
+  std::vector<std::function<void()>> resharded_;   // resharding: the staged copies
+  std::vector<std::string> resharded_names_;
   nlohmann::json layers_;
   int minor_ = kFormatMinor;
   std::vector<std::function<void()>> lambdas_;
