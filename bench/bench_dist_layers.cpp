@@ -43,6 +43,24 @@ double model_bytes(double p, double hk, double d_in, double d_out) {
   return hk * (p - 1) / p * (16 + 4 + 4) + off_owners * 4 * (2 * d_in + 2 * d_out);
 }
 
+/// The times (ms) of `steps` training steps (forward + backward) of `layer` on x, dy; every rank
+/// starts each step together.
+template <class L>
+std::vector<double> step_times(L& layer, typename L::Cache& c, const Mat& x, const Mat& dy, int steps) {
+  auto g = layer.make_grads();
+  Mat y(x.rows(), layer.d_out()), dx(x.rows(), layer.d_in());
+  std::vector<double> ms;
+  for (int step = 0; step < steps; ++step) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto t0 = std::chrono::steady_clock::now();
+    g.zero();
+    layer.forward(x, y, c);
+    layer.backward(dy, dx, c, g);
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return ms;
+}
+
 /// The replicated part's off-rank bytes per rank and step: the query weight's and the norm's
 /// gradients, BatchNorm's sums (2 forward, 2 backward per feature) and token count, each sent
 /// to the P - 1 other ranks (rank-order gather).
@@ -65,25 +83,13 @@ int main(int argc, char** argv) {
   cfg.d_key = 128;
   spex::dist::ShardedPeer<float> sharded(cfg, 1, MPI_COMM_WORLD);
   spex::Rng rng(10 + std::uint64_t(rank));
-  Mat x(batch, d), dy(batch, d), y(batch, d), dx(batch, d);
+  Mat x(batch, d), dy(batch, d);
   spex::fill_normal(x, 1.0, rng);
   spex::fill_normal(dy, 1.0, rng);
   spex::dist::ShardedPeer<float>::Cache c;
-  auto g = sharded.make_grads();
-  std::vector<double> ms;
-  std::uint64_t bytes0 = 0, rep0 = 0;
-  for (int step = 0; step < 9; ++step) {
-    if (step == 2) {
-      bytes0 = c.exchange.off_rank_bytes();
-      rep0 = sharded.replicated_bytes();
-    }
-    MPI_Barrier(MPI_COMM_WORLD);
-    const auto t0 = std::chrono::steady_clock::now();
-    g.zero();
-    sharded.forward(x, y, c);
-    sharded.backward(dy, dx, c, g);
-    if (step >= 2) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
+  step_times(sharded, c, x, dy, 2);  // warm-up; the counters start after it
+  const std::uint64_t bytes0 = c.exchange.off_rank_bytes(), rep0 = sharded.replicated_bytes();
+  const std::vector<double> ms = step_times(sharded, c, x, dy, 7);
   const double steps = double(ms.size());
   double mine[2] = {double(c.exchange.off_rank_bytes() - bytes0) / steps / double(batch), double(sharded.replicated_bytes() - rep0) / steps};
   double mean[2] = {0, 0};
@@ -96,17 +102,8 @@ int main(int argc, char** argv) {
   {
     spex::Peer<float> full(cfg, 1);
     spex::Peer<float>::Cache fc;
-    auto fg = full.make_grads();
-    std::vector<double> fms;
-    for (int step = 0; step < 9; ++step) {
-      MPI_Barrier(MPI_COMM_WORLD);
-      const auto t0 = std::chrono::steady_clock::now();
-      fg.zero();
-      full.forward(x, y, fc);
-      full.backward(dy, dx, fc, fg);
-      if (step >= 2) fms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    full_ms = median(fms);
+    step_times(full, fc, x, dy, 2);
+    full_ms = median(step_times(full, fc, x, dy, 7));
     full_tables = double(full.table_bytes());
   }
   if (rank == 0) {

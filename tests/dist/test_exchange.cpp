@@ -4,31 +4,21 @@
 // that must equal the one-process sum over the token's experts (to rounding: the owners' partial
 // sums are added in rank order), each owner must receive one x per (token, owner) pair, and per-
 // request values must come back to their (token, slot) exactly. Exit code 0 on every rank = pass.
-#include <mpi.h>
-
 #include <cmath>
-#include <cstdio>
-#include <set>
+#include <vector>
 
 #include <spex/core/random.hpp>
 #include <spex/dist/exchange.hpp>
 
+#include "dist_test_util.hpp"
+
 namespace {
 
-using spex::Index;
-using Mat = spex::RowMat<double>;
+using namespace dist_test;
 
 double value(Index id, Index c) { return std::sin(0.37 * double(id) + double(c)); }
 
-int failures = 0;
-void expect(bool ok, const char* what, int rank) {
-  if (!ok) {
-    std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, what);
-    ++failures;
-  }
-}
-
-void check_partition(int rank) {
+void check_partition() {
   for (int p : {1, 2, 3, 4, 7})
     for (Index n : {0, 1, 5, 50}) {
       spex::dist::ExpertPartition part(n, p);
@@ -37,21 +27,18 @@ void check_partition(int rank) {
         total += part.local_rows(r);
         for (Index row = 0; row < part.local_rows(r); ++row) {
           const Index id = part.global_id(r, row);
-          expect(id < n && part.owner(id) == r && part.local_row(id) == row, "partition round trip", rank);
+          expect(id < n && part.owner(id) == r && part.local_row(id) == row, "partition round trip");
         }
       }
-      expect(total == n, "partition covers every expert once", rank);
+      expect(total == n, "partition covers every expert once");
     }
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  int rank = 0, ranks = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
-  check_partition(rank);
+  start(&argc, &argv);
+  check_partition();
 
   const Index n_experts = 50, total = 37, m = 6, d = 5;
   // The same global batch on every rank (seeded), each rank taking its block of tokens.
@@ -78,7 +65,7 @@ int main(int argc, char** argv) {
       for (Index j = 0; j < m; ++j) here = here || part.owner(ids(t, j)) == rank;
       expected += here;
     }
-    expect(ex.received_tokens() == expected, "one token row per (token, owner) pair", rank);
+    expect(ex.received_tokens() == expected, "one token row per (token, owner) pair");
     Mat partial = Mat::Zero(ex.received_tokens(), d);
     std::vector<double> per_request;
     for (Index r = 0; r < ex.received_tokens(); ++r)
@@ -97,11 +84,11 @@ int main(int argc, char** argv) {
         for (Index j = 0; j < m; ++j) ref += gates(first + t, j) * (value(ids(first + t, j), c) + x(first + t, c));
         worst = std::max(worst, std::abs(y(t, c) - ref));
       }
-    expect(worst < 1e-12, "outputs summed over the owners equal the one-process sum", rank);
+    expect(worst < 1e-12, "outputs summed over the owners equal the one-process sum");
     bool exact = true;
     for (Index t = 0; t < b; ++t)
       for (Index j = 0; j < m; ++j) exact = exact && back(t, j) == gates(first + t, j) * double(ids(first + t, j));
-    expect(exact, "per-request values return to their (token, slot)", rank);
+    expect(exact, "per-request values return to their (token, slot)");
   }
   // A bad id on the last rank only: every rank throws (none is left waiting in the exchange).
   spex::IndexMat bad = ids.middleRows(first, b);
@@ -112,14 +99,10 @@ int main(int argc, char** argv) {
   } catch (const spex::Error&) {
     threw = true;
   }
-  expect(threw, "an id outside the pool on one rank throws spex::Error on every rank", rank);
+  expect(threw, "an id outside the pool on one rank throws spex::Error on every rank");
   // ... and the exchange still works afterwards.
   ex.plan(ids.middleRows(first, b), gates.middleRows(first, b), part);
-  expect(ex.received_tokens() > 0 || ranks > total, "the exchange works after a refused plan", rank);
+  expect(ex.received_tokens() > 0 || ranks > total, "the exchange works after a refused plan");
 
-  int all = 0;
-  MPI_Allreduce(&failures, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (rank == 0) std::printf("dist exchange, %d ranks: %s\n", ranks, all == 0 ? "passed" : "FAILED");
-  MPI_Finalize();
-  return all == 0 ? 0 : 1;
+  return finish("dist exchange passed");
 }

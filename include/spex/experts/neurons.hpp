@@ -61,10 +61,7 @@ class NeuronExperts {
     checked_size(n_experts, d_in, d_out);
     Rng r1 = rng.split(11), r2 = rng.split(12);
     if (storage == TableStorage::native) {
-      down_ = Table<T>(n_experts, d_in);
-      up_ = Table<T>(n_experts, d_out);
-      fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1);
-      fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2);
+      draw_native(n_experts, d_in, d_out, r1, r2, RowStride{});
     } else {
       cdown_ = make_compact(storage, n_experts, d_in, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r1), "experts.down");
       cup_ = make_compact(storage, n_experts, d_out, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r2), "experts.up");
@@ -75,10 +72,7 @@ class NeuronExperts {
   NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng, RowStride rows) : act_(act) {
     checked_size(n_experts, d_in, d_out);
     Rng r1 = rng.split(11), r2 = rng.split(12);
-    down_ = Table<T>(rows.rows_of(n_experts), d_in);
-    up_ = Table<T>(rows.rows_of(n_experts), d_out);
-    fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1, n_experts, rows);
-    fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2, n_experts, rows);
+    draw_native(n_experts, d_in, d_out, r1, r2, rows);
   }
   /// Tables allocated, values unspecified: for loaders that fill or map every row.
   NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act,
@@ -297,6 +291,14 @@ class NeuronExperts {
   }
 
   bool compact() const { return storage_ != TableStorage::native; }
+
+  /// Native tables holding the rows `rows` of N experts, drawn as N(0, 1/d_in) and N(0, 1/d_out).
+  void draw_native(Index n_experts, Index d_in, Index d_out, Rng& r1, Rng& r2, RowStride rows) {
+    down_ = Table<T>(rows.rows_of(n_experts), d_in);
+    up_ = Table<T>(rows.rows_of(n_experts), d_out);
+    fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1, n_experts, rows);
+    fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2, n_experts, rows);
+  }
 
   void require_native(const char* what) const {
     SPEX_CHECK(!compact(), "NeuronExperts::" << what << ": the tables are stored as " << to_string(storage_)

@@ -46,8 +46,7 @@ class ValueExperts {
     checked_size(n_slots, d_out);
     Rng r = rng.split(13);
     if (storage == TableStorage::native) {
-      values_ = Table<T>(n_slots, d_out);
-      fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r);
+      draw_native(n_slots, d_out, r, RowStride{});
     } else {
       cvalues_ = make_compact(storage, n_slots, d_out, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r), "experts.values");
     }
@@ -57,8 +56,7 @@ class ValueExperts {
   ValueExperts(Index n_slots, Index d_out, Rng& rng, RowStride rows) {
     checked_size(n_slots, d_out);
     Rng r = rng.split(13);
-    values_ = Table<T>(rows.rows_of(n_slots), d_out);
-    fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r, n_slots, rows);
+    draw_native(n_slots, d_out, r, rows);
   }
   /// Table allocated, values unspecified: for loaders that fill or map every row.
   ValueExperts(Index n_slots, Index d_out, TableStorage storage = TableStorage::native) : storage_(checked_storage<T>(storage)) {
@@ -203,6 +201,12 @@ class ValueExperts {
 
  private:
   bool compact() const { return storage_ != TableStorage::native; }
+
+  /// A native table holding the rows `rows` of N slots, drawn as N(0, 1/d_out).
+  void draw_native(Index n_slots, Index d_out, Rng& r, RowStride rows) {
+    values_ = Table<T>(rows.rows_of(n_slots), d_out);
+    fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r, n_slots, rows);
+  }
 
   void require_native(const char* what) const {
     SPEX_CHECK(!compact(), "ValueExperts::" << what << ": the table is stored as " << to_string(storage_)
