@@ -1,7 +1,8 @@
 // spex-inspect FILE: what a safetensors file holds. Lists its tensors (name, dtype, shape,
 // bytes), its metadata, and the spex layers it describes (kind, config, the tensors under each
 // prefix). The file is validated as a load would validate it; a malformed file exits with 1
-// and the loader's message, naming the tensor and the problem.
+// and the loader's message, naming the tensor and the problem. Every string from the file is
+// printed through spex::printable: a crafted name cannot drive the terminal.
 #include <cstdio>
 #include <spex/io/io.hpp>
 #include <string>
@@ -26,16 +27,18 @@ void print(const spex::SafetensorsFile& f) {
   const auto& ts = f.tensors();
   std::printf("%s: %s, header %llu bytes, %zu tensors, %s of data\n", f.path().c_str(), human_bytes(double(f.file_bytes())).c_str(),
               (unsigned long long)f.view().header_bytes(), ts.size(), human_bytes(double(f.view().data_bytes())).c_str());
+  using spex::printable;
   std::size_t w = 4;
-  for (const auto& t : ts) w = std::max(w, t.name.size());
+  for (const auto& t : ts) w = std::max(w, printable(t.name).size());
   std::printf("\n%-*s  %-7s  %-22s  %14s\n", int(w), "name", "dtype", "shape", "bytes");
   for (const auto& t : ts)
-    std::printf("%-*s  %-7s  %-22s  %14llu\n", int(w), t.name.c_str(), spex::to_string(t.dtype), spex::shape_string(t.shape).c_str(),
-                (unsigned long long)t.bytes());
+    std::printf("%-*s  %-7s  %-22s  %14llu\n", int(w), printable(t.name).c_str(), spex::to_string(t.dtype),
+                spex::shape_string(t.shape).c_str(), (unsigned long long)t.bytes());
 
   std::printf("\nmetadata: %zu entries\n", f.metadata().size());
   for (const auto& kv : f.metadata())
-    if (kv.first != spex::kMetadataKey) std::printf("  %s = %s\n", kv.first.c_str(), shorten(kv.second).c_str());
+    if (kv.first != spex::kMetadataKey)
+      std::printf("  %s = %s\n", printable(kv.first).c_str(), printable(shorten(kv.second)).c_str());
 
   const spex::SpexMetadata meta = spex::SpexMetadata::parse(f.metadata(), f.path());
   if (meta.layers.empty()) {
@@ -52,12 +55,13 @@ void print(const spex::SafetensorsFile& f) {
         ++n;
         bytes += t.bytes();
       }
-    std::printf("  '%s': %s, %s, %zu tensors (%s)\n", kv.key().c_str(), spex::detail::string_field(e, "kind", "?").c_str(),
-                spex::detail::string_field(e, "dtype", "?").c_str(), n, human_bytes(double(bytes)).c_str());
+    std::printf("  '%s': %s, %s, %zu tensors (%s)\n", printable(kv.key()).c_str(),
+                printable(spex::detail::string_field(e, "kind", "?")).c_str(), printable(spex::detail::string_field(e, "dtype", "?")).c_str(),
+                n, human_bytes(double(bytes)).c_str());
     if (e.contains("config") && e["config"].is_object()) {
       std::string line = "    ";
       for (const auto& c : e["config"].items()) {
-        const std::string item = c.key() + "=" + (c.value().is_string() ? c.value().get<std::string>() : c.value().dump());
+        const std::string item = printable(c.key() + "=" + (c.value().is_string() ? c.value().get<std::string>() : c.value().dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
         if (line.size() + item.size() > 100) {
           std::printf("%s\n", line.c_str());
           line = "    ";
@@ -66,7 +70,7 @@ void print(const spex::SafetensorsFile& f) {
       }
       std::printf("%s\n", line.c_str());
     }
-    if (e.contains("state")) std::printf("    state: %s\n", e["state"].dump().c_str());
+    if (e.contains("state")) std::printf("    state: %s\n", printable(e["state"].dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)).c_str());
   }
 }
 

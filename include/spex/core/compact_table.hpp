@@ -64,6 +64,18 @@ inline std::size_t row_bytes(TableStorage s, Index cols, std::size_t native_size
   return 0;
 }
 
+/// Index of the first of n floats that compact storage `s` cannot hold, or -1: a value that is
+/// not finite, or (bf16) a finite one that rounds to an infinity (beyond bfloat16's largest
+/// finite value, about 3.39e38). An int8 row of finite values always quantizes to finite ones.
+inline std::int64_t first_unstorable(TableStorage s, const float* x, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return std::int64_t(i);
+    if (s == TableStorage::bf16 && !std::isfinite(kernels::scalar::bf16_to_float(kernels::scalar::float_to_bf16(x[i]))))
+      return std::int64_t(i);
+  }
+  return -1;
+}
+
 class CompactTable {
  public:
   CompactTable() = default;
@@ -107,17 +119,19 @@ class CompactTable {
   }
 
   /// Rows [first, first + n) from n x cols floats `src` (row-major, contiguous): rounded to
-  /// bfloat16 or quantized to int8. A non-finite value is an error naming `what` and its row;
-  /// the rows before it are then written, the table must be refilled. Copies a view first.
+  /// bfloat16 or quantized to int8. A value the storage cannot hold (first_unstorable: not
+  /// finite, or beyond bfloat16's range) is an error naming `what`, its row and column, and
+  /// nothing is written. Copies a view first.
   void set_rows(Index first, Index n, const float* src, const char* what = "table") {
     SPEX_CHECK(first >= 0 && n >= 0 && first + n <= rows_, "set_rows(" << first << ", " << n << ") on " << rows_ << " rows");
-    own();
     const std::size_t c = static_cast<std::size_t>(cols_);
+    const std::int64_t bad = first_unstorable(storage_, src, static_cast<std::size_t>(n) * c);
+    SPEX_CHECK(bad < 0, what << ": row " << (first + Index(std::size_t(bad) / c)) << " holds " << src[bad] << " at column "
+                             << std::size_t(bad) % c << ", which " << to_string(storage_) << " cannot hold ("
+                             << (std::isfinite(src[bad]) ? "beyond bfloat16's largest finite value 3.39e38" : "not finite") << ")");
+    own();
     for (Index r = 0; r < n; ++r) {
       const float* x = src + static_cast<std::size_t>(r) * c;
-      for (std::size_t i = 0; i < c; ++i)
-        SPEX_CHECK(std::isfinite(x[i]), what << ": row " << (first + r) << " holds a non-finite value (" << x[i]
-                                             << ") at column " << i << "; it cannot be stored as " << to_string(storage_));
       if (storage_ == TableStorage::bf16) {
         std::uint16_t* q = bf16_.data() + static_cast<std::size_t>(first + r) * c;
         for (std::size_t i = 0; i < c; ++i) q[i] = kernels::scalar::float_to_bf16(x[i]);

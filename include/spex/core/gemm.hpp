@@ -264,6 +264,15 @@ void gemm_block(GemmEngine engine, const GemmOperand<T>& a, const GemmOperand<T>
   eigen_gemm(a, b, c, ldc, m, n, accumulate);
 }
 
+/// Whether two operands' memory ranges (first to last element, strides included) intersect.
+template <class T>
+bool operands_overlap(const GemmOperand<T>& x, const GemmOperand<T>& y) {
+  if (x.rows == 0 || x.cols == 0 || y.rows == 0 || y.cols == 0) return false;
+  const T* x_end = x.data + (x.rows - 1) * x.stride + x.cols;
+  const T* y_end = y.data + (y.rows - 1) * y.stride + y.cols;
+  return x.data < y_end && y.data < x_end;
+}
+
 template <class MC, class MA, class MB>
 void check_gemm_shapes(const MC& c, const MA& a, const MB& b) {
   SPEX_CHECK(a.cols() == b.rows() && c.rows() == a.rows() && c.cols() == b.cols(),
@@ -281,7 +290,8 @@ constexpr Index kGemmTileCols = 512;
 
 /// C = A * B (accumulate: C += A * B), tiles of C over spex's threads, each tile one
 /// single-threaded engine call. A is m x k, B is k x n, C is m x n; each a row-major matrix,
-/// map or block, or a transpose of one. C must not alias A or B. Thread safety: spex calls it
+/// map or block, or a transpose of one. C must not share memory with A or B (a spex::Error:
+/// the tiles would read what others wrote). Thread safety: spex calls it
 /// from its OpenMP threads (each with its own C), as the OpenMP builds of OpenBLAS and BLIS
 /// support; calls from threads of your own rely on the engine library's own thread safety.
 template <class MC, class MA, class MB>
@@ -292,6 +302,10 @@ void gemm(MC&& c, const MA& a, const MB& b, bool accumulate) {
   const auto bo = detail::gemm_operand(b);
   const Index m = c.rows(), n = c.cols(), k = ao.op_cols(), ldc = std::max<Index>(c.outerStride(), n);
   auto* cd = c.data();
+  const detail::GemmOperand<std::remove_const_t<std::remove_reference_t<decltype(*cd)>>> co{cd, m, n, ldc, false};
+  SPEX_CHECK(!detail::operands_overlap(co, ao) && !detail::operands_overlap(co, bo),
+             "gemm: C shares memory with " << (detail::operands_overlap(co, ao) ? "A" : "B")
+                                           << "; C must not alias A or B (write into another matrix)");
   const Index row_tiles = (m + kGemmTileRows - 1) / kGemmTileRows;
   const Index col_tiles = (n + kGemmTileCols - 1) / kGemmTileCols;
   parallel_for(row_tiles * col_tiles, [&](Index tile, int) {

@@ -55,6 +55,12 @@ struct PassTag {
     kind = k;
     tokens = b;
   }
+  /// Throws unless a pass of layer `id` (training or inference) filled the cache: what reads a
+  /// pass's results (stats, aux_loss) needs one. `what` names the caller.
+  void check_filled(const LayerId& id, const char* what) const {
+    SPEX_CHECK(kind != empty, what << ": the cache holds no pass (none ran, or the last one threw): run forward or infer first");
+    SPEX_CHECK(layer == id.value(), what << ": the cache was filled by another layer object");
+  }
   /// Throws unless the last pass was a training forward of layer `id` over `tokens` rows.
   void check_for_backward(const LayerId& id, Index dy_rows, const char* layer_name) const {
     SPEX_CHECK(kind != empty, layer_name << "::backward: the cache holds no forward pass (none ran, or the last one threw)");
@@ -75,6 +81,17 @@ void check_forward_args(const CMatRef<T>& x, const MatRef<T>& y, Index d_in, Ind
   check_shape(y, x.rows(), d_out, "y");
   check_no_partial_overlap(x, y, "x", "y");
   if (finite) check_finite(x, "x");
+}
+
+/// The check of a layer's output after a pass (when the layer checks finiteness): a finite x
+/// can still overflow float inside the experts (|x| near 1e30 through an FFN), and a layer
+/// never hands out a silent NaN or Inf. The pass is then refused like any other bad input.
+template <class T>
+void check_output_finite(const MatRef<T>& y, const char* layer) {
+  const auto at = find_non_finite(y);
+  SPEX_CHECK(at.first < 0, layer << ": the output holds " << y(at.first, at.second) << " at token " << at.first << ", feature "
+                                 << at.second << " for a finite input: the experts overflowed " << (sizeof(T) == 4 ? "float" : "double")
+                                 << " (scale the input down)");
 }
 
 /// The checks of a layer's backward arguments, before anything is written: the cache holds a

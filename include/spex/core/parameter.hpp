@@ -2,10 +2,15 @@
 // A named view of one parameter tensor and its gradient, the list every layer hands to
 // optimizers and to serialization. Views alias the layer's and the grads' storage.
 //
-// Lifetime: a Parameter points into the layer object and into the Grads object it was taken
-// with. It stays valid as long as both live and are not assigned to or moved from: forward,
-// backward, zero_grads() and optimizer steps never reallocate them. After `grads = ...` or
-// `layer = ...`, take the list again. Layer Grads types delete assignment for that reason.
+// Lifetime rule: a Parameter points into the layer object and into the Grads object it was
+// taken with. Forward, backward, zero_grads(), loads that copy and optimizer steps never move
+// that storage, so a list (and an optimizer made from it) stays valid across them. These
+// replace it, and make every list taken before stale: a mapped load (LoadOptions::map) and
+// set_storage() (the expert tables), grow() and freeze() (shapes, frozen rows), assigning,
+// moving or destroying the layer or the Grads. A layer's list records the epochs of its storage
+// (core/storage_epoch.hpp); optimizers' step(), zero_grads, grad_norm, clipping, loaders and
+// writers check them first and refuse a stale list with a spex::Error naming the parameter and
+// what replaced it: take the list again and make the optimizer again (then load its state).
 #include <algorithm>
 #include <string>
 #include <type_traits>
@@ -14,10 +19,34 @@
 
 #include "check.hpp"
 #include "sparse_rows.hpp"
+#include "storage_epoch.hpp"
 #include "table.hpp"
 #include "types.hpp"
 
 namespace spex {
+
+/// The epochs of the storage a Parameter points into, when its list was taken
+/// (core/storage_epoch.hpp): the layer's, the expert table's and the gradients'. Lists built
+/// by hand from a user's own matrices track nothing.
+struct ParameterStamps {
+  StorageStamp layer, table, grads;
+
+  /// The first stamp that is no longer current, or null.
+  const StorageStamp* stale() const {
+    for (const StorageStamp* s : {&layer, &table, &grads})
+      if (!s->current()) return s;
+    return nullptr;
+  }
+};
+
+/// Throws spex::Error unless the storage behind parameter `name` is still the one its list was
+/// taken of; `user` names the caller.
+inline void check_current(const std::string& name, const ParameterStamps& stamps, const char* user) {
+  const StorageStamp* s = stamps.stale();
+  SPEX_CHECK(!s, user << ": parameter '" << name << "' points into storage replaced since its list was taken ("
+                      << to_string(s->kind()) << "); take the list again (layer.parameters(grads)) and make again what holds it "
+                                                 "(the optimizer, then load its state; the loader or writer)");
+}
 
 /// One parameter: `rows x cols` row-major values at `value`; its gradient is dense (`grad`,
 /// same shape), row-sparse (`sparse_grad`), or absent (both null: a buffer such as BatchNorm's
@@ -44,6 +73,8 @@ struct Parameter {
   /// Rows [0, frozen_rows) are frozen (see above); 0: none. With a row-sparse gradient, the
   /// gradient's own (SparseRowGrad::frozen_rows), which never holds them.
   Index frozen_rows = 0;
+  /// The epochs of the storage behind value, table, grad and sparse_grad (Lifetime, above).
+  ParameterStamps stamps;
 
   ValueMap value_map() const { return ValueMap(value, rows, cols); }
   Eigen::Map<RowMat<Scalar>> grad_map() const { return Eigen::Map<RowMat<Scalar>>(grad, rows, cols); }
@@ -65,7 +96,7 @@ Parameter<T> dense_parameter(std::string name, M& value, std::remove_const_t<M>*
   SPEX_CHECK(frozen_rows >= 0 && frozen_rows <= Index(value.rows()),
              "frozen rows = " << frozen_rows << " of '" << name << "' must be in [0, " << value.rows() << "]");
   return Parameter<T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()),
-                      grad ? grad->data() : nullptr, nullptr, nullptr, frozen_rows};
+                      grad ? grad->data() : nullptr, nullptr, nullptr, frozen_rows, {}};
 }
 
 /// A table whose gradient is row-sparse (or none when grad is null); its frozen rows are the
@@ -77,7 +108,7 @@ Parameter<T> sparse_parameter(std::string name, RowMat<T>& table, SparseRowGrad<
                "the row-sparse gradient of '" << name << "' is for a " << grad->n_rows() << " x " << grad->width()
                                               << " table, the table is " << table.rows() << " x " << table.cols());
   return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad, nullptr,
-                      grad ? grad->frozen_rows() : 0};
+                      grad ? grad->frozen_rows() : 0, {}};
 }
 
 /// A Table (core/table.hpp) with its row-sparse gradient (or none). A mapped table is copied
@@ -86,13 +117,33 @@ template <class T>
 Parameter<T> sparse_parameter(std::string name, Table<T>& table, SparseRowGrad<T>* grad) {
   Parameter<T> p = sparse_parameter<T>(std::move(name), table.mutable_matrix(), grad);
   p.table = &table;
+  p.stamps.table = table.stamp();
   return p;
 }
 
 /// The read-only form of a Table (never copies a mapped one).
 template <class T>
 Parameter<const T> table_parameter(std::string name, const Table<T>& table) {
-  return Parameter<const T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, nullptr, nullptr};
+  Parameter<const T> p{std::move(name), table.data(), table.rows(), table.cols(), nullptr, nullptr, nullptr, 0, {}};
+  p.stamps.table = table.stamp();
+  return p;
+}
+
+/// Records in every entry of `list` the epochs of the layer (and of the Grads, when given) it
+/// points into: what a layer's parameters() does before handing a list out.
+template <class T>
+ParameterList<T> stamped(ParameterList<T> list, const StorageEpoch& layer, const StorageEpoch* grads = nullptr) {
+  for (auto& p : list) {
+    p.stamps.layer = layer.stamp(StampKind::layer);
+    if (grads) p.stamps.grads = grads->stamp(StampKind::grads);
+  }
+  return list;
+}
+
+/// Throws spex::Error unless every entry's storage is still the one the list was taken of.
+template <class T>
+void check_current(const ParameterList<T>& list, const char* user) {
+  for (const auto& p : list) check_current(p.name, p.stamps, user);
 }
 
 /// Appends `more` to `list` with `prefix` before each name ("block3." + "query.weight").
@@ -116,7 +167,10 @@ template <class T>
 ParameterList<const T> read_only(const ParameterList<T>& list) {
   ParameterList<const T> out;
   out.reserve(list.size());
-  for (const auto& p : list) out.push_back(Parameter<const T>{p.name, p.value, p.rows, p.cols, nullptr, nullptr, nullptr});
+  for (const auto& p : list) {
+    out.push_back(Parameter<const T>{p.name, p.value, p.rows, p.cols, nullptr, nullptr, nullptr, 0,
+                                     ParameterStamps{p.stamps.layer, p.stamps.table, StorageStamp()}});
+  }
   return out;
 }
 
@@ -160,6 +214,7 @@ void check_unique_names(const ParameterList<T>& list) {
 /// zero already when only backward wrote them).
 template <class T>
 void zero_grads(const ParameterList<T>& list) {
+  check_current(list, "zero_grads");
   for (const auto& p : list) {
     if (p.grad) std::fill(p.grad, p.grad + p.size(), std::remove_const_t<T>(0));
     if (p.sparse_grad) p.sparse_grad->zero();

@@ -8,11 +8,16 @@
 //
 // Thread safety: const methods are safe to call concurrently; mutable_data() and adopt_view()
 // are not (they may reallocate).
+//
+// Parameter lists record the table's epoch (stamp()); adopting a view, turning a view into an
+// owned copy, assignment and destruction advance it, so a list taken before is refused instead
+// of writing into released memory (core/storage_epoch.hpp).
 #include <algorithm>
 #include <memory>
 
 #include "check.hpp"
 #include "memory.hpp"
+#include "storage_epoch.hpp"
 #include "types.hpp"
 
 namespace spex {
@@ -37,6 +42,8 @@ class Table {
   ConstMap matrix() const { return ConstMap(data(), rows(), cols()); }
   /// True while the table reads someone else's memory (see adopt_view).
   bool is_view() const { return view_ != nullptr; }
+  /// The epoch of this table's storage, for parameter lists (see the top of this file).
+  StorageStamp stamp() const { return epoch_.stamp(StampKind::table); }
 
   /// Writable storage; a view is first copied into an owned table (once).
   T* mutable_data() { return mutable_matrix().data(); }
@@ -47,6 +54,7 @@ class Table {
       std::copy(view_, view_ + size(), copy.data());
       owned_.swap(copy);
       release_view();
+      epoch_.advance();
     }
     return owned_;
   }
@@ -69,6 +77,7 @@ class Table {
     SPEX_CHECK(rows == this->rows() && cols == this->cols(), "adopt_view: a " << rows << " x " << cols << " view for a "
                                                                                << this->rows() << " x " << this->cols() << " table");
     Matrix().swap(owned_);
+    epoch_.advance();
     view_ = data;
     view_rows_ = rows;
     view_cols_ = cols;
@@ -86,6 +95,7 @@ class Table {
   const T* view_ = nullptr;
   Index view_rows_ = 0, view_cols_ = 0;
   std::shared_ptr<const void> keep_alive_;
+  StorageEpoch epoch_;
 };
 
 }  // namespace spex

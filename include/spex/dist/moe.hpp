@@ -79,6 +79,7 @@ class ShardedMoE {
   struct Grads {
     typename Router::Grads router;
     typename FfnExperts<T, Arch>::Grads experts;
+    StorageEpoch epoch;  // parameter lists point into these (core/parameter.hpp, Lifetime)
     void zero() {
       router.zero();
       experts.zero();
@@ -158,12 +159,21 @@ class ShardedMoE {
 
   /// The layer's extra loss of the last forward, the whole batch's: lambda * L_reg (ReLU) or
   /// aux + z (TopK). The same on every rank; not collective.
-  double aux_loss(const Cache& c) const { return kRelu ? lambda_ * c.penalty : router_.aux_loss(c.router); }
+  double aux_loss(const Cache& c) const {
+    c.pass.check_filled(id_, "ShardedMoE::aux_loss");
+    return kRelu ? lambda_ * c.penalty : router_.aux_loss(c.router);
+  }
   /// L_reg of the last forward's whole batch (ReLU; 0 for TopK).
-  double penalty_value(const Cache& c) const { return kRelu ? c.penalty : 0.0; }
+  double penalty_value(const Cache& c) const {
+    c.pass.check_filled(id_, "ShardedMoE::penalty_value");
+    return kRelu ? c.penalty : 0.0;
+  }
   /// Sparsity 1 - nnz / (T E) of the last forward's whole batch: what the LambdaController
   /// takes. The same on every rank; not collective.
-  double sparsity(const Cache& c) const { return c.sparsity; }
+  double sparsity(const Cache& c) const {
+    c.pass.check_filled(id_, "ShardedMoE::sparsity");
+    return c.sparsity;
+  }
 
   /// prefix + "router.weight" and this shard's "experts.w1", "experts.w2" (its experts' blocks),
   /// with their gradients.
@@ -215,6 +225,9 @@ class ShardedMoE {
     c.partial.resize(received, d_out());
     experts_.forward(c.received_x, c.received_gates, c.groups, c.partial, c.experts);
     c.exchange.to_sources(c.partial, y);
+    all_or_none(comm_, kName, [&] {
+      if (cfg_.check_finite) detail::check_output_finite(y, kName);
+    });
   }
 
   /// The whole batch's token count and routing statistics (see the file's comment).
@@ -277,7 +290,7 @@ class ShardedMoE {
     ParameterList<T> out;
     out.push_back(dense_parameter<T>(prefix + "router.weight", router_.weight(), g ? &g->router.weight : nullptr));
     append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
-    return out;
+    return stamped(std::move(out), epoch_, g ? &g->epoch : nullptr);
   }
 
   MPI_Comm comm_;
@@ -289,6 +302,7 @@ class ShardedMoE {
   FfnExperts<T, Arch> experts_;
   double lambda_ = 0.0;
   detail::LayerId id_;
+  StorageEpoch epoch_;  // advanced when the storage lists point into is replaced
 };
 
 }  // namespace dist

@@ -87,6 +87,7 @@ class ShardedProductKeyLayer {
   struct Grads {
     typename KeyRetrieval<T, Arch>::Grads retrieval;
     typename Experts::Grads experts;
+    StorageEpoch epoch;  // parameter lists point into these (core/parameter.hpp, Lifetime)
     void zero() {
       retrieval.zero();
       experts.zero();
@@ -167,6 +168,7 @@ class ShardedProductKeyLayer {
     retrieval_.grow(n_new, key_rng.next_u64());
     cfg_ = grown;
     part_ = ExpertPartition(cfg_.n_experts, ranks_);
+    storage_replaced();
   }
   /// What Peer/Pkm::freeze(f) does (FrozenSet): on every shard its rows of the frozen experts.
   /// Collective. Gradients and optimizers made before must be made again.
@@ -179,6 +181,7 @@ class ShardedProductKeyLayer {
     check_same_on_all_ranks(comm_, kName, {c.frozen.keys, c.frozen.sub_keys, c.frozen.query});
     retrieval_.freeze(c.frozen.sub_keys ? c.frozen.keys : 0, c.frozen.query);
     cfg_ = c;
+    storage_replaced();
   }
 
   /// Training forward over this rank's tokens (collective): y (B x d_out) from x (B x d_in).
@@ -244,6 +247,9 @@ class ShardedProductKeyLayer {
       experts_.forward_grouped(c.exchange.request_offsets(), c.exchange.request_rows(), c.exchange.request_gates(), c.partial);
     }
     c.exchange.to_sources(c.partial, y);
+    all_or_none(comm_, kName, [&] {
+      if (cfg_.check_finite) detail::check_output_finite(y, kName);
+    });
   }
 
   void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
@@ -299,10 +305,16 @@ class ShardedProductKeyLayer {
     add_rank_sums(*reduction_, c.sums, c.flat);
   }
 
+  // grow and freeze: lists and caches taken before are stale (as ProductKeyLayer's).
+  void storage_replaced() {
+    epoch_.advance();
+    id_ = detail::LayerId();
+  }
+
   ParameterList<T> list(Grads* g, const std::string& prefix) {
     ParameterList<T> out = prefixed(retrieval_.parameters(g ? &g->retrieval : nullptr), prefix);
     append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
-    return out;
+    return stamped(std::move(out), epoch_, g ? &g->epoch : nullptr);
   }
 
   MPI_Comm comm_;
@@ -313,6 +325,7 @@ class ShardedProductKeyLayer {
   KeyRetrieval<T, Arch> retrieval_;
   Experts experts_;
   detail::LayerId id_;
+  StorageEpoch epoch_;  // advanced when the storage lists point into is replaced
 };
 
 /// Expert-parallel PEER (see the file's comment).

@@ -87,8 +87,10 @@ class SafetensorsWriter {
   /// memory; F16/BF16 round to nearest even).
   template <class P>
   SafetensorsWriter& add(const ParameterList<P>& params, const std::string& prefix = "", std::optional<DType> dtype = {}) {
+    check_current(params, "SafetensorsWriter::add");
     auto t = tensor_sources(params, prefix, dtype.value_or(dtype_of<std::remove_const_t<P>>()));
     tensors_.insert(tensors_.end(), t.begin(), t.end());
+    for (const auto& p : params) stamps_.emplace_back(prefix + p.name, p.stamps);
     return *this;
   }
   /// A layer: its parameters under `prefix` and its kind, config and state in the metadata, so
@@ -129,7 +131,10 @@ class SafetensorsWriter {
     metadata_[key] = std::move(value);
     return *this;
   }
+  /// Writes the file. Throws spex::Error, writing nothing, when the storage of a parameter added
+  /// was replaced since (core/parameter.hpp, Lifetime).
   void write(const std::string& path, const WriteOptions& opt = {}) const {
+    for (const auto& [name, stamps] : stamps_) check_current(name, stamps, "SafetensorsWriter::write");
     auto metadata = metadata_;
     if (!layers_.empty()) {
       SpexMetadata m;
@@ -141,13 +146,20 @@ class SafetensorsWriter {
 
  private:
   std::vector<TensorSource> tensors_;
+  std::vector<std::pair<std::string, ParameterStamps>> stamps_;  // of the parameters added, checked by write()
   std::map<std::string, std::string> metadata_;
   nlohmann::json layers_ = nlohmann::json::object();
 };
 
 /// Stages the restoration of parameters, layers, optimizers and states from one file, then
-/// commits all of them at once. Each staging call validates its part and throws spex::Error on
-/// any problem; nothing is written before commit(), which writes everything.
+/// commits all of them at once. All-or-nothing contract:
+///  - each staging call checks everything its part could fail on (names, shapes, dtypes,
+///    values, conversions and roundings, scales, states) and allocates what writing it needs,
+///    and throws spex::Error on any problem; nothing is written before commit();
+///  - once a staging call has thrown, commit() refuses (writing nothing): make a new loader;
+///  - commit() first checks that no staged object's storage was replaced since it was staged
+///    (core/parameter.hpp, Lifetime), then writes every part, and nothing in that can fail.
+/// A mapped table staged for a copy becomes an owned copy while staging (same values).
 /// Thread safety: one thread per loader; the objects staged must not be used until commit().
 class SafetensorsLoader {
  public:
@@ -167,13 +179,13 @@ class SafetensorsLoader {
   template <class T>
   SafetensorsLoader& parameters(const ParameterList<T>& params, const std::string& scope = "", const LoadOptions& opt = {},
                                 const std::vector<std::string>& read_elsewhere = {}) {
-    auto load = std::make_shared<ParameterLoad<T>>(file_.view(), file_.keep_alive(), params, scope, opt, file_.is_mapped_file(),
-                                                   read_elsewhere);
-    actions_.push_back([this, load] {
-      load->apply();
+    return stage([&] {
+      auto load = std::make_shared<ParameterLoad<T>>(file_.view(), file_.keep_alive(), params, scope, opt, file_.is_mapped_file(),
+                                                     read_elsewhere);
       merge(load->report());
+      checks_.push_back([load] { load->check_current("SafetensorsLoader::commit"); });
+      actions_.push_back([load] { load->apply(); });
     });
-    return *this;
   }
 
   /// A layer's parameters under `prefix`. When the file describes a layer at `prefix`, its kind
@@ -181,6 +193,108 @@ class SafetensorsLoader {
   /// restored too.
   template <class L>
   SafetensorsLoader& layer(L& layer, const std::string& prefix = "", const LoadOptions& opt = {}) {
+    return stage([&] { stage_layer(layer, prefix, opt); });
+  }
+
+  /// An optimizer's state written by SafetensorsWriter::add_optimizer(prefix, ...) for the same
+  /// parameter list.
+  template <class Opt>
+  SafetensorsLoader& optimizer(Opt& opt, const std::string& prefix) {
+    return optimizer(opt, prefix, opt.state(prefix));
+  }
+  /// The same for the part `state` of the optimizer's state list (opt.state(prefix)), and its
+  /// step count: a file that holds only some of its tensors (dist/checkpoint.hpp).
+  template <class Opt, class T>
+  SafetensorsLoader& optimizer(Opt& opt, const std::string& prefix, const ParameterList<T>& state) {
+    return stage([&] {
+      const std::string where = file_.path() + ": optimizer '" + prefix + "'";
+      nlohmann::json j = parse_state(prefix, where);
+      const std::string kind = detail::string_field(j, "kind");
+      SPEX_CHECK(kind == detail::OptimizerKind<Opt>::name,
+                 where << ": the file holds the state of a " << printable(kind) << " optimizer, not " << detail::OptimizerKind<Opt>::name);
+      if constexpr (detail::OptimizerKind<Opt>::has_steps) {
+        const long t = detail::state_field<long>(j, "steps", where);
+        SPEX_CHECK(t >= 0, where << ": steps = " << t << " must be >= 0");
+        actions_.push_back([&opt, t] { opt.set_steps(t); });
+      }
+      parameters(state, prefix);
+    });
+  }
+
+  SafetensorsLoader& state(LambdaController& c, const std::string& key) {
+    return stage([&] {
+      const std::string where = file_.path() + ": state '" + key + "'";
+      const nlohmann::json j = parse_state(key, where, "LambdaController");
+      LambdaController::State s;
+      s.lambda = detail::state_field<double>(j, "lambda", where);
+      s.alpha = detail::state_field<double>(j, "alpha", where);
+      s.target = detail::state_field<double>(j, "target", where);
+      s.min_lambda = detail::state_field<double>(j, "min_lambda", where);
+      s.max_lambda = detail::state_field<double>(j, "max_lambda", where);
+      s.steps = detail::state_field<long>(j, "steps", where);
+      s.steps_at_min = detail::state_field<long>(j, "steps_at_min", where);
+      s.steps_at_max = detail::state_field<long>(j, "steps_at_max", where);
+      s.consecutive_at_bound = detail::state_field<long>(j, "consecutive_at_bound", where);
+      // The smoothed rule's fields: absent in files written before it existed (the sign rule).
+      if (j.contains("rule")) {
+        const std::string rule = detail::state_field<std::string>(j, "rule", where);
+        SPEX_CHECK(rule == to_string(LambdaRule::sign) || rule == to_string(LambdaRule::smoothed),
+                   where << ": state field 'rule' = '" << printable(rule) << "' is not sign or smoothed");
+        s.rule = rule == to_string(LambdaRule::sign) ? LambdaRule::sign : LambdaRule::smoothed;
+        s.smoothing = detail::state_field<double>(j, "smoothing", where);
+        s.band = detail::state_field<double>(j, "band", where);
+        s.average = detail::state_field<double>(j, "average", where);
+      }
+      LambdaController probe;
+      try {
+        probe.set_state(s);
+      } catch (const Error& e) {
+        SPEX_CHECK(false, where << ": " << e.what());
+      }
+      actions_.push_back([&c, s] { c.set_state(s); });
+    });
+  }
+
+  SafetensorsLoader& state(Rng& r, const std::string& key) {
+    return stage([&] {
+      const std::string where = file_.path() + ": state '" + key + "'";
+      const nlohmann::json j = parse_state(key, where, "Rng");
+      Rng::State s;
+      s.counter = detail::state_field<std::uint64_t>(j, "counter", where);
+      s.spare = detail::state_field<double>(j, "spare", where);
+      s.has_spare = detail::state_field<bool>(j, "has_spare", where);
+      actions_.push_back([&r, s] { r.set_state(s); });
+    });
+  }
+
+  /// Writes every staged part; returns what was copied, mapped, missing and unexpected. Throws,
+  /// writing nothing, when a staging call failed or a staged object's storage was replaced
+  /// since it was staged.
+  LoadReport commit() {
+    SPEX_CHECK(!failed_, file_.path() << ": a staging call of this loader threw; nothing was written, and this loader cannot "
+                                         "commit: stage the load again with a new SafetensorsLoader");
+    for (auto& c : checks_) c();
+    for (auto& a : actions_) a();
+    actions_.clear();
+    checks_.clear();
+    return report_;
+  }
+
+ private:
+  // Runs a staging step; if it throws, the loader can no longer commit.
+  template <class F>
+  SafetensorsLoader& stage(F&& f) {
+    try {
+      f();
+    } catch (...) {
+      failed_ = true;
+      throw;
+    }
+    return *this;
+  }
+
+  template <class L>
+  void stage_layer(L& layer, const std::string& prefix, const LoadOptions& opt) {
     const SpexMetadata meta = SpexMetadata::parse(file_.metadata(), file_.path());
     if (meta.layers.contains(prefix)) {
       const std::string where = file_.path() + ": layer '" + prefix + "'";
@@ -197,90 +311,13 @@ class SafetensorsLoader {
       auto tables = std::make_shared<CompactTableLoad>(file_.view(), file_.keep_alive(), layer.compact_tables(prefix), opt,
                                                        file_.is_mapped_file());
       parameters(layer.parameters(prefix), prefix, opt, tables->names());
-      actions_.push_back([this, tables] {
-        tables->apply();
-        merge(tables->report());
-      });
-      return *this;
+      merge(tables->report());
+      actions_.push_back([tables] { tables->apply(); });
+      return;
     }
-    return parameters(layer.parameters(prefix), prefix, opt);
+    parameters(layer.parameters(prefix), prefix, opt);
   }
 
-  /// An optimizer's state written by SafetensorsWriter::add_optimizer(prefix, ...) for the same
-  /// parameter list.
-  template <class Opt>
-  SafetensorsLoader& optimizer(Opt& opt, const std::string& prefix) {
-    return optimizer(opt, prefix, opt.state(prefix));
-  }
-  /// The same for the part `state` of the optimizer's state list (opt.state(prefix)), and its
-  /// step count: a file that holds only some of its tensors (dist/checkpoint.hpp).
-  template <class Opt, class T>
-  SafetensorsLoader& optimizer(Opt& opt, const std::string& prefix, const ParameterList<T>& state) {
-    const std::string where = file_.path() + ": optimizer '" + prefix + "'";
-    nlohmann::json j = parse_state(prefix, where);
-    const std::string kind = detail::string_field(j, "kind");
-    SPEX_CHECK(kind == detail::OptimizerKind<Opt>::name,
-               where << ": the file holds the state of a " << kind << " optimizer, not " << detail::OptimizerKind<Opt>::name);
-    if constexpr (detail::OptimizerKind<Opt>::has_steps) {
-      const long t = detail::state_field<long>(j, "steps", where);
-      SPEX_CHECK(t >= 0, where << ": steps = " << t << " must be >= 0");
-      actions_.push_back([&opt, t] { opt.set_steps(t); });
-    }
-    return parameters(state, prefix);
-  }
-
-  SafetensorsLoader& state(LambdaController& c, const std::string& key) {
-    const std::string where = file_.path() + ": state '" + key + "'";
-    const nlohmann::json j = parse_state(key, where, "LambdaController");
-    LambdaController::State s;
-    s.lambda = detail::state_field<double>(j, "lambda", where);
-    s.alpha = detail::state_field<double>(j, "alpha", where);
-    s.target = detail::state_field<double>(j, "target", where);
-    s.min_lambda = detail::state_field<double>(j, "min_lambda", where);
-    s.max_lambda = detail::state_field<double>(j, "max_lambda", where);
-    s.steps = detail::state_field<long>(j, "steps", where);
-    s.steps_at_min = detail::state_field<long>(j, "steps_at_min", where);
-    s.steps_at_max = detail::state_field<long>(j, "steps_at_max", where);
-    s.consecutive_at_bound = detail::state_field<long>(j, "consecutive_at_bound", where);
-    // The smoothed rule's fields: absent in files written before it existed (the sign rule).
-    if (j.contains("rule")) {
-      const std::string rule = detail::state_field<std::string>(j, "rule", where);
-      SPEX_CHECK(rule == to_string(LambdaRule::sign) || rule == to_string(LambdaRule::smoothed),
-                 where << ": state field 'rule' = '" << rule << "' is not sign or smoothed");
-      s.rule = rule == to_string(LambdaRule::sign) ? LambdaRule::sign : LambdaRule::smoothed;
-      s.smoothing = detail::state_field<double>(j, "smoothing", where);
-      s.band = detail::state_field<double>(j, "band", where);
-      s.average = detail::state_field<double>(j, "average", where);
-    }
-    LambdaController probe;
-    try {
-      probe.set_state(s);
-    } catch (const Error& e) {
-      SPEX_CHECK(false, where << ": " << e.what());
-    }
-    actions_.push_back([&c, s] { c.set_state(s); });
-    return *this;
-  }
-
-  SafetensorsLoader& state(Rng& r, const std::string& key) {
-    const std::string where = file_.path() + ": state '" + key + "'";
-    const nlohmann::json j = parse_state(key, where, "Rng");
-    Rng::State s;
-    s.counter = detail::state_field<std::uint64_t>(j, "counter", where);
-    s.spare = detail::state_field<double>(j, "spare", where);
-    s.has_spare = detail::state_field<bool>(j, "has_spare", where);
-    actions_.push_back([&r, s] { r.set_state(s); });
-    return *this;
-  }
-
-  /// Writes every staged part; returns what was copied, mapped, missing and unexpected.
-  LoadReport commit() {
-    for (auto& a : actions_) a();
-    actions_.clear();
-    return report_;
-  }
-
- private:
   nlohmann::json parse_state(const std::string& key, const std::string& where, const char* kind = nullptr) const {
     return detail::guard_json(where, [&] { return parse_state_unguarded(key, where, kind); });
   }
@@ -332,8 +369,10 @@ class SafetensorsLoader {
   }
 
   SafetensorsFile file_;
-  std::vector<std::function<void()>> actions_;
+  std::vector<std::function<void()>> checks_;   // run by commit() before any action: may throw
+  std::vector<std::function<void()>> actions_;  // cannot fail
   LoadReport report_;
+  bool failed_ = false;
 };
 
 }  // namespace spex

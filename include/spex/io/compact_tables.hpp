@@ -60,15 +60,28 @@ class CompactTableLoad {
         const bool aligned = reinterpret_cast<std::uintptr_t>(file.data(*t)) % dtype_size(t->dtype) == 0;
         it.mode = opt.map && keep_alive_ && aligned ? Mode::map : Mode::copy;
       }
-      // Values that will be converted are checked here, so that apply() cannot fail.
+      // Scales and values that will be converted are checked here, so that apply() cannot fail;
+      // scales always (a few bytes a row), mapped ones too: a huge scale makes infinite weights.
       const bool check = it.mode == Mode::convert || (it.mode == Mode::copy && opt.check_finite);
+      if (it.scale && !check_scales(it, problems)) continue;
       if (check && !check_values(it, problems)) continue;
       items_.push_back(it);
     }
     std::ostringstream os;
     if (!missing_.empty()) os << "\n  missing from the file: " << detail::join(missing_);
     for (const auto& p : problems) os << "\n  " << p;
-    SPEX_CHECK(os.str().empty(), file.source() << ": cannot load " << tables.size() << " compact tables" << os.str());
+    const std::size_t failed = missing_.size() + problems.size();
+    SPEX_CHECK(os.str().empty(), file.source() << ": " << failed << (failed == 1 ? " problem" : " problems") << " loading "
+                                               << tables.size() << " compact tables" << os.str());
+    // What apply() needs, allocated now: owned rows for copies and conversions (a mapped table
+    // is copied once here), the conversion buffer, and the report.
+    Index block_rows = 0;
+    for (auto& it : items_) {
+      (it.mode == Mode::map ? report_.mapped : report_.copied).push_back(it.name);
+      if (it.mode != Mode::map) it.table->mutable_rows();
+      if (it.mode == Mode::convert) block_rows = std::max(block_rows, rows_per_block(it));
+      if (it.mode == Mode::convert) buf_.resize(std::max(buf_.size(), static_cast<std::size_t>(block_rows * it.table->cols())));
+    }
   }
 
   /// The tensors this load reads (tables and int8 scales): not unexpected for ParameterLoad.
@@ -81,14 +94,15 @@ class CompactTableLoad {
     return out;
   }
 
-  /// Writes every table (map, copy or quantize). Call once, after every other staged part.
+  /// Writes every table (map, copy or quantize): nothing in it can fail, the constructor checked
+  /// every value it converts and allocated what it needs. Call once, after every other staged
+  /// part.
   void apply() {
     for (auto& it : items_) {
       CompactTable& table = *it.table;
       if (it.mode == Mode::map) {
         const float* scales = it.scale ? reinterpret_cast<const float*>(file_.data(*it.scale)) : nullptr;
         table.adopt_view(file_.data(*it.t), scales, keep_alive_);
-        report_.mapped.push_back(it.name);
       } else if (it.mode == Mode::copy) {
         auto* rows = static_cast<unsigned char*>(table.mutable_rows());
         for_each_block(it, [&](Index first, Index n, const unsigned char* src) {
@@ -96,14 +110,11 @@ class CompactTableLoad {
           std::memcpy(rows + static_cast<std::size_t>(first) * row, src, static_cast<std::size_t>(n) * row);
         });
         if (it.scale) std::memcpy(table.mutable_scales(), file_.data(*it.scale), sizeof(float) * static_cast<std::size_t>(table.rows()));
-        report_.copied.push_back(it.name);
       } else {
-        std::vector<float> buf;
         for_each_block(it, [&](Index first, Index n, const unsigned char* src) {
-          to_float(it, first, n, src, buf);
-          table.set_rows(first, n, buf.data(), it.name.c_str());
+          to_float(it, first, n, src, buf_.data());
+          table.set_rows(first, n, buf_.data(), it.name.c_str());
         });
-        report_.copied.push_back(it.name);
       }
     }
     items_.clear();
@@ -145,46 +156,63 @@ class CompactTableLoad {
     return true;
   }
 
-  // Every value the table would hold is finite (and every scale finite and >= 0).
-  bool check_values(const Item& it, std::vector<std::string>& problems) const {
-    if (it.scale) {
-      const std::int64_t r = detail::first_bad_scale(file_.data(*it.scale), it.table->rows());
-      if (r >= 0) {
-        problems.push_back("'" + it.scale->name + "' holds a non-finite or negative scale at row " + std::to_string(r) +
-                           "; a scale must be finite and >= 0");
-        return false;
-      }
-      return true;  // int8 rows times finite scales are finite
-    }
-    std::int64_t at = -1;
-    for_each_block(it, [&](Index first, Index n, const unsigned char* src) {
-      if (at >= 0) return;
-      const std::int64_t i = detail::first_non_finite<float>(src, it.t->dtype, static_cast<std::uint64_t>(n * it.table->cols()));
-      if (i >= 0) at = first * it.table->cols() + i;
-    });
-    if (at < 0) return true;
-    problems.push_back("'" + it.name + "' holds a value that is not finite as a float at flat index " + std::to_string(at));
+  // Every scale in [0, FLT_MAX / 127]: then every int8 value times its scale is finite.
+  bool check_scales(const Item& it, std::vector<std::string>& problems) const {
+    const std::int64_t r = detail::first_bad_scale(file_.data(*it.scale), it.table->rows());
+    if (r < 0) return true;
+    problems.push_back(detail::bad_scale_message(it.scale->name, r, file_.data(*it.scale)));
     return false;
   }
 
-  // Rows [first, first + n) of the tensor as floats into buf.
-  void to_float(const Item& it, Index first, Index n, const unsigned char* src, std::vector<float>& buf) const {
+  // Every value the table will hold is one its storage can hold: for a copy of stored rows,
+  // finite; for a conversion, the converted float is finite and, for bf16, so is its rounding.
+  bool check_values(const Item& it, std::vector<std::string>& problems) const {
+    if (it.mode == Mode::copy && it.scale) return true;  // int8 rows under checked scales
+    std::int64_t at = -1;
+    std::vector<float> buf;
+    const Index cols = it.table->cols();
+    for_each_block(it, [&](Index first, Index n, const unsigned char* src) {
+      if (at >= 0) return;
+      std::int64_t i;
+      if (it.mode == Mode::copy) {
+        i = detail::first_non_finite<float>(src, it.t->dtype, std::uint64_t(n * cols));
+      } else {
+        buf.resize(static_cast<std::size_t>(n * cols));
+        to_float(it, first, n, src, buf.data());
+        i = first_unstorable(it.table->storage(), buf.data(), buf.size());
+      }
+      if (i >= 0) at = first * cols + i;
+    });
+    if (at < 0) return true;
+    problems.push_back("'" + printable(it.name) + "' holds a value at flat index " + std::to_string(at) + " (row " +
+                       std::to_string(at / cols) + ") that a " + to_string(it.table->storage()) +
+                       " table cannot hold: not finite, or beyond bfloat16's range once converted");
+    return false;
+  }
+
+  // Rows [first, first + n) of the tensor as floats into buf (n x cols).
+  void to_float(const Item& it, Index first, Index n, const unsigned char* src, float* buf) const {
     const std::size_t c = static_cast<std::size_t>(it.table->cols()), count = static_cast<std::size_t>(n) * c;
-    buf.resize(count);
     if (it.t->dtype != DType::I8) {
-      convert_from_bytes(src, it.t->dtype, buf.data(), count);
+      convert_from_bytes(src, it.t->dtype, buf, count);
       return;
     }
     const std::uint64_t cols = static_cast<std::uint64_t>(c);
-    detail::dequantize_i8(src, file_.data(*it.scale), static_cast<std::uint64_t>(first) * cols, count, cols, buf.data());
+    detail::dequantize_i8(src, file_.data(*it.scale), static_cast<std::uint64_t>(first) * cols, count, cols, buf);
   }
 
-  // Calls f(first row, rows, bytes) over the tensor in blocks of about 16 MiB, unmapping each
+  // Rows a block of for_each_block holds: about 16 MiB of the file's tensor.
+  static Index rows_per_block(const Item& it) {
+    const std::size_t row = static_cast<std::size_t>(it.table->cols()) * dtype_size(it.t->dtype);
+    return std::min(it.table->rows(), std::max<Index>(1, Index((std::size_t(16) << 20) / row)));
+  }
+
+  // Calls f(first row, rows, bytes) over the tensor in blocks of rows_per_block, unmapping each
   // block of a file mapping once f has read it.
   template <class F>
   void for_each_block(const Item& it, F&& f) const {
     const std::size_t row = static_cast<std::size_t>(it.table->cols()) * dtype_size(it.t->dtype);
-    const Index per = std::max<Index>(1, Index((std::size_t(16) << 20) / row)), rows = it.table->rows();
+    const Index per = rows_per_block(it), rows = it.table->rows();
     for (Index first = 0; first < rows; first += per) {
       const Index n = std::min(per, rows - first);
       const unsigned char* src = file_.data(*it.t) + static_cast<std::size_t>(first) * row;
@@ -197,6 +225,7 @@ class CompactTableLoad {
   std::shared_ptr<const void> keep_alive_;
   bool file_mapping_ = false;
   std::vector<Item> items_;
+  std::vector<float> buf_;  // conversions' blocks, allocated by the constructor
   std::vector<std::string> missing_;
   LoadReport report_;
 };

@@ -155,36 +155,48 @@ void for_each_field(C& c, F& f) {
 
 }  // namespace detail
 
-/// The kind a layer type is recorded as, and the number of values its expert tables take for a
-/// config (what a loader checks against the file before allocating).
+namespace detail {
+/// Values of a product-key layer's retrieval for a resolved config: the query network, the
+/// norm's weights and statistics, and the sub-keys (2 halves of n x d_key / 2, per head or
+/// shared).
+inline double retrieval_values(const ProductKeyLayerConfig& r) {
+  const double q = double(r.heads) * double(r.d_key);
+  const double norm = r.norm == NormKind::batch ? 4 * q : r.norm == NormKind::layer ? 2 * q : 0;
+  const double key_sets = r.shared_keys ? 1 : double(r.heads);
+  return q * double(r.d_in) + (r.query_bias ? q : 0) + norm + key_sets * double(r.n_keys) * double(r.d_key);
+}
+}  // namespace detail
+
+/// The kind a layer type is recorded as, and the number of values all its parameters take for
+/// a config (a valid file holds at least that many: what a loader checks before allocating).
 template <class L>
 struct LayerKind;
 template <class T, class Arch>
 struct LayerKind<Peer<T, Arch>> {
   static constexpr const char* name = "Peer";
   static constexpr bool has_lambda = false;
-  static double table_values(const ProductKeyLayerConfig& c) {
+  static double parameter_values(const ProductKeyLayerConfig& c) {
     const ProductKeyLayerConfig r = detail::resolve(c);
-    return double(r.n_experts) * double(r.d_in + r.d_out);
+    return detail::retrieval_values(r) + double(r.n_experts) * double(r.d_in + r.d_out);
   }
 };
 template <class T, class Arch>
 struct LayerKind<Pkm<T, Arch>> {
   static constexpr const char* name = "Pkm";
   static constexpr bool has_lambda = false;
-  static double table_values(const ProductKeyLayerConfig& c) {
+  static double parameter_values(const ProductKeyLayerConfig& c) {
     const ProductKeyLayerConfig r = detail::resolve(c);
-    return double(r.n_experts) * double(r.d_out);
+    return detail::retrieval_values(r) + double(r.n_experts) * double(r.d_out);
   }
 };
 template <class T, class Router, class Arch>
 struct LayerKind<MoE<T, Router, Arch>> {
   static constexpr const char* name = Router::kRelu ? "ReMoE" : "TopKMoE";
   static constexpr bool has_lambda = Router::kRelu;
-  static double table_values(const MoEConfig& c) {
+  static double parameter_values(const MoEConfig& c) {
     validate(c);
-    const double h = double(c.expert_hidden()), h1 = c.ffn == FfnKind::swiglu ? 2 * h : h;
-    return double(c.total_experts()) * (h1 * double(c.d_in) + double(c.output_width()) * h);
+    const double e = double(c.total_experts()), h = double(c.expert_hidden()), h1 = c.ffn == FfnKind::swiglu ? 2 * h : h;
+    return e * double(c.d_in) + e * (h1 * double(c.d_in) + double(c.output_width()) * h);
   }
 };
 

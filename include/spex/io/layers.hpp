@@ -52,13 +52,14 @@ L load_layer(const SafetensorsFile& file, const std::string& prefix = "", LoadOp
     if constexpr (detail::has_compact_tables<L>) entry.config.storage = *opt.storage;
     else SPEX_CHECK(false, where << ": LoadOptions::storage applies to Peer and Pkm only");
   }
-  // The file's config decides how much memory the layer takes: a config larger than the file's
-  // tensors (a corrupted or hostile file) is rejected before anything is allocated.
+  // The file's config decides how much memory the layer takes: every parameter must be in the
+  // file, so a config whose parameters need more values than the file's tensors hold (a
+  // corrupted or hostile file) is rejected before anything is allocated.
   double in_file = 0;
   for (const auto& t : file.tensors())
     if (t.name.compare(0, prefix.size(), prefix) == 0) in_file += double(t.elements());
-  const double wanted = LayerKind<L>::table_values(entry.config);
-  SPEX_CHECK(wanted <= in_file, where << ": the config describes expert tables of " << wanted << " values, the file holds "
+  const double wanted = LayerKind<L>::parameter_values(entry.config);
+  SPEX_CHECK(wanted <= in_file, where << ": the config describes parameters of " << wanted << " values, the file holds "
                                       << in_file << " under this prefix");
   L layer = detail::LayerFactory::make_unfilled<L>(entry.config);
   SafetensorsLoader loader(file);

@@ -9,6 +9,8 @@
 // 1 x 1 parameter matches []. Saving writes vectors (cols == 1) as [n], the rest as [rows, cols].
 // Dtypes: F64, F32, F16 and BF16 load into float and double parameters (converted exactly or
 // rounded to nearest even); any other dtype is an error for a floating parameter.
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -70,6 +72,24 @@ std::int64_t first_non_finite(const unsigned char* p, DType t, std::uint64_t n) 
   return -1;
 }
 
+/// Index of the first value of a floating tensor that is finite in the file but not once
+/// converted to T (an F64 above FLT_MAX loaded as float), or -1: a conversion must never make
+/// an infinity out of a finite value, whatever LoadOptions::check_finite says.
+template <class T>
+std::int64_t first_conversion_overflow(const unsigned char* p, DType t, std::uint64_t n) {
+  if (t != DType::F64 || std::is_same<T, double>::value) return -1;  // every other conversion widens or is exact
+  for (std::uint64_t i = 0; i < n; ++i) {
+    double v;
+    std::memcpy(&v, p + 8 * i, 8);
+    if (std::isfinite(v) && std::fabs(v) > double(std::numeric_limits<T>::max())) return std::int64_t(i);
+  }
+  return -1;
+}
+
+/// The largest int8 row scale a file may hold: 127 times it is still a finite float, so every
+/// dequantized value (scale * q, |q| <= 127) is finite.
+constexpr float kMaxInt8Scale = std::numeric_limits<float>::max() / 127.f;
+
 /// n int8 values `q` of a table with `cols` columns, from its flat index `first` on, times their
 /// row's scale (F32 bytes `scales`, one per row: io/compact_tables.hpp), as T.
 template <class T>
@@ -82,19 +102,29 @@ void dequantize_i8(const unsigned char* q, const unsigned char* scales, std::uin
   }
 }
 
-/// The first of `rows` F32 scales that is not finite or is negative, or -1.
+/// The first of `rows` F32 scales outside [0, kMaxInt8Scale] (or NaN), or -1.
 inline std::int64_t first_bad_scale(const unsigned char* scales, std::int64_t rows) {
   for (std::int64_t r = 0; r < rows; ++r) {
     float s;
     std::memcpy(&s, scales + sizeof(float) * static_cast<std::size_t>(r), sizeof s);
-    if (!(std::isfinite(s) && s >= 0)) return r;
+    if (!(s >= 0 && s <= kMaxInt8Scale)) return r;
   }
   return -1;
 }
 
+/// The error for scale `row` of `name`: what a scale must be.
+inline std::string bad_scale_message(const std::string& name, std::int64_t row, const unsigned char* scales) {
+  float s;
+  std::memcpy(&s, scales + sizeof(float) * static_cast<std::size_t>(row), sizeof s);
+  std::ostringstream os;
+  os << "'" << name << "' holds the scale " << s << " at row " << row << "; a scale must be in [0, FLT_MAX / 127 = "
+     << kMaxInt8Scale << "] (127 times it must be a finite float)";
+  return os.str();
+}
+
 inline std::string join(const std::vector<std::string>& v) {
   std::string s;
-  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + v[i];
+  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + printable(v[i]);
   return s;
 }
 
@@ -114,6 +144,7 @@ class ParameterLoad {
                 const std::string& scope, const LoadOptions& opt, bool file_mapping = false,
                 const std::vector<std::string>& read_elsewhere = {})
       : file_(file), keep_alive_(std::move(keep_alive)), file_mapping_(file_mapping) {
+    spex::check_current(params, "loading parameters");
     std::vector<std::string> problems;
     std::unordered_set<std::string> wanted(read_elsewhere.begin(), read_elsewhere.end());
     for (const auto& p : params) {
@@ -148,18 +179,24 @@ class ParameterLoad {
                        reinterpret_cast<std::uintptr_t>(file.data(*t)) % alignof(T) == 0;
       if (scale) {
         const std::int64_t r = detail::first_bad_scale(file.data(*scale), p.rows);
-        if (r >= 0) problems.push_back("'" + scale->name + "' holds a non-finite or negative scale at row " + std::to_string(r));
-      } else if (!map && opt.check_finite) {
-        std::int64_t at = -1;
+        if (r >= 0) problems.push_back(detail::bad_scale_message(scale->name, r, file.data(*scale)));
+      } else if (!map) {
+        std::int64_t at = -1, overflow = -1;
         for_each_chunk(*t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
-          const std::int64_t i = at < 0 ? detail::first_non_finite<T>(src, t->dtype, n) : -1;
+          const std::int64_t i = at < 0 && opt.check_finite ? detail::first_non_finite<T>(src, t->dtype, n) : -1;
           if (i >= 0) at = std::int64_t(first) + i;
+          const std::int64_t o = overflow < 0 ? detail::first_conversion_overflow<T>(src, t->dtype, n) : -1;
+          if (o >= 0) overflow = std::int64_t(first) + o;
         });
         if (at >= 0)
-          problems.push_back("'" + p.name + "' holds a non-finite value at flat index " + std::to_string(at) +
+          problems.push_back("'" + printable(p.name) + "' holds a non-finite value at flat index " + std::to_string(at) +
                              (t->dtype == dtype_of<T>() ? std::string() : " (after conversion from " + std::string(to_string(t->dtype)) + ")"));
+        else if (overflow >= 0)
+          problems.push_back("'" + printable(p.name) + "' holds a finite " + to_string(t->dtype) + " value at flat index " +
+                             std::to_string(overflow) + " beyond the range of the parameter's type");
       }
       items_.push_back(Item{p, t, map, scale});
+      (map ? report_.mapped : report_.copied).push_back(p.name);
     }
     std::vector<std::string> unexpected;
     for (const auto& t : file.tensors())
@@ -169,20 +206,22 @@ class ParameterLoad {
     if (!missing_.empty()) os << "\n  missing from the file: " << detail::join(missing_);
     if (!unexpected.empty()) os << "\n  in the file but not in the layer: " << detail::join(unexpected);
     for (const auto& p : problems) os << "\n  " << p;
-    SPEX_CHECK(os.str().empty(), file.source() << ": cannot load " << params.size() << " parameters" << os.str()
+    const std::size_t failed = missing_.size() + unexpected.size() + problems.size();
+    SPEX_CHECK(os.str().empty(), file.source() << ": " << failed << (failed == 1 ? " problem" : " problems") << " loading "
+                                               << params.size() << " parameters" << os.str()
                                                << (opt.strict && (missing_.size() || unexpected.size())
                                                        ? "\n  (LoadOptions::strict = false loads the tensors that match)"
                                                        : ""));
   }
 
-  /// Writes every matched tensor (copy or map). Call once, after every other staged part of a
-  /// load has been checked.
+  /// Writes every matched tensor (copy or map): nothing in it can fail, every check and every
+  /// allocation happened in the constructor. Call once, after every other staged part of a load
+  /// has been checked.
   void apply() {
     for (auto& it : items_) {
       const TensorInfo& t = *it.t;
       if (it.map) {
         it.p.table->adopt_view(reinterpret_cast<const T*>(file_.data(t)), it.p.rows, it.p.cols, keep_alive_);
-        report_.mapped.push_back(it.p.name);
         continue;
       }
       for_each_chunk(t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
@@ -190,12 +229,16 @@ class ParameterLoad {
         else if (t.dtype == dtype_of<T>()) std::memcpy(it.p.value + first, src, n * sizeof(T));
         else convert_from_bytes(src, t.dtype, it.p.value + first, n);
       });
-      report_.copied.push_back(it.p.name);
     }
     items_.clear();
   }
 
+  /// What apply() will do (known once the constructor has checked everything).
   const LoadReport& report() const { return report_; }
+  /// The stamps of the parameters staged: apply() must not run once one is stale.
+  void check_current(const char* user) const {
+    for (const auto& it : items_) spex::check_current(it.p.name, it.p.stamps, user);
+  }
 
  private:
   // Calls f(first element, element count, bytes) over the tensor in 64 MiB pieces, unmapping

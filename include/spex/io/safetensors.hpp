@@ -26,6 +26,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -62,6 +65,66 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
   return s + "]";
 }
 
+/// `s` (a name or string read from a file) safe to print to a terminal: control characters
+/// (C0, DEL, C1), the bidirectional-text controls that reorder what a reader sees, backslashes
+/// and bytes that are not UTF-8 are written as escapes (\n, \x1b, \u{202e}, \\); everything
+/// else is kept. Every message and listing that shows a name from a file goes through it.
+inline std::string printable(const std::string& s) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  out.reserve(s.size());
+  auto byte_escape = [&](unsigned char c) {
+    out += "\\x";
+    out += hex[c >> 4];
+    out += hex[c & 15];
+  };
+  for (std::size_t i = 0; i < s.size();) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c == '\\') {
+      out += "\\\\";
+      ++i;
+    } else if (c == '\n') {
+      out += "\\n";
+      ++i;
+    } else if (c == '\t') {
+      out += "\\t";
+      ++i;
+    } else if (c < 0x20 || c == 0x7f) {
+      byte_escape(c);
+      ++i;
+    } else if (c < 0x80) {
+      out += char(c);
+      ++i;
+    } else {  // a UTF-8 sequence: its length, then its code point (overlong forms and surrogates are not UTF-8)
+      const std::size_t len = c >= 0xf0 && c <= 0xf4 ? 4 : c >= 0xe0 ? (c <= 0xef ? 3 : 0) : c >= 0xc2 ? 2 : 0;
+      std::uint32_t cp = len == 2 ? c & 0x1fu : len == 3 ? c & 0x0fu : c & 0x07u;
+      bool ok = len != 0 && i + len <= s.size();
+      for (std::size_t k = 1; ok && k < len; ++k) {
+        const unsigned char d = static_cast<unsigned char>(s[i + k]);
+        ok = (d & 0xc0) == 0x80;
+        cp = (cp << 6) | (d & 0x3fu);
+      }
+      ok = ok && !(len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) && !(len == 4 && (cp < 0x10000 || cp > 0x10ffff));
+      if (!ok) {
+        byte_escape(c);
+        ++i;
+        continue;
+      }
+      const bool hidden = (cp >= 0x80 && cp <= 0x9f) || cp == 0x200e || cp == 0x200f || (cp >= 0x202a && cp <= 0x202e) ||
+                          (cp >= 0x2066 && cp <= 0x2069) || cp == 0x061c;
+      if (hidden) {
+        char buf[16];
+        std::snprintf(buf, sizeof buf, "\\u{%x}", unsigned(cp));
+        out += buf;
+      } else {
+        out.append(s, i, len);
+      }
+      i += len;
+    }
+  }
+  return out;
+}
+
 /// Headers larger than this are rejected before parsing (the reference's limit).
 constexpr std::uint64_t kMaxSafetensorsHeader = 100u << 20;
 
@@ -87,7 +150,7 @@ class SafetensorsView {
   /// The tensor called `name`; throws naming the file otherwise.
   const TensorInfo& at(const std::string& name) const {
     const TensorInfo* t = find(name);
-    SPEX_CHECK(t, source_ << ": no tensor named '" << name << "'");
+    SPEX_CHECK(t, source_ << ": no tensor named '" << printable(name) << "'");
     return *t;
   }
   /// The first byte of a tensor's data (not necessarily aligned to its dtype).
@@ -149,7 +212,7 @@ class SafetensorsView {
   void read_metadata(const nlohmann::json& m) {
     SPEX_CHECK(m.is_object(), source_ << ": __metadata__ must be an object of strings");
     for (const auto& kv : m.items()) {
-      SPEX_CHECK(kv.value().is_string(), source_ << ": __metadata__ entry '" << kv.key() << "' is not a string");
+      SPEX_CHECK(kv.value().is_string(), source_ << ": __metadata__ entry '" << printable(kv.key()) << "' is not a string");
       metadata_.emplace(kv.key(), kv.value().get<std::string>());
     }
   }
@@ -157,24 +220,24 @@ class SafetensorsView {
   static bool is_count(const nlohmann::json& v) { return v.is_number_unsigned() || (v.is_number_integer() && v.get<std::int64_t>() >= 0); }
 
   TensorInfo read_entry(const std::string& name, const nlohmann::json& e) const {
-    const std::string at = source_ + ": tensor '" + name + "'";
+    const std::string at = source_ + ": tensor '" + printable(name) + "'";
     SPEX_CHECK(e.is_object(), at << ": its entry is not an object");
     for (const auto& kv : e.items())
       SPEX_CHECK(kv.key() == "dtype" || kv.key() == "shape" || kv.key() == "data_offsets",
-                 at << ": unknown key '" << kv.key() << "' (expected dtype, shape, data_offsets)");
+                 at << ": unknown key '" << printable(kv.key()) << "' (expected dtype, shape, data_offsets)");
     SPEX_CHECK(e.contains("dtype") && e.contains("shape") && e.contains("data_offsets"),
                at << ": needs dtype, shape and data_offsets");
     TensorInfo t;
     t.name = name;
     SPEX_CHECK(e["dtype"].is_string() && parse_dtype(e["dtype"].get<std::string>(), t.dtype),
-               at << ": unknown dtype " << e["dtype"].dump());
+               at << ": unknown dtype " << printable(e["dtype"].dump()));
     const auto& shape = e["shape"];
     SPEX_CHECK(shape.is_array(), at << ": shape is not an array");
     std::uint64_t elements = 1;
     bool overflow = false;
     for (const auto& s : shape) {
       SPEX_CHECK(is_count(s) && s.get<std::uint64_t>() <= std::uint64_t(INT64_MAX),
-                 at << ": shape " << shape.dump() << " holds something other than a non-negative integer");
+                 at << ": shape " << printable(shape.dump()) << " holds something other than a non-negative integer");
       const std::uint64_t d = s.get<std::uint64_t>();
       t.shape.push_back(static_cast<std::int64_t>(d));
       if (d != 0 && elements > UINT64_MAX / d) overflow = true;
@@ -182,7 +245,7 @@ class SafetensorsView {
     }
     const auto& off = e["data_offsets"];
     SPEX_CHECK(off.is_array() && off.size() == 2 && is_count(off[0]) && is_count(off[1]),
-               at << ": data_offsets must be two non-negative integers, got " << off.dump());
+               at << ": data_offsets must be two non-negative integers, got " << printable(off.dump()));
     t.begin = off[0].get<std::uint64_t>();
     t.end = off[1].get<std::uint64_t>();
     SPEX_CHECK(t.begin <= t.end, at << ": data_offsets [" << t.begin << ", " << t.end << "] are out of order");
@@ -203,9 +266,9 @@ class SafetensorsView {
     });
     std::uint64_t pos = 0;
     for (const auto& t : tensors_) {
-      SPEX_CHECK(t.begin >= pos, source_ << ": tensor '" << t.name << "' at [" << t.begin << ", " << t.end
+      SPEX_CHECK(t.begin >= pos, source_ << ": tensor '" << printable(t.name) << "' at [" << t.begin << ", " << t.end
                                          << ") overlaps the tensor before it, which ends at " << pos);
-      SPEX_CHECK(t.begin == pos, source_ << ": a gap of " << t.begin - pos << " bytes before tensor '" << t.name << "' at " << t.begin);
+      SPEX_CHECK(t.begin == pos, source_ << ": a gap of " << t.begin - pos << " bytes before tensor '" << printable(t.name) << "' at " << t.begin);
       pos = t.end;
     }
     SPEX_CHECK(pos == data_bytes_, source_ << ": " << data_bytes_ - pos << " trailing bytes after the last tensor");
@@ -318,10 +381,75 @@ struct TensorSource {
 };
 
 struct WriteOptions {
-  bool sync = true;  ///< fsync the file before the rename (a checkpoint survives a crash)
+  bool sync = true;  ///< fsync the file before the rename and its directory after (a checkpoint survives a crash)
 };
 
 namespace detail {
+
+/// The file a write to `path` replaces: `path` itself, or the file a symbolic link at `path`
+/// points to (followed link by link, so the link stays a link). Throws spex::Error for an empty
+/// path, a directory, or anything but a regular file or nothing at the end.
+inline std::string write_destination(const std::string& path) {
+  SPEX_CHECK(!path.empty(), "cannot write a safetensors file to an empty path");
+  std::string at = path;
+  for (int links = 0;; ++links) {
+    struct stat st;
+    if (::lstat(at.c_str(), &st) != 0) {
+      SPEX_CHECK(errno == ENOENT, path << ": cannot inspect '" << at << "' (" << std::strerror(errno) << ")");
+      return at;  // a new file
+    }
+    if (S_ISREG(st.st_mode)) return at;
+    SPEX_CHECK(!S_ISDIR(st.st_mode), path << ": '" << at << "' is a directory; give the path of a file to write");
+    SPEX_CHECK(S_ISLNK(st.st_mode), path << ": '" << at << "' is not a regular file; give the path of a file to write");
+    SPEX_CHECK(links < 40, path << ": too many levels of symbolic links");
+    std::string target(std::size_t(st.st_size > 0 ? st.st_size : 255) + 1, '\0');
+    const ssize_t n = ::readlink(at.c_str(), &target[0], target.size());
+    SPEX_CHECK(n > 0 && std::size_t(n) < target.size(), path << ": cannot read the symbolic link '" << at << "'");
+    target.resize(std::size_t(n));
+    const std::size_t slash = at.rfind('/');
+    at = target[0] == '/' || slash == std::string::npos ? target : at.substr(0, slash + 1) + target;
+  }
+}
+
+/// The directory that holds `file` ("." for a bare name).
+inline std::string parent_directory(const std::string& file) {
+  const std::size_t slash = file.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : file.substr(0, slash);
+}
+
+/// The process's file mode creation mask, read without changing it (Linux's /proc), or by
+/// setting and restoring it where /proc is not there.
+inline mode_t current_umask() {
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    unsigned mask = 0;
+    bool found = false;
+    while (!found && std::fgets(line, sizeof line, f)) found = std::sscanf(line, "Umask: %o", &mask) == 1;
+    std::fclose(f);
+    if (found) return mode_t(mask);
+  }
+  const mode_t m = ::umask(022);
+  ::umask(m);
+  return m;
+}
+
+/// An open file beside `dest` with a name no other file has, readable by its owner only until
+/// the write is complete; its name in `tmp`.
+inline int create_beside(const std::string& dest, std::string& tmp) {
+  static const char* digits = "0123456789abcdefghijklmnopqrstuvwxyz";
+  std::uint64_t seed = std::uint64_t(::getpid()) * 0x9E3779B97F4A7C15ull ^ std::uint64_t(reinterpret_cast<std::uintptr_t>(&tmp));
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull + std::uint64_t(::time(nullptr));
+    tmp = dest + ".tmp-";
+    for (int i = 0; i < 8; ++i) tmp += digits[(seed >> (6 * i)) % 36];
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd >= 0 || errno != EEXIST) return fd;
+  }
+  errno = EEXIST;
+  return -1;
+}
+
 
 inline void write_all(int fd, const void* p, std::size_t n, const std::string& path) {
   const char* c = static_cast<const char*>(p);
@@ -334,13 +462,21 @@ inline void write_all(int fd, const void* p, std::size_t n, const std::string& p
   }
 }
 
+/// Writes n values of T converted to `dtype`. A finite value the conversion would make an
+/// infinity (beyond F16's 65504 or BF16's 3.39e38) is an error naming the tensor and the index.
 template <class T>
-void write_converted(int fd, const T* src, std::size_t n, DType dtype, const std::string& path) {
+void write_converted(int fd, const T* src, std::size_t n, DType dtype, const std::string& path, const std::string& name) {
   constexpr std::size_t kChunk = std::size_t(1) << 20;
   std::vector<unsigned char> buf(std::min(n, kChunk) * dtype_size(dtype));
+  std::vector<double> back(std::min(n, kChunk));
   for (std::size_t i = 0; i < n; i += kChunk) {
     const std::size_t len = std::min(kChunk, n - i);
     convert_to_bytes(src + i, len, dtype, buf.data());
+    convert_from_bytes(buf.data(), dtype, back.data(), len);
+    for (std::size_t j = 0; j < len; ++j)
+      SPEX_CHECK(std::isfinite(back[j]) || !std::isfinite(src[i + j]),
+                 path << ": tensor '" << printable(name) << "' holds " << src[i + j] << " at flat index " << i + j
+                      << ", beyond the range of " << to_string(dtype) << "; store it as F32 or F64");
     write_all(fd, buf.data(), len * dtype_size(dtype), path);
   }
 }
@@ -350,16 +486,22 @@ void write_converted(int fd, const T* src, std::size_t n, DType dtype, const std
 /// Writes a safetensors file: tensors ordered by element size (8-byte types first) so that,
 /// with the data section starting on a 64-byte boundary, every tensor is aligned to its
 /// element size and can be read in place. All-or-nothing: the file is written beside `path`
-/// and renamed over it only when complete.
+/// and renamed over it only when complete (fsync'd first, and its directory after, with
+/// WriteOptions::sync). File mode rule: a file that exists keeps its mode (and its owner and
+/// group where the process may set them); a new file gets 0666 minus the umask, as any file the
+/// process creates; until the rename the data is readable by the owner only. A symbolic link
+/// at `path` stays a link: the file it points to is replaced. `path` must not be empty or a
+/// directory (checked before anything is written).
 inline void write_safetensors(const std::string& path, std::vector<TensorSource> tensors,
                               const std::map<std::string, std::string>& metadata = {}, const WriteOptions& opt = {}) {
+  const std::string dest = detail::write_destination(path);
   std::unordered_set<std::string> names;
   for (const auto& t : tensors) {
     SPEX_CHECK(t.name != "__metadata__", path << ": '__metadata__' cannot name a tensor");
-    SPEX_CHECK(names.insert(t.name).second, path << ": tensor '" << t.name << "' given twice");
+    SPEX_CHECK(names.insert(t.name).second, path << ": tensor '" << printable(t.name) << "' given twice");
     SPEX_CHECK(t.dtype == t.data_type || (is_float_dtype(t.dtype) && (t.data_type == DType::F32 || t.data_type == DType::F64)),
-               path << ": tensor '" << t.name << "': cannot store " << to_string(t.data_type) << " data as " << to_string(t.dtype));
-    for (auto s : t.shape) SPEX_CHECK(s >= 0, path << ": tensor '" << t.name << "' has a negative dimension");
+               path << ": tensor '" << printable(t.name) << "': cannot store " << to_string(t.data_type) << " data as " << to_string(t.dtype));
+    for (auto s : t.shape) SPEX_CHECK(s >= 0, path << ": tensor '" << printable(t.name) << "' has a negative dimension");
   }
   std::stable_sort(tensors.begin(), tensors.end(),
                    [](const TensorSource& a, const TensorSource& b) { return dtype_size(a.dtype) > dtype_size(b.dtype); });
@@ -370,7 +512,7 @@ inline void write_safetensors(const std::string& path, std::vector<TensorSource>
   for (const auto& t : tensors) {
     std::uint64_t n = 1;
     for (auto s : t.shape) n = static_cast<std::uint64_t>(checked_mul(Index(n), Index(s), "a tensor's element count"));
-    SPEX_CHECK(n == 0 || t.data, path << ": tensor '" << t.name << "' has no data");
+    SPEX_CHECK(n == 0 || t.data, path << ": tensor '" << printable(t.name) << "' has no data");
     counts.push_back(n);
     const std::uint64_t bytes = n * dtype_size(t.dtype);
     header[t.name] = {{"dtype", to_string(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
@@ -380,9 +522,11 @@ inline void write_safetensors(const std::string& path, std::vector<TensorSource>
   json.append((64 - (8 + json.size()) % 64) % 64, ' ');  // the data section starts 64-byte aligned
   const std::uint64_t n = json.size();
 
-  std::string tmp = path + ".XXXXXX";
-  const int fd = ::mkstemp(&tmp[0]);
-  SPEX_CHECK(fd >= 0, path << ": cannot create a file beside it (" << std::strerror(errno) << ")");
+  struct stat existing;
+  const bool exists = ::stat(dest.c_str(), &existing) == 0;
+  std::string tmp;
+  int fd = detail::create_beside(dest, tmp);
+  SPEX_CHECK(fd >= 0, path << ": cannot create a file beside '" << dest << "' (" << std::strerror(errno) << ")");
   try {
     detail::write_all(fd, &n, 8, path);
     detail::write_all(fd, json.data(), json.size(), path);
@@ -391,23 +535,37 @@ inline void write_safetensors(const std::string& path, std::vector<TensorSource>
       if (t.dtype == t.data_type) {
         detail::write_all(fd, t.data, counts[i] * dtype_size(t.dtype), path);
       } else if (t.data_type == DType::F32) {
-        detail::write_converted(fd, static_cast<const float*>(t.data), counts[i], t.dtype, path);
+        detail::write_converted(fd, static_cast<const float*>(t.data), counts[i], t.dtype, path, t.name);
       } else {
-        detail::write_converted(fd, static_cast<const double*>(t.data), counts[i], t.dtype, path);
+        detail::write_converted(fd, static_cast<const double*>(t.data), counts[i], t.dtype, path, t.name);
       }
     }
+    if (exists) {
+      (void)!::fchown(fd, existing.st_uid, existing.st_gid);  // where permitted; the mode below is the old file's either way
+      SPEX_CHECK(::fchmod(fd, existing.st_mode & 07777) == 0, path << ": cannot set the file mode (" << std::strerror(errno) << ")");
+    } else {
+      SPEX_CHECK(::fchmod(fd, 0666 & ~detail::current_umask()) == 0, path << ": cannot set the file mode (" << std::strerror(errno) << ")");
+    }
     SPEX_CHECK(!opt.sync || ::fsync(fd) == 0, path << ": fsync failed (" << std::strerror(errno) << ")");
-    ::fchmod(fd, 0644);
-    SPEX_CHECK(::close(fd) == 0, path << ": close failed (" << std::strerror(errno) << ")");
+    const int closing = fd;
+    fd = -1;  // closed once, whatever close() returns
+    SPEX_CHECK(::close(closing) == 0, path << ": close failed (" << std::strerror(errno) << ")");
+    SPEX_CHECK(::rename(tmp.c_str(), dest.c_str()) == 0,
+               path << ": cannot rename the finished file to '" << dest << "' (" << std::strerror(errno) << ")");
   } catch (...) {
-    ::close(fd);
+    if (fd >= 0) ::close(fd);
     ::unlink(tmp.c_str());
     throw;
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+  if (opt.sync) {  // the rename itself survives a crash once the directory is on disk
+    const std::string dir = detail::parent_directory(dest);
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    SPEX_CHECK(dfd >= 0, path << ": the file is in place, but its directory '" << dir << "' cannot be opened to sync it ("
+                              << std::strerror(errno) << ")");
+    const bool synced = ::fsync(dfd) == 0;
     const int err = errno;
-    ::unlink(tmp.c_str());
-    SPEX_CHECK(false, path << ": cannot rename the finished file into place (" << std::strerror(err) << ")");
+    ::close(dfd);
+    SPEX_CHECK(synced, path << ": the file is in place, but syncing its directory failed (" << std::strerror(err) << ")");
   }
 }
 

@@ -48,10 +48,12 @@ class MoE {
     detail::PassTag pass;
   };
   /// Gradients; backward accumulates into them until zero(). Not assignable: parameter lists
-  /// point into them (core/parameter.hpp, Lifetime).
+  /// point into them (core/parameter.hpp, Lifetime; moving or destroying them makes those
+  /// lists stale).
   struct Grads {
     typename Router::Grads router;
     typename FfnExperts<T, Arch>::Grads experts;
+    StorageEpoch epoch;
     void zero() {
       router.zero();
       experts.zero();
@@ -92,6 +94,7 @@ class MoE {
     check_input(x, y);
     c.x = x;
     run(c.x, y, c);
+    if (cfg_.check_finite) detail::check_output_finite(y, kName);
     c.pass.set(id_, detail::PassTag::training, x.rows());
   }
   /// Inference forward (same routing rule); const. A cache it fills cannot be used for backward.
@@ -99,6 +102,7 @@ class MoE {
     c.pass.invalidate();
     check_input(x, y);
     run(x, y, c);
+    if (cfg_.check_finite) detail::check_output_finite(y, kName);
     c.pass.set(id_, detail::PassTag::inference, x.rows());
   }
   void infer(CMatRef<T> x, MatRef<T> y) const {
@@ -115,10 +119,12 @@ class MoE {
 
   /// The layer's extra loss term: lambda * L_reg (ReLU router) or aux + z-loss (TopK).
   double aux_loss(const Cache& c) const {
+    c.pass.check_filled(id_, "MoE::aux_loss");
     return Router::kRelu ? lambda_ * penalty_value(c) : router_.aux_loss(c.router);
   }
   /// Unscaled penalty L_reg of the last forward (ReLU router; 0 for TopK or Penalty::none).
   double penalty_value(const Cache& c) const {
+    c.pass.check_filled(id_, "MoE::penalty_value");
     return Router::kRelu ? spex::penalty_value(cfg_.penalty, c.router.gates, double(experts_per_token())) : 0.0;
   }
   /// Forward FLOPs per token (metrics/flops.hpp): the router's logits for all E experts (and
@@ -132,7 +138,10 @@ class MoE {
     return f;
   }
   /// Sparsity, active experts, loads, dead experts, ... of the last forward.
-  RoutingStats stats(const Cache& c) const { return routing_stats(c.router.gates, double(experts_per_token())); }
+  RoutingStats stats(const Cache& c) const {
+    c.pass.check_filled(id_, "MoE::stats");
+    return routing_stats(c.router.gates, double(experts_per_token()));
+  }
 
   /// prefix + "router.weight", "experts.w1", "experts.w2", with their gradients in g.
   ParameterList<T> parameters(Grads& g, const std::string& prefix = "") {
@@ -161,7 +170,7 @@ class MoE {
     ParameterList<T> out;
     out.push_back(dense_parameter<T>(prefix + "router.weight", router_.weight(), g ? &g->router.weight : nullptr));
     append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
-    return out;
+    return stamped(std::move(out), epoch_, g ? &g->epoch : nullptr);
   }
 
   void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
@@ -194,6 +203,7 @@ class MoE {
   FfnExperts<T, Arch> experts_;
   double lambda_ = 0.0;
   detail::LayerId id_;
+  StorageEpoch epoch_;  // advanced on assignment and destruction (core/parameter.hpp, Lifetime)
 };
 
 }  // namespace spex

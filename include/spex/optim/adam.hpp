@@ -16,6 +16,7 @@
 // are never stepped: their values, m and v stay bit-identical.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../core/check.hpp"
@@ -91,7 +92,12 @@ class Adam {
     t_ = t;
   }
 
+  /// One update of every parameter. Throws spex::Error, changing nothing, when a parameter's
+  /// storage was replaced since the list was taken (core/parameter.hpp, Lifetime) or the step
+  /// count would overflow.
   void step() {
+    for (const auto& g : groups_) check_current(g.params, "Adam::step");
+    SPEX_CHECK(t_ < std::numeric_limits<long>::max(), "Adam::step: the step count is at its maximum " << t_);
     ++t_;
     const double c1 = 1.0 - std::pow(cfg_.beta1, double(t_)), c2 = 1.0 - std::pow(cfg_.beta2, double(t_));
     std::size_t i = 0;

@@ -86,6 +86,7 @@ void check_groups(const std::vector<ParamGroup<T>>& groups) {
   ParameterList<T> all;
   for (const auto& g : groups) {
     check_group(g);
+    check_current(g.params, "optimizer");
     for (const auto& p : g.params)
       SPEX_CHECK(!p.sparse_grad || p.sparse_grad->frozen_rows() == p.frozen_rows,
                  "parameter '" << p.name << "' has " << p.frozen_rows << " frozen rows, its row-sparse gradient "
@@ -126,6 +127,7 @@ auto trainable_grad(const Parameter<T>& p) {
 /// (each row once, duplicates already summed).
 template <class T>
 double grad_norm(const ParameterList<T>& params) {
+  check_current(params, "grad_norm");
   double s = 0;
   for (const auto& p : params) {
     if (p.grad) s += detail::trainable_grad(p).template cast<double>().squaredNorm();
@@ -139,6 +141,7 @@ double grad_norm(const ParameterList<T>& params) {
 template <class T>
 double clip_grad_norm_to(const ParameterList<T>& params, double norm, double max_norm) {
   check_positive(max_norm, "max_norm");
+  check_current(params, "clip_grad_norm");
   SPEX_CHECK(std::isfinite(norm), "the gradient norm is " << norm << ": a gradient holds NaN or Inf");
   if (norm <= max_norm) return norm;
   const T scale = T(max_norm / (norm + 1e-6));

@@ -60,7 +60,10 @@ class Sgd {
     return detail::state_tensors<const T>(groups_, prefix, "momentum", buf_);
   }
 
+  /// One update of every parameter. Throws spex::Error, changing nothing, when a parameter's
+  /// storage was replaced since the list was taken (core/parameter.hpp, Lifetime).
   void step() {
+    for (const auto& g : groups_) check_current(g.params, "Sgd::step");
     std::size_t i = 0;
     for (auto& g : groups_) {
       const T lr = T(g.effective_lr(cfg_.lr)), wd = T(g.effective_weight_decay(cfg_.weight_decay));

@@ -24,6 +24,7 @@
 // 1.32-1.34 (recall). The sparsity target is held the same way (the other gates carry it).
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "../core/check.hpp"
@@ -244,6 +245,7 @@ class LambdaController {
   void update(double measured_sparsity) {
     SPEX_CHECK(std::isfinite(measured_sparsity) && measured_sparsity >= 0 && measured_sparsity <= 1,
                "measured sparsity " << measured_sparsity << " must be in [0, 1]");
+    SPEX_CHECK(s_.steps < std::numeric_limits<long>::max(), "LambdaController::update: the step count is at its maximum " << s_.steps);
     double next;
     if (s_.rule == LambdaRule::sign) {
       next = measured_sparsity < s_.target ? s_.lambda * s_.alpha : s_.lambda / s_.alpha;
@@ -276,8 +278,12 @@ class LambdaController {
     SPEX_CHECK(std::isfinite(s.band) && s.band > 0 && s.band <= 1, "band = " << s.band << " must be in (0, 1]");
     SPEX_CHECK(s.average == -1 || (std::isfinite(s.average) && s.average >= 0 && s.average <= 1),
                "average sparsity " << s.average << " must be in [0, 1] (or -1 before the first step)");
-    SPEX_CHECK(s.steps >= 0 && s.steps_at_min >= 0 && s.steps_at_max >= 0 && s.consecutive_at_bound >= 0,
-               "step counters must be >= 0");
+    SPEX_CHECK(s.steps >= 0 && s.steps < std::numeric_limits<long>::max(),
+               "steps = " << s.steps << " must be in [0, " << std::numeric_limits<long>::max() - 1 << "]");
+    SPEX_CHECK(s.steps_at_min >= 0 && s.steps_at_max >= 0 && s.consecutive_at_bound >= 0 && s.steps_at_min <= s.steps &&
+                   s.steps_at_max <= s.steps && s.consecutive_at_bound <= s.steps,
+               "steps_at_min = " << s.steps_at_min << ", steps_at_max = " << s.steps_at_max << ", consecutive_at_bound = "
+                                 << s.consecutive_at_bound << " must each be in [0, steps = " << s.steps << "]");
     s_ = s;
   }
 

@@ -167,10 +167,12 @@ class ProductKeyLayer {
     PassTag pass;
   };
   /// Gradients; backward accumulates into them until zero(). Not assignable: parameter lists
-  /// point into them (core/parameter.hpp, Lifetime).
+  /// point into them (core/parameter.hpp, Lifetime; moving or destroying them makes those
+  /// lists stale).
   struct Grads {
     typename KeyRetrieval<T, Arch>::Grads retrieval;
     typename Experts::Grads experts;
+    StorageEpoch epoch;
     /// Clears every gradient (call once per optimizer step; backward accumulates).
     void zero() {
       retrieval.zero();
@@ -222,6 +224,7 @@ class ProductKeyLayer {
     c = resolve(c);  // validates
     retrieval_.freeze(c.frozen.sub_keys ? c.frozen.keys : 0, c.frozen.query);
     cfg_ = c;
+    storage_replaced();
   }
 
   /// How the expert tables are stored (config().storage).
@@ -230,8 +233,10 @@ class ProductKeyLayer {
   /// after training, native again to train on (with the compact values). One table is held in
   /// both forms at a time. Not thread-safe: no call on the layer may run meanwhile.
   void set_storage(TableStorage s) {
+    if (s == cfg_.storage) return;
     experts_.set_storage(s);
     cfg_.storage = s;
+    storage_replaced();
   }
   /// Grows the expert pool in place from N = n^2 to n_new^2 (config().expert_ids must be
   /// shells): every existing expert keeps its id, its table rows and its sub-key rows; the new
@@ -247,6 +252,7 @@ class ProductKeyLayer {
     experts_.grow(grown.n_experts, table_rng);  // first: it allocates the most, and changes nothing if that fails
     retrieval_.grow(n_new, key_rng.next_u64());
     cfg_ = grown;
+    storage_replaced();
   }
 
   /// Bytes of the expert tables as stored.
@@ -265,6 +271,7 @@ class ProductKeyLayer {
     c.x = x;
     retrieval_.forward(x, c.retrieval);
     self().experts_forward(c.x, c, y);
+    if (cfg_.check_finite) check_output_finite(y, Layer::kName);
     retrieval_.commit_running_stats(c.retrieval);
     c.pass.set(id_, PassTag::training, x.rows());
   }
@@ -276,6 +283,7 @@ class ProductKeyLayer {
     check_input(x, y);
     retrieval_.infer(x, c.retrieval);
     self().experts_forward(x, c, y);
+    if (cfg_.check_finite) check_output_finite(y, Layer::kName);
     c.pass.set(id_, PassTag::inference, x.rows());
   }
 
@@ -308,7 +316,7 @@ class ProductKeyLayer {
     // Retrieval's list only takes addresses; the experts' const list never copies a mapped table.
     ParameterList<const T> out = read_only(prefixed(const_cast<KeyRetrieval<T, Arch>&>(retrieval_).parameters(nullptr), prefix));
     append_parameters(out, experts_.parameters("experts."), prefix);
-    return out;
+    return stamped(std::move(out), epoch_);
   }
 
   /// Throws unless `g` was made by a layer of this one's shapes.
@@ -337,7 +345,14 @@ class ProductKeyLayer {
   ParameterList<T> list(Grads* g, const std::string& prefix) {
     ParameterList<T> out = prefixed(retrieval_.parameters(g ? &g->retrieval : nullptr), prefix);
     append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
-    return out;
+    return stamped(std::move(out), epoch_, g ? &g->epoch : nullptr);
+  }
+
+  // grow, freeze and set_storage: every parameter list and cache taken before is stale
+  // (core/parameter.hpp, Lifetime; a cache is refused by backward as another layer's).
+  void storage_replaced() {
+    epoch_.advance();
+    id_ = LayerId();
   }
 
   void require_native(const char* what) const {
@@ -357,6 +372,7 @@ class ProductKeyLayer {
   KeyRetrieval<T, Arch> retrieval_;
   Experts experts_;
   LayerId id_;
+  StorageEpoch epoch_;  // advanced when the storage lists point into is replaced
 };
 
 }  // namespace detail
