@@ -380,3 +380,93 @@ TEST_CASE("results do not depend on the number of threads", "[hardening][determi
   check([&] { return MoE<float, TopKRouter<float>>(moe_config(96), 4); });
   set_num_threads(saved);
 }
+
+TEST_CASE("gemm refuses a C that shares memory with A or B instead of computing garbage", "[hardening][gemm]") {
+  RowMat<double> a = randn_mat(40, 40, 1), b = randn_mat(40, 40, 2);
+  const RowMat<double> a0 = a;
+  CHECK_THROWS_WITH(gemm(a, a, b, false), Catch::Contains("C shares memory with A"));
+  CHECK_THROWS_WITH(gemm(b, a, b, true), Catch::Contains("C shares memory with B"));
+  CHECK_THROWS_WITH(gemm(a.topRows(20), a.bottomRows(40).topRows(20).leftCols(20), b.topRows(20), false),
+                    Catch::Contains("C shares memory with A"));
+  CHECK_THROWS_WITH(gemm(a, b, a.transpose(), false), Catch::Contains("C shares memory with B"));
+  CHECK(a == a0);  // refused before anything was written
+  // Disjoint parts of one buffer are fine.
+  RowMat<double> big = randn_mat(80, 40, 3);
+  RowMat<double> expect = big.topRows(40) * b;
+  gemm(big.bottomRows(40), big.topRows(40), b, false);
+  CHECK((big.bottomRows(40) - expect).cwiseAbs().maxCoeff() < 1e-12);
+}
+
+TEST_CASE("a finite input that overflows inside the experts is an error, never a silent NaN output", "[hardening]") {
+  using TopKMoE = MoE<float, TopKRouter<float>>;
+  MoEConfig cfg = moe_config();
+  RowMat<float> x = randn_mat(4, 5, 1).cast<float>() * 1e30f, y(4, 5);
+  TopKMoE topk(cfg, 1);
+  TopKMoE::Cache c;
+  CHECK_THROWS_WITH(topk.infer(x, y, c), Catch::Contains("MoE: the output holds") && Catch::Contains("for a finite input"));
+  CHECK_THROWS_WITH(topk.forward(x, y, c), Catch::Contains("the output holds"));
+  auto g = topk.make_grads();
+  CHECK_THROWS_WITH(topk.backward(RowMat<float>::Ones(4, 5), c, g), Catch::Contains("the last one threw"));
+  // Product-key layers too (an input near float's limit).
+  Peer<float> peer(pk_config(), 1);
+  RowMat<float> big = randn_mat(4, 6, 2).cast<float>() * 3e37f, py(4, 6);
+  try {  // the retrieval's scores or the output may overflow: an error, or a finite output, never a NaN
+    peer.infer(big, py);
+    CHECK(py.allFinite());
+  } catch (const spex::Error&) {
+  }
+  // Ordinary inputs pass, and the check can be switched off with the input check.
+  CHECK_NOTHROW(topk.infer(RowMat<float>(x / 1e30f), y, c));
+  cfg.check_finite = false;
+  TopKMoE unchecked(cfg, 1);
+  CHECK_NOTHROW(unchecked.infer(x, y, c));
+}
+
+TEST_CASE("the lambda controller's step counter cannot overflow, from updates or from a state", "[hardening][remoe]") {
+  LambdaController ctl(0.875);
+  LambdaController::State s = ctl.state();
+  s.steps = std::numeric_limits<long>::max();
+  CHECK_THROWS_WITH(ctl.set_state(s), Catch::Contains("steps = 9223372036854775807"));
+  s.steps = std::numeric_limits<long>::max() - 1;
+  ctl.set_state(s);
+  ctl.update(0.5);
+  const LambdaController::State at_max = ctl.state();
+  CHECK_THROWS_WITH(ctl.update(0.5), Catch::Contains("step count is at its maximum"));
+  CHECK(ctl.state().steps == at_max.steps);
+  CHECK(ctl.lambda() == at_max.lambda);
+  s = LambdaController(0.875).state();
+  s.steps = 3;
+  s.steps_at_max = 4;  // more steps at a bound than steps
+  CHECK_THROWS_WITH(ctl.set_state(s), Catch::Contains("steps_at_max = 4"));
+}
+
+TEST_CASE("stats, aux_loss and penalty_value of a cache that holds no pass are errors", "[hardening][remoe]") {
+  ReMoE moe(moe_config(), 1);
+  ReMoE::Cache c;
+  CHECK_THROWS_WITH(moe.stats(c), Catch::Contains("MoE::stats: the cache holds no pass"));
+  CHECK_THROWS_WITH(moe.aux_loss(c), Catch::Contains("holds no pass"));
+  CHECK_THROWS_WITH(moe.penalty_value(c), Catch::Contains("holds no pass"));
+  RowMat<double> y(6, 5);
+  moe.infer(randn_mat(6, 5, 1), y, c);
+  CHECK_NOTHROW(moe.stats(c));
+  ReMoE other(moe_config(), 2);
+  CHECK_THROWS_WITH(other.stats(c), Catch::Contains("another layer object"));
+}
+
+TEST_CASE("bf16 tables refuse finite floats beyond bf16's range instead of storing infinities", "[hardening][compact]") {
+  Peer<float> layer(pk_config(), 1);
+  layer.experts().up()(3, 2) = 3.4e38f;  // finite as float, rounds to infinity as bf16
+  const RowMat<float> up = layer.experts().up();
+  CHECK_THROWS_WITH(layer.set_storage(TableStorage::bf16), Catch::Contains("row 3") && Catch::Contains("column 2") &&
+                                                               Catch::Contains("beyond bfloat16's largest finite value"));
+  CHECK(layer.storage() == TableStorage::native);  // unchanged
+  CHECK(layer.experts().up() == up);
+  CHECK_NOTHROW(layer.set_storage(TableStorage::int8));  // int8 scales any finite row
+  CompactTable t(TableStorage::bf16, 2, 2);
+  const float ok[4] = {1, 2, 3, 4}, bad[4] = {1, 2, 3, 3.397e38f};  // above the midpoint of bf16's max and infinity
+  t.set_rows(0, 2, ok);
+  CHECK_THROWS_WITH(t.set_rows(0, 2, bad), Catch::Contains("row 1"));
+  float row[2];
+  t.get_row(0, row);
+  CHECK(row[0] == 1);  // nothing written by the refused call
+}

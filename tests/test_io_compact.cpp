@@ -172,7 +172,7 @@ TEST_CASE("malformed compact files are rejected before anything is written", "[i
   rejects(write({up_rows, up_scale, down_rows}, "no_scale.safetensors"), "needs its scales 'experts.down.scale' as F32");
   rejects(write({up_rows, up_scale, down_rows, TensorSource{"experts.down.scale", DType::F32, {n}, bad_scale.data(), DType::F32}},
                 "neg_scale.safetensors"),
-          "a scale must be finite and >= 0");
+          "holds the scale -1 at row 3; a scale must be in [0, FLT_MAX / 127");
   rejects(write({up_rows, up_scale, TensorSource{"experts.down", DType::I8, {n, d - 1}, down.i8(), DType::I8},
                  TensorSource{"experts.down.scale", DType::F32, {n}, down.scales(), DType::F32}},
                 "shape.safetensors"),
@@ -184,7 +184,7 @@ TEST_CASE("malformed compact files are rejected before anything is written", "[i
   save_layer(dir.path("inf.safetensors"), f);
   LoadOptions no_check;
   no_check.check_finite = false;
-  CHECK_THROWS_WITH(load_into(dir.path("inf.safetensors"), target, "", no_check), Catch::Contains("not finite as a float at flat index"));
+  CHECK_THROWS_WITH(load_into(dir.path("inf.safetensors"), target, "", no_check), Catch::Contains("holds a value at flat index 101 (row 5) that int8 storage cannot hold"));
   CHECK(tables_of(target) == before);
   // A float layer reads int8 tables only with their scales; LoadOptions::storage must be the layer's.
   Peer<float> native(config(), 1);

@@ -185,8 +185,8 @@ class CompactTableLoad {
     });
     if (at < 0) return true;
     problems.push_back("'" + printable(it.name) + "' holds a value at flat index " + std::to_string(at) + " (row " +
-                       std::to_string(at / cols) + ") that a " + to_string(it.table->storage()) +
-                       " table cannot hold: not finite, or beyond bfloat16's range once converted");
+                       std::to_string(at / cols) + ") that " + to_string(it.table->storage()) +
+                       " storage cannot hold: not finite, or beyond bfloat16's range once converted");
     return false;
   }
 

@@ -157,6 +157,7 @@ double clip_grad_norm_to(const ParameterList<T>& params, double norm, double max
 /// leaving the gradients unchanged.
 template <class T>
 double clip_grad_norm(const ParameterList<T>& params, double max_norm) {
+  check_current(params, "clip_grad_norm");
   return clip_grad_norm_to(params, grad_norm(params), max_norm);
 }
 
