@@ -56,7 +56,7 @@ std::vector<double> values_of(const ParameterList<T>& list) {
 
 }  // namespace
 
-TEST_CASE("an optimizer made before grow() refuses to step, naming the parameter; made again it trains", "[lifetime]") {
+TEST_CASE("an optimizer made before grow() refuses to step, naming the parameter, and made again it trains", "[lifetime]") {
   Peer<double> layer(shells_config(), 1);
   auto g = layer.make_grads();
   Adam<double> adam(layer.parameters(g), AdamConfig{});
@@ -149,7 +149,7 @@ TEST_CASE("an optimizer over a layer that was assigned to or destroyed refuses t
   CHECK_THROWS(sgd.step());
 }
 
-TEST_CASE("lists built by hand track nothing and stay usable; a layer's lists survive what keeps storage", "[lifetime]") {
+TEST_CASE("lists built by hand track nothing and stay usable, and a layer's lists survive what keeps storage", "[lifetime]") {
   RowMat<double> w = randn_mat(3, 4, 1), gw = RowMat<double>::Ones(3, 4);
   Adam<double> adam(ParameterList<double>{dense_parameter<double>("w", w, &gw)}, AdamConfig{});
   CHECK_NOTHROW(adam.step());
