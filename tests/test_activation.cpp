@@ -140,3 +140,28 @@ TEST_CASE("softmax handles -inf entries and an all -inf row", "[kernels]") {
   kernels::softmax(all.data(), ya.data(), 19);
   for (float v : ya) CHECK(v == Approx(1.f / 19));
 }
+
+TEMPLATE_TEST_CASE("softmax, sigmoid and GELU's derivative are defined for arguments of any size (no undefined conversion in exp)",
+                   "[kernels]", float, double) {
+  using T = TestType;
+  const T big = sizeof(T) == 4 ? T(3e38) : T(1e300);
+  // Differences of -1e22 and beyond made xsimd's exp convert an out-of-range value to an
+  // integer (undefined: UBSan reports it in the sanitizer build); the results equal the scalar twin's.
+  std::vector<T> x = {T(0), T(-1e22), -big, T(1), T(-2.7e22), T(-700), T(-800), T(3), T(-1e30), T(2), T(0.5), T(-big / 2), T(1e-3),
+                      T(-5e4), T(-1e10), T(4), T(-90)};
+  std::vector<T> y(x.size()), ys(x.size());
+  kernels::softmax(x.data(), y.data(), x.size());
+  kernels::scalar::softmax(x.data(), ys.data(), x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) CHECK(y[i] == Approx(ys[i]).margin(1e-7));
+  std::vector<T> z = {T(1e22), T(-1e22), big, -big, T(1e30), T(-1e30), T(0), T(100), T(-100), T(800), T(-800), T(5), T(-5), T(7), T(8), T(9), T(1)};
+  std::vector<T> out(z.size()), out_s(z.size());
+  for (Activation a : kAll) {
+    kernels::activate(a, z.data(), out.data(), z.size());
+    kernels::scalar::activate(a, z.data(), out_s.data(), z.size());
+    for (std::size_t i = 0; i < z.size(); ++i) CHECK(out[i] == Approx(out_s[i]).margin(1e-6));
+    const std::vector<T> ones(z.size(), T(1));
+    kernels::activate_backward(a, z.data(), ones.data(), out.data(), z.size());
+    kernels::scalar::activate_backward(a, z.data(), ones.data(), out_s.data(), z.size());
+    for (std::size_t i = 0; i < z.size(); ++i) CHECK(out[i] == Approx(out_s[i]).margin(1e-6));
+  }
+}

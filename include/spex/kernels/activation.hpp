@@ -29,10 +29,21 @@ void map2(const T* x, const T* y, T* z, std::size_t n, FB fb, FS fs) {
   for (; i < n; ++i) z[i] = fs(x[i], y[i]);
 }
 
+/// xsimd::exp(x) with x first clamped to [-L, L], L = 750 (double) or 110 (float): exp there
+/// is already 0 or infinity, so the result is the same, but xsimd 8.1's exp converts its range
+/// reduction to an integer before it checks the range, and |x| near 1e22 makes that conversion
+/// undefined (found by fuzzing the loaders: a softmax over scores of -2.7e22). NaN stays NaN.
+template <class B>
+B exp_in_range(const B& x) {
+  using T = typename B::value_type;
+  const B limit(T(sizeof(T) == 4 ? 110 : 750));
+  return xsimd::exp(xsimd::select(x < -limit, -limit, xsimd::select(x > limit, limit, x)));
+}
+
 template <class B>
 B sigmoid_batch(const B& x) {
   using T = typename B::value_type;
-  return B(T(1)) / (B(T(1)) + xsimd::exp(-x));
+  return B(T(1)) / (B(T(1)) + exp_in_range(-x));
 }
 
 /// x clamped to [-s, s] (scalar::clamp_saturated); NaN lanes stay NaN.
@@ -79,7 +90,7 @@ B derivative_batch(Activation a, const B& x_in) {
     }
     case Activation::gelu_erf:
       return half * (one + xsimd::erf(x * B(T(0.7071067811865476)))) +
-             x * B(T(0.3989422804014327)) * xsimd::exp(B(T(-0.5)) * x * x);
+             x * B(T(0.3989422804014327)) * exp_in_range(B(T(-0.5)) * x * x);
     case Activation::silu: {
       const B s = sigmoid_batch(x);
       return s * (one + x * (one - s));
@@ -131,7 +142,7 @@ void softmax(const T* x, T* y, std::size_t n) {
   }
   using B = xsimd::batch<T, Arch>;
   const B vm(m);
-  detail::map1<Arch>(x, y, n, [&vm](const B& v) { return xsimd::exp(v - vm); },
+  detail::map1<Arch>(x, y, n, [&vm](const B& v) { return detail::exp_in_range(v - vm); },
                      [m](T v) { return std::exp(v - m); });
   scale<Arch>(T(1) / sum<Arch>(y, n), y, n);
 #else
