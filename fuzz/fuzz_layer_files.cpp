@@ -142,11 +142,21 @@ void replace_somewhere(nlohmann::json& j, FuzzedDataProvider& in, F&& f, int dep
   j = f(j);
 }
 
+void mutate_document(nlohmann::json& doc, FuzzedDataProvider& in);
+
 // The spex metadata (the layer entries) as JSON; the mutations edit it and write it back.
 void mutate_layer_entry(Model& m, FuzzedDataProvider& in) {
   if (!m.metadata.contains("spex")) return;
   nlohmann::json doc = nlohmann::json::parse(m.metadata["spex"].get<std::string>(), nullptr, false);
   if (doc.is_discarded()) return;
+  try {  // an earlier mutation may have changed the document's shape: then this one does nothing
+    mutate_document(doc, in);
+  } catch (const nlohmann::json::exception&) {
+  }
+  m.metadata["spex"] = doc.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+void mutate_document(nlohmann::json& doc, FuzzedDataProvider& in) {
   switch (in.ConsumeIntegralInRange(0, 3)) {
     case 0:  // one config field to an extreme or small integer (the most telling mutation)
       if (doc.contains("layers") && doc["layers"].contains("") && doc["layers"][""].contains("config")) {
@@ -167,7 +177,6 @@ void mutate_layer_entry(Model& m, FuzzedDataProvider& in) {
     default:  // the layer under another prefix, or a second entry
       if (doc.contains("layers") && doc["layers"].contains("")) doc["layers"][in.ConsumeRandomLengthString(6)] = doc["layers"][""];
   }
-  m.metadata["spex"] = doc.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 std::size_t dtype_bytes(const std::string& d) {
