@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -37,6 +38,15 @@ inline void expect(bool ok, const std::string& what) {
     std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, what.c_str());
     ++failures;
   }
+}
+
+/// Expects every rank to hold the same `text` (an error message: every rank gets the same one).
+inline void expect_same_on_all_ranks(const std::string& text, const std::string& what) {
+  const long long h = static_cast<long long>(std::hash<std::string>()(text) >> 1);
+  long long lo = 0, hi = 0;
+  MPI_Allreduce(&h, &lo, 1, MPI_LONG_LONG, MPI_MIN, MPI_COMM_WORLD);
+  MPI_Allreduce(&h, &hi, 1, MPI_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
+  expect(lo == hi, what + ": every rank has the same message, this one has: " + text);
 }
 
 /// Largest |a - b| / max(1, |b|) over the entries (infinite when the shapes differ).

@@ -233,6 +233,49 @@ void check_mixed_directory(const spex::ProductKeyLayerConfig& cfg, const std::st
   expect(refused, "a missing shard is refused on every rank");
 }
 
+// A checkpoint of P - 1 ranks loaded on P (resharding maps every old shard) with one old shard
+// missing, and a layer of another config: every
+// rank gets the same error, none waits for ever.
+void check_reshard_failures(const spex::ProductKeyLayerConfig& cfg, const std::string& dir) {
+  if (ranks < 2) return;
+  const int r = rank < ranks - 1 ? rank : MPI_UNDEFINED;
+  MPI_Comm small;
+  MPI_Comm_split(MPI_COMM_WORLD, r == MPI_UNDEFINED ? MPI_UNDEFINED : 0, rank, &small);
+  const std::string from_small = dir + "/from_small";
+  if (rank == 0) std::filesystem::create_directory(from_small);
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (small != MPI_COMM_NULL) {
+    spex::dist::ShardedPeer<double> a(cfg, 1, small);
+    spex::dist::ShardedCheckpointWriter(small).add_layer("l.", a).write(from_small);
+    MPI_Comm_free(&small);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  auto message_of_load = [&](const spex::ProductKeyLayerConfig& mine) {
+    std::string msg;
+    try {
+      spex::dist::ShardedPeer<double> b(mine, 2, MPI_COMM_WORLD);
+      spex::dist::ShardedCheckpointLoader(from_small, MPI_COMM_WORLD).layer(b, "l.").commit();
+    } catch (const spex::Error& e) {
+      msg = e.what();
+    }
+    return msg;
+  };
+  // A config the file does not hold: refused (the same message on every rank).
+  spex::ProductKeyLayerConfig other = cfg;
+  other.top_k = cfg.top_k + 1;
+  std::string msg = message_of_load(other);
+  expect(!msg.empty(), "another config is refused on every rank when resharding");
+  expect_same_on_all_ranks(msg, "another config when resharding");
+  // One old shard missing.
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank == 0) std::filesystem::remove(from_small + "/shard-" + std::to_string(ranks - 2) + "-of-" + std::to_string(ranks - 1) + ".safetensors");
+  MPI_Barrier(MPI_COMM_WORLD);
+  msg = message_of_load(cfg);
+  expect(!msg.empty(), "a missing old shard is refused on every rank when resharding");
+  expect(msg.find("shard-" + std::to_string(ranks - 2)) != std::string::npos, "the refusal names the missing shard: " + msg);
+  expect_same_on_all_ranks(msg, "a missing old shard");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -259,6 +302,7 @@ int main(int argc, char** argv) {
     check_reshard<spex::dist::ShardedPkm<double>, spex::Pkm<double>>("ShardedPkm", pk, dir);
     check_reshard<spex::dist::ShardedMoE<double>, spex::MoE<double>>("ShardedMoE", moe, dir);
     check_mixed_directory(pk, dir);
+    check_reshard_failures(pk, dir);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, e.what());
     failures++;

@@ -143,14 +143,17 @@ void check_refusals() {
   Mat x = Mat::Ones(4, 8), y(4, 8);
   if (rank == ranks - 1) x(2, 3) = NAN;  // one rank's bad input
   bool threw = false;
+  std::string msg;
   try {
     layer.forward(x, y, c);
   } catch (const spex::Error& e) {
     threw = true;
-    const std::string msg = e.what();
-    expect(msg.find(rank == ranks - 1 ? "non-finite" : "refused on rank") != std::string::npos, "the refusal says why: " + msg);
+    msg = e.what();
+    expect(msg.find("on rank " + std::to_string(ranks - 1) + ": ") != std::string::npos && msg.find("non-finite") != std::string::npos,
+           "the refusal names the rank and says why: " + msg);
   }
   expect(threw, "a NaN on one rank throws on every rank");
+  expect_same_on_all_ranks(msg, "a NaN on one rank");
   // Backward without a forward: refused on every rank, and the layer still works afterwards.
   auto g = layer.make_grads();
   threw = false;

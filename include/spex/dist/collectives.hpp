@@ -59,9 +59,9 @@ inline int comm_size(MPI_Comm comm) {
   return p;
 }
 
-/// Runs f() on this rank, then throws spex::Error on every rank if it threw spex::Error on any:
-/// this rank's message (prefixed with `what` and the rank), or on the others a message naming
-/// the first rank that failed. Other exceptions propagate unchanged (bad_alloc, ...).
+/// Runs f() on this rank, then throws spex::Error on every rank if it threw spex::Error on any,
+/// with the same message everywhere: the first failing rank's, prefixed with `what` and that
+/// rank (sent to the others only on failure). Other exceptions propagate unchanged (bad_alloc).
 template <class F>
 void all_or_none(MPI_Comm comm, const char* what, F&& f) {
   std::string problem;
@@ -73,8 +73,12 @@ void all_or_none(MPI_Comm comm, const char* what, F&& f) {
   const int rank = comm_rank(comm), mine = problem.empty() ? INT32_MAX : rank;
   int first = INT32_MAX;
   check_mpi(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce");
-  SPEX_CHECK(problem.empty(), what << " on rank " << rank << ": " << problem);
-  SPEX_CHECK(first == INT32_MAX, what << ": refused on rank " << first << " (its message says why)");
+  if (first == INT32_MAX) return;
+  long long length = static_cast<long long>(problem.size());
+  check_mpi(MPI_Bcast(&length, 1, MPI_LONG_LONG, first, comm), "MPI_Bcast");
+  problem.resize(static_cast<std::size_t>(length));
+  check_mpi(MPI_Bcast(&problem[0], int(length), MPI_CHAR, first, comm), "MPI_Bcast");
+  SPEX_CHECK(false, what << " on rank " << first << ": " << problem);
 }
 
 /// Throws spex::Error on every rank unless every rank passed the same `values` (a layer's
