@@ -210,7 +210,7 @@ void mutate_tensor(Model& m, FuzzedDataProvider& in) {
     case 2: {  // another dtype: converted by value, or reinterpreted with the size fixed up
       const std::string d = in.PickValueInArray(kDtypes);
       const std::uint64_t n = elements(t.shape);
-      if (t.dtype == "F32" && (d == "F64" || d == "F16" || d == "BF16") && in.ConsumeBool()) {
+      if (t.dtype == "F32" && (d == "F64" || d == "F16" || d == "BF16") && n <= 4096 && in.ConsumeBool()) {
         std::vector<float> v(n);
         std::memcpy(v.data(), t.bytes.data(), std::min<std::size_t>(t.bytes.size(), n * 4));
         std::vector<unsigned char> out(n * dtype_bytes(d));

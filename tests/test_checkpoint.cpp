@@ -97,18 +97,22 @@ struct Run {
   }
 };
 
+// A run of 2n steps against one saved after n steps and resumed; with `threads`, the two
+// halves of the interrupted run use that many threads each (results never depend on them).
 template <class L, class Opt>
-void check_resume() {
+void check_resume(std::pair<int, int> threads = {0, 0}) {
   TempDir dir;
-  const int n = 12;
+  const int n = 12, threads_before = max_threads();
   Run<L, Opt> straight(7);
   std::vector<double> losses;
   for (int i = 0; i < 2 * n; ++i) losses.push_back(straight.step());
 
+  if (threads.first > 0) set_num_threads(threads.first);
   Run<L, Opt> first(7);
   for (int i = 0; i < n; ++i) REQUIRE(first.step() == losses[i]);
   first.save(dir.path("ckpt.safetensors"), n);
 
+  if (threads.second > 0) set_num_threads(threads.second);
   Run<L, Opt> resumed(12345);  // other weights, other data stream: all replaced by the load
   REQUIRE(resumed.load(dir.path("ckpt.safetensors")) == n);
   for (int i = n; i < 2 * n; ++i) REQUIRE(resumed.step() == losses[i]);
@@ -118,6 +122,7 @@ void check_resume() {
     CHECK(resumed.ctl.steps() == 2 * n);
   }
   if constexpr (std::is_same<Opt, Adam<float>>::value) CHECK(resumed.opt.steps() == 2 * n);
+  set_num_threads(threads_before);
 }
 
 }  // namespace
@@ -125,6 +130,12 @@ void check_resume() {
 TEMPLATE_TEST_CASE("a resumed run equals an uninterrupted one bit for bit (Adam)", "[io][checkpoint]", Peer<float>, Pkm<float>,
                    ReMoEf, TopKf) {
   check_resume<TestType, Adam<float>>();
+}
+
+TEMPLATE_TEST_CASE("a run saved with 1 thread and resumed with 2 (and back) equals an uninterrupted one bit for bit",
+                   "[io][checkpoint][determinism]", Peer<float>, Pkm<float>, ReMoEf, TopKf) {
+  check_resume<TestType, Adam<float>>({1, 2});
+  check_resume<TestType, Adam<float>>({2, 1});
 }
 
 TEMPLATE_TEST_CASE("a resumed run equals an uninterrupted one bit for bit (SGD with momentum)", "[io][checkpoint]", Peer<float>,
