@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "fuzz_util.hpp"
+
 namespace {
 
 using ReMoEf = spex::MoE<float, spex::ReluRouter<float>>;
@@ -39,12 +41,7 @@ struct Model {
 };
 
 spex::ProductKeyLayerConfig pk_config(spex::TableStorage s = spex::TableStorage::native) {
-  spex::ProductKeyLayerConfig c;
-  c.d_in = 4;
-  c.n_keys = 3;
-  c.heads = 2;
-  c.top_k = 2;
-  c.d_key = 4;
+  spex::ProductKeyLayerConfig c = fuzz_util::small_pk_config(2, 4);
   c.learn_keys = true;
   c.storage = s;
   c.expert_ids = spex::ExpertIds::shells;
@@ -277,13 +274,7 @@ std::vector<unsigned char> serialize(const Model& m) {
   return out;
 }
 
-template <class F>
-void spex_error_or_success(F&& f) {
-  try {
-    f();
-  } catch (const spex::Error&) {
-  }
-}
+using fuzz_util::spex_error_or_success;
 
 // A loaded layer computes: inference on a small batch, and for native tables a training step.
 template <class L>

@@ -7,27 +7,11 @@
 #include <spex/io/io.hpp>
 #include <vector>
 
+#include "fuzz_util.hpp"
+
 namespace {
 
 using ReMoEf = spex::MoE<float, spex::ReluRouter<float>>;
-
-spex::ProductKeyLayerConfig small_config() {
-  spex::ProductKeyLayerConfig c;
-  c.d_in = 4;
-  c.n_keys = 3;
-  c.heads = 1;
-  c.top_k = 2;
-  c.d_key = 2;
-  return c;
-}
-
-template <class F>
-void expect_spex_error_or_success(F&& f) {
-  try {
-    f();
-  } catch (const spex::Error&) {
-  }
-}
 
 }  // namespace
 
@@ -45,15 +29,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       std::vector<double> v(t.elements());
       spex::convert_from_bytes(file->data(t), t.dtype, v.data(), v.size());
     }
-  expect_spex_error_or_success([&] { spex::SpexMetadata::parse(file->metadata(), "fuzz"); });
+  fuzz_util::spex_error_or_success([&] { spex::SpexMetadata::parse(file->metadata(), "fuzz"); });
   spex::LoadOptions lenient;
   lenient.strict = false;
   lenient.map = true;
-  expect_spex_error_or_success([&] { spex::load_layer<spex::Peer<float>>(*file, "", lenient); });
-  expect_spex_error_or_success([&] { spex::load_layer<spex::Pkm<double>>(*file); });
-  expect_spex_error_or_success([&] { spex::load_layer<ReMoEf>(*file); });
-  expect_spex_error_or_success([&] {
-    spex::Peer<float> peer(small_config(), 1);
+  fuzz_util::spex_error_or_success([&] { spex::load_layer<spex::Peer<float>>(*file, "", lenient); });
+  fuzz_util::spex_error_or_success([&] { spex::load_layer<spex::Pkm<double>>(*file); });
+  fuzz_util::spex_error_or_success([&] { spex::load_layer<ReMoEf>(*file); });
+  fuzz_util::spex_error_or_success([&] {
+    spex::Peer<float> peer(fuzz_util::small_pk_config(), 1);
     spex::SafetensorsLoader ld(*file);
     ld.layer(peer, "", lenient);
     ld.commit();

@@ -7,6 +7,7 @@
 
 #include <spex/spex.hpp>
 
+#include "io_util.hpp"
 #include "test_util.hpp"
 
 using namespace spex;
@@ -14,27 +15,15 @@ using spex_test::randn_mat;
 
 namespace {
 
+// The io tests' small configs, with ids that can grow.
 ProductKeyLayerConfig shells_config() {
-  ProductKeyLayerConfig cfg;
-  cfg.d_in = 6;
+  ProductKeyLayerConfig cfg = spex_test::io_pk_config();
   cfg.n_keys = 4;
-  cfg.heads = 2;
-  cfg.top_k = 3;
-  cfg.d_key = 4;
-  cfg.learn_keys = true;
   cfg.expert_ids = ExpertIds::shells;
   return cfg;
 }
 
-MoEConfig small_moe() {
-  MoEConfig cfg;
-  cfg.d_in = 5;
-  cfg.n_experts = 4;
-  cfg.hidden = 6;
-  cfg.experts_per_token = 2;
-  cfg.router_init_std = 0.5;
-  return cfg;
-}
+MoEConfig small_moe() { return spex_test::io_moe_config(); }
 
 // One training step's backward into g (forward on fresh data).
 template <class L>
@@ -87,8 +76,8 @@ TEST_CASE("freeze and set_storage make earlier lists and caches stale", "[lifeti
   Peer<double> layer(shells_config(), 1);
   auto g = layer.make_grads();
   Adam<double> adam(layer.parameters(g), AdamConfig{});
-  const RowMat<double> x = randn_mat(7, 6, 1), dy = randn_mat(7, 6, 2);
-  RowMat<double> y(7, 6);
+  const RowMat<double> x = randn_mat(7, 8, 1), dy = randn_mat(7, 8, 2);
+  RowMat<double> y(7, 8);
   Peer<double>::Cache c;
   layer.forward(x, y, c);
   layer.freeze(FrozenSet{2, true, false});
@@ -163,7 +152,7 @@ TEST_CASE("lists built by hand track nothing and stay usable, and a layer's list
     backward_once(layer, g, 10 + s);
     CHECK_NOTHROW(a2.step());
   }
-  RowMat<double> y(4, 6);
-  layer.infer(randn_mat(4, 6, 9), y);
+  RowMat<double> y(4, 8);
+  layer.infer(randn_mat(4, 8, 9), y);
   CHECK_NOTHROW(a2.step());
 }

@@ -204,8 +204,16 @@ class ShardedCheckpointLoader {
   /// A staging call on it that throws must throw on every rank alike (they read the same file).
   SafetensorsLoader& replicated() { return *replicated_; }
 
-  /// Restores everything staged, on every rank.
+  /// Restores everything staged, on every rank, or nothing on any: first every rank checks
+  /// that its loaders can commit (no staging call failed, no staged storage replaced since:
+  /// core/parameter.hpp, Lifetime), then all write, which cannot fail.
   LoadReport commit() {
+    all_or_none(comm_, "ShardedCheckpointLoader::commit", [&] {
+      replicated_->check_ready();
+      if (shard_) shard_->check_ready();
+      for (const auto& [name, stamps] : resharded_stamps_) check_current(name, stamps, "ShardedCheckpointLoader::commit");
+    });
+    resharded_stamps_.clear();
     LoadReport r = replicated_->commit(), s = shard_ ? shard_->commit() : LoadReport{};
     for (auto& f : resharded_) f();
     resharded_.clear();
@@ -265,6 +273,7 @@ class ShardedCheckpointLoader {
         SPEX_CHECK(std::isfinite(double((*staged)[k])), p.name << ": a non-finite value in the old shards");
     resharded_.push_back([p, staged] { std::copy(staged->begin(), staged->end(), p.value); });
     resharded_names_.push_back(p.name);
+    resharded_stamps_.emplace_back(p.name, p.stamps);
   }
 
   /// The number of experts of the staged layer whose rows tensor `name` holds: the layer whose
@@ -302,6 +311,7 @@ class ShardedCheckpointLoader {
   std::map<std::string, Index> experts_of_;        // staged layers: prefix -> experts
   std::vector<std::function<void()>> resharded_;   // resharding: the staged copies
   std::vector<std::string> resharded_names_;
+  std::vector<std::pair<std::string, ParameterStamps>> resharded_stamps_;  // checked by commit()
   nlohmann::json layers_;
   int minor_ = kFormatMinor;
   std::vector<std::function<void()>> lambdas_;

@@ -267,13 +267,20 @@ class SafetensorsLoader {
     });
   }
 
+  /// Throws unless commit() would write every part: no staging call failed, and no staged
+  /// object's storage was replaced since (a caller committing several loaders at once checks
+  /// them all first: dist/checkpoint.hpp).
+  void check_ready() const {
+    SPEX_CHECK(!failed_, file_.path() << ": a staging call of this loader threw; nothing was written, and this loader cannot "
+                                         "commit: stage the load again with a new SafetensorsLoader");
+    for (auto& c : checks_) c();
+  }
+
   /// Writes every staged part; returns what was copied, mapped, missing and unexpected. Throws,
   /// writing nothing, when a staging call failed or a staged object's storage was replaced
   /// since it was staged.
   LoadReport commit() {
-    SPEX_CHECK(!failed_, file_.path() << ": a staging call of this loader threw; nothing was written, and this loader cannot "
-                                         "commit: stage the load again with a new SafetensorsLoader");
-    for (auto& c : checks_) c();
+    check_ready();
     for (auto& a : actions_) a();
     actions_.clear();
     checks_.clear();

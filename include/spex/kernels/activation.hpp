@@ -29,15 +29,18 @@ void map2(const T* x, const T* y, T* z, std::size_t n, FB fb, FS fs) {
   for (; i < n; ++i) z[i] = fs(x[i], y[i]);
 }
 
-/// xsimd::exp(x) with x first clamped to [-L, L], L = 750 (double) or 110 (float): exp there
-/// is already 0 or infinity, so the result is the same, but xsimd 8.1's exp converts its range
-/// reduction to an integer before it checks the range, and |x| near 1e22 makes that conversion
-/// undefined (found by fuzzing the loaders: a softmax over scores of -2.7e22). NaN stays NaN.
+/// xsimd::exp(x) with x first clamped to [-L, L], L = 750 (double) or 110 (float), and NaN
+/// lanes kept out of it: exp there is already 0 or infinity (and NaN for NaN), so the result is
+/// the same, but xsimd 8.1's exp converts its range reduction to an integer before it checks
+/// the range, and |x| near 1e22 or a NaN makes that conversion undefined (found by fuzzing the
+/// loaders: a softmax over scores of -2.7e22, and over inf - inf).
 template <class B>
 B exp_in_range(const B& x) {
   using T = typename B::value_type;
   const B limit(T(sizeof(T) == 4 ? 110 : 750));
-  return xsimd::exp(xsimd::select(x < -limit, -limit, xsimd::select(x > limit, limit, x)));
+  const auto nan = x != x;
+  const B clamped = xsimd::select(x < -limit, -limit, xsimd::select(x > limit, limit, x));
+  return xsimd::select(nan, x, xsimd::exp(xsimd::select(nan, B(T(0)), clamped)));
 }
 
 template <class B>
