@@ -13,8 +13,10 @@
 //   ld.parameters(model_params_named_as_in_file, "model.").optimizer(adam, "optim.").state(ctl, "lambda");
 //   ld.commit();                                // writes everything, or nothing if any part failed
 //
-// Each staging call validates its part at once and throws spex::Error naming what is wrong;
-// commit() writes all staged parts and cannot fail. Scalar state lives in __metadata__ as JSON
+// Each staging call validates its part at once (every conversion and rounding included) and
+// throws spex::Error naming what is wrong; commit() then writes all staged parts, or refuses
+// before writing any (a staging call threw, or a staged object's storage was replaced since:
+// see SafetensorsLoader's contract below). Scalar state lives in __metadata__ as JSON
 // strings: "<prefix>" -> {"kind": "Adam", "steps": t} (or {"kind": "Sgd"}), "<key>" -> the
 // LambdaController's or Rng's fields; doubles are written with 17 significant digits, so they
 // read back bit for bit.
