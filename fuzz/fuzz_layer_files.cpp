@@ -209,7 +209,8 @@ void mutate_tensor(Model& m, FuzzedDataProvider& in) {
       const std::uint64_t n = elements(t.shape);
       if (t.dtype == "F32" && (d == "F64" || d == "F16" || d == "BF16") && n <= 4096 && in.ConsumeBool()) {
         std::vector<float> v(n);
-        std::memcpy(v.data(), t.bytes.data(), std::min<std::size_t>(t.bytes.size(), n * 4));
+        const std::size_t copied = std::min<std::size_t>(t.bytes.size(), n * 4);
+        if (copied > 0) std::memcpy(v.data(), t.bytes.data(), copied);
         std::vector<unsigned char> out(n * dtype_bytes(d));
         spex::DType to;
         spex::parse_dtype(d, to);
