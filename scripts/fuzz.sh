@@ -3,8 +3,9 @@
 # for SECONDS (default 600): TARGET safetensors (random bytes, seeds in fuzz/seeds) or
 # layer_files (structure-aware mutations of valid layer files, seeds in fuzz/seeds_layer_files),
 # plus the corpus kept in build/fuzz/corpus_TARGET between runs. Any crash, leak or allocation
-# over 512 MiB leaves its input in build/fuzz/ and exits non-zero. The corpus can be minimized
-# into the seeds with: build/fuzz/fuzz/fuzz_TARGET -merge=1 SEEDS_DIR build/fuzz/corpus_TARGET
+# over 512 MiB leaves its input in build/fuzz/ and exits non-zero. The seeds are such a run's
+# corpus minimized to edge coverage:
+#   build/fuzz/fuzz/fuzz_TARGET -merge=1 -use_counters=0 SEEDS_DIR build/fuzz/corpus_TARGET
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET]
 set -euo pipefail
 cd "$(dirname "$0")/.."
