@@ -18,8 +18,8 @@ struct Toy {
     fill_normal(table, 1.0, rng);
   }
   ParameterList<double> params() {
-    return {Parameter<double>{"w", w.data(), 3, 4, gw.data(), nullptr},
-            Parameter<double>{"table", table.data(), 10, 3, nullptr, &gt}};
+    return {Parameter<double>{"w", w.data(), 3, 4, gw.data(), nullptr, nullptr, 0, {}},
+            Parameter<double>{"table", table.data(), 10, 3, nullptr, &gt, nullptr, 0, {}}};
   }
   void set_grads(int step) {
     Rng rng(100 + step);

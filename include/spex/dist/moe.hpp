@@ -131,7 +131,7 @@ class ShardedMoE {
   /// This rank's experts: its expert i is partition().global_id(rank(), i).
   FfnExperts<T, Arch>& experts() { return experts_; }
   const FfnExperts<T, Arch>& experts() const { return experts_; }
-  Grads make_grads() const { return Grads{router_.make_grads(), experts_.make_grads()}; }
+  Grads make_grads() const { return Grads{router_.make_grads(), experts_.make_grads(), {}}; }
 
   /// The penalty coefficient (ReLU router; ignored by TopK), in [0, kMaxLambda]. Every rank
   /// must hold the same: feed every rank's controller sparsity(cache), which is the same.

@@ -149,7 +149,7 @@ class ShardedProductKeyLayer {
   /// which round robin places in the first rows of every shard.
   Index frozen_rows() const { return part_.local_rows_below(rank_, cfg_.frozen.keys * cfg_.frozen.keys); }
 
-  Grads make_grads() const { return Grads{retrieval_.make_grads(), experts_.make_grads(frozen_rows())}; }
+  Grads make_grads() const { return Grads{retrieval_.make_grads(), experts_.make_grads(frozen_rows()), {}}; }
 
   /// What Peer/Pkm::grow(n_new, seed) does to the layer (ExpertIds::shells): the same new
   /// sub-keys on every rank and, on each, its rows of the same new experts (round robin appends
