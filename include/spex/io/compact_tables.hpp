@@ -75,13 +75,13 @@ class CompactTableLoad {
                                                << tables.size() << " compact tables" << os.str());
     // What apply() needs, allocated now: owned rows for copies and conversions (a mapped table
     // is copied once here), the conversion buffer, and the report.
-    Index block_rows = 0;
+    std::size_t block_values = 0;
     for (auto& it : items_) {
       (it.mode == Mode::map ? report_.mapped : report_.copied).push_back(it.name);
       if (it.mode != Mode::map) it.table->mutable_rows();
-      if (it.mode == Mode::convert) block_rows = std::max(block_rows, rows_per_block(it));
-      if (it.mode == Mode::convert) buf_.resize(std::max(buf_.size(), static_cast<std::size_t>(block_rows * it.table->cols())));
+      if (it.mode == Mode::convert) block_values = std::max(block_values, static_cast<std::size_t>(rows_per_block(it) * it.table->cols()));
     }
+    buf_.resize(block_values);
   }
 
   /// The tensors this load reads (tables and int8 scales): not unexpected for ParameterLoad.
@@ -158,9 +158,9 @@ class CompactTableLoad {
 
   // Every scale in [0, FLT_MAX / 127]: then every int8 value times its scale is finite.
   bool check_scales(const Item& it, std::vector<std::string>& problems) const {
-    const std::int64_t r = detail::first_bad_scale(file_.data(*it.scale), it.table->rows());
-    if (r < 0) return true;
-    problems.push_back(detail::bad_scale_message(it.scale->name, r, file_.data(*it.scale)));
+    std::string bad = detail::scale_problem(it.scale->name, file_.data(*it.scale), it.table->rows());
+    if (bad.empty()) return true;
+    problems.push_back(std::move(bad));
     return false;
   }
 

@@ -102,24 +102,19 @@ void dequantize_i8(const unsigned char* q, const unsigned char* scales, std::uin
   }
 }
 
-/// The first of `rows` F32 scales outside [0, kMaxInt8Scale] (or NaN), or -1.
-inline std::int64_t first_bad_scale(const unsigned char* scales, std::int64_t rows) {
+/// The problem with the `rows` F32 int8 scales of tensor `name`, or "" when every scale is in
+/// [0, kMaxInt8Scale] (NaN is not): what both loaders of int8 tables report.
+inline std::string scale_problem(const std::string& name, const unsigned char* scales, std::int64_t rows) {
   for (std::int64_t r = 0; r < rows; ++r) {
     float s;
     std::memcpy(&s, scales + sizeof(float) * static_cast<std::size_t>(r), sizeof s);
-    if (!(s >= 0 && s <= kMaxInt8Scale)) return r;
+    if (s >= 0 && s <= kMaxInt8Scale) continue;
+    std::ostringstream os;
+    os << "'" << printable(name) << "' holds the scale " << s << " at row " << r << "; a scale must be in [0, FLT_MAX / 127 = "
+       << kMaxInt8Scale << "] (127 times it must be a finite float)";
+    return os.str();
   }
-  return -1;
-}
-
-/// The error for scale `row` of `name`: what a scale must be.
-inline std::string bad_scale_message(const std::string& name, std::int64_t row, const unsigned char* scales) {
-  float s;
-  std::memcpy(&s, scales + sizeof(float) * static_cast<std::size_t>(row), sizeof s);
-  std::ostringstream os;
-  os << "'" << name << "' holds the scale " << s << " at row " << row << "; a scale must be in [0, FLT_MAX / 127 = "
-     << kMaxInt8Scale << "] (127 times it must be a finite float)";
-  return os.str();
+  return "";
 }
 
 inline std::string join(const std::vector<std::string>& v) {
@@ -178,14 +173,15 @@ class ParameterLoad {
       const bool map = opt.map && p.table && keep_alive_ && t->dtype == dtype_of<T>() && t->shape.size() == 2 &&
                        reinterpret_cast<std::uintptr_t>(file.data(*t)) % alignof(T) == 0;
       if (scale) {
-        const std::int64_t r = detail::first_bad_scale(file.data(*scale), p.rows);
-        if (r >= 0) problems.push_back(detail::bad_scale_message(scale->name, r, file.data(*scale)));
+        std::string bad = detail::scale_problem(scale->name, file.data(*scale), p.rows);
+        if (!bad.empty()) problems.push_back(std::move(bad));
       } else if (!map) {
         std::int64_t at = -1, overflow = -1;
         for_each_chunk(*t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
           const std::int64_t i = at < 0 && opt.check_finite ? detail::first_non_finite<T>(src, t->dtype, n) : -1;
           if (i >= 0) at = std::int64_t(first) + i;
-          const std::int64_t o = overflow < 0 ? detail::first_conversion_overflow<T>(src, t->dtype, n) : -1;
+          // With check_finite the scan above already sees an overflow as a non-finite converted value.
+          const std::int64_t o = overflow < 0 && !opt.check_finite ? detail::first_conversion_overflow<T>(src, t->dtype, n) : -1;
           if (o >= 0) overflow = std::int64_t(first) + o;
         });
         if (at >= 0)
