@@ -23,7 +23,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include <spex/dist/product_key_layers.hpp>
+#include <spex/dist/layers.hpp>
 #include <spex/layers/peer.hpp>
 
 namespace {
@@ -88,10 +88,10 @@ int main(int argc, char** argv) {
   spex::fill_normal(dy, 1.0, rng);
   spex::dist::ShardedPeer<float>::Cache c;
   step_times(sharded, c, x, dy, 2);  // warm-up; the counters start after it
-  const std::uint64_t bytes0 = c.exchange.off_rank_bytes(), rep0 = sharded.replicated_bytes();
+  const std::uint64_t bytes0 = c.dispatch.exchange.off_rank_bytes(), rep0 = sharded.dispatch().replicated_bytes();
   const std::vector<double> ms = step_times(sharded, c, x, dy, 7);
   const double steps = double(ms.size());
-  double mine[2] = {double(c.exchange.off_rank_bytes() - bytes0) / steps / double(batch), double(sharded.replicated_bytes() - rep0) / steps};
+  double mine[2] = {double(c.dispatch.exchange.off_rank_bytes() - bytes0) / steps / double(batch), double(sharded.dispatch().replicated_bytes() - rep0) / steps};
   double mean[2] = {0, 0};
   MPI_Reduce(mine, mean, 2, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD);
   const double sharded_ms = median(ms);

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include <spex/dist/product_key_layers.hpp>
+#include <spex/dist/layers.hpp>
 
 #include "compare/data.hpp"
 #include "compare/model.hpp"
@@ -103,7 +103,7 @@ int run(const Options& o, int rank, int ranks) {
     MPI_Barrier(MPI_COMM_WORLD);
     if (r == rank)
       std::printf("rank %d: expert tables %.2f MiB (%lld of %lld experts)\n", rank, double(model.block().table_bytes()) / (1 << 20),
-                  (long long)model.block().partition().local_rows(rank), (long long)model.block().n_experts());
+                  (long long)model.block().dispatch().partition().local_rows(rank), (long long)model.block().n_experts());
     std::fflush(stdout);
   }
   return 0;

@@ -16,8 +16,8 @@
   kw template class spex::NeuronExperts<T>;                                                                  \
   kw template class spex::ValueExperts<T>;                                                                   \
   kw template class spex::FfnExperts<T>;                                                                     \
-  kw template class spex::detail::ProductKeyLayer<T, spex::default_arch, spex::Peer<T>, spex::NeuronExperts<T>>; \
-  kw template class spex::detail::ProductKeyLayer<T, spex::default_arch, spex::Pkm<T>, spex::ValueExperts<T>>;   \
+  kw template class spex::detail::ProductKeyLayer<T, spex::default_arch, spex::Peer<T>, spex::NeuronExperts<T>, spex::Local>; \
+  kw template class spex::detail::ProductKeyLayer<T, spex::default_arch, spex::Pkm<T>, spex::ValueExperts<T>, spex::Local>; \
   kw template class spex::Peer<T>;                                                                           \
   kw template class spex::Pkm<T>;                                                                            \
   kw template class spex::ReluRouter<T>;                                                                     \

@@ -8,7 +8,8 @@
 //  - the replicated parameters are the same bits on every rank after the steps;
 //  - bad input on one rank throws on every rank (none hangs).
 // Exit code 0 on every rank = pass.
-#include <spex/dist/product_key_layers.hpp>
+#include <spex/dist/layers.hpp>
+#include <spex/layers/layer_concept.hpp>
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
 #include <spex/optim/adam.hpp>
@@ -22,8 +23,8 @@ using namespace dist_test;
 /// The one-process layer's table rows of the shard's experts, in the shard's order.
 template <class Sharded>
 Mat shard_rows(const Sharded& s, const Mat& full) {
-  Mat out(s.partition().local_rows(rank), full.cols());
-  for (Index i = 0; i < out.rows(); ++i) out.row(i) = full.row(s.partition().global_id(rank, i));
+  Mat out(s.dispatch().partition().local_rows(rank), full.cols());
+  for (Index i = 0; i < out.rows(); ++i) out.row(i) = full.row(s.dispatch().partition().global_id(rank, i));
   return out;
 }
 
@@ -32,11 +33,11 @@ template <class Sharded>
 void compare_sparse(const Sharded& s, const spex::SparseRowGrad<double>& shard, const spex::SparseRowGrad<double>& full,
                     const std::string& what) {
   Index owned = 0;
-  for (Index row : full.rows()) owned += s.partition().owner(row) == rank;
+  for (Index row : full.rows()) owned += s.dispatch().partition().owner(row) == rank;
   expect(shard.nnz_rows() == owned, what + ": the shard's gradient rows are the full gradient's rows of its experts");
   double worst = 0;
   for (Index i = 0; i < shard.nnz_rows(); ++i) {
-    const Index id = s.partition().global_id(rank, shard.rows()[i]), f = full.find(id);
+    const Index id = s.dispatch().partition().global_id(rank, shard.rows()[i]), f = full.find(id);
     if (f < 0) {
       expect(false, what + ": a row the one-process gradient does not have");
       continue;
@@ -129,7 +130,15 @@ void check(const char* name, spex::ProductKeyLayerConfig cfg, bool first_empty =
   full.infer(x, y_full);
   sharded.infer(x.middleRows(first, b), y, sc);
   expect_close(rel_diff(y, y_full.middleRows(first, b)), tag + "infer");
+  // The one-process layer's cache-less infer, which a sharded layer has by construction.
+  Mat y_own(b, full.d_out());
+  sharded.infer(x.middleRows(first, b), y_own);
+  expect(y_own == y, tag + "infer without a cache equals infer with one");
 }
+
+// The sharded layers are the one-process classes with another dispatch: the layer vocabulary.
+static_assert(spex::is_layer_v<spex::dist::ShardedPeer<double>> && spex::is_layer_v<spex::dist::ShardedPkm<float>>,
+              "a sharded product-key layer is a layer");
 
 void check_refusals() {
   spex::ProductKeyLayerConfig cfg;

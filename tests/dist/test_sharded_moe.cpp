@@ -8,7 +8,8 @@
 //  - the whole batch's penalty / aux loss and sparsity, on every rank; a LambdaController fed
 //    sparsity() on every rank holds the one-process controller's lambda, bit for bit;
 //  - the replicated router holds the same bits on every rank.
-#include <spex/dist/moe.hpp>
+#include <spex/dist/layers.hpp>
+#include <spex/layers/layer_concept.hpp>
 #include <spex/layers/moe.hpp>
 #include <spex/optim/adam.hpp>
 
@@ -21,9 +22,9 @@ using namespace dist_test;
 /// The one-process layer's blocks of `block` rows of the shard's experts, in the shard's order.
 template <class Sharded>
 Mat shard_blocks(const Sharded& s, const Mat& full, Index block) {
-  const Index mine = s.partition().local_rows(rank);
+  const Index mine = s.dispatch().partition().local_rows(rank);
   Mat out(mine * block, full.cols());
-  for (Index i = 0; i < mine; ++i) out.middleRows(i * block, block) = full.middleRows(s.partition().global_id(rank, i) * block, block);
+  for (Index i = 0; i < mine; ++i) out.middleRows(i * block, block) = full.middleRows(s.dispatch().partition().global_id(rank, i) * block, block);
   return out;
 }
 
@@ -85,6 +86,7 @@ void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = fals
            at + "aux loss " + std::to_string(shard_loss) + " vs " + std::to_string(loss));
     const double s_full = spex::sparsity(fc.router.gates);
     expect(sharded.sparsity(sc) == s_full, at + "sparsity of the whole batch");
+    expect(full.sparsity(fc) == s_full, at + "the one-process layer's sparsity");
     controller.update(sharded.sparsity(sc));
     full_controller.update(s_full);
     expect(controller.lambda() == full_controller.lambda(), at + "lambda");
@@ -101,6 +103,9 @@ void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = fals
   expect_weights("after 3 Adam steps", ranks == 1);
   expect_replicas_identical(sharded.parameters(), "experts.");
 }
+
+static_assert(spex::is_layer_v<spex::dist::ShardedMoE<double>> && spex::is_layer_v<spex::dist::ShardedMoE<float, spex::TopKRouter<float>>>,
+              "a sharded MoE is a layer");
 
 }  // namespace
 

@@ -52,7 +52,7 @@ int main(int argc, char** argv) {
     spex::dist::ShardedCheckpointWriter(MPI_COMM_WORLD).add_layer("peer.", peer).add_optimizer("adam.", adam).write(dir);
     spex::dist::ShardedPeer<float> restored(cfg, /*seed=*/99, MPI_COMM_WORLD);
     spex::dist::ShardedCheckpointLoader(dir, MPI_COMM_WORLD).layer(restored, "peer.").commit();
-    std::printf("rank %d: %lld of %lld experts, %.2f MiB of tables\n", rank, (long long)peer.partition().local_rows(rank),
+    std::printf("rank %d: %lld of %lld experts, %.2f MiB of tables\n", rank, (long long)peer.dispatch().partition().local_rows(rank),
                 (long long)peer.n_experts(), double(peer.table_bytes()) / (1 << 20));
     MPI_Barrier(MPI_COMM_WORLD);
     if (rank == 0) std::filesystem::remove_all(dir);

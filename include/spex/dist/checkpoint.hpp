@@ -36,17 +36,9 @@
 #include "../io/checkpoint.hpp"
 #include "../io/layer_config.hpp"
 #include "collectives.hpp"
-#include "moe.hpp"
-#include "product_key_layers.hpp"
+#include "layers.hpp"
 
 namespace spex {
-
-// The sharded layers are recorded as the kinds they shard (the same configs).
-template <class T, class Arch, class Experts>
-struct LayerKind<dist::ShardedProductKeyLayer<T, Arch, Experts>>
-    : LayerKind<std::conditional_t<std::is_same<Experts, NeuronExperts<T, Arch>>::value, Peer<T, Arch>, Pkm<T, Arch>>> {};
-template <class T, class Router, class Arch>
-struct LayerKind<dist::ShardedMoE<T, Router, Arch>> : LayerKind<MoE<T, Router, Arch>> {};
 
 namespace dist {
 

@@ -30,6 +30,8 @@ namespace spex {
 template <class T = float, class Arch = default_arch>
 class NeuronExperts {
  public:
+  /// Each expert reads the token (u . x): a sharded layer sends x to the owners.
+  static constexpr bool kReadsInput = true;
   struct Cache {
     RowMat<T> pre;                    // B x m pre-activations u . x
     RowMat<T> coef_down, coef_up;     // backward scratch, B x m

@@ -25,6 +25,8 @@ namespace spex {
 template <class T = float, class Arch = default_arch>
 class ValueExperts {
  public:
+  /// A slot's value does not depend on the token: a sharded layer sends the owners no x.
+  static constexpr bool kReadsInput = false;
   struct Cache {
     RowScatterPlan plan;
   };

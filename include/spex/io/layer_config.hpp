@@ -171,8 +171,9 @@ inline double retrieval_values(const ProductKeyLayerConfig& r) {
 /// a config (a valid file holds at least that many: what a loader checks before allocating).
 template <class L>
 struct LayerKind;
-template <class T, class Arch>
-struct LayerKind<Peer<T, Arch>> {
+// Any dispatch: a sharded layer is recorded as the kind it shards (the same config).
+template <class T, class Arch, class D>
+struct LayerKind<Peer<T, Arch, D>> {
   static constexpr const char* name = "Peer";
   static constexpr bool has_lambda = false;
   static double parameter_values(const ProductKeyLayerConfig& c) {
@@ -180,8 +181,8 @@ struct LayerKind<Peer<T, Arch>> {
     return detail::retrieval_values(r) + double(r.n_experts) * double(r.d_in + r.d_out);
   }
 };
-template <class T, class Arch>
-struct LayerKind<Pkm<T, Arch>> {
+template <class T, class Arch, class D>
+struct LayerKind<Pkm<T, Arch, D>> {
   static constexpr const char* name = "Pkm";
   static constexpr bool has_lambda = false;
   static double parameter_values(const ProductKeyLayerConfig& c) {
@@ -189,8 +190,8 @@ struct LayerKind<Pkm<T, Arch>> {
     return detail::retrieval_values(r) + double(r.n_experts) * double(r.d_out);
   }
 };
-template <class T, class Router, class Arch>
-struct LayerKind<MoE<T, Router, Arch>> {
+template <class T, class Router, class Arch, class D>
+struct LayerKind<MoE<T, Router, Arch, D>> {
   static constexpr const char* name = Router::kRelu ? "ReMoE" : "TopKMoE";
   static constexpr bool has_lambda = Router::kRelu;
   static double parameter_values(const MoEConfig& c) {

@@ -4,6 +4,7 @@
 // outputs are gate-weighted and summed. With the ReLU router the layer also owns the sparsity
 // penalty (L1 or load-balanced L1, coefficient lambda from a LambdaController), whose gradient
 // it folds into backward.
+#include <optional>
 #include <string>
 
 #include "../core/check.hpp"
@@ -16,6 +17,7 @@
 #include "../select/router_config.hpp"
 #include "../select/sparsity.hpp"
 #include "../select/topk_router.hpp"
+#include "dispatch.hpp"
 
 namespace spex {
 
@@ -28,13 +30,18 @@ namespace spex {
 /// Thread safety: infer and backward are const (one cache and grads per concurrent caller);
 /// the training forward is not (like Peer's; MoE itself keeps no batch state, but all layers
 /// share one rule).
-template <class T = float, class Router = ReluRouter<T>, class Arch = default_arch>
+/// Dispatch: where the experts run (layers/dispatch.hpp). With dist::ExpertParallel (alias
+/// dist::ShardedMoE) every method is a collective, the router is replicated and what depends on
+/// the whole batch (the penalty, sparsity, TopK's balancing loss) is the whole batch's, the same
+/// on every rank; such a layer is dropless (capacity_factor 0: capacity drops by the whole
+/// batch's token order).
+template <class T = float, class Router = ReluRouter<T>, class Arch = default_arch, class Dispatch = Local>
 class MoE {
  public:
   using Config = MoEConfig;
   using Scalar = T;
   static constexpr bool kRelu = Router::kRelu;
-  static constexpr const char* kName = "MoE";
+  static constexpr const char* kName = Dispatch::kSharded ? "ShardedMoE" : "MoE";
 
   /// Per-call state, owned by the caller and reused across calls.
   struct Cache {
@@ -44,7 +51,11 @@ class MoE {
     typename FfnExperts<T, Arch>::Cache experts;
     RowMat<T> dgates;
     RowMat<T> dy_copy;   // dy, when dx is the same matrix
-    Vec<double> penalty_w;
+    // The whole batch's statistics (with a sharded dispatch: summed over the ranks).
+    Index tokens = 0;
+    Vec<double> penalty_w;            // ReLU: the penalty's weights
+    double penalty = 0, sparsity = 0; // ReLU: L_reg; the sparsity 1 - nnz / (T E)
+    typename Dispatch::template MoEState<T, typename Router::Grads> dispatch;  // a sharded dispatch's exchange
     detail::PassTag pass;
   };
   /// Gradients; backward accumulates into them until zero(). Not assignable: parameter lists
@@ -65,17 +76,38 @@ class MoE {
     Grads& operator=(Grads&&) = delete;
   };
 
-  explicit MoE(const Config& cfg, std::uint64_t seed = 0) : MoE(cfg, Rng(seed)) {}
+  /// Drawn from `seed`; with a sharded Dispatch (dist::ExpertParallel, or an MPI communicator it
+  /// is made from), this rank's shard of MoE(cfg, seed): the same router on every rank and its
+  /// experts (rank, rank + P, ...) with the same weights, drawn without holding the others.
+  explicit MoE(const Config& cfg, std::uint64_t seed = 0, Dispatch dispatch = Dispatch()) : dispatch_(std::move(dispatch)) {
+    dispatch_.collective(kName, [&] {
+      cfg_ = validate(cfg);
+      SPEX_CHECK(!Dispatch::kSharded || cfg_.capacity_factor == 0,
+                 kName << ": capacity_factor = " << cfg_.capacity_factor
+                       << " drops by the whole batch's token order; the sharded layer is dropless (0)");
+      dispatch_.set_experts(cfg_.total_experts(), kName);
+    });
+    dispatch_.check_same(kName, {cfg_.total_experts(), cfg_.d_in, cfg_.output_width(), cfg_.expert_hidden(), cfg_.total_per_token(),
+                                 int(cfg_.ffn), int(cfg_.penalty), std::int64_t(seed)});
+    Rng rng(seed);
+    router_ = Router(cfg_, rng);
+    experts_ = FfnExperts<T, Arch>(cfg_.ffn, cfg_.total_experts(), cfg_.d_in, cfg_.expert_hidden(), rng, cfg_.output_width(),
+                                   dispatch_.rows());
+  }
 
   const Config& config() const { return cfg_; }
   Index d_in() const { return cfg_.d_in; }
   Index d_out() const { return cfg_.output_width(); }
-  /// Experts after granularity (E * G).
-  Index n_experts() const { return experts_.n_experts(); }
+  /// Experts after granularity (E * G; with a sharded dispatch: of all shards).
+  Index n_experts() const { return cfg_.total_experts(); }
+  /// Where the experts run (Local, or dist::ExpertParallel: its comm(), partition(), ...).
+  const Dispatch& dispatch() const { return dispatch_; }
   /// Experts per token after granularity (k * G): exact for TopK, the average target for ReLU.
   Index experts_per_token() const { return cfg_.total_per_token(); }
   Router& router() { return router_; }
   const Router& router() const { return router_; }
+  /// The experts this process holds (with a sharded dispatch its shard: its expert i is
+  /// dispatch().partition().global_id(rank, i)).
   FfnExperts<T, Arch>& experts() { return experts_; }
   const FfnExperts<T, Arch>& experts() const { return experts_; }
   Grads make_grads() const { return Grads(router_.make_grads(), experts_.make_grads()); }
@@ -91,18 +123,13 @@ class MoE {
   /// itself (same matrix), no other overlap.
   void forward(CMatRef<T> x, MatRef<T> y, Cache& c) {
     c.pass.invalidate();
-    check_input(x, y);
-    c.x = x;
-    run(c.x, y, c);
-    if (cfg_.check_finite) detail::check_output_finite(y, kName);
+    run(x, y, c, true);
     c.pass.set(id_, detail::PassTag::training, x.rows());
   }
   /// Inference forward (same routing rule); const. A cache it fills cannot be used for backward.
   void infer(CMatRef<T> x, MatRef<T> y, Cache& c) const {
     c.pass.invalidate();
-    check_input(x, y);
-    run(x, y, c);
-    if (cfg_.check_finite) detail::check_output_finite(y, kName);
+    run(x, y, c, false);
     c.pass.set(id_, detail::PassTag::inference, x.rows());
   }
   void infer(CMatRef<T> x, MatRef<T> y) const {
@@ -117,15 +144,23 @@ class MoE {
   /// The same without the input gradient.
   void backward(CMatRef<T> dy, Cache& c, Grads& g) const { backward_impl(dy, nullptr, c, g); }
 
-  /// The layer's extra loss term: lambda * L_reg (ReLU router) or aux + z-loss (TopK).
+  /// The layer's extra loss term of the last forward: lambda * L_reg (ReLU router) or aux +
+  /// z-loss (TopK); the whole batch's (the same on every rank; not collective).
   double aux_loss(const Cache& c) const {
     c.pass.check_filled(id_, "MoE::aux_loss");
-    return Router::kRelu ? lambda_ * penalty_value(c) : router_.aux_loss(c.router);
+    return Router::kRelu ? lambda_ * c.penalty : router_.aux_loss(c.router);
   }
-  /// Unscaled penalty L_reg of the last forward (ReLU router; 0 for TopK or Penalty::none).
+  /// Unscaled penalty L_reg of the last forward's whole batch (ReLU router; 0 for TopK or
+  /// Penalty::none).
   double penalty_value(const Cache& c) const {
     c.pass.check_filled(id_, "MoE::penalty_value");
-    return Router::kRelu ? spex::penalty_value(cfg_.penalty, c.router.gates, double(experts_per_token())) : 0.0;
+    return Router::kRelu ? c.penalty : 0.0;
+  }
+  /// Sparsity 1 - nnz / (T E) of the last forward's whole batch: what the LambdaController
+  /// takes (the same on every rank; not collective).
+  double sparsity(const Cache& c) const {
+    c.pass.check_filled(id_, "MoE::sparsity");
+    return c.sparsity;
   }
   /// Forward FLOPs per token (metrics/flops.hpp): the router's logits for all E experts (and
   /// TopK's softmax over them) and `active` experts per token: by default the budget k * G,
@@ -137,7 +172,8 @@ class MoE {
     f.experts = experts_.flops_per_token(active >= 0 ? active : double(experts_per_token())).experts;
     return f;
   }
-  /// Sparsity, active experts, loads, dead experts, ... of the last forward.
+  /// Sparsity, active experts, loads, dead experts, ... of the last forward's tokens (with a
+  /// sharded dispatch: this rank's tokens).
   RoutingStats stats(const Cache& c) const {
     c.pass.check_filled(id_, "MoE::stats");
     return routing_stats(c.router.gates, double(experts_per_token()));
@@ -162,10 +198,6 @@ class MoE {
   }
 
  private:
-  MoE(const Config& cfg, Rng rng) : cfg_(validate(cfg)), router_(cfg_, rng) {
-    experts_ = FfnExperts<T, Arch>(cfg_.ffn, cfg_.total_experts(), cfg_.d_in, cfg_.expert_hidden(), rng, cfg_.output_width());
-  }
-
   ParameterList<T> list(Grads* g, const std::string& prefix) {
     ParameterList<T> out;
     out.push_back(dense_parameter<T>(prefix + "router.weight", router_.weight(), g ? &g->router.weight : nullptr));
@@ -174,30 +206,71 @@ class MoE {
   }
 
   void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
-    const CMatRef<T> dy =
-        detail::checked_backward_dy(c.pass, id_, kName, dy_in, cfg_.d_in, d_out(), cfg_.check_finite, dx, c.dy_copy);
-    check_grads(g);
-    const Index b = dy.rows();
-    if (dx) dx->setZero();
-    c.dgates.resize(b, experts_.n_experts());
-    experts_.backward(c.x, c.router.gates, c.groups, dy, c.dgates, dx, g.experts, c.experts);
-    if (Router::kRelu && cfg_.penalty != Penalty::none && lambda_ > 0 && b > 0) {
-      c.penalty_w = penalty_weights(cfg_.penalty, c.router.gates, double(experts_per_token()));
-      add_penalty_gradient(cfg_.penalty, c.router.gates, c.penalty_w, lambda_, c.dgates);
+    std::optional<CMatRef<T>> checked;
+    dispatch_.collective(kName, [&] {
+      checked.emplace(detail::checked_backward_dy(c.pass, id_, kName, dy_in, cfg_.d_in, d_out(), cfg_.check_finite, dx, c.dy_copy));
+      check_grads(g);
+    });
+    const CMatRef<T>& dy = *checked;
+    if constexpr (Dispatch::kSharded) {
+      dispatch_.moe_backward(experts_, dy, c.dispatch, c.dgates, dx, g.experts, c.experts);
+    } else {
+      if (dx) dx->setZero();
+      c.dgates.resize(dy.rows(), experts_.n_experts());
+      experts_.backward(c.x, c.router.gates, c.groups, dy, c.dgates, dx, g.experts, c.experts);
     }
-    router_.backward(c.x, c.dgates, c.router, g.router, dx);
+    if (Router::kRelu && cfg_.penalty != Penalty::none && lambda_ > 0 && c.tokens > 0)
+      add_penalty_gradient(cfg_.penalty, c.router.gates, c.penalty_w, lambda_, c.dgates, c.tokens);
+    typename Router::Grads& rg = dispatch_.replicated_grads(c.dispatch, g.router);
+    router_.backward(c.x, c.dgates, c.router, rg, dx);
+    dispatch_.sum_replicated(c.dispatch, g.router);
   }
 
-  void check_input(const CMatRef<T>& x, const MatRef<T>& y) const {
-    detail::check_forward_args(x, y, cfg_.d_in, d_out(), cfg_.check_finite, kName);
+  /// The forward pass: routing, the batch's statistics, the experts (in this process or on
+  /// their owners). Training keeps x for backward.
+  void run(CMatRef<T> x_in, MatRef<T> y, Cache& c, bool training) const {
+    const RowMat<T>* kept = nullptr;
+    dispatch_.collective(kName, [&] {
+      detail::check_forward_args(x_in, y, cfg_.d_in, d_out(), cfg_.check_finite, kName);
+      if (training) {
+        c.x = x_in;  // before y overwrites x (y may be x)
+        kept = &c.x;
+      }
+      router_.forward(kept ? CMatRef<T>(*kept) : x_in, c.router);
+    });
+    const CMatRef<T> x = kept ? CMatRef<T>(*kept) : x_in;
+    batch_statistics(c);
+    if constexpr (Dispatch::kSharded) {
+      dispatch_.moe_forward(experts_, x, c.router.gates, c.dispatch, y, c.experts);
+    } else {
+      c.groups.build(c.router.gates);
+      experts_.forward(x, c.router.gates, c.groups, y, c.experts);
+    }
+    dispatch_.collective(kName, [&] {
+      if (cfg_.check_finite) detail::check_output_finite(y, kName);
+    });
   }
 
-  void run(CMatRef<T> x, MatRef<T> y, Cache& c) const {
-    router_.forward(x, c.router);
-    c.groups.build(c.router.gates);
-    experts_.forward(x, c.router.gates, c.groups, y, c.experts);
+  /// The whole batch's token count, sparsity and penalty (ReLU) or balancing statistics (TopK):
+  /// this process's batch, or with a sharded dispatch the sums over the ranks.
+  void batch_statistics(Cache& c) const {
+    const BatchReduction* across = dispatch_.batch_reduction();
+    const RowMat<T>& gates = c.router.gates;
+    Vec<double> counts = routed_counts(gates);  // per expert, its tokens (gate > 0)
+    if (across) across->sum(counts.data(), counts.size());
+    c.tokens = across ? across->sum(gates.rows()) : gates.rows();
+    c.sparsity = c.tokens > 0 ? 1.0 - counts.sum() / (double(c.tokens) * double(gates.cols())) : 0.0;
+    if constexpr (kRelu) {
+      c.penalty_w = penalty_weights(cfg_.penalty, counts, c.tokens, double(experts_per_token()));
+      double s = penalty_sum(cfg_.penalty, gates, c.penalty_w);
+      if (across) across->sum(&s, 1);
+      c.penalty = c.tokens > 0 ? s / double(c.tokens) : 0.0;
+    } else if (across) {
+      router_.use_whole_batch(c.router, *across);
+    }
   }
 
+  Dispatch dispatch_;
   Config cfg_;
   Router router_;
   FfnExperts<T, Arch> experts_;

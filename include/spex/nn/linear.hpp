@@ -24,6 +24,12 @@ class Linear {
       weight.setZero();
       bias.setZero();
     }
+    /// f(data, size) for each array, in a fixed order (sums over ranks).
+    template <class F>
+    void for_each_array(F&& f) {
+      f(weight.data(), Index(weight.size()));
+      f(bias.data(), Index(bias.size()));
+    }
   };
 
   Linear() = default;

@@ -46,6 +46,12 @@ class Norm {
       weight.setZero();
       bias.setZero();
     }
+    /// f(data, size) for each array, in a fixed order (sums over ranks).
+    template <class F>
+    void for_each_array(F&& f) {
+      f(weight.data(), Index(weight.size()));
+      f(bias.data(), Index(bias.size()));
+    }
   };
 
   Norm() = default;

@@ -97,6 +97,13 @@ class KeyRetrieval {
       norm.zero();
       for (auto& k : keys) k.setZero();
     }
+    /// f(data, size) for each array, in a fixed order (sums over ranks).
+    template <class F>
+    void for_each_array(F&& f) {
+      query.for_each_array(f);
+      norm.for_each_array(f);
+      for (auto& k : keys) f(k.data(), Index(k.size()));
+    }
   };
 
   /// Throws unless `g` was made for this retrieval's shapes (`what` names it).

@@ -4,6 +4,7 @@
 // KeyRetrieval. The layers differ only in their experts (experts/neurons.hpp vs
 // experts/values.hpp), plugged in through Layer::experts_forward / experts_backward.
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "../../core/check.hpp"
@@ -13,6 +14,7 @@
 #include "../../core/types.hpp"
 #include "../../kernels/activation.hpp"
 #include "../../select/key_retrieval.hpp"
+#include "../dispatch.hpp"
 
 namespace spex {
 
@@ -148,9 +150,15 @@ inline ProductKeyLayerConfig grown_config(const ProductKeyLayerConfig& c, Index 
 }
 
 /// The layer skeleton. Layer provides: kName, experts_forward(x, c, y), experts_backward(dy,
-/// c, dx, g), and Experts with parameters(prefix, grads*), check_grads(grads, what).
-template <class T, class Arch, class Layer, class Experts>
+/// c, dx, g) (the experts in this process), and Experts with parameters(prefix, grads*),
+/// check_grads(grads, what), kReadsInput and grouped kernels (a sharded Dispatch runs those).
+/// Dispatch: where the experts run (layers/dispatch.hpp); every method below is the same for
+/// all dispatches, and with a sharded one it is a collective (every rank calls it in the same
+/// order; a bad argument on any rank throws on every rank before anything changes).
+template <class T, class Arch, class Layer, class Experts, class Dispatch>
 class ProductKeyLayer {
+  using RetrievalGrads = typename KeyRetrieval<T, Arch>::Grads;
+
  public:
   using Config = ProductKeyLayerConfig;
   using Scalar = T;
@@ -164,6 +172,7 @@ class ProductKeyLayer {
     RowMat<T> pre;                                 // expert pre-activations (PEER)
     RowMat<T> dgates;
     RowMat<T> dy_copy;                             // dy, when dx is the same matrix
+    typename Dispatch::template ProductKeyState<T, RetrievalGrads> dispatch;  // a sharded dispatch's exchange
     PassTag pass;
   };
   /// Gradients; backward accumulates into them until zero(). Not assignable: parameter lists
@@ -186,7 +195,10 @@ class ProductKeyLayer {
   };
 
   const Config& config() const { return cfg_; }
+  /// Experts of the whole layer (with a sharded dispatch: of all shards).
   Index n_experts() const { return cfg_.n_experts; }
+  /// Where the experts run (Local, or dist::ExpertParallel: its comm(), partition(), ...).
+  const Dispatch& dispatch() const { return dispatch_; }
   /// Forward FLOPs per token (metrics/flops.hpp): the retrieval's parts and the h * k experts.
   FlopCount flops_per_token() const { return flops_per_token(cfg_); }
   /// The same from a config alone (nothing allocated): for choosing sizes at a FLOP budget.
@@ -200,19 +212,24 @@ class ProductKeyLayer {
   Index d_out() const { return cfg_.d_out; }
   KeyRetrieval<T, Arch>& retrieval() { return retrieval_; }
   const KeyRetrieval<T, Arch>& retrieval() const { return retrieval_; }
+  /// The experts this process holds: all of them, or with a sharded dispatch its shard (row i is
+  /// expert dispatch().partition().global_id(rank, i)).
   Experts& experts() { return experts_; }
   const Experts& experts() const { return experts_; }
 
   /// Gradients for this layer's shapes and frozen set (make them again after grow or freeze).
   Grads make_grads() const {
     require_native("make_grads");
-    return Grads(retrieval_.make_grads(), experts_.make_grads(frozen_experts()));
+    return Grads(retrieval_.make_grads(), experts_.make_grads(frozen_rows()));
   }
 
   /// What training leaves unchanged (config().frozen).
   const FrozenSet& frozen() const { return cfg_.frozen; }
   /// The frozen experts: ids [0, frozen_experts()) (frozen().keys^2).
   Index frozen_experts() const { return cfg_.frozen.keys * cfg_.frozen.keys; }
+  /// The rows of experts() that are frozen: its first ones (a shard holds the frozen ids in its
+  /// first rows too).
+  Index frozen_rows() const { return dispatch_.local_rows_below(frozen_experts()); }
   /// Freezes what `f` names and unfreezes the rest (FrozenSet; f.keys <= n_keys, shells ids
   /// unless 0 or n_keys). Typical: freeze({n_keys, true, true}) then grow(n_new, seed), and
   /// train: only the new experts learn. Gradients, parameter lists and optimizers made before
@@ -220,8 +237,11 @@ class ProductKeyLayer {
   /// record the frozen set (io). Not thread-safe.
   void freeze(const FrozenSet& f) {
     Config c = cfg_;
-    c.frozen = f;
-    c = resolve(c);  // validates
+    dispatch_.collective(Layer::kName, [&] {
+      c.frozen = f;
+      c = resolve(c);  // validates
+    });
+    dispatch_.check_same(Layer::kName, {c.frozen.keys, c.frozen.sub_keys, c.frozen.query});
     retrieval_.freeze(c.frozen.sub_keys ? c.frozen.keys : 0, c.frozen.query);
     cfg_ = c;
     storage_replaced();
@@ -234,6 +254,8 @@ class ProductKeyLayer {
   /// both forms at a time. Not thread-safe: no call on the layer may run meanwhile.
   void set_storage(TableStorage s) {
     if (s == cfg_.storage) return;
+    SPEX_CHECK(!Dispatch::kSharded, Layer::kName << "::set_storage: storage " << to_string(s)
+                                                 << " is for inference in one process; shards are native");
     experts_.set_storage(s);
     cfg_.storage = s;
     storage_replaced();
@@ -242,15 +264,23 @@ class ProductKeyLayer {
   /// shells): every existing expert keeps its id, its table rows and its sub-key rows; the new
   /// sub-key rows and expert rows are drawn as at construction from `seed`. The expert tables
   /// are copied once (into tables of the new size). Gradients and optimizers made before must be
-  /// made again. Native tables only. Not thread-safe.
+  /// made again. Native tables only. Not thread-safe. Sharded: every rank draws the same new
+  /// sub-keys and its rows of the same new experts (round robin appends the new ids at the end of
+  /// every shard: the old rows keep their place).
   void grow(Index n_new, std::uint64_t seed) {
-    require_native("grow");
-    const Config grown = grown_config(cfg_, n_new, Layer::kName);
+    Config grown;
+    dispatch_.collective(Layer::kName, [&] {
+      require_native("grow");
+      grown = grown_config(cfg_, n_new, Layer::kName);
+    });
+    dispatch_.check_same(Layer::kName, {n_new, std::int64_t(seed)});
     if (n_new == cfg_.n_keys) return;
     Rng rng(seed);
     Rng key_rng = rng.split(1), table_rng = rng.split(2);
-    experts_.grow(grown.n_experts, table_rng);  // first: it allocates the most, and changes nothing if that fails
+    // First, on every rank or none: it allocates the most, and changes nothing if that fails.
+    dispatch_.collective(Layer::kName, [&] { experts_.grow(cfg_.n_experts, grown.n_experts, table_rng, dispatch_.rows()); });
     retrieval_.grow(n_new, key_rng.next_u64());
+    dispatch_.set_experts(grown.n_experts, Layer::kName);
     cfg_ = grown;
     storage_replaced();
   }
@@ -266,12 +296,16 @@ class ProductKeyLayer {
   /// throws changes nothing in the layer). y may be x itself (same matrix), no other overlap.
   void forward(CMatRef<T> x, MatRef<T> y, Cache& c) {
     c.pass.invalidate();
-    require_native("forward");
-    check_input(x, y);
-    c.x = x;
-    retrieval_.forward(x, c.retrieval);
-    self().experts_forward(c.x, c, y);
-    if (cfg_.check_finite) check_output_finite(y, Layer::kName);
+    dispatch_.collective(Layer::kName, [&] {
+      require_native("forward");
+      check_input(x, y);
+      c.x = x;
+      retrieval_.project(c.x, c.retrieval);
+    });
+    // A sharded BatchNorm's sums are collective, and it throws on every rank or none.
+    dispatch_.collective(Layer::kName, [&] { retrieval_.forward_projected(c.retrieval); });
+    run_experts(c.x, c, y);
+    check_output(y);
     retrieval_.commit_running_stats(c.retrieval);
     c.pass.set(id_, PassTag::training, x.rows());
   }
@@ -280,10 +314,13 @@ class ProductKeyLayer {
   /// A cache it fills cannot be used for backward.
   void infer(CMatRef<T> x, MatRef<T> y, Cache& c) const {
     c.pass.invalidate();
-    check_input(x, y);
-    retrieval_.infer(x, c.retrieval);
-    self().experts_forward(x, c, y);
-    if (cfg_.check_finite) check_output_finite(y, Layer::kName);
+    dispatch_.collective(Layer::kName, [&] {
+      check_input(x, y);
+      retrieval_.project(x, c.retrieval);
+    });
+    dispatch_.collective(Layer::kName, [&] { retrieval_.forward_projected(c.retrieval, false); });
+    run_experts(x, c, y);
+    check_output(y);
     c.pass.set(id_, PassTag::inference, x.rows());
   }
 
@@ -323,23 +360,57 @@ class ProductKeyLayer {
   void check_grads(const Grads& g) const {
     retrieval_.check_grads(g.retrieval, "grads");
     experts_.check_grads(g.experts, "grads");
-    SPEX_CHECK(g.experts.frozen_rows() == frozen_experts(),
-               "grads were made for " << g.experts.frozen_rows() << " frozen experts, the layer has " << frozen_experts()
+    SPEX_CHECK(g.experts.frozen_rows() == frozen_rows(),
+               "grads were made for " << g.experts.frozen_rows() << " frozen expert rows, the layer has " << frozen_rows()
                                       << ": make_grads() again after freezing");
   }
 
  protected:
-  ProductKeyLayer(const Config& cfg, Rng& rng) : cfg_(resolve(cfg)), retrieval_(retrieval_config(cfg_), rng) {}
+  /// Validates cfg (on every rank), the same config and seed on every rank, and draws the
+  /// retrieval from rng; the Layer then draws its experts (rows dispatch_.rows()) from it.
+  ProductKeyLayer(const Config& cfg, Rng& rng, std::uint64_t seed, Dispatch dispatch) : dispatch_(std::move(dispatch)) {
+    dispatch_.collective(Layer::kName, [&] {
+      cfg_ = resolve(cfg);
+      SPEX_CHECK(!Dispatch::kSharded || cfg_.storage == TableStorage::native,
+                 Layer::kName << ": storage " << to_string(cfg_.storage) << " is for inference in one process; shards are native");
+      dispatch_.set_experts(cfg_.n_experts, Layer::kName);
+    });
+    dispatch_.check_same(Layer::kName, {cfg_.n_experts, cfg_.d_in, cfg_.d_out, cfg_.heads, cfg_.top_k, cfg_.d_key, int(cfg_.norm),
+                                        int(cfg_.score), cfg_.learn_keys, cfg_.shared_keys, cfg_.frozen.keys, std::int64_t(seed)});
+    retrieval_ = KeyRetrieval<T, Arch>(retrieval_config(cfg_), rng);
+    retrieval_.norm().set_batch_reduction(dispatch_.batch_reduction());
+  }
 
   void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
-    require_native("backward");
-    const CMatRef<T> dy =
-        checked_backward_dy(c.pass, id_, Layer::kName, dy_in, cfg_.d_in, cfg_.d_out, cfg_.check_finite, dx, c.dy_copy);
-    check_grads(g);
-    if (dx) dx->setZero();
+    std::optional<CMatRef<T>> checked;
+    dispatch_.collective(Layer::kName, [&] {
+      require_native("backward");
+      checked.emplace(checked_backward_dy(c.pass, id_, Layer::kName, dy_in, cfg_.d_in, cfg_.d_out, cfg_.check_finite, dx, c.dy_copy));
+      check_grads(g);
+    });
+    const CMatRef<T>& dy = *checked;
     c.dgates.resize(dy.rows(), retrieval_.per_token());
-    self().experts_backward(dy, c, dx, g);
-    retrieval_.backward(c.x, c.dgates, c.retrieval, g.retrieval, dx);
+    if constexpr (Dispatch::kSharded) {
+      dispatch_.product_key_backward(experts_, dy, c.dispatch, MatRef<T>(c.dgates), dx, g.experts, c.experts);
+    } else {
+      if (dx) dx->setZero();
+      self().experts_backward(dy, c, dx, g);
+    }
+    RetrievalGrads& rg = dispatch_.replicated_grads(c.dispatch, g.retrieval);
+    retrieval_.backward(c.x, c.dgates, c.retrieval, rg, dx);
+    dispatch_.sum_replicated(c.dispatch, g.retrieval);
+  }
+
+  /// The picked experts' outputs into y (assigned), in this process or on their owners.
+  void run_experts(CMatRef<T> x, Cache& c, MatRef<T> y) const {
+    if constexpr (Dispatch::kSharded) dispatch_.product_key_forward(experts_, x, CIndexMatRef(c.retrieval.ids), CMatRef<T>(c.retrieval.gates), c.dispatch, y);
+    else self().experts_forward(x, c, y);
+  }
+
+  void check_output(const MatRef<T>& y) const {
+    dispatch_.collective(Layer::kName, [&] {
+      if (cfg_.check_finite) check_output_finite(y, Layer::kName);
+    });
   }
 
   ParameterList<T> list(Grads* g, const std::string& prefix) {
@@ -368,6 +439,7 @@ class ProductKeyLayer {
   const Layer& self() const { return static_cast<const Layer&>(*this); }
   Layer& self() { return static_cast<Layer&>(*this); }
 
+  Dispatch dispatch_;
   Config cfg_;
   KeyRetrieval<T, Arch> retrieval_;
   Experts experts_;
