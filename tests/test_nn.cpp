@@ -1,5 +1,7 @@
 #include <spex/nn/linear.hpp>
 #include <spex/nn/norm.hpp>
+#include <spex/optim/adam.hpp>
+#include <spex/optim/param_groups.hpp>
 
 #include "test_util.hpp"
 
@@ -106,4 +108,48 @@ TEST_CASE("BatchNorm updates running statistics like PyTorch", "[nn]") {
   CHECK(bn.running_var()(0) == Approx(0.9 + 0.1 * 7));
   CHECK(bn.running_var()(1) == Approx(0.9 + 0.1 * 100));
   CHECK(y.col(0).mean() == Approx(0.0).margin(1e-12));
+}
+
+TEST_CASE("Linear and Norm list their parameters like the layers, and spex::frozen freezes any of them", "[nn][optim]") {
+  Rng rng(3);
+  Linear<double> lin(4, 3, true, rng);
+  Norm<double> bn(NormKind::batch, 3);
+  auto lg = lin.make_grads();
+  auto ng = bn.make_grads();
+  ParameterList<double> params = lin.parameters(lg, "proj.");
+  append_parameters(params, bn.parameters(ng, "norm."));
+  REQUIRE(params.size() == 6);
+  const char* names[] = {"proj.weight", "proj.bias", "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"};
+  for (std::size_t i = 0; i < params.size(); ++i) CHECK(params[i].name == names[i]);
+  CHECK(params[0].value == lin.weight().data());
+  CHECK(params[0].grad == lg.weight.data());
+  CHECK(params[0].rows == 3);
+  CHECK(params[0].cols == 4);
+  CHECK(params[3].grad == ng.bias.data());
+  CHECK(!params[4].trainable());
+  CHECK(lin.parameters().size() == 2);
+  CHECK(static_cast<const Norm<double>&>(bn).parameters("n.")[1].name == "n.bias");
+  CHECK(Norm<double>(NormKind::layer, 3).parameters().size() == 2);  // no running statistics
+  CHECK(Norm<double>(NormKind::none, 3).parameters().empty());
+
+  // Freeze the projection: its gradients exist, but the optimizer and the norm ignore them.
+  const auto list = frozen(params, [](const Parameter<double>& p) { return p.name.rfind("proj.", 0) == 0; });
+  CHECK(!list[0].trainable());
+  CHECK(!list[1].trainable());
+  CHECK(list[2].trainable());
+  lg.weight.setConstant(1.0);
+  lg.bias.setConstant(1.0);
+  ng.weight.setConstant(2.0);
+  ng.bias.setConstant(0.0);
+  CHECK(grad_norm(list) == Approx(std::sqrt(3 * 4.0)));
+  const RowMat<double> w0 = lin.weight();
+  const Vec<double> b0 = lin.bias(), nw0 = bn.weight();
+  AdamConfig ac;
+  ac.lr = 0.1;
+  Adam<double> adam(list, ac);
+  adam.step();
+  CHECK(lin.weight() == w0);
+  CHECK(lin.bias() == b0);
+  CHECK((bn.weight() - nw0).cwiseAbs().minCoeff() > 0.05);  // stepped by about lr
+  CHECK(adam.state("adam.").size() == 4);  // m and v of norm.weight and norm.bias only
 }

@@ -24,7 +24,7 @@
 #include "../core/check.hpp"
 #include "../core/sparse_rows.hpp"
 #include "../core/types.hpp"
-#include "../optim/parameters.hpp"
+#include "../optim/param_groups.hpp"
 #include "partition.hpp"
 
 namespace spex {

@@ -34,7 +34,7 @@
 #include "../select/sparsity.hpp"
 #include "compact_tables.hpp"
 #include "layer_config.hpp"
-#include "parameters.hpp"
+#include "parameter_load.hpp"
 #include "safetensors.hpp"
 
 namespace spex {

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "../core/compact_table.hpp"
-#include "parameters.hpp"
+#include "parameter_load.hpp"
 
 namespace spex {
 

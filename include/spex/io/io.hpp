@@ -7,5 +7,5 @@
 #include "dtype.hpp"
 #include "layer_config.hpp"
 #include "layers.hpp"
-#include "parameters.hpp"
+#include "parameter_load.hpp"
 #include "safetensors.hpp"

@@ -14,10 +14,10 @@
 #include "../experts/ffn.hpp"
 #include "../metrics/routing.hpp"
 #include "../select/relu_router.hpp"
-#include "../select/router_config.hpp"
 #include "../select/sparsity.hpp"
 #include "../select/topk_router.hpp"
 #include "dispatch.hpp"
+#include "moe_config.hpp"
 
 namespace spex {
 
@@ -90,7 +90,7 @@ class MoE {
     dispatch_.check_same(kName, {cfg_.total_experts(), cfg_.d_in, cfg_.output_width(), cfg_.expert_hidden(), cfg_.total_per_token(),
                                  int(cfg_.ffn), int(cfg_.penalty), std::int64_t(seed)});
     Rng rng(seed);
-    router_ = Router(cfg_, rng);
+    router_ = Router(cfg_.router(), rng);
     experts_ = FfnExperts<T, Arch>(cfg_.ffn, cfg_.total_experts(), cfg_.d_in, cfg_.expert_hidden(), rng, cfg_.output_width(),
                                    dispatch_.rows());
   }

@@ -5,6 +5,7 @@
 
 #include "../core/check.hpp"
 #include "../core/gemm.hpp"
+#include "../core/parameter.hpp"
 #include "../core/random.hpp"
 #include "../core/types.hpp"
 
@@ -57,6 +58,21 @@ class Linear {
     return Grads{RowMat<T>::Zero(weight_.rows(), weight_.cols()), Vec<T>::Zero(bias_.size())};
   }
 
+  /// prefix + "weight" and (with a bias) prefix + "bias", paired with their gradients in g: the
+  /// layers' vocabulary (layers/layer_concept.hpp), for optimizers, checkpoints and freezing
+  /// (spex::frozen). The list points into this Linear and g (core/parameter.hpp, Lifetime; it
+  /// tracks no epochs: a Linear never replaces its storage, but destroying it or g does).
+  ParameterList<T> parameters(Grads& g, const std::string& prefix = "") {
+    check_grads(g, "grads");
+    return list(&g, prefix);
+  }
+  /// Writable values without gradients (loading weights).
+  ParameterList<T> parameters(const std::string& prefix = "") { return list(nullptr, prefix); }
+  /// Read-only values (saving weights).
+  ParameterList<const T> parameters(const std::string& prefix = "") const {
+    return read_only(const_cast<Linear*>(this)->list(nullptr, prefix));
+  }
+
   /// Throws unless `g` has this layer's shapes (`what` names it in the message).
   void check_grads(const Grads& g, const char* what) const {
     SPEX_CHECK(g.weight.rows() == weight_.rows() && g.weight.cols() == weight_.cols() && g.bias.size() == bias_.size(),
@@ -98,6 +114,13 @@ class Linear {
   }
 
  private:
+  ParameterList<T> list(Grads* g, const std::string& prefix) {
+    ParameterList<T> out;
+    out.push_back(dense_parameter<T>(prefix + "weight", weight_, g ? &g->weight : nullptr));
+    if (has_bias()) out.push_back(dense_parameter<T>(prefix + "bias", bias_, g ? &g->bias : nullptr));
+    return out;
+  }
+
   void backward_impl(CMatRef<T> x, CMatRef<T> dy, Grads& grads, MatRef<T>* dx, bool add) const {
     check_shape(dy, x.rows(), out_features(), "dy");
     check_grads(grads, "grads");

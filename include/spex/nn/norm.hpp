@@ -11,6 +11,7 @@
 
 #include "../core/batch_reduction.hpp"
 #include "../core/check.hpp"
+#include "../core/parameter.hpp"
 #include "../core/types.hpp"
 
 namespace spex {
@@ -89,6 +90,20 @@ class Norm {
   const Vec<T>& running_var() const { return running_var_; }
 
   Grads make_grads() const { return Grads{Vec<T>::Zero(weight_.size()), Vec<T>::Zero(bias_.size())}; }
+
+  /// prefix + "weight", "bias" (with their gradients in g; none for NormKind::none) and, for
+  /// BatchNorm, the buffers prefix + "running_mean", "running_var" (no gradient): the layers'
+  /// vocabulary, as Linear::parameters (the same lifetime rule).
+  ParameterList<T> parameters(Grads& g, const std::string& prefix = "") {
+    check_grads(g, "grads");
+    return list(&g, prefix);
+  }
+  /// Writable values without gradients (loading weights).
+  ParameterList<T> parameters(const std::string& prefix = "") { return list(nullptr, prefix); }
+  /// Read-only values (saving weights).
+  ParameterList<const T> parameters(const std::string& prefix = "") const {
+    return read_only(const_cast<Norm*>(this)->list(nullptr, prefix));
+  }
 
   /// BatchNorm over a batch split across processes (data parallelism): with a reduction, the
   /// training statistics and backward's batch means are the whole batch's (its parts summed by
@@ -204,6 +219,19 @@ class Norm {
   void backward_input(CMatRef<T> dy, const Cache& cache, MatRef<T> dx) const { backward_impl(dy, cache, nullptr, dx); }
 
  private:
+  ParameterList<T> list(Grads* g, const std::string& prefix) {
+    ParameterList<T> out;
+    if (kind_ != NormKind::none) {
+      out.push_back(dense_parameter<T>(prefix + "weight", weight_, g ? &g->weight : nullptr));
+      out.push_back(dense_parameter<T>(prefix + "bias", bias_, g ? &g->bias : nullptr));
+    }
+    if (kind_ == NormKind::batch) {
+      out.push_back(dense_parameter<T>(prefix + "running_mean", running_mean_, static_cast<Vec<T>*>(nullptr)));
+      out.push_back(dense_parameter<T>(prefix + "running_var", running_var_, static_cast<Vec<T>*>(nullptr)));
+    }
+    return out;
+  }
+
   void backward_impl(CMatRef<T> dy, const Cache& cache, Grads* grads, MatRef<T> dx) const {
     check_shape(dx, dy.rows(), features_, "dx");
     check_no_partial_overlap(dy, dx, "dy", "dx");

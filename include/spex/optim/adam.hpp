@@ -22,7 +22,7 @@
 #include "../core/check.hpp"
 #include "../core/parallel.hpp"
 #include "../kernels/optim.hpp"
-#include "parameters.hpp"
+#include "param_groups.hpp"
 
 namespace spex {
 

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
-#include "parameters.hpp"
+#include "param_groups.hpp"
 
 namespace spex {
 

@@ -36,9 +36,6 @@ inline const char* to_string(ScoreFn s) {
   return "?";
 }
 
-/// The largest n_keys: N = n^2 stays at most 2^40 experts.
-constexpr Index kMaxProductKeys = Index(1) << 20;
-
 struct KeyRetrievalConfig {
   Index d_in = 0;
   Index n_keys = 0;                     ///< n: rows per sub-key half; N = n^2 experts
@@ -289,16 +286,8 @@ class KeyRetrieval {
     if (g) check_grads(*g, "grads");
     ParameterList<T> list;
     Grads* gq = cfg_.frozen_query ? nullptr : g;
-    list.push_back(dense_parameter<T>("query.weight", query_.weight(), gq ? &gq->query.weight : nullptr));
-    if (query_.has_bias()) list.push_back(dense_parameter<T>("query.bias", query_.bias(), gq ? &gq->query.bias : nullptr));
-    if (norm_.kind() != NormKind::none) {
-      list.push_back(dense_parameter<T>("norm.weight", norm_.weight(), gq ? &gq->norm.weight : nullptr));
-      list.push_back(dense_parameter<T>("norm.bias", norm_.bias(), gq ? &gq->norm.bias : nullptr));
-    }
-    if (norm_.kind() == NormKind::batch) {
-      list.push_back(dense_parameter<T>("norm.running_mean", norm_.running_mean(), static_cast<Vec<T>*>(nullptr)));
-      list.push_back(dense_parameter<T>("norm.running_var", norm_.running_var(), static_cast<Vec<T>*>(nullptr)));
-    }
+    append_parameters(list, gq ? query_.parameters(gq->query, "query.") : query_.parameters("query."));
+    append_parameters(list, gq ? norm_.parameters(gq->norm, "norm.") : norm_.parameters("norm."));
     for (Index s = 0; s < key_sets(); ++s) {
       const std::string base = cfg_.shared_keys ? "keys." : "keys.h" + std::to_string(s) + ".";
       for (int half = 0; half < 2; ++half)

@@ -20,6 +20,9 @@
 
 namespace spex {
 
+/// The largest n_keys: N = n^2 stays at most 2^40 experts.
+constexpr Index kMaxProductKeys = Index(1) << 20;
+
 /// How a pair of sub-key rows (i1, i2) is numbered as an expert id among N = n^2:
 /// row_major: i1 * n + i2 (the papers' and PyTorch references'); every id changes with n.
 /// shells: by shells of max(i1, i2): shell m holds (m, 0..m) as m^2 .. m^2 + m and (0..m-1, m)
@@ -115,7 +118,7 @@ class ProductKeys {
   void grow(Index n_new, std::uint64_t seed) {
     SPEX_CHECK(ids_ == ExpertIds::shells, "grow: keys numbered " << to_string(ids_)
                                                                  << " would all change id; construct with ExpertIds::shells");
-    SPEX_CHECK(n_new >= n() && n_new <= (Index(1) << 20), "grow: n_new = " << n_new << " must be in [n = " << n() << ", 2^20]");
+    SPEX_CHECK(n_new >= n() && n_new <= kMaxProductKeys, "grow: n_new = " << n_new << " must be in [n = " << n() << ", " << kMaxProductKeys << "]");
     append_rows(n_new - n(), seed);
   }
   /// Number of virtual keys N = n^2.

@@ -24,9 +24,9 @@ class ReluRouter {
   using Grads = typename Linear<T>::Grads;
 
   ReluRouter() = default;
-  ReluRouter(const MoEConfig& cfg, Rng& rng) : linear_(validate(cfg).d_in, cfg.total_experts(), false, rng) {
+  ReluRouter(const RouterConfig& cfg, Rng& rng) : linear_(validate(cfg).d_in, cfg.n_experts, false, rng) {
     Rng r = rng.split(31);
-    fill_normal(linear_.weight(), cfg.router_init_std, r);
+    fill_normal(linear_.weight(), cfg.init_std, r);
   }
 
   Index n_experts() const { return linear_.out_features(); }

@@ -1,70 +1,33 @@
 #pragma once
-// Configuration of a mixture-of-experts layer and its router (layers/moe.hpp), and its
-// validation (every field, overflow-safe sizes).
-#include <cmath>
-
+// What a router needs of its layer's configuration (MoE builds it from MoEConfig:
+// layers/moe_config.hpp), its validation, and the check of router logits both routers run.
 #include "../core/check.hpp"
 #include "../core/types.hpp"
-#include "../experts/ffn.hpp"
-#include "sparsity.hpp"
 
 namespace spex {
 
-struct MoEConfig {
-  Index d_in = 0;                 ///< input width
-  Index d_out = 0;                ///< output width (0: same as d_in)
-  Index n_experts = 8;            ///< E before granularity
-  Index hidden = 0;               ///< per-expert hidden size before granularity (0: 4 d_in)
-  Index experts_per_token = 1;    ///< k: TopK routes exactly k per token; ReLU routes k on average
-                                  ///< (its sparsity target is 1 - k/E)
-  Index granularity = 1;          ///< G: E*G experts, k*G per token, hidden/G each
-  FfnKind ffn = FfnKind::swiglu;
-  double router_init_std = 0.01;  ///< router weights ~ N(0, std^2), as the reference
-  bool check_finite = true;       ///< throw on NaN/Inf in x and dy
-
-  // ReLU router (ReMoE)
-  Penalty penalty = Penalty::l1_lb_spare_top;  ///< l1_lb is the paper's; sparing each token's top gate
-                                               ///< trained better at every batch measured (sparsity.hpp)
-
-  // TopK router (classic MoE)
-  bool pre_softmax = true;        ///< softmax over all E, then top-k (not renormalized); else softmax over the k
-  bool renormalize = false;       ///< with pre_softmax: divide the k probabilities by their sum
-  double aux_coeff = 0.01;        ///< Switch load-balancing loss coefficient (0: off)
-  double z_coeff = 0.0;           ///< router z-loss coefficient (0: off)
-  double capacity_factor = 0.0;   ///< > 0: at most ceil(cf * k * T / E) tokens per expert, the rest dropped
-
-  /// Experts after granularity: E * G.
-  Index total_experts() const { return checked_mul(n_experts, granularity, "n_experts * granularity"); }
-  /// Experts per token after granularity: k * G.
-  Index total_per_token() const { return checked_mul(experts_per_token, granularity, "experts_per_token * granularity"); }
-  /// Each expert's hidden size: hidden / G.
-  Index expert_hidden() const { return (hidden > 0 ? hidden : 4 * d_in) / granularity; }
-  Index output_width() const { return d_out > 0 ? d_out : d_in; }
+/// A router over n_experts experts (after granularity) for d_in-wide tokens.
+struct RouterConfig {
+  Index d_in = 0;
+  Index n_experts = 0;            ///< E (after granularity)
+  Index experts_per_token = 1;    ///< k: exactly (TopK), on average (ReLU)
+  double init_std = 0.01;         ///< weights ~ N(0, std^2)
+  // TopK router
+  bool pre_softmax = true;
+  bool renormalize = false;
+  double aux_coeff = 0.01;
+  double z_coeff = 0.0;
+  double capacity_factor = 0.0;
 };
 
 /// Throws spex::Error naming the first field of `c` that is out of range.
-inline const MoEConfig& validate(const MoEConfig& c) {
-  SPEX_CHECK(c.d_in >= 1, "d_in = " << c.d_in << " must be >= 1");
-  SPEX_CHECK(c.d_out >= 0, "d_out = " << c.d_out << " must be >= 0 (0: same as d_in)");
-  SPEX_CHECK(c.n_experts >= 1, "n_experts = " << c.n_experts << " must be >= 1");
-  SPEX_CHECK(c.granularity >= 1, "granularity = " << c.granularity << " must be >= 1");
-  SPEX_CHECK(c.hidden >= 0, "hidden = " << c.hidden << " must be >= 0 (0: 4 d_in)");
+inline const RouterConfig& validate(const RouterConfig& c) {
+  SPEX_CHECK(c.d_in >= 1, "router d_in = " << c.d_in << " must be >= 1");
+  SPEX_CHECK(c.n_experts >= 1, "router n_experts = " << c.n_experts << " must be >= 1");
   SPEX_CHECK(c.experts_per_token >= 1 && c.experts_per_token <= c.n_experts,
-             "experts_per_token = " << c.experts_per_token << " must be in [1, n_experts = " << c.n_experts << "]");
-  const Index e = c.total_experts();
-  c.total_per_token();
-  const Index hidden = c.hidden > 0 ? c.hidden : checked_mul(4, c.d_in, "4 * d_in (the default hidden)");
-  SPEX_CHECK(hidden % c.granularity == 0, "hidden = " << hidden << " must divide by granularity = " << c.granularity);
-  SPEX_CHECK(c.ffn == FfnKind::gelu || c.ffn == FfnKind::swiglu, "ffn = " << int(c.ffn) << " is not an FfnKind");
-  // W1 holds E * h1 rows of d_in (h1 = 2 hidden/G for SwiGLU), W2 E * d_out rows of hidden/G.
-  const Index h1 = checked_mul(c.ffn == FfnKind::swiglu ? 2 : 1, hidden / c.granularity, "the expert hidden size");
-  checked_mul(checked_mul(e, h1, "the expert weight rows"), c.d_in, "the expert weight size");
-  checked_mul(checked_mul(e, c.output_width(), "the expert output rows"), hidden / c.granularity, "the expert output weight size");
-  checked_mul(e, c.d_in, "the router weight size");
-  check_positive(c.router_init_std, "router_init_std");
-  SPEX_CHECK(c.penalty == Penalty::none || c.penalty == Penalty::l1 || c.penalty == Penalty::l1_lb ||
-                 c.penalty == Penalty::l1_lb_spare_top,
-             "penalty = " << int(c.penalty) << " is not a Penalty");
+             "router experts_per_token = " << c.experts_per_token << " must be in [1, n_experts = " << c.n_experts << "]");
+  checked_mul(c.n_experts, c.d_in, "the router weight size");
+  check_positive(c.init_std, "router_init_std");
   check_at_least(c.aux_coeff, 0, "aux_coeff");
   check_at_least(c.z_coeff, 0, "z_coeff");
   check_at_least(c.capacity_factor, 0, "capacity_factor");

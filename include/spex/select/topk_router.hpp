@@ -46,12 +46,12 @@ class TopKRouter {
   using Grads = typename Linear<T>::Grads;
 
   TopKRouter() = default;
-  TopKRouter(const MoEConfig& cfg, Rng& rng)
-      : linear_(validate(cfg).d_in, cfg.total_experts(), false, rng), k_(cfg.total_per_token()),
+  TopKRouter(const RouterConfig& cfg, Rng& rng)
+      : linear_(validate(cfg).d_in, cfg.n_experts, false, rng), k_(cfg.experts_per_token),
         pre_softmax_(cfg.pre_softmax), renormalize_(cfg.renormalize), aux_coeff_(cfg.aux_coeff), z_coeff_(cfg.z_coeff),
         capacity_factor_(cfg.capacity_factor) {
     Rng r = rng.split(32);
-    fill_normal(linear_.weight(), cfg.router_init_std, r);
+    fill_normal(linear_.weight(), cfg.init_std, r);
   }
 
   Index n_experts() const { return linear_.out_features(); }

@@ -36,6 +36,23 @@ std::vector<ParamGroup<T>> single_group(const ParameterList<T>& params) {
   return {ParamGroup<T>{"all", params, 1.0, std::nullopt, std::nullopt}};
 }
 
+/// `params` with every parameter that `pick` selects frozen whole: its gradient is dropped
+/// from the list, so an optimizer made from it steps neither it nor any state for it, and
+/// grad_norm and clipping do not count it (backward still computes its gradient: a layer's own
+/// freeze(), e.g. Peer::freeze, also saves that work). Any parameter of any block can be frozen
+/// this way: the Linear and Norm around a grown PEER block as well as the block's retrieval.
+///   Adam<float> adam(frozen(model_params, [](const auto& p) { return p.name.rfind("block.experts.", 0) != 0; }), cfg);
+template <class T, class Pick>
+ParameterList<T> frozen(ParameterList<T> params, Pick pick) {
+  for (auto& p : params)
+    if (pick(static_cast<const Parameter<T>&>(p))) {
+      p.grad = nullptr;
+      p.sparse_grad = nullptr;
+      p.frozen_rows = 0;
+    }
+  return params;
+}
+
 /// One rule of make_groups: parameters that `pick` selects go to group `name`.
 template <class T>
 struct GroupRule {
