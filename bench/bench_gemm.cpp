@@ -1,5 +1,5 @@
 // The GEMM engines of this build side by side, one thread, on the shape classes spex's layers
-// produce (the table behind core/gemm.hpp's gemm_engine_for and README "GEMM engines"):
+// produce (the table behind core/gemm.hpp's gemm_engine_for and docs/api.md, "GEMM engines"):
 // GFLOP/s per engine and shape. Argument 0: engine (0 Eigen, 1 CBLAS, 2 libxsmm), argument 1:
 // the shape's row in kShapes. Engines the build lacks are skipped.
 //   build/bench/bench_gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true

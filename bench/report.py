@@ -3,10 +3,10 @@
 engines, and Eigen only) against the peers (PyTorch, FAISS) on the same shapes, the targets,
 PEER against its roofline with the split of its forward, and the GEMM engine table.
 
-Usage: report.py RUN_DIR [--update-readme README.md]
+Usage: report.py RUN_DIR [--update-docs docs/performance.md]
 RUN_DIR holds machine.json, <binary>-<variant>.json (Google Benchmark, --benchmark_format=json
-with repetitions) and peers-*.jsonl. Prints Markdown; --update-readme replaces the part of the
-README between <!-- bench:begin --> and <!-- bench:end -->.
+with repetitions) and peers-*.jsonl. Prints Markdown; --update-docs replaces the part of the
+page between <!-- bench:begin --> and <!-- bench:end -->.
 """
 import glob
 import json
@@ -208,8 +208,8 @@ def main():
 
     text = "\n".join(lines)
     print(text)
-    if "--update-readme" in sys.argv:
-        readme = sys.argv[sys.argv.index("--update-readme") + 1]
+    if "--update-docs" in sys.argv:
+        readme = sys.argv[sys.argv.index("--update-docs") + 1]
         with open(readme) as f:
             content = f.read()
         begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"

@@ -2,19 +2,21 @@
 # (spexConfig.cmake finds the same engines again). Defines the imported target
 # spex::gemm_engine: include directories, libraries and the SPEX_GEMM_* definitions.
 #
-#   spex_find_gemm_engine(<engine> <xsmm> [REQUIRED])
+#   spex_find_gemm_engine(<engine> <xsmm> [OPTIONAL])
 #     engine: auto (OpenBLAS, else BLIS, else Eigen), eigen, openblas, blis
 #     xsmm:   AUTO (libxsmm for small products when found), ON, OFF
 #   Sets SPEX_GEMM_ENGINE (eigen, openblas, blis) and SPEX_GEMM_WITH_XSMM (ON/OFF) in the caller.
+#   An engine asked for by name (or xsmm ON) that is missing stops the configuration, unless
+#   OPTIONAL (the installed package's `engines` component): then the caller compares.
 #
 # Only the OpenMP builds of OpenBLAS and BLIS are used (Debian's libopenblas-openmp-dev,
 # libblis-openmp-dev): inside spex's OpenMP loops they run on the calling thread, where the
 # pthread builds would start a second pool of threads.
 
 function(spex_find_gemm_engine engine xsmm)
-  set(required OFF)
-  if(ARGV2 STREQUAL "REQUIRED")
-    set(required ON)
+  set(optional OFF)
+  if(ARGV2 STREQUAL "OPTIONAL")
+    set(optional ON)
   endif()
   set(arch_dir "${CMAKE_LIBRARY_ARCHITECTURE}")
   set(defs "")
@@ -34,7 +36,7 @@ function(spex_find_gemm_engine engine xsmm)
         list(APPEND libs "${SPEX_${candidate}_LIBRARY}")
         string(TOUPPER ${candidate} upper)
         list(APPEND defs SPEX_GEMM_CBLAS SPEX_GEMM_${upper} "SPEX_GEMM_CBLAS_NAME=\"${candidate}\"")
-      elseif(engine STREQUAL candidate)
+      elseif(engine STREQUAL candidate AND NOT optional)
         message(FATAL_ERROR "spex: SPEX_GEMM=${candidate} but the OpenMP build of ${candidate} was not found "
                             "(install lib${candidate}-openmp-dev)")
       endif()
@@ -60,7 +62,7 @@ function(spex_find_gemm_engine engine xsmm)
       endif()
       list(APPEND libs Threads::Threads ${CMAKE_DL_LIBS} rt m)
       list(APPEND defs SPEX_GEMM_XSMM)
-    elseif(xsmm STREQUAL "ON")
+    elseif(xsmm STREQUAL "ON" AND NOT optional)
       message(FATAL_ERROR "spex: SPEX_GEMM_XSMM=ON but libxsmm was not found (install libxsmm-dev)")
     endif()
   endif()
@@ -75,9 +77,6 @@ function(spex_find_gemm_engine engine xsmm)
     INTERFACE_INCLUDE_DIRECTORIES "${incs}"
     INTERFACE_LINK_LIBRARIES "${libs}"
     INTERFACE_COMPILE_DEFINITIONS "${defs}")
-  if(required AND NOT found_engine STREQUAL engine AND NOT engine STREQUAL "auto")
-    message(FATAL_ERROR "spex was built with GEMM engine ${engine}, not found here")
-  endif()
   set(SPEX_GEMM_ENGINE ${found_engine} PARENT_SCOPE)
   set(SPEX_GEMM_WITH_XSMM ${with_xsmm} PARENT_SCOPE)
 endfunction()

@@ -1,4 +1,4 @@
-// Lifelong learning with a growing PEER layer (README, "Lifelong learning").
+// Lifelong learning with a growing PEER layer (docs/growth_and_freezing.md, "Lifelong learning").
 //
 // A stream of tasks, one after another: each is a set of associative-recall facts (a key, a
 // random input vector, maps to one of `classes` values), disjoint from every other task's. The

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # spex's benchmarks and the peers a user would otherwise pick (PyTorch CPU modules, FAISS), on
 # the same shapes in one run, as a table of ratios with the machine's limits measured in the
-# same binaries (README, "Performance" is this script's output).
-# Usage: scripts/bench.sh [--threads N] [--repetitions R] [--update-readme]
+# same binaries (docs/performance.md is this script's output).
+# Usage: scripts/bench.sh [--threads N] [--repetitions R] [--update-docs]
 #   Two builds: the GEMM engines found (SPEX_GEMM=auto) and Eigen only. Results and the
 #   report go to build/bench-report/. Takes ~11 minutes on 2 cores (a 4 GiB PEER is built in
 #   spex and in PyTorch).
@@ -13,8 +13,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
     --repetitions) reps=$2; shift 2 ;;
-    --update-readme) update=1; shift ;;
-    *) echo "usage: scripts/bench.sh [--threads N] [--repetitions R] [--update-readme]" >&2; exit 2 ;;
+    --update-docs) update=1; shift ;;
+    *) echo "usage: scripts/bench.sh [--threads N] [--repetitions R] [--update-docs]" >&2; exit 2 ;;
   esac
 done
 scripts/deps.sh libbenchmark-dev libopenblas-openmp-dev libxsmm-dev python3-torch python3-numpy python3-faiss
@@ -83,4 +83,4 @@ status=0
 $python bench/peers/faiss_peers.py --threads "$threads" --repetitions "$reps" > "$out/peers-faiss.jsonl" || status=$?
 [ "$status" -eq 0 ] || [ "$status" -eq 77 ] || exit "$status"
 
-$python bench/report.py "$out" ${update:+--update-readme README.md} | tee "$out/report.md"
+$python bench/report.py "$out" ${update:+--update-docs docs/performance.md} | tee "$out/report.md"

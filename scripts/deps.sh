@@ -1,5 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages spex builds with, only those that are missing.
+# Installs the Debian 12 packages spex builds with, only those that are missing:
+#   g++ cmake make          the compiler and build tools
+#   libeigen3-dev           Eigen 3.4 (matrices, products)            spex::spex
+#   libxsimd-dev            xsimd 8.1 (the SIMD kernels)              spex::spex
+#   catch2                  Catch2 2.13 (the test suite)
+#   nlohmann-json3-dev      JSON for safetensors headers and configs  spex::io
+#   libopenblas-openmp-dev  OpenBLAS, the GEMM engine                 spex::engines
+#   libxsmm-dev             libxsmm, JIT kernels for small products   spex::engines
+# and the packages given as arguments (scripts/test.sh adds clang, BLIS, PyTorch, Open MPI).
 # Usage: scripts/deps.sh [extra-package ...]
 # As root it runs apt-get itself; otherwise through sudo when there is one, and without sudo
 # it prints the command to run as root and stops.

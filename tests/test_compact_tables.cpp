@@ -178,7 +178,7 @@ TEST_CASE("compact Peer and Pkm: same ids, the outputs of float tables holding t
 }
 
 TEST_CASE("compact tables on random tables: output error within the documented goals", "[compact]") {
-  // Goals (README, "Compact tables"): bf16 <= 1e-2 and int8 <= 3e-2 of the output norm.
+  // Goals (docs/files.md, "Compact expert tables"): bf16 <= 1e-2 and int8 <= 3e-2 of the output norm.
   ProductKeyLayerConfig c = compact_config();
   c.d_in = 128;
   c.n_keys = 64;

@@ -63,7 +63,7 @@ TEST_CASE("Norm gradients match finite differences in training and eval", "[nn][
       };
       forward(x, y, cache);
       auto g = norm.make_grads();
-      norm.backward(w, cache, g, dx);
+      norm.backward(w, dx, cache, g);
       auto loss = [&](const RowMat<double>& xin) {
         typename Norm<double>::Cache c;
         RowMat<double> yy(7, 6);

@@ -2,7 +2,7 @@
 safetensors package (Debian 12 has none): the standard library, numpy and torch only.
 
 Each module's state_dict() names, shapes and layouts are exactly what spex's layers load
-(README, "Models trained in PyTorch"); spex_metadata() records the layer's kind and config so
+(docs/files.md, "Models trained in PyTorch"); spex_metadata() records the layer's kind and config so
 that spex::load_layer<L>(path) builds the layer from the file alone:
 
     peer = PEER(d_in=64, n_keys=32, heads=4, top_k=8, d_key=32)

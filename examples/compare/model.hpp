@@ -102,7 +102,7 @@ class Model {
     out_.backward(h_, dlogits_, dh_, g_out_);
     dxn_.resize(b, d_);
     block_->backward(dh_, dxn_, bc_, g_block_);
-    norm_.backward(dxn_, nc_, g_norm_, dxn_);
+    norm_.backward(dxn_, dxn_, nc_, g_norm_);
     dh_ += dxn_;  // the residual: dx = dh + d(norm path)
     for (Index i = 0; i < b; ++i)
       for (int j = 0; j < context_; ++j) g_embed_.add_row(xs[rows[i] * context_ + j], &dh_(i, j * emb_));

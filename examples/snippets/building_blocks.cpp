@@ -17,7 +17,7 @@ int main() {
   spex::ExhaustiveTopK<float> exact;
   exact.search(keys.full_keys(), q, 8, scores_ref, ids_ref);
 
-  // Linear and Norm: backward assigns dx, like every layer.
+  // Linear and Norm: backward assigns dx, like every layer (and takes dy, dx, cache, grads).
   spex::Linear<float> proj(16, 8, /*bias=*/true, rng);
   spex::Norm<float> bn(spex::NormKind::batch, 8);
   spex::RowMat<float> h(4, 8), hn(4, 8), dh(4, 8), dq(4, 16);
@@ -26,8 +26,15 @@ int main() {
   auto ng = bn.make_grads();
   proj.forward(q, h);
   bn.forward(h, hn, nc, /*training=*/true);
-  bn.backward(hn, nc, ng, dh);
+  bn.backward(hn, dh, nc, ng);
   proj.backward(q, dh, dq, pg);
+  // They list their parameters like the layers; spex::frozen freezes any parameter of any block.
+  spex::ParameterList<float> params = proj.parameters(pg, "proj.");
+  spex::append_parameters(params, bn.parameters(ng, "norm."));
+  const spex::RowMat<float> proj_before = proj.weight();
+  spex::Sgd<float> sgd(spex::frozen(params, [](const spex::Parameter<float>& p) { return p.name.rfind("proj.", 0) == 0; }),
+                       spex::SgdConfig{});
+  sgd.step();  // steps norm.weight and norm.bias; proj.weight and proj.bias stay as they are
 
   // The GEMM every layer uses (C = A Bᵀ here), and the engine this build runs such a shape on.
   spex::RowMat<float> w(32, 16), out(4, 32);
@@ -58,5 +65,5 @@ int main() {
   usage.add(cache.retrieval.ids, cache.retrieval.gates);
   std::printf("usage %.1f%%, SIMD: %s\n", usage.summary().usage_percent, spex::simd_arch_name());
   const bool gemm_ok = out.isApprox(spex::RowMat<float>(q * w.transpose()), 1e-5f);
-  return ids == ids_ref && table(42, 0) == -0.1f && gemm_ok ? 0 : 1;
+  return ids == ids_ref && table(42, 0) == -0.1f && gemm_ok && proj.weight() == proj_before ? 0 : 1;
 }

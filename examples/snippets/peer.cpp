@@ -1,4 +1,4 @@
-// PEER and PKM: a training step and inference (README, "Quick start").
+// PEER and PKM: a training step and inference (docs/quick_start.md).
 #include <cstdio>
 
 #include <spex/spex.hpp>
@@ -12,7 +12,7 @@ int main() {
   cfg.d_key = 32;
   // Defaults: sub-keys shared by the heads, query BatchNorm, softmax scores, and sub-keys fixed
   // at their seeded initialization (cfg.learn_keys = true trains them, as the papers do;
-  // README, "Training example", says why the default is not to).
+  // docs/training.md says why the default is not to).
   spex::Peer<float> peer(cfg, /*seed=*/1);
 
   spex::RowMat<float> x = spex::RowMat<float>::Random(16, 64), y(16, 64), dy(16, 64), dx(16, 64);

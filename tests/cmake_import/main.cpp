@@ -48,6 +48,17 @@ int main() {
     return 1;
   }
 #endif
+#if SPEX_CONSUMER_ENGINES
+  // spex::engines brings the engine spex was installed with (a CBLAS on Debian: OpenBLAS or BLIS).
+  std::printf("spex::engines: %s%s\n", spex::gemm_engine_available(spex::GemmEngine::cblas) ? spex::gemm_engine_name(spex::GemmEngine::cblas) : "eigen only",
+              spex::gemm_engine_available(spex::GemmEngine::xsmm) ? " and libxsmm" : "");
+#else
+  // spex::spex alone: Eigen's products, no engine library.
+  if (spex::gemm_engine_available(spex::GemmEngine::cblas) || spex::gemm_engine_available(spex::GemmEngine::xsmm)) {
+    std::puts("spex::spex alone links a GEMM engine");
+    return 1;
+  }
+#endif
 #if SPEX_CONSUMER_DIST
   // The installed spex::dist compiles against MPI's headers and links its library.
   const spex::dist::ExpertPartition part(10, 3);

@@ -1,4 +1,4 @@
-// Expert parallelism over MPI (README, "Expert parallelism over MPI"): PEER and ReMoE with
+// Expert parallelism over MPI (docs/expert_parallelism.md): PEER and ReMoE with
 // their experts sharded over the ranks, a training step, and a sharded checkpoint.
 // Run: mpirun -np 2 snippet_dist_sharded_layers
 #include <mpi.h>

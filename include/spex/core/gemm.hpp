@@ -7,7 +7,7 @@
 // CBLAS (OpenBLAS or BLIS, their OpenMP builds) and libxsmm; CMake's SPEX_GEMM option picks
 // them and defines SPEX_GEMM_CBLAS / SPEX_GEMM_XSMM for spex and its consumers
 // (cmake/spexGemm.cmake). Which engine serves which shape is `gemm_engine_for`, chosen by
-// measurement (README, "GEMM engines").
+// measurement (docs/api.md, "GEMM engines").
 //
 // Determinism: gemm() splits C into fixed tiles that run in parallel_for, each tile one
 // single-threaded engine call. Eigen's and the BLAS libraries' own threading choose their
@@ -75,7 +75,7 @@ inline const char* gemm_cblas_kernel() {
 
 /// Whether the CBLAS serves the large products. Eigen is compiled into the caller with its ISA:
 /// where that has AVX-512 and OpenBLAS picked an AVX2 kernel family (a CPU newer than the
-/// OpenBLAS release, such as Zen 5 with Debian's 0.3.21), Eigen is faster (README, "GEMM
+/// OpenBLAS release, such as Zen 5 with Debian's 0.3.21), Eigen is faster (docs/api.md, "GEMM
 /// engines") and serves them; set OPENBLAS_CORETYPE=SkylakeX there to get OpenBLAS's
 /// AVX-512 kernels, faster than both. Decided once per process from the CPU and environment,
 /// never from timings, so a process's results are reproducible.
@@ -98,7 +98,7 @@ inline GemmEngine gemm_engine_for_large() {
 }
 
 /// The engine for one product of C (m x n) = op(A) (m x k) op(B), A and B used transposed or
-/// not: the shape classes of the table measured in README "GEMM engines".
+/// not: the shape classes of the table measured in docs/api.md, "GEMM engines".
 ///  - thin (a token or two, or up to 8 rows against a transposed B): Eigen's GEMV-like path;
 ///  - B not transposed, up to 512 columns (backward products, the experts' weight gradients),
 ///    unless A is transposed over a long k (a Linear's weight gradient over a whole batch):
@@ -284,7 +284,7 @@ void check_gemm_shapes(const MC& c, const MA& a, const MB& b) {
 
 /// gemm() splits C into tiles of at most this many rows and columns, one task each. Fixed
 /// sizes (never the thread count) keep results independent of the threads; 256 x 512 tiles
-/// keep a CBLAS near its single-core peak (64-row blocks lost 20%: README, "GEMM engines").
+/// keep a CBLAS near its single-core peak (64-row blocks lost 20%: docs/api.md, "GEMM engines").
 constexpr Index kGemmTileRows = 256;
 constexpr Index kGemmTileCols = 512;
 

@@ -28,7 +28,7 @@ inline int max_threads() {
 /// Results never depend on it: every reduction in spex has a fixed order.
 /// Waiting threads: with OpenMP's default policy idle threads spin for a while, fastest when
 /// spex has its cores, far slower when other work shares them; set OMP_WAIT_POLICY=PASSIVE in
-/// the environment there, or use fewer threads (README, "Threads", has the measurements).
+/// the environment there, or use fewer threads (docs/api.md, "Threads", has the measurements).
 inline void set_num_threads(int n) {
   SPEX_CHECK(n >= 1, "set_num_threads(" << n << "): the thread count must be >= 1");
 #if defined(_OPENMP)

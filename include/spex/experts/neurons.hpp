@@ -54,7 +54,7 @@ class NeuronExperts {
   }
 
   NeuronExperts() = default;
-  /// N experts; u, v ~ N(0, 1/d_in) and N(0, 1/d_out) (the spec's suggested default). Stored
+  /// N experts; u, v ~ N(0, 1/d_in) and N(0, 1/d_out) (docs/peer.md, "Initialization"). Stored
   /// compact, the tables are the same draws rounded or quantized block by block (the float
   /// tables never exist at once).
   NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng,

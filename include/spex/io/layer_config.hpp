@@ -1,7 +1,7 @@
 #pragma once
 // Layer configurations in a file's __metadata__, so a layer can be built from the file alone.
 //
-// Format (documented in README, "File format"): the metadata key "spex" holds a JSON document
+// Format (documented in docs/file_format.md): the metadata key "spex" holds a JSON document
 //   {"format": "spex", "version": [1, 3],
 //    "layers": {"<prefix>": {"kind": "Peer" | "Pkm" | "ReMoE" | "TopKMoE",
 //                            "dtype": "F32" | "F64",

@@ -31,7 +31,7 @@ using Activation = kernels::Activation;
 ///    scores for the old experts; trainable, the layer can learn to send new inputs to new
 ///    experts, at the price of moving old inputs' queries.
 /// In either case new experts can outscore old ones for an old input and join its top-k: the
-/// pool is shared, not partitioned (README, "Lifelong learning", measures what that costs).
+/// pool is shared, not partitioned (docs/growth_and_freezing.md, "Lifelong learning", measures what that costs).
 struct FrozenSet {
   /// The experts of sub-key pairs (i1, i2) with both below `keys` are frozen: with
   /// ExpertIds::shells the ids [0, keys^2), all the experts a layer of n_keys = keys had.

@@ -1,5 +1,5 @@
 #pragma once
-// Routing statistics of a mixture-of-experts batch (spec remoe.md section 8), computed from a
+// Routing statistics of a mixture-of-experts batch (docs/remoe.md, "What to watch"), computed from a
 // B x E gate matrix (an entry is active when > 0): sparsity, active experts per token and their
 // histogram, per-expert load and f_e, dead experts, tokens with no expert; and the flip rate
 // of the routing mask between two passes over a fixed calibration batch.

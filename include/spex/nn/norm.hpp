@@ -1,5 +1,5 @@
 #pragma once
-// Normalization of a batch of feature rows (PEER's query norm; spec peer.md section 2.2):
+// Normalization of a batch of feature rows (PEER's query norm; docs/peer.md, "The query network"):
 //  - batch: BatchNorm1d over the tokens of the batch, per feature; training uses the batch's
 //    statistics and updates running ones (momentum, unbiased variance, as PyTorch), eval
 //    uses the running ones. It couples the tokens of a batch, so in a causal model it leaks
@@ -210,13 +210,14 @@ class Norm {
     running_var_ = var;
   }
 
-  /// grads += d(weight, bias); dx = d(input) (assigned). dx may be dy itself.
-  void backward(CMatRef<T> dy, const Cache& cache, Grads& grads, MatRef<T> dx) const {
+  /// grads += d(weight, bias); dx = d(input) (assigned). dx may be dy itself. The layers'
+  /// argument order: dy, dx, what forward left, grads.
+  void backward(CMatRef<T> dy, MatRef<T> dx, const Cache& cache, Grads& grads) const {
     check_grads(grads, "grads");
     backward_impl(dy, cache, &grads, dx);
   }
   /// dx = d(input) only (a frozen norm: no gradient for weight and bias). dx may be dy itself.
-  void backward_input(CMatRef<T> dy, const Cache& cache, MatRef<T> dx) const { backward_impl(dy, cache, nullptr, dx); }
+  void backward_input(CMatRef<T> dy, MatRef<T> dx, const Cache& cache) const { backward_impl(dy, cache, nullptr, dx); }
 
  private:
   ParameterList<T> list(Grads* g, const std::string& prefix) {

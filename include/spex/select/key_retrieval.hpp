@@ -50,7 +50,7 @@ struct KeyRetrievalConfig {
   /// that win retrievals are pulled toward the queries that found them, grow, and win ever more
   /// queries, while the keys that lose get no gradient. Measured in compare_layers --table2
   /// (PEER, shared keys, query BatchNorm, 1000 steps): usage 34% learned vs 87% fixed at
-  /// N = 256^2, 15% vs 58% at 512^2, at the same or lower loss (README, "Training example").
+  /// N = 256^2, 15% vs 58% at 512^2, at the same or lower loss (docs/training.md).
   bool learn_keys = false;
   bool query_bias = false;
   double norm_eps = 1e-5, norm_momentum = 0.1;
@@ -271,11 +271,11 @@ class KeyRetrieval {
     sub_key_backward(c, g);
     if (cfg_.frozen_query) {  // dx only: no gradient for the query network and norm
       if (!dx) return;
-      norm_.backward_input(c.dq, c.norm, c.dq);
+      norm_.backward_input(c.dq, c.dq, c.norm);
       query_.backward_input_accumulate(c.dq, *dx);
       return;
     }
-    norm_.backward(c.dq, c.norm, g.norm, c.dq);
+    norm_.backward(c.dq, c.dq, c.norm, g.norm);
     query_.backward_accumulate(x, c.dq, dx, g.query);
   }
 

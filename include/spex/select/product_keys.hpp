@@ -143,7 +143,7 @@ class ProductKeys {
   }
 
   /// The k-product step measured fastest for this k: the heap walk, at every k from 8 to 64
-  /// (BM_ProductStep_* in bench/bench_retrieval.cpp; README, "Retrieval benchmark").
+  /// (BM_ProductStep_* in bench/bench_retrieval.cpp; docs/product_keys.md, "Choosing among the exact methods").
   static kernels::ProductTopK default_method(Index k) {
     (void)k;
     return kernels::ProductTopK::heap;
@@ -173,7 +173,7 @@ class ProductKeys {
     const std::size_t ks = static_cast<std::size_t>(k), ns = static_cast<std::size_t>(n());
     // Large batches read the sub-keys transposed (copied once per call, 2 n d_key/2 values):
     // Q C1ᵀ becomes a product with an untransposed operand, which libxsmm's kernels run ~1.25x
-    // faster than any engine runs the transposed one (README, "GEMM engines"). Smaller batches
+    // faster than any engine runs the transposed one (docs/api.md, "GEMM engines"). Smaller batches
     // keep the copy-free product.
     const bool transposed_copy = batch >= kTransposedKeysMinQueries;
     if (transposed_copy) {

@@ -1,5 +1,5 @@
 #pragma once
-// ReMoE's sparsity control (Wang et al., ICLR 2025; spec remoe.md sections 3-4): an L1 penalty
+// ReMoE's sparsity control (Wang et al., ICLR 2025; docs/remoe.md): an L1 penalty
 // on the ReLU router outputs R, or its load-balanced form, with a coefficient lambda that an
 // adaptive controller moves by a factor alpha each training step toward the target sparsity
 // 1 - k/E.
@@ -18,7 +18,7 @@
 // Why: the penalty's pull on a token's last active expert is what turns tokens off entirely,
 // and a token with no active expert gets no gradient from anything, so it stays off; the
 // gates also shrink all run long while the experts grow to compensate. Measured in
-// compare_layers (E = 8, k = 1, 3 seeds, README "Training example"): with l1_lb 15-21% of the
+// compare_layers (E = 8, k = 1, 3 seeds, docs/training.md): with l1_lb 15-21% of the
 // text tokens and 27-28% of the recall tokens end with no expert; sparing the top gate, 1-5%
 // and 21-22%, and validation loss fell from 1.29-1.37 to 1.09-1.17 (text) and from 1.68-1.71 to
 // 1.32-1.34 (recall). The sparsity target is held the same way (the other gates carry it).
@@ -167,7 +167,7 @@ inline const char* to_string(LambdaRule r) { return r == LambdaRule::sign ? "sig
 /// Which rule: `sign` reproduces the paper and suits batches of ~100k tokens or more per step,
 /// where one step's S is already an average over many tokens; below that use `smoothed`
 /// (LambdaController::for_small_batches()). Measured in compare_layers (128 tokens per step,
-/// E = 8, k = 1, 3 seeds, README "Training example"): after the warm-up the sign rule moved
+/// E = 8, k = 1, 3 seeds, docs/training.md): after the warm-up the sign rule moved
 /// lambda over 3-7 orders of magnitude and left S outside +-3% of the target on 2.4-10.6% of
 /// the steps (largest deviation up to 0.105); the smoothed rule kept lambda within a factor
 /// 1.5-13, S inside +-3% on 99.3-100% of the steps (largest deviation 0.040), and trained to

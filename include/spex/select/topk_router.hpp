@@ -1,5 +1,5 @@
 #pragma once
-// The classic MoE router that ReMoE replaces (spec remoe.md section 7): logits = x W^T,
+// The classic MoE router that ReMoE replaces (docs/topk_moe.md): logits = x W^T,
 // P = softmax over all E, exactly k experts per token.
 //  - pre_softmax (the reference's mode for k = 1): gates are the top-k entries of P, not
 //    renormalized (or renormalized to sum 1 with `renormalize`);
