@@ -40,3 +40,5 @@
 #include "layers/dispatch.hpp"
 #include "select/sparsity.hpp"
 #include "select/topk_router.hpp"
+// With SPEX_EXTERN_TEMPLATES (spex_instantiate in CMake): the classes compiled once elsewhere.
+#include "instantiations.hpp"

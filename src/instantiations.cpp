@@ -1,0 +1,6 @@
+// spex's instantiation unit: every class template of include/spex/instantiations.hpp for float
+// and double, compiled once with the program's flags (spex_instantiate() in CMake adds it).
+#define SPEX_INSTANTIATION_UNIT
+#include <spex/instantiations.hpp>
+
+SPEX_INSTANTIATIONS()
