@@ -8,6 +8,7 @@
 #include "../core/parameter.hpp"
 #include "../core/random.hpp"
 #include "../core/types.hpp"
+#include "weight_bias_grads.hpp"
 
 namespace spex {
 
@@ -18,20 +19,7 @@ namespace spex {
 template <class T>
 class Linear {
  public:
-  struct Grads {
-    RowMat<T> weight;
-    Vec<T> bias;
-    void zero() {
-      weight.setZero();
-      bias.setZero();
-    }
-    /// f(data, size) for each array, in a fixed order (sums over ranks).
-    template <class F>
-    void for_each_array(F&& f) {
-      f(weight.data(), Index(weight.size()));
-      f(bias.data(), Index(bias.size()));
-    }
-  };
+  using Grads = WeightBiasGrads<RowMat<T>, Vec<T>>;
 
   Linear() = default;
   /// PyTorch's default init: W, b ~ U(-1/sqrt(in), 1/sqrt(in)).

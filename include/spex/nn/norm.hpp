@@ -13,6 +13,7 @@
 #include "../core/check.hpp"
 #include "../core/parameter.hpp"
 #include "../core/types.hpp"
+#include "weight_bias_grads.hpp"
 
 namespace spex {
 
@@ -41,19 +42,7 @@ class Norm {
     Index batch_tokens = 0;                 // training BatchNorm: tokens of the whole batch
     bool training = false;
   };
-  struct Grads {
-    Vec<T> weight, bias;
-    void zero() {
-      weight.setZero();
-      bias.setZero();
-    }
-    /// f(data, size) for each array, in a fixed order (sums over ranks).
-    template <class F>
-    void for_each_array(F&& f) {
-      f(weight.data(), Index(weight.size()));
-      f(bias.data(), Index(bias.size()));
-    }
-  };
+  using Grads = WeightBiasGrads<Vec<T>, Vec<T>>;
 
   Norm() = default;
   /// `group` is the LayerNorm group size (features must divide by it; 0: all features);

@@ -21,8 +21,9 @@ namespace spex {
 
 namespace detail {
 
-/// The layer skeleton. Layer provides: kName, experts_forward(x, c, y), experts_backward(dy,
-/// c, dx, g) (the experts in this process), and Experts with parameters(prefix, grads*),
+/// The layer skeleton. Layer provides: kName, draw_experts(config, rng, rows) and
+/// unfilled_experts(config), experts_forward(x, c, y), experts_backward(dy, c, dx, g) (the
+/// experts in this process), and Experts with parameters(prefix, grads*),
 /// check_grads(grads, what), kReadsInput and grouped kernels (a sharded Dispatch runs those).
 /// Dispatch: where the experts run (layers/dispatch.hpp); every method below is the same for
 /// all dispatches, and with a sharded one it is a collective (every rank calls it in the same
@@ -238,9 +239,23 @@ class ProductKeyLayer {
   }
 
  protected:
-  /// Validates cfg (on every rank), the same config and seed on every rank, and draws the
-  /// retrieval from rng; the Layer then draws its experts (rows dispatch_.rows()) from it.
-  ProductKeyLayer(const Config& cfg, Rng& rng, std::uint64_t seed, Dispatch dispatch) : dispatch_(std::move(dispatch)) {
+  /// Validates cfg (on every rank), checks that every rank has the same config and seed, and
+  /// draws from `seed` the retrieval, then the Layer's experts (Layer::draw_experts: the rows
+  /// dispatch_.rows() of the tables, or compact tables) from the same generator.
+  ProductKeyLayer(const Config& cfg, std::uint64_t seed, Dispatch dispatch) : dispatch_(std::move(dispatch)) {
+    Rng rng(seed);
+    construct(cfg, rng, seed);
+    experts_ = Layer::draw_experts(cfg_, rng, dispatch_.rows());
+  }
+  /// The tables allocated, not filled (loaders: io/layers.hpp); the retrieval drawn from seed 0.
+  ProductKeyLayer(const Config& cfg, Unfilled) {
+    static_assert(!Dispatch::kSharded, "sharded layers load through dist::ShardedCheckpointLoader");
+    Rng rng(0);
+    construct(cfg, rng, 0);
+    experts_ = Layer::unfilled_experts(cfg_);
+  }
+
+  void construct(const Config& cfg, Rng& rng, std::uint64_t seed) {
     dispatch_.collective(Layer::kName, [&] {
       cfg_ = resolve(cfg);
       SPEX_CHECK(!Dispatch::kSharded || cfg_.storage == TableStorage::native,
