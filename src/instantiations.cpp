@@ -1,5 +1,6 @@
 // spex's instantiation unit: every class template of include/spex/instantiations.hpp for float
-// and double, compiled once with the program's flags (spex_instantiate() in CMake adds it).
+// and / or double (SPEX_EXTERN_FLOAT, SPEX_EXTERN_DOUBLE, SPEX_EXTERN_TEMPLATES: both), compiled
+// once with the program's flags (spex_instantiate() in CMake adds it).
 #define SPEX_INSTANTIATION_UNIT
 #include <spex/instantiations.hpp>
 

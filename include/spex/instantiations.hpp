@@ -3,11 +3,12 @@
 // dispatch), to cut the compile time of programs that include spex in many translation units.
 //
 // A program that uses them compiles spex's instantiation unit once (src/instantiations.cpp;
-// with CMake: spex_instantiate(<target>), which adds it and defines SPEX_EXTERN_TEMPLATES), and
+// with CMake: spex_instantiate(<target> [float] [double]), which adds it and defines
+// SPEX_EXTERN_FLOAT and / or SPEX_EXTERN_DOUBLE; SPEX_EXTERN_TEMPLATES means both), and
 // every other translation unit then only declares these classes (`extern template`), instead of
 // compiling every layer and the Eigen products inside it again (docs/install.md, "Compile time"
 // has the measurements). The unit is compiled with the program's own flags: its default_arch is
-// the program's. Without SPEX_EXTERN_TEMPLATES this header declares nothing.
+// the program's. Without those macros this header declares nothing.
 #include "spex.hpp"
 
 #define SPEX_INSTANTIATIONS_OF(kw, T)                                                                             \
@@ -32,10 +33,24 @@
   kw template class spex::Adam<T>;                                                                                \
   kw template class spex::Sgd<T>;
 
-#define SPEX_INSTANTIATIONS(kw)      \
-  SPEX_INSTANTIATIONS_OF(kw, float)  \
-  SPEX_INSTANTIATIONS_OF(kw, double)
+#if defined(SPEX_EXTERN_TEMPLATES)
+#define SPEX_EXTERN_FLOAT 1
+#define SPEX_EXTERN_DOUBLE 1
+#endif
 
-#if defined(SPEX_EXTERN_TEMPLATES) && !defined(SPEX_INSTANTIATION_UNIT)
+// The unit defines (kw empty) what every other translation unit declares (kw extern).
+#if defined(SPEX_EXTERN_FLOAT)
+#define SPEX_INSTANTIATIONS_FLOAT(kw) SPEX_INSTANTIATIONS_OF(kw, float)
+#else
+#define SPEX_INSTANTIATIONS_FLOAT(kw)
+#endif
+#if defined(SPEX_EXTERN_DOUBLE)
+#define SPEX_INSTANTIATIONS_DOUBLE(kw) SPEX_INSTANTIATIONS_OF(kw, double)
+#else
+#define SPEX_INSTANTIATIONS_DOUBLE(kw)
+#endif
+#define SPEX_INSTANTIATIONS(kw) SPEX_INSTANTIATIONS_FLOAT(kw) SPEX_INSTANTIATIONS_DOUBLE(kw)
+
+#if !defined(SPEX_INSTANTIATION_UNIT)
 SPEX_INSTANTIATIONS(extern)
 #endif
