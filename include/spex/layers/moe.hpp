@@ -229,16 +229,12 @@ class MoE {
   /// The forward pass: routing, the batch's statistics, the experts (in this process or on
   /// their owners). Training keeps x for backward.
   void run(CMatRef<T> x_in, MatRef<T> y, Cache& c, bool training) const {
-    const RowMat<T>* kept = nullptr;
     dispatch_.collective(kName, [&] {
       detail::check_forward_args(x_in, y, cfg_.d_in, d_out(), cfg_.check_finite, kName);
-      if (training) {
-        c.x = x_in;  // before y overwrites x (y may be x)
-        kept = &c.x;
-      }
-      router_.forward(kept ? CMatRef<T>(*kept) : x_in, c.router);
+      if (training) c.x = x_in;  // before y overwrites x (y may be x)
+      router_.forward(training ? CMatRef<T>(c.x) : x_in, c.router);
     });
-    const CMatRef<T> x = kept ? CMatRef<T>(*kept) : x_in;
+    const CMatRef<T> x = training ? CMatRef<T>(c.x) : x_in;
     batch_statistics(c);
     if constexpr (Dispatch::kSharded) {
       dispatch_.moe_forward(experts_, x, c.router.gates, c.dispatch, y, c.experts);

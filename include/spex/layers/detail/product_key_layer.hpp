@@ -169,16 +169,7 @@ class ProductKeyLayer {
   /// throws changes nothing in the layer). y may be x itself (same matrix), no other overlap.
   void forward(CMatRef<T> x, MatRef<T> y, Cache& c) {
     c.pass.invalidate();
-    dispatch_.collective(Layer::kName, [&] {
-      require_native("forward");
-      check_input(x, y);
-      c.x = x;
-      retrieval_.project(c.x, c.retrieval);
-    });
-    // A sharded BatchNorm's sums are collective, and it throws on every rank or none.
-    dispatch_.collective(Layer::kName, [&] { retrieval_.forward_projected(c.retrieval); });
-    run_experts(c.x, c, y);
-    check_output(y);
+    run(x, y, c, true);
     retrieval_.commit_running_stats(c.retrieval);
     c.pass.set(id_, PassTag::training, x.rows());
   }
@@ -187,13 +178,7 @@ class ProductKeyLayer {
   /// A cache it fills cannot be used for backward.
   void infer(CMatRef<T> x, MatRef<T> y, Cache& c) const {
     c.pass.invalidate();
-    dispatch_.collective(Layer::kName, [&] {
-      check_input(x, y);
-      retrieval_.project(x, c.retrieval);
-    });
-    dispatch_.collective(Layer::kName, [&] { retrieval_.forward_projected(c.retrieval, false); });
-    run_experts(x, c, y);
-    check_output(y);
+    run(x, y, c, false);
     c.pass.set(id_, PassTag::inference, x.rows());
   }
 
@@ -288,16 +273,27 @@ class ProductKeyLayer {
     dispatch_.sum_replicated(c.dispatch, g.retrieval);
   }
 
+  /// The forward pass; changes nothing in the layer (forward() commits the norm's statistics).
+  /// Training keeps x in the cache for backward (before y, which may be x, overwrites it).
+  void run(CMatRef<T> x_in, MatRef<T> y, Cache& c, bool training) const {
+    dispatch_.collective(Layer::kName, [&] {
+      if (training) require_native("forward");
+      check_input(x_in, y);
+      if (training) c.x = x_in;
+      retrieval_.project(training ? CMatRef<T>(c.x) : x_in, c.retrieval);
+    });
+    // A sharded BatchNorm's sums are collective, and it throws on every rank or none.
+    dispatch_.collective(Layer::kName, [&] { retrieval_.forward_projected(c.retrieval, training); });
+    run_experts(training ? CMatRef<T>(c.x) : x_in, c, y);
+    dispatch_.collective(Layer::kName, [&] {
+      if (cfg_.check_finite) check_output_finite(y, Layer::kName);
+    });
+  }
+
   /// The picked experts' outputs into y (assigned), in this process or on their owners.
   void run_experts(CMatRef<T> x, Cache& c, MatRef<T> y) const {
     if constexpr (Dispatch::kSharded) dispatch_.product_key_forward(experts_, x, CIndexMatRef(c.retrieval.ids), CMatRef<T>(c.retrieval.gates), c.dispatch, y);
     else self().experts_forward(x, c, y);
-  }
-
-  void check_output(const MatRef<T>& y) const {
-    dispatch_.collective(Layer::kName, [&] {
-      if (cfg_.check_finite) check_output_finite(y, Layer::kName);
-    });
   }
 
   ParameterList<T> list(Grads* g, const std::string& prefix) {
