@@ -2,7 +2,7 @@
 // Layer configurations in a file's __metadata__, so a layer can be built from the file alone.
 //
 // Format (documented in docs/file_format.md): the metadata key "spex" holds a JSON document
-//   {"format": "spex", "version": [1, 3],
+//   {"format": "spex", "version": [1, 4],
 //    "layers": {"<prefix>": {"kind": "Peer" | "Pkm" | "ReMoE" | "TopKMoE",
 //                            "dtype": "F32" | "F64",
 //                            "config": {<every Config field by its C++ name>},
@@ -13,7 +13,10 @@
 // field and trained the sub-keys) and an absent penalty as l1_lb (1.0's default). 1.2 added
 // "storage" (native, bf16, int8: how a Peer or Pkm stores its expert tables; io/compact_tables.hpp)
 // and "expert_ids" (row_major, shells: ExpertIds in select/product_keys.hpp); 1.3 the frozen set
-// of a Peer or Pkm ("frozen_keys", "frozen_sub_keys", "frozen_query": FrozenSet).
+// of a Peer or Pkm ("frozen_keys", "frozen_sub_keys", "frozen_query": FrozenSet); 1.4 the TopK
+// router's options and shared experts of an MoE ("score", "route_scale", "expert_bias",
+// "n_groups", "group_topk", "group_score_experts", "seq_aux_coeff", "seq_len", "shared_experts",
+// "shared_hidden", "shared_gate").
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
@@ -30,7 +33,7 @@
 
 namespace spex {
 
-constexpr int kFormatMajor = 1, kFormatMinor = 3;
+constexpr int kFormatMajor = 1, kFormatMinor = 4;
 /// The __metadata__ key that holds spex's document.
 constexpr const char* kMetadataKey = "spex";
 
@@ -88,7 +91,7 @@ struct ConfigFromJson {
     const nlohmann::json& f = j[name];
     if constexpr (std::is_enum<V>::value) {
       SPEX_CHECK(f.is_string() && parse_enum(f.get<std::string>(), v, enum_count(v)),
-                 where << ": config field '" << name << "' = " << f.dump() << " is not a valid value");
+                 where << ": config field '" << name << "' = " << f.dump() << " is not one of " << enum_values(v));
     } else if constexpr (std::is_same<V, bool>::value) {
       SPEX_CHECK(f.is_boolean(), where << ": config field '" << name << "' = " << f.dump() << " is not a boolean");
       v = f.get<bool>();
@@ -99,6 +102,13 @@ struct ConfigFromJson {
       SPEX_CHECK(f.is_number(), where << ": config field '" << name << "' = " << f.dump() << " is not a number");
       v = f.get<V>();
     }
+  }
+  /// The valid values of an enum field, for messages: "a", "b", "c".
+  template <class E>
+  static std::string enum_values(E v) {
+    std::string out;
+    for (int i = 0; i < enum_count(v); ++i) out += (i ? ", \"" : "\"") + std::string(to_string(E(i))) + "\"";
+    return out;
   }
   static int enum_count(kernels::Activation) { return 6; }
   static int enum_count(ScoreFn) { return 3; }
@@ -150,6 +160,17 @@ void for_each_field(C& c, F& f) {
     f("aux_coeff", c.aux_coeff);
     f("z_coeff", c.z_coeff);
     f("capacity_factor", c.capacity_factor);
+    f("score", c.score);
+    f("route_scale", c.route_scale);
+    f("expert_bias", c.expert_bias);
+    f("n_groups", c.n_groups);
+    f("group_topk", c.group_topk);
+    f("group_score_experts", c.group_score_experts);
+    f("seq_aux_coeff", c.seq_aux_coeff);
+    f("seq_len", c.seq_len);
+    f("shared_experts", c.shared_experts);
+    f("shared_hidden", c.shared_hidden);
+    f("shared_gate", c.shared_gate);
   }
 }
 
@@ -197,7 +218,9 @@ struct LayerKind<MoE<T, Router, Arch, D>> {
   static double parameter_values(const MoEConfig& c) {
     validate(c);
     const double e = double(c.total_experts()), h = double(c.expert_hidden()), h1 = c.ffn == FfnKind::swiglu ? 2 * h : h;
-    return e * double(c.d_in) + e * (h1 * double(c.d_in) + double(c.output_width()) * h);
+    const double sh = double(c.shared_experts) * double(c.shared_expert_hidden()), sh1 = c.ffn == FfnKind::swiglu ? 2 * sh : sh;
+    return e * double(c.d_in) + (c.expert_bias ? e : 0) + e * (h1 * double(c.d_in) + double(c.output_width()) * h) +
+           sh1 * double(c.d_in) + double(c.output_width()) * sh + (c.shared_gate ? double(c.d_in) : 0);
   }
 };
 

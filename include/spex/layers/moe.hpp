@@ -12,6 +12,7 @@
 #include "../core/parameter.hpp"
 #include "../core/types.hpp"
 #include "../experts/ffn.hpp"
+#include "../experts/shared_experts.hpp"
 #include "../metrics/routing.hpp"
 #include "../select/relu_router.hpp"
 #include "../select/sparsity.hpp"
@@ -43,33 +44,48 @@ class MoE {
   static constexpr bool kRelu = Router::kRelu;
   static constexpr const char* kName = Dispatch::kSharded ? "ShardedMoE" : "MoE";
 
+  /// The gradients of what every rank holds a replica of (router, shared experts).
+  struct ReplicatedGrads {
+    typename Router::Grads router;
+    typename SharedExperts<T, Arch>::Grads shared;
+    void zero() {
+      router.zero();
+      shared.zero();
+    }
+    template <class F>
+    void for_each_array(F&& f) {
+      router.for_each_array(f);
+      shared.for_each_array(f);
+    }
+  };
   /// Per-call state, owned by the caller and reused across calls.
   struct Cache {
     RowMat<T> x;
     typename Router::Cache router;
     ExpertGroups groups;
     typename FfnExperts<T, Arch>::Cache experts;
+    typename SharedExperts<T, Arch>::Cache shared;
     RowMat<T> dgates;
     RowMat<T> dy_copy;   // dy, when dx is the same matrix
     // The whole batch's statistics (with a sharded dispatch: summed over the ranks).
     Index tokens = 0;
     Vec<double> penalty_w;            // ReLU: the penalty's weights
     double penalty = 0, sparsity = 0; // ReLU: L_reg; the sparsity 1 - nnz / (T E)
-    typename Dispatch::template MoEState<T, typename Router::Grads> dispatch;  // a sharded dispatch's exchange
+    Vec<double> load;                 // tokens routed to each expert (gate > 0)
+    typename Dispatch::template MoEState<T, ReplicatedGrads> dispatch;  // a sharded dispatch's exchange
     detail::PassTag pass;
   };
   /// Gradients; backward accumulates into them until zero(). Not assignable: parameter lists
   /// point into them (core/parameter.hpp, Lifetime; moving or destroying them makes those
   /// lists stale).
-  struct Grads {
-    typename Router::Grads router;
+  struct Grads : ReplicatedGrads {
     typename FfnExperts<T, Arch>::Grads experts;
     StorageEpoch epoch;
     void zero() {
-      router.zero();
+      ReplicatedGrads::zero();
       experts.zero();
     }
-    Grads(typename Router::Grads r, typename FfnExperts<T, Arch>::Grads e) : router(std::move(r)), experts(std::move(e)) {}
+    Grads(ReplicatedGrads r, typename FfnExperts<T, Arch>::Grads e) : ReplicatedGrads(std::move(r)), experts(std::move(e)) {}
     Grads(Grads&&) = default;
     Grads(const Grads&) = default;
     Grads& operator=(const Grads&) = delete;
@@ -82,17 +98,23 @@ class MoE {
   explicit MoE(const Config& cfg, std::uint64_t seed = 0, Dispatch dispatch = Dispatch()) : dispatch_(std::move(dispatch)) {
     dispatch_.collective(kName, [&] {
       cfg_ = validate(cfg);
+      if constexpr (kRelu) check_relu_router_options(cfg_.router());
       SPEX_CHECK(!Dispatch::kSharded || cfg_.capacity_factor == 0,
                  kName << ": capacity_factor = " << cfg_.capacity_factor
                        << " drops by the whole batch's token order; the sharded layer is dropless (0)");
       dispatch_.set_experts(cfg_.total_experts(), kName);
     });
     dispatch_.check_same(kName, {cfg_.total_experts(), cfg_.d_in, cfg_.output_width(), cfg_.expert_hidden(), cfg_.total_per_token(),
-                                 int(cfg_.ffn), int(cfg_.penalty), std::int64_t(seed)});
+                                 int(cfg_.ffn), int(cfg_.penalty), std::int64_t(seed), int(cfg_.score), cfg_.n_groups,
+                                 cfg_.group_topk, cfg_.group_score_experts, int(cfg_.expert_bias), cfg_.shared_experts, cfg_.shared_expert_hidden(),
+                                 int(cfg_.shared_gate), cfg_.seq_len});
     Rng rng(seed);
     router_ = Router(cfg_.router(), rng);
     experts_ = FfnExperts<T, Arch>(cfg_.ffn, cfg_.total_experts(), cfg_.d_in, cfg_.expert_hidden(), rng, cfg_.output_width(),
                                    dispatch_.rows());
+    if (cfg_.shared_experts > 0)
+      shared_ = SharedExperts<T, Arch>(cfg_.ffn, cfg_.shared_experts, cfg_.d_in, cfg_.shared_expert_hidden(), cfg_.output_width(),
+                                       cfg_.shared_gate, cfg_.router_init_std, rng);
   }
 
   const Config& config() const { return cfg_; }
@@ -110,7 +132,29 @@ class MoE {
   /// dispatch().partition().global_id(rank, i)).
   FfnExperts<T, Arch>& experts() { return experts_; }
   const FfnExperts<T, Arch>& experts() const { return experts_; }
-  Grads make_grads() const { return Grads(router_.make_grads(), experts_.make_grads()); }
+  /// The shared experts (empty() when the config has none); replicated on every rank.
+  SharedExperts<T, Arch>& shared_experts() { return shared_; }
+  const SharedExperts<T, Arch>& shared_experts() const { return shared_; }
+  Grads make_grads() const { return Grads(ReplicatedGrads{router_.make_grads(), shared_.make_grads()}, experts_.make_grads()); }
+
+  /// Tokens routed to each expert (gate > 0, after capacity drops) in the last forward's whole
+  /// batch (the same on every rank; not collective): what update_expert_bias takes, summed by
+  /// the caller over a step's micro-batches.
+  const Vec<double>& expert_load(const Cache& c) const {
+    c.pass.check_filled(id_, "MoE::expert_load");
+    return c.load;
+  }
+  /// Auxiliary-loss-free balancing (TopK router with expert_bias; DeepSeek-V3, Megatron-Core):
+  /// once per training step, b_e += rate * sign(mean(load) - load_e) with `load` the step's
+  /// expert_load (default rate: Megatron-Core's 1e-3). Changes only which experts are selected.
+  /// With a sharded dispatch every rank passes the same whole-batch load and stays identical.
+  void update_expert_bias(const Vec<double>& load, double rate = 1e-3) {
+    if constexpr (kRelu) {
+      SPEX_CHECK(false, kName << "::update_expert_bias: ReLU routing has no expert bias (TopKRouter with expert_bias = true)");
+    } else {
+      router_.update_expert_bias(load, rate);
+    }
+  }
 
   /// The sparsity penalty's coefficient (ReLU router; ignored by TopK), in [0, kMaxLambda].
   void set_lambda(double lambda) {
@@ -169,7 +213,7 @@ class MoE {
   FlopCount flops_per_token(double active = -1) const {
     FlopCount f;
     f.router = flops::linear(cfg_.d_in, n_experts()) + (Router::kRelu ? double(n_experts()) : 3.0 * double(n_experts()));
-    f.experts = experts_.flops_per_token(active >= 0 ? active : double(experts_per_token())).experts;
+    f.experts = experts_.flops_per_token(active >= 0 ? active : double(experts_per_token())).experts + shared_.flops_per_token();
     return f;
   }
   /// Sparsity, active experts, loads, dead experts, ... of the last forward's tokens (with a
@@ -179,7 +223,8 @@ class MoE {
     return routing_stats(c.router.gates, double(experts_per_token()));
   }
 
-  /// prefix + "router.weight", "experts.w1", "experts.w2", with their gradients in g.
+  /// prefix + "router.weight", "experts.w1", "experts.w2", with their gradients in g; with the
+  /// options, the buffer "router.expert_bias" and "shared.w1", "shared.w2", "shared.gate.weight".
   ParameterList<T> parameters(Grads& g, const std::string& prefix = "") {
     check_grads(g);
     return list(&g, prefix);
@@ -194,6 +239,7 @@ class MoE {
   /// Throws unless `g` was made by a layer of this one's shapes.
   void check_grads(const Grads& g) const {
     router_.check_grads(g.router, "grads");
+    shared_.check_grads(g.shared, "grads");
     experts_.check_grads(g.experts, "grads");
   }
 
@@ -201,7 +247,12 @@ class MoE {
   ParameterList<T> list(Grads* g, const std::string& prefix) {
     ParameterList<T> out;
     out.push_back(dense_parameter<T>(prefix + "router.weight", router_.weight(), g ? &g->router.weight : nullptr));
+    if constexpr (!kRelu) {
+      if (cfg_.expert_bias)
+        out.push_back(dense_parameter<T>(prefix + "router.expert_bias", router_.expert_bias(), static_cast<Vec<T>*>(nullptr)));
+    }
     append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
+    append_parameters(out, shared_.parameters("shared.", g ? &g->shared : nullptr), prefix);
     return stamped(std::move(out), epoch_, g ? &g->epoch : nullptr);
   }
 
@@ -221,9 +272,10 @@ class MoE {
     }
     if (Router::kRelu && cfg_.penalty != Penalty::none && lambda_ > 0 && c.tokens > 0)
       add_penalty_gradient(cfg_.penalty, c.router.gates, c.penalty_w, lambda_, c.dgates, c.tokens);
-    typename Router::Grads& rg = dispatch_.replicated_grads(c.dispatch, g.router);
-    router_.backward(c.x, c.dgates, c.router, rg, dx);
-    dispatch_.sum_replicated(c.dispatch, g.router);
+    ReplicatedGrads& rg = dispatch_.replicated_grads(c.dispatch, static_cast<ReplicatedGrads&>(g));
+    router_.backward(c.x, c.dgates, c.router, rg.router, dx);
+    shared_.backward(c.x, dy, c.shared, rg.shared, dx);
+    dispatch_.sum_replicated(c.dispatch, static_cast<ReplicatedGrads&>(g));
   }
 
   /// The forward pass: routing, the batch's statistics, the experts (in this process or on
@@ -236,12 +288,14 @@ class MoE {
     });
     const CMatRef<T> x = training ? CMatRef<T>(c.x) : x_in;
     batch_statistics(c);
+    shared_.forward(x, c.shared);  // before y is written: y may be x
     if constexpr (Dispatch::kSharded) {
       dispatch_.moe_forward(experts_, x, c.router.gates, c.dispatch, y, c.experts);
     } else {
       c.groups.build(c.router.gates);
       experts_.forward(x, c.router.gates, c.groups, y, c.experts);
     }
+    shared_.add_to(y, c.shared);
     dispatch_.collective(kName, [&] {
       if (cfg_.check_finite) detail::check_output_finite(y, kName);
     });
@@ -252,7 +306,8 @@ class MoE {
   void batch_statistics(Cache& c) const {
     const BatchReduction* across = dispatch_.batch_reduction();
     const RowMat<T>& gates = c.router.gates;
-    Vec<double> counts = routed_counts(gates);  // per expert, its tokens (gate > 0)
+    Vec<double>& counts = c.load;
+    counts = routed_counts(gates);  // per expert, its tokens (gate > 0)
     if (across) across->sum(counts.data(), counts.size());
     c.tokens = across ? across->sum(gates.rows()) : gates.rows();
     c.sparsity = c.tokens > 0 ? 1.0 - counts.sum() / (double(c.tokens) * double(gates.cols())) : 0.0;
@@ -270,6 +325,7 @@ class MoE {
   Config cfg_;
   Router router_;
   FfnExperts<T, Arch> experts_;
+  SharedExperts<T, Arch> shared_;
   double lambda_ = 0.0;
   detail::LayerId id_;
   StorageEpoch epoch_;  // advanced on assignment and destruction (core/parameter.hpp, Lifetime)

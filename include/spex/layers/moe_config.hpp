@@ -33,6 +33,20 @@ struct MoEConfig {
   double aux_coeff = 0.01;        ///< Switch load-balancing loss coefficient (0: off)
   double z_coeff = 0.0;           ///< router z-loss coefficient (0: off)
   double capacity_factor = 0.0;   ///< > 0: at most ceil(cf * k * T / E) tokens per expert, the rest dropped
+  // TopK router, the routing of DeepSeek-V3 and Megatron-Core (docs/topk_moe.md)
+  ScoreFn score = ScoreFn::softmax;  ///< softmax over the E logits, or sigmoid per expert
+  double route_scale = 1.0;       ///< the gates' factor (DeepSeek's routed_scaling_factor)
+  bool expert_bias = false;       ///< a selection-only bias per expert, moved by MoE::update_expert_bias
+  Index n_groups = 1;             ///< group-limited routing: experts (E * G) in n_groups groups (1: off)
+  Index group_topk = 0;           ///< groups a token may use (0: all)
+  Index group_score_experts = 0;  ///< a group's score sums its best this many keys (0: k / group_topk)
+  double seq_aux_coeff = 0.0;     ///< sequence-wise balancing loss coefficient (0: off)
+  Index seq_len = 0;              ///< tokens per sequence: the batch is sequences of consecutive rows
+
+  // Shared experts (either router): always-on FFNs added to every token's output
+  Index shared_experts = 0;       ///< how many (0: none); they form one FFN of shared_experts * shared_hidden
+  Index shared_hidden = 0;        ///< each one's hidden size (0: a routed expert's, hidden / G)
+  bool shared_gate = false;       ///< gate their output by sigmoid(x . w_g) per token (Qwen2-MoE)
 
   /// Experts after granularity: E * G.
   Index total_experts() const { return checked_mul(n_experts, granularity, "n_experts * granularity"); }
@@ -41,6 +55,8 @@ struct MoEConfig {
   /// Each expert's hidden size: hidden / G.
   Index expert_hidden() const { return (hidden > 0 ? hidden : 4 * d_in) / granularity; }
   Index output_width() const { return d_out > 0 ? d_out : d_in; }
+  /// Each shared expert's hidden size: shared_hidden, or a routed expert's.
+  Index shared_expert_hidden() const { return shared_hidden > 0 ? shared_hidden : expert_hidden(); }
   /// What the router takes of it.
   RouterConfig router() const {
     RouterConfig r;
@@ -53,6 +69,14 @@ struct MoEConfig {
     r.aux_coeff = aux_coeff;
     r.z_coeff = z_coeff;
     r.capacity_factor = capacity_factor;
+    r.score = score;
+    r.route_scale = route_scale;
+    r.expert_bias = expert_bias;
+    r.n_groups = n_groups;
+    r.group_topk = group_topk;
+    r.group_score_experts = group_score_experts;
+    r.seq_aux_coeff = seq_aux_coeff;
+    r.seq_len = seq_len;
     return r;
   }
 };
@@ -83,6 +107,15 @@ inline const MoEConfig& validate(const MoEConfig& c) {
   check_at_least(c.aux_coeff, 0, "aux_coeff");
   check_at_least(c.z_coeff, 0, "z_coeff");
   check_at_least(c.capacity_factor, 0, "capacity_factor");
+  validate(c.router());  // the router's options (score, groups, seq_aux_coeff, ...)
+  SPEX_CHECK(c.shared_experts >= 0, "shared_experts = " << c.shared_experts << " must be >= 0");
+  SPEX_CHECK(c.shared_hidden >= 0, "shared_hidden = " << c.shared_hidden << " must be >= 0 (0: a routed expert's hidden)");
+  SPEX_CHECK(!c.shared_gate || c.shared_experts > 0, "shared_gate = true needs shared_experts >= 1");
+  if (c.shared_experts > 0) {
+    const Index sh = checked_mul(c.shared_experts, c.shared_expert_hidden(), "shared_experts * shared_hidden");
+    checked_mul(checked_mul(c.ffn == FfnKind::swiglu ? 2 : 1, sh, "the shared hidden size"), c.d_in, "the shared expert weight size");
+    checked_mul(sh, c.output_width(), "the shared expert output weight size");
+  }
   return c;
 }
 

@@ -20,21 +20,9 @@
 #include "../nn/linear.hpp"
 #include "../nn/norm.hpp"
 #include "product_keys.hpp"
+#include "score_fn.hpp"
 
 namespace spex {
-
-/// How the k retrieval scores of a head become gates: softmax over the head's k (the PEER
-/// paper's default), an independent sigmoid, or ReLU (PEER-pytorch's "non-competing" scores).
-enum class ScoreFn { softmax, sigmoid, relu };
-
-inline const char* to_string(ScoreFn s) {
-  switch (s) {
-    case ScoreFn::softmax: return "softmax";
-    case ScoreFn::sigmoid: return "sigmoid";
-    case ScoreFn::relu: return "relu";
-  }
-  return "?";
-}
 
 struct KeyRetrievalConfig {
   Index d_in = 0;

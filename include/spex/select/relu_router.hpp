@@ -25,6 +25,7 @@ class ReluRouter {
 
   ReluRouter() = default;
   ReluRouter(const RouterConfig& cfg, Rng& rng) : linear_(validate(cfg).d_in, cfg.n_experts, false, rng) {
+    check_relu_router_options(cfg);
     Rng r = rng.split(31);
     fill_normal(linear_.weight(), cfg.init_std, r);
   }
