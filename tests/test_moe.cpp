@@ -105,6 +105,7 @@ void check_gradients(Layer& moe, const RowMat<double>& x) {
   };
   const double eps = 1e-6;
   for (const auto& p : moe.parameters(grads)) {
+    if (!p.trainable()) continue;  // buffers: the expert bias
     auto v = p.value_map();
     auto g = p.grad_map();
     for (Index r = 0; r < p.rows; ++r)
@@ -174,6 +175,33 @@ TEST_CASE("MoE gradients match finite differences: TopK router, aux and z losses
       TopKMoE moe(cfg, 6);
       check_gradients(moe, randn_mat(7, 5, 10));
     }
+}
+
+TEST_CASE("TopK gradients match finite differences with DeepSeek-V3's and Megatron-Core's routing options", "[remoe][gradcheck]") {
+  // sigmoid scores (renormalized or not), a selection bias, groups, route scale, the
+  // sequence-wise loss, shared experts with and without their gate, and capacity drops.
+  for (int mode = 0; mode < 6; ++mode) {
+    CAPTURE(mode);
+    MoEConfig cfg = small_config(mode % 2 ? FfnKind::swiglu : FfnKind::gelu);
+    cfg.n_experts = 6;
+    cfg.score = mode == 4 ? ScoreFn::softmax : ScoreFn::sigmoid;
+    cfg.renormalize = mode != 1;
+    cfg.route_scale = 2.5;
+    cfg.expert_bias = true;
+    cfg.n_groups = mode < 3 ? 3 : 1;
+    cfg.group_topk = mode < 3 ? 2 : 0;
+    cfg.aux_coeff = 0.2;
+    cfg.seq_aux_coeff = 0.3;
+    cfg.seq_len = 4;
+    cfg.z_coeff = mode == 2 ? 0.1 : 0.0;
+    cfg.shared_experts = mode == 5 ? 0 : 1 + mode % 2;
+    cfg.shared_hidden = 3;
+    cfg.shared_gate = mode % 3 == 0 && cfg.shared_experts > 0;
+    cfg.capacity_factor = mode == 3 ? 0.5 : 0.0;
+    TopKMoE moe(cfg, 20 + mode);
+    moe.router().expert_bias() = randn_mat(6, 1, 40 + mode) * 0.3;  // changes the selection
+    check_gradients(moe, randn_mat(8, 5, 13));
+  }
 }
 
 TEST_CASE("TopK gradients with capacity drops match finite differences in every mode", "[remoe][gradcheck]") {

@@ -1,5 +1,7 @@
 // Loads the layers tools/export_reference.py saved from PyTorch and requires spex's infer(x) to
-// equal PyTorch's eval-mode output y (float64, |difference| <= 1e-10 relative to max |y|).
+// equal PyTorch's eval-mode output y (float64, |difference| <= 1e-10 relative to max |y|); for
+// the TopK MoE cases also the training forward, the input and parameter gradients of
+// sum(y * dy) + aux_loss, the aux loss and the expert bias update, each to 1e-10.
 // Usage: torch_interop DIR (run by tests/torch_interop.sh, which exports DIR first).
 #include <cmath>
 #include <cstdio>
@@ -16,13 +18,56 @@ spex::RowMat<double> read_matrix(const spex::SafetensorsFile& f, const std::stri
   return m;
 }
 
+double relative(const spex::RowMat<double>& got, const spex::RowMat<double>& want) {
+  if (got.rows() != want.rows() || got.cols() != want.cols()) return 1e300;
+  return (got - want).cwiseAbs().maxCoeff() / std::max(1e-300, want.cwiseAbs().maxCoeff());
+}
+
 template <class L>
 double max_error(const std::string& model, const spex::SafetensorsFile& io) {
   const L layer = spex::load_layer<L>(model);
   const spex::RowMat<double> x = read_matrix(io, "x"), y = read_matrix(io, "y");
   spex::RowMat<double> out(x.rows(), layer.d_out());
   layer.infer(x, out);
-  return (out - y).cwiseAbs().maxCoeff() / std::max(1e-300, y.cwiseAbs().maxCoeff());
+  return relative(out, y);
+}
+
+/// The largest relative error over the training forward, dx, every parameter gradient, the aux
+/// loss and the bias update; `what` names the worst.
+template <class L>
+double training_error(const std::string& model, const spex::SafetensorsFile& io, std::string& what) {
+  L layer = spex::load_layer<L>(model);
+  const spex::RowMat<double> x = read_matrix(io, "x"), dy = read_matrix(io, "dy");
+  typename L::Cache cache;
+  auto grads = layer.make_grads();
+  spex::RowMat<double> y(x.rows(), layer.d_out()), dx(x.rows(), layer.d_in());
+  layer.forward(x, y, cache);
+  layer.backward(dy, dx, cache, grads);
+  double worst = -1;
+  auto note = [&](double err, const std::string& name) {
+    if (err > worst) worst = err, what = name;
+  };
+  note(relative(y, read_matrix(io, "y")), "y");
+  note(relative(dx, read_matrix(io, "dx")), "dx");
+  spex::RowMat<double> aux(1, 1);
+  aux(0, 0) = layer.aux_loss(cache);
+  note(relative(aux, read_matrix(io, "aux")), "aux");
+  int n_grads = 0;
+  for (const auto& p : layer.parameters(grads)) {
+    if (!p.trainable()) continue;
+    note(relative(p.grad_map(), read_matrix(io, "grad." + p.name)), "grad." + p.name);
+    ++n_grads;
+  }
+  int torch_grads = 0;
+  for (const auto& t : io.tensors()) torch_grads += t.name.rfind("grad.", 0) == 0;
+  if (n_grads != torch_grads) note(1e300, "the number of parameter gradients");
+  if (io.find("load")) {
+    const spex::Vec<double> load = layer.expert_load(cache);
+    note(relative(load, read_matrix(io, "load")), "load");
+    layer.update_expert_bias(load, read_matrix(io, "bias_rate")(0, 0));
+    note(relative(layer.router().expert_bias(), read_matrix(io, "bias_next")), "bias after update_expert_bias");
+  }
+  return worst;
 }
 
 }  // namespace
@@ -34,7 +79,7 @@ int main(int argc, char** argv) {
   }
   const std::string dir = argv[1];
   const char* cases[] = {"peer", "peer_per_head_sigmoid_relu", "peer_no_norm_silu", "pkm", "remoe_swiglu", "topk_gelu",
-                         "topk_renormalized", "topk_softmax_over_k"};
+                         "topk_renormalized", "topk_softmax_over_k", "topk_deepseek_v3", "topk_qwen2_moe", "topk_sigmoid_groups"};
   int failures = 0;
   for (const char* c : cases) {
     const std::string model = dir + "/" + c + ".safetensors";
@@ -49,6 +94,14 @@ int main(int argc, char** argv) {
       const bool ok = err >= 0 && err <= 1e-10;
       failures += !ok;
       std::printf("%-28s %-8s max |spex - torch| / max |torch| = %.2e  %s\n", c, kind.c_str(), err, ok ? "ok" : "FAILED");
+      if (kind == "TopKMoE") {
+        std::string what;
+        const double terr = training_error<spex::MoE<double, spex::TopKRouter<double>>>(model, io, what);
+        const bool tok = terr >= 0 && terr <= 1e-10;
+        failures += !tok;
+        std::printf("%-28s training: forward, gradients, aux loss, bias update: worst %s %.2e  %s\n", c, what.c_str(), terr,
+                    tok ? "ok" : "FAILED");
+      }
     } catch (const std::exception& e) {
       ++failures;
       std::printf("%-28s FAILED: %s\n", c, e.what());

@@ -2,8 +2,11 @@
 """Trains (a few Adam steps) and saves one PyTorch reference module of each spex layer kind, in
 float64, with the inputs and PyTorch's eval-mode outputs beside it:
   OUTDIR/<case>.safetensors      the layer (weights, buffers, spex metadata): spex::load_layer
-  OUTDIR/<case>.io.safetensors   x and y = module.eval()(x)
-tests/torch_interop.sh loads each layer in spex and requires spex's infer(x) to equal y.
+  OUTDIR/<case>.io.safetensors   x and y = module.eval()(x); for TopK MoE also dy, the input and
+                                 parameter gradients of sum(y * dy) + aux_loss (dx, grad.<name>),
+                                 aux, and with an expert bias the step's load and the bias after
+                                 update_expert_bias(load, rate)
+tests/torch_interop.sh loads each layer in spex and requires spex to reproduce all of it.
 Usage: tools/export_reference.py OUTDIR
 """
 import os
@@ -25,6 +28,43 @@ def cases():
     yield "topk_gelu", st.MoE(d_in=10, n_experts=6, hidden=8, experts_per_token=2, router="topk", ffn="gelu")
     yield "topk_renormalized", st.MoE(d_in=10, n_experts=5, hidden=6, experts_per_token=3, router="topk", renormalize=True)
     yield "topk_softmax_over_k", st.MoE(d_in=10, n_experts=5, hidden=6, experts_per_token=2, router="topk", pre_softmax=False)
+    # DeepSeek-V3's routing: sigmoid, selection bias, 4 groups of which 2 (scored by their best 2),
+    # renormalized and scaled, a sequence-wise loss, one shared expert.
+    yield "topk_deepseek_v3", st.MoE(d_in=10, n_experts=8, hidden=6, experts_per_token=3, router="topk", score="sigmoid",
+                                     renormalize=True, route_scale=2.5, expert_bias=True, n_groups=4, group_topk=2,
+                                     group_score_experts=2, aux_coeff=0.0, seq_aux_coeff=0.01, seq_len=5, shared_experts=1)
+    # Qwen2-MoE's: softmax top-k, not renormalized, a gated shared expert of its own width; z-loss.
+    yield "topk_qwen2_moe", st.MoE(d_in=10, n_experts=6, hidden=5, experts_per_token=2, router="topk", z_coeff=0.01,
+                                   shared_experts=1, shared_hidden=12, shared_gate=True)
+    # Megatron-Core's sigmoid without renormalization, one group of 3 scored by k / group_topk, GELU, two
+    # gated shared experts, both balancing losses.
+    yield "topk_sigmoid_groups", st.MoE(d_in=10, n_experts=6, hidden=4, experts_per_token=2, router="topk", ffn="gelu",
+                                        score="sigmoid", n_groups=3, group_topk=1, expert_bias=True, aux_coeff=0.05,
+                                        seq_aux_coeff=0.02, seq_len=4, shared_experts=2, shared_hidden=3, shared_gate=True)
+
+
+BIAS_RATE = 1e-3  # Megatron-Core's default --moe-router-bias-update-rate
+
+
+def gradients(m, x):
+    """dy, y's and the aux loss's gradients by autograd, and the expert bias update."""
+    torch.manual_seed(1)
+    dy = torch.randn(x.shape[0], m.d_out, dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    m.zero_grad()
+    aux = m.aux_loss(xg)
+    ((m(xg) * dy).sum() + aux).backward()
+    out = {"dy": dy, "dx": xg.grad, "aux": aux.detach().reshape(1, 1)}
+    for name, p in m.named_parameters():
+        out["grad." + name] = p.grad if p.grad.dim() == 2 else p.grad.reshape(-1, 1)
+    if hasattr(m.router, "expert_bias"):
+        with torch.no_grad():
+            load = (m.gates(x) > 0).double().sum(0)
+            bias = m.router.expert_bias
+            out["load"] = load.reshape(-1, 1)
+            out["bias_next"] = (bias + BIAS_RATE * torch.sign(load.mean() - load)).reshape(-1, 1)
+            out["bias_rate"] = torch.tensor([[BIAS_RATE]], dtype=torch.float64)
+    return out
 
 
 def main():
@@ -44,11 +84,16 @@ def main():
             loss.backward()
             opt.step()
         m.eval()
+        if hasattr(m, "router") and hasattr(m.router, "expert_bias"):  # a buffer: give it values that change selections
+            m.router.expert_bias.copy_(0.05 * torch.randn(m.e, dtype=torch.float64))
         x = torch.randn(20, d_in, dtype=torch.float64)
         with torch.no_grad():
             y = m(x)
+        io = {"x": x, "y": y}
+        if m.spex_kind == "TopKMoE":
+            io.update(gradients(m, x))
         st.save_layer(os.path.join(out, name + ".safetensors"), m)
-        st.write_safetensors(os.path.join(out, name + ".io.safetensors"), {"x": x, "y": y}, {"kind": m.spex_kind})
+        st.write_safetensors(os.path.join(out, name + ".io.safetensors"), io, {"kind": m.spex_kind})
         print("exported", name, m.spex_kind, tuple(y.shape))
 
 

@@ -68,7 +68,7 @@ def read_safetensors(path):
 
 def spex_metadata(layers):
     """layers: {prefix: (kind, dtype, config dict[, state dict])} -> the '__metadata__' entry."""
-    doc = {"format": "spex", "version": [1, 0], "layers": {}}
+    doc = {"format": "spex", "version": [1, 4], "layers": {}}
     for prefix, entry in layers.items():
         kind, dtype, config = entry[:3]
         e = {"kind": kind, "dtype": dtype, "config": config}
@@ -188,25 +188,50 @@ class PKM(_ProductKeyLayer):
 
 
 class MoE(nn.Module):
-    """ReMoE (router="relu": gates = ReLU(x W_r^T)) or TopK (softmax, top-k) over E bias-free FFN
-    experts. router.weight [E, d_in]; experts.w1 [E*h1, d_in] (SwiGLU: per expert `hidden` rows
-    of the SiLU half a, then `hidden` rows of the linear half b; GELU: h1 = hidden), experts.w2
-    [E*d_out, hidden]. Expert e owns rows [e*h1, (e+1)*h1) of w1 and [e*d_out, (e+1)*d_out) of w2."""
+    """ReMoE (router="relu": gates = ReLU(x W_r^T)) or TopK over E bias-free FFN experts, with
+    the TopK router's options (docs/topk_moe.md) and shared experts. router.weight [E, d_in]
+    (router.expert_bias [E], a buffer, with expert_bias); experts.w1 [E*h1, d_in] (SwiGLU: per
+    expert `hidden` rows of the SiLU half a, then `hidden` rows of the linear half b; GELU:
+    h1 = hidden), experts.w2 [E*d_out, hidden]; expert e owns rows [e*h1, (e+1)*h1) of w1 and
+    [e*d_out, (e+1)*d_out) of w2. Shared experts: shared.w1 [h1s, d_in], shared.w2 [d_out, hs]
+    with hs = shared_experts * shared_hidden, and shared.gate.weight [1, d_in] when gated.
+    aux_loss(x) is the router's balancing and z losses (TopK)."""
 
     def __init__(self, d_in, n_experts, hidden, experts_per_token=1, router="relu", ffn="swiglu", d_out=0,
-                 pre_softmax=True, renormalize=False, lam=0.0):
+                 pre_softmax=True, renormalize=False, lam=0.0, score="softmax", route_scale=1.0, expert_bias=False,
+                 n_groups=1, group_topk=0, group_score_experts=0, aux_coeff=0.01, seq_aux_coeff=0.0, seq_len=0,
+                 z_coeff=0.0, shared_experts=0, shared_hidden=0, shared_gate=False):
         super().__init__()
         self.spex_kind = "ReMoE" if router == "relu" else "TopKMoE"
         d_out = d_out or d_in
         self.e, self.h, self.k, self.d_out, self.ffn = n_experts, hidden, experts_per_token, d_out, ffn
         self.pre_softmax, self.renormalize, self.lam = pre_softmax, renormalize, lam
+        self.score, self.route_scale, self.n_groups = score, route_scale, n_groups
+        self.group_topk = group_topk or n_groups
+        self.group_m = group_score_experts or max(1, experts_per_token // self.group_topk)
+        self.aux_coeff, self.seq_aux_coeff, self.seq_len, self.z_coeff = aux_coeff, seq_aux_coeff, seq_len, z_coeff
         self.router = nn.Linear(d_in, n_experts, bias=False)
+        if expert_bias:
+            self.router.register_buffer("expert_bias", torch.zeros(n_experts))
         h1 = 2 * hidden if ffn == "swiglu" else hidden
         self.experts = nn.Module()
         self.experts.w1 = nn.Parameter(torch.randn(n_experts * h1, d_in) / d_in ** 0.5)
         self.experts.w2 = nn.Parameter(torch.randn(n_experts * d_out, hidden) / hidden ** 0.5)
+        self.shared_hidden = shared_experts * (shared_hidden or hidden)
+        if shared_experts:
+            hs = self.shared_hidden
+            self.shared = nn.Module()
+            self.shared.w1 = nn.Parameter(torch.randn((2 if ffn == "swiglu" else 1) * hs, d_in) / d_in ** 0.5)
+            self.shared.w2 = nn.Parameter(torch.randn(d_out, hs) / hs ** 0.5)
+            if shared_gate:
+                self.shared.gate = nn.Linear(d_in, 1, bias=False)
         self.cfg = dict(d_in=d_in, d_out=d_out, n_experts=n_experts, hidden=hidden, experts_per_token=experts_per_token,
                         granularity=1, ffn=ffn, pre_softmax=pre_softmax, renormalize=renormalize, capacity_factor=0.0)
+        if router != "relu":
+            self.cfg.update(score=score, route_scale=route_scale, expert_bias=expert_bias, n_groups=n_groups,
+                            group_topk=group_topk, group_score_experts=group_score_experts, aux_coeff=aux_coeff,
+                            seq_aux_coeff=seq_aux_coeff, seq_len=seq_len, z_coeff=z_coeff)
+        self.cfg.update(shared_experts=shared_experts, shared_hidden=shared_hidden, shared_gate=shared_gate)
 
     def spex_config(self):
         return dict(self.cfg)
@@ -214,26 +239,74 @@ class MoE(nn.Module):
     def spex_state(self):
         return {"lambda": self.lam} if self.spex_kind == "ReMoE" else None
 
-    def gates(self, x):
+    def _route(self, x):
+        """(gates [B, E], selected ids [B, k], P [B, E] of the balancing losses, logits)."""
         logits = self.router(x)
         if self.spex_kind == "ReMoE":
-            return F.relu(logits)
-        if self.pre_softmax:
-            p = logits.softmax(-1)
-            v, i = p.topk(self.k, dim=1)
-            if self.renormalize:
-                v = v / v.sum(-1, keepdim=True)
+            return F.relu(logits), None, None, logits
+        if self.score == "sigmoid":
+            s = torch.sigmoid(logits)
+            p = s / (s.sum(-1, keepdim=True) + 1e-20)
+            key = s
         else:
-            v, i = logits.topk(self.k, dim=1)
-            v = v.softmax(-1)
-        return torch.zeros_like(logits).scatter(1, i, v)
+            s = p = logits.softmax(-1)
+            key = p if self.pre_softmax else logits
+        key = key.detach()  # selection is piecewise constant
+        if hasattr(self.router, "expert_bias"):
+            key = key + self.router.expert_bias
+        if self.n_groups > 1:
+            b = x.shape[0]
+            group_scores = key.view(b, self.n_groups, -1).topk(self.group_m, dim=-1)[0].sum(-1)
+            groups = group_scores.topk(self.group_topk, dim=-1)[1]
+            mask = torch.zeros_like(group_scores).scatter(1, groups, 1).bool()
+            mask = mask[:, :, None].expand(b, self.n_groups, self.e // self.n_groups).reshape(b, -1)
+            key = key.masked_fill(~mask, float("-inf"))
+        i = key.topk(self.k, dim=1)[1]
+        if self.score == "softmax" and not self.pre_softmax:
+            v = logits.gather(1, i).softmax(-1)
+        else:
+            v = s.gather(1, i)
+            if self.renormalize:
+                v = v / (v.sum(-1, keepdim=True) + (1e-20 if self.score == "sigmoid" else 0.0))
+        v = v * self.route_scale
+        return torch.zeros_like(logits).scatter(1, i, v), i, p, logits
+
+    def gates(self, x):
+        return self._route(x)[0]
+
+    def aux_loss(self, x):
+        """Switch aux + sequence-wise aux + z-loss of the batch x (TopK)."""
+        _, i, p, logits = self._route(x)
+        if i is None:
+            return torch.zeros((), dtype=x.dtype)
+        t, e, k = x.shape[0], self.e, self.k
+        counts = torch.zeros(t, e, dtype=x.dtype).scatter(1, i, 1.0)
+        loss = self.aux_coeff * e / (k * t * t) * (p.sum(0) * counts.sum(0)).sum()
+        if self.seq_aux_coeff > 0:
+            n, length = t // self.seq_len, self.seq_len
+            c = counts.view(n, length, e).sum(1)
+            ps = p.view(n, length, e).sum(1)
+            loss = loss + self.seq_aux_coeff * (e / (k * length * length) * (c * ps).sum(1)).mean()
+        if self.z_coeff > 0:
+            loss = loss + self.z_coeff * (torch.logsumexp(logits, -1) ** 2).mean()
+        return loss
+
+    def _ffn(self, x, w1, w2, hidden):
+        hid = x @ w1.t()
+        a = F.silu(hid[:, :hidden]) * hid[:, hidden:] if self.ffn == "swiglu" else F.gelu(hid)
+        return a @ w2.t()
 
     def forward(self, x):
         g = self.gates(x)
         h1 = self.experts.w1.shape[0] // self.e
         y = torch.zeros(x.shape[0], self.d_out, dtype=x.dtype)
         for e in range(self.e):
-            hid = x @ self.experts.w1[e * h1:(e + 1) * h1].t()
-            a = F.silu(hid[:, :self.h]) * hid[:, self.h:] if self.ffn == "swiglu" else F.gelu(hid)
-            y = y + g[:, e:e + 1] * (a @ self.experts.w2[e * self.d_out:(e + 1) * self.d_out].t())
+            w1 = self.experts.w1[e * h1:(e + 1) * h1]
+            w2 = self.experts.w2[e * self.d_out:(e + 1) * self.d_out]
+            y = y + g[:, e:e + 1] * self._ffn(x, w1, w2, self.h)
+        if hasattr(self, "shared"):
+            out = self._ffn(x, self.shared.w1, self.shared.w2, self.shared_hidden)
+            if hasattr(self.shared, "gate"):
+                out = torch.sigmoid(self.shared.gate(x)) * out
+            y = y + out
         return y
