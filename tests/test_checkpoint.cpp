@@ -15,10 +15,25 @@ namespace {
 using ReMoEf = MoE<float, ReluRouter<float>>;
 using TopKf = MoE<float, TopKRouter<float>>;
 
-template <class L>
+template <class L, bool kDeepSeek = false>
 typename L::Config config() {
-  if constexpr (std::is_same<typename L::Config, ProductKeyLayerConfig>::value) return spex_test::io_pk_config();
-  else return spex_test::io_moe_config();
+  if constexpr (std::is_same<typename L::Config, ProductKeyLayerConfig>::value) {
+    return spex_test::io_pk_config();
+  } else {
+    MoEConfig c = spex_test::io_moe_config();
+    if (kDeepSeek) {  // sigmoid scores, a selection bias moved every step, groups, gated shared experts
+      c.score = ScoreFn::sigmoid;
+      c.renormalize = true;
+      c.route_scale = 1.5;
+      c.expert_bias = true;
+      c.n_groups = 2;
+      c.group_topk = 1;
+      c.shared_experts = 1;
+      c.shared_hidden = 4;
+      c.shared_gate = true;
+    }
+    return c;
+  }
 }
 
 template <class Opt>
@@ -39,7 +54,7 @@ Opt make_optimizer(const ParameterList<float>& params) {
 
 // A layer learning a fixed random map by MSE, fed by its own data RNG: everything a run's
 // future depends on is in the layer, the optimizer, the lambda controller and the RNG.
-template <class L, class Opt>
+template <class L, class Opt, bool kDeepSeek = false>
 struct Run {
   L layer;
   typename L::Grads grads;
@@ -52,7 +67,7 @@ struct Run {
   static constexpr bool kReMoE = std::is_same<L, ReMoEf>::value;
 
   explicit Run(std::uint64_t seed)
-      : layer(config<L>(), seed), grads(layer.make_grads()), params(layer.parameters(grads)),
+      : layer(config<L, kDeepSeek>(), seed), grads(layer.make_grads()), params(layer.parameters(grads)),
         opt(make_optimizer<Opt>(params)),
         ctl(LambdaController::for_small_batches(0.5, 0.8, 0.05, 1e-4)),  // its moving average must resume too
         data(seed + 1000) {}
@@ -70,6 +85,7 @@ struct Run {
     layer.backward(dy, cache, grads);
     opt.step();
     if constexpr (kReMoE) ctl.update(layer.stats(cache).sparsity);
+    if constexpr (kDeepSeek) layer.update_expert_bias(layer.expert_load(cache), 0.01);
     return (y - target).squaredNorm();
   }
 
@@ -99,25 +115,25 @@ struct Run {
 
 // A run of 2n steps against one saved after n steps and resumed; with `threads`, the two
 // halves of the interrupted run use that many threads each (results never depend on them).
-template <class L, class Opt>
+template <class L, class Opt, bool kDeepSeek = false>
 void check_resume(std::pair<int, int> threads = {0, 0}) {
   TempDir dir;
   const int n = 12, threads_before = max_threads();
-  Run<L, Opt> straight(7);
+  Run<L, Opt, kDeepSeek> straight(7);
   std::vector<double> losses;
   for (int i = 0; i < 2 * n; ++i) losses.push_back(straight.step());
 
   if (threads.first > 0) set_num_threads(threads.first);
-  Run<L, Opt> first(7);
+  Run<L, Opt, kDeepSeek> first(7);
   for (int i = 0; i < n; ++i) REQUIRE(first.step() == losses[i]);
   first.save(dir.path("ckpt.safetensors"), n);
 
   if (threads.second > 0) set_num_threads(threads.second);
-  Run<L, Opt> resumed(12345);  // other weights, other data stream: all replaced by the load
+  Run<L, Opt, kDeepSeek> resumed(12345);  // other weights, other data stream: all replaced by the load
   REQUIRE(resumed.load(dir.path("ckpt.safetensors")) == n);
   for (int i = n; i < 2 * n; ++i) REQUIRE(resumed.step() == losses[i]);
   CHECK(resumed.values() == straight.values());
-  if constexpr (Run<L, Opt>::kReMoE) {
+  if constexpr (Run<L, Opt, kDeepSeek>::kReMoE) {
     CHECK(resumed.ctl.lambda() == straight.ctl.lambda());
     CHECK(resumed.ctl.steps() == 2 * n);
   }
@@ -130,6 +146,12 @@ void check_resume(std::pair<int, int> threads = {0, 0}) {
 TEMPLATE_TEST_CASE("a resumed run equals an uninterrupted one bit for bit (Adam)", "[io][checkpoint]", Peer<float>, Pkm<float>,
                    ReMoEf, TopKf) {
   check_resume<TestType, Adam<float>>();
+}
+
+TEST_CASE("a resumed run with DeepSeek-V3 routing (its selection bias moved every step, gated shared experts) equals an uninterrupted one bit for bit",
+          "[io][checkpoint]") {
+  check_resume<TopKf, Adam<float>, true>();
+  check_resume<TopKf, Adam<float>, true>({2, 1});
 }
 
 TEMPLATE_TEST_CASE("a run saved with 1 thread and resumed with 2 (and back) equals an uninterrupted one bit for bit",

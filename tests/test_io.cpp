@@ -85,6 +85,19 @@ TEST_CASE("every layer kind: save, load into a layer and build from the file giv
     cfg.granularity = 2;
     check_round_trip(TopKf(cfg, 1), TopKf(cfg, 2), dir);
   }
+  SECTION("TopK MoE, DeepSeek-V3 routing: its selection bias and gated shared experts") {
+    MoEConfig cfg = moe_config();
+    cfg.score = ScoreFn::sigmoid;
+    cfg.expert_bias = true;
+    cfg.n_groups = 2;
+    cfg.group_topk = 1;
+    cfg.shared_experts = 2;
+    cfg.shared_gate = true;
+    TopKf a(cfg, 1);
+    a.router().expert_bias() = randn_mat(cfg.n_experts, 1, 4).cast<float>();  // changes the selection
+    check_round_trip(a, TopKf(cfg, 2), dir);
+    CHECK(load_layer<TopKf>(dir.path("layer.safetensors"), "block.").router().expert_bias() == a.router().expert_bias());
+  }
 }
 
 TEST_CASE("BatchNorm running statistics are saved and restored with the weights", "[io]") {
@@ -294,7 +307,7 @@ TEST_CASE("metadata versions: other majors are rejected, newer minors may add fi
   CHECK(load_layer<Peer<float>>(write(doc(1, 0, partial))).config().norm_momentum == ProductKeyLayerConfig().norm_momentum);
   nlohmann::json bad = entry;
   bad["config"]["score"] = "softermax";
-  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("'score' = \"softermax\" is not a valid value"));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("'score' = \"softermax\" is not one of \"softmax\", \"sigmoid\", \"relu\""));
   bad = entry;
   bad["config"]["heads"] = "8";
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write(doc(1, 0, bad))), Catch::Contains("'heads' = \"8\" is not an integer"));

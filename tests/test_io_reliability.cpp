@@ -254,6 +254,14 @@ TEST_CASE("a config that needs more values than the file holds is refused before
     double s = 0;
     for (const auto& p : moe.parameters()) s += double(p.size());
     CHECK(LayerKind<MoE<float>>::parameter_values(m) == s);
+    m.expert_bias = true;  // a buffer of E values
+    m.shared_experts = 2;
+    m.shared_hidden = 5;
+    m.shared_gate = true;
+    const MoE<float, TopKRouter<float>> topk(m, 1);
+    s = 0;
+    for (const auto& p : topk.parameters()) s += double(p.size());
+    CHECK(LayerKind<MoE<float, TopKRouter<float>>>::parameter_values(m) == s);
   }
 }
 

@@ -8,6 +8,9 @@
 //  - the whole batch's penalty / aux loss and sparsity, on every rank; a LambdaController fed
 //    sparsity() on every rank holds the one-process controller's lambda, bit for bit;
 //  - the replicated router holds the same bits on every rank.
+// And for DeepSeek-V3's routing (sigmoid scores, selection bias, groups, route scale, the
+// sequence-wise loss, gated shared experts): the shared experts' gradients and the bias after
+// update_expert_bias from the whole batch's expert_load (bit for bit, on every rank).
 #include <spex/dist/layers.hpp>
 #include <spex/layers/layer_concept.hpp>
 #include <spex/layers/moe.hpp>
@@ -30,6 +33,7 @@ Mat shard_blocks(const Sharded& s, const Mat& full, Index block) {
 
 template <class Router>
 void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = false) {
+  const Index seq = cfg.seq_aux_coeff > 0 ? cfg.seq_len : 1;  // each rank holds whole sequences
   using Full = spex::MoE<double, Router>;
   using Sharded = spex::dist::ShardedMoE<double, Router>;
   const Index total = 14, seed = 3;
@@ -57,7 +61,8 @@ void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = fals
   auto controller = spex::LambdaController::for_small_batches(0.5), full_controller = controller;
   spex::Rng rng(23);
   Mat x(total, cfg.d_in), dy(total, d_out);
-  const auto [first, b] = my_tokens(total, first_empty);
+  const auto [first_seq, seqs] = my_tokens(total / seq, first_empty);
+  const Index first = first_seq * seq, b = seqs * seq;
   auto fg = full.make_grads();
   auto sg = sharded.make_grads();
   spex::AdamConfig ac;
@@ -81,6 +86,19 @@ void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = fals
     expect_close(rel_diff(sg.router.weight, fg.router.weight), at + "router.weight gradient");
     expect_close(rel_diff(sg.experts.w1, shard_blocks(sharded, fg.experts.w1, h1)), at + "experts.w1 gradient");
     expect_close(rel_diff(sg.experts.w2, shard_blocks(sharded, fg.experts.w2, d_out)), at + "experts.w2 gradient");
+    {  // the other replicated gradients (shared experts)
+      auto fp = full.parameters(fg), sp = sharded.parameters(sg);
+      for (std::size_t i = 0; i < fp.size() && i < sp.size(); ++i)
+        if (fp[i].name.rfind("shared.", 0) == 0) expect_close(rel_diff(Mat(sp[i].grad_map()), Mat(fp[i].grad_map())), at + fp[i].name + " gradient");
+    }
+    if constexpr (!Router::kRelu) {
+      if (cfg.expert_bias) {
+        expect(sharded.expert_load(sc) == full.expert_load(fc), at + "the whole batch's expert load");
+        full.update_expert_bias(full.expert_load(fc), 0.01);
+        sharded.update_expert_bias(sharded.expert_load(sc), 0.01);
+        expect(sharded.router().expert_bias() == full.router().expert_bias(), at + "the expert bias after its update");
+      }
+    }
     const double loss = full.aux_loss(fc), shard_loss = sharded.aux_loss(sc);
     expect(std::abs(shard_loss - loss) <= tolerance() * std::max(1.0, std::abs(loss)),
            at + "aux loss " + std::to_string(shard_loss) + " vs " + std::to_string(loss));
@@ -132,6 +150,24 @@ int main(int argc, char** argv) {
     cfg.granularity = 1;
     cfg.pre_softmax = false;
     check<spex::TopKRouter<double>>("TopK, softmax over the k", cfg);
+    {
+      spex::MoEConfig ds = cfg;
+      ds.n_experts = 6;
+      ds.pre_softmax = true;
+      ds.score = spex::ScoreFn::sigmoid;
+      ds.renormalize = true;
+      ds.route_scale = 2.0;
+      ds.expert_bias = true;
+      ds.n_groups = 3;
+      ds.group_topk = 2;
+      ds.seq_aux_coeff = 0.1;
+      ds.seq_len = 2;
+      ds.shared_experts = 2;
+      ds.shared_hidden = 3;
+      ds.shared_gate = true;
+      check<spex::TopKRouter<double>>("TopK, DeepSeek-V3 routing with gated shared experts", ds);
+      check<spex::TopKRouter<double>>("TopK, DeepSeek-V3 routing, rank 0 without tokens", ds, true);
+    }
     bool refused = false;
     try {
       cfg.capacity_factor = 1.25;
