@@ -46,17 +46,6 @@ using namespace compare;
 
 constexpr Index kMoEExperts = 8, kMoEPerToken = 1;
 
-std::vector<std::string> default_texts() {
-  std::vector<std::string> paths;
-  for (const char* f : {"Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "GPL-1", "GPL-2", "GPL-3",
-                        "LGPL-2", "LGPL-2.1", "LGPL-3", "MPL-1.1", "MPL-2.0"}) {
-    const std::string p = std::string("/usr/share/common-licenses/") + f;
-    if (std::filesystem::exists(p)) paths.push_back(p);
-  }
-  if (paths.empty()) throw std::runtime_error("no text in /usr/share/common-licenses: pass --text FILE");
-  return paths;
-}
-
 struct Curve {
   std::string task, variant;
   std::vector<double> step, train_loss, sparsity, lambda;

@@ -20,6 +20,7 @@ MoEConfig small_config(FfnKind ffn, Index granularity = 1) {
   cfg.granularity = granularity;
   cfg.ffn = ffn;
   cfg.router_init_std = 0.5;  // spread logits: no router output sits near a kink
+  cfg.revive_zero_expert_tokens = false;  // exact gradients (the revival's surrogate: its own test)
   return cfg;
 }
 
@@ -222,6 +223,61 @@ TEST_CASE("TopK gradients with capacity drops match finite differences in every 
     REQUIRE(c.router.dropped > 0);
     check_gradients(moe, x);
   }
+}
+
+TEST_CASE("a token with no active expert probes its largest logit: y unchanged, the router learns min(dL/dR, 0) there", "[remoe]") {
+  MoEConfig cfg = small_config(FfnKind::swiglu);
+  cfg.revive_zero_expert_tokens = true;
+  ReMoE on(cfg, 4);
+  cfg.revive_zero_expert_tokens = false;
+  ReMoE off(cfg, 4);
+  on.router().weight().row(1) *= -1;  // some tokens with every logit <= 0
+  off.router().weight() = on.router().weight();
+  RowMat<double> x = randn_mat(12, 5, 21);
+  x.row(3) = -x.row(3);
+  on.set_lambda(0.2);
+  off.set_lambda(0.2);
+  const RowMat<double> dy = randn_mat(12, 5, 22);
+  ReMoE::Cache con, coff;
+  auto gon = on.make_grads(), goff = off.make_grads();
+  RowMat<double> yon(12, 5), yoff(12, 5), dxon(12, 5), dxoff(12, 5);
+  on.forward(x, yon, con);
+  off.forward(x, yoff, coff);
+  CHECK(yon == yoff);
+  on.backward(dy, dxon, con, gon);
+  off.backward(dy, dxoff, coff, goff);
+  // A probe's gate is 0: no expert gradient (its zero rows only change the GEMMs' rounding).
+  CHECK((gon.experts.w1 - goff.experts.w1).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((gon.experts.w2 - goff.experts.w2).cwiseAbs().maxCoeff() < 1e-12);
+  // The probes' terms: dlogit(t, top) = min(dy_t . FFN_top(x_t), 0), into W_r and dx.
+  RowMat<double> want_w = goff.router.weight, want_dx = dxoff;
+  const RowMat<double>& logits = con.router.logits;
+  int probes = 0, pulled = 0;
+  for (Index t = 0; t < 12; ++t) {
+    if ((con.router.gates.row(t).array() > 0).any()) continue;
+    Index top = 0;
+    for (Index e = 1; e < 4; ++e)
+      if (logits(t, e) > logits(t, top)) top = e;
+    RowMat<double> one = RowMat<double>::Zero(1, 4), ffn(1, 5);
+    one(0, top) = 1;
+    ExpertGroups groups;
+    groups.build(one);
+    FfnExperts<double>::Cache fc;
+    on.experts().forward(x.row(t), one, groups, ffn, fc);
+    const double dl = std::min(dy.row(t).dot(ffn.row(0)), 0.0);
+    want_w.row(top) += dl * x.row(t);
+    want_dx.row(t) += dl * on.router().weight().row(top);
+    ++probes;
+    pulled += dl < 0;
+  }
+  REQUIRE(probes >= 2);
+  REQUIRE(pulled >= 1);
+  CHECK((gon.router.weight - want_w).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((dxon - want_dx).cwiseAbs().maxCoeff() < 1e-12);
+  // Inference probes nothing.
+  ReMoE::Cache ci;
+  on.infer(x, yon, ci);
+  CHECK(ci.probe.empty());
 }
 
 TEST_CASE("the load-balanced penalty is the Switch formula with P := R, and f = 1 when balanced", "[remoe]") {

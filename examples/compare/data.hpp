@@ -2,6 +2,7 @@
 // The two tasks of compare_layers: next-character prediction on English text, and
 // associative recall of seeded (key -> value) facts. Both give (context window -> next symbol)
 // examples over a small vocabulary.
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -21,6 +22,18 @@ struct Dataset {
   std::size_t n_train() const { return train_y.size(); }
   std::size_t n_val() const { return val_y.size(); }
 };
+
+/// The license texts every Debian system has: compare_layers' and remoe_stability's default text.
+inline std::vector<std::string> default_texts() {
+  std::vector<std::string> paths;
+  for (const char* f : {"Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "GPL-1", "GPL-2", "GPL-3",
+                        "LGPL-2", "LGPL-2.1", "LGPL-3", "MPL-1.1", "MPL-2.0"}) {
+    const std::string p = std::string("/usr/share/common-licenses/") + f;
+    if (std::filesystem::exists(p)) paths.push_back(p);
+  }
+  if (paths.empty()) throw std::runtime_error("no text in /usr/share/common-licenses: pass --text FILE");
+  return paths;
+}
 
 /// Validation takes every tenth block of this many bytes of the text.
 constexpr std::size_t kValidationBlock = 2048;

@@ -7,7 +7,9 @@
 //    steps, to a relative 1e-12 (P = 1: bit for bit);
 //  - the whole batch's penalty / aux loss and sparsity, on every rank; a LambdaController fed
 //    sparsity() on every rank holds the one-process controller's lambda, bit for bit;
-//  - the replicated router holds the same bits on every rank.
+//  - the replicated router holds the same bits on every rank;
+//  - ReLU routing: with tokens that reach no expert, whose probes (revive_zero_expert_tokens) run
+//    on the probed experts' owners.
 // And for DeepSeek-V3's routing (sigmoid scores, selection bias, groups, route scale, the
 // sequence-wise loss, gated shared experts): the shared experts' gradients and the bias after
 // update_expert_bias from the whole batch's expert_load (bit for bit, on every rank).
@@ -70,6 +72,7 @@ void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = fals
   spex::Adam<double> full_adam(full.parameters(fg), ac), shard_adam(sharded.parameters(sg), ac);
   typename Full::Cache fc;
   typename Sharded::Cache sc;
+  double zero_expert_tokens = 0;
   for (int step = 0; step < 3; ++step) {
     const std::string at = tag + "step " + std::to_string(step) + ": ";
     spex::fill_normal(x, 1.0, rng);
@@ -102,6 +105,7 @@ void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = fals
     const double loss = full.aux_loss(fc), shard_loss = sharded.aux_loss(sc);
     expect(std::abs(shard_loss - loss) <= tolerance() * std::max(1.0, std::abs(loss)),
            at + "aux loss " + std::to_string(shard_loss) + " vs " + std::to_string(loss));
+    zero_expert_tokens += full.stats(fc).zero_expert_fraction;
     const double s_full = spex::sparsity(fc.router.gates);
     expect(sharded.sparsity(sc) == s_full, at + "sparsity of the whole batch");
     expect(full.sparsity(fc) == s_full, at + "the one-process layer's sparsity");
@@ -119,6 +123,8 @@ void check(const std::string& name, spex::MoEConfig cfg, bool first_empty = fals
     shard_adam.step();
   }
   expect_weights("after 3 Adam steps", ranks == 1);
+  // ReLU routing: tokens without an expert probe one (revive_zero_expert_tokens), also when sharded.
+  if (Router::kRelu && cfg.revive_zero_expert_tokens) expect(zero_expert_tokens > 0, tag + "some tokens reach no expert");
   expect_replicas_identical(sharded.parameters(), "experts.");
 }
 

@@ -69,6 +69,7 @@ class ExpertParallel {
     std::vector<Index> pick_begin, pick_ids;  // this rank's routed pairs, token by token
     std::vector<T> pick_gates, pick_dgates;
     RowMat<T> received_gates, received_dgates;  // owner side: received tokens x local experts
+    RowMat<unsigned char> received_pairs;       // owner side: 1 where a pair was received (probes have gate 0)
     ExpertGroups groups;
   };
 
@@ -160,19 +161,21 @@ class ExpertParallel {
     }
   }
 
-  /// MoE's experts for this rank's tokens: the routed pairs (gate != 0) go to the experts'
-  /// owners, which run them as FFN blocks per expert; y (B x d_out) is assigned.
+  /// MoE's experts for this rank's tokens: the routed pairs (gate != 0) and the probes (per
+  /// token an expert run with gate 0, or -1; empty: none) go to the experts' owners, which run
+  /// them as FFN blocks per expert; y (B x d_out) is assigned.
   template <class T, class Arch, class G>
-  void moe_forward(const FfnExperts<T, Arch>& experts, CMatRef<T> x, const RowMat<T>& gates, MoEState<T, G>& s, MatRef<T> y,
-                   typename FfnExperts<T, Arch>::Cache& ec) const {
+  void moe_forward(const FfnExperts<T, Arch>& experts, CMatRef<T> x, const RowMat<T>& gates, const std::vector<Index>& probes,
+                   MoEState<T, G>& s, MatRef<T> y, typename FfnExperts<T, Arch>::Cache& ec) const {
     bind(s.exchange);
     const Index b = gates.rows(), e = gates.cols();
     s.pick_begin.assign(1, 0);
     s.pick_ids.clear();
     s.pick_gates.clear();
     for (Index t = 0; t < b; ++t) {
+      const Index probe = probes.empty() ? -1 : probes[static_cast<std::size_t>(t)];
       for (Index ex = 0; ex < e; ++ex)
-        if (gates(t, ex) != T(0)) {
+        if (gates(t, ex) != T(0) || ex == probe) {
           s.pick_ids.push_back(ex);
           s.pick_gates.push_back(gates(t, ex));
         }
@@ -183,9 +186,12 @@ class ExpertParallel {
     // Owners: the received tokens' gates over the local experts, grouped per expert.
     const Index received = s.exchange.received_tokens();
     s.received_gates.setZero(received, experts.n_experts());
-    for (Index q = 0; q < s.exchange.received_requests(); ++q)
+    s.received_pairs.setZero(received, experts.n_experts());
+    for (Index q = 0; q < s.exchange.received_requests(); ++q) {
       s.received_gates(s.exchange.request_tokens()[q], s.exchange.request_rows()[q]) = s.exchange.request_gates()[q];
-    s.groups.build(s.received_gates);
+      s.received_pairs(s.exchange.request_tokens()[q], s.exchange.request_rows()[q]) = 1;
+    }
+    s.groups.build(s.received_pairs);
     s.partial.resize(received, y.cols());
     experts.forward(s.received_x, s.received_gates, s.groups, s.partial, ec);
     s.exchange.to_sources(s.partial, y);

@@ -16,7 +16,7 @@
 // of a Peer or Pkm ("frozen_keys", "frozen_sub_keys", "frozen_query": FrozenSet); 1.4 the TopK
 // router's options and shared experts of an MoE ("score", "route_scale", "expert_bias",
 // "n_groups", "group_topk", "group_score_experts", "seq_aux_coeff", "seq_len", "shared_experts",
-// "shared_hidden", "shared_gate").
+// "shared_hidden", "shared_gate") and the ReLU router's "revive_zero_expert_tokens".
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
@@ -155,6 +155,7 @@ void for_each_field(C& c, F& f) {
     f("router_init_std", c.router_init_std);
     f("check_finite", c.check_finite);
     f("penalty", c.penalty);
+    f("revive_zero_expert_tokens", c.revive_zero_expert_tokens);
     f("pre_softmax", c.pre_softmax);
     f("renormalize", c.renormalize);
     f("aux_coeff", c.aux_coeff);

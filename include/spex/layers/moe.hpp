@@ -5,6 +5,7 @@
 // penalty (L1 or load-balanced L1, coefficient lambda from a LambdaController), whose gradient
 // it folds into backward.
 #include <optional>
+#include <vector>
 #include <string>
 
 #include "../core/check.hpp"
@@ -67,6 +68,8 @@ class MoE {
     typename SharedExperts<T, Arch>::Cache shared;
     RowMat<T> dgates;
     RowMat<T> dy_copy;   // dy, when dx is the same matrix
+    std::vector<Index> probe;  // ReLU, training: per token its probed expert (revival), or -1
+    RowMat<T> pattern;         // the pairs the experts run: the routed ones and the probes
     // The whole batch's statistics (with a sharded dispatch: summed over the ranks).
     Index tokens = 0;
     Vec<double> penalty_w;            // ReLU: the penalty's weights
@@ -273,7 +276,8 @@ class MoE {
     if (Router::kRelu && cfg_.penalty != Penalty::none && lambda_ > 0 && c.tokens > 0)
       add_penalty_gradient(cfg_.penalty, c.router.gates, c.penalty_w, lambda_, c.dgates, c.tokens);
     ReplicatedGrads& rg = dispatch_.replicated_grads(c.dispatch, static_cast<ReplicatedGrads&>(g));
-    router_.backward(c.x, c.dgates, c.router, rg.router, dx);
+    if constexpr (kRelu) router_.backward(c.x, c.dgates, c.router, rg.router, dx, &c.probe);
+    else router_.backward(c.x, c.dgates, c.router, rg.router, dx);
     shared_.backward(c.x, dy, c.shared, rg.shared, dx);
     dispatch_.sum_replicated(c.dispatch, static_cast<ReplicatedGrads&>(g));
   }
@@ -288,17 +292,46 @@ class MoE {
     });
     const CMatRef<T> x = training ? CMatRef<T>(c.x) : x_in;
     batch_statistics(c);
+    find_probes(c, training);
     shared_.forward(x, c.shared);  // before y is written: y may be x
     if constexpr (Dispatch::kSharded) {
-      dispatch_.moe_forward(experts_, x, c.router.gates, c.dispatch, y, c.experts);
-    } else {
+      dispatch_.moe_forward(experts_, x, c.router.gates, c.probe, c.dispatch, y, c.experts);
+    } else if (c.probe.empty()) {
       c.groups.build(c.router.gates);
+      experts_.forward(x, c.router.gates, c.groups, y, c.experts);
+    } else {
+      c.pattern = c.router.gates;
+      for (Index t = 0; t < Index(c.probe.size()); ++t)
+        if (c.probe[t] >= 0) c.pattern(t, c.probe[t]) = T(1);
+      c.groups.build(c.pattern);  // a probe's gate is 0: it adds nothing to y
       experts_.forward(x, c.router.gates, c.groups, y, c.experts);
     }
     shared_.add_to(y, c.shared);
     dispatch_.collective(kName, [&] {
       if (cfg_.check_finite) detail::check_output_finite(y, kName);
     });
+  }
+
+  /// Revival of tokens that reach no expert (ReLU routing, training, revive_zero_expert_tokens):
+  /// such a token's largest logit is probed, its expert run with gate 0 (y unchanged), so that
+  /// backward learns dL/dR there (docs/remoe.md, "Dead routers").
+  void find_probes(Cache& c, bool training) const {
+    c.probe.clear();
+    if constexpr (kRelu) {
+      if (!training || !cfg_.revive_zero_expert_tokens) return;
+      const RowMat<T>& gates = c.router.gates;
+      const RowMat<T>& logits = c.router.logits;
+      c.probe.assign(static_cast<std::size_t>(gates.rows()), -1);
+      for (Index t = 0; t < gates.rows(); ++t) {
+        Index top = 0;
+        bool any = false;
+        for (Index e = 0; e < gates.cols(); ++e) {
+          any |= gates(t, e) > T(0);
+          if (logits(t, e) > logits(t, top)) top = e;
+        }
+        if (!any && gates.cols() > 0) c.probe[static_cast<std::size_t>(t)] = top;
+      }
+    }
   }
 
   /// The whole batch's token count, sparsity and penalty (ReLU) or balancing statistics (TopK):

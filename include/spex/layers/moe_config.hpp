@@ -26,6 +26,9 @@ struct MoEConfig {
   // ReLU router (ReMoE)
   Penalty penalty = Penalty::l1_lb_spare_top;  ///< l1_lb is the paper's; sparing each token's top gate
                                                ///< trained better at every batch measured (sparsity.hpp)
+  bool revive_zero_expert_tokens = true;  ///< training: a token with no active expert probes its
+                                          ///< largest logit's expert, whose router logit then learns
+                                          ///< whether switching it on helps (docs/remoe.md, "Dead routers")
 
   // TopK router (classic MoE)
   bool pre_softmax = true;        ///< softmax over all E, then top-k (not renormalized); else softmax over the k

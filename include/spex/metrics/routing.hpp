@@ -2,7 +2,12 @@
 // Routing statistics of a mixture-of-experts batch (docs/remoe.md, "What to watch"), computed from a
 // B x E gate matrix (an entry is active when > 0): sparsity, active experts per token and their
 // histogram, per-expert load and f_e, dead experts, tokens with no expert; and the flip rate
-// of the routing mask between two passes over a fixed calibration batch.
+// of the routing mask between two passes over a fixed calibration batch; RoutingMonitor, which
+// finds a layer whose router died.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
 #include <vector>
 
 #include "../core/check.hpp"
@@ -66,5 +71,69 @@ double flip_rate(const Eigen::MatrixBase<DA>& gates_a, const Eigen::MatrixBase<D
     for (Index j = 0; j < gates_a.cols(); ++j) flips += (gates_a(t, j) > 0) != (gates_b(t, j) > 0);
   return double(flips) / double(gates_a.size());
 }
+
+/// What RoutingMonitor does when a layer stops routing.
+enum class DeadRoutingPolicy {
+  report,  ///< dead() turns true; nothing else
+  warn,    ///< also one line on stderr when it happens
+  error,   ///< update() throws spex::Error
+};
+
+inline const char* to_string(DeadRoutingPolicy p) {
+  return p == DeadRoutingPolicy::report ? "report" : p == DeadRoutingPolicy::warn ? "warn" : p == DeadRoutingPolicy::error ? "error" : "?";
+}
+
+/// Watches one ReLU-routed layer's training batches (its RoutingStats, one update per batch)
+/// for the failure ReLU routing cannot recover from by itself: a router whose logits are
+/// negative for every token gets no gradient, so a layer that routes no token stays so (and
+/// its LambdaController sinks to its floor, the sparsity being above target). The layer is dead
+/// once its routed share (1 - sparsity) stayed <= `floor` for `window` consecutive batches.
+/// One monitor per layer: a model's average sparsity can be on target while one layer is dead.
+/// Not thread-safe (one caller).
+class RoutingMonitor {
+ public:
+  explicit RoutingMonitor(long window = 50, double floor = 0.0, DeadRoutingPolicy policy = DeadRoutingPolicy::warn,
+                          std::string name = "MoE layer")
+      : window_(window), floor_(floor), policy_(policy), name_(std::move(name)) {
+    SPEX_CHECK(window >= 1, "RoutingMonitor window = " << window << " must be >= 1 batch");
+    SPEX_CHECK(std::isfinite(floor) && floor >= 0 && floor < 1, "RoutingMonitor floor = " << floor << " must be in [0, 1)");
+    SPEX_CHECK(policy == DeadRoutingPolicy::report || policy == DeadRoutingPolicy::warn || policy == DeadRoutingPolicy::error,
+               "policy = " << int(policy) << " is not a DeadRoutingPolicy (report, warn, error)");
+  }
+
+  /// One batch's statistics (the layer's stats(cache) after its training forward).
+  void update(const RoutingStats& s) {
+    ++batches_;
+    const double routed = 1.0 - s.sparsity;
+    run_ = routed <= floor_ ? run_ + 1 : 0;
+    longest_ = std::max(longest_, run_);
+    if (run_ < window_ || dead_) {
+      dead_ = dead_ && run_ > 0;  // routing came back
+      return;
+    }
+    dead_ = true;
+    ++deaths_;
+    if (policy_ == DeadRoutingPolicy::warn)
+      std::fprintf(stderr, "spex: %s routed no more than %.3g of its token-expert pairs for %ld batches (batch %ld): its router is dead\n",
+                   name_.c_str(), floor_, run_, batches_);
+    SPEX_CHECK(policy_ != DeadRoutingPolicy::error, name_ << " routed no more than " << floor_ << " of its token-expert pairs for " << run_
+                                                          << " consecutive batches (batch " << batches_ << "): its router is dead");
+  }
+
+  /// Whether the layer is dead now (the current run of non-routing batches reached the window).
+  bool dead() const { return dead_; }
+  /// Times the layer was found dead; the longest run of non-routing batches; batches seen.
+  long deaths() const { return deaths_; }
+  long longest_run() const { return longest_; }
+  long batches() const { return batches_; }
+
+ private:
+  long window_;
+  double floor_;
+  DeadRoutingPolicy policy_;
+  std::string name_;
+  long batches_ = 0, run_ = 0, longest_ = 0, deaths_ = 0;
+  bool dead_ = false;
+};
 
 }  // namespace spex

@@ -3,6 +3,9 @@
 // top-k. A token uses every expert whose output is > 0 (0..E of them), so routing is dropless
 // and fully differentiable away from R = 0; the sparsity penalty (select/sparsity.hpp,
 // applied by the layer) holds the average at the target.
+#include <algorithm>
+#include <vector>
+
 #include "../core/check.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
@@ -46,9 +49,20 @@ class ReluRouter {
 
   /// dlogits = dgates on entries with logit > 0 (ReLU'(0) = 0); grads accumulate; *dx += the
   /// input gradient when given (a component: the layer assigns dx, each path adds its share).
-  void backward(CMatRef<T> x, CMatRef<T> dgates, Cache& c, Grads& g, MatRef<T>* dx) const {
+  /// `probes` (per token an expert or -1; MoE's revival of tokens with no active expert): the
+  /// probed logit also gets min(dgates, 0), the part of dL/dR that would switch the expert on,
+  /// a straight-through signal where ReLU's own derivative is 0.
+  void backward(CMatRef<T> x, CMatRef<T> dgates, Cache& c, Grads& g, MatRef<T>* dx,
+                const std::vector<Index>* probes = nullptr) const {
     check_shape(dgates, x.rows(), n_experts(), "dgates");
     c.dlogits = (c.logits.array() > T(0)).select(dgates, T(0));
+    if (probes && !probes->empty()) {
+      SPEX_CHECK(Index(probes->size()) == x.rows(), "probes has " << probes->size() << " entries for " << x.rows() << " tokens");
+      for (Index t = 0; t < x.rows(); ++t) {
+        const Index e = (*probes)[static_cast<std::size_t>(t)];
+        if (e >= 0) c.dlogits(t, e) = std::min(dgates(t, e), T(0));
+      }
+    }
     linear_.backward_accumulate(x, c.dlogits, dx, g);
   }
 
