@@ -480,10 +480,112 @@ TEST_CASE("routing metrics and flip rate", "[remoe]") {
   CHECK(s.f(0) == Approx(3 * 0.75));
   CHECK(s.dead == 1);
   CHECK(s.zero_expert_fraction == Approx(0.25));
+  CHECK(s.max_over_mean_load == Approx(0.75 / (1.0 / 3)));  // loads 0.75, 0.25, 0
+  CHECK_THAT(describe(s), Catch::Contains("sparsity 0.6667") && Catch::Contains("25.0% tokens with none") &&
+                              Catch::Contains("max/mean load 2.25") && Catch::Contains("load 0.750 0.250 0.000"));
   RowMat<double> h = g;
   h(2, 2) = 1;
   h(0, 0) = 0;
   CHECK(flip_rate(g, h) == Approx(2.0 / 12));
+}
+
+TEST_CASE("RoutingMonitor finds a layer that routes nothing for a window, under each policy", "[remoe]") {
+  RoutingStats routing, none;
+  routing.sparsity = 0.875;
+  none.sparsity = 1.0;
+  RoutingMonitor report(3, 0.0, DeadRoutingPolicy::report);
+  for (int i = 0; i < 2; ++i) report.update(none);
+  report.update(routing);  // the run restarts
+  for (int i = 0; i < 2; ++i) report.update(none);
+  CHECK_FALSE(report.dead());
+  report.update(none);
+  CHECK(report.dead());
+  CHECK(report.deaths() == 1);
+  CHECK(report.longest_run() == 3);
+  report.update(routing);
+  CHECK_FALSE(report.dead());  // it came back
+  RoutingMonitor strict(2, 0.01, DeadRoutingPolicy::error, "block 3 MoE");
+  RoutingStats almost = none;
+  almost.sparsity = 0.995;  // 0.5% routed: at most the floor
+  strict.update(almost);
+  CHECK_THROWS_WITH(strict.update(almost), Catch::Contains("block 3 MoE") && Catch::Contains("2 consecutive batches"));
+  CHECK_THROWS_WITH(RoutingMonitor(0), Catch::Contains("window = 0"));
+  CHECK_THROWS_WITH(RoutingMonitor(5, 1.0), Catch::Contains("floor = 1"));
+  CHECK_THROWS_WITH(RoutingMonitor(5, 0.0, DeadRoutingPolicy(7)), Catch::Contains("report, warn, error"));
+}
+
+TEST_CASE("the expert bias moves by the rate toward balance, only selects, and is refused where it does not exist", "[remoe]") {
+  MoEConfig cfg = small_config(FfnKind::gelu);
+  cfg.score = ScoreFn::sigmoid;
+  cfg.expert_bias = true;
+  TopKMoE moe(cfg, 3);
+  Vec<double> load(4);
+  load << 5, 1, 3, 3;  // mean 3
+  moe.update_expert_bias(load, 0.25);
+  CHECK(moe.router().expert_bias() == (Vec<double>(4) << -0.25, 0.25, 0, 0).finished());
+  // A large bias on one expert selects it for every token, with its unbiased gate.
+  moe.router().expert_bias() << 0, 0, 100, 0;
+  const RowMat<double> x = randn_mat(9, 5, 4);
+  TopKMoE::Cache c;
+  RowMat<double> y(9, 5);
+  moe.forward(x, y, c);
+  for (Index t = 0; t < 9; ++t) {
+    CHECK(c.router.gates(t, 2) > 0);
+    CHECK(c.router.gates(t, 2) == Approx(1 / (1 + std::exp(-c.router.logits(t, 2)))));
+  }
+  CHECK(moe.expert_load(c)(2) == 9);
+  CHECK(moe.stats(c).bias_max == 100);
+  const Vec<double> before = moe.router().expert_bias();
+  CHECK_THROWS_WITH(moe.update_expert_bias(Vec<double>::Ones(3), 0.1), Catch::Contains("expected E = 4"));
+  CHECK_THROWS_WITH(moe.update_expert_bias(-load, 0.1), Catch::Contains("load of expert 0"));
+  CHECK_THROWS_WITH(moe.update_expert_bias(load, -1), Catch::Contains("rate = -1"));
+  CHECK(moe.router().expert_bias() == before);  // nothing changed
+  ReMoE relu(small_config(FfnKind::gelu), 1);
+  CHECK_THROWS_WITH(relu.update_expert_bias(load), Catch::Contains("ReLU routing has no expert bias"));
+  cfg.expert_bias = false;
+  TopKMoE plain(cfg, 3);
+  CHECK_THROWS_WITH(plain.update_expert_bias(load), Catch::Contains("expert_bias = false"));
+}
+
+TEST_CASE("MoE refuses router options that do not fit, naming the field and its valid values", "[remoe]") {
+  auto refused = [](MoEConfig c, const char* what) {
+    CAPTURE(what);
+    CHECK_THROWS_WITH(TopKMoE(c), Catch::Contains(what));
+  };
+  MoEConfig c = small_config(FfnKind::gelu);  // E 4, k 2
+  c.n_groups = 3;
+  refused(c, "n_groups = 3 must be >= 1 and divide the experts (4)");
+  c.n_groups = 2;
+  c.group_topk = 3;
+  refused(c, "group_topk = 3 must be in [0, n_groups = 2]");
+  c.group_topk = 1;
+  c.experts_per_token = 3;
+  refused(c, "group_topk = 1 groups of 2 experts hold fewer than experts_per_token = 3");
+  c = small_config(FfnKind::gelu);
+  c.score = ScoreFn::relu;
+  refused(c, "must be softmax or sigmoid");
+  c.score = ScoreFn::sigmoid;
+  c.pre_softmax = false;
+  refused(c, "pre_softmax = false");
+  c = small_config(FfnKind::gelu);
+  c.seq_aux_coeff = 0.1;
+  refused(c, "needs seq_len >= 1");
+  c.route_scale = 0;
+  c.seq_aux_coeff = 0;
+  refused(c, "route_scale = 0");
+  c = small_config(FfnKind::gelu);
+  c.shared_gate = true;
+  refused(c, "shared_gate = true needs shared_experts >= 1");
+  c = small_config(FfnKind::gelu);
+  c.score = ScoreFn::sigmoid;
+  CHECK_THROWS_WITH(ReMoE(c), Catch::Contains("applies to the TopK router only"));
+  c = small_config(FfnKind::gelu);
+  c.seq_aux_coeff = 0.1;
+  c.seq_len = 4;
+  TopKMoE seq(c, 1);
+  RowMat<double> y(6, 5);
+  TopKMoE::Cache cache;
+  CHECK_THROWS_WITH(seq.forward(randn_mat(6, 5, 1), y, cache), Catch::Contains("not whole sequences of seq_len = 4"));
 }
 
 TEST_CASE("MoE rejects bad configurations and inputs", "[remoe]") {

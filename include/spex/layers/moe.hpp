@@ -219,11 +219,20 @@ class MoE {
     f.experts = experts_.flops_per_token(active >= 0 ? active : double(experts_per_token())).experts + shared_.flops_per_token();
     return f;
   }
-  /// Sparsity, active experts, loads, dead experts, ... of the last forward's tokens (with a
-  /// sharded dispatch: this rank's tokens).
+  /// Sparsity, active experts, loads, dead experts, max/mean load, capacity drops, the expert
+  /// bias's range of the last forward's tokens (with a sharded dispatch: this rank's tokens);
+  /// describe(stats) is the one-line router-quality report.
   RoutingStats stats(const Cache& c) const {
     c.pass.check_filled(id_, "MoE::stats");
-    return routing_stats(c.router.gates, double(experts_per_token()));
+    RoutingStats s = routing_stats(c.router.gates, double(experts_per_token()));
+    if constexpr (!kRelu) {
+      s.dropped = c.router.dropped;
+      if (router_.expert_bias().size() > 0) {
+        s.bias_min = double(router_.expert_bias().minCoeff());
+        s.bias_max = double(router_.expert_bias().maxCoeff());
+      }
+    }
+    return s;
   }
 
   /// prefix + "router.weight", "experts.w1", "experts.w2", with their gradients in g; with the

@@ -23,7 +23,33 @@ struct RoutingStats {
   Vec<double> f;                       ///< E c_e / (k T): 1 = fair share
   Index dead = 0;                      ///< experts with load < dead_threshold
   double zero_expert_fraction = 0;     ///< tokens with no active expert
+  double max_over_mean_load = 0;       ///< the busiest expert's load over the mean load (1: balanced)
+  // Filled by MoE::stats (not by routing_stats, which sees the gates only):
+  Index dropped = 0;                   ///< TopK capacity: (token, expert) pairs dropped
+  double bias_min = 0, bias_max = 0;   ///< TopK expert_bias: its range (0, 0 without one)
 };
+
+/// The router-quality report of one batch in one line: sparsity, active experts per token,
+/// tokens with none, load per expert (as fractions of the tokens), max/mean load, dead experts,
+/// dropped pairs and the expert bias's range.
+inline std::string describe(const RoutingStats& s) {
+  char head[256];
+  std::snprintf(head, sizeof head, "sparsity %.4f, %.3f experts/token, %.1f%% tokens with none, max/mean load %.2f, %ld dead, %ld dropped",
+                s.sparsity, s.mean_active, 100 * s.zero_expert_fraction, s.max_over_mean_load, long(s.dead), long(s.dropped));
+  std::string out = head;
+  if (s.bias_min != 0 || s.bias_max != 0) {
+    char b[96];
+    std::snprintf(b, sizeof b, ", bias [%.4g, %.4g]", s.bias_min, s.bias_max);
+    out += b;
+  }
+  out += ", load";
+  for (Index e = 0; e < s.load.size(); ++e) {
+    char l[32];
+    std::snprintf(l, sizeof l, " %.3f", s.load(e));
+    out += l;
+  }
+  return out;
+}
 
 /// Statistics of one batch's gates. `k` is the routing budget; an expert is dead when its load
 /// is below `dead_threshold` (the ReMoE paper's heat maps use 1/64).
@@ -55,6 +81,8 @@ RoutingStats routing_stats(const Eigen::MatrixBase<Derived>& gates, double k, do
   }
   s.f = s.load * (double(e) / k);
   for (Index j = 0; j < e; ++j) s.dead += s.load(j) < dead_threshold;
+  const double mean = e > 0 ? s.load.mean() : 0.0;
+  s.max_over_mean_load = mean > 0 ? s.load.maxCoeff() / mean : 0.0;
   return s;
 }
 
