@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Converts one MoE block's PyTorch state dict into a spex file that spex::load_layer reads.
+
+    python3 tools/spex_import.py --from mixtral|qwen2-moe|deepseek-v3|megatron \
+        --config '<the source model config as JSON, under its own names>' IN OUT.safetensors
+
+IN is a `.pt` file of `state_dict()` (torch.save) or a `.safetensors` file, of the block itself
+or of a whole model: the keys of one block are found by their router key (`gate.weight`,
+`router.weight`) and any prefix before it (`model.layers.3.block_sparse_moe.`) is stripped;
+with several blocks in one file, pass --prefix to pick one. OUT holds the layer under prefix "":
+    spex::load_layer<spex::MoE<float, spex::TopKRouter<float>>>("OUT.safetensors")
+(ReLU routing: spex::MoE<float>, spex::ReluRouter). docs/topk_moe.md, "Importing a model", lists
+what each source needs and how its options map.
+
+Memory: OUT is written tensor by tensor and expert by expert (the header first, from the shapes):
+beyond what IN takes to read, at most one source tensor is held at a time. A safetensors IN is
+memory-mapped; a .pt IN is loaded by torch (torch 1.13 cannot map it).
+Dtypes: F32 and F64 are kept; F16 and BF16 are widened to F32 (spex computes in float or double).
+"""
+import argparse
+import json
+import mmap
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import spex_torch as st  # noqa: E402
+
+_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+class Source:
+    """Tensors of IN by name, read one at a time (as float32/float64 numpy arrays)."""
+
+    def __init__(self, path):
+        self.path = path
+        if path.endswith(".safetensors"):
+            self._file = open(path, "rb")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            (n,) = struct.unpack("<Q", self._map[:8])
+            header = json.loads(self._map[8:8 + n])
+            header.pop("__metadata__", None)
+            self._base, self._header, self._state = 8 + n, header, None
+            self.names = list(header)
+        else:
+            state = torch.load(path, map_location="cpu")
+            if not isinstance(state, dict):
+                raise SystemExit(f"{path}: not a state dict (a dict of tensors), but {type(state).__name__}")
+            self._state = {k: v for k, v in state.items() if torch.is_tensor(v)}
+            self.names = list(self._state)
+
+    def shape(self, name):
+        return tuple(self._header[name]["shape"]) if self._state is None else tuple(self._state[name].shape)
+
+    def dtype(self, name):
+        if self._state is None:
+            return self._header[name]["dtype"]
+        return "F64" if self._state[name].dtype == torch.float64 else "F32"
+
+    def get(self, name):
+        if self._state is not None:
+            t = self._state[name]
+            return (t.double() if t.dtype == torch.float64 else t.float()).numpy()
+        e = self._header[name]
+        begin, end = e["data_offsets"]
+        raw = self._map[self._base + begin:self._base + end]
+        if e["dtype"] == "BF16":
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            a = bits.view(np.float32)
+        elif e["dtype"] in _NP:
+            a = np.frombuffer(raw, dtype=np.dtype(_NP[e["dtype"]]).newbyteorder("<"))
+            a = a.astype(np.float64 if e["dtype"] == "F64" else np.float32)
+        else:
+            raise SystemExit(f"{self.path}: tensor {name} has dtype {e['dtype']}; expected F64, F32, F16 or BF16")
+        return a.reshape(e["shape"])
+
+
+class Plan:
+    """The output tensors, each a shape and a list of callables returning its row blocks."""
+
+    def __init__(self, source, prefix):
+        self.source, self.prefix, self.tensors, self.used = source, prefix, {}, set()
+
+    def key(self, name):
+        return self.prefix + name
+
+    def has(self, name):
+        return self.key(name) in self.source.names
+
+    def need(self, name, shape=None):
+        k = self.key(name)
+        self.used.add(k)
+        if k not in self.source.names:
+            raise SystemExit(f"{self.source.path}: no tensor '{k}' (the layout expects it)")
+        if shape is not None and self.source.shape(k) != tuple(shape):
+            raise SystemExit(f"{self.source.path}: '{k}' has shape {list(self.source.shape(k))}, the config gives {list(shape)}")
+        return k
+
+    def add(self, out, rows, cols, blocks):
+        self.tensors[out] = (rows, cols, blocks)
+
+    def copy(self, out, name, shape):
+        k = self.need(name, shape)
+        rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
+        self.add(out, rows, cols, [lambda k=k, r=rows, c=cols: self.source.get(k).reshape(r, c)])
+
+
+def find_prefix(source, router_suffixes, prefix):
+    if prefix is not None:
+        return prefix
+    found = sorted({n[:-len(s)] for n in source.names for s in router_suffixes if n.endswith(s)})
+    # a key ending in a router suffix may itself be longer (shared_expert_gate.weight ends in gate.weight)
+    found = [p for p in found if not any(p.endswith(x) for x in ("shared_expert_", "shared_experts.", "linear_fc1."))]
+    if not found:
+        raise SystemExit(f"{source.path}: no router key ({', '.join(router_suffixes)}) found")
+    if len(found) > 1:
+        raise SystemExit(f"{source.path}: {len(found)} MoE blocks ({', '.join(repr(p) for p in found[:4])}...): pass --prefix")
+    return found[0]
+
+
+def need_keys(cfg, names, source):
+    missing = [n for n in names if n not in cfg]
+    if missing:
+        raise SystemExit(f"--config lacks {', '.join(missing)} ({source} config names)")
+
+
+def glu_experts(plan, n, ff, d, gate, up, down, w1="experts.w1", w2="experts.w2"):
+    """SwiGLU experts from per-expert gate/up [ff, d] and down [d, ff] names (format with e)."""
+    blocks1, blocks2 = [], []
+    for e in range(n):
+        g, u, o = plan.need(gate.format(e), (ff, d)), plan.need(up.format(e), (ff, d)), plan.need(down.format(e), (d, ff))
+        blocks1 += [lambda g=g: plan.source.get(g), lambda u=u: plan.source.get(u)]
+        blocks2.append(lambda o=o: plan.source.get(o))
+    plan.add(w1, 2 * ff * n, d, blocks1)
+    plan.add(w2, d * n, ff, blocks2)
+
+
+def from_mixtral(plan, c):
+    need_keys(c, ["hidden_size", "intermediate_size", "num_local_experts", "num_experts_per_tok"], "MixtralConfig")
+    if c.get("router_jitter_noise", 0.0):
+        raise SystemExit("router_jitter_noise > 0 is training noise spex does not have: import with 0")
+    d, ff, n = c["hidden_size"], c["intermediate_size"], c["num_local_experts"]
+    plan.copy("router.weight", "gate.weight", (n, d))
+    glu_experts(plan, n, ff, d, "experts.{}.w1.weight", "experts.{}.w3.weight", "experts.{}.w2.weight")
+    return "TopKMoE", dict(d_in=d, n_experts=n, hidden=ff, experts_per_token=c["num_experts_per_tok"], ffn="swiglu",
+                           score="softmax", pre_softmax=True, renormalize=True, aux_coeff=c.get("router_aux_loss_coef", 0.001))
+
+
+def from_qwen2_moe(plan, c):
+    need_keys(c, ["hidden_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok"], "Qwen2MoeConfig")
+    d, ff, n = c["hidden_size"], c["moe_intermediate_size"], c["num_experts"]
+    plan.copy("router.weight", "gate.weight", (n, d))
+    glu_experts(plan, n, ff, d, "experts.{}.gate_proj.weight", "experts.{}.up_proj.weight", "experts.{}.down_proj.weight")
+    cfg = dict(d_in=d, n_experts=n, hidden=ff, experts_per_token=c["num_experts_per_tok"], ffn="swiglu", score="softmax",
+               pre_softmax=True, renormalize=bool(c.get("norm_topk_prob", False)), aux_coeff=c.get("router_aux_loss_coef", 0.001))
+    sh = c.get("shared_expert_intermediate_size", 0)
+    if sh:
+        glu_experts(plan, 1, sh, d, "shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight",
+                    "shared.w1", "shared.w2")
+        plan.copy("shared.gate.weight", "shared_expert_gate.weight", (1, d))
+        cfg.update(shared_experts=1, shared_hidden=sh, shared_gate=True)
+    return "TopKMoE", cfg
+
+
+def from_deepseek(plan, c):
+    need_keys(c, ["hidden_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"], "DeepseekV3Config / DeepseekV2Config")
+    d, ff, n, k = c["hidden_size"], c["moe_intermediate_size"], c["n_routed_experts"], c["num_experts_per_tok"]
+    scoring = c.get("scoring_func", "sigmoid")
+    method = c.get("topk_method", "noaux_tc" if scoring == "sigmoid" else "greedy")
+    if scoring not in ("sigmoid", "softmax") or method not in ("noaux_tc", "group_limited_greedy", "greedy"):
+        raise SystemExit(f"scoring_func = {scoring!r}, topk_method = {method!r}: spex imports sigmoid/softmax with noaux_tc, "
+                         "group_limited_greedy or greedy")
+    plan.copy("router.weight", "gate.weight", (n, d))
+    glu_experts(plan, n, ff, d, "experts.{}.gate_proj.weight", "experts.{}.up_proj.weight", "experts.{}.down_proj.weight")
+    cfg = dict(d_in=d, n_experts=n, hidden=ff, experts_per_token=k, ffn="swiglu", score=scoring, pre_softmax=True,
+               renormalize=bool(c.get("norm_topk_prob", scoring == "sigmoid")) and k > 1,
+               route_scale=float(c.get("routed_scaling_factor", 1.0)), aux_coeff=0.0)
+    if method == "noaux_tc":  # the bias selects; groups scored by their best two
+        plan.copy("router.expert_bias", "gate.e_score_correction_bias", (n,))
+        cfg.update(expert_bias=True)
+    if method != "greedy" and c.get("n_group", 1) > 1:
+        cfg.update(n_groups=c["n_group"], group_topk=c.get("topk_group", c["n_group"]),
+                   group_score_experts=2 if method == "noaux_tc" else 1)
+    if c.get("aux_loss_alpha", 0.0) and c.get("seq_aux", False):
+        cfg.update(seq_aux_coeff=float(c["aux_loss_alpha"]), seq_len=int(c.get("seq_len", 0)) or 1)
+    shared = c.get("n_shared_experts", 0) or 0
+    if shared:
+        glu_experts(plan, 1, ff * shared, d, "shared_experts.gate_proj.weight", "shared_experts.up_proj.weight",
+                    "shared_experts.down_proj.weight", "shared.w1", "shared.w2")
+        cfg.update(shared_experts=shared, shared_hidden=ff)
+    return "TopKMoE", cfg
+
+
+def from_megatron(plan, c):
+    need_keys(c, ["hidden_size", "moe_ffn_hidden_size", "num_experts", "moe_router_topk"], "Megatron-Core argument")
+    d, ff, n, k = c["hidden_size"], c["moe_ffn_hidden_size"], c["num_experts"], c["moe_router_topk"]
+    glu = bool(c.get("swiglu", True))
+    h1 = 2 * ff if glu else ff
+    plan.copy("router.weight", "router.weight", (n, d))
+    # Expert weights: SequentialMLP (local_experts.{e}.linear_fc1/2.weight), TEGroupedMLP
+    # (linear_fc1.weight{e}), or the legacy GroupedMLP (weight1 [d, E*h1], weight2 [E*ff, d]).
+    if plan.has("experts.local_experts.0.linear_fc1.weight"):
+        fc1, fc2 = "experts.local_experts.{}.linear_fc1.weight", "experts.local_experts.{}.linear_fc2.weight"
+    elif plan.has("experts.linear_fc1.weight0"):
+        fc1, fc2 = "experts.linear_fc1.weight{}", "experts.linear_fc2.weight{}"
+    else:
+        fc1 = fc2 = None
+    if fc1:
+        names1 = [plan.need(fc1.format(e), (h1, d)) for e in range(n)]
+        names2 = [plan.need(fc2.format(e), (d, ff)) for e in range(n)]
+        plan.add("experts.w1", n * h1, d, [lambda x=x: plan.source.get(x) for x in names1])
+        plan.add("experts.w2", n * d, ff, [lambda x=x: plan.source.get(x) for x in names2])
+    else:
+        w1, w2 = plan.need("experts.weight1", (d, n * h1)), plan.need("experts.weight2", (n * ff, d))
+        plan.add("experts.w1", n * h1, d, [lambda e=e: plan.source.get(w1)[:, e * h1:(e + 1) * h1].T for e in range(n)])
+        plan.add("experts.w2", n * d, ff, [lambda e=e: plan.source.get(w2)[e * ff:(e + 1) * ff].T for e in range(n)])
+    cfg = dict(d_in=d, n_experts=n, hidden=ff, experts_per_token=k, ffn="swiglu" if glu else "gelu")
+    if c.get("remoe", False):  # ReMoE's Megatron fork: ReLU routing (no TopK options)
+        return "ReMoE", cfg
+    score = c.get("moe_router_score_function", "softmax")
+    cfg.update(score=score, pre_softmax=bool(c.get("moe_router_pre_softmax", False)) or score == "sigmoid",
+               renormalize=score == "sigmoid" and k > 1, route_scale=float(c.get("moe_router_topk_scaling_factor") or 1.0),
+               aux_coeff=float(c.get("moe_aux_loss_coeff", 0.0)), z_coeff=float(c.get("moe_z_loss_coeff") or 0.0))
+    if c.get("moe_router_enable_expert_bias", False):
+        plan.copy("router.expert_bias", "router.expert_bias", (n,))
+        cfg.update(expert_bias=True)
+    if (c.get("moe_router_num_groups") or 1) > 1:
+        cfg.update(n_groups=c["moe_router_num_groups"], group_topk=c.get("moe_router_group_topk") or 0)
+    sh = c.get("moe_shared_expert_intermediate_size") or 0
+    if sh:
+        plan.copy("shared.w1", "shared_experts.linear_fc1.weight", (2 * sh if glu else sh, d))
+        plan.copy("shared.w2", "shared_experts.linear_fc2.weight", (d, sh))
+        cfg.update(shared_experts=1, shared_hidden=sh)
+        if c.get("moe_shared_expert_gate", False):
+            plan.copy("shared.gate.weight", "shared_experts.gate_weight", (1, d))
+            cfg.update(shared_gate=True)
+    return "TopKMoE", cfg
+
+
+SOURCES = {"mixtral": (from_mixtral, ["gate.weight"]), "qwen2-moe": (from_qwen2_moe, ["gate.weight"]),
+           "deepseek-v3": (from_deepseek, ["gate.weight"]), "megatron": (from_megatron, ["router.weight"])}
+
+
+def write(path, plan, kind, cfg, dtype):
+    """The header from the planned shapes, then each tensor block by block."""
+    np_type = np.float64 if dtype == "F64" else np.float32
+    size = 8 if dtype == "F64" else 4
+    header, offset = {}, 0
+    for name, (rows, cols, _) in plan.tensors.items():
+        shape = [rows] if name == "router.expert_bias" else [rows, cols]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + rows * cols * size]}
+        offset += rows * cols * size
+    entry = (kind, dtype, cfg) + (({"lambda": 0.0},) if kind == "ReMoE" else ())
+    header["__metadata__"] = st.spex_metadata({"": entry})
+    text = json.dumps(header).encode()
+    text += b" " * ((-(8 + len(text))) % 64)
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name, (rows, cols, blocks) in plan.tensors.items():
+            written = 0
+            for block in blocks:
+                a = np.ascontiguousarray(np.asarray(block(), dtype=np_type).reshape(-1, cols))
+                if not np.isfinite(a).all():
+                    raise SystemExit(f"{plan.source.path}: {name} holds NaN or Inf")
+                f.write(a.astype(np.dtype(np_type).newbyteorder("<")).tobytes())
+                written += a.shape[0]
+            if written != rows:
+                raise SystemExit(f"internal: {name} got {written} rows, planned {rows}")
+    os.replace(tmp, path)  # all or nothing
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES))
+    ap.add_argument("--config", required=True, help="the source model's config as JSON, under its own names")
+    ap.add_argument("--prefix", default=None, help="the block's key prefix in IN (default: found from the router key)")
+    ap.add_argument("input")
+    ap.add_argument("output")
+    a = ap.parse_args(argv)
+    try:
+        config = json.loads(a.config)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--config is not JSON: {e}")
+    convert, router = SOURCES[a.source]
+    source = Source(a.input)
+    plan = Plan(source, find_prefix(source, router, a.prefix))
+    kind, cfg = convert(plan, config)
+    dtype = "F64" if all(source.dtype(n) == "F64" for n in plan.used) else "F32"
+    unused = [n for n in source.names if n.startswith(plan.prefix) and n not in plan.used]
+    write(a.output, plan, kind, cfg, dtype)
+    print(f"{a.output}: {kind} from {a.source} ({plan.prefix or 'no prefix'}), {len(plan.tensors)} tensors, {dtype}")
+    if unused:
+        print(f"not imported: {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
+
+
+if __name__ == "__main__":
+    main()
