@@ -1,8 +1,10 @@
-// compare_layers: one small model trained five ways at equal forward FLOPs per token of its
+// compare_layers: one small model trained six ways at equal forward FLOPs per token of its
 // block, with the same optimizer (Adam with warm-up and cosine decay; lazy row-sparse Adam for
 // embeddings and expert tables), steps and seed: a dense FFN block (hidden 4d), TopK MoE and
-// ReMoE (8 experts of the same hidden, 1 per token), PEER and PKM (heads and top-k fixed,
-// d_key the largest that keeps the block within the dense block's FLOPs). Two tasks:
+// ReMoE (8 experts of the same hidden, 1 per token), a DeepSeek-V3-style MoE (sigmoid scores,
+// the selection bias instead of an aux loss, 1 routed and 1 shared expert of half the hidden),
+// PEER and PKM (heads and top-k fixed, d_key the largest that keeps the block within the dense
+// block's FLOPs). Two tasks:
 // next-character prediction on English text, and associative recall of seeded (key -> value)
 // facts, where total parameters decide how many facts fit.
 //
@@ -45,6 +47,7 @@ namespace {
 using namespace compare;
 
 constexpr Index kMoEExperts = 8, kMoEPerToken = 1;
+constexpr double kBiasRate = 1e-3;  // Megatron-Core's default expert bias update rate
 
 struct Curve {
   std::string task, variant;
@@ -127,6 +130,9 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
       h.lambda.push_back(ctl.lambda());
       ctl.update(s);
     }
+    if constexpr (std::is_same<Block, TopKBlock>::value) {  // auxiliary-loss-free balancing (DeepSeek-V3)
+      if (model.block().config().expert_bias) model.block().update_expert_bias(model.block().expert_load(model.block_cache()), kBiasRate);
+    }
     h.step.push_back(step);
     h.train_loss.push_back(res.loss);
     h.sparsity.push_back(s);
@@ -165,6 +171,20 @@ Summary run(const std::string& variant, const Dataset& data, const TaskShape& ts
     sum.eval_active = active / double(data.n_val());
     sum.eval_zero_tokens = zero / double(data.n_val());
   }
+  if constexpr (std::is_same<Block, TopKBlock>::value) {
+    double ratio = 0;
+    int batches = 0;
+    model.evaluate(data.val_x, data.val_y, 0, data.n_val(), [&](const typename Block::Cache& c) {
+      ratio += model.block().stats(c).max_over_mean_load;
+      ++batches;
+    });
+    sum.has_balance = true;
+    sum.max_over_mean = ratio / std::max(1, batches);
+    if (model.block().config().expert_bias) {
+      sum.bias_min = double(model.block().router().expert_bias().minCoeff());
+      sum.bias_max = double(model.block().router().expert_bias().maxCoeff());
+    }
+  }
   if constexpr (is_product_key<Block>::value) {
     spex::ExpertUsage usage(model.block().n_experts());
     model.evaluate(data.val_x, data.val_y, 0, data.n_val(), [&](const typename Block::Cache& c) {
@@ -199,6 +219,20 @@ std::vector<Summary> run_task(const Dataset& data, const TaskShape& ts, const Op
     auto b = std::make_unique<ReMoEBlock>(moe, s + 6);
     const double f = b->flops_per_token().total();
     out.push_back(run("remoe", data, ts, std::move(b), moe_active, f, opt, curves));
+  }
+  if (opt.wants("deepseek-moe")) {
+    // DeepSeek-V3's routing at the same FLOPs: sigmoid scores, the selection bias moved each
+    // step instead of an aux loss, 1 routed and 1 shared expert of half the hidden size each.
+    spex::MoEConfig ds = moe;
+    ds.hidden = h / 2;
+    ds.score = spex::ScoreFn::sigmoid;
+    ds.expert_bias = true;
+    ds.aux_coeff = 0.0;
+    ds.shared_experts = 1;
+    auto b = std::make_unique<TopKBlock>(ds, s + 7);
+    const double f = b->flops_per_token().total();
+    const Index active = 2 * 2 * d * (h / 2) + d * ds.total_experts();
+    out.push_back(run("deepseek-moe", data, ts, std::move(b), active, f, opt, curves));
   }
 
   spex::ProductKeyLayerConfig peer = pk_config(ts, ts.budget_n, ts.peer_k, opt.learn_keys);

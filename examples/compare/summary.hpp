@@ -59,13 +59,23 @@ struct Summary {
   // validation loss and the block output's error relative to float32 on the validation set.
   bool has_compact = false;
   double compact_val_loss[2] = {0, 0}, compact_rel_error[2] = {0, 0};
+  // TopK MoE: the load balance on the validation set (the busiest expert's load over the mean,
+  // averaged over the batches) and, with an expert bias, its range after training.
+  bool has_balance = false;
+  double max_over_mean = 0, bias_min = 0, bias_max = 0;
 };
 
+inline std::string fixed(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.4f", v);
+  return b;
+}
+
 inline void print_table(const std::vector<Summary>& rows, double dense_flops) {
-  std::printf("\n%-10s %10s %11s %9s %6s %11s %10s %10s %9s %8s\n", "variant", "active", "total", "kFLOP/tok", "/dense",
+  std::printf("\n%-12s %10s %11s %9s %6s %11s %10s %10s %9s %8s\n", "variant", "active", "total", "kFLOP/tok", "/dense",
               "train loss", "val loss", "tokens/s", "opt share", "usage %");
   for (const auto& s : rows) {
-    std::printf("%-10s %10lld %11lld %9.1f %5.2fx %11.4f %10.4f %10.0f %8.1f%%", s.variant.c_str(), (long long)s.active,
+    std::printf("%-12s %10lld %11lld %9.1f %5.2fx %11.4f %10.4f %10.0f %8.1f%%", s.variant.c_str(), (long long)s.active,
                 (long long)s.total, s.flops / 1e3, s.flops / dense_flops, s.train_loss, s.val_loss, s.tokens_per_s,
                 100 * s.optimizer_share);
     s.has_usage ? std::printf(" %8.1f\n", s.usage.usage_percent) : std::printf(" %8s\n", "-");
@@ -95,6 +105,10 @@ inline void print_table(const std::vector<Summary>& rows, double dense_flops) {
                 s.variant.c_str(), r.settled_step, r.mean, r.max_step_deviation, 100 * r.within_3pct, r.lambda_min,
                 r.lambda_max, s.eval_active, 100 * s.eval_zero_tokens);
   }
+  for (const auto& s : rows)
+    if (s.has_balance)
+      std::printf("%s: validation load balance: busiest expert %.2fx the mean load%s\n", s.variant.c_str(), s.max_over_mean,
+                  s.bias_min == s.bias_max ? "" : (", expert bias in [" + fixed(s.bias_min) + ", " + fixed(s.bias_max) + "]").c_str());
 }
 
 }  // namespace compare
