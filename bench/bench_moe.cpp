@@ -1,7 +1,9 @@
 // Mixture-of-experts layers at d = 512, batch 512, float32: ReMoE (ReLU router, ~1/8 of the
 // (token, expert) pairs active) and TopK (k = 1) at E = 8 (hidden 1024) and E = 64
 // (hidden 128), GELU or SwiGLU experts, against a dense FFN of the same active size and of the
-// full size. Tokens/s, plus the GFLOP/s of the expert MLPs. Threads from OMP_NUM_THREADS.
+// full size; and DeepSeek-V3's routing (sigmoid scores, selection bias, renormalized, plus one
+// shared expert of the routed experts' hidden). Tokens/s, plus the GFLOP/s of the expert MLPs
+// (routed pairs; the shared expert's are extra). Threads from OMP_NUM_THREADS.
 //   build/bench/bench_moe --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include "bench_common.hpp"
 
@@ -42,12 +44,22 @@ void calibrate_relu(Layer& moe) {
   w.col(0).setConstant(-all[all.size() * 7 / 8]);
 }
 
-template <class Router>
+// DeepSeek-V3's routing on the same experts: sigmoid, bias, renormalized, one shared expert.
+spex::MoEConfig deepseek(spex::MoEConfig cfg) {
+  cfg.score = spex::ScoreFn::sigmoid;
+  cfg.expert_bias = true;
+  cfg.renormalize = cfg.experts_per_token > 1;
+  cfg.aux_coeff = 0.0;
+  cfg.shared_experts = 1;
+  return cfg;
+}
+
+template <class Router, bool kDeepSeek = false>
 spex::MoE<float, Router>& layer(spex::Index experts, spex::FfnKind ffn) {
   static std::map<std::pair<spex::Index, int>, std::unique_ptr<spex::MoE<float, Router>>> cache;
   auto& slot = cache[{experts, int(ffn)}];
   if (!slot) {
-    slot = std::make_unique<spex::MoE<float, Router>>(config(experts, ffn), 1);
+    slot = std::make_unique<spex::MoE<float, Router>>(kDeepSeek ? deepseek(config(experts, ffn)) : config(experts, ffn), 1);
     if (Router::kRelu) calibrate_relu(*slot);
   }
   return *slot;
@@ -66,11 +78,11 @@ double expert_flops(const spex::MoEConfig& cfg, double pairs) {
   return 2.0 * pairs * double(cfg.d_in) * (h1 + h);
 }
 
-template <class Router, bool kBackward>
+template <class Router, bool kBackward, bool kDeepSeek = false>
 void moe_bench(benchmark::State& state) {
   const spex::Index experts = state.range(0);
   const auto ffn = spex::FfnKind(state.range(1));
-  auto& moe = layer<Router>(experts, ffn);
+  auto& moe = layer<Router, kDeepSeek>(experts, ffn);
   const auto& dy = spex_bench::random_matrix(kBatch, kD, 6);
   spex::RowMat<float> y(kBatch, kD), dx(kBatch, kD);
   typename spex::MoE<float, Router>::Cache cache;
@@ -95,6 +107,8 @@ void BM_MoEForward_ReLU(benchmark::State& s) { moe_bench<spex::ReluRouter<float>
 void BM_MoEForward_TopK(benchmark::State& s) { moe_bench<spex::TopKRouter<float>, false>(s); }
 void BM_MoEForwardBackward_ReLU(benchmark::State& s) { moe_bench<spex::ReluRouter<float>, true>(s); }
 void BM_MoEForwardBackward_TopK(benchmark::State& s) { moe_bench<spex::TopKRouter<float>, true>(s); }
+void BM_MoEForward_DeepSeek(benchmark::State& s) { moe_bench<spex::TopKRouter<float>, false, true>(s); }
+void BM_MoEForwardBackward_DeepSeek(benchmark::State& s) { moe_bench<spex::TopKRouter<float>, true, true>(s); }
 
 // Dense FFN: one expert that every token uses, the same FfnExperts code path without routing.
 void BM_DenseFFN(benchmark::State& state) {
@@ -127,5 +141,7 @@ BENCHMARK(BM_MoEForward_ReLU)->Apply(moe_args);
 BENCHMARK(BM_MoEForward_TopK)->Apply(moe_args);
 BENCHMARK(BM_MoEForwardBackward_ReLU)->Apply(moe_args);
 BENCHMARK(BM_MoEForwardBackward_TopK)->Apply(moe_args);
+BENCHMARK(BM_MoEForward_DeepSeek)->Apply(moe_args);
+BENCHMARK(BM_MoEForwardBackward_DeepSeek)->Apply(moe_args);
 BENCHMARK(BM_DenseFFN)->ArgsProduct({{1024, 8192}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
 SPEX_BENCH_MACHINE_LIMITS();

@@ -120,6 +120,10 @@ def main():
             "topk_fwd/%d" % e, "tokens_per_s", torch, "")
         row("TopK MoE E %d, fwd+bwd" % e, "BM_MoEForwardBackward_TopK/%d/0/real_time" % e, "tokens/s",
             "topk_fwdbwd/%d" % e, "tokens_per_s", torch, "")
+        row("DeepSeek-style MoE E %d (sigmoid, bias, 1 shared), fwd" % e, "BM_MoEForward_DeepSeek/%d/0/real_time" % e, "tokens/s",
+            "deepseek_fwd/%d" % e, "tokens_per_s", torch, "")
+        row("DeepSeek-style MoE E %d, fwd+bwd" % e, "BM_MoEForwardBackward_DeepSeek/%d/0/real_time" % e, "tokens/s",
+            "deepseek_fwdbwd/%d" % e, "tokens_per_s", torch, "")
     for config, desc, fwd_t, bwd_t in ((1, "N 1024², d 512, batch 256", ">= 6x", ">= 5x"),
                                        (0, "N 256², d 256, batch 512", "", "")):
         row("PEER %s, h 8, k 16, fwd" % desc, "BM_PeerForward/%d/real_time" % config, "tokens/s",

@@ -47,9 +47,12 @@ class SparseMoE(nn.Module):
     """Router + E GELU FFN experts, tokens gathered per expert (index_select), weighted and
     scattered back (index_add_): the dispatch of the ReMoE and Megatron references on CPU."""
 
-    def __init__(self, experts, hidden, router, k=1):
+    def __init__(self, experts, hidden, router, k=1, shared=False):
         super().__init__()
         self.e, self.router_kind, self.k = experts, router, k
+        if router == "sigmoid":  # DeepSeek-V3: the bias selects, the renormalized scores weigh
+            self.register_buffer("expert_bias", torch.zeros(experts))
+        self.shared = DenseFFN(hidden) if shared else None
         self.router = nn.Linear(D, experts, bias=False)
         nn.init.normal_(self.router.weight, std=D ** -0.5)
         # One parameter per expert: slicing one stacked tensor would give every expert a
@@ -68,6 +71,13 @@ class SparseMoE(nn.Module):
         logits = self.router(x)
         if self.router_kind == "relu":
             return F.relu(logits)
+        if self.router_kind == "sigmoid":
+            s = torch.sigmoid(logits)
+            i = (s.detach() + self.expert_bias).topk(self.k, dim=1)[1]
+            v = s.gather(1, i)
+            if self.k > 1:
+                v = v / (v.sum(-1, keepdim=True) + 1e-20)
+            return torch.zeros_like(s).scatter(1, i, v)
         p = logits.softmax(-1)
         v, i = p.topk(self.k, dim=1)
         return torch.zeros_like(p).scatter(1, i, v)
@@ -81,7 +91,7 @@ class SparseMoE(nn.Module):
                 continue
             h = F.gelu(x.index_select(0, idx) @ self.w1[e].t())
             y.index_add_(0, idx, (h @ self.w2[e].t()) * g.index_select(0, idx)[:, e:e + 1])
-        return y
+        return y + self.shared(x) if self.shared is not None else y
 
 
 class Peer(nn.Module):
@@ -158,6 +168,10 @@ def main():
             MOE_BATCH, inference(SparseMoE(e, h, "topk", k=e // 8), x))))
         cases.append(("topk_fwdbwd/%d" % experts, lambda e=experts, h=hidden: (
             MOE_BATCH, forward_backward(SparseMoE(e, h, "topk", k=e // 8), x, dy))))
+        cases.append(("deepseek_fwd/%d" % experts, lambda e=experts, h=hidden: (
+            MOE_BATCH, inference(SparseMoE(e, h, "sigmoid", k=e // 8, shared=True), x))))
+        cases.append(("deepseek_fwdbwd/%d" % experts, lambda e=experts, h=hidden: (
+            MOE_BATCH, forward_backward(SparseMoE(e, h, "sigmoid", k=e // 8, shared=True), x, dy))))
     # bench_peer's configurations: (d, n, batch, d_key), h = 8, k = 16.
     for config, (d, n, batch, d_key) in enumerate(((256, 256, 512, 128), (512, 1024, 256, 256))):
         def peer_case(bwd, d=d, n=n, batch=batch, d_key=d_key):
