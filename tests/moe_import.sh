@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Writes MoE blocks in the layouts of Mixtral, Qwen2-MoE, DeepSeek-V3 and Megatron-Core
+# Writes MoE blocks in the layouts of Mixtral, Qwen2-MoE, DeepSeek-V3 and Megatron-Core (sigmoid
+# routing with TEGroupedMLP experts; ReMoE's ReLU routing with GroupedMLP experts)
 # (tests/drivers/moe_import_sources.py), imports each with tools/spex_import.py and checks spex
 # reproduces its output (tests/drivers/moe_import_check.cpp). Also: the importer's refusals.
 # Exit 77 (ctest: skipped) when no python3 with torch is found.
@@ -18,7 +19,7 @@ fi
 rm -rf "$out"
 "$python" "$here/drivers/moe_import_sources.py" "$out"
 failures=0
-for case in mixtral qwen2_moe deepseek_v3 megatron; do
+for case in mixtral qwen2_moe deepseek_v3 megatron megatron_remoe; do
   read -r source config input < <("$python" -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['from'], json.dumps(d['config'], separators=(',',':')), d['input'])" "$out/$case.json")
   "$python" "$here/../tools/spex_import.py" --from "$source" --config "$config" "$input" "$out/$case.spex.safetensors"
   "$checker" "$out/$case.spex.safetensors" "$out/$case.io.safetensors" || failures=$((failures + 1))

@@ -24,18 +24,24 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
 
+def _raw(t):
+    """A tensor's little-endian bytes as a buffer (no copy on a little-endian machine; bfloat16: its
+    raw 16-bit patterns, numpy having no bfloat16)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return np.ascontiguousarray(t.view(torch.int16).numpy(), dtype="<i2").data
+    return np.ascontiguousarray(t.numpy(), dtype=np.dtype(_NUMPY[_DTYPES[t.dtype]]).newbyteorder("<")).data
+
+
 def write_safetensors(path, tensors, metadata=None):
-    """tensors: {name: torch.Tensor}; metadata: {str: str}. Little-endian, contiguous, no gaps."""
-    header, blobs, offset = {}, [], 0
+    """tensors: {name: torch.Tensor}; metadata: {str: str}. Little-endian, contiguous, no gaps.
+    The header comes from the shapes; the data is written one tensor at a time, so the memory
+    beyond the tensors themselves is one tensor's bytes."""
+    header, offset = {}, 0
     for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the raw 16-bit patterns
-            raw = t.view(torch.int16).numpy().astype("<i2").tobytes()
-        else:
-            raw = t.numpy().astype(np.dtype(_NUMPY[_DTYPES[t.dtype]]).newbyteorder("<")).tobytes()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     if metadata:
         header["__metadata__"] = dict(metadata)
     text = json.dumps(header).encode()
@@ -43,8 +49,8 @@ def write_safetensors(path, tensors, metadata=None):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
-        for b in blobs:
-            f.write(b)
+        for t in tensors.values():
+            f.write(_raw(t))
 
 
 def read_safetensors(path):

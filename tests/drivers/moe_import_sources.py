@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Small MoE blocks in the public layouts of Mixtral, Qwen2-MoE, DeepSeek-V3 and Megatron-Core,
+"""Small MoE blocks in the public layouts of Mixtral, Qwen2-MoE, DeepSeek-V3 and Megatron-Core
+(TEGroupedMLP experts with sigmoid routing; GroupedMLP experts with ReMoE's ReLU routing),
 written for spex's tests from those layouts (the source packages cannot be installed here), with
 random float32 weights. For each case: OUTDIR/<case>.pt (or .safetensors: the state dict under a
 model-level prefix), OUTDIR/<case>.json (the importer's --from and --config) and
@@ -205,6 +206,35 @@ class Megatron(nn.Module):
         return y + self.shared_experts(x)
 
 
+class GroupedMLP(nn.Module):
+    """Megatron-Core's legacy GroupedMLP: weight1 [d, E * 2ff] (expert e's columns
+    [e*2ff, (e+1)*2ff), the gate half then the up half), weight2 [E * ff, d]."""
+
+    def __init__(self, n, d, ff):
+        super().__init__()
+        self.n, self.ff = n, ff
+        self.weight1 = nn.Parameter(torch.randn(d, n * 2 * ff) / d ** 0.5)
+        self.weight2 = nn.Parameter(torch.randn(n * ff, d) / ff ** 0.5)
+
+    def expert(self, e, x):
+        a, b = (x @ self.weight1[:, e * 2 * self.ff:(e + 1) * 2 * self.ff]).chunk(2, dim=-1)
+        return (F.silu(a) * b) @ self.weight2[e * self.ff:(e + 1) * self.ff]
+
+
+class MegatronReMoE(nn.Module):
+    """ReMoE's Megatron fork: gates = ReLU(router(x)), every expert with a positive gate."""
+
+    def __init__(self, c):
+        super().__init__()
+        d, n = c["hidden_size"], c["num_experts"]
+        self.router = MegatronRouter(d, n, False)
+        self.experts = GroupedMLP(n, d, c["moe_ffn_hidden_size"])
+
+    def forward(self, x):
+        g = F.relu(x @ self.router.weight.t())
+        return sum(g[:, e:e + 1] * self.experts.expert(e, x) for e in range(self.experts.n))
+
+
 CASES = {
     "mixtral": ("mixtral", Mixtral, "model.layers.3.block_sparse_moe.", ".pt",
                 dict(hidden_size=16, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)),
@@ -220,6 +250,8 @@ CASES = {
                       moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
                       moe_router_topk_scaling_factor=1.5, moe_shared_expert_intermediate_size=12, moe_shared_expert_gate=True,
                       swiglu=True)),
+    "megatron_remoe": ("megatron", MegatronReMoE, "decoder.layers.0.mlp.", ".pt",
+                       dict(hidden_size=16, moe_ffn_hidden_size=6, num_experts=6, moe_router_topk=1, swiglu=True, remoe=True)),
 }
 
 
