@@ -263,6 +263,38 @@ TEST_CASE("mapped loading reads expert tables in place, training copies them onc
   CHECK(r.mapped.empty());
 }
 
+TEST_CASE("tensors that do not fit a layer name the config field that would explain them; strict = false only where it is safe", "[io]") {
+  TempDir dir;
+  // The tensors of one config under the metadata of another (hand-made exports do this).
+  const auto write = [&](const auto& tensors_of, const auto& config_of) {
+    const std::string doc = nlohmann::json{{"format", "spex"}, {"version", {1, kFormatMinor}}, {"layers", {{"", layer_entry(config_of)}}}}.dump();
+    write_safetensors(dir.path("m.safetensors"), tensor_sources(tensors_of.parameters()), {{"spex", doc}});
+    return dir.path("m.safetensors");
+  };
+  ProductKeyLayerConfig per_head = pk_config();
+  per_head.shared_keys = false;
+  const Peer<float> heads(per_head, 1), shared(pk_config(), 1);
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(heads, shared)),
+                    Catch::Contains("config field 'shared_keys': the file's tensors are those of false") &&
+                        Catch::Contains("the layer has true") && !Catch::Contains("strict = false"));
+  ProductKeyLayerConfig no_norm = pk_config();
+  no_norm.norm = NormKind::none;
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(Peer<float>(no_norm, 1), shared)),
+                    Catch::Contains("config field 'norm': the file's tensors are those of none") && Catch::Contains("the layer has batch"));
+  ProductKeyLayerConfig bias = pk_config();
+  bias.query_bias = true;
+  // One tensor too many: skipping it is safe, so strict = false is suggested, with the field.
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(Peer<float>(bias, 1), shared)),
+                    Catch::Contains("1 problem loading") && Catch::Contains("0 missing, 1 unexpected") &&
+                        Catch::Contains("config field 'query_bias'") && Catch::Contains("strict = false skips"));
+  MoEConfig gated = moe_config();
+  gated.shared_experts = 1;
+  gated.shared_gate = true;
+  MoEConfig plain = moe_config();
+  plain.shared_experts = 1;
+  CHECK_THROWS_WITH(load_layer<TopKf>(write(TopKf(gated, 1), TopKf(plain, 1))), Catch::Contains("config field 'shared_gate'"));
+}
+
 TEST_CASE("metadata versions: other majors are rejected, newer minors may add fields, unknown fields are errors otherwise", "[io]") {
   TempDir dir;
   const Peer<float> a(pk_config(), 1);

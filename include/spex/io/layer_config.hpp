@@ -187,6 +187,44 @@ inline double retrieval_values(const ProductKeyLayerConfig& r) {
   const double key_sets = r.shared_keys ? 1 : double(r.heads);
   return q * double(r.d_in) + (r.query_bias ? q : 0) + norm + key_sets * double(r.n_keys) * double(r.d_key);
 }
+
+/// When a file's tensors do not fit a layer, the config fields whose other value would explain
+/// it: each such field with the value the tensors imply and the layer's. `has(name)`: whether
+/// the file holds tensor `name` under the layer's prefix.
+template <class Has>
+std::string config_hints(const ProductKeyLayerConfig& c, Has has) {
+  std::string out;
+  auto hint = [&](const char* field, const std::string& file, const std::string& layer) {
+    out += std::string("\n  config field '") + field + "': the file's tensors are those of " + file + ", the layer has " + layer;
+  };
+  const bool per_head = has("keys.h0.c1"), shared = has("keys.c1");
+  if (c.shared_keys && per_head && !shared) hint("shared_keys", "false (keys.h<i>.c1/c2: sub-keys per head)", "true");
+  if (!c.shared_keys && shared && !per_head) hint("shared_keys", "true (keys.c1/c2: one set of sub-keys)", "false");
+  const bool running = has("norm.running_mean"), affine = has("norm.weight");
+  const char* norm = c.norm == NormKind::batch ? "batch" : c.norm == NormKind::layer ? "layer" : "none";
+  if (c.norm != NormKind::none && !affine) hint("norm", "none (no norm.* tensors)", norm);
+  if (c.norm == NormKind::layer && running) hint("norm", "batch (norm.running_mean/var)", norm);
+  if (c.norm == NormKind::batch && affine && !running) hint("norm", "layer (norm.weight/bias without running statistics)", norm);
+  if (c.norm == NormKind::none && affine) hint("norm", running ? "batch (norm.* with running statistics)" : "layer (norm.weight/bias)", norm);
+  if (c.query_bias != has("query.bias"))
+    hint("query_bias", c.query_bias ? "false (no query.bias)" : "true (query.bias)", c.query_bias ? "true" : "false");
+  return out;
+}
+template <class Has>
+std::string config_hints(const MoEConfig& c, Has has) {
+  std::string out;
+  auto hint = [&](const char* field, const std::string& file, const std::string& layer) {
+    out += std::string("\n  config field '") + field + "': the file's tensors are those of " + file + ", the layer has " + layer;
+  };
+  if (c.expert_bias != has("router.expert_bias"))
+    hint("expert_bias", c.expert_bias ? "false (no router.expert_bias)" : "true (router.expert_bias)", c.expert_bias ? "true" : "false");
+  if ((c.shared_experts > 0) != has("shared.w1"))
+    hint("shared_experts", c.shared_experts > 0 ? "0 (no shared.w1)" : ">= 1 (shared.w1)", std::to_string(c.shared_experts));
+  else if (c.shared_gate != has("shared.gate.weight"))
+    hint("shared_gate", c.shared_gate ? "false (no shared.gate.weight)" : "true (shared.gate.weight)", c.shared_gate ? "true" : "false");
+  return out;
+}
+
 }  // namespace detail
 
 /// The kind a layer type is recorded as, and the number of values all its parameters take for

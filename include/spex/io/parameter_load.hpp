@@ -204,9 +204,10 @@ class ParameterLoad {
     for (const auto& p : problems) os << "\n  " << p;
     const std::size_t failed = missing_.size() + unexpected.size() + problems.size();
     SPEX_CHECK(os.str().empty(), file.source() << ": " << failed << (failed == 1 ? " problem" : " problems") << " loading "
-                                               << params.size() << " parameters" << os.str()
-                                               << (opt.strict && (missing_.size() || unexpected.size())
-                                                       ? "\n  (LoadOptions::strict = false loads the tensors that match)"
+                                               << params.size() << " parameters (" << missing_.size() << " missing, "
+                                               << unexpected.size() << " unexpected, " << problems.size() << " unreadable)" << os.str()
+                                               << (opt.strict && missing_.empty() && !unexpected.empty() && problems.empty()
+                                                       ? "\n  (LoadOptions::strict = false skips the tensors the parameters do not have)"
                                                        : ""));
   }
 

@@ -169,15 +169,21 @@ class SafetensorsLoader {
         actions_.push_back([&layer, lambda = entry.lambda] { layer.set_lambda(lambda); });
       }
     }
-    if constexpr (detail::has_compact_tables<L>) {
-      auto tables = std::make_shared<CompactTableLoad>(file_.view(), file_.keep_alive(), layer.compact_tables(prefix), opt,
-                                                       file_.is_mapped_file());
-      parameters(layer.parameters(prefix), prefix, opt, tables->names());
-      merge(tables->report());
-      actions_.push_back([tables] { tables->apply(); });
-      return;
+    try {
+      if constexpr (detail::has_compact_tables<L>) {
+        auto tables = std::make_shared<CompactTableLoad>(file_.view(), file_.keep_alive(), layer.compact_tables(prefix), opt,
+                                                         file_.is_mapped_file());
+        parameters(layer.parameters(prefix), prefix, opt, tables->names());
+        merge(tables->report());
+        actions_.push_back([tables] { tables->apply(); });
+        return;
+      }
+      parameters(layer.parameters(prefix), prefix, opt);
+    } catch (const Error& e) {
+      const std::string hints = detail::config_hints(layer.config(), [&](const std::string& name) { return file_.find(prefix + name) != nullptr; });
+      if (hints.empty()) throw;
+      throw Error(e.what() + hints);
     }
-    parameters(layer.parameters(prefix), prefix, opt);
   }
 
   nlohmann::json parse_state(const std::string& key, const std::string& where, const char* kind = nullptr) const {
