@@ -24,9 +24,9 @@ enum class FfnKind { gelu, swiglu };
 
 inline const char* to_string(FfnKind k) { return k == FfnKind::gelu ? "gelu" : "swiglu"; }
 
-/// Token groups of a B x E gate matrix: the active (token, expert) pairs (gate != 0), sorted by
-/// expert then token. Pair p = rows [offsets[e], offsets[e+1]) of expert e; row_of(t, e) is the
-/// pair's row or -1.
+/// Token groups of a B x E gate matrix: the active (token, expert) pairs (gate != 0, and the
+/// probes: per token one expert run with its gate 0, or -1), sorted by expert then token. Pair
+/// p = rows [offsets[e], offsets[e+1]) of expert e; row_of(t, e) is the pair's row or -1.
 struct ExpertGroups {
   std::vector<Index> offsets;  // E + 1
   std::vector<Index> token;    // per row
@@ -36,11 +36,12 @@ struct ExpertGroups {
   Index count(Index e) const { return offsets[e + 1] - offsets[e]; }
 
   template <class Derived>
-  void build(const Eigen::MatrixBase<Derived>& gates) {
+  void build(const Eigen::MatrixBase<Derived>& gates, const std::vector<Index>& probes = {}) {
     const Index b = gates.rows(), n_e = gates.cols();
+    auto active = [&](Index t, Index e) { return gates(t, e) != 0 || (!probes.empty() && probes[static_cast<std::size_t>(t)] == e); };
     offsets.assign(static_cast<std::size_t>(n_e + 1), 0);
     for (Index t = 0; t < b; ++t)
-      for (Index e = 0; e < n_e; ++e) offsets[e + 1] += gates(t, e) != 0;
+      for (Index e = 0; e < n_e; ++e) offsets[e + 1] += active(t, e);
     for (Index e = 0; e < n_e; ++e) offsets[e + 1] += offsets[e];
     token.resize(static_cast<std::size_t>(offsets[n_e]));
     row_of.resize(b, n_e);
@@ -48,7 +49,7 @@ struct ExpertGroups {
     next.assign(offsets.begin(), offsets.end() - 1);
     for (Index t = 0; t < b; ++t)
       for (Index e = 0; e < n_e; ++e) {
-        if (gates(t, e) != 0) {
+        if (active(t, e)) {
           row_of(t, e) = next[e];
           token[next[e]++] = t;
         } else {

@@ -188,15 +188,18 @@ inline double retrieval_values(const ProductKeyLayerConfig& r) {
   return q * double(r.d_in) + (r.query_bias ? q : 0) + norm + key_sets * double(r.n_keys) * double(r.d_key);
 }
 
+/// One line of config_hints: `field`, the value the file's tensors imply, the layer's value.
+inline std::string config_hint(const char* field, const std::string& file, const std::string& layer) {
+  return std::string("\n  config field '") + field + "': the file's tensors are those of " + file + ", the layer has " + layer;
+}
+
 /// When a file's tensors do not fit a layer, the config fields whose other value would explain
 /// it: each such field with the value the tensors imply and the layer's. `has(name)`: whether
 /// the file holds tensor `name` under the layer's prefix.
 template <class Has>
 std::string config_hints(const ProductKeyLayerConfig& c, Has has) {
   std::string out;
-  auto hint = [&](const char* field, const std::string& file, const std::string& layer) {
-    out += std::string("\n  config field '") + field + "': the file's tensors are those of " + file + ", the layer has " + layer;
-  };
+  auto hint = [&](const char* field, const std::string& file, const std::string& layer) { out += config_hint(field, file, layer); };
   const bool per_head = has("keys.h0.c1"), shared = has("keys.c1");
   if (c.shared_keys && per_head && !shared) hint("shared_keys", "false (keys.h<i>.c1/c2: sub-keys per head)", "true");
   if (!c.shared_keys && shared && !per_head) hint("shared_keys", "true (keys.c1/c2: one set of sub-keys)", "false");
@@ -213,9 +216,7 @@ std::string config_hints(const ProductKeyLayerConfig& c, Has has) {
 template <class Has>
 std::string config_hints(const MoEConfig& c, Has has) {
   std::string out;
-  auto hint = [&](const char* field, const std::string& file, const std::string& layer) {
-    out += std::string("\n  config field '") + field + "': the file's tensors are those of " + file + ", the layer has " + layer;
-  };
+  auto hint = [&](const char* field, const std::string& file, const std::string& layer) { out += config_hint(field, file, layer); };
   if (c.expert_bias != has("router.expert_bias"))
     hint("expert_bias", c.expert_bias ? "false (no router.expert_bias)" : "true (router.expert_bias)", c.expert_bias ? "true" : "false");
   if ((c.shared_experts > 0) != has("shared.w1"))

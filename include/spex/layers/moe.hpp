@@ -69,7 +69,6 @@ class MoE {
     RowMat<T> dgates;
     RowMat<T> dy_copy;   // dy, when dx is the same matrix
     std::vector<Index> probe;  // ReLU, training: per token its probed expert (revival), or -1
-    RowMat<T> pattern;         // the pairs the experts run: the routed ones and the probes
     // The whole batch's statistics (with a sharded dispatch: summed over the ranks).
     Index tokens = 0;
     Vec<double> penalty_w;            // ReLU: the penalty's weights
@@ -305,14 +304,8 @@ class MoE {
     shared_.forward(x, c.shared);  // before y is written: y may be x
     if constexpr (Dispatch::kSharded) {
       dispatch_.moe_forward(experts_, x, c.router.gates, c.probe, c.dispatch, y, c.experts);
-    } else if (c.probe.empty()) {
-      c.groups.build(c.router.gates);
-      experts_.forward(x, c.router.gates, c.groups, y, c.experts);
     } else {
-      c.pattern = c.router.gates;
-      for (Index t = 0; t < Index(c.probe.size()); ++t)
-        if (c.probe[t] >= 0) c.pattern(t, c.probe[t]) = T(1);
-      c.groups.build(c.pattern);  // a probe's gate is 0: it adds nothing to y
+      c.groups.build(c.router.gates, c.probe);  // a probe's gate is 0: it adds nothing to y
       experts_.forward(x, c.router.gates, c.groups, y, c.experts);
     }
     shared_.add_to(y, c.shared);
