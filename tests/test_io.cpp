@@ -263,7 +263,7 @@ TEST_CASE("mapped loading reads expert tables in place, training copies them onc
   CHECK(r.mapped.empty());
 }
 
-TEST_CASE("tensors that do not fit a layer name the config field that would explain them; strict = false only where it is safe", "[io]") {
+TEST_CASE("tensors that do not fit a layer name the config field that would explain them, and strict = false is suggested only where it is safe", "[io]") {
   TempDir dir;
   // The tensors of one config under the metadata of another (hand-made exports do this).
   const auto write = [&](const auto& tensors_of, const auto& config_of) {
