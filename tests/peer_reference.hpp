@@ -118,25 +118,52 @@ void reference_retrieval(const Layer& layer, const spex::RowMat<double>& q, spex
     }
 }
 
+/// The layer's input as its query network and experts see it: x, or with input_rmsnorm
+/// x / ||x|| * sqrt(d) * (1 + gamma).
+template <class Layer>
+spex::RowMat<double> reference_input(const Layer& layer, const spex::RowMat<double>& x) {
+  if (!layer.config().input_rmsnorm) return x;
+  spex::RowMat<double> out(x.rows(), x.cols());
+  for (Index t = 0; t < x.rows(); ++t) {
+    double ss = 0;
+    for (Index i = 0; i < x.cols(); ++i) ss += x(t, i) * x(t, i);
+    const double s = std::sqrt(double(x.cols())) / std::max(std::sqrt(ss), 1e-12);
+    for (Index i = 0; i < x.cols(); ++i) out(t, i) = x(t, i) * s * (1 + double(layer.input_norm().gamma()(i)));
+  }
+  return out;
+}
+
+/// The table row of pick j of a token: its id, or with per-head tables id * heads + head.
+template <class Layer>
+Index reference_row(const Layer& layer, Index id, Index j) {
+  const auto& c = layer.config();
+  return c.per_head_tables ? id * c.heads + j / c.top_k : id;
+}
+
 /// Queries, then retrieval over all keys; y left for the experts.
 template <class Layer>
 ReferenceOutput reference_retrieve(const Layer& layer, const spex::RowMat<double>& x, bool training) {
   ReferenceOutput out;
-  reference_retrieval(layer, reference_queries(layer, x, training), out.ids, out.gates);
+  reference_retrieval(layer, reference_queries(layer, reference_input(layer, x), training), out.ids, out.gates);
   return out;
 }
 
 template <class T, class Arch>
-ReferenceOutput reference_forward(const spex::Peer<T, Arch>& layer, const spex::RowMat<double>& x, bool training) {
-  ReferenceOutput out = reference_retrieve(layer, x, training);
+ReferenceOutput reference_forward(const spex::Peer<T, Arch>& layer, const spex::RowMat<double>& x_in, bool training) {
+  ReferenceOutput out = reference_retrieve(layer, x_in, training);
+  const spex::RowMat<double> x = reference_input(layer, x_in);
   const auto& ex = layer.experts();
   out.y = spex::RowMat<double>::Zero(x.rows(), ex.d_out());
   for (Index t = 0; t < x.rows(); ++t)
     for (Index j = 0; j < out.ids.cols(); ++j) {
-      const Index e = out.ids(t, j);
-      double a = 0;
+      const Index e = reference_row(layer, out.ids(t, j), j);
+      double a = 0, lin = 1;
       for (Index i = 0; i < ex.d_in(); ++i) a += double(ex.down()(e, i)) * x(t, i);
-      const double c = out.gates(t, j) * ref_act(ex.activation(), a);
+      if (ex.glu()) {
+        lin = 0;
+        for (Index i = 0; i < ex.d_in(); ++i) lin += double(ex.down_linear()(e, i)) * x(t, i);
+      }
+      const double c = out.gates(t, j) * ref_act(ex.activation(), a) * lin;
       for (Index o = 0; o < ex.d_out(); ++o) out.y(t, o) += c * double(ex.up()(e, o));
     }
   return out;
@@ -149,7 +176,7 @@ ReferenceOutput reference_forward(const spex::Pkm<T, Arch>& layer, const spex::R
   out.y = spex::RowMat<double>::Zero(x.rows(), ex.d_out());
   for (Index t = 0; t < x.rows(); ++t)
     for (Index j = 0; j < out.ids.cols(); ++j)
-      for (Index o = 0; o < ex.d_out(); ++o) out.y(t, o) += out.gates(t, j) * double(ex.values()(out.ids(t, j), o));
+      for (Index o = 0; o < ex.d_out(); ++o) out.y(t, o) += out.gates(t, j) * double(ex.values()(reference_row(layer, out.ids(t, j), j), o));
   return out;
 }
 

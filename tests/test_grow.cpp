@@ -4,6 +4,7 @@
 // (FrozenSet): frozen rows get no gradient, optimizers leave them and their state bit-identical,
 // the other gradients and dx are unchanged.
 #include <set>
+#include <type_traits>
 
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
@@ -151,11 +152,14 @@ TEST_CASE("grow refuses what would renumber, shrink or touch compact tables", "[
 
 namespace {
 
-// A layer grown from n0 to n with learned sub-keys, the n0^2 old experts frozen as `f` says.
+// A layer grown from n0 to n with learned sub-keys, the n0^2 old experts frozen as `f` says;
+// `extras`: with an input RMSNorm and per-head tables (and GLU experts for Peer).
 template <class L>
-L grown_frozen(Index n0, Index n, FrozenSet f, std::uint64_t seed) {
+L grown_frozen(Index n0, Index n, FrozenSet f, std::uint64_t seed, bool extras = false) {
   ProductKeyLayerConfig c = grow_config(n0);
   c.learn_keys = true;
+  c.input_rmsnorm = c.per_head_tables = extras;
+  c.glu = extras && std::is_same<L, Peer<float>>::value;
   L layer(c, seed);
   layer.freeze(f);
   layer.grow(n, seed + 1);
@@ -189,17 +193,20 @@ void train(L& layer, typename L::Grads& g, const ParameterList<float>& params, O
 
 TEMPLATE_TEST_CASE("frozen experts, sub-key rows and query stay bit-identical through training, the rest learns",
                    "[grow][freeze]", Peer<float>, Pkm<float>) {
-  for (bool query : {true, false}) {
-    TestType layer = grown_frozen<TestType>(4, 7, FrozenSet{4, true, query}, 3);
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool query = variant % 2 == 0, extras = variant >= 2;
+    CAPTURE(query, extras);
+    TestType layer = grown_frozen<TestType>(4, 7, FrozenSet{4, true, query}, 3, extras);
     CHECK(layer.frozen_experts() == 16);
+    CHECK(layer.frozen_rows() == (extras ? 32 : 16));  // per-head tables: 2 heads' rows per expert
     const std::vector<RowMat<float>> before = values_of(layer);
     auto g = layer.make_grads();
     const ParameterList<float> params = layer.parameters(g);
     for (const auto& p : params) {  // the list says what is frozen
-      const bool q = p.name.rfind("query.", 0) == 0 || p.name.rfind("norm.", 0) == 0;
+      const bool q = p.name.rfind("query.", 0) == 0 || p.name.rfind("norm.", 0) == 0 || p.name.rfind("input_norm.", 0) == 0;
       if (q) CHECK(p.trainable() == (!query && p.name.find("running") == std::string::npos));
       if (p.name.rfind("keys.", 0) == 0) CHECK(p.frozen_rows == 4);
-      if (p.name.rfind("experts.", 0) == 0) CHECK(p.frozen_rows == 16);
+      if (p.name.rfind("experts.", 0) == 0) CHECK(p.frozen_rows == layer.frozen_rows());
     }
     Adam<float> adam(params, AdamConfig{1e-2, 0.9, 0.999, 1e-8, 1e-3, true});
     train(layer, g, params, adam, 5, 9);
@@ -207,13 +214,13 @@ TEMPLATE_TEST_CASE("frozen experts, sub-key rows and query stay bit-identical th
     for (const auto& p : params)
       if (p.sparse_grad) {
         CHECK(p.sparse_grad->nnz_rows() > 0);
-        for (Index r : p.sparse_grad->rows()) CHECK(r >= 16);
+        for (Index r : p.sparse_grad->rows()) CHECK(r >= layer.frozen_rows());
       }
     const std::vector<RowMat<float>> after = values_of(layer);
     for (std::size_t i = 0; i < params.size(); ++i) {
       const auto& p = params[i];
       INFO(p.name << ", query frozen " << query);
-      const bool q = p.name.rfind("query.", 0) == 0 || p.name.rfind("norm.", 0) == 0;
+      const bool q = p.name.rfind("query.", 0) == 0 || p.name.rfind("norm.", 0) == 0 || p.name.rfind("input_norm.", 0) == 0;
       if (q) {
         if (query) CHECK(after[i] == before[i]);  // weights and running statistics
         else CHECK(after[i] != before[i]);

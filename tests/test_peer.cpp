@@ -79,7 +79,9 @@ void check_gradients(Layer& layer, const RowMat<double>& x) {
     CAPTURE(what);
     CHECK(analytic == Approx((lp - lm) / (2 * eps)).epsilon(1e-5).margin(1e-7));
   };
-  std::set<Index> picked(ids.data(), ids.data() + ids.size());
+  std::set<Index> picked;  // the table rows the batch read
+  for (Index t = 0; t < ids.rows(); ++t)
+    for (Index j = 0; j < ids.cols(); ++j) picked.insert(spex_test::reference_row(layer, ids(t, j), j));
   for (const auto& p : layer.parameters(grads)) {
     if (!p.trainable()) continue;
     RowMat<double> g = p.grad ? RowMat<double>(p.grad_map()) : p.sparse_grad->to_dense();
@@ -334,4 +336,72 @@ TEST_CASE("FLOPs per token: the documented count, from the layer and from its co
   cfg.n_keys = 10;  // sub-key scores grow with n = sqrt(N); nothing else does
   CHECK(Peer<double>::flops_per_token(cfg).keys == 2 * f.keys);
   CHECK(Peer<double>::flops_per_token(cfg).total() - f.total() == f.keys);
+}
+
+TEST_CASE("input RMSNorm, per-head tables and GLU experts: forward equals the reference, gradients finite differences", "[peer][gradcheck]") {
+  for (int mask = 1; mask < 8; ++mask)
+    for (NormKind nk : {NormKind::batch, NormKind::none}) {
+      ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, nk, Activation::gelu_erf, mask % 2 == 0);
+      cfg.input_rmsnorm = mask & 1;
+      cfg.per_head_tables = mask & 2;
+      cfg.glu = mask & 4;
+      CAPTURE(cfg.input_rmsnorm, cfg.per_head_tables, cfg.glu, to_string(nk));
+      Peer<double> peer(cfg, 30 + mask);
+      CHECK(peer.table_rows() == (cfg.per_head_tables ? 2 * 25 : 25));
+      CHECK(peer.experts().n_experts() == peer.table_rows());
+      if (cfg.input_rmsnorm) peer.input_norm().gamma() = randn_mat(6, 1, 40 + mask).col(0) * 0.3;  // a gain other than 1
+      check_forward(peer, randn_mat(9, 6, 3 + mask));
+      check_gradients(peer, randn_mat(6, 6, 21 + mask));
+      if (!cfg.glu) {
+        cfg.score = ScoreFn::relu;
+        Pkm<double> pkm(cfg, 50 + mask);
+        if (cfg.input_rmsnorm) pkm.input_norm().gamma() = randn_mat(6, 1, 60 + mask).col(0) * 0.3;
+        check_forward(pkm, randn_mat(9, 6, 8 + mask));
+        check_gradients(pkm, randn_mat(6, 6, 9 + mask));
+      }
+    }
+}
+
+TEST_CASE("GLU experts are a product of two neurons, and Pkm refuses them by name", "[peer]") {
+  ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::none, Activation::silu, true);
+  cfg.glu = true;
+  Peer<double> peer(cfg, 3);
+  // With w = u and act = identity, the expert computes (u . x)^2 v.
+  cfg.activation = Activation::identity;
+  Peer<double> square(cfg, 3);
+  square.experts().down_linear() = square.experts().down();
+  const RowMat<double> x = randn_mat(5, 6, 2);
+  Peer<double>::Cache c;
+  RowMat<double> y(5, 5);
+  square.infer(x, y, c);
+  RowMat<double> want = RowMat<double>::Zero(5, 5);
+  for (Index t = 0; t < 5; ++t)
+    for (Index j = 0; j < c.retrieval.ids.cols(); ++j) {
+      const Index e = c.retrieval.ids(t, j);
+      const double a = square.experts().down().row(e).dot(x.row(t));
+      want.row(t) += c.retrieval.gates(t, j) * a * a * square.experts().up().row(e);
+    }
+  CHECK((y - want).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK(peer.flops_per_token().experts > Peer<double>::flops_per_token(small_config(ScoreFn::softmax, NormKind::none, Activation::silu, true)).experts);
+  cfg.glu = true;
+  CHECK_THROWS_WITH(Pkm<double>(cfg, 1), Catch::Contains("glu = true is for Peer"));
+}
+
+TEST_CASE("input RMSNorm: a zero row maps to zero, the gain is frozen with the query network", "[peer]") {
+  ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, true);
+  cfg.input_rmsnorm = true;
+  Peer<double> peer(cfg, 5);
+  RowMat<double> x = randn_mat(4, 6, 1), y(4, 5);
+  x.row(2).setZero();
+  peer.infer(x, y);
+  CHECK(y.allFinite());
+  auto g = peer.make_grads();
+  bool listed = false;
+  for (const auto& p : peer.parameters(g))
+    if (p.name == "input_norm.gamma") listed = p.trainable() && p.rows == 6;
+  CHECK(listed);
+  peer.freeze({0, true, true});
+  auto gf = peer.make_grads();
+  for (const auto& p : peer.parameters(gf))
+    if (p.name == "input_norm.gamma") CHECK_FALSE(p.trainable());
 }

@@ -171,7 +171,7 @@ class ShardedCheckpointLoader {
       a.erase("check_finite");
       b.erase("check_finite");
       SPEX_CHECK(a == b, where << ": the file's config " << a.dump() << " differs from the layer's " << b.dump());
-      experts_of_[prefix] = layer.n_experts();
+      experts_of_[prefix] = layer.table_rows();
       stage(layer.parameters(prefix), prefix, opt);
       if constexpr (LayerKind<L>::has_lambda) {
         check_range(entry.lambda, 0, kMaxLambda, "lambda in the file");

@@ -1,7 +1,8 @@
 #pragma once
 // PEER's single-neuron experts (He 2024, Eq. 6): expert i is a pair of rows u_i (down, d_in)
 // and v_i (up, d_out), e_i(x) = act(u_i . x) v_i. A token with retrieved ids e_j and gates g_j
-// gets y = sum_j g_j act(u_{e_j} . x) v_{e_j}. Per token this is one fused pass: gather-dot of
+// gets y = sum_j g_j act(u_{e_j} . x) v_{e_j}. GLU experts (UltraMemV2's PEER-style values) have
+// a third row w_i (down_linear, d_in): e_i(x) = act(u_i . x) (w_i . x) v_i. Per token this is one fused pass: gather-dot of
 // the u rows, the activation and the gate on m scalars, gather-axpy of the v rows. The
 // gathered rows are never copied out (PEER-pytorch's einsum materializes them: 512 MiB per
 // call at its sizes). For inference the tables may be stored compact (bf16, or int8 with a
@@ -33,15 +34,16 @@ class NeuronExperts {
   /// Each expert reads the token (u . x): a sharded layer sends x to the owners.
   static constexpr bool kReadsInput = true;
   struct Cache {
-    RowMat<T> pre;                    // B x m pre-activations u . x
-    RowMat<T> coef_down, coef_up;     // backward scratch, B x m
+    RowMat<T> coef_down, coef_up, coef_linear;  // backward scratch, B x m
     RowScatterPlan plan;
   };
   struct Grads {
     SparseRowGrad<T> down, up;
+    SparseRowGrad<T> down_linear;  // GLU experts only
     void zero() {
       down.zero();
       up.zero();
+      down_linear.zero();
     }
     /// Experts [0, frozen_rows()) get no gradient (make_grads).
     Index frozen_rows() const { return down.frozen_rows(); }
@@ -51,47 +53,55 @@ class NeuronExperts {
   void check_grads(const Grads& g, const char* what) const {
     check_sparse_grad(g.down, down_, what, "experts.down");
     check_sparse_grad(g.up, up_, what, "experts.up");
+    if (glu_) check_sparse_grad(g.down_linear, linear_, what, "experts.down_linear");
+    else SPEX_CHECK(g.down_linear.n_rows() == 0, what << " holds a gradient for experts.down_linear, the experts are not GLU: grads were made by another layer");
   }
 
   NeuronExperts() = default;
   /// N experts; u, v ~ N(0, 1/d_in) and N(0, 1/d_out) (docs/peer.md, "Initialization"). Stored
   /// compact, the tables are the same draws rounded or quantized block by block (the float
   /// tables never exist at once).
-  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng,
+  /// With `glu`, w ~ N(0, 1/d_in) too (rng's split 14).
+  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, bool glu, Rng& rng,
                 TableStorage storage = TableStorage::native)
-      : act_(act), storage_(checked_storage<T>(storage)) {
+      : act_(act), glu_(glu), storage_(checked_storage<T>(storage)) {
     checked_size(n_experts, d_in, d_out);
-    Rng r1 = rng.split(11), r2 = rng.split(12);
+    Rng r1 = rng.split(11), r2 = rng.split(12), r3 = rng.split(14);
     if (storage == TableStorage::native) {
-      draw_native(n_experts, d_in, d_out, r1, r2, RowStride{});
+      draw_native(n_experts, d_in, d_out, r1, r2, r3, RowStride{});
     } else {
       cdown_ = make_compact(storage, n_experts, d_in, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r1), "experts.down");
       cup_ = make_compact(storage, n_experts, d_out, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r2), "experts.up");
+      if (glu_)
+        clinear_ = make_compact(storage, n_experts, d_in, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r3), "experts.down_linear");
     }
   }
   /// The shard `rows` of the N experts the constructor above draws from `rng` (row i is expert
   /// rows.first + i * rows.step), with the same values; native storage (dist/).
-  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, Rng& rng, RowStride rows) : act_(act) {
+  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, bool glu, Rng& rng, RowStride rows)
+      : act_(act), glu_(glu) {
     checked_size(n_experts, d_in, d_out);
-    Rng r1 = rng.split(11), r2 = rng.split(12);
-    draw_native(n_experts, d_in, d_out, r1, r2, rows);
+    Rng r1 = rng.split(11), r2 = rng.split(12), r3 = rng.split(14);
+    draw_native(n_experts, d_in, d_out, r1, r2, r3, rows);
   }
   /// Tables allocated, values unspecified: for loaders that fill or map every row.
-  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act,
+  NeuronExperts(Index n_experts, Index d_in, Index d_out, kernels::Activation act, bool glu,
                 TableStorage storage = TableStorage::native)
-      : act_(act), storage_(checked_storage<T>(storage)) {
+      : act_(act), glu_(glu), storage_(checked_storage<T>(storage)) {
     checked_size(n_experts, d_in, d_out);
     if (storage == TableStorage::native) {
       down_ = Table<T>(n_experts, d_in);
       up_ = Table<T>(n_experts, d_out);
+      if (glu_) linear_ = Table<T>(n_experts, d_in);
     } else {
       cdown_ = CompactTable(storage, n_experts, d_in);
       cup_ = CompactTable(storage, n_experts, d_out);
+      if (glu_) clinear_ = CompactTable(storage, n_experts, d_in);
     }
   }
 
   /// Grows to n_new experts (at least n_experts()): rows 0 .. N - 1 stay, the new rows are drawn
-  /// as at construction (rng's splits 11 and 12). Each table is copied once. Native tables only.
+  /// as at construction (rng's splits 11, 12 and 14). Each table is copied once. Native tables only.
   void grow(Index n_new, Rng& rng) { grow(n_experts(), n_new, rng, RowStride{}); }
   /// A shard's growth (dist/): the shard `rows` of n_old experts becomes the shard `rows` of
   /// n_new, its new rows the ones grow(n_new) of the whole table would draw.
@@ -100,15 +110,21 @@ class NeuronExperts {
     SPEX_CHECK(rows.rows_of(n_old) == n_experts(), "NeuronExperts::grow: the shard holds " << n_experts() << " rows, not its "
                                                                                            << rows.rows_of(n_old) << " of " << n_old);
     SPEX_CHECK(n_new >= n_old, "NeuronExperts::grow(" << n_new << ") below the " << n_old << " experts it has");
-    Rng r1 = rng.split(11), r2 = rng.split(12);
+    Rng r1 = rng.split(11), r2 = rng.split(12), r3 = rng.split(14);
     const Index local = rows.rows_of(n_new), added = local - n_experts();
-    Table<T> down = down_.grown(local), up = up_.grown(local);  // both before either is replaced
+    // Every table grown before any is replaced: a failed allocation changes nothing.
+    Table<T> down = down_.grown(local), up = up_.grown(local), linear = glu_ ? linear_.grown(local) : Table<T>();
     auto new_down = down.mutable_matrix().bottomRows(added);
     auto new_up = up.mutable_matrix().bottomRows(added);
     fill_normal(new_down, 1.0 / std::sqrt(double(d_in())), r1, n_new - n_old, rows.from(n_old));
     fill_normal(new_up, 1.0 / std::sqrt(double(d_out())), r2, n_new - n_old, rows.from(n_old));
+    if (glu_) {
+      auto new_linear = linear.mutable_matrix().bottomRows(added);
+      fill_normal(new_linear, 1.0 / std::sqrt(double(d_in())), r3, n_new - n_old, rows.from(n_old));
+    }
     down_ = std::move(down);
     up_ = std::move(up);
+    linear_ = std::move(linear);
   }
 
   /// How the tables are stored: native (T, trainable) or compact (bf16, int8; inference).
@@ -121,6 +137,7 @@ class NeuronExperts {
     if (s == storage_) return;
     convert(down_, cdown_, s, "experts.down");
     convert(up_, cup_, s, "experts.up");
+    if (glu_) convert(linear_, clinear_, s, "experts.down_linear");
     storage_ = s;
   }
   /// The compact tables (empty while stored native).
@@ -130,8 +147,8 @@ class NeuronExperts {
   CompactTable& compact_up() { return cup_; }
   /// Bytes the tables take (rows and int8 scales).
   std::size_t table_bytes() const {
-    return storage_ == TableStorage::native ? sizeof(T) * static_cast<std::size_t>(down_.size() + up_.size())
-                                            : cdown_.bytes() + cup_.bytes();
+    return storage_ == TableStorage::native ? sizeof(T) * static_cast<std::size_t>(down_.size() + up_.size() + linear_.size())
+                                            : cdown_.bytes() + cup_.bytes() + clinear_.bytes();
   }
 
   Index n_experts() const { return compact() ? cdown_.rows() : down_.rows(); }
@@ -139,13 +156,16 @@ class NeuronExperts {
   Index d_out() const { return compact() ? cup_.cols() : up_.cols(); }
   /// Forward FLOPs per token with `picks` (expert, gate) pairs: u . x, the activation, its
   /// gate, and gate * act * v added into y.
-  FlopCount flops_per_token(Index picks) const { return flops_per_token(picks, d_in(), d_out()); }
-  static FlopCount flops_per_token(Index picks, Index d_in, Index d_out) {
+  /// GLU experts add w . x and its product.
+  FlopCount flops_per_token(Index picks) const { return flops_per_token(picks, d_in(), d_out(), glu_); }
+  static FlopCount flops_per_token(Index picks, Index d_in, Index d_out, bool glu = false) {
     FlopCount f;
-    f.experts = double(picks) * (flops::linear(d_in, 1) + flops::linear(1, d_out) + 2.0);
+    f.experts = double(picks) * (flops::linear(d_in, 1) + flops::linear(1, d_out) + 2.0 + (glu ? flops::linear(d_in, 1) + 1.0 : 0.0));
     return f;
   }
   kernels::Activation activation() const { return act_; }
+  /// Whether the experts are GLU: act(u . x) (w . x) v.
+  bool glu() const { return glu_; }
   /// The native tables (N x d_in and N x d_out, row i = expert i). Reading never copies; the
   /// writable forms copy a memory-mapped table into owned memory first (core/table.hpp).
   /// Compact tables are compact_down() / compact_up().
@@ -155,61 +175,78 @@ class NeuronExperts {
   RowMat<T>& up() { return native_table(up_).mutable_matrix(); }
   const Table<T>& down_table() const { return native_table(down_); }
   const Table<T>& up_table() const { return native_table(up_); }
+  /// GLU experts' w table (N x d_in; empty otherwise).
+  typename Table<T>::ConstMap down_linear() const { return native_table(linear_).matrix(); }
+  RowMat<T>& down_linear() { return native_table(linear_).mutable_matrix(); }
+  const CompactTable& compact_down_linear() const { return clinear_; }
 
   /// "<prefix>down" and "<prefix>up" with their row-sparse gradients in g (or none); nothing
   /// while the tables are compact (they are not parameters of T then: compact_tables()).
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
     if (compact()) return {};
-    return {sparse_parameter<T>(prefix + "down", down_, g ? &g->down : nullptr),
-            sparse_parameter<T>(prefix + "up", up_, g ? &g->up : nullptr)};
+    ParameterList<T> out{sparse_parameter<T>(prefix + "down", down_, g ? &g->down : nullptr),
+                         sparse_parameter<T>(prefix + "up", up_, g ? &g->up : nullptr)};
+    if (glu_) out.push_back(sparse_parameter<T>(prefix + "down_linear", linear_, g ? &g->down_linear : nullptr));
+    return out;
   }
   /// Read-only: never copies a mapped table.
   ParameterList<const T> parameters(const std::string& prefix) const {
     if (compact()) return {};
-    return {table_parameter<T>(prefix + "down", down_), table_parameter<T>(prefix + "up", up_)};
+    ParameterList<const T> out{table_parameter<T>(prefix + "down", down_), table_parameter<T>(prefix + "up", up_)};
+    if (glu_) out.push_back(table_parameter<T>(prefix + "down_linear", linear_));
+    return out;
   }
   /// The compact tables by name ("<prefix>down", "<prefix>up"); none while stored native.
   CompactTableList compact_tables(const std::string& prefix) {
     if (!compact()) return {};
-    return {{prefix + "down", &cdown_}, {prefix + "up", &cup_}};
+    CompactTableList out{{prefix + "down", &cdown_}, {prefix + "up", &cup_}};
+    if (glu_) out.push_back({prefix + "down_linear", &clinear_});
+    return out;
   }
   ConstCompactTableList compact_tables(const std::string& prefix) const {
     if (!compact()) return {};
-    return {{prefix + "down", &cdown_}, {prefix + "up", &cup_}};
+    ConstCompactTableList out{{prefix + "down", &cdown_}, {prefix + "up", &cup_}};
+    if (glu_) out.push_back({prefix + "down_linear", &clinear_});
+    return out;
   }
 
   /// Row-sparse gradients for both tables (training: N <= 2^31 - 1, see SparseRowGrad); the
   /// experts [0, frozen_rows) frozen: never held by them.
   Grads make_grads(Index frozen_rows = 0) const {
     require_native("make_grads");
-    return Grads{SparseRowGrad<T>(n_experts(), d_in(), frozen_rows), SparseRowGrad<T>(n_experts(), d_out(), frozen_rows)};
+    return Grads{SparseRowGrad<T>(n_experts(), d_in(), frozen_rows), SparseRowGrad<T>(n_experts(), d_out(), frozen_rows),
+                 glu_ ? SparseRowGrad<T>(n_experts(), d_in(), frozen_rows) : SparseRowGrad<T>()};
   }
 
-  /// y (B x d_out, assigned) = sum_j gates(t, j) act(u_{ids(t,j)} . x_t) v_{ids(t,j)};
-  /// keeps the pre-activations in `pre` (B x m) for backward. Ids must lie in [0, N).
+  /// y (B x d_out, assigned) = sum_j gates(t, j) act(u_{ids(t,j)} . x_t) v_{ids(t,j)} (GLU:
+  /// times w_{ids(t,j)} . x_t); keeps the pre-activations in `pre` for backward: B x m of u . x
+  /// (GLU: B x 2m, then the m values w . x). Ids must lie in [0, N).
   void forward(CMatRef<T> x, CIndexMatRef ids, CMatRef<T> gates, MatRef<T> y, RowMat<T>& pre) const {
     const Index b = x.rows(), m = ids.cols();
     check_inputs(x, ids, gates);
     check_shape(y, b, d_out(), "y");
-    pre.resize(b, m);
+    pre.resize(b, glu_ ? 2 * m : m);
     parallel_for(b, [&](Index t, int) {
-      forward_token(row_ptr(ids, t), row_ptr(gates, t), static_cast<std::size_t>(m), row_ptr(x, t), &pre(t, 0), &y(t, 0));
+      forward_token(row_ptr(ids, t), row_ptr(gates, t), static_cast<std::size_t>(m), row_ptr(x, t), &pre(t, 0),
+                    glu_ ? &pre(t, m) : nullptr, &y(t, 0));
     });
   }
 
   /// The same for tokens with pick lists of their own lengths (an expert shard's received
   /// requests, dist/): token t's picks are [begin[t], begin[t + 1]) of ids and gates (B + 1
-  /// offsets); pre gets begin[B] pre-activations. Tokens without a pick get y = 0.
+  /// offsets); pre gets begin[B] pre-activations (GLU: then begin[B] values w . x). Tokens
+  /// without a pick get y = 0.
   void forward_grouped(CMatRef<T> x, const Index* begin, const Index* ids, const T* gates, MatRef<T> y,
                        std::vector<T>& pre) const {
     const Index b = x.rows();
     SPEX_CHECK(x.cols() == d_in(), "x has " << x.cols() << " columns, expected d_in = " << d_in());
     check_shape(y, b, d_out(), "y");
     check_pick_lists(b, begin, ids, n_experts());
-    pre.resize(static_cast<std::size_t>(begin[b]));
+    const Index picks = begin[b];
+    pre.resize(static_cast<std::size_t>(glu_ ? 2 * picks : picks));
     parallel_for(b, [&](Index t, int) {
       forward_token(ids + begin[t], gates + begin[t], static_cast<std::size_t>(begin[t + 1] - begin[t]), row_ptr(x, t),
-                    pre.data() + begin[t], &y(t, 0));
+                    pre.data() + begin[t], glu_ ? pre.data() + picks + begin[t] : nullptr, &y(t, 0));
     });
   }
 
@@ -220,18 +257,21 @@ class NeuronExperts {
     const Index b = x.rows(), m = ids.cols();
     require_native("backward");
     check_inputs(x, ids, gates);
-    check_shape(pre, b, m, "pre");
+    check_shape(pre, b, glu_ ? 2 * m : m, "pre");
     check_shape(dy, b, d_out(), "dy");
     check_shape(dgates, b, m, "dgates");
     if (dx) check_shape(*dx, b, d_in(), "dx");
     c.coef_down.resize(b, m);
     c.coef_up.resize(b, m);
+    if (glu_) c.coef_linear.resize(b, m);
     parallel_for(b, [&](Index t, int) {
-      backward_token(row_ptr(ids, t), row_ptr(gates, t), &pre(t, 0), static_cast<std::size_t>(m), row_ptr(dy, t), &dgates(t, 0),
-                     &c.coef_up(t, 0), &c.coef_down(t, 0), dx ? &(*dx)(t, 0) : nullptr);
+      backward_token(row_ptr(ids, t), row_ptr(gates, t), &pre(t, 0), glu_ ? &pre(t, m) : nullptr, static_cast<std::size_t>(m),
+                     row_ptr(dy, t), &dgates(t, 0), &c.coef_up(t, 0), &c.coef_down(t, 0), glu_ ? &c.coef_linear(t, 0) : nullptr,
+                     dx ? &(*dx)(t, 0) : nullptr);
     });
     accumulate_rows<Arch>(ids, c.coef_up, dy, g.up, c.plan);
     accumulate_rows<Arch>(ids, c.coef_down, x, g.down, c.plan);
+    if (glu_) accumulate_rows<Arch>(ids, c.coef_linear, x, g.down_linear, c.plan);
   }
 
   /// backward() for forward_grouped(): token[p] is pick p's token (begin's inverse); dgates
@@ -243,27 +283,34 @@ class NeuronExperts {
     SPEX_CHECK(x.cols() == d_in(), "x has " << x.cols() << " columns, expected d_in = " << d_in());
     check_pick_lists(b, begin, ids, n_experts());
     const Index picks = begin[b];
-    SPEX_CHECK(Index(pre.size()) == picks, "pre holds " << pre.size() << " values for " << picks << " picks");
+    SPEX_CHECK(Index(pre.size()) == (glu_ ? 2 : 1) * picks, "pre holds " << pre.size() << " values for " << picks << " picks");
     check_shape(dy, b, d_out(), "dy");
     if (dx) check_shape(*dx, b, d_in(), "dx");
     c.coef_down.resize(1, picks);
     c.coef_up.resize(1, picks);
+    if (glu_) c.coef_linear.resize(1, picks);
     parallel_for(b, [&](Index t, int) {
       const Index p = begin[t];
-      backward_token(ids + p, gates + p, pre.data() + p, static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), dgates + p,
-                     c.coef_up.data() + p, c.coef_down.data() + p, dx ? &(*dx)(t, 0) : nullptr);
+      backward_token(ids + p, gates + p, pre.data() + p, glu_ ? pre.data() + picks + p : nullptr,
+                     static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), dgates + p, c.coef_up.data() + p,
+                     c.coef_down.data() + p, glu_ ? c.coef_linear.data() + p : nullptr, dx ? &(*dx)(t, 0) : nullptr);
     });
     accumulate_rows<Arch>(ids, c.coef_up.data(), token, picks, dy, g.up, c.plan);
     accumulate_rows<Arch>(ids, c.coef_down.data(), token, picks, x, g.down, c.plan);
+    if (glu_) accumulate_rows<Arch>(ids, c.coef_linear.data(), token, picks, x, g.down_linear, c.plan);
   }
 
  private:
-  /// One token's forward: pre (m) = u . x over its picks, y (d_out, assigned) = sum_j
-  /// gates_j act(pre_j) v_{ids_j}.
-  void forward_token(const Index* ids, const T* gates, std::size_t m, const T* x, T* pre, T* y) const {
+  /// One token's forward: pre (m) = u . x over its picks (GLU: lin (m) = w . x), y (d_out,
+  /// assigned) = sum_j gates_j act(pre_j) (lin_j) v_{ids_j}.
+  void forward_token(const Index* ids, const T* gates, std::size_t m, const T* x, T* pre, T* lin, T* y) const {
     const std::size_t din = static_cast<std::size_t>(d_in()), dout = static_cast<std::size_t>(d_out());
     if (compact()) rows_dot(cdown_, ids, m, x, pre);
     else kernels::gather_dot<Arch>(down_.data(), din, ids, m, x, din, pre);
+    if (lin) {
+      if (compact()) rows_dot(clinear_, ids, m, x, lin);
+      else kernels::gather_dot<Arch>(linear_.data(), din, ids, m, x, din, lin);
+    }
     // Gate-scaled activations in chunks on the stack, then one gather-axpy of the v rows.
     for (std::size_t i = 0; i < dout; ++i) y[i] = T(0);
     constexpr std::size_t kChunk = 64;
@@ -271,35 +318,46 @@ class NeuronExperts {
     for (std::size_t j0 = 0; j0 < m; j0 += kChunk) {
       const std::size_t len = std::min(kChunk, m - j0);
       for (std::size_t j = 0; j < len; ++j) c[j] = gates[j0 + j] * kernels::scalar::activate(act_, pre[j0 + j]);
+      if (lin)
+        for (std::size_t j = 0; j < len; ++j) c[j] *= lin[j0 + j];
       if (compact()) rows_axpy(cup_, ids + j0, c, len, y);
       else kernels::gather_axpy<Arch>(up_.data(), dout, ids + j0, c, len, y, dout);
     }
   }
 
   /// One token's backward: dgates (m, assigned), the coefficients of its rows' gradients
-  /// (dv += coef_up dy, du += coef_down x), and dx (d_in) += its input gradient when given.
-  void backward_token(const Index* ids, const T* gates, const T* pre, std::size_t m, const T* dy, T* dgates, T* coef_up,
-                      T* coef_down, T* dx) const {
+  /// (dv += coef_up dy, du += coef_down x, GLU: dw += coef_linear x), and dx (d_in) += its
+  /// input gradient when given. lin and coef_linear: GLU only (else null).
+  void backward_token(const Index* ids, const T* gates, const T* pre, const T* lin, std::size_t m, const T* dy, T* dgates,
+                      T* coef_up, T* coef_down, T* coef_linear, T* dx) const {
     const std::size_t din = static_cast<std::size_t>(d_in()), dout = static_cast<std::size_t>(d_out());
     T* tv = dgates;  // first v . dy, then overwritten by dgates
     kernels::gather_dot<Arch>(up_.data(), dout, ids, m, dy, dout, tv);
     for (std::size_t j = 0; j < m; ++j) {
-      const T a = pre[j], z = kernels::scalar::activate(act_, a), vdy = tv[j];
-      coef_up[j] = gates[j] * z;                                          // dv += g z dy
-      coef_down[j] = gates[j] * vdy * kernels::scalar::derivative(act_, a);  // du += g (v.dy) act'(a) x
-      tv[j] = z * vdy;                                                    // dL/dg
+      const T a = pre[j], z = kernels::scalar::activate(act_, a), vdy = tv[j], l = lin ? lin[j] : T(1);
+      coef_up[j] = gates[j] * z * l;                                             // dv += g z l dy
+      coef_down[j] = gates[j] * vdy * kernels::scalar::derivative(act_, a) * l;  // du += g (v.dy) act'(a) l x
+      if (lin) coef_linear[j] = gates[j] * vdy * z;                              // dw += g (v.dy) z x
+      tv[j] = z * l * vdy;                                                       // dL/dg
     }
-    if (dx) kernels::gather_axpy<Arch>(down_.data(), din, ids, coef_down, m, dx, din);
+    if (dx) {
+      kernels::gather_axpy<Arch>(down_.data(), din, ids, coef_down, m, dx, din);
+      if (lin) kernels::gather_axpy<Arch>(linear_.data(), din, ids, coef_linear, m, dx, din);
+    }
   }
 
   bool compact() const { return storage_ != TableStorage::native; }
 
   /// Native tables holding the rows `rows` of N experts, drawn as N(0, 1/d_in) and N(0, 1/d_out).
-  void draw_native(Index n_experts, Index d_in, Index d_out, Rng& r1, Rng& r2, RowStride rows) {
+  void draw_native(Index n_experts, Index d_in, Index d_out, Rng& r1, Rng& r2, Rng& r3, RowStride rows) {
     down_ = Table<T>(rows.rows_of(n_experts), d_in);
     up_ = Table<T>(rows.rows_of(n_experts), d_out);
     fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1, n_experts, rows);
     fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2, n_experts, rows);
+    if (glu_) {
+      linear_ = Table<T>(rows.rows_of(n_experts), d_in);
+      fill_normal(linear_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r3, n_experts, rows);
+    }
   }
 
   void require_native(const char* what) const {
@@ -339,9 +397,10 @@ class NeuronExperts {
                "NeuronExperts(" << n_experts << ", " << d_in << ", " << d_out << ") needs positive sizes");
   }
 
-  Table<T> down_, up_;          // native storage
-  CompactTable cdown_, cup_;    // compact storage
+  Table<T> down_, up_, linear_;          // native storage (linear_: GLU only)
+  CompactTable cdown_, cup_, clinear_;    // compact storage
   kernels::Activation act_ = kernels::Activation::gelu_erf;
+  bool glu_ = false;
   TableStorage storage_ = TableStorage::native;
 };
 

@@ -115,7 +115,7 @@ class ValueExperts {
 
   /// Forward FLOPs per token with `picks` (expert, gate) pairs: gate * value added into y.
   FlopCount flops_per_token(Index picks) const { return flops_per_token(picks, 0, d_out()); }
-  static FlopCount flops_per_token(Index picks, Index /*d_in*/, Index d_out) {
+  static FlopCount flops_per_token(Index picks, Index /*d_in*/, Index d_out, bool /*glu: never*/ = false) {
     FlopCount f;
     f.experts = double(picks) * flops::linear(1, d_out);
     return f;

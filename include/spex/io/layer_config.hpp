@@ -2,7 +2,7 @@
 // Layer configurations in a file's __metadata__, so a layer can be built from the file alone.
 //
 // Format (documented in docs/file_format.md): the metadata key "spex" holds a JSON document
-//   {"format": "spex", "version": [1, 4],
+//   {"format": "spex", "version": [1, 5],
 //    "layers": {"<prefix>": {"kind": "Peer" | "Pkm" | "ReMoE" | "TopKMoE",
 //                            "dtype": "F32" | "F64",
 //                            "config": {<every Config field by its C++ name>},
@@ -16,7 +16,8 @@
 // of a Peer or Pkm ("frozen_keys", "frozen_sub_keys", "frozen_query": FrozenSet); 1.4 the TopK
 // router's options and shared experts of an MoE ("score", "route_scale", "expert_bias",
 // "n_groups", "group_topk", "group_score_experts", "seq_aux_coeff", "seq_len", "shared_experts",
-// "shared_hidden", "shared_gate") and the ReLU router's "revive_zero_expert_tokens".
+// "shared_hidden", "shared_gate") and the ReLU router's "revive_zero_expert_tokens"; 1.5 a Peer's
+// or Pkm's "input_rmsnorm", "per_head_tables" and a Peer's "glu".
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
@@ -33,7 +34,7 @@
 
 namespace spex {
 
-constexpr int kFormatMajor = 1, kFormatMinor = 4;
+constexpr int kFormatMajor = 1, kFormatMinor = 5;
 /// The __metadata__ key that holds spex's document.
 constexpr const char* kMetadataKey = "spex";
 
@@ -135,6 +136,9 @@ void for_each_field(C& c, F& f) {
     f("shared_keys", c.shared_keys);
     f("learn_keys", c.learn_keys);
     f("query_bias", c.query_bias);
+    f("input_rmsnorm", c.input_rmsnorm);
+    f("per_head_tables", c.per_head_tables);
+    f("glu", c.glu);
     f("check_finite", c.check_finite);
     f("norm_eps", c.norm_eps);
     f("norm_momentum", c.norm_momentum);
@@ -185,7 +189,8 @@ inline double retrieval_values(const ProductKeyLayerConfig& r) {
   const double q = double(r.heads) * double(r.d_key);
   const double norm = r.norm == NormKind::batch ? 4 * q : r.norm == NormKind::layer ? 2 * q : 0;
   const double key_sets = r.shared_keys ? 1 : double(r.heads);
-  return q * double(r.d_in) + (r.query_bias ? q : 0) + norm + key_sets * double(r.n_keys) * double(r.d_key);
+  return (r.input_rmsnorm ? double(r.d_in) : 0) + q * double(r.d_in) + (r.query_bias ? q : 0) + norm +
+         key_sets * double(r.n_keys) * double(r.d_key);
 }
 
 /// One line of config_hints: `field`, the value the file's tensors imply, the layer's value.
@@ -211,6 +216,10 @@ std::string config_hints(const ProductKeyLayerConfig& c, Has has) {
   if (c.norm == NormKind::none && affine) hint("norm", running ? "batch (norm.* with running statistics)" : "layer (norm.weight/bias)", norm);
   if (c.query_bias != has("query.bias"))
     hint("query_bias", c.query_bias ? "false (no query.bias)" : "true (query.bias)", c.query_bias ? "true" : "false");
+  if (c.input_rmsnorm != has("input_norm.gamma"))
+    hint("input_rmsnorm", c.input_rmsnorm ? "false (no input_norm.gamma)" : "true (input_norm.gamma)", c.input_rmsnorm ? "true" : "false");
+  if (c.glu != has("experts.down_linear") && (has("experts.down") || has("experts.down_linear")))
+    hint("glu", c.glu ? "false (no experts.down_linear)" : "true (experts.down_linear)", c.glu ? "true" : "false");
   return out;
 }
 template <class Has>
@@ -239,7 +248,7 @@ struct LayerKind<Peer<T, Arch, D>> {
   static constexpr bool has_lambda = false;
   static double parameter_values(const ProductKeyLayerConfig& c) {
     const ProductKeyLayerConfig r = detail::resolve(c);
-    return detail::retrieval_values(r) + double(r.n_experts) * double(r.d_in + r.d_out);
+    return detail::retrieval_values(r) + double(detail::table_rows(r)) * double((r.glu ? 2 : 1) * r.d_in + r.d_out);
   }
 };
 template <class T, class Arch, class D>
@@ -248,7 +257,7 @@ struct LayerKind<Pkm<T, Arch, D>> {
   static constexpr bool has_lambda = false;
   static double parameter_values(const ProductKeyLayerConfig& c) {
     const ProductKeyLayerConfig r = detail::resolve(c);
-    return detail::retrieval_values(r) + double(r.n_experts) * double(r.d_out);
+    return detail::retrieval_values(r) + double(detail::table_rows(r)) * double(r.d_out);
   }
 };
 template <class T, class Router, class Arch, class D>

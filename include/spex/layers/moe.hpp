@@ -124,6 +124,8 @@ class MoE {
   Index d_out() const { return cfg_.output_width(); }
   /// Experts after granularity (E * G; with a sharded dispatch: of all shards).
   Index n_experts() const { return cfg_.total_experts(); }
+  /// Rows of the expert tables' partition: one per expert (the product-key layers' may differ).
+  Index table_rows() const { return n_experts(); }
   /// Where the experts run (Local, or dist::ExpertParallel: its comm(), partition(), ...).
   const Dispatch& dispatch() const { return dispatch_; }
   /// Experts per token after granularity (k * G): exact for TopK, the average target for ReLU.

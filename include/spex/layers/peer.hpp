@@ -29,19 +29,21 @@ class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch, Dispatch>, Ne
  private:
   Peer(const ProductKeyLayerConfig& cfg, detail::Unfilled unfilled) : Base(cfg, unfilled) {}
 
+  static void check_config(const ProductKeyLayerConfig&) {}
   static Experts draw_experts(const ProductKeyLayerConfig& c, Rng& rng, RowStride rows) {
-    if (c.storage != TableStorage::native) return Experts(c.n_experts, c.d_in, c.d_out, c.activation, rng, c.storage);
-    return Experts(c.n_experts, c.d_in, c.d_out, c.activation, rng, rows);
+    const Index n = detail::table_rows(c);
+    if (c.storage != TableStorage::native) return Experts(n, c.d_in, c.d_out, c.activation, c.glu, rng, c.storage);
+    return Experts(n, c.d_in, c.d_out, c.activation, c.glu, rng, rows);
   }
   static Experts unfilled_experts(const ProductKeyLayerConfig& c) {
-    return Experts(c.n_experts, c.d_in, c.d_out, c.activation, c.storage);
+    return Experts(detail::table_rows(c), c.d_in, c.d_out, c.activation, c.glu, c.storage);
   }
 
   void experts_forward(CMatRef<T> x, typename Base::Cache& c, MatRef<T> y) const {
-    this->experts_.forward(x, c.retrieval.ids, c.retrieval.gates, y, c.pre);
+    this->experts_.forward(x, this->expert_rows(c), c.retrieval.gates, y, c.pre);
   }
   void experts_backward(CMatRef<T> dy, typename Base::Cache& c, MatRef<T>* dx, typename Base::Grads& g) const {
-    this->experts_.backward(c.x, c.retrieval.ids, c.retrieval.gates, c.pre, dy, c.dgates, dx, g.experts, c.experts);
+    this->experts_.backward(c.x, this->expert_rows(c), c.retrieval.gates, c.pre, dy, c.dgates, dx, g.experts, c.experts);
   }
 };
 

@@ -7,7 +7,8 @@
 
 namespace spex {
 
-/// PKM layer (the `activation` field of the config is unused). Usage:
+/// PKM layer (the `activation` field of the config is unused; `glu` must be false: its experts
+/// are values, not neurons). Usage:
 /// examples/snippets/peer.cpp (compiled and run by the test suite).
 template <class T = float, class Arch = default_arch, class Dispatch = Local>
 class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch, Dispatch>, ValueExperts<T, Arch>, Dispatch> {
@@ -26,16 +27,20 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch, Dispatch>, Valu
  private:
   Pkm(const ProductKeyLayerConfig& cfg, detail::Unfilled unfilled) : Base(cfg, unfilled) {}
 
-  static Experts draw_experts(const ProductKeyLayerConfig& c, Rng& rng, RowStride rows) {
-    return c.storage == TableStorage::native ? Experts(c.n_experts, c.d_out, rng, rows) : Experts(c.n_experts, c.d_out, rng, c.storage);
+  static void check_config(const ProductKeyLayerConfig& c) {
+    SPEX_CHECK(!c.glu, "Pkm: glu = true is for Peer's neuron experts (act(u . x) (w . x) v); Pkm's experts are values: set glu = false");
   }
-  static Experts unfilled_experts(const ProductKeyLayerConfig& c) { return Experts(c.n_experts, c.d_out, c.storage); }
+  static Experts draw_experts(const ProductKeyLayerConfig& c, Rng& rng, RowStride rows) {
+    const Index n = detail::table_rows(c);
+    return c.storage == TableStorage::native ? Experts(n, c.d_out, rng, rows) : Experts(n, c.d_out, rng, c.storage);
+  }
+  static Experts unfilled_experts(const ProductKeyLayerConfig& c) { return Experts(detail::table_rows(c), c.d_out, c.storage); }
 
   void experts_forward(CMatRef<T>, typename Base::Cache& c, MatRef<T> y) const {
-    this->experts_.forward(c.retrieval.ids, c.retrieval.gates, y);
+    this->experts_.forward(this->expert_rows(c), c.retrieval.gates, y);
   }
   void experts_backward(CMatRef<T> dy, typename Base::Cache& c, MatRef<T>*, typename Base::Grads& g) const {
-    this->experts_.backward(c.retrieval.ids, c.retrieval.gates, dy, c.dgates, g.experts, c.experts);
+    this->experts_.backward(this->expert_rows(c), c.retrieval.gates, dy, c.dgates, g.experts, c.experts);
   }
 };
 

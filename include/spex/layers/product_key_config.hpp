@@ -38,7 +38,7 @@ struct FrozenSet {
   /// 0 < keys < n_keys needs shells ids (under row_major they are not a range of ids).
   Index keys = 0;
   bool sub_keys = true;  ///< also the sub-key rows [0, keys) (see above; only with learn_keys)
-  bool query = false;    ///< also the query network and norm (see above)
+  bool query = false;    ///< also the query network, its norm and the input RMSNorm (see above)
 };
 
 /// Configuration of a product-key layer (PEER, PKM). Give n_keys (n, N = n^2) or n_experts
@@ -60,6 +60,18 @@ struct ProductKeyLayerConfig {
   bool shared_keys = true;
   bool learn_keys = false;           ///< true: train the sub-keys (KeyRetrievalConfig::learn_keys)
   bool query_bias = false;
+  /// RMSNorm of the layer input with a learned gain, x / ||x|| * sqrt(d_in) * (1 + gamma)
+  /// (parameter "input_norm.gamma", zero-initialized: PEER-pytorch's `pre_rmsnorm`): the query
+  /// network and the experts (u . x) both read the normalized input. docs/peer.md, "Input RMSNorm".
+  bool input_rmsnorm = false;
+  /// One expert table per head (PEER-pytorch's `separate_embed_per_head`): the tables hold
+  /// heads * N rows, and head h's pick of expert i reads row i * heads + h (expert-major, so that
+  /// growth appends rows and a frozen set of experts is a prefix of rows). false: the heads share
+  /// one pool of N experts (the PEER paper's).
+  bool per_head_tables = false;
+  /// Peer only: GLU experts act(u . x) (w . x) v (UltraMemV2's PEER-style values; table
+  /// "experts.down_linear" holds w). false: act(u . x) v.
+  bool glu = false;
   bool check_finite = true;          ///< throw on NaN/Inf in x and dy (one pass over each)
   double norm_eps = 1e-5, norm_momentum = 0.1;
   /// How the expert tables are stored: native (T; trainable) or, for inference only with
@@ -92,6 +104,9 @@ inline Index resolve_n_keys(const ProductKeyLayerConfig& c) {
   return n;
 }
 
+/// Rows of each expert table: N, or heads * N with per-head tables.
+inline Index table_rows(const ProductKeyLayerConfig& c) { return c.per_head_tables ? c.heads * c.n_experts : c.n_experts; }
+
 inline ProductKeyLayerConfig resolve(ProductKeyLayerConfig c) {
   SPEX_CHECK(c.d_in >= 1, "d_in = " << c.d_in << " must be >= 1");
   SPEX_CHECK(c.d_out >= 0, "d_out = " << c.d_out << " must be >= 0 (0: same as d_in)");
@@ -109,7 +124,9 @@ inline ProductKeyLayerConfig resolve(ProductKeyLayerConfig c) {
              "frozen.keys = " << c.frozen.keys << " of n_keys = " << c.n_keys
                               << " needs expert_ids = shells (under row_major the frozen experts are not a range of ids)");
   if (c.d_out == 0) c.d_out = c.d_in;
-  checked_mul(c.n_experts, std::max(c.d_in, c.d_out), "the expert table size n_experts * d");
+  SPEX_CHECK(c.heads >= 1, "heads = " << c.heads << " must be >= 1");
+  checked_mul(checked_mul(c.n_experts, c.per_head_tables ? c.heads : 1, "the expert table rows n_experts * heads"),
+              std::max(c.d_in, c.d_out), "the expert table size rows * d");
   return c;
 }
 
@@ -143,7 +160,8 @@ inline ProductKeyLayerConfig grown_config(const ProductKeyLayerConfig& c, Index 
   ProductKeyLayerConfig grown = c;
   grown.n_keys = n_new;
   grown.n_experts = n_new * n_new;
-  checked_mul(grown.n_experts, std::max(grown.d_in, grown.d_out), "the expert table size n_experts * d");
+  checked_mul(checked_mul(grown.n_experts, grown.per_head_tables ? grown.heads : 1, "the expert table rows n_experts * heads"),
+              std::max(grown.d_in, grown.d_out), "the expert table size rows * d");
   return grown;
 }
 

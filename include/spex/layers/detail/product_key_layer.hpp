@@ -13,6 +13,7 @@
 #include "../../core/parameter.hpp"
 #include "../../core/types.hpp"
 #include "../../kernels/activation.hpp"
+#include "../../nn/rms_norm.hpp"
 #include "../../select/key_retrieval.hpp"
 #include "../dispatch.hpp"
 #include "../product_key_config.hpp"
@@ -21,7 +22,7 @@ namespace spex {
 
 namespace detail {
 
-/// The layer skeleton. Layer provides: kName, draw_experts(config, rng, rows) and
+/// The layer skeleton. Layer provides: kName, check_config(config), draw_experts(config, rng, rows) and
 /// unfilled_experts(config), experts_forward(x, c, y), experts_backward(dy, c, dx, g) (the
 /// experts in this process), and Experts with parameters(prefix, grads*),
 /// check_grads(grads, what), kReadsInput and grouped kernels (a sharded Dispatch runs those).
@@ -30,37 +31,52 @@ namespace detail {
 /// order; a bad argument on any rank throws on every rank before anything changes).
 template <class T, class Arch, class Layer, class Experts, class Dispatch>
 class ProductKeyLayer {
-  using RetrievalGrads = typename KeyRetrieval<T, Arch>::Grads;
-
  public:
   using Config = ProductKeyLayerConfig;
   using Scalar = T;
 
+  /// The gradients of what every rank holds a replica of (the input norm and the retrieval).
+  struct ReplicatedGrads {
+    typename KeyRetrieval<T, Arch>::Grads retrieval;
+    typename RmsNorm<T>::Grads input_norm;
+    void zero() {
+      retrieval.zero();
+      input_norm.zero();
+    }
+    template <class F>
+    void for_each_array(F&& f) {
+      retrieval.for_each_array(f);
+      input_norm.for_each_array(f);
+    }
+  };
   /// Per-call state, owned by the caller and reused across calls (no allocation once it has
   /// seen the largest batch). One cache per concurrent caller.
   struct Cache {
-    RowMat<T> x;                                   // the input, for backward
+    RowMat<T> x;                                   // the input (normalized with input_rmsnorm), for backward
+    RowMat<T> x_raw;                               // input_rmsnorm, training: the input before its norm
+    typename RmsNorm<T>::Cache input_norm;
     typename KeyRetrieval<T, Arch>::Cache retrieval;
+    IndexMat rows;                                 // per_head_tables: the table row of each pick
     typename Experts::Cache experts;
     RowMat<T> pre;                                 // expert pre-activations (PEER)
     RowMat<T> dgates;
     RowMat<T> dy_copy;                             // dy, when dx is the same matrix
-    typename Dispatch::template ProductKeyState<T, RetrievalGrads> dispatch;  // a sharded dispatch's exchange
+    RowMat<T> dx_normalized;                       // input_rmsnorm: the gradient of the normalized input
+    typename Dispatch::template ProductKeyState<T, ReplicatedGrads> dispatch;  // a sharded dispatch's exchange
     PassTag pass;
   };
   /// Gradients; backward accumulates into them until zero(). Not assignable: parameter lists
   /// point into them (core/parameter.hpp, Lifetime; moving or destroying them makes those
   /// lists stale).
-  struct Grads {
-    typename KeyRetrieval<T, Arch>::Grads retrieval;
+  struct Grads : ReplicatedGrads {
     typename Experts::Grads experts;
     StorageEpoch epoch;
     /// Clears every gradient (call once per optimizer step; backward accumulates).
     void zero() {
-      retrieval.zero();
+      ReplicatedGrads::zero();
       experts.zero();
     }
-    Grads(typename KeyRetrieval<T, Arch>::Grads r, typename Experts::Grads e) : retrieval(std::move(r)), experts(std::move(e)) {}
+    Grads(ReplicatedGrads r, typename Experts::Grads e) : ReplicatedGrads(std::move(r)), experts(std::move(e)) {}
     Grads(Grads&&) = default;
     Grads(const Grads&) = default;
     Grads& operator=(const Grads&) = delete;
@@ -70,6 +86,9 @@ class ProductKeyLayer {
   const Config& config() const { return cfg_; }
   /// Experts of the whole layer (with a sharded dispatch: of all shards).
   Index n_experts() const { return cfg_.n_experts; }
+  /// Rows of each expert table of the whole layer: n_experts(), or heads * n_experts() with
+  /// per-head tables (config().per_head_tables; row i * heads + h is head h's expert i).
+  Index table_rows() const { return spex::detail::table_rows(cfg_); }
   /// Where the experts run (Local, or dist::ExpertParallel: its comm(), partition(), ...).
   const Dispatch& dispatch() const { return dispatch_; }
   /// Forward FLOPs per token (metrics/flops.hpp): the retrieval's parts and the h * k experts.
@@ -78,13 +97,17 @@ class ProductKeyLayer {
   static FlopCount flops_per_token(const Config& config) {
     const Config c = resolve(config);
     FlopCount f = KeyRetrieval<T, Arch>::flops_per_token(retrieval_config(c));
-    f.experts = Experts::flops_per_token(c.heads * c.top_k, c.d_in, c.d_out).experts;
+    if (c.input_rmsnorm) f.query += 4.0 * double(c.d_in);  // the squared norm, then a scale and a gain per feature
+    f.experts = Experts::flops_per_token(c.heads * c.top_k, c.d_in, c.d_out, c.glu).experts;
     return f;
   }
   Index d_in() const { return cfg_.d_in; }
   Index d_out() const { return cfg_.d_out; }
   KeyRetrieval<T, Arch>& retrieval() { return retrieval_; }
   const KeyRetrieval<T, Arch>& retrieval() const { return retrieval_; }
+  /// The input RMSNorm (config().input_rmsnorm; disabled otherwise).
+  RmsNorm<T>& input_norm() { return input_norm_; }
+  const RmsNorm<T>& input_norm() const { return input_norm_; }
   /// The experts this process holds: all of them, or with a sharded dispatch its shard (row i is
   /// expert dispatch().partition().global_id(rank, i)).
   Experts& experts() { return experts_; }
@@ -93,7 +116,7 @@ class ProductKeyLayer {
   /// Gradients for this layer's shapes and frozen set (make them again after grow or freeze).
   Grads make_grads() const {
     require_native("make_grads");
-    return Grads(retrieval_.make_grads(), experts_.make_grads(frozen_rows()));
+    return Grads(ReplicatedGrads{retrieval_.make_grads(), input_norm_.make_grads()}, experts_.make_grads(frozen_rows()));
   }
 
   /// What training leaves unchanged (config().frozen).
@@ -101,8 +124,8 @@ class ProductKeyLayer {
   /// The frozen experts: ids [0, frozen_experts()) (frozen().keys^2).
   Index frozen_experts() const { return cfg_.frozen.keys * cfg_.frozen.keys; }
   /// The rows of experts() that are frozen: its first ones (a shard holds the frozen ids in its
-  /// first rows too).
-  Index frozen_rows() const { return dispatch_.local_rows_below(frozen_experts()); }
+  /// first rows too; per-head tables hold an expert's rows side by side).
+  Index frozen_rows() const { return dispatch_.local_rows_below(frozen_experts() * table_sets()); }
   /// Freezes what `f` names and unfreezes the rest (FrozenSet; f.keys <= n_keys, shells ids
   /// unless 0 or n_keys). Typical: freeze({n_keys, true, true}) then grow(n_new, seed), and
   /// train: only the new experts learn. Gradients, parameter lists and optimizers made before
@@ -151,9 +174,9 @@ class ProductKeyLayer {
     Rng rng(seed);
     Rng key_rng = rng.split(1), table_rng = rng.split(2);
     // First, on every rank or none: it allocates the most, and changes nothing if that fails.
-    dispatch_.collective(Layer::kName, [&] { experts_.grow(cfg_.n_experts, grown.n_experts, table_rng, dispatch_.rows()); });
+    dispatch_.collective(Layer::kName, [&] { experts_.grow(table_rows(), spex::detail::table_rows(grown), table_rng, dispatch_.rows()); });
     retrieval_.grow(n_new, key_rng.next_u64());
-    dispatch_.set_experts(grown.n_experts, Layer::kName);
+    dispatch_.set_experts(spex::detail::table_rows(grown), Layer::kName);
     cfg_ = grown;
     storage_replaced();
   }
@@ -195,7 +218,7 @@ class ProductKeyLayer {
   /// The same without the input gradient.
   void backward(CMatRef<T> dy, Cache& c, Grads& g) const { backward_impl(dy, nullptr, c, g); }
 
-  /// Every parameter, named prefix + "query.weight", "norm.weight", "norm.bias",
+  /// Every parameter, named prefix + "input_norm.gamma" (with input_rmsnorm), "query.weight", "norm.weight", "norm.bias",
   /// "norm.running_mean", "norm.running_var" (buffers, no gradient), "keys.c1", "keys.c2"
   /// (or "keys.h<head>.c1" ... with per-head keys), then the experts' tables, paired with
   /// their gradients in `g`. Compact expert tables are not parameters of T: a compact layer
@@ -209,7 +232,9 @@ class ProductKeyLayer {
   /// Read-only values (saving weights from a const layer).
   ParameterList<const T> parameters(const std::string& prefix = "") const {
     // Retrieval's list only takes addresses; the experts' const list never copies a mapped table.
-    ParameterList<const T> out = read_only(prefixed(const_cast<KeyRetrieval<T, Arch>&>(retrieval_).parameters(nullptr), prefix));
+    auto& self = const_cast<ProductKeyLayer&>(*this);
+    ParameterList<const T> out = read_only(prefixed(self.input_norm_.parameters(nullptr, "input_norm."), prefix));
+    append_parameters(out, read_only(prefixed(self.retrieval_.parameters(nullptr), prefix)));
     append_parameters(out, experts_.parameters("experts."), prefix);
     return stamped(std::move(out), epoch_);
   }
@@ -217,6 +242,7 @@ class ProductKeyLayer {
   /// Throws unless `g` was made by a layer of this one's shapes.
   void check_grads(const Grads& g) const {
     retrieval_.check_grads(g.retrieval, "grads");
+    input_norm_.check_grads(g.input_norm, "grads");
     experts_.check_grads(g.experts, "grads");
     SPEX_CHECK(g.experts.frozen_rows() == frozen_rows(),
                "grads were made for " << g.experts.frozen_rows() << " frozen expert rows, the layer has " << frozen_rows()
@@ -243,12 +269,15 @@ class ProductKeyLayer {
   void construct(const Config& cfg, Rng& rng, std::uint64_t seed) {
     dispatch_.collective(Layer::kName, [&] {
       cfg_ = resolve(cfg);
+      Layer::check_config(cfg_);
       SPEX_CHECK(!Dispatch::kSharded || cfg_.storage == TableStorage::native,
                  Layer::kName << ": storage " << to_string(cfg_.storage) << " is for inference in one process; shards are native");
-      dispatch_.set_experts(cfg_.n_experts, Layer::kName);
+      dispatch_.set_experts(spex::detail::table_rows(cfg_), Layer::kName);
     });
     dispatch_.check_same(Layer::kName, {cfg_.n_experts, cfg_.d_in, cfg_.d_out, cfg_.heads, cfg_.top_k, cfg_.d_key, int(cfg_.norm),
-                                        int(cfg_.score), cfg_.learn_keys, cfg_.shared_keys, cfg_.frozen.keys, std::int64_t(seed)});
+                                        int(cfg_.score), cfg_.learn_keys, cfg_.shared_keys, cfg_.frozen.keys, cfg_.input_rmsnorm,
+                                        cfg_.per_head_tables, cfg_.glu, std::int64_t(seed)});
+    input_norm_ = RmsNorm<T>(cfg_.input_rmsnorm ? cfg_.d_in : 0);
     retrieval_ = KeyRetrieval<T, Arch>(retrieval_config(cfg_), rng);
     retrieval_.norm().set_batch_reduction(dispatch_.batch_reduction());
   }
@@ -262,29 +291,50 @@ class ProductKeyLayer {
     });
     const CMatRef<T>& dy = *checked;
     c.dgates.resize(dy.rows(), retrieval_.per_token());
-    if constexpr (Dispatch::kSharded) {
-      dispatch_.product_key_backward(experts_, dy, c.dispatch, MatRef<T>(c.dgates), dx, g.experts, c.experts);
-    } else {
-      if (dx) dx->setZero();
-      self().experts_backward(dy, c, dx, g);
+    // With the input norm, the paths below give the gradient of the normalized input; its
+    // gain's gradient needs it even when the caller wants no dx.
+    const bool norm_grads = input_norm_.enabled() && !cfg_.frozen.query;
+    std::optional<MatRef<T>> scratch;
+    if (!dx && norm_grads) {
+      c.dx_normalized.resize(dy.rows(), cfg_.d_in);
+      scratch.emplace(c.dx_normalized);
     }
-    RetrievalGrads& rg = dispatch_.replicated_grads(c.dispatch, g.retrieval);
-    retrieval_.backward(c.x, c.dgates, c.retrieval, rg, dx);
-    dispatch_.sum_replicated(c.dispatch, g.retrieval);
+    MatRef<T>* dxn = dx ? dx : scratch ? &*scratch : nullptr;
+    if constexpr (Dispatch::kSharded) {
+      dispatch_.product_key_backward(experts_, dy, c.dispatch, MatRef<T>(c.dgates), dxn, g.experts, c.experts);
+    } else {
+      if (dxn) dxn->setZero();
+      self().experts_backward(dy, c, dxn, g);
+    }
+    ReplicatedGrads& rg = dispatch_.replicated_grads(c.dispatch, static_cast<ReplicatedGrads&>(g));
+    retrieval_.backward(c.x, c.dgates, c.retrieval, rg.retrieval, dxn);
+    if (input_norm_.enabled() && dxn) input_norm_.backward(c.x_raw, *dxn, *dxn, c.input_norm, norm_grads ? &rg.input_norm : nullptr);
+    dispatch_.sum_replicated(c.dispatch, static_cast<ReplicatedGrads&>(g));
   }
 
   /// The forward pass; changes nothing in the layer (forward() commits the norm's statistics).
-  /// Training keeps x in the cache for backward (before y, which may be x, overwrites it).
+  /// Training keeps x in the cache for backward (before y, which may be x, overwrites it); the
+  /// input norm writes the normalized input there in either mode.
   void run(CMatRef<T> x_in, MatRef<T> y, Cache& c, bool training) const {
+    const bool own_copy = training || input_norm_.enabled();
     dispatch_.collective(Layer::kName, [&] {
       if (training) require_native("forward");
       check_input(x_in, y);
-      if (training) c.x = x_in;
-      retrieval_.project(training ? CMatRef<T>(c.x) : x_in, c.retrieval);
+      if (input_norm_.enabled()) {
+        if (training) c.x_raw = x_in;
+        c.x.resize(x_in.rows(), cfg_.d_in);
+        input_norm_.forward(training ? CMatRef<T>(c.x_raw) : x_in, c.x, c.input_norm);
+      } else if (training) {
+        c.x = x_in;
+      }
+      retrieval_.project(own_copy ? CMatRef<T>(c.x) : x_in, c.retrieval);
     });
     // A sharded BatchNorm's sums are collective, and it throws on every rank or none.
-    dispatch_.collective(Layer::kName, [&] { retrieval_.forward_projected(c.retrieval, training); });
-    run_experts(training ? CMatRef<T>(c.x) : x_in, c, y);
+    dispatch_.collective(Layer::kName, [&] {
+      retrieval_.forward_projected(c.retrieval, training);
+      if (cfg_.per_head_tables) head_rows(c);
+    });
+    run_experts(own_copy ? CMatRef<T>(c.x) : x_in, c, y);
     dispatch_.collective(Layer::kName, [&] {
       if (cfg_.check_finite) check_output_finite(y, Layer::kName);
     });
@@ -292,12 +342,25 @@ class ProductKeyLayer {
 
   /// The picked experts' outputs into y (assigned), in this process or on their owners.
   void run_experts(CMatRef<T> x, Cache& c, MatRef<T> y) const {
-    if constexpr (Dispatch::kSharded) dispatch_.product_key_forward(experts_, x, CIndexMatRef(c.retrieval.ids), CMatRef<T>(c.retrieval.gates), c.dispatch, y);
+    if constexpr (Dispatch::kSharded) dispatch_.product_key_forward(experts_, x, expert_rows(c), CMatRef<T>(c.retrieval.gates), c.dispatch, y);
     else self().experts_forward(x, c, y);
   }
 
+  /// Tables per expert id: heads with per-head tables, else 1.
+  Index table_sets() const { return cfg_.per_head_tables ? cfg_.heads : 1; }
+  /// The table row of every pick (B x h*k): the retrieved ids, or with per-head tables
+  /// id * heads + head (Cache::rows, filled by run()).
+  CIndexMatRef expert_rows(const Cache& c) const { return cfg_.per_head_tables ? CIndexMatRef(c.rows) : CIndexMatRef(c.retrieval.ids); }
+  void head_rows(Cache& c) const {
+    const Index b = c.retrieval.ids.rows(), k = cfg_.top_k, heads = cfg_.heads;
+    c.rows.resize(b, heads * k);
+    for (Index t = 0; t < b; ++t)
+      for (Index j = 0; j < heads * k; ++j) c.rows(t, j) = c.retrieval.ids(t, j) * heads + j / k;
+  }
+
   ParameterList<T> list(Grads* g, const std::string& prefix) {
-    ParameterList<T> out = prefixed(retrieval_.parameters(g ? &g->retrieval : nullptr), prefix);
+    ParameterList<T> out = prefixed(input_norm_.parameters(g && !cfg_.frozen.query ? &g->input_norm : nullptr, "input_norm."), prefix);
+    append_parameters(out, prefixed(retrieval_.parameters(g ? &g->retrieval : nullptr), prefix));
     append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
     return stamped(std::move(out), epoch_, g ? &g->epoch : nullptr);
   }
@@ -324,6 +387,7 @@ class ProductKeyLayer {
 
   Dispatch dispatch_;
   Config cfg_;
+  RmsNorm<T> input_norm_;
   KeyRetrieval<T, Arch> retrieval_;
   Experts experts_;
   LayerId id_;
