@@ -73,6 +73,15 @@ TEST_CASE("every layer kind: save, load into a layer and build from the file giv
     check_round_trip(Peer<double>(cfg, 1), Peer<double>(cfg, 2), dir);
   }
   SECTION("Pkm") { check_round_trip(Pkm<float>(pk_config(), 1), Pkm<float>(pk_config(), 2), dir); }
+  SECTION("Peer and Pkm with an input RMSNorm and per-head tables, Peer with GLU experts") {
+    ProductKeyLayerConfig cfg = pk_config();
+    cfg.input_rmsnorm = cfg.per_head_tables = cfg.glu = true;
+    Peer<float> a(cfg, 1);
+    a.input_norm().gamma().setConstant(0.25f);  // not the initial zeros
+    check_round_trip(a, Peer<float>(cfg, 2), dir);
+    cfg.glu = false;
+    check_round_trip(Pkm<float>(cfg, 1), Pkm<float>(cfg, 2), dir);
+  }
   SECTION("ReMoE, with its lambda") {
     ReMoEf a(moe_config(), 1);
     a.set_lambda(0.125);
@@ -287,6 +296,17 @@ TEST_CASE("tensors that do not fit a layer name the config field that would expl
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write(Peer<float>(bias, 1), shared)),
                     Catch::Contains("1 problem loading") && Catch::Contains("0 missing, 1 unexpected") &&
                         Catch::Contains("config field 'query_bias'") && Catch::Contains("strict = false skips"));
+  ProductKeyLayerConfig tables = pk_config();
+  tables.per_head_tables = true;
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(Peer<float>(tables, 1), shared)),
+                    Catch::Contains("config field 'per_head_tables': the file's tensors are those of true") &&
+                        Catch::Contains("the layer has false"));
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(shared, Peer<float>(tables, 1))),
+                    Catch::Contains("config field 'per_head_tables': the file's tensors are those of false"));
+  ProductKeyLayerConfig extras = pk_config();
+  extras.input_rmsnorm = extras.glu = true;
+  CHECK_THROWS_WITH(load_layer<Peer<float>>(write(Peer<float>(extras, 1), shared)),
+                    Catch::Contains("config field 'input_rmsnorm'") && Catch::Contains("config field 'glu'"));
   MoEConfig gated = moe_config();
   gated.shared_experts = 1;
   gated.shared_gate = true;

@@ -102,9 +102,11 @@ void check(const char* name, spex::ProductKeyLayerConfig cfg, bool first_empty =
     expect_close(rel_diff(sg.retrieval.norm.bias, fg.retrieval.norm.bias), at + "norm.bias gradient");
     for (std::size_t i = 0; i < fg.retrieval.keys.size(); ++i)
       expect_close(rel_diff(sg.retrieval.keys[i], fg.retrieval.keys[i]), at + "sub-key gradient");
+    if (cfg.input_rmsnorm) expect_close(rel_diff(sg.input_norm.gamma, fg.input_norm.gamma), at + "input_norm.gamma gradient");
     if constexpr (std::is_same<Full, spex::Peer<double>>::value) {
       compare_sparse(sharded, sg.experts.down, fg.experts.down, at + "experts.down gradient");
       compare_sparse(sharded, sg.experts.up, fg.experts.up, at + "experts.up gradient");
+      if (cfg.glu) compare_sparse(sharded, sg.experts.down_linear, fg.experts.down_linear, at + "experts.down_linear gradient");
     } else {
       compare_sparse(sharded, sg.experts.values, fg.experts.values, at + "experts.values gradient");
     }
@@ -210,6 +212,11 @@ int main(int argc, char** argv) {
     cfg.shared_keys = false;
     cfg.query_bias = true;
     check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, LayerNorm, sigmoid, learned per-head keys", cfg);
+    cfg.input_rmsnorm = cfg.per_head_tables = cfg.glu = true;
+    check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, input RMSNorm, per-head GLU tables", cfg);
+    cfg.glu = false;
+    check<spex::Pkm<double>, spex::dist::ShardedPkm<double>>("Pkm, input RMSNorm, per-head tables", cfg);
+    cfg.input_rmsnorm = cfg.per_head_tables = false;
     cfg = spex::ProductKeyLayerConfig{};
     cfg.d_in = 12;
     cfg.n_keys = 8;

@@ -198,11 +198,23 @@ inline std::string config_hint(const char* field, const std::string& file, const
   return std::string("\n  config field '") + field + "': the file's tensors are those of " + file + ", the layer has " + layer;
 }
 
+/// `rows(name)` for config_hints: the first dimension of tensor prefix + name in `file`, or -1
+/// when the file has no such tensor.
+template <class File>
+auto tensor_rows(const File& file, const std::string& prefix) {
+  return [&file, prefix](const std::string& name) -> std::int64_t {
+    const TensorInfo* t = file.find(prefix + name);
+    return !t ? -1 : t->shape.empty() ? 1 : t->shape[0];
+  };
+}
+
 /// When a file's tensors do not fit a layer, the config fields whose other value would explain
-/// it: each such field with the value the tensors imply and the layer's. `has(name)`: whether
-/// the file holds tensor `name` under the layer's prefix.
-template <class Has>
-std::string config_hints(const ProductKeyLayerConfig& c, Has has) {
+/// it: each such field with the value the tensors imply and the layer's. `rows(name)`: the first
+/// dimension of tensor `name` under the layer's prefix in the file, -1 when absent.
+template <class Rows>
+std::string config_hints(const ProductKeyLayerConfig& config, Rows rows) {
+  const ProductKeyLayerConfig c = resolve(config);
+  auto has = [&](const char* name) { return rows(name) >= 0; };
   std::string out;
   auto hint = [&](const char* field, const std::string& file, const std::string& layer) { out += config_hint(field, file, layer); };
   const bool per_head = has("keys.h0.c1"), shared = has("keys.c1");
@@ -220,10 +232,16 @@ std::string config_hints(const ProductKeyLayerConfig& c, Has has) {
     hint("input_rmsnorm", c.input_rmsnorm ? "false (no input_norm.gamma)" : "true (input_norm.gamma)", c.input_rmsnorm ? "true" : "false");
   if (c.glu != has("experts.down_linear") && (has("experts.down") || has("experts.down_linear")))
     hint("glu", c.glu ? "false (no experts.down_linear)" : "true (experts.down_linear)", c.glu ? "true" : "false");
+  const std::int64_t table = has("experts.up") ? rows("experts.up") : rows("experts.values");
+  if (c.heads > 1 && table == (c.per_head_tables ? c.n_experts : c.heads * c.n_experts))
+    hint("per_head_tables", c.per_head_tables ? "false (expert tables of n_experts = " + std::to_string(table) + " rows)"
+                                              : "true (expert tables of heads * n_experts = " + std::to_string(table) + " rows)",
+         c.per_head_tables ? "true" : "false");
   return out;
 }
-template <class Has>
-std::string config_hints(const MoEConfig& c, Has has) {
+template <class Rows>
+std::string config_hints(const MoEConfig& c, Rows rows) {
+  auto has = [&](const char* name) { return rows(name) >= 0; };
   std::string out;
   auto hint = [&](const char* field, const std::string& file, const std::string& layer) { out += config_hint(field, file, layer); };
   if (c.expert_bias != has("router.expert_bias"))

@@ -61,7 +61,7 @@ L load_layer(const SafetensorsFile& file, const std::string& prefix = "", LoadOp
   const double wanted = LayerKind<L>::parameter_values(entry.config);
   SPEX_CHECK(wanted <= in_file, where << ": the config describes parameters of " << wanted << " values, the file holds "
                                       << in_file << " under this prefix"
-                                      << detail::config_hints(entry.config, [&](const std::string& n) { return file.find(prefix + n) != nullptr; }));
+                                      << detail::config_hints(entry.config, detail::tensor_rows(file, prefix)));
   L layer = detail::LayerFactory::make_unfilled<L>(entry.config);
   SafetensorsLoader loader(file);
   loader.layer(layer, prefix, opt);

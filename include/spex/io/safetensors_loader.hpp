@@ -180,7 +180,7 @@ class SafetensorsLoader {
       }
       parameters(layer.parameters(prefix), prefix, opt);
     } catch (const Error& e) {
-      const std::string hints = detail::config_hints(layer.config(), [&](const std::string& name) { return file_.find(prefix + name) != nullptr; });
+      const std::string hints = detail::config_hints(layer.config(), detail::tensor_rows(file_, prefix));
       if (hints.empty()) throw;
       throw Error(e.what() + hints);
     }
