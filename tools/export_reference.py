@@ -2,13 +2,15 @@
 """Trains (a few Adam steps) and saves one PyTorch reference module of each spex layer kind, in
 float64, with the inputs and PyTorch's eval-mode outputs beside it:
   OUTDIR/<case>.safetensors      the layer (weights, buffers, spex metadata): spex::load_layer
-  OUTDIR/<case>.io.safetensors   x and y = module.eval()(x); for TopK MoE also dy, the input and
-                                 parameter gradients of sum(y * dy) + aux_loss (dx, grad.<name>),
-                                 aux, and with an expert bias the step's load and the bias after
-                                 update_expert_bias(load, rate)
+  OUTDIR/<case>.io.safetensors   x and y = module.eval()(x); for Peer, Pkm and TopK MoE also dy,
+                                 the training-mode output y_train, the input and parameter
+                                 gradients of sum(y_train * dy) (+ aux_loss: TopK) (dx,
+                                 grad.<name>), aux, and with an expert bias the step's load and
+                                 the bias after update_expert_bias(load, rate)
 tests/torch_interop.sh loads each layer in spex and requires spex to reproduce all of it.
 Usage: tools/export_reference.py OUTDIR
 """
+import copy
 import os
 import sys
 
@@ -24,6 +26,15 @@ def cases():
                                                  score="sigmoid", activation="relu", query_bias=True)
     yield "peer_no_norm_silu", st.PEER(d_in=8, n_keys=6, heads=2, top_k=5, d_key=8, norm="none", activation="silu")
     yield "pkm", st.PKM(d_in=12, n_keys=7, heads=2, top_k=4, d_key=6)
+    # PEER-pytorch's options: an input RMSNorm, one table per head, per-head keys, no query norm;
+    # and GLU experts (UltraMemV2).
+    yield "peer_rmsnorm_per_head_tables", st.PEER(d_in=10, n_keys=5, heads=3, top_k=2, d_key=6, norm="none", score="relu",
+                                                   shared_keys=False, input_rmsnorm=True, per_head_tables=True)
+    yield "peer_glu_rmsnorm", st.PEER(d_in=10, d_out=7, n_keys=6, heads=2, top_k=3, d_key=4, activation="silu", glu=True,
+                                      input_rmsnorm=True)
+    yield "peer_glu_per_head_tables", st.PEER(d_in=8, n_keys=5, heads=2, top_k=4, d_key=4, glu=True, per_head_tables=True)
+    yield "pkm_rmsnorm_per_head_tables", st.PKM(d_in=12, n_keys=6, heads=2, top_k=3, d_key=6, input_rmsnorm=True,
+                                                 per_head_tables=True)
     yield "remoe_swiglu", st.MoE(d_in=10, n_experts=6, hidden=8, experts_per_token=2, router="relu", lam=0.25)
     yield "topk_gelu", st.MoE(d_in=10, n_experts=6, hidden=8, experts_per_token=2, router="topk", ffn="gelu")
     yield "topk_renormalized", st.MoE(d_in=10, n_experts=5, hidden=6, experts_per_token=3, router="topk", renormalize=True)
@@ -47,17 +58,20 @@ BIAS_RATE = 1e-3  # Megatron-Core's default --moe-router-bias-update-rate
 
 
 def gradients(m, x):
-    """dy, y's and the aux loss's gradients by autograd, and the expert bias update."""
+    """dy, the training-mode output, its (and the aux loss's) gradients by autograd, and the expert
+    bias update. A copy of m is put in training mode (BatchNorm: batch statistics)."""
+    m = copy.deepcopy(m).train()
     torch.manual_seed(1)
-    dy = torch.randn(x.shape[0], m.d_out, dtype=torch.float64)
+    dy = torch.randn(x.shape[0], m.cfg["d_out"], dtype=torch.float64)
     xg = x.clone().requires_grad_(True)
     m.zero_grad()
-    aux = m.aux_loss(xg)
-    ((m(xg) * dy).sum() + aux).backward()
-    out = {"dy": dy, "dx": xg.grad, "aux": aux.detach().reshape(1, 1)}
+    aux = m.aux_loss(xg) if hasattr(m, "aux_loss") else torch.zeros((), dtype=torch.float64)
+    y = m(xg)
+    ((y * dy).sum() + aux).backward()
+    out = {"dy": dy, "y_train": y.detach(), "dx": xg.grad, "aux": aux.detach().reshape(1, 1)}
     for name, p in m.named_parameters():
         out["grad." + name] = p.grad if p.grad.dim() == 2 else p.grad.reshape(-1, 1)
-    if hasattr(m.router, "expert_bias"):
+    if hasattr(m, "router") and hasattr(m.router, "expert_bias"):
         with torch.no_grad():
             load = (m.gates(x) > 0).double().sum(0)
             bias = m.router.expert_bias
@@ -90,7 +104,7 @@ def main():
         with torch.no_grad():
             y = m(x)
         io = {"x": x, "y": y}
-        if m.spex_kind == "TopKMoE":
+        if m.spex_kind in ("TopKMoE", "Peer", "Pkm"):
             io.update(gradients(m, x))
         st.save_layer(os.path.join(out, name + ".safetensors"), m)
         st.write_safetensors(os.path.join(out, name + ".io.safetensors"), io, {"kind": m.spex_kind})

@@ -104,16 +104,31 @@ class SubKeys(nn.Module):
         self.c2 = nn.Parameter(torch.randn(n, half) / half ** 0.5)
 
 
+class InputRMSNorm(nn.Module):
+    """x / max(||x||, 1e-12) * sqrt(d) * (1 + gamma); state_dict: gamma [d] (zeros at first)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * x.shape[-1] ** 0.5 * (1 + self.gamma)
+
+
 class ProductKeyRetrieval(nn.Module):
-    """query Linear -> BatchNorm / none -> h heads of exact product-key top-k -> gates.
-    state_dict: query.weight [h*d_key, d_in] (query.bias), norm.weight/bias/running_mean/
-    running_var [h*d_key], keys.c1 / keys.c2 [n, d_key/2] (shared) or keys.h<i>.c1 / .c2."""
+    """[input RMSNorm ->] query Linear -> BatchNorm / none -> h heads of exact product-key top-k
+    -> gates. state_dict: input_norm.gamma [d_in] (input_rmsnorm), query.weight [h*d_key, d_in]
+    (query.bias), norm.weight/bias/running_mean/running_var [h*d_key], keys.c1 / keys.c2
+    [n, d_key/2] (shared) or keys.h<i>.c1 / .c2."""
 
     def __init__(self, d_in, n_keys, heads, top_k, d_key, score="softmax", norm="batch", shared_keys=True,
-                 query_bias=False, norm_eps=1e-5, norm_momentum=0.1):
+                 query_bias=False, norm_eps=1e-5, norm_momentum=0.1, input_rmsnorm=False, per_head_tables=False):
         super().__init__()
         assert norm in ("batch", "none"), "this reference implements BatchNorm and no norm"
         self.n, self.h, self.k, self.dk, self.score = n_keys, heads, top_k, d_key, score
+        self.per_head_tables = per_head_tables
+        if input_rmsnorm:
+            self.input_norm = InputRMSNorm(d_in)
         self.query = nn.Linear(d_in, heads * d_key, bias=query_bias)
         if norm == "batch":
             self.norm = nn.BatchNorm1d(heads * d_key, eps=norm_eps, momentum=norm_momentum)
@@ -123,6 +138,16 @@ class ProductKeyRetrieval(nn.Module):
         else:
             self.keys = nn.ModuleDict({"h%d" % i: SubKeys(n_keys, d_key // 2) for i in range(heads)})
         self.norm_kind = norm
+
+    def normalize_input(self, x):
+        return self.input_norm(x) if hasattr(self, "input_norm") else x
+
+    def table_rows(self, ids):
+        """The table row of each pick (B x h*k): its id, or with per-head tables id * h + head."""
+        if not self.per_head_tables:
+            return ids
+        head = torch.arange(self.h).repeat_interleave(self.k)
+        return ids * self.h + head
 
     def retrieve(self, x):
         q = self.query(x)
@@ -150,47 +175,59 @@ class ProductKeyRetrieval(nn.Module):
 
 
 class _ProductKeyLayer(ProductKeyRetrieval):
-    def __init__(self, d_in, d_out, n_keys, heads, top_k, d_key, activation="gelu_erf", **kw):
+    def __init__(self, d_in, d_out, n_keys, heads, top_k, d_key, activation="gelu_erf", glu=False, **kw):
         super().__init__(d_in, n_keys, heads, top_k, d_key, **kw)
+        # The sub-keys are parameters here: learn_keys, so that spex lists them with gradients too.
         self.cfg = dict(d_in=d_in, d_out=d_out or d_in, n_keys=n_keys, n_experts=n_keys * n_keys, heads=heads, top_k=top_k,
                         d_key=d_key, activation=activation, score=kw.get("score", "softmax"), norm=kw.get("norm", "batch"),
-                        shared_keys=kw.get("shared_keys", True), query_bias=kw.get("query_bias", False),
-                        check_finite=True, norm_eps=kw.get("norm_eps", 1e-5), norm_momentum=kw.get("norm_momentum", 0.1))
+                        shared_keys=kw.get("shared_keys", True), learn_keys=True, query_bias=kw.get("query_bias", False),
+                        input_rmsnorm=kw.get("input_rmsnorm", False), per_head_tables=kw.get("per_head_tables", False),
+                        glu=glu, check_finite=True, norm_eps=kw.get("norm_eps", 1e-5),
+                        norm_momentum=kw.get("norm_momentum", 0.1))
+        self.table_size = n_keys * n_keys * (heads if self.per_head_tables else 1)
 
     def spex_config(self):
         return dict(self.cfg)
 
 
 class PEER(_ProductKeyLayer):
-    """PEER: y = sum_j g_j act(u_{e_j} . x) v_{e_j}. experts.down [N, d_in], experts.up [N, d_out]."""
+    """PEER: y = sum_j g_j act(u_{e_j} . x) v_{e_j} (glu: times w_{e_j} . x), x after the input
+    norm when there is one. experts.down [R, d_in], experts.up [R, d_out] (glu: experts.down_linear
+    [R, d_in]) with R = N rows, or heads * N with per-head tables (row id * heads + head)."""
     spex_kind = "Peer"
 
-    def __init__(self, d_in, n_keys, heads=8, top_k=16, d_key=128, d_out=0, activation="gelu_erf", **kw):
-        super().__init__(d_in, d_out, n_keys, heads, top_k, d_key, activation, **kw)
-        n = n_keys * n_keys
+    def __init__(self, d_in, n_keys, heads=8, top_k=16, d_key=128, d_out=0, activation="gelu_erf", glu=False, **kw):
+        super().__init__(d_in, d_out, n_keys, heads, top_k, d_key, activation, glu, **kw)
+        rows = self.table_size
         self.experts = nn.Module()
-        self.experts.down = nn.Parameter(torch.randn(n, d_in) / d_in ** 0.5)
-        self.experts.up = nn.Parameter(torch.randn(n, self.cfg["d_out"]) / self.cfg["d_out"] ** 0.5)
+        self.experts.down = nn.Parameter(torch.randn(rows, d_in) / d_in ** 0.5)
+        self.experts.up = nn.Parameter(torch.randn(rows, self.cfg["d_out"]) / self.cfg["d_out"] ** 0.5)
+        if glu:
+            self.experts.down_linear = nn.Parameter(torch.randn(rows, d_in) / d_in ** 0.5)
         self.act = _ACTIVATIONS[activation]
 
     def forward(self, x):
+        x = self.normalize_input(x)
         ids, gates = self.retrieve(x)
-        a = torch.einsum("bmd,bd->bm", self.experts.down[ids], x)
-        return torch.einsum("bm,bmd->bd", gates * self.act(a), self.experts.up[ids])
+        rows = self.table_rows(ids)
+        z = self.act(torch.einsum("bmd,bd->bm", self.experts.down[rows], x))
+        if hasattr(self.experts, "down_linear"):
+            z = z * torch.einsum("bmd,bd->bm", self.experts.down_linear[rows], x)
+        return torch.einsum("bm,bmd->bd", gates * z, self.experts.up[rows])
 
 
 class PKM(_ProductKeyLayer):
-    """Product-key memory: y = sum_j g_j v_{e_j}. experts.values [N, d_out]."""
+    """Product-key memory: y = sum_j g_j v_{e_j}. experts.values [R, d_out] (R as PEER's)."""
     spex_kind = "Pkm"
 
     def __init__(self, d_in, n_keys, heads=8, top_k=16, d_key=128, d_out=0, **kw):
         super().__init__(d_in, d_out, n_keys, heads, top_k, d_key, "gelu_erf", **kw)
         self.experts = nn.Module()
-        self.experts.values = nn.Parameter(torch.randn(n_keys * n_keys, self.cfg["d_out"]) / self.cfg["d_out"] ** 0.5)
+        self.experts.values = nn.Parameter(torch.randn(self.table_size, self.cfg["d_out"]) / self.cfg["d_out"] ** 0.5)
 
     def forward(self, x):
-        ids, gates = self.retrieve(x)
-        return torch.einsum("bm,bmd->bd", gates, self.experts.values[ids])
+        ids, gates = self.retrieve(self.normalize_input(x))
+        return torch.einsum("bm,bmd->bd", gates, self.experts.values[self.table_rows(ids)])
 
 
 class MoE(nn.Module):
