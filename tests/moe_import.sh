@@ -2,7 +2,7 @@
 # Writes MoE blocks in the layouts of Mixtral, Qwen2-MoE, DeepSeek-V3 and Megatron-Core (sigmoid
 # routing with TEGroupedMLP experts; ReMoE's ReLU routing with GroupedMLP experts)
 # (tests/drivers/moe_import_sources.py), imports each with tools/spex_import.py and checks spex
-# reproduces its output (tests/drivers/moe_import_check.cpp). Also: the importer's refusals.
+# reproduces its output (tests/drivers/import_check.cpp). Also: the importer's refusals.
 # Exit 77 (ctest: skipped) when no python3 with torch is found.
 # Usage: moe_import.sh CHECKER OUTDIR
 set -euo pipefail

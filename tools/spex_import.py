@@ -1,24 +1,32 @@
 #!/usr/bin/env python3
-"""Converts one MoE block's PyTorch state dict into a spex file that spex::load_layer reads.
+"""Converts one MoE block's or memory layer's PyTorch state dict into a spex file that
+spex::load_layer reads.
 
-    python3 tools/spex_import.py --from mixtral|qwen2-moe|deepseek-v3|megatron \
-        --config '<the source model config as JSON, under its own names>' IN OUT.safetensors
+    python3 tools/spex_import.py --from SOURCE --config '<JSON>' IN OUT.safetensors
+
+SOURCE and --config:
+  mixtral | qwen2-moe | deepseek-v3 | megatron   an MoE block; --config: the source model's
+      config under its own names (docs/topk_moe.md, "Importing a model")
+  peer-pytorch   lucidrains' PEER block; --config: the PEER(...) constructor's keyword arguments
+      (activation by its torch.nn class name: "GELU") (docs/from_peer_pytorch.md)
 
 IN is a `.pt` file of `state_dict()` (torch.save) or a `.safetensors` file, of the block itself
-or of a whole model: the keys of one block are found by their router key (`gate.weight`,
-`router.weight`) and any prefix before it (`model.layers.3.block_sparse_moe.`) is stripped;
-with several blocks in one file, pass --prefix to pick one. OUT holds the layer under prefix "":
+or of a whole model: the keys of one block are found by a key every block of the source has
+(`gate.weight`, `router.weight`, `weight_down_embed.weight`) and any prefix before it
+(`model.layers.3.block_sparse_moe.`) is stripped; with several blocks in one file, pass --prefix
+to pick one. OUT holds the layer under prefix "":
     spex::load_layer<spex::MoE<float, spex::TopKRouter<float>>>("OUT.safetensors")
-(ReLU routing: spex::MoE<float>, spex::ReluRouter). docs/topk_moe.md, "Importing a model", lists
-what each source needs and how its options map.
+(ReLU routing: spex::MoE<float>, spex::ReluRouter; PEER: spex::Peer<float>).
 
-Memory: OUT is written tensor by tensor and expert by expert (the header first, from the shapes):
-beyond what IN takes to read, at most one source tensor is held at a time. A safetensors IN is
-memory-mapped; a .pt IN is loaded by torch (torch 1.13 cannot map it).
+Memory: OUT is written tensor by tensor, expert by expert and, for expert tables, in blocks of
+rows (the header first, from the shapes): beyond what IN takes to read, at most one source tensor
+or table block is held at a time. A safetensors IN is memory-mapped; a .pt IN is loaded by torch
+(torch 1.13 cannot map it).
 Dtypes: F32 and F64 are kept; F16 and BF16 are widened to F32 (spex computes in float or double).
 """
 import argparse
 import json
+import math
 import mmap
 import os
 import struct
@@ -62,21 +70,30 @@ class Source:
         return "F64" if self._state[name].dtype == torch.float64 else "F32"
 
     def get(self, name):
+        return self.rows(name, None)
+
+    def rows(self, name, index):
+        """The tensor (index None), or the rows `index` (a slice or an integer array) of its first
+        dimension, converted to float32/float64: only those rows are read and converted."""
         if self._state is not None:
-            t = self._state[name]
+            t = self._state[name] if index is None else self._state[name][torch.as_tensor(index) if not isinstance(index, slice) else index]
             return (t.double() if t.dtype == torch.float64 else t.float()).numpy()
         e = self._header[name]
         begin, end = e["data_offsets"]
-        raw = self._map[self._base + begin:self._base + end]
-        if e["dtype"] == "BF16":
-            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-            a = bits.view(np.float32)
-        elif e["dtype"] in _NP:
-            a = np.frombuffer(raw, dtype=np.dtype(_NP[e["dtype"]]).newbyteorder("<"))
-            a = a.astype(np.float64 if e["dtype"] == "F64" else np.float32)
+        raw = memoryview(self._map)[self._base + begin:self._base + end]
+        kind = e["dtype"]
+        if kind == "BF16":
+            a = np.frombuffer(raw, dtype="<u2")
+        elif kind in _NP:
+            a = np.frombuffer(raw, dtype=np.dtype(_NP[kind]).newbyteorder("<"))
         else:
-            raise SystemExit(f"{self.path}: tensor {name} has dtype {e['dtype']}; expected F64, F32, F16 or BF16")
-        return a.reshape(e["shape"])
+            raise SystemExit(f"{self.path}: tensor {name} has dtype {kind}; expected F64, F32, F16 or BF16")
+        a = a.reshape(e["shape"])  # a view of the mapped file
+        if index is not None:
+            a = a[index]
+        if kind == "BF16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float64 if kind == "F64" else np.float32)
 
 
 class Plan:
@@ -100,13 +117,27 @@ class Plan:
             raise SystemExit(f"{self.source.path}: '{k}' has shape {list(self.source.shape(k))}, the config gives {list(shape)}")
         return k
 
-    def add(self, out, rows, cols, blocks):
-        self.tensors[out] = (rows, cols, blocks)
+    def add(self, out, rows, cols, blocks, shape=None):
+        """shape: the tensor's shape in OUT when not [rows, cols] (a vector: [rows])."""
+        self.tensors[out] = (rows, cols, blocks, shape or ([rows] if out == "router.expert_bias" else [rows, cols]))
 
     def copy(self, out, name, shape):
         k = self.need(name, shape)
         rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
-        self.add(out, rows, cols, [lambda k=k, r=rows, c=cols: self.source.get(k).reshape(r, c)])
+        self.add(out, rows, cols, [lambda k=k, r=rows, c=cols: self.source.get(k).reshape(r, c)], list(shape))
+
+    def copy_rows(self, out, name, shape, order=None):
+        """A table copied in blocks of rows (at most ~64 MB read at a time); row r of OUT is row
+        order(r) of the source (order: a function of an array of rows; None: the same rows)."""
+        k = self.need(name, shape)
+        rows, cols = shape
+        step = max(1, (1 << 24) // max(1, cols))
+        blocks = []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            index = slice(r0, r1) if order is None else order(np.arange(r0, r1))
+            blocks.append(lambda index=index: self.source.rows(k, index))
+        self.add(out, rows, cols, blocks)
 
 
 def find_prefix(source, router_suffixes, prefix):
@@ -241,8 +272,56 @@ def from_megatron(plan, c):
     return "TopKMoE", cfg
 
 
+# PEER-pytorch's activation classes (its `activation` argument, a class: passed by name) -> spex's.
+_PEER_ACTIVATIONS = {"GELU": "gelu_erf", "ReLU": "relu", "SiLU": "silu", "Sigmoid": "sigmoid", "Identity": "identity"}
+
+
+def from_peer_pytorch(plan, c):
+    """lucidrains' PEER-pytorch PEER block (docs/from_peer_pytorch.md)."""
+    need_keys(c, ["dim"], "PEER(...) keyword")
+    dim, heads, n = c["dim"], c.get("heads", 8), c.get("num_experts", 1_000_000)
+    per_head = c.get("num_experts_per_head", 16)
+    dim_key = c.get("dim_key") or dim // 2
+    non_competing = c.get("non_competing_scores", True)
+    k = 1 if non_competing else per_head
+    pk_topk = c.get("product_key_topk") or per_head
+    if pk_topk < k:
+        raise SystemExit(f"product_key_topk = {pk_topk} is below the {k} experts each head keeps: the source then searches "
+                         "approximately (a best pair may lie outside both halves' top lists), and spex's retrieval is exact, "
+                         "so spex would pick other experts. Import a model whose product_key_topk >= num_experts_per_head")
+    keys = int(math.isqrt(n))
+    if keys * keys != n:
+        raise SystemExit(f"num_experts = {n} is not a square")
+    act = c.get("activation", "GELU")
+    if act not in _PEER_ACTIVATIONS:
+        raise SystemExit(f"activation = {act!r}: spex imports {', '.join(_PEER_ACTIVATIONS)} (the torch.nn class name)")
+    if c.get("dropout", 0.0):
+        print("dropout: a training regularizer, not imported (eval output is unaffected)")
+    separate, rms = bool(c.get("separate_embed_per_head", False)), bool(c.get("pre_rmsnorm", False))
+    sets = heads if separate else 1
+    if rms:
+        plan.copy("input_norm.gamma", "norm.gamma", (dim,))
+    # Queries: the source's rows are (p h d), both halves of all heads with the half outermost;
+    # spex's are (h p d), head by head. Row (h, p, d) of spex's is row (p, h, d) of the source's.
+    qname = plan.need("to_queries.0.weight", (2 * heads * dim_key, dim))
+    perm = np.arange(2 * heads * dim_key).reshape(2, heads, dim_key).transpose(1, 0, 2).reshape(-1)
+    plan.add("query.weight", 2 * heads * dim_key, dim, [lambda: plan.source.get(qname)[perm]])
+    kname = plan.need("keys", (heads, keys, 2, dim_key))
+    for h in range(heads):
+        for half in range(2):
+            plan.add(f"keys.h{h}.c{half + 1}", keys, dim_key, [lambda h=h, half=half: plan.source.get(kname)[h, :, half, :]])
+    # Tables: the source's row of head h's expert i is h * N + i, spex's i * heads + h.
+    order = None if not separate else (lambda r: (r % heads) * n + r // heads)
+    plan.copy_rows("experts.down", "weight_down_embed.weight", (n * sets, dim), order)
+    plan.copy_rows("experts.up", "weight_up_embed.weight", (n * sets, dim), order)
+    return "Peer", dict(d_in=dim, d_out=dim, n_experts=n, heads=heads, top_k=k, d_key=2 * dim_key, activation=_PEER_ACTIVATIONS[act],
+                        score="relu" if non_competing else "softmax", norm="none", shared_keys=False, learn_keys=True,
+                        query_bias=False, input_rmsnorm=rms, per_head_tables=separate)
+
+
 SOURCES = {"mixtral": (from_mixtral, ["gate.weight"]), "qwen2-moe": (from_qwen2_moe, ["gate.weight"]),
-           "deepseek-v3": (from_deepseek, ["gate.weight"]), "megatron": (from_megatron, ["router.weight"])}
+           "deepseek-v3": (from_deepseek, ["gate.weight"]), "megatron": (from_megatron, ["router.weight"]),
+           "peer-pytorch": (from_peer_pytorch, ["weight_down_embed.weight"])}
 
 
 def write(path, plan, kind, cfg, dtype):
@@ -250,8 +329,7 @@ def write(path, plan, kind, cfg, dtype):
     np_type = np.float64 if dtype == "F64" else np.float32
     size = 8 if dtype == "F64" else 4
     header, offset = {}, 0
-    for name, (rows, cols, _) in plan.tensors.items():
-        shape = [rows] if name == "router.expert_bias" else [rows, cols]
+    for name, (rows, cols, _, shape) in plan.tensors.items():
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + rows * cols * size]}
         offset += rows * cols * size
     entry = (kind, dtype, cfg) + (({"lambda": 0.0},) if kind == "ReMoE" else ())
@@ -262,7 +340,7 @@ def write(path, plan, kind, cfg, dtype):
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
-        for name, (rows, cols, blocks) in plan.tensors.items():
+        for name, (rows, cols, blocks, _) in plan.tensors.items():
             written = 0
             for block in blocks:
                 a = np.ascontiguousarray(np.asarray(block(), dtype=np_type).reshape(-1, cols))

@@ -1,6 +1,7 @@
-// Loads a layer tools/spex_import.py wrote and requires spex's infer(x) to give the source
-// block's output y (x and y in IO, float32): max |spex - y| / max |y| <= 1e-5 (float32 rounding
-// of sums over the experts). Usage: moe_import_check LAYER IO (run by tests/moe_import.sh).
+// Loads a layer tools/spex_import.py wrote (its kind from the file's metadata) and requires spex's
+// infer(x) to give the source block's output y (x and y in IO, float32): max |spex - y| / max |y|
+// <= 1e-5 (float32 rounding of sums over the experts). Usage: import_check LAYER IO (run by
+// tests/moe_import.sh and tests/memory_import.sh).
 #include <cmath>
 #include <cstdio>
 #include <spex/io/io.hpp>
@@ -29,15 +30,17 @@ double error(const std::string& model, const spex::SafetensorsFile& io) {
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: moe_import_check LAYER IO\n");
+    std::fprintf(stderr, "usage: import_check LAYER IO\n");
     return 2;
   }
   try {
     const spex::SafetensorsFile io(argv[2]);
     const spex::SafetensorsFile layer(argv[1]);
-    const std::string doc = layer.metadata().at("spex");
-    const bool relu = doc.find("\"ReMoE\"") != std::string::npos;
-    const double err = relu ? error<spex::MoE<float>>(argv[1], io) : error<spex::MoE<float, spex::TopKRouter<float>>>(argv[1], io);
+    const std::string kind = nlohmann::json::parse(layer.metadata().at(spex::kMetadataKey))["layers"][""]["kind"].get<std::string>();
+    const double err = kind == "ReMoE" ? error<spex::MoE<float>>(argv[1], io)
+                       : kind == "Peer" ? error<spex::Peer<float>>(argv[1], io)
+                       : kind == "Pkm"  ? error<spex::Pkm<float>>(argv[1], io)
+                                        : error<spex::MoE<float, spex::TopKRouter<float>>>(argv[1], io);
     const bool ok = err <= 1e-5;
     std::printf("%-40s max |spex - source| / max |source| = %.2e  %s\n", argv[1], err, ok ? "ok" : "FAILED");
     return ok ? 0 : 1;
