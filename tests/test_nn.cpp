@@ -153,3 +153,57 @@ TEST_CASE("Linear and Norm list their parameters like the layers, and spex::froz
   CHECK((bn.weight() - nw0).cwiseAbs().minCoeff() > 0.05);  // stepped by about lr
   CHECK(adam.state("adam.").size() == 4);  // m and v of norm.weight and norm.bias only
 }
+
+TEST_CASE("masked BatchNorm: the real tokens' statistics, padded rows normalized with them, exact gradients", "[nn][gradcheck]") {
+  const Index b = 9, f = 6;
+  const RowMat<double> x = randn_mat(b, f, 11), w = randn_mat(b, f, 12);
+  const std::vector<unsigned char> mask = {1, 1, 0, 1, 1, 0, 1, 0, 1};
+  RowMat<double> real(6, f);
+  for (Index r = 0, i = 0; r < b; ++r)
+    if (mask[std::size_t(r)]) real.row(i++) = x.row(r);
+  Norm<double> masked(NormKind::batch, f), plain(NormKind::batch, f);
+  masked.weight() = plain.weight() = randn_mat(f, 1, 13);
+  masked.bias() = plain.bias() = randn_mat(f, 1, 14);
+  Norm<double>::Cache mc, pc;
+  mc.mask = mask;
+  RowMat<double> y(b, f), y_real(6, f);
+  masked.forward(x, y, mc, true);
+  plain.forward(real, y_real, pc, true);
+  for (Index r = 0, i = 0; r < b; ++r)
+    if (mask[std::size_t(r)]) CHECK((y.row(r) - y_real.row(i++)).cwiseAbs().maxCoeff() < 1e-13);
+  CHECK((masked.running_mean() - plain.running_mean()).cwiseAbs().maxCoeff() < 1e-14);
+  CHECK((masked.running_var() - plain.running_var()).cwiseAbs().maxCoeff() < 1e-14);
+  // A padded row is normalized with the real tokens' statistics.
+  const Vec<double> mean = real.colwise().mean().transpose();
+  const Vec<double> var = (real.rowwise() - mean.transpose()).array().square().colwise().mean().transpose();
+  for (Index c = 0; c < f; ++c)
+    CHECK(y(2, c) == Approx(masked.weight()(c) * (x(2, c) - mean(c)) / std::sqrt(var(c) + 1e-5) + masked.bias()(c)).epsilon(1e-12));
+  // Gradients of sum(w * y) over every row (padded ones too): finite differences.
+  auto g = masked.make_grads();
+  RowMat<double> dx(b, f);
+  masked.backward(w, dx, mc, g);
+  const Vec<double> rm = masked.running_mean(), rv = masked.running_var();
+  auto loss = [&](const RowMat<double>& xin) {
+    Norm<double>::Cache c;
+    c.mask = mask;
+    RowMat<double> yy(b, f);
+    masked.forward(xin, yy, c, true);
+    masked.running_mean() = rm;
+    masked.running_var() = rv;
+    return (yy.array() * w.array()).sum();
+  };
+  const double eps = 1e-6;
+  for (Index r = 0; r < b; ++r)
+    for (Index c = 0; c < f; ++c) {
+      RowMat<double> xp = x, xm = x;
+      xp(r, c) += eps;
+      xm(r, c) -= eps;
+      CAPTURE(r, c);
+      CHECK(dx(r, c) == Approx((loss(xp) - loss(xm)) / (2 * eps)).epsilon(1e-5).margin(1e-8));
+    }
+  Norm<double>::Cache few;
+  few.mask = {1, 0, 0, 0, 0, 0, 0, 0, 0};
+  CHECK_THROWS_WITH(masked.forward(x, y, few, true), Catch::Contains("at least 2 real (masked-in) tokens, got 1"));
+  few.mask = {1, 1};
+  CHECK_THROWS_WITH(masked.forward(x, y, few, true), Catch::Contains("the token mask has 2 entries, the batch 9 tokens"));
+}

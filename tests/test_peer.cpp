@@ -405,3 +405,49 @@ TEST_CASE("input RMSNorm: a zero row maps to zero, the gain is frozen with the q
   for (const auto& p : peer.parameters(gf))
     if (p.name == "input_norm.gamma") CHECK_FALSE(p.trainable());
 }
+
+TEST_CASE("a padded batch with a token mask trains exactly as its real tokens alone", "[peer]") {
+  for (NormKind nk : {NormKind::batch, NormKind::layer}) {
+    CAPTURE(to_string(nk));
+    ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, nk, Activation::gelu_erf, true);
+    cfg.input_rmsnorm = true;
+    Peer<double> padded(cfg, 8), alone(cfg, 8);
+    const RowMat<double> x = randn_mat(10, 6, 31), dy = randn_mat(10, 5, 32);
+    TokenMask mask(10);
+    mask << true, true, false, true, true, true, false, false, true, true;
+    RowMat<double> xr(7, 6), dyr(7, 5);
+    for (Index r = 0, i = 0; r < 10; ++r)
+      if (mask(r)) {
+        xr.row(i) = x.row(r);
+        dyr.row(i++) = dy.row(r);
+      }
+    Peer<double>::Cache pc, ac;
+    auto pg = padded.make_grads();
+    auto ag = alone.make_grads();
+    RowMat<double> y(10, 5), yr(7, 5), dx(10, 6), dxr(7, 6);
+    padded.forward(x, y, pc, mask);
+    alone.forward(xr, yr, ac);
+    padded.backward(dy, dx, pc, pg);  // the padded rows' dy is not zero: the mask makes it so
+    alone.backward(dyr, dxr, ac, ag);
+    for (Index r = 0, i = 0; r < 10; ++r) {
+      if (mask(r)) {
+        CHECK((y.row(r) - yr.row(i)).cwiseAbs().maxCoeff() < 1e-12);
+        CHECK((dx.row(r) - dxr.row(i++)).cwiseAbs().maxCoeff() < 1e-12);
+      } else {
+        CHECK(dx.row(r).isZero(0));
+      }
+    }
+    const auto pp = padded.parameters(pg), ap = alone.parameters(ag);
+    for (std::size_t i = 0; i < pp.size(); ++i) {
+      CAPTURE(pp[i].name);
+      CHECK((RowMat<double>(pp[i].value_map()) - RowMat<double>(ap[i].value_map())).cwiseAbs().maxCoeff() < 1e-13);  // running statistics
+      if (!pp[i].trainable()) continue;
+      const RowMat<double> a = pp[i].sparse_grad ? pp[i].sparse_grad->to_dense() : RowMat<double>(pp[i].grad_map());
+      const RowMat<double> b = ap[i].sparse_grad ? ap[i].sparse_grad->to_dense() : RowMat<double>(ap[i].grad_map());
+      CHECK((a - b).cwiseAbs().maxCoeff() < 1e-12);
+    }
+    TokenMask short_mask(3);
+    short_mask.setConstant(true);
+    CHECK_THROWS_WITH(padded.forward(x, y, pc, short_mask), Catch::Contains("the token mask has 3 entries, x has 10 rows"));
+  }
+}

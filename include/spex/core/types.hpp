@@ -26,6 +26,10 @@ using MatRef = Eigen::Ref<RowMat<T>, 0, Eigen::OuterStride<>>;
 
 /// Expert ids of a batch: one row per token.
 using IndexMat = RowMat<Index>;
+/// One flag per token of a batch: true for a real token, false for padding (the layers' masked
+/// forward: BatchNorm's statistics over the real tokens only).
+using TokenMask = Eigen::Array<bool, Eigen::Dynamic, 1>;
+using CTokenMaskRef = Eigen::Ref<const TokenMask>;
 using IndexMatRef = MatRef<Index>;
 using CIndexMatRef = CMatRef<Index>;
 

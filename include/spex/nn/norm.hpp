@@ -3,11 +3,14 @@
 //  - batch: BatchNorm1d over the tokens of the batch, per feature; training uses the batch's
 //    statistics and updates running ones (momentum, unbiased variance, as PyTorch), eval
 //    uses the running ones. It couples the tokens of a batch, so in a causal model it leaks
-//    statistics of later tokens into earlier ones.
+//    statistics of later tokens into earlier ones (LayerNorm does not: the choice for causal
+//    models). A token mask restricts the statistics to the real tokens of a padded batch.
 //  - layer: LayerNorm over each group of `group` consecutive features of a row (per head).
 //  - none: identity.
 // Affine weight (gamma) and bias (beta) per feature in both.
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../core/batch_reduction.hpp"
 #include "../core/check.hpp"
@@ -39,8 +42,11 @@ class Norm {
     RowMat<T> xhat;            // normalized input, B x features
     Vec<T> inv_std;            // per feature (batch) or per (row, group) (layer)
     Vec<T> batch_mean, batch_var_unbiased;  // training BatchNorm: what commit_running_stats uses
-    Index batch_tokens = 0;                 // training BatchNorm: tokens of the whole batch
+    Index batch_tokens = 0;                 // training BatchNorm: tokens of the whole batch (real ones, with a mask)
     bool training = false;
+    /// Training BatchNorm with a token mask: 1 for the tokens the statistics are over, 0 for
+    /// padding (empty: every token). Set by the caller before forward_batch_stats().
+    std::vector<unsigned char> mask;
   };
   using Grads = WeightBiasGrads<Vec<T>, Vec<T>>;
 
@@ -158,18 +164,32 @@ class Norm {
   /// Training-mode forward that leaves the running statistics alone: a layer calls
   /// commit_running_stats() once its whole pass has succeeded, so a pass that throws later
   /// changes nothing.
+  /// With cache.mask set, the statistics are those of the masked-in tokens (every token is
+  /// normalized with them); backward then treats the padded tokens' outputs as functions of the
+  /// real tokens' statistics (exact: their dy should be zero, and the layers zero it).
   void forward_batch_stats(CMatRef<T> x, MatRef<T> y, Cache& cache) const {
     if (kind_ != NormKind::batch) return forward_eval(x, y, cache);
     check_input(x, y);
     cache.training = true;
-    const Index b = across_ ? across_->sum(x.rows()) : x.rows();
-    SPEX_CHECK(b >= 2, "BatchNorm in training needs a batch of at least 2 tokens, got " << b);
+    const bool masked = !cache.mask.empty();
+    SPEX_CHECK(!masked || Index(cache.mask.size()) == x.rows(),
+               "BatchNorm: the token mask has " << cache.mask.size() << " entries, the batch " << x.rows() << " tokens");
+    Index real = x.rows();
+    if (masked) real = Index(std::count(cache.mask.begin(), cache.mask.end(), 1));
+    const Index b = across_ ? across_->sum(real) : real;
+    SPEX_CHECK(b >= 2, "BatchNorm in training needs a batch of at least 2 " << (masked ? "real (masked-in) " : "") << "tokens, got " << b);
     cache.batch_tokens = b;
-    cache.batch_mean = x.colwise().sum().transpose();
+    auto masked_sum = [&](const auto& m) {  // column sums over the real tokens, in row order
+      Vec<T> s = Vec<T>::Zero(features_);
+      for (Index r = 0; r < m.rows(); ++r)
+        if (cache.mask[static_cast<std::size_t>(r)]) s += m.row(r).transpose();
+      return s;
+    };
+    cache.batch_mean = masked ? masked_sum(x) : Vec<T>(x.colwise().sum().transpose());
     batch_sum(cache.batch_mean);
     cache.batch_mean /= T(b);
     cache.xhat = x.rowwise() - cache.batch_mean.transpose();
-    Vec<T> var = cache.xhat.array().square().colwise().sum().transpose();
+    Vec<T> var = masked ? masked_sum(cache.xhat.array().square().matrix()) : Vec<T>(cache.xhat.array().square().colwise().sum().transpose());
     batch_sum(var);
     var /= T(b);  // biased, for normalizing
     for (Index f = 0; f < features_; ++f)
@@ -241,17 +261,26 @@ class Norm {
         dx = dy.array().rowwise() * g.transpose().array();
         return;
       }
-      // dx = g (dy - mean(dy) - xhat mean(dy xhat)), per feature over the (whole) batch.
+      // dx = g (dy - mean(dy) - xhat mean(dy xhat)), per feature over the (whole) batch. With a
+      // mask: the sums run over every token (padded outputs depend on the statistics too), are
+      // divided by the real tokens, and only the real tokens (which the statistics read) take
+      // the mean terms.
       Vec<T> sums(2 * features_);
       sums.head(features_) = dy.colwise().sum().transpose();
       sums.tail(features_) = (dy.array() * cache.xhat.array()).colwise().sum().transpose();
       batch_sum(sums);
       const Vec<T> mean_dy = sums.head(features_) / T(cache.batch_tokens);
       const Vec<T> mean_dy_xhat = sums.tail(features_) / T(cache.batch_tokens);
-      dx = ((dy.rowwise() - mean_dy.transpose()).array() -
-            cache.xhat.array().rowwise() * mean_dy_xhat.transpose().array())
-               .rowwise() *
-           g.transpose().array();
+      const bool masked = !cache.mask.empty();
+      SPEX_CHECK(!masked || Index(cache.mask.size()) == b, "BatchNorm: the token mask has " << cache.mask.size() << " entries, dy " << b << " rows");
+      for (Index r = 0; r < b; ++r) {
+        if (masked && !cache.mask[static_cast<std::size_t>(r)]) {
+          dx.row(r) = (dy.row(r).array() * g.transpose().array()).matrix();
+          continue;
+        }
+        dx.row(r) = ((dy.row(r) - mean_dy.transpose()).array() - cache.xhat.row(r).array() * mean_dy_xhat.transpose().array()) *
+                    g.transpose().array();
+      }
       return;
     }
     // LayerNorm: the same formula within each group of a row.

@@ -191,10 +191,19 @@ class ProductKeyLayer {
   /// BatchNorm's running statistics, only once the whole pass has succeeded (a pass that
   /// throws changes nothing in the layer). y may be x itself (same matrix), no other overlap.
   void forward(CMatRef<T> x, MatRef<T> y, Cache& c) {
-    c.pass.invalidate();
-    run(x, y, c, true);
-    retrieval_.commit_running_stats(c.retrieval);
-    c.pass.set(id_, PassTag::training, x.rows());
+    c.retrieval.norm.mask.clear();
+    forward_impl(x, y, c);
+  }
+  /// Training forward of a padded batch: `mask` (one flag per row of x) is true for the real
+  /// tokens. BatchNorm's statistics (the batch's, and the running ones it updates) are the real
+  /// tokens' only; padded rows are normalized with them and get an output, and backward takes
+  /// their dy as zero (they train nothing and pass no dx). For causal models prefer
+  /// norm = NormKind::layer, which couples no tokens at all (docs/peer.md, "The query norm").
+  void forward(CMatRef<T> x, MatRef<T> y, Cache& c, CTokenMaskRef mask) {
+    SPEX_CHECK(mask.size() == x.rows(), Layer::kName << "::forward: the token mask has " << mask.size() << " entries, x has "
+                                                     << x.rows() << " rows");
+    c.retrieval.norm.mask.assign(mask.data(), mask.data() + mask.size());
+    forward_impl(x, y, c);
   }
 
   /// Inference forward with eval-mode norm; const and thread-safe with one cache per thread.
@@ -282,6 +291,13 @@ class ProductKeyLayer {
     retrieval_.norm().set_batch_reduction(dispatch_.batch_reduction());
   }
 
+  void forward_impl(CMatRef<T> x, MatRef<T> y, Cache& c) {
+    c.pass.invalidate();
+    run(x, y, c, true);
+    retrieval_.commit_running_stats(c.retrieval);
+    c.pass.set(id_, PassTag::training, x.rows());
+  }
+
   void backward_impl(CMatRef<T> dy_in, MatRef<T>* dx, Cache& c, Grads& g) const {
     std::optional<CMatRef<T>> checked;
     dispatch_.collective(Layer::kName, [&] {
@@ -289,6 +305,13 @@ class ProductKeyLayer {
       checked.emplace(checked_backward_dy(c.pass, id_, Layer::kName, dy_in, cfg_.d_in, cfg_.d_out, cfg_.check_finite, dx, c.dy_copy));
       check_grads(g);
     });
+    const std::vector<unsigned char>& mask = c.retrieval.norm.mask;
+    if (!mask.empty()) {  // a masked forward: the padded tokens' dy is zero
+      if (checked->data() != c.dy_copy.data()) c.dy_copy = *checked;
+      for (Index t = 0; t < c.dy_copy.rows(); ++t)
+        if (!mask[static_cast<std::size_t>(t)]) c.dy_copy.row(t).setZero();
+      checked.emplace(c.dy_copy);
+    }
     const CMatRef<T>& dy = *checked;
     c.dgates.resize(dy.rows(), retrieval_.per_token());
     // With the input norm, the paths below give the gradient of the normalized input; its
