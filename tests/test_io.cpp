@@ -82,6 +82,12 @@ TEST_CASE("every layer kind: save, load into a layer and build from the file giv
     cfg.glu = false;
     check_round_trip(Pkm<float>(cfg, 1), Pkm<float>(cfg, 2), dir);
   }
+  SECTION("Pkm with Memory+'s output head: SiLU-gated projection from d_value 5, sigmoid gate") {
+    ProductKeyLayerConfig cfg = pk_config();
+    cfg.silu_output = cfg.sigmoid_gate = true;
+    cfg.d_value = 5;
+    check_round_trip(Pkm<float>(cfg, 1), Pkm<float>(cfg, 2), dir);
+  }
   SECTION("ReMoE, with its lambda") {
     ReMoEf a(moe_config(), 1);
     a.set_lambda(0.125);
@@ -307,6 +313,10 @@ TEST_CASE("tensors that do not fit a layer name the config field that would expl
   extras.input_rmsnorm = extras.glu = true;
   CHECK_THROWS_WITH(load_layer<Peer<float>>(write(Peer<float>(extras, 1), shared)),
                     Catch::Contains("config field 'input_rmsnorm'") && Catch::Contains("config field 'glu'"));
+  ProductKeyLayerConfig head = pk_config();
+  head.silu_output = head.sigmoid_gate = true;
+  CHECK_THROWS_WITH(load_layer<Pkm<float>>(write(Pkm<float>(head, 1), Pkm<float>(pk_config(), 1))),
+                    Catch::Contains("config field 'silu_output'") && Catch::Contains("config field 'sigmoid_gate'"));
   MoEConfig gated = moe_config();
   gated.shared_experts = 1;
   gated.shared_gate = true;

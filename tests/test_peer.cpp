@@ -451,3 +451,51 @@ TEST_CASE("a padded batch with a token mask trains exactly as its real tokens al
     CHECK_THROWS_WITH(padded.forward(x, y, pc, short_mask), Catch::Contains("the token mask has 3 entries, x has 10 rows"));
   }
 }
+
+TEST_CASE("Memory+'s output head (SiLU-gated projection, sigmoid gate): reference and finite differences", "[peer][gradcheck]") {
+  for (int mask = 1; mask < 4; ++mask) {
+    ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, true);
+    cfg.silu_output = mask & 1;
+    cfg.sigmoid_gate = mask & 2;
+    if (cfg.silu_output) cfg.d_value = 7;  // the memory's width differs from d_out = 5
+    CAPTURE(cfg.silu_output, cfg.sigmoid_gate);
+    Pkm<double> pkm(cfg, 70 + mask);
+    Peer<double> peer(cfg, 80 + mask);
+    const RowMat<double> x = randn_mat(8, 6, 90 + mask);
+    for (int which = 0; which < 2; ++which) {
+      // y from the experts' output m (the layer without a head, same retrieval and tables).
+      ProductKeyLayerConfig plain = cfg;
+      plain.silu_output = plain.sigmoid_gate = false;
+      plain.d_out = cfg.d_value ? cfg.d_value : cfg.d_out;
+      plain.d_value = 0;
+      RowMat<double> y(8, 5), m(8, plain.d_out);
+      const GatedOutput<double>* head;
+      if (which == 0) {
+        Pkm<double> bare(plain, 70 + mask);  // the same draws: the head is drawn last
+        pkm.infer(x, y);
+        bare.infer(x, m);
+        head = &pkm.output_head();
+      } else {
+        Peer<double> bare(plain, 80 + mask);
+        peer.infer(x, y);
+        bare.infer(x, m);
+        head = &peer.output_head();
+      }
+      RowMat<double> want = m;
+      if (cfg.silu_output) {
+        const RowMat<double> a = (x * head->silu_linear().weight().transpose()).rowwise() + head->silu_linear().bias().transpose();
+        const RowMat<double> h = m.array() * (a.array() / (1 + (-a.array()).exp()));
+        want = (h * head->projection().weight().transpose()).rowwise() + head->projection().bias().transpose();
+      }
+      if (cfg.sigmoid_gate)
+        for (Index t = 0; t < 8; ++t)
+          want.row(t) /= 1 + std::exp(-(head->gate().weight().row(0).dot(x.row(t)) + head->gate().bias()(0)));
+      CHECK((y - want).cwiseAbs().maxCoeff() < 1e-12);
+    }
+    check_gradients(pkm, randn_mat(6, 6, 21 + mask));
+    check_gradients(peer, randn_mat(6, 6, 31 + mask));
+  }
+  ProductKeyLayerConfig bad = small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, true);
+  bad.d_value = 9;
+  CHECK_THROWS_WITH(Pkm<double>(bad, 1), Catch::Contains("d_value = 9 differs from d_out = 5") && Catch::Contains("silu_output"));
+}

@@ -33,6 +33,12 @@ def cases():
     yield "peer_glu_rmsnorm", st.PEER(d_in=10, d_out=7, n_keys=6, heads=2, top_k=3, d_key=4, activation="silu", glu=True,
                                       input_rmsnorm=True)
     yield "peer_glu_per_head_tables", st.PEER(d_in=8, n_keys=5, heads=2, top_k=4, d_key=4, glu=True, per_head_tables=True)
+    # Memory+: per-head keys, a query bias, no norm, its SiLU-gated output projecting d_value 9 to
+    # d_out 12, and the sigmoid gate; the same head on PEER.
+    yield "pkm_memory_plus", st.PKM(d_in=12, n_keys=6, heads=2, top_k=3, d_key=6, norm="none", shared_keys=False,
+                                    query_bias=True, silu_output=True, sigmoid_gate=True, d_value=9)
+    yield "peer_silu_output", st.PEER(d_in=10, n_keys=5, heads=2, top_k=3, d_key=4, silu_output=True, d_value=6)
+    yield "pkm_sigmoid_gate", st.PKM(d_in=8, n_keys=5, heads=2, top_k=2, d_key=4, sigmoid_gate=True)
     yield "pkm_rmsnorm_per_head_tables", st.PKM(d_in=12, n_keys=6, heads=2, top_k=3, d_key=6, input_rmsnorm=True,
                                                  per_head_tables=True)
     yield "remoe_swiglu", st.MoE(d_in=10, n_experts=6, hidden=8, experts_per_token=2, router="relu", lam=0.25)

@@ -174,17 +174,43 @@ class ProductKeyRetrieval(nn.Module):
         return ids.reshape(x.shape[0], -1), gates.reshape(x.shape[0], -1)
 
 
+class GatedOutput(nn.Module):
+    """Memory+'s output head: silu: y = proj(m * silu(silu(x))); sigmoid: y <- sigmoid(gate(x)) y.
+    state_dict: silu.weight [d_value, d_in], silu.bias, proj.weight [d_out, d_value], proj.bias,
+    gate.weight [1, d_in], gate.bias."""
+
+    def __init__(self, d_in, d_value, d_out, silu, sigmoid):
+        super().__init__()
+        if silu:
+            self.silu = nn.Linear(d_in, d_value)
+            self.proj = nn.Linear(d_value, d_out)
+        if sigmoid:
+            self.gate = nn.Linear(d_in, 1)
+
+    def forward(self, x, m):
+        y = self.proj(m * F.silu(self.silu(x))) if hasattr(self, "silu") else m
+        return torch.sigmoid(self.gate(x)) * y if hasattr(self, "gate") else y
+
+
 class _ProductKeyLayer(ProductKeyRetrieval):
-    def __init__(self, d_in, d_out, n_keys, heads, top_k, d_key, activation="gelu_erf", glu=False, **kw):
+    def __init__(self, d_in, d_out, n_keys, heads, top_k, d_key, activation="gelu_erf", glu=False, silu_output=False,
+                 sigmoid_gate=False, d_value=0, **kw):
         super().__init__(d_in, n_keys, heads, top_k, d_key, **kw)
+        d_value = d_value or d_out or d_in
         # The sub-keys are parameters here: learn_keys, so that spex lists them with gradients too.
         self.cfg = dict(d_in=d_in, d_out=d_out or d_in, n_keys=n_keys, n_experts=n_keys * n_keys, heads=heads, top_k=top_k,
                         d_key=d_key, activation=activation, score=kw.get("score", "softmax"), norm=kw.get("norm", "batch"),
                         shared_keys=kw.get("shared_keys", True), learn_keys=True, query_bias=kw.get("query_bias", False),
                         input_rmsnorm=kw.get("input_rmsnorm", False), per_head_tables=kw.get("per_head_tables", False),
-                        glu=glu, check_finite=True, norm_eps=kw.get("norm_eps", 1e-5),
-                        norm_momentum=kw.get("norm_momentum", 0.1))
+                        glu=glu, silu_output=silu_output, sigmoid_gate=sigmoid_gate, d_value=d_value, check_finite=True,
+                        norm_eps=kw.get("norm_eps", 1e-5), norm_momentum=kw.get("norm_momentum", 0.1))
         self.table_size = n_keys * n_keys * (heads if self.per_head_tables else 1)
+        self.d_value = d_value
+        if silu_output or sigmoid_gate:
+            self.output = GatedOutput(d_in, d_value, self.cfg["d_out"], silu_output, sigmoid_gate)
+
+    def head(self, x, m):
+        return self.output(x, m) if hasattr(self, "output") else m
 
     def spex_config(self):
         return dict(self.cfg)
@@ -201,7 +227,7 @@ class PEER(_ProductKeyLayer):
         rows = self.table_size
         self.experts = nn.Module()
         self.experts.down = nn.Parameter(torch.randn(rows, d_in) / d_in ** 0.5)
-        self.experts.up = nn.Parameter(torch.randn(rows, self.cfg["d_out"]) / self.cfg["d_out"] ** 0.5)
+        self.experts.up = nn.Parameter(torch.randn(rows, self.d_value) / self.d_value ** 0.5)
         if glu:
             self.experts.down_linear = nn.Parameter(torch.randn(rows, d_in) / d_in ** 0.5)
         self.act = _ACTIVATIONS[activation]
@@ -213,7 +239,7 @@ class PEER(_ProductKeyLayer):
         z = self.act(torch.einsum("bmd,bd->bm", self.experts.down[rows], x))
         if hasattr(self.experts, "down_linear"):
             z = z * torch.einsum("bmd,bd->bm", self.experts.down_linear[rows], x)
-        return torch.einsum("bm,bmd->bd", gates * z, self.experts.up[rows])
+        return self.head(x, torch.einsum("bm,bmd->bd", gates * z, self.experts.up[rows]))
 
 
 class PKM(_ProductKeyLayer):
@@ -223,11 +249,12 @@ class PKM(_ProductKeyLayer):
     def __init__(self, d_in, n_keys, heads=8, top_k=16, d_key=128, d_out=0, **kw):
         super().__init__(d_in, d_out, n_keys, heads, top_k, d_key, "gelu_erf", **kw)
         self.experts = nn.Module()
-        self.experts.values = nn.Parameter(torch.randn(self.table_size, self.cfg["d_out"]) / self.cfg["d_out"] ** 0.5)
+        self.experts.values = nn.Parameter(torch.randn(self.table_size, self.d_value) / self.d_value ** 0.5)
 
     def forward(self, x):
-        ids, gates = self.retrieve(self.normalize_input(x))
-        return torch.einsum("bm,bmd->bd", gates, self.experts.values[self.table_rows(ids)])
+        x = self.normalize_input(x)
+        ids, gates = self.retrieve(x)
+        return self.head(x, torch.einsum("bm,bmd->bd", gates, self.experts.values[self.table_rows(ids)]))
 
 
 class MoE(nn.Module):

@@ -103,6 +103,7 @@ void check(const char* name, spex::ProductKeyLayerConfig cfg, bool first_empty =
     for (std::size_t i = 0; i < fg.retrieval.keys.size(); ++i)
       expect_close(rel_diff(sg.retrieval.keys[i], fg.retrieval.keys[i]), at + "sub-key gradient");
     if (cfg.input_rmsnorm) expect_close(rel_diff(sg.input_norm.gamma, fg.input_norm.gamma), at + "input_norm.gamma gradient");
+    if (cfg.silu_output) expect_close(rel_diff(sg.head.proj.weight, fg.head.proj.weight), at + "output.proj.weight gradient");
     if constexpr (std::is_same<Full, spex::Peer<double>>::value) {
       compare_sparse(sharded, sg.experts.down, fg.experts.down, at + "experts.down gradient");
       compare_sparse(sharded, sg.experts.up, fg.experts.up, at + "experts.up gradient");
@@ -215,7 +216,11 @@ int main(int argc, char** argv) {
     cfg.input_rmsnorm = cfg.per_head_tables = cfg.glu = true;
     check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, input RMSNorm, per-head GLU tables", cfg);
     cfg.glu = false;
-    check<spex::Pkm<double>, spex::dist::ShardedPkm<double>>("Pkm, input RMSNorm, per-head tables", cfg);
+    cfg.silu_output = cfg.sigmoid_gate = true;
+    cfg.d_value = 7;
+    check<spex::Pkm<double>, spex::dist::ShardedPkm<double>>("Pkm, input RMSNorm, per-head tables, Memory+'s output head", cfg);
+    cfg.silu_output = cfg.sigmoid_gate = false;
+    cfg.d_value = 0;
     cfg.input_rmsnorm = cfg.per_head_tables = false;
     cfg = spex::ProductKeyLayerConfig{};
     cfg.d_in = 12;

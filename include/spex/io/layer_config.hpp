@@ -17,7 +17,8 @@
 // router's options and shared experts of an MoE ("score", "route_scale", "expert_bias",
 // "n_groups", "group_topk", "group_score_experts", "seq_aux_coeff", "seq_len", "shared_experts",
 // "shared_hidden", "shared_gate") and the ReLU router's "revive_zero_expert_tokens"; 1.5 a Peer's
-// or Pkm's "input_rmsnorm", "per_head_tables" and a Peer's "glu".
+// or Pkm's "input_rmsnorm", "per_head_tables", "silu_output", "sigmoid_gate", "d_value" and a
+// Peer's "glu".
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
@@ -139,6 +140,9 @@ void for_each_field(C& c, F& f) {
     f("input_rmsnorm", c.input_rmsnorm);
     f("per_head_tables", c.per_head_tables);
     f("glu", c.glu);
+    f("silu_output", c.silu_output);
+    f("sigmoid_gate", c.sigmoid_gate);
+    f("d_value", c.d_value);
     f("check_finite", c.check_finite);
     f("norm_eps", c.norm_eps);
     f("norm_momentum", c.norm_momentum);
@@ -189,8 +193,10 @@ inline double retrieval_values(const ProductKeyLayerConfig& r) {
   const double q = double(r.heads) * double(r.d_key);
   const double norm = r.norm == NormKind::batch ? 4 * q : r.norm == NormKind::layer ? 2 * q : 0;
   const double key_sets = r.shared_keys ? 1 : double(r.heads);
+  const double dv = double(r.d_value), head = (r.silu_output ? dv * double(r.d_in + 1) + double(r.d_out) * (dv + 1) : 0) +
+                                             (r.sigmoid_gate ? double(r.d_in + 1) : 0);
   return (r.input_rmsnorm ? double(r.d_in) : 0) + q * double(r.d_in) + (r.query_bias ? q : 0) + norm +
-         key_sets * double(r.n_keys) * double(r.d_key);
+         key_sets * double(r.n_keys) * double(r.d_key) + head;
 }
 
 /// One line of config_hints: `field`, the value the file's tensors imply, the layer's value.
@@ -230,6 +236,10 @@ std::string config_hints(const ProductKeyLayerConfig& config, Rows rows) {
     hint("query_bias", c.query_bias ? "false (no query.bias)" : "true (query.bias)", c.query_bias ? "true" : "false");
   if (c.input_rmsnorm != has("input_norm.gamma"))
     hint("input_rmsnorm", c.input_rmsnorm ? "false (no input_norm.gamma)" : "true (input_norm.gamma)", c.input_rmsnorm ? "true" : "false");
+  if (c.silu_output != has("output.silu.weight"))
+    hint("silu_output", c.silu_output ? "false (no output.silu.weight)" : "true (output.silu.*, output.proj.*)", c.silu_output ? "true" : "false");
+  if (c.sigmoid_gate != has("output.gate.weight"))
+    hint("sigmoid_gate", c.sigmoid_gate ? "false (no output.gate.weight)" : "true (output.gate.*)", c.sigmoid_gate ? "true" : "false");
   if (c.glu != has("experts.down_linear") && (has("experts.down") || has("experts.down_linear")))
     hint("glu", c.glu ? "false (no experts.down_linear)" : "true (experts.down_linear)", c.glu ? "true" : "false");
   const std::int64_t table = has("experts.up") ? rows("experts.up") : rows("experts.values");
@@ -266,7 +276,7 @@ struct LayerKind<Peer<T, Arch, D>> {
   static constexpr bool has_lambda = false;
   static double parameter_values(const ProductKeyLayerConfig& c) {
     const ProductKeyLayerConfig r = detail::resolve(c);
-    return detail::retrieval_values(r) + double(detail::table_rows(r)) * double((r.glu ? 2 : 1) * r.d_in + r.d_out);
+    return detail::retrieval_values(r) + double(detail::table_rows(r)) * double((r.glu ? 2 : 1) * r.d_in + r.d_value);
   }
 };
 template <class T, class Arch, class D>
@@ -275,7 +285,7 @@ struct LayerKind<Pkm<T, Arch, D>> {
   static constexpr bool has_lambda = false;
   static double parameter_values(const ProductKeyLayerConfig& c) {
     const ProductKeyLayerConfig r = detail::resolve(c);
-    return detail::retrieval_values(r) + double(detail::table_rows(r)) * double(r.d_out);
+    return detail::retrieval_values(r) + double(detail::table_rows(r)) * double(r.d_value);
   }
 };
 template <class T, class Router, class Arch, class D>

@@ -32,11 +32,11 @@ class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch, Dispatch>, Ne
   static void check_config(const ProductKeyLayerConfig&) {}
   static Experts draw_experts(const ProductKeyLayerConfig& c, Rng& rng, RowStride rows) {
     const Index n = detail::table_rows(c);
-    if (c.storage != TableStorage::native) return Experts(n, c.d_in, c.d_out, c.activation, c.glu, rng, c.storage);
-    return Experts(n, c.d_in, c.d_out, c.activation, c.glu, rng, rows);
+    if (c.storage != TableStorage::native) return Experts(n, c.d_in, c.d_value, c.activation, c.glu, rng, c.storage);
+    return Experts(n, c.d_in, c.d_value, c.activation, c.glu, rng, rows);
   }
   static Experts unfilled_experts(const ProductKeyLayerConfig& c) {
-    return Experts(detail::table_rows(c), c.d_in, c.d_out, c.activation, c.glu, c.storage);
+    return Experts(detail::table_rows(c), c.d_in, c.d_value, c.activation, c.glu, c.storage);
   }
 
   void experts_forward(CMatRef<T> x, typename Base::Cache& c, MatRef<T> y) const {

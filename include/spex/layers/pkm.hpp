@@ -32,9 +32,9 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch, Dispatch>, Valu
   }
   static Experts draw_experts(const ProductKeyLayerConfig& c, Rng& rng, RowStride rows) {
     const Index n = detail::table_rows(c);
-    return c.storage == TableStorage::native ? Experts(n, c.d_out, rng, rows) : Experts(n, c.d_out, rng, c.storage);
+    return c.storage == TableStorage::native ? Experts(n, c.d_value, rng, rows) : Experts(n, c.d_value, rng, c.storage);
   }
-  static Experts unfilled_experts(const ProductKeyLayerConfig& c) { return Experts(detail::table_rows(c), c.d_out, c.storage); }
+  static Experts unfilled_experts(const ProductKeyLayerConfig& c) { return Experts(detail::table_rows(c), c.d_value, c.storage); }
 
   void experts_forward(CMatRef<T>, typename Base::Cache& c, MatRef<T> y) const {
     this->experts_.forward(this->expert_rows(c), c.retrieval.gates, y);

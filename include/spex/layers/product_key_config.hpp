@@ -38,7 +38,7 @@ struct FrozenSet {
   /// 0 < keys < n_keys needs shells ids (under row_major they are not a range of ids).
   Index keys = 0;
   bool sub_keys = true;  ///< also the sub-key rows [0, keys) (see above; only with learn_keys)
-  bool query = false;    ///< also the query network, its norm and the input RMSNorm (see above)
+  bool query = false;    ///< also the query network, its norm, the input RMSNorm and the output head (see above)
 };
 
 /// Configuration of a product-key layer (PEER, PKM). Give n_keys (n, N = n^2) or n_experts
@@ -72,6 +72,15 @@ struct ProductKeyLayerConfig {
   /// Peer only: GLU experts act(u . x) (w . x) v (UltraMemV2's PEER-style values; table
   /// "experts.down_linear" holds w). false: act(u . x) v.
   bool glu = false;
+  /// Memory+'s output ("Memory Layers at Scale"): y = W_o (m ⊙ silu(W_g x + b_g)) + b_o, where m
+  /// (B x d_value) is what the experts return; parameters "output.silu.*" [d_value, d_in] and
+  /// "output.proj.*" [d_out, d_value] (nn/gated_output.hpp). false: y = m.
+  bool silu_output = false;
+  /// y <- sigmoid(w . x + b) y per token (Memory+'s `mem_gated`; "output.gate.*" [1, d_in]).
+  bool sigmoid_gate = false;
+  /// Width of the experts' output m (PEER's v rows, PKM's values); 0: d_out. Another width
+  /// needs silu_output, whose projection maps it to d_out.
+  Index d_value = 0;
   bool check_finite = true;          ///< throw on NaN/Inf in x and dy (one pass over each)
   double norm_eps = 1e-5, norm_momentum = 0.1;
   /// How the expert tables are stored: native (T; trainable) or, for inference only with
@@ -124,9 +133,13 @@ inline ProductKeyLayerConfig resolve(ProductKeyLayerConfig c) {
              "frozen.keys = " << c.frozen.keys << " of n_keys = " << c.n_keys
                               << " needs expert_ids = shells (under row_major the frozen experts are not a range of ids)");
   if (c.d_out == 0) c.d_out = c.d_in;
+  SPEX_CHECK(c.d_value >= 0, "d_value = " << c.d_value << " must be >= 0 (0: same as d_out)");
+  if (c.d_value == 0) c.d_value = c.d_out;
+  SPEX_CHECK(c.silu_output || c.d_value == c.d_out, "d_value = " << c.d_value << " differs from d_out = " << c.d_out
+                                                                 << ": only silu_output = true projects the experts' output to d_out");
   SPEX_CHECK(c.heads >= 1, "heads = " << c.heads << " must be >= 1");
   checked_mul(checked_mul(c.n_experts, c.per_head_tables ? c.heads : 1, "the expert table rows n_experts * heads"),
-              std::max(c.d_in, c.d_out), "the expert table size rows * d");
+              std::max(c.d_in, c.d_value), "the expert table size rows * d");
   return c;
 }
 

@@ -13,6 +13,7 @@
 #include "../../core/parameter.hpp"
 #include "../../core/types.hpp"
 #include "../../kernels/activation.hpp"
+#include "../../nn/gated_output.hpp"
 #include "../../nn/rms_norm.hpp"
 #include "../../select/key_retrieval.hpp"
 #include "../dispatch.hpp"
@@ -35,18 +36,22 @@ class ProductKeyLayer {
   using Config = ProductKeyLayerConfig;
   using Scalar = T;
 
-  /// The gradients of what every rank holds a replica of (the input norm and the retrieval).
+  /// The gradients of what every rank holds a replica of (the input norm, the retrieval and the
+  /// output head).
   struct ReplicatedGrads {
     typename KeyRetrieval<T, Arch>::Grads retrieval;
     typename RmsNorm<T>::Grads input_norm;
+    typename GatedOutput<T>::Grads head;
     void zero() {
       retrieval.zero();
       input_norm.zero();
+      head.zero();
     }
     template <class F>
     void for_each_array(F&& f) {
       retrieval.for_each_array(f);
       input_norm.for_each_array(f);
+      head.for_each_array(f);
     }
   };
   /// Per-call state, owned by the caller and reused across calls (no allocation once it has
@@ -62,6 +67,8 @@ class ProductKeyLayer {
     RowMat<T> dgates;
     RowMat<T> dy_copy;                             // dy, when dx is the same matrix
     RowMat<T> dx_normalized;                       // input_rmsnorm: the gradient of the normalized input
+    RowMat<T> memory, dmemory, dx_head;            // with an output head: the experts' output m, its gradient, the head's dx
+    typename GatedOutput<T>::Cache head;
     typename Dispatch::template ProductKeyState<T, ReplicatedGrads> dispatch;  // a sharded dispatch's exchange
     PassTag pass;
   };
@@ -98,13 +105,19 @@ class ProductKeyLayer {
     const Config c = resolve(config);
     FlopCount f = KeyRetrieval<T, Arch>::flops_per_token(retrieval_config(c));
     if (c.input_rmsnorm) f.query += 4.0 * double(c.d_in);  // the squared norm, then a scale and a gain per feature
-    f.experts = Experts::flops_per_token(c.heads * c.top_k, c.d_in, c.d_out, c.glu).experts;
+    f.experts = Experts::flops_per_token(c.heads * c.top_k, c.d_in, c.d_value, c.glu).experts;
+    // The output head: the SiLU gate's projection, silu and product, W_o; the sigmoid gate.
+    if (c.silu_output) f.experts += flops::linear(c.d_in, c.d_value) + 6.0 * double(c.d_value) + flops::linear(c.d_value, c.d_out);
+    if (c.sigmoid_gate) f.experts += flops::linear(c.d_in, 1) + double(c.d_out) + 4.0;
     return f;
   }
   Index d_in() const { return cfg_.d_in; }
   Index d_out() const { return cfg_.d_out; }
   KeyRetrieval<T, Arch>& retrieval() { return retrieval_; }
   const KeyRetrieval<T, Arch>& retrieval() const { return retrieval_; }
+  /// The output head (config().silu_output, sigmoid_gate; disabled otherwise).
+  GatedOutput<T>& output_head() { return head_; }
+  const GatedOutput<T>& output_head() const { return head_; }
   /// The input RMSNorm (config().input_rmsnorm; disabled otherwise).
   RmsNorm<T>& input_norm() { return input_norm_; }
   const RmsNorm<T>& input_norm() const { return input_norm_; }
@@ -116,7 +129,8 @@ class ProductKeyLayer {
   /// Gradients for this layer's shapes and frozen set (make them again after grow or freeze).
   Grads make_grads() const {
     require_native("make_grads");
-    return Grads(ReplicatedGrads{retrieval_.make_grads(), input_norm_.make_grads()}, experts_.make_grads(frozen_rows()));
+    return Grads(ReplicatedGrads{retrieval_.make_grads(), input_norm_.make_grads(), head_.make_grads()},
+                 experts_.make_grads(frozen_rows()));
   }
 
   /// What training leaves unchanged (config().frozen).
@@ -245,6 +259,7 @@ class ProductKeyLayer {
     ParameterList<const T> out = read_only(prefixed(self.input_norm_.parameters(nullptr, "input_norm."), prefix));
     append_parameters(out, read_only(prefixed(self.retrieval_.parameters(nullptr), prefix)));
     append_parameters(out, experts_.parameters("experts."), prefix);
+    append_parameters(out, read_only(prefixed(self.head_.parameters(nullptr, "output."), prefix)));
     return stamped(std::move(out), epoch_);
   }
 
@@ -252,6 +267,7 @@ class ProductKeyLayer {
   void check_grads(const Grads& g) const {
     retrieval_.check_grads(g.retrieval, "grads");
     input_norm_.check_grads(g.input_norm, "grads");
+    head_.check_grads(g.head, "grads");
     experts_.check_grads(g.experts, "grads");
     SPEX_CHECK(g.experts.frozen_rows() == frozen_rows(),
                "grads were made for " << g.experts.frozen_rows() << " frozen expert rows, the layer has " << frozen_rows()
@@ -266,6 +282,7 @@ class ProductKeyLayer {
     Rng rng(seed);
     construct(cfg, rng, seed);
     experts_ = Layer::draw_experts(cfg_, rng, dispatch_.rows());
+    draw_head(rng);
   }
   /// The tables allocated, not filled (loaders: io/layers.hpp); the retrieval drawn from seed 0.
   ProductKeyLayer(const Config& cfg, Unfilled) {
@@ -273,6 +290,13 @@ class ProductKeyLayer {
     Rng rng(0);
     construct(cfg, rng, 0);
     experts_ = Layer::unfilled_experts(cfg_);
+    draw_head(rng);
+  }
+
+  /// The output head, drawn after everything else (a layer without one draws what it always did).
+  void draw_head(Rng& rng) {
+    if (cfg_.silu_output || cfg_.sigmoid_gate)
+      head_ = GatedOutput<T>(cfg_.d_in, cfg_.d_value, cfg_.d_out, cfg_.silu_output, cfg_.sigmoid_gate, rng);
   }
 
   void construct(const Config& cfg, Rng& rng, std::uint64_t seed) {
@@ -285,7 +309,8 @@ class ProductKeyLayer {
     });
     dispatch_.check_same(Layer::kName, {cfg_.n_experts, cfg_.d_in, cfg_.d_out, cfg_.heads, cfg_.top_k, cfg_.d_key, int(cfg_.norm),
                                         int(cfg_.score), cfg_.learn_keys, cfg_.shared_keys, cfg_.frozen.keys, cfg_.input_rmsnorm,
-                                        cfg_.per_head_tables, cfg_.glu, std::int64_t(seed)});
+                                        cfg_.per_head_tables, cfg_.glu, cfg_.silu_output, cfg_.sigmoid_gate, cfg_.d_value,
+                                        std::int64_t(seed)});
     input_norm_ = RmsNorm<T>(cfg_.input_rmsnorm ? cfg_.d_in : 0);
     retrieval_ = KeyRetrieval<T, Arch>(retrieval_config(cfg_), rng);
     retrieval_.norm().set_batch_reduction(dispatch_.batch_reduction());
@@ -323,13 +348,27 @@ class ProductKeyLayer {
       scratch.emplace(c.dx_normalized);
     }
     MatRef<T>* dxn = dx ? dx : scratch ? &*scratch : nullptr;
+    ReplicatedGrads& rg = dispatch_.replicated_grads(c.dispatch, static_cast<ReplicatedGrads&>(g));
+    // The output head first: it turns dy into the gradient of the experts' output m.
+    std::optional<CMatRef<T>> dm;
+    if (head_.enabled()) {
+      c.dmemory.resize(dy.rows(), cfg_.d_value);
+      std::optional<MatRef<T>> head_dx;
+      if (dxn) {
+        c.dx_head.setZero(dy.rows(), cfg_.d_in);
+        head_dx.emplace(c.dx_head);
+      }
+      head_.backward(c.x, c.memory, dy, c.dmemory, head_dx ? &*head_dx : nullptr, c.head, cfg_.frozen.query ? nullptr : &rg.head);
+      dm.emplace(c.dmemory);
+    }
+    const CMatRef<T>& dexperts = dm ? *dm : dy;
     if constexpr (Dispatch::kSharded) {
-      dispatch_.product_key_backward(experts_, dy, c.dispatch, MatRef<T>(c.dgates), dxn, g.experts, c.experts);
+      dispatch_.product_key_backward(experts_, dexperts, c.dispatch, MatRef<T>(c.dgates), dxn, g.experts, c.experts);
     } else {
       if (dxn) dxn->setZero();
-      self().experts_backward(dy, c, dxn, g);
+      self().experts_backward(dexperts, c, dxn, g);
     }
-    ReplicatedGrads& rg = dispatch_.replicated_grads(c.dispatch, static_cast<ReplicatedGrads&>(g));
+    if (head_.enabled() && dxn) *dxn += c.dx_head;
     retrieval_.backward(c.x, c.dgates, c.retrieval, rg.retrieval, dxn);
     if (input_norm_.enabled() && dxn) input_norm_.backward(c.x_raw, *dxn, *dxn, c.input_norm, norm_grads ? &rg.input_norm : nullptr);
     dispatch_.sum_replicated(c.dispatch, static_cast<ReplicatedGrads&>(g));
@@ -357,7 +396,14 @@ class ProductKeyLayer {
       retrieval_.forward_projected(c.retrieval, training);
       if (cfg_.per_head_tables) head_rows(c);
     });
-    run_experts(own_copy ? CMatRef<T>(c.x) : x_in, c, y);
+    const CMatRef<T> x = own_copy ? CMatRef<T>(c.x) : x_in;
+    if (head_.enabled()) {
+      c.memory.resize(x.rows(), cfg_.d_value);
+      run_experts(x, c, c.memory);
+      dispatch_.collective(Layer::kName, [&] { head_.forward(x, c.memory, y, c.head); });
+    } else {
+      run_experts(x, c, y);
+    }
     dispatch_.collective(Layer::kName, [&] {
       if (cfg_.check_finite) check_output_finite(y, Layer::kName);
     });
@@ -385,6 +431,7 @@ class ProductKeyLayer {
     ParameterList<T> out = prefixed(input_norm_.parameters(g && !cfg_.frozen.query ? &g->input_norm : nullptr, "input_norm."), prefix);
     append_parameters(out, prefixed(retrieval_.parameters(g ? &g->retrieval : nullptr), prefix));
     append_parameters(out, experts_.parameters("experts.", g ? &g->experts : nullptr), prefix);
+    append_parameters(out, prefixed(head_.parameters(g && !cfg_.frozen.query ? &g->head : nullptr, "output."), prefix));
     return stamped(std::move(out), epoch_, g ? &g->epoch : nullptr);
   }
 
@@ -411,6 +458,7 @@ class ProductKeyLayer {
   Dispatch dispatch_;
   Config cfg_;
   RmsNorm<T> input_norm_;
+  GatedOutput<T> head_;
   KeyRetrieval<T, Arch> retrieval_;
   Experts experts_;
   LayerId id_;
