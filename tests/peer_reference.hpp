@@ -63,15 +63,16 @@ spex::RowMat<double> reference_queries(const Layer& layer, const spex::RowMat<do
       for (Index t = 0; t < b; ++t) q(t, o) = nm.weight()(o) * (q(t, o) - mean) / std::sqrt(var + eps) + nm.bias()(o);
     }
   } else if (cfg.norm == spex::NormKind::layer) {
+    const Index g = cfg.norm_per_half ? cfg.d_key / 2 : cfg.d_key;  // features per LayerNorm group
     for (Index t = 0; t < b; ++t)
-      for (Index h = 0; h < cfg.heads; ++h) {
+      for (Index h = 0; h < f / g; ++h) {
         double mean = 0, var = 0;
-        for (Index j = 0; j < cfg.d_key; ++j) mean += q(t, h * cfg.d_key + j);
-        mean /= cfg.d_key;
-        for (Index j = 0; j < cfg.d_key; ++j) var += std::pow(q(t, h * cfg.d_key + j) - mean, 2);
-        var /= cfg.d_key;
-        for (Index j = 0; j < cfg.d_key; ++j) {
-          const Index o = h * cfg.d_key + j;
+        for (Index j = 0; j < g; ++j) mean += q(t, h * g + j);
+        mean /= g;
+        for (Index j = 0; j < g; ++j) var += std::pow(q(t, h * g + j) - mean, 2);
+        var /= g;
+        for (Index j = 0; j < g; ++j) {
+          const Index o = h * g + j;
           q(t, o) = nm.weight()(o) * (q(t, o) - mean) / std::sqrt(var + eps) + nm.bias()(o);
         }
       }

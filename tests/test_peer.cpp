@@ -362,6 +362,16 @@ TEST_CASE("input RMSNorm, per-head tables and GLU experts: forward equals the re
     }
 }
 
+TEST_CASE("LayerNorm over each product half of a head's query: reference and finite differences", "[peer][gradcheck]") {
+  ProductKeyLayerConfig cfg = small_config(ScoreFn::relu, NormKind::layer, Activation::gelu_erf, false);
+  cfg.norm_per_half = true;
+  Pkm<double> pkm(cfg, 4);
+  CHECK(pkm.retrieval().norm().group() == 2);
+  pkm.retrieval().norm().weight() = randn_mat(8, 1, 3).col(0);
+  check_forward(pkm, randn_mat(9, 6, 5));
+  check_gradients(pkm, randn_mat(6, 6, 6));
+}
+
 TEST_CASE("GLU experts are a product of two neurons, and Pkm refuses them by name", "[peer]") {
   ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::none, Activation::silu, true);
   cfg.glu = true;

@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
   }
   const std::string dir = argv[1];
   const char* cases[] = {"peer", "peer_per_head_sigmoid_relu", "peer_no_norm_silu", "pkm", "peer_rmsnorm_per_head_tables",
-                         "peer_glu_rmsnorm", "peer_glu_per_head_tables", "pkm_rmsnorm_per_head_tables", "pkm_memory_plus",
+                         "peer_glu_rmsnorm", "peer_glu_per_head_tables", "pkm_rmsnorm_per_head_tables", "pkm_memory_plus", "pkm_layernorm_halves",
                          "peer_silu_output", "pkm_sigmoid_gate", "remoe_swiglu", "topk_gelu",
                          "topk_renormalized", "topk_softmax_over_k", "topk_deepseek_v3", "topk_qwen2_moe", "topk_sigmoid_groups"};
   int failures = 0;

@@ -39,6 +39,9 @@ def cases():
                                     query_bias=True, silu_output=True, sigmoid_gate=True, d_value=9)
     yield "peer_silu_output", st.PEER(d_in=10, n_keys=5, heads=2, top_k=3, d_key=4, silu_output=True, d_value=6)
     yield "pkm_sigmoid_gate", st.PKM(d_in=8, n_keys=5, heads=2, top_k=2, d_key=4, sigmoid_gate=True)
+    # lucidrains' product-key-memory: LayerNorm over each product half, per-head keys, ReLU gates.
+    yield "pkm_layernorm_halves", st.PKM(d_in=12, n_keys=6, heads=2, top_k=3, d_key=8, norm="layer", norm_per_half=True,
+                                         shared_keys=False, score="relu")
     yield "pkm_rmsnorm_per_head_tables", st.PKM(d_in=12, n_keys=6, heads=2, top_k=3, d_key=6, input_rmsnorm=True,
                                                  per_head_tables=True)
     yield "remoe_swiglu", st.MoE(d_in=10, n_experts=6, hidden=8, experts_per_token=2, router="relu", lam=0.25)

@@ -115,6 +115,22 @@ class InputRMSNorm(nn.Module):
         return F.normalize(x, dim=-1) * x.shape[-1] ** 0.5 * (1 + self.gamma)
 
 
+class GroupLayerNorm(nn.Module):
+    """LayerNorm over each group of `group` consecutive features, with a weight and bias per
+    feature (spex's norm = "layer": group = d_key, or d_key / 2 with norm_per_half)."""
+
+    def __init__(self, features, group, eps):
+        super().__init__()
+        self.group, self.eps = group, eps
+        self.weight = nn.Parameter(torch.ones(features))
+        self.bias = nn.Parameter(torch.zeros(features))
+
+    def forward(self, q):
+        g = q.view(q.shape[0], -1, self.group)
+        g = F.layer_norm(g, (self.group,), eps=self.eps)
+        return g.reshape(q.shape) * self.weight + self.bias
+
+
 class ProductKeyRetrieval(nn.Module):
     """[input RMSNorm ->] query Linear -> BatchNorm / none -> h heads of exact product-key top-k
     -> gates. state_dict: input_norm.gamma [d_in] (input_rmsnorm), query.weight [h*d_key, d_in]
@@ -122,9 +138,10 @@ class ProductKeyRetrieval(nn.Module):
     [n, d_key/2] (shared) or keys.h<i>.c1 / .c2."""
 
     def __init__(self, d_in, n_keys, heads, top_k, d_key, score="softmax", norm="batch", shared_keys=True,
-                 query_bias=False, norm_eps=1e-5, norm_momentum=0.1, input_rmsnorm=False, per_head_tables=False):
+                 query_bias=False, norm_eps=1e-5, norm_momentum=0.1, input_rmsnorm=False, per_head_tables=False,
+                 norm_per_half=False):
         super().__init__()
-        assert norm in ("batch", "none"), "this reference implements BatchNorm and no norm"
+        assert norm in ("batch", "layer", "none")
         self.n, self.h, self.k, self.dk, self.score = n_keys, heads, top_k, d_key, score
         self.per_head_tables = per_head_tables
         if input_rmsnorm:
@@ -132,6 +149,8 @@ class ProductKeyRetrieval(nn.Module):
         self.query = nn.Linear(d_in, heads * d_key, bias=query_bias)
         if norm == "batch":
             self.norm = nn.BatchNorm1d(heads * d_key, eps=norm_eps, momentum=norm_momentum)
+        elif norm == "layer":
+            self.norm = GroupLayerNorm(heads * d_key, d_key // 2 if norm_per_half else d_key, norm_eps)
         self.shared = shared_keys
         if shared_keys:
             self.keys = SubKeys(n_keys, d_key // 2)
@@ -151,7 +170,7 @@ class ProductKeyRetrieval(nn.Module):
 
     def retrieve(self, x):
         q = self.query(x)
-        if self.norm_kind == "batch":
+        if self.norm_kind != "none":
             q = self.norm(q)
         ids, scores = [], []
         half = self.dk // 2
@@ -200,6 +219,7 @@ class _ProductKeyLayer(ProductKeyRetrieval):
         # The sub-keys are parameters here: learn_keys, so that spex lists them with gradients too.
         self.cfg = dict(d_in=d_in, d_out=d_out or d_in, n_keys=n_keys, n_experts=n_keys * n_keys, heads=heads, top_k=top_k,
                         d_key=d_key, activation=activation, score=kw.get("score", "softmax"), norm=kw.get("norm", "batch"),
+                        norm_per_half=kw.get("norm_per_half", False),
                         shared_keys=kw.get("shared_keys", True), learn_keys=True, query_bias=kw.get("query_bias", False),
                         input_rmsnorm=kw.get("input_rmsnorm", False), per_head_tables=kw.get("per_head_tables", False),
                         glu=glu, silu_output=silu_output, sigmoid_gate=sigmoid_gate, d_value=d_value, check_finite=True,

@@ -17,7 +17,7 @@
 // router's options and shared experts of an MoE ("score", "route_scale", "expert_bias",
 // "n_groups", "group_topk", "group_score_experts", "seq_aux_coeff", "seq_len", "shared_experts",
 // "shared_hidden", "shared_gate") and the ReLU router's "revive_zero_expert_tokens"; 1.5 a Peer's
-// or Pkm's "input_rmsnorm", "per_head_tables", "silu_output", "sigmoid_gate", "d_value" and a
+// or Pkm's "norm_per_half", "input_rmsnorm", "per_head_tables", "silu_output", "sigmoid_gate", "d_value" and a
 // Peer's "glu".
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
@@ -134,6 +134,7 @@ void for_each_field(C& c, F& f) {
     f("activation", c.activation);
     f("score", c.score);
     f("norm", c.norm);
+    f("norm_per_half", c.norm_per_half);
     f("shared_keys", c.shared_keys);
     f("learn_keys", c.learn_keys);
     f("query_bias", c.query_bias);

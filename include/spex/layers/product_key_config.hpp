@@ -57,6 +57,9 @@ struct ProductKeyLayerConfig {
   Activation activation = Activation::gelu_erf;  ///< PEER only
   ScoreFn score = ScoreFn::softmax;
   NormKind norm = NormKind::batch;
+  /// With norm = layer: LayerNorm over each product half of a head's query (d_key / 2 features,
+  /// lucidrains' product-key-memory) instead of over the head's d_key.
+  bool norm_per_half = false;
   bool shared_keys = true;
   bool learn_keys = false;           ///< true: train the sub-keys (KeyRetrievalConfig::learn_keys)
   bool query_bias = false;
@@ -152,6 +155,7 @@ inline KeyRetrievalConfig retrieval_config(const ProductKeyLayerConfig& c) {
   r.d_key = c.d_key;
   r.score = c.score;
   r.norm = c.norm;
+  r.norm_per_half = c.norm_per_half;
   r.shared_keys = c.shared_keys;
   r.learn_keys = c.learn_keys;
   r.query_bias = c.query_bias;

@@ -32,6 +32,9 @@ struct KeyRetrievalConfig {
   Index d_key = 128;                    ///< query dimension per head (even)
   ScoreFn score = ScoreFn::softmax;
   NormKind norm = NormKind::batch;
+  /// LayerNorm (norm = layer) over each product half of a head's query, d_key / 2 features
+  /// (lucidrains' product-key-memory), instead of over the head's d_key. Ignored otherwise.
+  bool norm_per_half = false;
   bool shared_keys = true;              ///< one sub-key set for all heads (PEER) or one per head (PKM)
   /// true: the sub-keys are trained (the papers'); false: they keep their seeded random
   /// initialization, are listed without a gradient, and backward skips them. Trained sub-keys
@@ -112,7 +115,8 @@ class KeyRetrieval {
   KeyRetrieval() = default;
   KeyRetrieval(const Config& cfg, Rng& rng) : cfg_(validate(cfg)) {
     query_ = Linear<T>(cfg.d_in, cfg.heads * cfg.d_key, cfg.query_bias, rng);
-    norm_ = Norm<T>(cfg.norm, cfg.heads * cfg.d_key, cfg.d_key, T(cfg.norm_eps), T(cfg.norm_momentum));
+    norm_ = Norm<T>(cfg.norm, cfg.heads * cfg.d_key, cfg.norm_per_half ? cfg.d_key / 2 : cfg.d_key, T(cfg.norm_eps),
+                    T(cfg.norm_momentum));
     const Index sets = cfg.shared_keys ? 1 : cfg.heads;
     for (Index s = 0; s < sets; ++s) keys_.emplace_back(cfg.n_keys, cfg.d_key, rng.next_u64(), cfg.expert_ids);
   }

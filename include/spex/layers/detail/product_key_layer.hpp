@@ -307,7 +307,7 @@ class ProductKeyLayer {
                  Layer::kName << ": storage " << to_string(cfg_.storage) << " is for inference in one process; shards are native");
       dispatch_.set_experts(spex::detail::table_rows(cfg_), Layer::kName);
     });
-    dispatch_.check_same(Layer::kName, {cfg_.n_experts, cfg_.d_in, cfg_.d_out, cfg_.heads, cfg_.top_k, cfg_.d_key, int(cfg_.norm),
+    dispatch_.check_same(Layer::kName, {cfg_.n_experts, cfg_.d_in, cfg_.d_out, cfg_.heads, cfg_.top_k, cfg_.d_key, int(cfg_.norm), cfg_.norm_per_half,
                                         int(cfg_.score), cfg_.learn_keys, cfg_.shared_keys, cfg_.frozen.keys, cfg_.input_rmsnorm,
                                         cfg_.per_head_tables, cfg_.glu, cfg_.silu_output, cfg_.sigmoid_gate, cfg_.d_value,
                                         std::int64_t(seed)});
