@@ -9,14 +9,21 @@ SOURCE and --config:
       config under its own names (docs/topk_moe.md, "Importing a model")
   peer-pytorch   lucidrains' PEER block; --config: the PEER(...) constructor's keyword arguments
       (activation by its torch.nn class name: "GELU") (docs/from_peer_pytorch.md)
+  pkm-lucidrains lucidrains' product-key-memory PKM; --config: PKM(...)'s keyword arguments
+      (docs/from_pkm_lucidrains.md)
+  xlm-pkm        facebookresearch/XLM's HashingMemory; --config: its mem_* parameters by name, with
+      input_dim and output_dim (docs/from_xlm_pkm.md)
+  memory-plus    facebookresearch/memory's HashingMemory (Memory+); --config: its constructor's
+      keyword arguments, with input_dim and output_dim (docs/from_memory_plus.md)
 
 IN is a `.pt` file of `state_dict()` (torch.save) or a `.safetensors` file, of the block itself
 or of a whole model: the keys of one block are found by a key every block of the source has
-(`gate.weight`, `router.weight`, `weight_down_embed.weight`) and any prefix before it
+(`gate.weight`, `router.weight`, `weight_down_embed.weight`, `query_proj.query_mlps.0.weight`,
+`to_queries.weight`) and any prefix before it
 (`model.layers.3.block_sparse_moe.`) is stripped; with several blocks in one file, pass --prefix
 to pick one. OUT holds the layer under prefix "":
     spex::load_layer<spex::MoE<float, spex::TopKRouter<float>>>("OUT.safetensors")
-(ReLU routing: spex::MoE<float>, spex::ReluRouter; PEER: spex::Peer<float>).
+(ReLU routing: spex::MoE<float>, spex::ReluRouter; PEER: spex::Peer<float>; PKM: spex::Pkm<float>).
 
 Memory: OUT is written tensor by tensor, expert by expert and, for expert tables, in blocks of
 rows (the header first, from the shapes): beyond what IN takes to read, at most one source tensor
@@ -147,9 +154,9 @@ def find_prefix(source, router_suffixes, prefix):
     # a key ending in a router suffix may itself be longer (shared_expert_gate.weight ends in gate.weight)
     found = [p for p in found if not any(p.endswith(x) for x in ("shared_expert_", "shared_experts.", "linear_fc1."))]
     if not found:
-        raise SystemExit(f"{source.path}: no router key ({', '.join(router_suffixes)}) found")
+        raise SystemExit(f"{source.path}: no key ending in {', '.join(router_suffixes)} found (is --from right?)")
     if len(found) > 1:
-        raise SystemExit(f"{source.path}: {len(found)} MoE blocks ({', '.join(repr(p) for p in found[:4])}...): pass --prefix")
+        raise SystemExit(f"{source.path}: {len(found)} blocks ({', '.join(repr(p) for p in found[:4])}...): pass --prefix")
     return found[0]
 
 
@@ -319,9 +326,138 @@ def from_peer_pytorch(plan, c):
                         query_bias=False, input_rmsnorm=rms, per_head_tables=separate)
 
 
+def hashing_memory(plan, heads, n_keys, k_dim, v_dim, d_in, query_bias, batchnorm, values_prefix, peer=False):
+    """The query MLP, keys and values of Meta's HashingMemory (XLM's PKM and Memory+): its
+    query rows are (h p d) as spex's, its keys [heads, 2, n, half] (or [2 * heads * n, half])."""
+    plan.copy("query.weight", "query_proj.query_mlps.0.weight", (heads * k_dim, d_in))
+    if query_bias:
+        plan.copy("query.bias", "query_proj.query_mlps.0.bias", (heads * k_dim,))
+    if batchnorm:
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            plan.copy("norm." + t, "query_proj.query_mlps.1." + t, (heads * k_dim,))
+    half = k_dim // 2
+    kname = plan.need("keys")
+    if plan.source.shape(kname) not in ((heads, 2, n_keys, half), (2 * heads * n_keys, half)):
+        raise SystemExit(f"{plan.source.path}: 'keys' has shape {list(plan.source.shape(kname))}, the config gives "
+                         f"{[heads, 2, n_keys, half]} (or {[2 * heads * n_keys, half]})")
+    for h in range(heads):
+        for p in range(2):
+            plan.add(f"keys.h{h}.c{p + 1}", n_keys, half,
+                     [lambda h=h, p=p: plan.source.get(kname).reshape(heads, 2, n_keys, half)[h, p]])
+    size = n_keys * n_keys
+    # Shared values (mem_share_values) live in one layer's state: --values-prefix names it.
+    values = Plan(plan.source, values_prefix if values_prefix is not None else plan.prefix)
+    names = ["values_u.weight", "values_v.weight"] if peer else ["values.weight"]
+    for name in names:
+        if not values.has(name):
+            raise SystemExit(f"{plan.source.path}: no '{values.key(name)}': with mem_share_values the values live under the "
+                             "layer that created them; pass --values-prefix with that layer's prefix")
+    outs = ["experts.down", "experts.up"] if peer else ["experts.values"]
+    for out, name in zip(outs, names):
+        values.copy_rows(out, name, (size, v_dim))
+        plan.tensors[out] = values.tensors[out]
+        plan.used.add(values.key(name))
+
+
+def from_xlm_pkm(plan, c, values_prefix=None):
+    """facebookresearch/XLM's HashingMemory (mem_implementation pq_fast or pq_default): docs/from_xlm_pkm.md."""
+    need_keys(c, ["input_dim"], "HashingMemory (XLM) argument")
+    d_in = c["input_dim"]
+    d_out = c.get("output_dim", d_in)
+    heads, knn, k_dim, n_keys = c.get("mem_heads", 4), c.get("mem_knn", 32), c.get("mem_k_dim", 256), c.get("mem_n_keys", 512)
+    v_dim = c.get("mem_v_dim", -1)
+    v_dim = v_dim if v_dim > 0 else d_out
+    if v_dim != d_out:
+        raise SystemExit(f"mem_v_dim = {v_dim} differs from output_dim = {d_out}: XLM returns the values as they are")
+    for key, ok, why in [("mem_implementation", ("pq_fast", "pq_default"), "flat memories have no product keys"),
+                         ("mem_query_layer_sizes", ("0,0", [0, 0]), "spex's query network is one Linear"),
+                         ("mem_use_different_keys", (True,), "spex keeps sub-keys per head (or one set shared by all)"),
+                         ("mem_score_softmax", (True,), "spex's PKM gates are softmax, sigmoid or ReLU of the scores"),
+                         ("mem_temperature", (1, 1.0), "a temperature is not a spex option"),
+                         ("mem_score_subtract", ("",), "score subtraction is not a spex option"),
+                         ("mem_score_normalize", (False,), "score normalization is not a spex option"),
+                         ("mem_normalize_query", (False,), "query normalization by norm is not a spex option"),
+                         ("mem_modulo_size", (-1,), "index modulo is not a spex option"),
+                         ("mem_shuffle_indices", (False,), "shuffled indices are not a spex option"),
+                         ("mem_multi_query_net", (False,), "one query network per head is not a spex option"),
+                         ("mem_input2d", (False,), "convolutional query networks are not a spex option")]:
+        if key in c and c[key] not in ok:
+            raise SystemExit(f"{key} = {c[key]!r}: {why}")
+    batchnorm = bool(c.get("mem_query_batchnorm", False))
+    hashing_memory(plan, heads, n_keys, k_dim, v_dim, d_in, bool(c.get("mem_query_bias", True)), batchnorm, values_prefix)
+    return "Pkm", dict(d_in=d_in, d_out=d_out, n_keys=n_keys, heads=heads, top_k=knn, d_key=k_dim, score="softmax",
+                       norm="batch" if batchnorm else "none", shared_keys=False, learn_keys=bool(c.get("mem_keys_learn", True)),
+                       query_bias=bool(c.get("mem_query_bias", True)))
+
+
+def from_memory_plus(plan, c, values_prefix=None):
+    """facebookresearch/memory's HashingMemory (Memory+): docs/from_memory_plus.md."""
+    need_keys(c, ["input_dim", "output_dim"], "HashingMemory (memory) argument")
+    d_in, d_out = c["input_dim"], c["output_dim"]
+    heads, knn, k_dim, n_keys = c.get("mem_heads", 4), c.get("mem_knn", 32), c.get("mem_k_dim", 512), c.get("mem_n_keys", 1024)
+    v_dim = c.get("mem_v_dim", -1)
+    v_dim = v_dim if v_dim > 0 else d_out
+    peer, swilu = bool(c.get("peer_variant", False)), bool(c.get("swilu_projection", True))
+    if not peer and not swilu and v_dim != d_out:
+        raise SystemExit(f"mem_v_dim = {v_dim} with swilu_projection = false: a plain value projection is not a spex option "
+                         "(spex projects with the SiLU-gated output only)")
+    batchnorm = bool(c.get("mem_query_batchnorm", False))
+    hashing_memory(plan, heads, n_keys, k_dim, v_dim, d_in, bool(c.get("mem_query_bias", True)), batchnorm, values_prefix, peer)
+    cfg = dict(d_in=d_in, d_out=d_out, n_keys=n_keys, heads=heads, top_k=knn, d_key=k_dim, score="softmax",
+               norm="batch" if batchnorm else "none", shared_keys=False, learn_keys=True, query_bias=bool(c.get("mem_query_bias", True)))
+    if peer:  # values_u / values_v as GELU neurons; no SiLU projection in this variant
+        cfg.update(activation="gelu_erf")
+    elif swilu:
+        plan.copy("output.silu.weight", "swilu_projection.weight", (v_dim, d_in))
+        plan.copy("output.silu.bias", "swilu_projection.bias", (v_dim,))
+        plan.copy("output.proj.weight", "value_proj.weight", (d_out, v_dim))
+        plan.copy("output.proj.bias", "value_proj.bias", (d_out,))
+        cfg.update(silu_output=True, d_value=v_dim)
+    if c.get("mem_gated", False):
+        plan.copy("output.gate.weight", "gating.weight", (1, d_in))
+        plan.copy("output.gate.bias", "gating.bias", (1,))
+        cfg.update(sigmoid_gate=True)
+    return ("Peer" if peer else "Pkm"), cfg
+
+
+def from_pkm_lucidrains(plan, c, values_prefix=None):
+    """lucidrains' product-key-memory PKM: docs/from_pkm_lucidrains.md."""
+    need_keys(c, ["dim"], "PKM(...) keyword")
+    dim, heads, n_keys, k, dim_head = c["dim"], c.get("heads", 4), c.get("num_keys", 128), c.get("topk", 32), c.get("dim_head", 128)
+    for key, why in [("pre_layernorm", "apply the LayerNorm to the input before spex's layer"),
+                     ("concat_values_and_combine", "per-head values combined by a Linear are not a spex option"),
+                     ("norm_output", "apply the LayerNorm to the layer's output after spex's layer"),
+                     ("differentiable_topk", "spex's top-k is exact, not the coordinate-descent relaxation")]:
+        if c.get(key, False):
+            raise SystemExit(f"{key} = true: {why}")
+    if not c.get("use_layernorm", True):
+        raise SystemExit("use_layernorm = false: the source's BatchNorm1d(dim_head) over (b p h, t, d) normalizes over the "
+                         "sequence axis; import a model trained with its default LayerNorm")
+    d_key = 2 * dim_head
+    qname = plan.need("to_queries.weight", (heads * d_key, dim))
+    perm = np.arange(heads * d_key).reshape(2, heads, dim_head).transpose(1, 0, 2).reshape(-1)  # (p h d) -> (h p d)
+    plan.add("query.weight", heads * d_key, dim, [lambda: plan.source.get(qname)[perm]])
+    # LayerNorm(dim_head): one weight and bias shared by every head and half; spex holds them per feature.
+    for t in ("weight", "bias"):
+        name = plan.need("norm." + t, (dim_head,))
+        plan.add("norm." + t, heads * d_key, 1, [lambda name=name: np.tile(plan.source.get(name), 2 * heads)], [heads * d_key])
+    kname = plan.need("keys", (heads, n_keys, 2, dim_head))
+    for h in range(heads):
+        for p in range(2):
+            plan.add(f"keys.h{h}.c{p + 1}", n_keys, dim_head, [lambda h=h, p=p: plan.source.get(kname)[h, :, p, :]])
+    plan.copy_rows("experts.values", "values.weight", (n_keys * n_keys, dim))
+    return "Pkm", dict(d_in=dim, d_out=dim, n_keys=n_keys, heads=heads, top_k=k, d_key=d_key,
+                       score="relu" if c.get("non_competitive_gates", False) else "softmax", norm="layer", norm_per_half=True,
+                       shared_keys=False, learn_keys=True, query_bias=False)
+
+
 SOURCES = {"mixtral": (from_mixtral, ["gate.weight"]), "qwen2-moe": (from_qwen2_moe, ["gate.weight"]),
            "deepseek-v3": (from_deepseek, ["gate.weight"]), "megatron": (from_megatron, ["router.weight"]),
-           "peer-pytorch": (from_peer_pytorch, ["weight_down_embed.weight"])}
+           "peer-pytorch": (from_peer_pytorch, ["weight_down_embed.weight"]),
+           "xlm-pkm": (from_xlm_pkm, ["query_proj.query_mlps.0.weight"]),
+           "memory-plus": (from_memory_plus, ["query_proj.query_mlps.0.weight"]),
+           "pkm-lucidrains": (from_pkm_lucidrains, ["to_queries.weight"])}
+MEMORY_SOURCES = ("xlm-pkm", "memory-plus", "pkm-lucidrains")
 
 
 def write(path, plan, kind, cfg, dtype):
@@ -358,6 +494,8 @@ def main(argv=None):
     ap.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES))
     ap.add_argument("--config", required=True, help="the source model's config as JSON, under its own names")
     ap.add_argument("--prefix", default=None, help="the block's key prefix in IN (default: found from the router key)")
+    ap.add_argument("--values-prefix", default=None,
+                    help="xlm-pkm, memory-plus with mem_share_values: the prefix of the layer that holds the shared values")
     ap.add_argument("input")
     ap.add_argument("output")
     a = ap.parse_args(argv)
@@ -368,7 +506,9 @@ def main(argv=None):
     convert, router = SOURCES[a.source]
     source = Source(a.input)
     plan = Plan(source, find_prefix(source, router, a.prefix))
-    kind, cfg = convert(plan, config)
+    if a.values_prefix is not None and a.source not in MEMORY_SOURCES[:2]:
+        raise SystemExit("--values-prefix is for xlm-pkm and memory-plus (shared value tables)")
+    kind, cfg = convert(plan, config, a.values_prefix) if a.source in MEMORY_SOURCES else convert(plan, config)
     dtype = "F64" if all(source.dtype(n) == "F64" for n in plan.used) else "F32"
     unused = [n for n in source.names if n.startswith(plan.prefix) and n not in plan.used]
     write(a.output, plan, kind, cfg, dtype)

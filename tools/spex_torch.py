@@ -74,7 +74,7 @@ def read_safetensors(path):
 
 def spex_metadata(layers):
     """layers: {prefix: (kind, dtype, config dict[, state dict])} -> the '__metadata__' entry."""
-    doc = {"format": "spex", "version": [1, 4], "layers": {}}
+    doc = {"format": "spex", "version": [1, 5], "layers": {}}
     for prefix, entry in layers.items():
         kind, dtype, config = entry[:3]
         e = {"kind": kind, "dtype": dtype, "config": config}
