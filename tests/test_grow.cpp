@@ -338,3 +338,67 @@ TEST_CASE("freeze refuses what it cannot freeze, and grad_norm counts only train
   CHECK(sg.nnz_rows() == 1);
   CHECK_THROWS_WITH(sg.slot(2), Catch::Contains("frozen"));
 }
+
+TEMPLATE_TEST_CASE("sparse memory finetuning: only the experts set each step train, the rest and their Adam state stay bit-identical",
+                   "[grow][freeze]", Peer<float>, Pkm<float>) {
+  for (bool per_head : {false, true}) {
+    CAPTURE(per_head);
+    ProductKeyLayerConfig c = grow_config(6);
+    c.per_head_tables = per_head;
+    TestType layer(c, 4);
+    layer.freeze(FrozenSet{0, true, true});  // the retrieval frozen: only expert rows may learn
+    const std::vector<RowMat<float>> before = values_of(layer);
+    auto g = layer.make_grads();
+    const ParameterList<float> params = layer.parameters(g);
+    Adam<float> adam(params, AdamConfig{1e-2, 0.9, 0.999, 1e-8, 0, true});
+    TfIdfSlotRanking ranking(layer.n_experts());
+    Rng rng(3);
+    typename TestType::Cache cache;
+    RowMat<float> x(32, 24), y(32, 24);
+    for (int b = 0; b < 3; ++b) {  // background: what the layer must not forget
+      fill_normal(x, 1.0, rng);
+      layer.infer(x, y, cache);
+      ranking.add_background(cache.retrieval.ids);
+    }
+    std::set<Index> trained;  // experts set trainable at some step
+    for (int step = 0; step < 4; ++step) {
+      fill_normal(x, 1.0, rng);
+      x.array() += 0.5f;  // new data
+      layer.forward(x, y, cache);
+      const std::vector<Index> top = ranking.top(cache.retrieval.ids, 5);
+      CHECK(top.size() == 5);
+      trained.insert(top.begin(), top.end());
+      layer.set_trainable_experts(g, top);
+      zero_grads(params);
+      layer.backward((y - x.array().sin().matrix()) / 32.f, cache, g);
+      for (const auto& p : params)
+        if (p.sparse_grad) {
+          // Each set expert was used by this batch: its row, or the rows of the heads that used it.
+          if (per_head) CHECK((p.sparse_grad->nnz_rows() >= 5 && p.sparse_grad->nnz_rows() <= 10));
+          else CHECK(p.sparse_grad->nnz_rows() == 5);
+          for (Index r : p.sparse_grad->rows()) CHECK(std::count(top.begin(), top.end(), r / (per_head ? 2 : 1)) == 1);
+        }
+      adam.step();
+    }
+    const std::vector<RowMat<float>> after = values_of(layer);
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const auto& p = params[i];
+      INFO(p.name);
+      if (!p.sparse_grad) {
+        CHECK(after[i] == before[i]);  // the frozen retrieval
+        continue;
+      }
+      for (Index r = 0; r < p.rows; ++r) {
+        const bool set = trained.count(r / (per_head ? 2 : 1)) > 0;
+        if (!set) {
+          CHECK(after[i].row(r) == before[i].row(r));
+          CHECK(adam.first_moment(i).row(r).isZero(0));
+        }
+      }
+    }
+    CHECK_THROWS_WITH(layer.set_trainable_experts(g, {layer.n_experts()}), Catch::Contains("is outside [0, n_experts"));
+    layer.clear_trainable_experts(g);
+    for (const auto& p : params)
+      if (p.sparse_grad) CHECK_FALSE(p.sparse_grad->filtered());
+  }
+}

@@ -59,3 +59,32 @@ TEST_CASE("usage metrics equal their formulas on hand-built distributions", "[me
     CHECK_THROWS_WITH(u.add(ids, RowMat<double>::Ones(1, 1)), Catch::Contains("outside [0, 4)"));
   }
 }
+
+TEST_CASE("TF-IDF slot ranking: the paper's scores by hand, ties by id, batches as documents", "[metrics]") {
+  spex::TfIdfSlotRanking r(6);
+  spex::IndexMat b1(2, 2), b2(1, 3), fresh(2, 3);
+  b1 << 0, 1, 1, 2;  // slot 1 twice: one document still
+  b2 << 0, 3, 0;
+  r.add_background(b1);
+  r.add_background(b2);
+  CHECK(r.background_batches() == 2);
+  CHECK(r.document_frequency(0) == 2);
+  CHECK(r.document_frequency(1) == 1);
+  CHECK(r.document_frequency(5) == 0);
+  CHECK(r.idf(0) == Approx(std::log(3.0 / 3.0)));
+  CHECK(r.idf(5) == Approx(std::log(3.0)));
+  fresh << 0, 0, 1, 5, 4, 4;  // tf: 0 -> 2/6, 1 -> 1/6, 4 -> 2/6, 5 -> 1/6
+  // scores: 0: 0; 1: 1/6 log(3/2); 4: 2/6 log 3; 5: 1/6 log 3
+  const std::vector<spex::Index> top = r.top(fresh, 3);
+  REQUIRE(top.size() == 3);
+  CHECK(top[0] == 4);
+  CHECK(top[1] == 5);
+  CHECK(top[2] == 1);
+  CHECK(r.top(fresh, 10).size() == 4);  // the batch used 4 distinct slots
+  spex::IndexMat tie(1, 2);
+  tie << 5, 4;  // equal tf and idf: the smaller id first
+  CHECK(r.top(tie, 1)[0] == 4);
+  spex::IndexMat bad(1, 1);
+  bad << 6;
+  CHECK_THROWS_WITH(r.top(bad, 1), Catch::Contains("expert id 6 is outside [0, 6)"));
+}

@@ -16,8 +16,9 @@ namespace spex {
 /// rows()[s] is the table row held in values().row(s); a row appears once. Rows are kept in
 /// the order they were first touched. Accumulates until zero(); zero() costs O(rows touched).
 /// A row lookup table of n_rows int32 (4 bytes per table row) makes find-or-add O(1).
-/// Rows [0, frozen_rows()) are frozen (a grown layer's old experts): accumulate_rows and
-/// add_row drop them, slot() refuses them, so the gradient never holds one.
+/// Rows [0, frozen_rows()) are frozen (a grown layer's old experts), and with a trainable-row
+/// filter (set_trainable_rows: sparse memory finetuning) so is every row outside it:
+/// accumulate_rows and add_row drop them, slot() refuses them, so the gradient never holds one.
 /// Thread safety: none; writers coordinate through RowScatterPlan (see accumulate_rows).
 ///
 /// Usage: examples/snippets/building_blocks.cpp (compiled and run by the test suite).
@@ -39,6 +40,8 @@ class SparseRowGrad {
     n_rows_ = n_rows;
     width_ = width;
     frozen_rows_ = 0;
+    trainable_.clear();
+    trainable_list_.clear();
     slot_of_row_.assign(static_cast<std::size_t>(n_rows), -1);
     rows_.clear();
     values_.resize(0, width);
@@ -53,7 +56,29 @@ class SparseRowGrad {
     zero();
     frozen_rows_ = n;
   }
-  bool frozen(Index row) const { return row < frozen_rows_; }
+  /// Whether `row` never gets a gradient: below frozen_rows(), or outside the trainable-row filter.
+  bool frozen(Index row) const {
+    return row < frozen_rows_ || (!trainable_.empty() && row < n_rows_ && !trainable_[static_cast<std::size_t>(row)]);
+  }
+  /// Only `rows` (each in [0, n_rows)) may hold a gradient from now on (besides the frozen prefix,
+  /// which stays frozen); clears the gradient. Costs O(rows + the previous filter's rows) after
+  /// the first call (n_rows bytes). Typical: a new set per training step.
+  void set_trainable_rows(const std::vector<Index>& rows) {
+    for (Index r : rows) SPEX_CHECK(r >= 0 && r < n_rows_, "trainable row " << r << " is outside [0, " << n_rows_ << ")");
+    zero();
+    if (trainable_.empty()) trainable_.assign(static_cast<std::size_t>(n_rows_) + 1, 0);  // + 1: non-empty for 0 rows
+    for (Index r : trainable_list_) trainable_[static_cast<std::size_t>(r)] = 0;
+    trainable_list_ = rows;
+    for (Index r : rows) trainable_[static_cast<std::size_t>(r)] = 1;
+  }
+  /// Removes the trainable-row filter (every row past the frozen prefix trains again).
+  void clear_trainable_rows() {
+    zero();
+    trainable_.clear();
+    trainable_list_.clear();
+  }
+  /// Whether a trainable-row filter is set.
+  bool filtered() const { return !trainable_.empty(); }
   Index width() const { return width_; }
   /// Number of rows holding a gradient.
   Index nnz_rows() const { return static_cast<Index>(rows_.size()); }
@@ -73,7 +98,7 @@ class SparseRowGrad {
   /// Slot of `row`, adding it with its values left unset: the caller writes every new row
   /// (accumulate_rows does, and so skips a memset of every new row).
   Index slot_unset(Index row) {
-    SPEX_CHECK(row >= frozen_rows_ && row < n_rows_,
+    SPEX_CHECK(row >= 0 && row < n_rows_ && !frozen(row),
                "row " << row << " is outside [0, " << n_rows_ << ")" << (row >= 0 && row < n_rows_ ? " or frozen" : ""));
     std::int32_t& s = slot_of_row_[static_cast<std::size_t>(row)];
     if (s < 0) {
@@ -129,6 +154,8 @@ class SparseRowGrad {
   }
 
   Index n_rows_ = 0, width_ = 0, frozen_rows_ = 0;
+  std::vector<unsigned char> trainable_;  // the filter (n_rows + 1 flags), or empty: none
+  std::vector<Index> trainable_list_;     // the rows set in it
   std::vector<std::int32_t> slot_of_row_;
   std::vector<Index> rows_;
   RowMat<T> values_;

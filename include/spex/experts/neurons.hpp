@@ -47,6 +47,13 @@ class NeuronExperts {
     }
     /// Experts [0, frozen_rows()) get no gradient (make_grads).
     Index frozen_rows() const { return down.frozen_rows(); }
+    /// f(SparseRowGrad&) for each table's gradient.
+    template <class F>
+    void for_each_table(F&& f) {
+      f(down);
+      f(up);
+      if (down_linear.n_rows() > 0) f(down_linear);
+    }
   };
 
   /// Throws unless `g` was made for tables of this shape (`what` names it).

@@ -35,6 +35,11 @@ class ValueExperts {
     void zero() { values.zero(); }
     /// Experts [0, frozen_rows()) get no gradient (make_grads).
     Index frozen_rows() const { return values.frozen_rows(); }
+    /// f(SparseRowGrad&) for each table's gradient.
+    template <class F>
+    void for_each_table(F&& f) {
+      f(values);
+    }
   };
 
   /// Throws unless `g` was made for a table of this shape (`what` names it).

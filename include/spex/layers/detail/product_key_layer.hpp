@@ -78,6 +78,7 @@ class ProductKeyLayer {
   struct Grads : ReplicatedGrads {
     typename Experts::Grads experts;
     StorageEpoch epoch;
+    std::vector<Index> trainable_scratch;  // set_trainable_experts' table rows
     /// Clears every gradient (call once per optimizer step; backward accumulates).
     void zero() {
       ReplicatedGrads::zero();
@@ -155,6 +156,35 @@ class ProductKeyLayer {
     retrieval_.freeze(c.frozen.sub_keys ? c.frozen.keys : 0, c.frozen.query);
     cfg_ = c;
     storage_replaced();
+  }
+
+  /// Sparse memory finetuning (docs/growth_and_freezing.md, "Sparse memory finetuning"): from now
+  /// on only the experts `ids` (each in [0, n_experts()); per-head tables: every head's row of
+  /// each) get gradients in `g`, so optimizers step only their rows and state; the others stay
+  /// bit-identical, as frozen experts do. Clears g's expert gradients. Costs O(ids + the previous
+  /// set) after the first call: meant to change every step (TfIdfSlotRanking picks the set).
+  /// Freeze the retrieval with freeze({0, true, true}) to train nothing else. Not thread-safe.
+  void set_trainable_experts(Grads& g, const std::vector<Index>& ids) const {
+    std::vector<Index>& rows = g.trainable_scratch;
+    rows.clear();
+    const RowStride local = dispatch_.rows();
+    const Index sets = table_sets();
+    dispatch_.collective(Layer::kName, [&] {
+      check_grads(g);
+      for (Index id : ids) {
+        SPEX_CHECK(id >= 0 && id < cfg_.n_experts, Layer::kName << "::set_trainable_experts: expert " << id << " is outside [0, n_experts = "
+                                                              << cfg_.n_experts << ")");
+        for (Index h = 0; h < sets; ++h) {
+          const Index row = id * sets + h;  // a table row of the whole layer; this process holds some
+          if ((row - local.first) % local.step == 0 && row >= local.first) rows.push_back((row - local.first) / local.step);
+        }
+      }
+    });
+    g.experts.for_each_table([&](auto& table) { table.set_trainable_rows(rows); });
+  }
+  /// Every expert trains again (past the frozen ones). Clears g's expert gradients.
+  void clear_trainable_experts(Grads& g) const {
+    g.experts.for_each_table([](auto& table) { table.clear_trainable_rows(); });
   }
 
   /// How the expert tables are stored (config().storage).
