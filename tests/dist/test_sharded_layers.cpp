@@ -143,6 +143,51 @@ void check(const char* name, spex::ProductKeyLayerConfig cfg, bool first_empty =
 static_assert(spex::is_layer_v<spex::dist::ShardedPeer<double>> && spex::is_layer_v<spex::dist::ShardedPkm<float>>,
               "a sharded product-key layer is a layer");
 
+/// A padded batch (every third token padding) with a token mask, and sparse memory finetuning
+/// (only some experts trainable): the shards' training step equals one process's on the whole
+/// batch (the masked BatchNorm counts the real tokens of every rank).
+template <class Full, class Sharded>
+void check_masked_sparse(const char* name, const spex::ProductKeyLayerConfig& cfg) {
+  const Index total = 14, seed = 9;
+  const std::string tag = std::string(name) + ", masked batch, trainable experts: ";
+  Full full(cfg, seed);
+  Sharded sharded(cfg, seed, MPI_COMM_WORLD);
+  spex::Rng rng(23);
+  Mat x(total, cfg.d_in), dy(total, full.d_out());
+  spex::fill_normal(x, 1.0, rng);
+  spex::fill_normal(dy, 1.0, rng);
+  spex::TokenMask mask(total);
+  for (Index t = 0; t < total; ++t) mask(t) = t % 3 != 2;
+  const auto [first, b] = my_tokens(total, false);
+  auto fg = full.make_grads();
+  auto sg = sharded.make_grads();
+  std::vector<Index> trainable;
+  for (Index e = 0; e < full.n_experts(); e += 3) trainable.push_back(e);
+  full.set_trainable_experts(fg, trainable);
+  sharded.set_trainable_experts(sg, trainable);
+  typename Full::Cache fc;
+  typename Sharded::Cache sc;
+  Mat y_full(total, full.d_out()), dx_full(total, cfg.d_in), y(b, full.d_out()), dx(b, cfg.d_in);
+  full.forward(x, y_full, fc, mask);
+  full.backward(dy, dx_full, fc, fg);
+  sharded.forward(x.middleRows(first, b), y, sc, mask.segment(first, b));
+  sharded.backward(dy.middleRows(first, b), dx, sc, sg);
+  expect_close(rel_diff(y, y_full.middleRows(first, b)), tag + "y");
+  expect_close(rel_diff(dx, dx_full.middleRows(first, b)), tag + "dx");
+  expect_close(rel_diff(sg.retrieval.query.weight, fg.retrieval.query.weight), tag + "query.weight gradient");
+  const auto fp = full.parameters(), sp = sharded.parameters();
+  for (std::size_t i = 0; i < fp.size(); ++i)
+    if (fp[i].name.find("running_") != std::string::npos)
+      expect_close(rel_diff(Mat(sp[i].value_map()), Mat(fp[i].value_map())), tag + sp[i].name + " (the real tokens' statistics)");
+  if constexpr (std::is_same<Full, spex::Peer<double>>::value) {
+    compare_sparse(sharded, sg.experts.up, fg.experts.up, tag + "experts.up gradient");
+    for (Index r : fg.experts.up.rows()) expect(r % 3 == 0, tag + "only trainable experts hold gradient rows");
+  } else {
+    compare_sparse(sharded, sg.experts.values, fg.experts.values, tag + "experts.values gradient");
+    for (Index r : fg.experts.values.rows()) expect(r % 3 == 0, tag + "only trainable experts hold gradient rows");
+  }
+}
+
 void check_refusals() {
   spex::ProductKeyLayerConfig cfg;
   cfg.d_in = 8;
@@ -213,6 +258,11 @@ int main(int argc, char** argv) {
     cfg.shared_keys = false;
     cfg.query_bias = true;
     check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, LayerNorm, sigmoid, learned per-head keys", cfg);
+    check_masked_sparse<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, BatchNorm", [&] {
+      spex::ProductKeyLayerConfig c = cfg;
+      c.norm = spex::NormKind::batch;
+      return c;
+    }());
     cfg.input_rmsnorm = cfg.per_head_tables = cfg.glu = true;
     check<spex::Peer<double>, spex::dist::ShardedPeer<double>>("Peer, input RMSNorm, per-head GLU tables", cfg);
     cfg.glu = false;
