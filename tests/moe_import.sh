@@ -8,14 +8,8 @@
 set -euo pipefail
 checker=$1 out=$2
 here="$(cd "$(dirname "$0")" && pwd)"
-python=""
-for p in /usr/bin/python3 python3; do
-  if command -v "$p" >/dev/null 2>&1 && "$p" -c "import torch, numpy" >/dev/null 2>&1; then python=$p; break; fi
-done
-if [ -z "$python" ]; then
-  echo "SKIPPED: no python3 with torch and numpy (Debian: apt-get install python3-torch python3-numpy)"
-  exit 77
-fi
+# shellcheck source=tests/torch_python.sh
+. "$here/torch_python.sh"
 rm -rf "$out"
 "$python" "$here/drivers/moe_import_sources.py" "$out"
 failures=0

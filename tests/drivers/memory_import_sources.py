@@ -27,7 +27,6 @@ Sources (each module's state dict names and layouts; eval mode, no dropout):
                  non_competing_scores, then ReLU; else softmax).
 Usage: memory_import_sources.py OUTDIR
 """
-import json
 import math
 import os
 import sys
@@ -36,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
-import spex_torch as st  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from import_cases import write_case  # noqa: E402
 
 ACTIVATIONS = {"GELU": nn.GELU, "ReLU": nn.ReLU, "SiLU": nn.SiLU, "Sigmoid": nn.Sigmoid, "Identity": nn.Identity}
 
@@ -259,16 +258,11 @@ def shared_values_case(out):
     second = trained_like(HashingMemory(cfg, False, values=first)).eval()
     state = {"layers.0.mem." + k: v for k, v in first.state_dict().items()}
     state.update({"layers.3.mem." + k: v for k, v in second.state_dict().items() if not k.startswith("shared.")})
-    path = os.path.join(out, "memory_plus_shared.pt")
-    torch.save(state, path)
     x = torch.randn(40, 12)
     with torch.no_grad():
         y = second(x)
-    with open(os.path.join(out, "memory_plus_shared.json"), "w") as f:
-        json.dump({"from": "memory-plus", "config": cfg, "input": path,
-                   "args": ["--prefix", "layers.3.mem.", "--values-prefix", "layers.0.mem."]}, f)
-    st.write_safetensors(os.path.join(out, "memory_plus_shared.io.safetensors"), {"x": x, "y": y})
-    print("wrote memory_plus_shared memory-plus", path)
+    write_case(out, "memory_plus_shared", "memory-plus", cfg, state, x, y,
+               args=["--prefix", "layers.3.mem.", "--values-prefix", "layers.0.mem."])
 
 
 def main():
@@ -284,15 +278,7 @@ def main():
         state = {prefix + k: v for k, v in m.state_dict().items()}
         if prefix:
             state["embed.weight"] = torch.randn(5, dim)  # the rest of a model: not imported
-        path = os.path.join(out, name + ext)
-        if ext == ".pt":
-            torch.save(state, path)
-        else:
-            st.write_safetensors(path, state)
-        with open(os.path.join(out, name + ".json"), "w") as f:
-            json.dump({"from": source, "config": cfg, "input": path}, f)
-        st.write_safetensors(os.path.join(out, name + ".io.safetensors"), {"x": x, "y": y})
-        print("wrote", name, source, path)
+        write_case(out, name, source, cfg, state, x, y, ext)
     shared_values_case(out)
 
 

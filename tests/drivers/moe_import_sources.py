@@ -8,7 +8,6 @@ OUTDIR/<case>.io.safetensors (x and the block's output y). tests/moe_import.sh i
 tools/spex_import.py and requires spex's infer(x) to give y.
 Usage: moe_import_sources.py OUTDIR
 """
-import json
 import os
 import sys
 
@@ -16,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
-import spex_torch as st  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from import_cases import write_case  # noqa: E402
 
 
 class GluMLP(nn.Module):
@@ -266,15 +265,7 @@ def main():
             y = m(x)
         state = {prefix + k: v for k, v in m.state_dict().items()}
         state["model.embed_tokens.weight"] = torch.randn(5, cfg["hidden_size"])  # the rest of a model: not imported
-        path = os.path.join(out, name + ext)
-        if ext == ".pt":
-            torch.save(state, path)
-        else:
-            st.write_safetensors(path, state)
-        with open(os.path.join(out, name + ".json"), "w") as f:
-            json.dump({"from": source, "config": cfg, "input": path}, f)
-        st.write_safetensors(os.path.join(out, name + ".io.safetensors"), {"x": x, "y": y})
-        print("wrote", name, source, path)
+        write_case(out, name, source, cfg, state, x, y, ext)
 
 
 if __name__ == "__main__":
