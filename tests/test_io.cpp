@@ -401,3 +401,26 @@ TEST_CASE("a config larger than the file's tensors is rejected before the layer 
   const SafetensorsFile f = SafetensorsFile::from_memory(bytes, "bomb in memory");
   CHECK_THROWS_WITH(load_layer<Peer<float>>(f), Catch::Contains("bomb in memory"));
 }
+
+TEST_CASE("layers reading one value pool: saved once beside them, loaded into pooled layers", "[io]") {
+  TempDir dir;
+  ProductKeyLayerConfig cfg = pk_config();
+  cfg.silu_output = true;
+  auto pool = std::make_shared<ValuePool<float>>(36, 8, 1);
+  const Pkm<float> a(cfg, pool, 1), b(cfg, pool, 2);
+  const std::string path = dir.path("memories.safetensors");
+  SafetensorsWriter().add_layer("layers.0.", a).add_layer("layers.3.", b).add(static_cast<const ValuePool<float>&>(*pool).parameters("pool.")).write(path);
+  // The table once: the layers' files hold no values.
+  const SafetensorsFile f(path);
+  CHECK(f.find("pool.values") != nullptr);
+  CHECK(f.find("layers.0.experts.values") == nullptr);
+  auto pool2 = std::make_shared<ValuePool<float>>(36, 8, 9);
+  Pkm<float> a2(cfg, pool2, 7), b2(cfg, pool2, 8);
+  SafetensorsLoader loader(path);
+  loader.layer(a2, "layers.0.").layer(b2, "layers.3.").parameters(pool2->parameters("pool."), "pool.");
+  loader.commit();
+  CHECK(infer(a2) == infer(a));
+  CHECK(infer(b2) == infer(b));
+  // load_layer cannot build a pooled layer alone, and says how to load it.
+  CHECK_THROWS_WITH(load_layer<Pkm<float>>(path, "layers.0."), Catch::Contains("Pkm(cfg, pool, seed)"));
+}

@@ -3,6 +3,7 @@
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
 #include <spex/optim/adam.hpp>
+#include <spex/optim/sgd.hpp>
 
 #include "peer_reference.hpp"
 #include "test_util.hpp"
@@ -508,4 +509,61 @@ TEST_CASE("Memory+'s output head (SiLU-gated projection, sigmoid gate): referenc
   ProductKeyLayerConfig bad = small_config(ScoreFn::softmax, NormKind::batch, Activation::gelu_erf, true);
   bad.d_value = 9;
   CHECK_THROWS_WITH(Pkm<double>(bad, 1), Catch::Contains("d_value = 9 differs from d_out = 5") && Catch::Contains("silu_output"));
+}
+
+TEST_CASE("a value pool shared by two Pkm layers: one table, one gradient summed from both, listed once", "[peer]") {
+  ProductKeyLayerConfig cfg = small_config(ScoreFn::softmax, NormKind::batch, Activation::identity, false);
+  cfg.silu_output = true;  // Memory+: each layer its own query network, keys and output head
+  cfg.d_value = 4;
+  cfg.expert_ids = ExpertIds::shells;  // (what growth and partial freezing would need: refused for another reason)
+  auto pool = std::make_shared<ValuePool<double>>(25, 4, 5);
+  Pkm<double> a(cfg, pool, 1), b(cfg, pool, 2);
+  CHECK(a.config().shared_values);
+  // The same layers with their own copies of the table.
+  ProductKeyLayerConfig own = cfg;
+  Pkm<double> a_own(own, 1), b_own(own, 2);
+  for (auto* l : {&a_own, &b_own}) {
+    l->retrieval() = (l == &a_own ? a : b).retrieval();
+    l->output_head() = (l == &a_own ? a : b).output_head();
+    l->experts().values() = pool->values();
+  }
+  const RowMat<double> x = randn_mat(7, 6, 3), dy = randn_mat(7, 5, 4);
+  Pkm<double>::Cache ca, cb, coa, cob;
+  auto ga = a.make_grads();
+  auto gb = b.make_grads();
+  auto goa = a_own.make_grads();
+  auto gob = b_own.make_grads();
+  RowMat<double> ya(7, 5), yb(7, 5), yoa(7, 5), yob(7, 5);
+  a.forward(x, ya, ca);
+  b.forward(x, yb, cb);
+  a_own.forward(x, yoa, coa);
+  b_own.forward(x, yob, cob);
+  CHECK(ya == yoa);
+  CHECK(yb == yob);
+  pool->zero_grad();
+  a.backward(dy, ca, ga);
+  b.backward(dy, cb, gb);
+  a_own.backward(dy, coa, goa);
+  b_own.backward(dy, cob, gob);
+  CHECK((pool->grad().to_dense() - goa.experts.values.to_dense() - gob.experts.values.to_dense()).cwiseAbs().maxCoeff() < 1e-14);
+  // The layers list no table; the pool lists it once, with its gradient: one optimizer state.
+  ParameterList<double> params = a.parameters(ga, "a.");
+  append_parameters(params, b.parameters(gb, "b."));
+  append_parameters(params, pool->parameters("pool."));
+  int tables = 0;
+  for (const auto& p : params) tables += p.name.find("values") != std::string::npos;
+  CHECK(tables == 1);
+  const RowMat<double> before = pool->values();
+  Sgd<double> sgd(params, SgdConfig{0.5});
+  sgd.step();
+  const RowMat<double> want = before - 0.5 * (goa.experts.values.to_dense() + gob.experts.values.to_dense());
+  CHECK((pool->values() - want).cwiseAbs().maxCoeff() < 1e-14);
+  // Refusals, by name.
+  CHECK_THROWS_WITH(a.grow(6, 1), Catch::Contains("shared value pool"));
+  CHECK_THROWS_WITH(a.freeze({3, true, false}), Catch::Contains("with shared_values"));
+  auto small = std::make_shared<ValuePool<double>>(16, 4, 5);
+  CHECK_THROWS_WITH(Pkm<double>(cfg, small, 1), Catch::Contains("the value pool is 16 x 4, the layer needs 25 x 4"));
+  ProductKeyLayerConfig marked = cfg;
+  marked.shared_values = true;
+  CHECK_THROWS_WITH(Pkm<double>(marked, 1), Catch::Contains("build it with Pkm(cfg, pool, seed)"));
 }

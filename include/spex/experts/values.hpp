@@ -5,6 +5,8 @@
 // For inference the table may be stored compact (bf16, or int8 with a scale per row:
 // core/compact_table.hpp); training needs it as T.
 #include <cmath>
+#include <memory>
+#include <string>
 #include <type_traits>
 
 #include "../core/check.hpp"
@@ -21,6 +23,43 @@
 
 namespace spex {
 
+/// A value table that several Pkm layers read (Memory+'s shared values; docs/pkm.md, "A value
+/// pool shared by layers"): one table, one row-sparse gradient that every layer reading it adds
+/// to in backward, listed once (parameters()) so that one optimizer state steps it. Shared by
+/// std::shared_ptr: the layers (and their gradients) keep it alive. Native T storage only.
+/// Thread safety: the layers reading it must not run backward concurrently (they add to one
+/// gradient).
+template <class T = float>
+class ValuePool {
+ public:
+  /// n_slots x d_value values ~ N(0, 1/d_value), drawn from `seed` row by row.
+  ValuePool(Index n_slots, Index d_value, std::uint64_t seed) {
+    SPEX_CHECK(n_slots >= 1 && d_value >= 1, "ValuePool(" << n_slots << ", " << d_value << ") needs positive sizes");
+    table_ = Table<T>(n_slots, d_value);
+    Rng rng(seed);
+    fill_normal(table_.mutable_matrix(), 1.0 / std::sqrt(double(d_value)), rng, n_slots, RowStride{});
+    grad_ = SparseRowGrad<T>(n_slots, d_value);
+  }
+  Index n_slots() const { return table_.rows(); }
+  Index d_value() const { return table_.cols(); }
+  const Table<T>& table() const { return table_; }
+  /// The values (n_slots x d_value), writable (loading weights).
+  RowMat<T>& values() { return table_.mutable_matrix(); }
+  /// The gradient every layer reading the pool adds to.
+  SparseRowGrad<T>& grad() { return grad_; }
+  const SparseRowGrad<T>& grad() const { return grad_; }
+  void zero_grad() { grad_.zero(); }
+  /// prefix + "values" with the pool's gradient: put it once into the optimizer's list, next to
+  /// the layers' own parameters (which do not list the table).
+  ParameterList<T> parameters(const std::string& prefix = "") { return {sparse_parameter<T>(prefix + "values", table_, &grad_)}; }
+  /// Read-only, without the gradient (saving).
+  ParameterList<const T> parameters(const std::string& prefix = "") const { return {table_parameter<T>(prefix + "values", table_)}; }
+
+ private:
+  Table<T> table_;
+  SparseRowGrad<T> grad_;
+};
+
 /// Thread safety: const methods; distinct caches and grads per concurrent caller.
 template <class T = float, class Arch = default_arch>
 class ValueExperts {
@@ -32,18 +71,27 @@ class ValueExperts {
   };
   struct Grads {
     SparseRowGrad<T> values;
-    void zero() { values.zero(); }
+    std::shared_ptr<ValuePool<T>> pool;  // pooled experts: backward adds to the pool's gradient instead
+    /// The gradient backward adds to.
+    SparseRowGrad<T>& target() { return pool ? pool->grad() : values; }
+    const SparseRowGrad<T>& target() const { return pool ? pool->grad() : values; }
+    /// Clears the gradient (a pooled layer's: the pool's, which every layer reading it shares).
+    void zero() { target().zero(); }
     /// Experts [0, frozen_rows()) get no gradient (make_grads).
-    Index frozen_rows() const { return values.frozen_rows(); }
+    Index frozen_rows() const { return target().frozen_rows(); }
     /// f(SparseRowGrad&) for each table's gradient.
     template <class F>
     void for_each_table(F&& f) {
-      f(values);
+      f(target());
     }
   };
 
   /// Throws unless `g` was made for a table of this shape (`what` names it).
-  void check_grads(const Grads& g, const char* what) const { check_sparse_grad(g.values, values_, what, "experts.values"); }
+  void check_grads(const Grads& g, const char* what) const {
+    SPEX_CHECK(g.pool == pool_, what << (pool_ ? " were not made for this layer's value pool" : " were made for a layer reading a value pool")
+                                     << ": grads were made by another layer");
+    check_sparse_grad(g.target(), table(), what, "experts.values");
+  }
 
   ValueExperts() = default;
   /// N slots of d_out; values ~ N(0, 1/d_out) (the PKM reference's N(0, v_dim^-1/2)). Stored
@@ -65,6 +113,12 @@ class ValueExperts {
     Rng r = rng.split(13);
     draw_native(n_slots, d_out, r, rows);
   }
+  /// The experts of a layer reading `pool` (its table and its gradient; native storage).
+  explicit ValueExperts(std::shared_ptr<ValuePool<T>> pool) : pool_(std::move(pool)) {
+    SPEX_CHECK(pool_ != nullptr, "ValueExperts: the value pool is null");
+  }
+  /// The pool this layer reads, or null.
+  const std::shared_ptr<ValuePool<T>>& pool() const { return pool_; }
   /// Table allocated, values unspecified: for loaders that fill or map every row.
   ValueExperts(Index n_slots, Index d_out, TableStorage storage = TableStorage::native) : storage_(checked_storage<T>(storage)) {
     checked_size(n_slots, d_out);
@@ -72,8 +126,8 @@ class ValueExperts {
     else cvalues_ = CompactTable(storage, n_slots, d_out);
   }
 
-  Index n_experts() const { return compact() ? cvalues_.rows() : values_.rows(); }
-  Index d_out() const { return compact() ? cvalues_.cols() : values_.cols(); }
+  Index n_experts() const { return compact() ? cvalues_.rows() : table().rows(); }
+  Index d_out() const { return compact() ? cvalues_.cols() : table().cols(); }
 
   /// Grows to n_new slots (at least n_experts()): rows 0 .. N - 1 stay, the new rows are drawn
   /// as at construction (rng's split 13). The table is copied once. Native tables only.
@@ -81,6 +135,7 @@ class ValueExperts {
   /// A shard's growth (dist/): as NeuronExperts::grow(n_old, n_new, rng, rows).
   void grow(Index n_old, Index n_new, Rng& rng, RowStride rows) {
     require_native("grow");
+    SPEX_CHECK(!pool_, "grow: the layer reads a shared value pool, which other layers read too; it cannot grow");
     SPEX_CHECK(rows.rows_of(n_old) == n_experts(), "ValueExperts::grow: the shard holds " << n_experts() << " rows, not its "
                                                                                           << rows.rows_of(n_old) << " of " << n_old);
     SPEX_CHECK(n_new >= n_old, "ValueExperts::grow(" << n_new << ") below the " << n_old << " slots it has");
@@ -98,6 +153,7 @@ class ValueExperts {
   void set_storage(TableStorage s) {
     checked_storage<T>(s);
     if (s == storage_) return;
+    SPEX_CHECK(!pool_, "set_storage: the layer reads a shared value pool (native storage only)");
     if constexpr (std::is_same<T, float>::value) convert_table(values_, cvalues_, s, "experts.values");
     storage_ = s;
   }
@@ -106,7 +162,7 @@ class ValueExperts {
   CompactTable& compact_values() { return cvalues_; }
   /// Bytes the table takes (rows and int8 scales).
   std::size_t table_bytes() const {
-    return compact() ? cvalues_.bytes() : sizeof(T) * static_cast<std::size_t>(values_.size());
+    return compact() ? cvalues_.bytes() : sizeof(T) * static_cast<std::size_t>(values_.size());  // a pooled layer owns none
   }
   /// The compact table by name ("<prefix>values"); none while stored native.
   CompactTableList compact_tables(const std::string& prefix) {
@@ -131,21 +187,26 @@ class ValueExperts {
   typename Table<T>::ConstMap values() const { return native_table().matrix(); }
   RowMat<T>& values() {
     require_native("values()");
-    return values_.mutable_matrix();
+    return pool_ ? pool_->values() : values_.mutable_matrix();
   }
   const Table<T>& values_table() const { return native_table(); }
   Grads make_grads(Index frozen_rows = 0) const {
     require_native("make_grads");
-    return Grads{SparseRowGrad<T>(n_experts(), d_out(), frozen_rows)};
+    if (pool_) {
+      SPEX_CHECK(frozen_rows == 0, "a layer reading a shared value pool has no frozen experts of its own");
+      return Grads{SparseRowGrad<T>(), pool_};
+    }
+    return Grads{SparseRowGrad<T>(n_experts(), d_out(), frozen_rows), nullptr};
   }
-  /// "<prefix>values" with its row-sparse gradient in g (or none); nothing while compact.
+  /// "<prefix>values" with its row-sparse gradient in g (or none); nothing while compact, nor
+  /// for a pooled layer (the pool lists its table once: ValuePool::parameters).
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
-    if (compact()) return {};
+    if (compact() || pool_) return {};
     return {sparse_parameter<T>(prefix + "values", values_, g ? &g->values : nullptr)};
   }
   /// Read-only: never copies a mapped table.
   ParameterList<const T> parameters(const std::string& prefix) const {
-    if (compact()) return {};
+    if (compact() || pool_) return {};
     return {table_parameter<T>(prefix + "values", values_)};
   }
 
@@ -157,7 +218,7 @@ class ValueExperts {
     parallel_for(ids.rows(), [&](Index t, int) {
       y.row(t).setZero();
       if (compact()) rows_axpy(row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0));
-      else kernels::gather_axpy<Arch>(values_.data(), d, row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0), d);
+      else kernels::gather_axpy<Arch>(table().data(), d, row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0), d);
     });
   }
 
@@ -169,9 +230,9 @@ class ValueExperts {
     check_shape(dgates, ids.rows(), ids.cols(), "dgates");
     const std::size_t m = static_cast<std::size_t>(ids.cols()), d = static_cast<std::size_t>(d_out());
     parallel_for(ids.rows(), [&](Index t, int) {
-      kernels::gather_dot<Arch>(values_.data(), d, row_ptr(ids, t), m, row_ptr(dy, t), d, &dgates(t, 0));
+      kernels::gather_dot<Arch>(table().data(), d, row_ptr(ids, t), m, row_ptr(dy, t), d, &dgates(t, 0));
     });
-    accumulate_rows<Arch>(ids, gates, dy, g.values, c.plan);
+    accumulate_rows<Arch>(ids, gates, dy, g.target(), c.plan);
   }
 
   /// The same for tokens with pick lists of their own lengths (an expert shard's received
@@ -186,7 +247,7 @@ class ValueExperts {
       const std::size_t m = static_cast<std::size_t>(begin[t + 1] - p);
       y.row(t).setZero();
       if (compact()) rows_axpy(ids + p, gates + p, m, &y(t, 0));
-      else kernels::gather_axpy<Arch>(values_.data(), d, ids + p, gates + p, m, &y(t, 0), d);
+      else kernels::gather_axpy<Arch>(table().data(), d, ids + p, gates + p, m, &y(t, 0), d);
     });
   }
 
@@ -200,10 +261,10 @@ class ValueExperts {
     const std::size_t d = static_cast<std::size_t>(d_out());
     parallel_for(b, [&](Index t, int) {
       const Index p = begin[t];
-      kernels::gather_dot<Arch>(values_.data(), d, ids + p, static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), d,
+      kernels::gather_dot<Arch>(table().data(), d, ids + p, static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), d,
                                 dgates + p);
     });
-    accumulate_rows<Arch>(ids, gates, token, begin[b], dy, g.values, c.plan);
+    accumulate_rows<Arch>(ids, gates, token, begin[b], dy, g.target(), c.plan);
   }
 
  private:
@@ -221,8 +282,10 @@ class ValueExperts {
   }
   const Table<T>& native_table() const {
     require_native("values()");
-    return values_;
+    return table();
   }
+  /// The native table: this layer's, or the pool's.
+  const Table<T>& table() const { return pool_ ? pool_->table() : values_; }
   void rows_axpy(const Index* ids, const T* alpha, std::size_t m, T* y) const {
     if constexpr (std::is_same<T, float>::value) gather_axpy<Arch>(cvalues_, ids, alpha, m, y);
   }
@@ -236,6 +299,7 @@ class ValueExperts {
     SPEX_CHECK(n_slots >= 1 && d_out >= 1, "ValueExperts(" << n_slots << ", " << d_out << ") needs positive sizes");
   }
 
+  std::shared_ptr<ValuePool<T>> pool_;  // set: the table is the pool's (values_ stays empty)
   Table<T> values_;          // native storage
   CompactTable cvalues_;     // compact storage
   TableStorage storage_ = TableStorage::native;

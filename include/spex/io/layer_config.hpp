@@ -17,8 +17,8 @@
 // router's options and shared experts of an MoE ("score", "route_scale", "expert_bias",
 // "n_groups", "group_topk", "group_score_experts", "seq_aux_coeff", "seq_len", "shared_experts",
 // "shared_hidden", "shared_gate") and the ReLU router's "revive_zero_expert_tokens"; 1.5 a Peer's
-// or Pkm's "norm_per_half", "input_rmsnorm", "per_head_tables", "silu_output", "sigmoid_gate", "d_value" and a
-// Peer's "glu".
+// or Pkm's "norm_per_half", "input_rmsnorm", "per_head_tables", "silu_output", "sigmoid_gate", "d_value", a
+// Pkm's "shared_values" and a Peer's "glu".
 // Compatibility rule: a file of another major version is rejected. A file of a newer minor
 // version may carry fields this reader does not know: they are ignored (minor versions only
 // add optional fields). In a file of this reader's minor version or older, an unknown field is
@@ -144,6 +144,7 @@ void for_each_field(C& c, F& f) {
     f("silu_output", c.silu_output);
     f("sigmoid_gate", c.sigmoid_gate);
     f("d_value", c.d_value);
+    f("shared_values", c.shared_values);
     f("check_finite", c.check_finite);
     f("norm_eps", c.norm_eps);
     f("norm_momentum", c.norm_momentum);
@@ -286,7 +287,7 @@ struct LayerKind<Pkm<T, Arch, D>> {
   static constexpr bool has_lambda = false;
   static double parameter_values(const ProductKeyLayerConfig& c) {
     const ProductKeyLayerConfig r = detail::resolve(c);
-    return detail::retrieval_values(r) + double(detail::table_rows(r)) * double(r.d_value);
+    return detail::retrieval_values(r) + (r.shared_values ? 0.0 : double(detail::table_rows(r)) * double(r.d_value));
   }
 };
 template <class T, class Router, class Arch, class D>

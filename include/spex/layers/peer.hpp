@@ -29,7 +29,9 @@ class Peer : public detail::ProductKeyLayer<T, Arch, Peer<T, Arch, Dispatch>, Ne
  private:
   Peer(const ProductKeyLayerConfig& cfg, detail::Unfilled unfilled) : Base(cfg, unfilled) {}
 
-  static void check_config(const ProductKeyLayerConfig&) {}
+  static void check_config(const ProductKeyLayerConfig& c) {
+    SPEX_CHECK(!c.shared_values, "Peer: shared_values = true is for Pkm's value tables (a ValuePool); set it false");
+  }
   static Experts draw_experts(const ProductKeyLayerConfig& c, Rng& rng, RowStride rows) {
     const Index n = detail::table_rows(c);
     if (c.storage != TableStorage::native) return Experts(n, c.d_in, c.d_value, c.activation, c.glu, rng, c.storage);

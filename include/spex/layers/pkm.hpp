@@ -22,10 +22,40 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch, Dispatch>, Valu
 
   /// Drawn from `seed`; sharded as Peer's constructor says.
   explicit Pkm(const ProductKeyLayerConfig& cfg, std::uint64_t seed = 0, Dispatch dispatch = Dispatch())
-      : Base(cfg, seed, std::move(dispatch)) {}
+      : Base(own_values(cfg), seed, std::move(dispatch)) {}
+
+  /// A layer whose values are `pool` (Memory+'s values shared by several memory layers; each
+  /// layer its own query network, keys and output head): the pool must hold table_rows(cfg)
+  /// rows of d_value (d_out when 0). config().shared_values is set. The layer's gradients add to
+  /// the pool's one gradient, its parameters() leave the table out (list pool->parameters() once
+  /// beside them), and a copy of the layer reads the same pool. One process (a sharded pool is not
+  /// supported); no growth, freezing of experts or compact storage.
+  Pkm(const ProductKeyLayerConfig& cfg, std::shared_ptr<ValuePool<T>> pool, std::uint64_t seed = 0)
+      : Base(shared_values(cfg), seed, Dispatch(), [&](const ProductKeyLayerConfig& c) { return pooled_experts(c, pool); }) {
+    static_assert(!Dispatch::kSharded, "a value pool is read in one process");
+  }
 
  private:
-  Pkm(const ProductKeyLayerConfig& cfg, detail::Unfilled unfilled) : Base(cfg, unfilled) {}
+  Pkm(const ProductKeyLayerConfig& cfg, detail::Unfilled unfilled) : Base(own_values(cfg), unfilled) {}
+
+  static ProductKeyLayerConfig own_values(const ProductKeyLayerConfig& cfg) {
+    SPEX_CHECK(!cfg.shared_values, "Pkm: shared_values = true: the layer reads a ValuePool shared with other layers; build it with "
+                                   "Pkm(cfg, pool, seed) (load its file with SafetensorsLoader::layer into that layer, and the pool with "
+                                   "SafetensorsLoader::parameters(pool->parameters(), prefix))");
+    return cfg;
+  }
+  static ProductKeyLayerConfig shared_values(ProductKeyLayerConfig cfg) {
+    SPEX_CHECK(cfg.storage == TableStorage::native, "Pkm: a layer reading a value pool stores nothing compact (storage = native)");
+    cfg.shared_values = true;
+    return cfg;
+  }
+  static Experts pooled_experts(const ProductKeyLayerConfig& c, const std::shared_ptr<ValuePool<T>>& pool) {
+    SPEX_CHECK(pool != nullptr, "Pkm: the value pool is null");
+    SPEX_CHECK(pool->n_slots() == detail::table_rows(c) && pool->d_value() == c.d_value,
+               "Pkm: the value pool is " << pool->n_slots() << " x " << pool->d_value() << ", the layer needs " << detail::table_rows(c)
+                                         << " x " << c.d_value << " (n_experts" << (c.per_head_tables ? " * heads" : "") << " x d_value)");
+    return Experts(pool);
+  }
 
   static void check_config(const ProductKeyLayerConfig& c) {
     SPEX_CHECK(!c.glu, "Pkm: glu = true is for Peer's neuron experts (act(u . x) (w . x) v); Pkm's experts are values: set glu = false");

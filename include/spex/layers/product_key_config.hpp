@@ -84,6 +84,10 @@ struct ProductKeyLayerConfig {
   /// Width of the experts' output m (PEER's v rows, PKM's values); 0: d_out. Another width
   /// needs silu_output, whose projection maps it to d_out.
   Index d_value = 0;
+  /// Pkm only: the values are a ValuePool shared with other layers (experts/values.hpp), set by
+  /// the constructor Pkm(cfg, pool, seed); the layer's files then hold no value table (the pool
+  /// is saved once, on its own: docs/pkm.md, "A value pool shared by layers").
+  bool shared_values = false;
   bool check_finite = true;          ///< throw on NaN/Inf in x and dy (one pass over each)
   double norm_eps = 1e-5, norm_momentum = 0.1;
   /// How the expert tables are stored: native (T; trainable) or, for inference only with
@@ -141,6 +145,9 @@ inline ProductKeyLayerConfig resolve(ProductKeyLayerConfig c) {
   SPEX_CHECK(c.silu_output || c.d_value == c.d_out, "d_value = " << c.d_value << " differs from d_out = " << c.d_out
                                                                  << ": only silu_output = true projects the experts' output to d_out");
   SPEX_CHECK(c.heads >= 1, "heads = " << c.heads << " must be >= 1");
+  SPEX_CHECK(!c.shared_values || c.frozen.keys == 0, "frozen.keys = " << c.frozen.keys
+                                                                     << " with shared_values: the experts' rows are the pool's, shared with other layers; "
+                                                                        "freeze pool rows through the pool's gradient (ValuePool::grad())");
   checked_mul(checked_mul(c.n_experts, c.per_head_tables ? c.heads : 1, "the expert table rows n_experts * heads"),
               std::max(c.d_in, c.d_value), "the expert table size rows * d");
   return c;
