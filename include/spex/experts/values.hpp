@@ -27,6 +27,7 @@ namespace spex {
 /// pool shared by layers"): one table, one row-sparse gradient that every layer reading it adds
 /// to in backward, listed once (parameters()) so that one optimizer state steps it. Shared by
 /// std::shared_ptr: the layers (and their gradients) keep it alive. Native T storage only.
+/// Usage: examples/snippets/memory_layers.cpp (compiled and run by the test suite).
 /// Thread safety: the layers reading it must not run backward concurrently (they add to one
 /// gradient).
 template <class T = float>

@@ -19,7 +19,7 @@ namespace spex {
 
 /// Thread safety: none (the methods reuse internal scratch).
 ///
-/// Usage: examples/lifelong.cpp (--variants sparse-ft), tests/test_metrics.cpp.
+/// Usage: examples/snippets/memory_layers.cpp (compiled and run by the test suite), examples/lifelong.cpp.
 class TfIdfSlotRanking {
  public:
   TfIdfSlotRanking() = default;

@@ -16,6 +16,7 @@
 namespace spex {
 
 /// Thread safety: forward and backward are const (one cache per concurrent caller).
+/// Usage (through Pkm's silu_output): examples/snippets/memory_layers.cpp.
 template <class T>
 class GatedOutput {
  public:

@@ -16,6 +16,7 @@
 namespace spex {
 
 /// Thread safety: forward and backward are const (one cache per concurrent caller).
+/// Usage (through Peer's input_rmsnorm): examples/snippets/memory_layers.cpp.
 template <class T>
 class RmsNorm {
  public:
