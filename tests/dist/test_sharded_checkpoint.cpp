@@ -3,7 +3,8 @@
 // LambdaController, loaded into layers built from another seed with a fresh optimizer, and both
 // trained 2 more steps: every parameter and optimizer state equal bit for bit. Resharding (P - 1
 // ranks to P and back) against the one-process layer. Refused on every rank: another config, a
-// directory mixing two writes, a missing shard.
+// directory mixing two writes, a missing shard. A value pool shared by two ShardedPkm layers: resumed
+// bit for bit, and resharded.
 #include <spex/dist/checkpoint.hpp>
 #include <spex/layers/moe.hpp>
 #include <spex/layers/peer.hpp>
@@ -201,6 +202,141 @@ void check_reshard(const std::string& name, const typename L::Config& cfg, const
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
+/// Memory+ under expert parallelism: two Pkm layers reading one value pool, one Adam over the
+/// layers and the pool (listed once). L is spex::Pkm (one process, a whole pool) or
+/// dist::ShardedPkm (a pool sharded over comm).
+template <class L>
+struct PooledMemory {
+  std::shared_ptr<spex::ValuePool<double>> pool;
+  std::unique_ptr<L> a, b;
+  std::unique_ptr<typename L::Grads> ga, gb;  // pinned: the parameter list points into them
+  spex::ParameterList<double> params;
+  std::unique_ptr<spex::Adam<double>> adam;
+  MPI_Comm comm;
+
+  PooledMemory(const spex::ProductKeyLayerConfig& cfg, std::uint64_t seed, MPI_Comm c) : comm(c) {
+    const Index slots = spex::detail::table_rows(spex::detail::resolve(cfg));
+    if constexpr (L::kName == std::string_view("ShardedPkm")) {
+      pool = spex::dist::sharded_value_pool<double>(slots, cfg.d_value, seed, comm);
+      a = std::make_unique<L>(cfg, pool, seed + 1, comm);
+      b = std::make_unique<L>(cfg, pool, seed + 2, comm);
+    } else {
+      pool = std::make_shared<spex::ValuePool<double>>(slots, cfg.d_value, seed);
+      a = std::make_unique<L>(cfg, pool, seed + 1);
+      b = std::make_unique<L>(cfg, pool, seed + 2);
+    }
+    ga = std::make_unique<typename L::Grads>(a->make_grads());
+    gb = std::make_unique<typename L::Grads>(b->make_grads());
+    params = a->parameters(*ga, "a.");
+    spex::append_parameters(params, b->parameters(*gb, "b."));
+    spex::append_parameters(params, pool->parameters("pool."));
+    spex::AdamConfig ac;
+    ac.lr = 1e-2;
+    adam = std::make_unique<spex::Adam<double>>(params, ac);
+  }
+  /// One step on this process's part (comm's rank order) of the batch x, dy_a, dy_b.
+  void step(const Mat& x, const Mat& dya, const Mat& dyb, bool whole_batch) {
+    int r = 0, p = 1;
+    if (!whole_batch) {
+      MPI_Comm_rank(comm, &r);
+      MPI_Comm_size(comm, &p);
+    }
+    const Index total = x.rows(), first = total * r / p, n = total * (r + 1) / p - first;
+    typename L::Cache ca, cb;
+    Mat ya(n, a->d_out()), yb(n, b->d_out());
+    spex::zero_grads(params);
+    a->forward(x.middleRows(first, n), ya, ca);
+    b->forward(x.middleRows(first, n), yb, cb);
+    a->backward(dya.middleRows(first, n), ca, *ga);
+    b->backward(dyb.middleRows(first, n), cb, *gb);
+    adam->step();
+  }
+  spex::ParameterList<const double> values() const {
+    auto v = std::as_const(*a).parameters("a.");
+    spex::append_parameters(v, std::as_const(*b).parameters("b."));
+    spex::append_parameters(v, std::as_const(*pool).parameters("pool."));
+    return v;
+  }
+  void save(const std::string& dir) const {
+    spex::dist::ShardedCheckpointWriter(comm).add_layer("a.", *a).add_layer("b.", *b).add_pool("pool.", *pool).add_optimizer("adam.", *adam).write(dir);
+  }
+  void load(const std::string& dir) {
+    spex::dist::ShardedCheckpointLoader(dir, comm).layer(*a, "a.").layer(*b, "b.").pool(*pool, "pool.").optimizer(*adam, "adam.").commit();
+  }
+};
+
+/// A shared value pool in a sharded checkpoint: saved and loaded with its two layers and the
+/// optimizer, training resumes bit for bit; resharded from P - 1 ranks to P, every rank's pool
+/// rows and their Adam state are the one-process pool's (1e-12).
+void check_value_pool(const std::string& dir) {
+  spex::ProductKeyLayerConfig cfg;
+  cfg.d_in = 8;
+  cfg.n_keys = 5;  // 25 slots: unequal shards
+  cfg.heads = 2;
+  cfg.top_k = 3;
+  cfg.d_key = 4;
+  cfg.norm = spex::NormKind::layer;
+  cfg.shared_keys = false;
+  cfg.silu_output = true;
+  cfg.d_value = 6;
+  const std::string tag = "two ShardedPkm layers sharing a value pool: ";
+  spex::Rng rng(300);
+  Mat x(9, cfg.d_in), dya(9, cfg.d_in), dyb(9, cfg.d_in);
+  auto batch = [&] {
+    spex::fill_normal(x, 1.0, rng);
+    spex::fill_normal(dya, 1.0, rng);
+    spex::fill_normal(dyb, 1.0, rng);
+  };
+  using Sharded = PooledMemory<spex::dist::ShardedPkm<double>>;
+  Sharded first(cfg, 10, MPI_COMM_WORLD), second(cfg, 20, MPI_COMM_WORLD);
+  PooledMemory<spex::Pkm<double>> full(cfg, 10, MPI_COMM_WORLD);
+  for (int s = 0; s < 2; ++s) {
+    batch();
+    first.step(x, dya, dyb, false);
+    full.step(x, dya, dyb, true);
+  }
+  const std::string same = dir + "/pool_same";
+  if (rank == 0) std::filesystem::create_directory(same);
+  MPI_Barrier(MPI_COMM_WORLD);
+  first.save(same);
+  second.load(same);
+  for (int s = 0; s < 2; ++s) {
+    batch();
+    first.step(x, dya, dyb, false);
+    second.step(x, dya, dyb, false);
+    full.step(x, dya, dyb, true);
+  }
+  expect_same(first.values(), second.values(), tag + "parameters after resuming");
+  expect_same(std::as_const(*first.adam).state(), std::as_const(*second.adam).state(), tag + "Adam's state after resuming");
+  const Index slots = full.pool->n_slots();
+  expect_as_full(first.values(), full.values(), slots, rank, ranks, tag + "as one process");
+  if (ranks < 2) return;
+  // Resharding: P - 1 ranks train and save, P ranks load.
+  MPI_Comm small;
+  MPI_Comm_split(MPI_COMM_WORLD, rank < ranks - 1 ? 0 : MPI_UNDEFINED, rank, &small);
+  const std::string from_small = dir + "/pool_small";
+  if (rank == 0) std::filesystem::create_directory(from_small);
+  MPI_Barrier(MPI_COMM_WORLD);
+  PooledMemory<spex::Pkm<double>> reference(cfg, 40, MPI_COMM_WORLD);
+  {
+    std::unique_ptr<Sharded> on_small;
+    if (small != MPI_COMM_NULL) on_small = std::make_unique<Sharded>(cfg, 40, small);
+    for (int s = 0; s < 2; ++s) {
+      batch();
+      if (on_small) on_small->step(x, dya, dyb, false);
+      reference.step(x, dya, dyb, true);
+    }
+    if (on_small) on_small->save(from_small);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  Sharded all(cfg, 50, MPI_COMM_WORLD);
+  all.load(from_small);
+  expect_as_full(all.values(), reference.values(), slots, rank, ranks, tag + "P - 1 to P");
+  expect_as_full(std::as_const(*all.adam).state(), std::as_const(*reference.adam).state(), slots, rank, ranks, tag + "P - 1 to P, Adam");
+  if (small != MPI_COMM_NULL) MPI_Comm_free(&small);
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
 void check_mixed_directory(const spex::ProductKeyLayerConfig& cfg, const std::string& dir) {
   spex::dist::ShardedPeer<double> a(cfg, 1, MPI_COMM_WORLD);
   const std::string other = dir + "/other";
@@ -301,6 +437,7 @@ int main(int argc, char** argv) {
     pk.n_keys = 7;  // 49 experts: shards of unequal sizes
     check_reshard<spex::dist::ShardedPkm<double>, spex::Pkm<double>>("ShardedPkm", pk, dir);
     check_reshard<spex::dist::ShardedMoE<double>, spex::MoE<double>>("ShardedMoE", moe, dir);
+    check_value_pool(dir);
     check_mixed_directory(pk, dir);
     check_reshard_failures(pk, dir);
   } catch (const std::exception& e) {

@@ -6,6 +6,7 @@
 //    non-zero), and the parameters and BatchNorm statistics after 3 Adam steps, to a relative
 //    1e-12 (P = 1: bit for bit; P > 1 sums partial sums in another order, see the header);
 //  - the replicated parameters are the same bits on every rank after the steps;
+//  - two layers reading one sharded value pool: as two layers reading one pool in one process;
 //  - bad input on one rank throws on every rank (none hangs).
 // Exit code 0 on every rank = pass.
 #include <spex/dist/layers.hpp>
@@ -13,6 +14,9 @@
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
 #include <spex/optim/adam.hpp>
+
+#include <memory>
+#include <set>
 
 #include "dist_test_util.hpp"
 
@@ -188,6 +192,87 @@ void check_masked_sparse(const char* name, const spex::ProductKeyLayerConfig& cf
   }
 }
 
+/// Memory+'s value pool under expert parallelism: two ShardedPkm layers reading one sharded pool
+/// (dist::sharded_value_pool) against two Pkm layers reading one pool in one process, both layers
+/// on the same tokens: outputs, dx, the pool's one gradient (both layers' rows), the gradient
+/// norm, and the pool and layers after 3 Adam steps over one list with the pool listed once.
+void check_value_pool(spex::ProductKeyLayerConfig cfg) {
+  const Index total = 11;
+  const std::string tag = "two Pkm layers sharing a value pool: ";
+  const Index slots = spex::detail::table_rows(spex::detail::resolve(cfg)), d_value = cfg.d_value;
+  auto full_pool = std::make_shared<spex::ValuePool<double>>(slots, d_value, 31);
+  auto shard_pool = spex::dist::sharded_value_pool<double>(slots, d_value, 31, MPI_COMM_WORLD);
+  spex::Pkm<double> fa(cfg, full_pool, 1), fb(cfg, full_pool, 2);
+  spex::dist::ShardedPkm<double> sa(cfg, shard_pool, 1, MPI_COMM_WORLD), sb(cfg, shard_pool, 2, MPI_COMM_WORLD);
+  expect(shard_rows(sa, full_pool->values()) == shard_pool->values(), tag + "the shard holds the one-process pool's rows");
+  auto fga = fa.make_grads(), fgb = fb.make_grads();
+  auto sga = sa.make_grads(), sgb = sb.make_grads();
+  auto model = [](auto& a, auto& ga, auto& b, auto& gb, auto& pool) {
+    auto params = a.parameters(ga, "a.");
+    spex::append_parameters(params, b.parameters(gb, "b."));
+    spex::append_parameters(params, pool->parameters("pool."));
+    return params;
+  };
+  const auto full_params = model(fa, fga, fb, fgb, full_pool), shard_params = model(sa, sga, sb, sgb, shard_pool);
+  spex::AdamConfig ac;
+  ac.lr = 1e-2;
+  spex::Adam<double> full_adam(full_params, ac), shard_adam(shard_params, ac);
+  spex::Rng rng(41);
+  const auto [first, b] = my_tokens(total, false);
+  Mat x(total, cfg.d_in), dya(total, fa.d_out()), dyb(total, fa.d_out());
+  spex::Pkm<double>::Cache fca, fcb;
+  spex::dist::ShardedPkm<double>::Cache sca, scb;
+  const spex::dist::RankOrderSum sum(MPI_COMM_WORLD);
+  for (int step = 0; step < 3; ++step) {
+    const std::string at = tag + "step " + std::to_string(step) + ": ";
+    spex::fill_normal(x, 1.0, rng);
+    spex::fill_normal(dya, 1.0, rng);
+    spex::fill_normal(dyb, 1.0, rng);
+    Mat ya(total, fa.d_out()), yb(total, fa.d_out()), dx(total, cfg.d_in), dxb(total, cfg.d_in);
+    Mat sya(b, fa.d_out()), syb(b, fa.d_out()), sdx(b, cfg.d_in), sdxb(b, cfg.d_in);
+    spex::zero_grads(full_params);
+    spex::zero_grads(shard_params);
+    fa.forward(x, ya, fca);
+    fb.forward(x, yb, fcb);
+    fa.backward(dya, dx, fca, fga);
+    fb.backward(dyb, dxb, fcb, fgb);
+    sa.forward(x.middleRows(first, b), sya, sca);
+    sb.forward(x.middleRows(first, b), syb, scb);
+    sa.backward(dya.middleRows(first, b), sdx, sca, sga);
+    sb.backward(dyb.middleRows(first, b), sdxb, scb, sgb);
+    dx += dxb;
+    sdx += sdxb;
+    expect_close(rel_diff(sya, ya.middleRows(first, b)), at + "y of the first layer");
+    expect_close(rel_diff(syb, yb.middleRows(first, b)), at + "y of the second layer");
+    expect_close(rel_diff(sdx, dx.middleRows(first, b)), at + "dx");
+    std::set<Index> used;  // the slots either layer read: the rows of the pool's one gradient
+    for (const auto* c : {&fca, &fcb})
+      for (Index t = 0; t < c->retrieval.ids.rows(); ++t)
+        for (Index j = 0; j < c->retrieval.ids.cols(); ++j) used.insert(c->retrieval.ids(t, j));
+    expect(std::set<Index>(full_pool->grad().rows().begin(), full_pool->grad().rows().end()) == used,
+           at + "the pool's gradient holds the rows both layers read");
+    compare_sparse(sa, shard_pool->grad(), full_pool->grad(), at + "the pool's gradient");
+    expect_close(rel_diff(sga.head.proj.weight, fga.head.proj.weight), at + "output.proj.weight gradient of the first layer");
+    const double norm = spex::grad_norm(full_params), shard_norm = spex::dist::grad_norm(shard_params, sum);
+    expect(std::abs(shard_norm - norm) <= tolerance() * norm, at + "gradient norm " + std::to_string(shard_norm) + " vs " + std::to_string(norm));
+    full_adam.step();
+    shard_adam.step();
+  }
+  for (std::size_t i = 0; i < full_params.size(); ++i) {
+    const Mat f = full_params[i].value_map(), s = shard_params[i].value_map();
+    const bool table = spex::dist::is_sharded_name(full_params[i].name);
+    expect_close(rel_diff(s, table ? shard_rows(sa, f) : f), tag + shard_params[i].name + " after 3 Adam steps");
+  }
+  // A pool of another sharding is refused by name, on every rank.
+  bool threw = false;
+  try {
+    spex::dist::ShardedPkm<double> wrong(cfg, full_pool, 3, MPI_COMM_WORLD);
+  } catch (const spex::Error& e) {
+    threw = ranks == 1 || std::string(e.what()).find("dist::sharded_value_pool") != std::string::npos;
+  }
+  expect(threw || ranks == 1, tag + "a whole pool under a sharded layer is refused");
+}
+
 void check_refusals() {
   spex::ProductKeyLayerConfig cfg;
   cfg.d_in = 8;
@@ -280,6 +365,16 @@ int main(int argc, char** argv) {
     cfg.d_key = 8;
     cfg.learn_keys = true;
     check<spex::Pkm<double>, spex::dist::ShardedPkm<double>>("Pkm, BatchNorm, learned keys", cfg);
+    {
+      spex::ProductKeyLayerConfig mem = cfg;  // Memory+: per-token norm, SiLU-gated head, one pool
+      mem.norm = spex::NormKind::layer;
+      mem.shared_keys = false;
+      mem.silu_output = true;
+      mem.d_value = 9;
+      check_value_pool(mem);
+      mem.norm = spex::NormKind::batch;  // BatchNorm's statistics over every rank's tokens
+      check_value_pool(mem);
+    }
     // A frozen set (a grown layer's old experts, sub-key rows and query network): the shards'
     // first rows are frozen, as the one-process layer's first experts.
     cfg.n_keys = 7;

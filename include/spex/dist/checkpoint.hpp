@@ -71,6 +71,11 @@ class ShardedCheckpointWriter {
     layers_[prefix] = layer_entry(layer);
     return *this;
   }
+  /// A value pool (dist::sharded_value_pool) under `prefix`: every rank its rows, in its shard.
+  template <class T>
+  ShardedCheckpointWriter& add_pool(const std::string& prefix, const ValuePool<T>& pool) {
+    return add(pool.parameters(prefix));
+  }
   /// An optimizer's state under `prefix`, split as its parameters are.
   template <class Opt>
   ShardedCheckpointWriter& add_optimizer(const std::string& prefix, const Opt& opt) {
@@ -177,6 +182,19 @@ class ShardedCheckpointLoader {
         check_range(entry.lambda, 0, kMaxLambda, "lambda in the file");
         lambdas_.push_back([&layer, lambda = entry.lambda] { layer.set_lambda(lambda); });
       }
+    });
+    return *this;
+  }
+  /// A value pool saved by add_pool(prefix, ...), of the same number of slots and d_value;
+  /// stage it before the optimizers that step it (their rows follow the pool's slots).
+  template <class T>
+  ShardedCheckpointLoader& pool(ValuePool<T>& pool, const std::string& prefix, const LoadOptions& opt = {}) {
+    all_or_none(comm_, "ShardedCheckpointLoader::pool", [&] {
+      SPEX_CHECK(pool.rows().step == ranks_, "ShardedCheckpointLoader::pool: the pool is sharded over " << pool.rows().step
+                                                 << " ranks, the loader's communicator has " << ranks_
+                                                 << " (dist::sharded_value_pool over the same communicator)");
+      experts_of_[prefix] = pool.n_slots();
+      stage(pool.parameters(prefix), prefix, opt);
     });
     return *this;
   }

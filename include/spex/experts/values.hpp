@@ -27,36 +27,50 @@ namespace spex {
 /// pool shared by layers"): one table, one row-sparse gradient that every layer reading it adds
 /// to in backward, listed once (parameters()) so that one optimizer state steps it. Shared by
 /// std::shared_ptr: the layers (and their gradients) keep it alive. Native T storage only.
+/// Under expert parallelism a pool is sharded as the layers' tables are (rows(): slot
+/// first + i * step is row i; dist::sharded_value_pool builds it for a communicator).
 /// Usage: examples/snippets/memory_layers.cpp (compiled and run by the test suite).
 /// Thread safety: the layers reading it must not run backward concurrently (they add to one
 /// gradient).
 template <class T = float>
 class ValuePool {
  public:
-  /// n_slots x d_value values ~ N(0, 1/d_value), drawn from `seed` row by row.
-  ValuePool(Index n_slots, Index d_value, std::uint64_t seed) {
+  /// n_slots x d_value values ~ N(0, 1/d_value), drawn from `seed` row by row; a shard (`rows`)
+  /// holds its rows of those same values.
+  ValuePool(Index n_slots, Index d_value, std::uint64_t seed, RowStride rows = {}) : n_slots_(n_slots), rows_(rows) {
     SPEX_CHECK(n_slots >= 1 && d_value >= 1, "ValuePool(" << n_slots << ", " << d_value << ") needs positive sizes");
-    table_ = Table<T>(n_slots, d_value);
+    SPEX_CHECK(rows.block == 1 && rows.step >= 1 && rows.first >= 0 && rows.first < rows.step && rows.first < n_slots,
+               "ValuePool: a shard (first " << rows.first << ", step " << rows.step << ", block " << rows.block << ") of " << n_slots
+                                             << " slots needs block 1 and 0 <= first < min(step, n_slots)");
+    table_ = Table<T>(rows.rows_of(n_slots), d_value);
     Rng rng(seed);
-    fill_normal(table_.mutable_matrix(), 1.0 / std::sqrt(double(d_value)), rng, n_slots, RowStride{});
-    grad_ = SparseRowGrad<T>(n_slots, d_value);
+    fill_normal(table_.mutable_matrix(), 1.0 / std::sqrt(double(d_value)), rng, n_slots, rows);
+    grad_ = SparseRowGrad<T>(table_.rows(), d_value);
   }
-  Index n_slots() const { return table_.rows(); }
+  /// The slots of the whole pool (of every shard).
+  Index n_slots() const { return n_slots_; }
   Index d_value() const { return table_.cols(); }
+  /// The slots this process holds (all of them unless sharded): row i is slot first + i * step.
+  RowStride rows() const { return rows_; }
+  /// This process's rows (rows().rows_of(n_slots()) x d_value).
   const Table<T>& table() const { return table_; }
-  /// The values (n_slots x d_value), writable (loading weights).
+  /// The values (this process's rows), writable (loading weights).
   RowMat<T>& values() { return table_.mutable_matrix(); }
-  /// The gradient every layer reading the pool adds to.
+  /// The gradient every layer reading the pool adds to (of this process's rows).
   SparseRowGrad<T>& grad() { return grad_; }
   const SparseRowGrad<T>& grad() const { return grad_; }
   void zero_grad() { grad_.zero(); }
-  /// prefix + "values" with the pool's gradient: put it once into the optimizer's list, next to
-  /// the layers' own parameters (which do not list the table).
-  ParameterList<T> parameters(const std::string& prefix = "") { return {sparse_parameter<T>(prefix + "values", table_, &grad_)}; }
+  /// prefix + "experts.values" with the pool's gradient: put it once into the optimizer's list,
+  /// next to the layers' own parameters (which do not list the table). The name has the
+  /// component "experts." of expert tables, so sharded checkpoints and gradient norms treat a
+  /// sharded pool as the shards' (dist/partition.hpp, is_sharded_name).
+  ParameterList<T> parameters(const std::string& prefix = "") { return {sparse_parameter<T>(prefix + "experts.values", table_, &grad_)}; }
   /// Read-only, without the gradient (saving).
-  ParameterList<const T> parameters(const std::string& prefix = "") const { return {table_parameter<T>(prefix + "values", table_)}; }
+  ParameterList<const T> parameters(const std::string& prefix = "") const { return {table_parameter<T>(prefix + "experts.values", table_)}; }
 
  private:
+  Index n_slots_ = 0;
+  RowStride rows_;
   Table<T> table_;
   SparseRowGrad<T> grad_;
 };

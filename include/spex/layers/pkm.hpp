@@ -26,14 +26,14 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch, Dispatch>, Valu
 
   /// A layer whose values are `pool` (Memory+'s values shared by several memory layers; each
   /// layer its own query network, keys and output head): the pool must hold table_rows(cfg)
-  /// rows of d_value (d_out when 0). config().shared_values is set. The layer's gradients add to
+  /// slots of d_value (d_out when 0). config().shared_values is set. The layer's gradients add to
   /// the pool's one gradient, its parameters() leave the table out (list pool->parameters() once
-  /// beside them), and a copy of the layer reads the same pool. One process (a sharded pool is not
-  /// supported); no growth, freezing of experts or compact storage.
-  Pkm(const ProductKeyLayerConfig& cfg, std::shared_ptr<ValuePool<T>> pool, std::uint64_t seed = 0)
-      : Base(shared_values(cfg), seed, Dispatch(), [&](const ProductKeyLayerConfig& c) { return pooled_experts(c, pool); }) {
-    static_assert(!Dispatch::kSharded, "a value pool is read in one process");
-  }
+  /// beside them), and a copy of the layer reads the same pool. Sharded (dist::ShardedPkm), the
+  /// pool must be sharded over the same communicator (dist::sharded_value_pool). No growth,
+  /// freezing of experts or compact storage.
+  Pkm(const ProductKeyLayerConfig& cfg, std::shared_ptr<ValuePool<T>> pool, std::uint64_t seed = 0, Dispatch dispatch = Dispatch())
+      : Base(shared_values(cfg), seed, std::move(dispatch),
+             [&](const ProductKeyLayerConfig& c, RowStride rows) { return pooled_experts(c, pool, rows); }) {}
 
  private:
   Pkm(const ProductKeyLayerConfig& cfg, detail::Unfilled unfilled) : Base(own_values(cfg), unfilled) {}
@@ -49,11 +49,17 @@ class Pkm : public detail::ProductKeyLayer<T, Arch, Pkm<T, Arch, Dispatch>, Valu
     cfg.shared_values = true;
     return cfg;
   }
-  static Experts pooled_experts(const ProductKeyLayerConfig& c, const std::shared_ptr<ValuePool<T>>& pool) {
+  static Experts pooled_experts(const ProductKeyLayerConfig& c, const std::shared_ptr<ValuePool<T>>& pool, RowStride rows) {
     SPEX_CHECK(pool != nullptr, "Pkm: the value pool is null");
     SPEX_CHECK(pool->n_slots() == detail::table_rows(c) && pool->d_value() == c.d_value,
                "Pkm: the value pool is " << pool->n_slots() << " x " << pool->d_value() << ", the layer needs " << detail::table_rows(c)
                                          << " x " << c.d_value << " (n_experts" << (c.per_head_tables ? " * heads" : "") << " x d_value)");
+    const RowStride held = pool->rows();
+    SPEX_CHECK(held.first == rows.first && held.step == rows.step,
+               "Pkm: the value pool holds the slots first + i * step for (first, step) = (" << held.first << ", " << held.step
+               << "), this layer's shard is (" << rows.first << ", " << rows.step << ")"
+               << (rows.step > 1 ? ": build the pool with dist::sharded_value_pool over the layer's communicator"
+                                 : ": a layer in one process reads a whole pool"));
     return Experts(pool);
   }
 

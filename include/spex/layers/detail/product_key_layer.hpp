@@ -314,13 +314,14 @@ class ProductKeyLayer {
     experts_ = Layer::draw_experts(cfg_, rng, dispatch_.rows());
     draw_head(rng);
   }
-  /// The experts made by `make_experts(resolved config)` instead of drawn (a Pkm reading a
-  /// value pool); the rest drawn from `seed` as above.
+  /// The experts made by `make_experts(resolved config, dispatch_.rows())` instead of drawn (a
+  /// Pkm reading a value pool; a throw there throws on every rank); the rest drawn from `seed`
+  /// as above.
   template <class MakeExperts>
   ProductKeyLayer(const Config& cfg, std::uint64_t seed, Dispatch dispatch, MakeExperts make_experts) : dispatch_(std::move(dispatch)) {
     Rng rng(seed);
     construct(cfg, rng, seed);
-    experts_ = make_experts(cfg_);
+    dispatch_.collective(Layer::kName, [&] { experts_ = make_experts(cfg_, dispatch_.rows()); });
     draw_head(rng);
   }
   /// The tables allocated, not filled (loaders: io/layers.hpp); the retrieval drawn from seed 0.
