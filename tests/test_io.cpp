@@ -412,7 +412,7 @@ TEST_CASE("layers reading one value pool: saved once beside them, loaded into po
   SafetensorsWriter().add_layer("layers.0.", a).add_layer("layers.3.", b).add(static_cast<const ValuePool<float>&>(*pool).parameters("pool.")).write(path);
   // The table once: the layers' files hold no values.
   const SafetensorsFile f(path);
-  CHECK(f.find("pool.values") != nullptr);
+  CHECK(f.find("pool.experts.values") != nullptr);
   CHECK(f.find("layers.0.experts.values") == nullptr);
   auto pool2 = std::make_shared<ValuePool<float>>(36, 8, 9);
   Pkm<float> a2(cfg, pool2, 7), b2(cfg, pool2, 8);

@@ -1,5 +1,6 @@
 // Expert parallelism over MPI (docs/expert_parallelism.md): PEER and ReMoE with
-// their experts sharded over the ranks, a training step, and a sharded checkpoint.
+// their experts sharded over the ranks, a training step, Memory+'s value pool shared by two
+// sharded PKM layers, and a sharded checkpoint.
 // Run: mpirun -np 2 snippet_dist_sharded_layers
 #include <mpi.h>
 
@@ -45,13 +46,34 @@ int main(int argc, char** argv) {
     moe.backward(y, moe_cache, moe_grads);
     controller.update(moe.sparsity(moe_cache));
 
+    // Memory+: two PKM layers reading one value table, sharded as the layers' tables are.
+    spex::ProductKeyLayerConfig mem = cfg;
+    mem.norm = spex::NormKind::layer;
+    mem.silu_output = true;
+    auto pool = spex::dist::sharded_value_pool<float>(64 * 64, /*d_value=*/64, /*seed=*/3, MPI_COMM_WORLD);
+    spex::dist::ShardedPkm<float> mem_a(mem, pool, /*seed=*/4, MPI_COMM_WORLD), mem_b(mem, pool, /*seed=*/5, MPI_COMM_WORLD);
+    spex::dist::ShardedPkm<float>::Cache ca, cb;
+    auto ga = mem_a.make_grads();
+    auto gb = mem_b.make_grads();
+    pool->zero_grad();
+    mem_a.forward(x, y, ca);
+    mem_b.forward(x, dx, cb);
+    mem_a.backward(y, ca, ga);   // both add to the pool's one gradient (this rank's slots)
+    mem_b.backward(dx, cb, gb);
+
     // A checkpoint: replicated.safetensors once, shard-<r>-of-<P>.safetensors per rank.
     const std::string dir = (std::filesystem::temp_directory_path() / "spex_sharded_snippet").string();
     if (rank == 0) std::filesystem::create_directories(dir);
     MPI_Barrier(MPI_COMM_WORLD);
-    spex::dist::ShardedCheckpointWriter(MPI_COMM_WORLD).add_layer("peer.", peer).add_optimizer("adam.", adam).write(dir);
+    spex::dist::ShardedCheckpointWriter(MPI_COMM_WORLD)
+        .add_layer("peer.", peer)
+        .add_optimizer("adam.", adam)
+        .add_layer("mem_a.", mem_a)
+        .add_layer("mem_b.", mem_b)
+        .add_pool("pool.", *pool)
+        .write(dir);
     spex::dist::ShardedPeer<float> restored(cfg, /*seed=*/99, MPI_COMM_WORLD);
-    spex::dist::ShardedCheckpointLoader(dir, MPI_COMM_WORLD).layer(restored, "peer.").commit();
+    spex::dist::ShardedCheckpointLoader(dir, MPI_COMM_WORLD).layer(restored, "peer.").pool(*pool, "pool.").commit();
     std::printf("rank %d: %lld of %lld experts, %.2f MiB of tables\n", rank, (long long)peer.dispatch().partition().local_rows(rank),
                 (long long)peer.n_experts(), double(peer.table_bytes()) / (1 << 20));
     MPI_Barrier(MPI_COMM_WORLD);
