@@ -190,9 +190,10 @@ class ShardedCheckpointLoader {
   template <class T>
   ShardedCheckpointLoader& pool(ValuePool<T>& pool, const std::string& prefix, const LoadOptions& opt = {}) {
     all_or_none(comm_, "ShardedCheckpointLoader::pool", [&] {
-      SPEX_CHECK(pool.rows().step == ranks_, "ShardedCheckpointLoader::pool: the pool is sharded over " << pool.rows().step
-                                                 << " ranks, the loader's communicator has " << ranks_
-                                                 << " (dist::sharded_value_pool over the same communicator)");
+      SPEX_CHECK(pool.rows().step == ranks_ && pool.rows().first == rank_,
+                 "ShardedCheckpointLoader::pool: the pool holds rank " << pool.rows().first << "'s slots of " << pool.rows().step
+                     << " ranks, the loader's rank is " << rank_ << " of " << ranks_
+                     << " (dist::sharded_value_pool over the loader's communicator)");
       experts_of_[prefix] = pool.n_slots();
       stage(pool.parameters(prefix), prefix, opt);
     });
