@@ -1,8 +1,8 @@
 #pragma once
 // Row gathers over a table of rows (expert tables: row i is expert i, contiguous). The rows
 // are read in place and never copied out: this is the memory-bound step of PEER and PKM, so
-// each kernel prefetches the rows it will read next and walks two rows at a time to share
-// the loads of x (gather_dot) or of y (gather_axpy).
+// each kernel prefetches the rows it will read next and walks four rows at a time to share the
+// loads of x (gather_dot) or of y (gather_axpy).
 // Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
 #include "scalar/gather.hpp"
 #include "simd.hpp"
@@ -11,16 +11,36 @@
 namespace spex::kernels {
 
 namespace detail {
-// Rows ahead to prefetch. Measured on 2 KiB rows of a 2 GiB table: 4 gathers 17.4 GB/s with two
-// threads, 2 gathers 15.4 (prefetching into L2 instead of L1, or further ahead, changed nothing:
-// one core then reads about as fast as it streams).
-constexpr std::size_t kPrefetchAhead = 4;
+// Rows ahead to prefetch. Measured on 2 KiB rows of a 2 GiB table: on a Xeon VM 4 gathered
+// 17.4 GB/s with two threads, 2 gathered 15.4 (prefetching into L2 instead of L1, or further
+// ahead, changed nothing there). On a 2-core AMD EPYC VM (Zen, huge pages), the expert step's
+// pattern (u rows dotted, then v rows added, 128 product-key picks per token) ran 1.23-1.27x
+// as fast (paired, interleaved runs) with four rows per pass and 8 rows ahead as with two rows
+// and 4 ahead; 12 ahead was as fast as 8, 16 no faster. Compact rows (one per pass, 1 KiB or
+// 512 B) gathered 1.3x (bf16) and 1.5x (int8) the rows per second with 8 ahead and no touch
+// (below) than with 4 ahead and the touch. docs/performance.md has the layer's figures.
+constexpr std::size_t kPrefetchAhead = 8;
 // Rows ahead whose first value is loaded, not prefetched. On a Xeon VM (huge pages in the guest),
 // prefetches of rows on pages missing from the TLB did not hide the page walk: rows arrived one
 // memory latency apart whatever the prefetch distance (2 to 16 rows, same speed). A load does
 // walk the page table, early, without stalling (nothing waits for its value): over 2^20 rows of
 // 512, one thread gathered 19% (float) to 84% (int8) more rows per second with loads 16 ahead.
+// On the AMD EPYC VM these loads cost instead (the float kernels gathered 12-15% more rows per
+// second without them, the compact ones 20-45%), so they are made on Intel CPUs only.
 constexpr std::size_t kTouchAhead = 16;
+
+/// Whether the gathers touch rows ahead (Intel CPUs: see kTouchAhead).
+inline bool touch_rows_ahead() {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
 
 /// Loads one value of `p` (the row's page gets walked and its first line fetched).
 template <class T>
@@ -30,18 +50,44 @@ inline void touch(const T* p) {
   (void)value;
 }
 
-/// Prefetches the row at position r of the id list and touches the one kTouchAhead -
+}  // namespace detail
+
+namespace detail {
+/// Prefetches the row at position r of the id list and (Intel) touches the one kTouchAhead -
 /// kPrefetchAhead further, if any. Kernels call it with r = their position + kPrefetchAhead.
 template <class T>
 inline void prefetch_row(const T* table, std::size_t ld, const std::int64_t* ids, std::size_t r, std::size_t m,
                          std::size_t d) {
   if (r < m) prefetch_lines(table + static_cast<std::size_t>(ids[r]) * ld, static_cast<int>((d * sizeof(T) + 63) / 64));
+  if (!touch_rows_ahead()) return;
   const std::size_t far = r + (kTouchAhead - kPrefetchAhead);
   if (far < m) touch(table + static_cast<std::size_t>(ids[far]) * ld);
 }
 }  // namespace detail
 
-/// out[r] = table[ids[r]] . x for r < m; rows are d long, ld apart.
+namespace detail {
+#if SPEX_SIMD
+/// row . x with two accumulators over alternate batches (the order every float gather sums in).
+template <class Arch, class T>
+inline T row_dot(const T* row, const T* x, std::size_t d) {
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  B a0(T(0)), a1(T(0));
+  std::size_t i = 0;
+  for (; i + 2 * W <= d; i += 2 * W) {
+    a0 = xsimd::fma(B::load_unaligned(row + i), B::load_unaligned(x + i), a0);
+    a1 = xsimd::fma(B::load_unaligned(row + i + W), B::load_unaligned(x + i + W), a1);
+  }
+  for (; i + W <= d; i += W) a0 = xsimd::fma(B::load_unaligned(row + i), B::load_unaligned(x + i), a0);
+  T s = xsimd::hadd(a0 + a1);
+  for (; i < d; ++i) s += row[i] * x[i];
+  return s;
+}
+#endif
+}  // namespace detail
+
+/// out[r] = table[ids[r]] . x for r < m; rows are d long, ld apart. Four rows at a time (the
+/// loads of x shared), each summed as detail::row_dot sums it.
 template <class Arch = default_arch, class T>
 void gather_dot(const T* table, std::size_t ld, const std::int64_t* ids, std::size_t m, const T* x,
                 std::size_t d, T* out) {
@@ -49,40 +95,54 @@ void gather_dot(const T* table, std::size_t ld, const std::int64_t* ids, std::si
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
   std::size_t r = 0;
-  for (; r + 2 <= m; r += 2) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + 1, m, d);
+  for (; r + 4 <= m; r += 4) {
+    for (std::size_t q = 0; q < 4; ++q) detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + q, m, d);
     const T* r0 = table + static_cast<std::size_t>(ids[r]) * ld;
     const T* r1 = table + static_cast<std::size_t>(ids[r + 1]) * ld;
-    B a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0));
+    const T* r2 = table + static_cast<std::size_t>(ids[r + 2]) * ld;
+    const T* r3 = table + static_cast<std::size_t>(ids[r + 3]) * ld;
+    B a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0)), c0(T(0)), c1(T(0)), e0(T(0)), e1(T(0));
     std::size_t i = 0;
     for (; i + 2 * W <= d; i += 2 * W) {
       const B x0 = B::load_unaligned(x + i), x1 = B::load_unaligned(x + i + W);
       a0 = xsimd::fma(B::load_unaligned(r0 + i), x0, a0);
       b0 = xsimd::fma(B::load_unaligned(r1 + i), x0, b0);
+      c0 = xsimd::fma(B::load_unaligned(r2 + i), x0, c0);
+      e0 = xsimd::fma(B::load_unaligned(r3 + i), x0, e0);
       a1 = xsimd::fma(B::load_unaligned(r0 + i + W), x1, a1);
       b1 = xsimd::fma(B::load_unaligned(r1 + i + W), x1, b1);
+      c1 = xsimd::fma(B::load_unaligned(r2 + i + W), x1, c1);
+      e1 = xsimd::fma(B::load_unaligned(r3 + i + W), x1, e1);
     }
     for (; i + W <= d; i += W) {
       const B x0 = B::load_unaligned(x + i);
       a0 = xsimd::fma(B::load_unaligned(r0 + i), x0, a0);
       b0 = xsimd::fma(B::load_unaligned(r1 + i), x0, b0);
+      c0 = xsimd::fma(B::load_unaligned(r2 + i), x0, c0);
+      e0 = xsimd::fma(B::load_unaligned(r3 + i), x0, e0);
     }
-    T s0 = xsimd::hadd(a0 + a1), s1 = xsimd::hadd(b0 + b1);
+    T s0 = xsimd::hadd(a0 + a1), s1 = xsimd::hadd(b0 + b1), s2 = xsimd::hadd(c0 + c1), s3 = xsimd::hadd(e0 + e1);
     for (; i < d; ++i) {
       s0 += r0[i] * x[i];
       s1 += r1[i] * x[i];
+      s2 += r2[i] * x[i];
+      s3 += r3[i] * x[i];
     }
     out[r] = s0;
     out[r + 1] = s1;
+    out[r + 2] = s2;
+    out[r + 3] = s3;
   }
-  if (r < m) out[r] = dot<Arch>(table + static_cast<std::size_t>(ids[r]) * ld, x, d);
+  for (; r < m; ++r) {
+    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
+    out[r] = detail::row_dot<Arch>(table + static_cast<std::size_t>(ids[r]) * ld, x, d);
+  }
 #else
   scalar::gather_dot(table, ld, ids, m, x, d, out);
 #endif
 }
 
-/// y += sum_r alpha[r] * table[ids[r]]
+/// y += sum_r alpha[r] * table[ids[r]], added row after row (four rows per pass over y).
 template <class Arch = default_arch, class T>
 void gather_axpy(const T* table, std::size_t ld, const std::int64_t* ids, const T* alpha, std::size_t m,
                  T* y, std::size_t d) {
@@ -90,20 +150,26 @@ void gather_axpy(const T* table, std::size_t ld, const std::int64_t* ids, const 
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
   std::size_t r = 0;
-  for (; r + 2 <= m; r += 2) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + 1, m, d);
+  for (; r + 4 <= m; r += 4) {
+    for (std::size_t q = 0; q < 4; ++q) detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + q, m, d);
     const T* r0 = table + static_cast<std::size_t>(ids[r]) * ld;
     const T* r1 = table + static_cast<std::size_t>(ids[r + 1]) * ld;
-    const B c0(alpha[r]), c1(alpha[r + 1]);
+    const T* r2 = table + static_cast<std::size_t>(ids[r + 2]) * ld;
+    const T* r3 = table + static_cast<std::size_t>(ids[r + 3]) * ld;
+    const B c0(alpha[r]), c1(alpha[r + 1]), c2(alpha[r + 2]), c3(alpha[r + 3]);
     std::size_t i = 0;
     for (; i + W <= d; i += W) {
-      const B acc = xsimd::fma(c0, B::load_unaligned(r0 + i), B::load_unaligned(y + i));
-      xsimd::fma(c1, B::load_unaligned(r1 + i), acc).store_unaligned(y + i);
+      B acc = xsimd::fma(c0, B::load_unaligned(r0 + i), B::load_unaligned(y + i));
+      acc = xsimd::fma(c1, B::load_unaligned(r1 + i), acc);
+      acc = xsimd::fma(c2, B::load_unaligned(r2 + i), acc);
+      xsimd::fma(c3, B::load_unaligned(r3 + i), acc).store_unaligned(y + i);
     }
-    for (; i < d; ++i) y[i] += alpha[r] * r0[i] + alpha[r + 1] * r1[i];
+    for (; i < d; ++i) y[i] = std::fma(alpha[r + 3], r3[i], std::fma(alpha[r + 2], r2[i], std::fma(alpha[r + 1], r1[i], std::fma(alpha[r], r0[i], y[i]))));
   }
-  if (r < m) axpy<Arch>(alpha[r], table + static_cast<std::size_t>(ids[r]) * ld, y, d);
+  for (; r < m; ++r) {
+    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
+    axpy<Arch>(alpha[r], table + static_cast<std::size_t>(ids[r]) * ld, y, d);
+  }
 #else
   scalar::gather_axpy(table, ld, ids, alpha, m, y, d);
 #endif
