@@ -86,7 +86,7 @@ TEST_CASE("bfloat16 and int8 gathers match their scalar twins and the float gath
   spex::Rng rng(3);
   for (std::size_t off : {0, 1, 3})
     for (std::size_t d : spex_test::kernel_lengths<float>()) {
-      for (std::size_t m : {0, 1, 2, 5, 9}) {
+      for (std::size_t m : {0, 1, 2, 5, 9, 70}) {  // 70: the axpy's two sweeps of rows
         CAPTURE(d, m, off);
         const std::size_t ld = d + 5;
         std::vector<std::uint16_t> bf(rows * ld + off);
