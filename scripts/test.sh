@@ -22,4 +22,4 @@ cmake --build build/sanitize -j "$jobs"
 CXX=clang++ cmake -S . -B build/fuzz -DCMAKE_BUILD_TYPE=Debug -DSPEX_FUZZ=ON -DSPEX_BUILD_TESTS=OFF \
   -DSPEX_BUILD_EXAMPLES=OFF -DSPEX_INSTALL=OFF -DSPEX_USE_OPENMP=OFF -DSPEX_GEMM=eigen -DSPEX_GEMM_XSMM=OFF
 cmake --build build/fuzz -j "$jobs" --target fuzz_safetensors fuzz_layer_files
-(cd build/fuzz && ctest --output-on-failure)
+(cd build/fuzz && ctest --output-on-failure -j "$jobs")

@@ -24,7 +24,7 @@ ProductKeyLayerConfig config(TableStorage s = TableStorage::native) {
 }
 
 template <class L>
-RowMat<float> infer(const L& layer) {
+RowMat<float> probe_output(const L& layer) {
   const RowMat<float> x = spex_test::randn_mat(12, layer.d_in(), 4).template cast<float>();
   RowMat<float> y(12, layer.d_out());
   layer.infer(x, y);
@@ -77,12 +77,12 @@ TEST_CASE("compact layers save as stored and load back bit for bit, mapped or co
       Peer<float> b = load_layer<Peer<float>>(path, "p.", o, &r);
       CHECK(b.storage() == s);
       CHECK(tables_of(b) == tables_of(a));
-      CHECK(infer(b) == infer(a));
+      CHECK(probe_output(b) == probe_output(a));
       CHECK(b.experts().compact_down().is_view() == map);
       CHECK((map ? r.mapped : r.copied).size() >= 2);
       Pkm<float> kb = load_layer<Pkm<float>>(path, "k.", o);
       CHECK(tables_of(kb) == tables_of(k));
-      CHECK(infer(kb) == infer(k));
+      CHECK(probe_output(kb) == probe_output(k));
     }
     // The mapped layer survives the file being replaced and removed; conversion copies it.
     LoadOptions o;
@@ -90,7 +90,7 @@ TEST_CASE("compact layers save as stored and load back bit for bit, mapped or co
     Peer<float> m = load_layer<Peer<float>>(path, "p.", o);
     save_layer(path, Peer<float>(config(), 9), "p.");
     ::unlink(path.c_str());
-    CHECK(infer(m) == infer(a));
+    CHECK(probe_output(m) == probe_output(a));
     m.set_storage(TableStorage::native);
     CHECK_FALSE(std::as_const(m).experts().down_table().is_view());
   }
@@ -111,7 +111,7 @@ TEST_CASE("quantize on load equals set_storage on the float layer, and compact f
       Peer<float> q = load_layer<Peer<float>>(dir.path("f32.safetensors"), "", o);
       CHECK(q.storage() == s);
       CHECK(tables_of(q) == tables_of(expect));
-      CHECK(infer(q) == infer(expect));
+      CHECK(probe_output(q) == probe_output(expect));
     }
     // load_into a compact layer of the same config; the file's storage need not match.
     Peer<float> into(config(s), 8);
@@ -125,7 +125,7 @@ TEST_CASE("quantize on load equals set_storage on the float layer, and compact f
     Peer<float> expect_back = expect;
     expect_back.set_storage(TableStorage::native);
     CHECK(back.experts().down() == expect_back.experts().down());
-    CHECK(infer(back) == infer(expect_back));
+    CHECK(probe_output(back) == probe_output(expect_back));
   }
   // A float file saved as BF16 maps in place into a bf16 layer.
   save_layer(dir.path("bf.safetensors"), f, "", DType::BF16);
@@ -208,7 +208,7 @@ TEST_CASE("a grown layer saves its size and id scheme and loads back equal", "[i
   CHECK(q.config().n_keys == 9);
   CHECK(q.config().expert_ids == ExpertIds::shells);
   CHECK(config_to_json(q.config()) == config_to_json(p.config()));
-  CHECK(infer(q) == infer(p));
+  CHECK(probe_output(q) == probe_output(p));
   CHECK(q.experts().down() == p.experts().down());
   // A layer of the original size cannot take the grown file.
   Peer<float> small(c, 1);

@@ -27,7 +27,7 @@ LoadOptions lenient() {
   return o;
 }
 
-ProductKeyLayerConfig pk_config(TableStorage s = TableStorage::native) {
+ProductKeyLayerConfig stored_pk_config(TableStorage s = TableStorage::native) {
   ProductKeyLayerConfig c = spex_test::io_pk_config();
   c.storage = s;
   return c;
@@ -72,10 +72,10 @@ mode_t mode_of(const std::string& path) {
 
 TEST_CASE("a mapped load into a layer with a live optimizer: the optimizer refuses, nothing writes freed memory", "[io][lifetime]") {
   TempDir dir;
-  Peer<float> trained(pk_config(), 1);
+  Peer<float> trained(stored_pk_config(), 1);
   save_layer(dir.path("peer.safetensors"), trained);
   for (int via_loader = 0; via_loader < 2; ++via_loader) {
-    Peer<float> layer(pk_config(), 2);
+    Peer<float> layer(stored_pk_config(), 2);
     auto g = layer.make_grads();
     Adam<float> adam(layer.parameters(g), AdamConfig{});
     train_step(layer, g, adam, 3);
@@ -109,7 +109,7 @@ TEST_CASE("a mapped load into a layer with a live optimizer: the optimizer refus
 
 TEST_CASE("int8 scales whose 127-fold overflows float are refused by every load", "[io][compact]") {
   TempDir dir;
-  Peer<float> src(pk_config(TableStorage::int8), 1);
+  Peer<float> src(stored_pk_config(TableStorage::int8), 1);
   const auto& down = src.experts().compact_down();
   const auto& up = src.experts().compact_up();
   const Index n = down.rows();
@@ -123,11 +123,11 @@ TEST_CASE("int8 scales whose 127-fold overflows float are refused by every load"
   w.add_tensor({"experts.up.scale", DType::F32, {n}, up.scales(), DType::F32});
   w.write(dir.path("huge.safetensors"));
   const char* message = "'experts.down.scale' holds the scale 1e+38 at row 4";
-  Peer<float> native(pk_config(), 2);
+  Peer<float> native(stored_pk_config(), 2);
   const auto before_native = bytes_of(native);
   CHECK_THROWS_WITH(load_into(dir.path("huge.safetensors"), native), Catch::Contains(message));  // dequantized to float
   CHECK(bytes_of(native) == before_native);
-  Peer<float> compact(pk_config(TableStorage::int8), 3);
+  Peer<float> compact(stored_pk_config(TableStorage::int8), 3);
   const auto before_compact = bytes_of(compact);
   LoadOptions map;
   map.map = true;
@@ -140,7 +140,7 @@ TEST_CASE("a checkpoint whose last part fails leaves every object bit-identical,
   TempDir dir;
   // An int8 table whose dequantized values are finite floats beyond bfloat16's range: loading it
   // into a bf16 layer fails in the rounding, after the Rng and the retrieval weights were staged.
-  Peer<float> src(pk_config(TableStorage::int8), 1);
+  Peer<float> src(stored_pk_config(TableStorage::int8), 1);
   const auto& down = src.experts().compact_down();
   const auto& up = src.experts().compact_up();
   const Index n = down.rows();
@@ -159,8 +159,8 @@ TEST_CASE("a checkpoint whose last part fails leaves every object bit-identical,
   w.add_state("rng", rng_saved);
   w.write(dir.path("ckpt.safetensors"));
 
-  Peer<float> layer(pk_config(TableStorage::bf16), 2);
-  Peer<float> other(pk_config(), 3);
+  Peer<float> layer(stored_pk_config(TableStorage::bf16), 2);
+  Peer<float> other(stored_pk_config(), 3);
   Rng rng(5);
   const auto before_layer = bytes_of(layer), before_other = bytes_of(other);
   const Rng::State before_rng = rng.state();
@@ -174,13 +174,13 @@ TEST_CASE("a checkpoint whose last part fails leaves every object bit-identical,
   CHECK(bytes_of(other) == before_other);
   CHECK(rng.state().counter == before_rng.counter);
   // The same file into an int8 layer loads (int8 holds it), and into a float layer too.
-  Peer<float> int8_layer(pk_config(TableStorage::int8), 4);
+  Peer<float> int8_layer(stored_pk_config(TableStorage::int8), 4);
   CHECK_NOTHROW(load_into(dir.path("ckpt.safetensors"), int8_layer, "", lenient()));
 }
 
 TEST_CASE("a load staged before the layer's storage was replaced is refused at commit, writing nothing", "[io][lifetime]") {
   TempDir dir;
-  ProductKeyLayerConfig cfg = pk_config();
+  ProductKeyLayerConfig cfg = stored_pk_config();
   cfg.expert_ids = ExpertIds::shells;
   Peer<float> a(cfg, 1);
   save_layer(dir.path("a.safetensors"), a);
@@ -202,7 +202,7 @@ TEST_CASE("a load staged before the layer's storage was replaced is refused at c
 
 TEST_CASE("saving refuses finite values the stored dtype cannot hold", "[io]") {
   TempDir dir;
-  Peer<float> a(pk_config(), 1);
+  Peer<float> a(stored_pk_config(), 1);
   a.experts().up()(2, 3) = 3.397e38f;  // finite; above the midpoint of bf16's largest value and infinity
   CHECK_THROWS_WITH(save_layer(dir.path("bf16.safetensors"), a, "", DType::BF16),
                     Catch::Contains("'experts.up' holds 3.397e+38") && Catch::Contains("beyond the range of BF16"));
@@ -214,7 +214,7 @@ TEST_CASE("saving refuses finite values the stored dtype cannot hold", "[io]") {
 
 TEST_CASE("a config that needs more values than the file holds is refused before anything is allocated", "[io]") {
   TempDir dir;
-  const Peer<float> a(pk_config(), 1);
+  const Peer<float> a(stored_pk_config(), 1);
   const nlohmann::json entry = layer_entry(a);
   auto bomb = [&](const char* field, std::int64_t value) {
     nlohmann::json e = entry;
@@ -233,7 +233,7 @@ TEST_CASE("a config that needs more values than the file holds is refused before
   for (NormKind norm : {NormKind::none, NormKind::batch, NormKind::layer})
     for (bool shared : {true, false})
       for (bool bias : {false, true}) {
-        ProductKeyLayerConfig c = pk_config();
+        ProductKeyLayerConfig c = stored_pk_config();
         c.norm = norm;
         c.shared_keys = shared;
         c.query_bias = bias;
@@ -267,7 +267,7 @@ TEST_CASE("a config that needs more values than the file holds is refused before
 
 TEST_CASE("saved files keep an existing file's mode, honour the umask, and write through symbolic links", "[io]") {
   TempDir dir;
-  const Peer<float> a(pk_config(), 1);
+  const Peer<float> a(stored_pk_config(), 1);
   const mode_t old_mask = ::umask(077);
   save_layer(dir.path("private.safetensors"), a);
   ::umask(old_mask);
@@ -283,7 +283,7 @@ TEST_CASE("saved files keep an existing file's mode, honour the umask, and write
   CHECK(mode_of(dir.path("new.safetensors")) == 0644);
   // A link stays a link; the file it points to is replaced (also a dangling one's target is made).
   REQUIRE(::symlink("private.safetensors", dir.path("link.safetensors").c_str()) == 0);
-  const Peer<float> b(pk_config(), 2);
+  const Peer<float> b(stored_pk_config(), 2);
   save_layer(dir.path("link.safetensors"), b);
   struct stat st;
   REQUIRE(::lstat(dir.path("link.safetensors").c_str(), &st) == 0);
@@ -300,7 +300,7 @@ TEST_CASE("saved files keep an existing file's mode, honour the umask, and write
 
 TEST_CASE("saving to a directory or an empty path fails before writing, naming the destination", "[io]") {
   TempDir dir;
-  const Peer<float> a(pk_config(), 1);
+  const Peer<float> a(stored_pk_config(), 1);
   REQUIRE(::mkdir(dir.path("sub").c_str(), 0700) == 0);
   CHECK_THROWS_WITH(save_layer(dir.path("sub"), a), Catch::Contains("sub' is a directory; give the path of a file"));
   CHECK_THROWS_WITH(save_layer("", a), Catch::Contains("empty path"));
@@ -320,13 +320,13 @@ TEST_CASE("names from a file reach messages escaped: no control character, no bi
   CHECK(printable("\xff\xc3") == "\\xff\\xc3");                // not UTF-8
   CHECK(printable("\xc0\xaf") == "\\xc0\\xaf");                // an overlong form
   TempDir dir;
-  const Peer<float> a(pk_config(), 1);
+  const Peer<float> a(stored_pk_config(), 1);
   const float v = 1;
   SafetensorsWriter w;
   w.add(a.parameters());
   w.add_tensor({"\x1b]0;owned\x07\x1b[2J", DType::F32, {1}, &v, DType::F32});
   w.write(dir.path("crafted.safetensors"));
-  Peer<float> b(pk_config(), 2);
+  Peer<float> b(stored_pk_config(), 2);
   try {
     load_into(dir.path("crafted.safetensors"), b);
     FAIL("an unexpected tensor must be an error in a strict load");
