@@ -66,7 +66,7 @@ args=(--benchmark_repetitions="$reps" --benchmark_report_aggregates_only=true --
 for variant in engines eigen; do
   bin=build/bench-$variant/bench
   echo "-- spex ($variant)"
-  "$bin/bench_moe" "${args[@]}" --benchmark_filter='BM_(MoE.*/(8|64)/0/|DenseFFN/1024/0/|GemmPeak|StreamCopy)' \
+  "$bin/bench_moe" "${args[@]}" --benchmark_filter='BM_(MoE.*/(8|64)/0/512/|MoEForward_ReLU/(8|64)/0/4096/|DenseFFN/1024/0/|GemmPeak|StreamCopy)' \
     > "$out/bench_moe-$variant.json"
   "$bin/bench_peer" "${args[@]}" --benchmark_filter='BM_(Peer|GemmPeak|StreamCopy)' > "$out/bench_peer-$variant.json"
   "$bin/bench_retrieval" "${args[@]}" \

@@ -152,6 +152,56 @@ TEST_CASE("MoE forward equals a per-token reference for both routers and both ex
     }
 }
 
+TEST_CASE("MoE inference runs experts with many tokens feature-major: the reference's y, whatever the threads", "[remoe]") {
+  // 70 tokens over 4 experts: groups of kFeatureMajorTokens or more run feature-major, the
+  // others token-major; the shared expert (all 70 tokens) feature-major.
+  using Ffn = FfnExperts<double>;
+  for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu}) {
+    CAPTURE(to_string(ffn));
+    MoEConfig cfg = small_config(ffn);
+    cfg.d_in = 9;
+    cfg.hidden = 20;
+    cfg.experts_per_token = 1;
+    const RowMat<double> x = randn_mat(70, cfg.d_in, 8);
+    auto check = [&](const auto& moe) {
+      RowMat<double> gates_ref;
+      const RowMat<double> y_ref = reference_forward(moe, x, gates_ref);
+      typename std::decay_t<decltype(moe)>::Cache cache;
+      RowMat<double> y(x.rows(), x.cols());
+      moe.infer(x, y, cache);
+      Index feature_major = 0, token_major = 0;
+      for (Index e = 0; e < moe.n_experts(); ++e)
+        (cache.groups.count(e) >= Ffn::kFeatureMajorTokens ? feature_major : token_major) += cache.groups.count(e) > 0;
+      CHECK(feature_major > 0);
+      CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-10);
+      return std::make_pair(y, token_major);
+    };
+    Index token_major = 0;
+    token_major += check(ReMoE(cfg, 1)).second;
+    token_major += check(TopKMoE(cfg, 1)).second;
+    cfg.experts_per_token = 2;
+    token_major += check(TopKMoE(cfg, 4)).second;
+    CHECK(token_major > 0);  // both paths ran, side by side in one batch
+
+    // A shared expert (every token): infer equals forward, and neither depends on the threads.
+    cfg.shared_experts = 1;
+    TopKMoE shared(cfg, 5);
+    const int threads_before = max_threads();
+    RowMat<double> y_infer[2], y_train(x.rows(), x.cols());
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      TopKMoE::Cache c;
+      y_infer[threads - 1].resize(x.rows(), x.cols());
+      shared.infer(x, y_infer[threads - 1], c);
+    }
+    set_num_threads(threads_before);
+    TopKMoE::Cache c;
+    shared.forward(x, y_train, c);
+    CHECK(y_infer[0] == y_infer[1]);
+    CHECK((y_infer[0] - y_train).cwiseAbs().maxCoeff() < 1e-12);
+  }
+}
+
 TEST_CASE("MoE gradients match finite differences: ReLU router with every penalty", "[remoe][gradcheck]") {
   for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu})
     for (Penalty p : {Penalty::none, Penalty::l1, Penalty::l1_lb, Penalty::l1_lb_spare_top}) {

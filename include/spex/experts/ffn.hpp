@@ -5,6 +5,7 @@
 // the a half, then the b half) and W2 is (E * d_out) x hidden; expert e owns a block of rows
 // of each. Tokens are grouped per expert (a counting sort), gathered into one contiguous
 // block per expert and run through that expert as two GEMMs: never one GEMV per token.
+// Inference runs an expert with many tokens feature-major (FfnExperts::infer).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -71,7 +72,13 @@ class FfnExperts {
   struct Cache {
     RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
     RowMat<T> dyg, da, dh, dxg;
+    // infer's feature-major blocks, one per expert with many tokens: xg, h, a, yg transposed (a
+    // column per token), expert e's block from column fm_col[e] on, fm_stride[e] apart.
+    Vec<T> xt, ht, at, yt;
+    std::vector<Index> fm_col, fm_stride;
   };
+  /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
+  static constexpr Index kFeatureMajorTokens = 16;
   /// Dense gradients of W1 and W2; backward accumulates until zero().
   struct Grads {
     RowMat<T> w1, w2;
@@ -146,32 +153,57 @@ class FfnExperts {
   }
 
   /// y (B x d_out, assigned) = sum_e gates(t, e) FFN_e(x_t) over the active pairs of `groups`
-  /// (built from the same gates). Parallel over experts; each expert's GEMMs single-threaded.
+  /// (built from the same gates), keeping in `c` what backward needs. Parallel over experts;
+  /// each expert's GEMMs single-threaded.
   void forward(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
-    SPEX_CHECK(x.cols() == d_, "x has " << x.cols() << " columns, expected d = " << d_);
-    check_shape(gates, x.rows(), n_experts_, "gates");
-    check_shape(y, x.rows(), d_out_, "y");
+    check_forward_args(x, gates, y);
     const Index rows = groups.rows();
     c.xg.resize(rows, d_);
     c.h.resize(rows, h1());
     c.a.resize(rows, hidden_);
     c.yg.resize(rows, d_out_);
-    parallel_for(rows, [&](Index r, int) { c.xg.row(r) = x.row(groups.token[r]); });
-    for_each_expert(groups, [&](Index e) {
-      const Index r0 = groups.offsets[e], n = groups.count(e);
-      auto h = c.h.middleRows(r0, n);
-      auto a = c.a.middleRows(r0, n);
-      gemm(h, c.xg.middleRows(r0, n), w1_.middleRows(e * h1(), h1()).transpose(), false);
-      parallel_for(n, [&](Index r, int) { activate_row(&h(r, 0), &a(r, 0)); });
-      gemm(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
-    });
-    parallel_for(x.rows(), [&](Index t, int) {
-      y.row(t).setZero();
-      for (Index e = 0; e < n_experts_; ++e) {
-        const Index r = groups.row_of(t, e);
-        if (r >= 0) y.row(t) += gates(t, e) * c.yg.row(r);
+    for_each_expert(groups, [&](Index e) { run_token_major(x, groups, e, c); });
+    combine(gates, groups, y, c);
+  }
+
+  /// The same y for inference: equal to forward's to rounding (other GEMM engines serve the
+  /// products), and `c` cannot be used for backward. An expert with kFeatureMajorTokens tokens
+  /// or more runs feature-major: its tokens are gathered as the columns of xᵀ and the products
+  /// hᵀ = W1 xᵀ, yᵀ = W2 aᵀ take the weights as they are stored, without the per-call packed copy
+  /// of W1 and W2 that x W1ᵀ costs (1.5-2x the GEMM rate at 16-512 tokens: docs/performance.md,
+  /// "MoE experts"). Fewer tokens run as in forward (batch-1 latency unchanged).
+  void infer(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
+    check_forward_args(x, gates, y);
+    const Index n_e = Index(groups.offsets.size()) - 1;
+    Index token_major = 0, fm_cols = 0;  // token-major rows; feature-major columns (strides included)
+    c.fm_col.assign(static_cast<std::size_t>(n_e), -1);
+    c.fm_stride.assign(static_cast<std::size_t>(n_e), 0);
+    for (Index e = 0; e < n_e; ++e) {
+      const Index n = groups.count(e);
+      if (n < kFeatureMajorTokens) {
+        token_major += n;
+        continue;
       }
+      c.fm_col[e] = fm_cols;
+      c.fm_stride[e] = feature_major_stride(n);
+      fm_cols += c.fm_stride[e];
+    }
+    const Index rows = groups.rows();
+    c.yg.resize(rows, d_out_);
+    c.xg.resize(token_major > 0 ? rows : 0, d_);
+    c.h.resize(token_major > 0 ? rows : 0, h1());
+    c.a.resize(token_major > 0 ? rows : 0, hidden_);
+    c.xt.resize(fm_cols * d_);
+    c.ht.resize(fm_cols * h1());
+    c.at.resize(fm_cols * hidden_);
+    c.yt.resize(fm_cols * d_out_);
+    for_each_expert(groups, [&](Index e) {
+      if (groups.count(e) >= kFeatureMajorTokens)
+        run_feature_major(x, groups, e, c);
+      else
+        run_token_major(x, groups, e, c);
     });
+    combine(gates, groups, y, c);
   }
 
   /// From dy (B x d_out): dgates (B x E, assigned; zero off the active pairs), grads accumulate,
@@ -241,14 +273,79 @@ class FfnExperts {
     }
   }
 
-  /// a = act(h) for one row: gelu(h), or silu(h_a) * h_b.
-  void activate_row(const T* h, T* a) const {
-    const std::size_t n = static_cast<std::size_t>(hidden_);
+  void check_forward_args(CMatRef<T> x, CMatRef<T> gates, MatRef<T> y) const {
+    SPEX_CHECK(x.cols() == d_, "x has " << x.cols() << " columns, expected d = " << d_);
+    check_shape(gates, x.rows(), n_experts_, "gates");
+    check_shape(y, x.rows(), d_out_, "y");
+  }
+
+  /// Expert e's rows of c.yg, token-major: its tokens gathered as rows of c.xg, h = x W1ᵀ,
+  /// a = act(h), yg = a W2ᵀ (what backward reads).
+  void run_token_major(CMatRef<T> x, const ExpertGroups& groups, Index e, Cache& c) const {
+    const Index r0 = groups.offsets[e], n = groups.count(e);
+    parallel_for(n, [&](Index r, int) { c.xg.row(r0 + r) = x.row(groups.token[r0 + r]); });
+    auto h = c.h.middleRows(r0, n);
+    auto a = c.a.middleRows(r0, n);
+    gemm(h, c.xg.middleRows(r0, n), w1_.middleRows(e * h1(), h1()).transpose(), false);
+    parallel_for(n, [&](Index r, int) { activate(&h(r, 0), h.row(r).data() + hidden_, &a(r, 0), hidden_); });  // SwiGLU: h_b follows h_a
+    gemm(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
+  }
+
+  /// The row stride of a feature-major block of n tokens: n rounded up to whole cache lines, and
+  /// an odd number of lines, so that the block's rows spread over the cache sets (a stride of a
+  /// power of two put them on a few sets: 5x slower at 4096 tokens).
+  static Index feature_major_stride(Index n) {
+    constexpr Index kLine = Index(64 / sizeof(T));
+    Index stride = (n + kLine - 1) / kLine * kLine;
+    if ((stride / kLine) % 2 == 0) stride += kLine;
+    return stride;
+  }
+
+  /// Expert e's rows of c.yg, feature-major: its tokens gathered as the columns of its block of
+  /// c.xt, hᵀ = W1 xᵀ, aᵀ = act(hᵀ), yᵀ = W2 aᵀ, then yᵀ's columns copied to the rows of c.yg.
+  void run_feature_major(CMatRef<T> x, const ExpertGroups& groups, Index e, Cache& c) const {
+    using Block = Eigen::Map<RowMat<T>, 0, Eigen::OuterStride<>>;
+    const Index r0 = groups.offsets[e], n = groups.count(e), col = c.fm_col[e], stride = c.fm_stride[e];
+    Block xt(c.xt.data() + col * d_, d_, n, Eigen::OuterStride<>(stride));
+    Block ht(c.ht.data() + col * h1(), h1(), n, Eigen::OuterStride<>(stride));
+    Block at(c.at.data() + col * hidden_, hidden_, n, Eigen::OuterStride<>(stride));
+    Block yt(c.yt.data() + col * d_out_, d_out_, n, Eigen::OuterStride<>(stride));
+    constexpr Index kBlock = 16;  // tokens per gather task: 16 source rows read side by side
+    parallel_for((n + kBlock - 1) / kBlock, [&](Index b, int) {
+      const Index j0 = b * kBlock, j1 = std::min(n, j0 + kBlock);
+      const T* src[kBlock];
+      for (Index j = j0; j < j1; ++j) src[j - j0] = x.row(groups.token[r0 + j]).data();
+      for (Index i = 0; i < d_; ++i) {
+        T* dst = &xt(i, j0);
+        for (Index j = 0; j < j1 - j0; ++j) dst[j] = src[j][i];
+      }
+    });
+    gemm(ht, w1_.middleRows(e * h1(), h1()), xt, false);
+    const bool glu = kind_ == FfnKind::swiglu;
+    parallel_for(hidden_, [&](Index i, int) { activate(&ht(i, 0), glu ? &ht(hidden_ + i, 0) : nullptr, &at(i, 0), n); });
+    gemm(yt, w2_.middleRows(e * d_out_, d_out_), at, false);
+    parallel_for(n, [&](Index r, int) { c.yg.row(r0 + r) = yt.col(r).transpose(); });
+  }
+
+  /// y (assigned) = the gate-weighted sum of each token's rows of c.yg, in expert order.
+  void combine(CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, const Cache& c) const {
+    parallel_for(y.rows(), [&](Index t, int) {
+      y.row(t).setZero();
+      for (Index e = 0; e < n_experts_; ++e) {
+        const Index r = groups.row_of(t, e);
+        if (r >= 0) y.row(t) += gates(t, e) * c.yg.row(r);
+      }
+    });
+  }
+
+  /// a[0, n) = act(h): gelu(h_a), or silu(h_a) * h_b (SwiGLU; h_b unused for GELU).
+  void activate(const T* h_a, const T* h_b, T* a, Index n_in) const {
+    const std::size_t n = static_cast<std::size_t>(n_in);
     if (kind_ == FfnKind::gelu) {
-      kernels::activate<Arch>(kernels::Activation::gelu_erf, h, a, n);
+      kernels::activate<Arch>(kernels::Activation::gelu_erf, h_a, a, n);
     } else {
-      kernels::activate<Arch>(kernels::Activation::silu, h, a, n);
-      for (std::size_t i = 0; i < n; ++i) a[i] *= h[n + i];
+      kernels::activate<Arch>(kernels::Activation::silu, h_a, a, n);
+      for (std::size_t i = 0; i < n; ++i) a[i] *= h_b[i];
     }
   }
   /// dh from da for one row.

@@ -92,20 +92,9 @@ class SharedExperts {
   }
 
   /// c.y = the shared output for x (B x d); add it to the layer's output with add_to.
-  void forward(CMatRef<T> x, Cache& c) const {
-    if (empty()) return;
-    const Index b = x.rows();
-    c.gates.resize(b, 1);
-    if (gated_) {
-      gemm(c.gates, x, gate_.transpose(), false);
-      kernels::activate<Arch>(kernels::Activation::sigmoid, c.gates.data(), c.gates.data(), static_cast<std::size_t>(b));
-    } else {
-      c.gates.setOnes();
-    }
-    c.groups.build(c.gates);
-    c.y.resize(b, ffn_.d_out());
-    ffn_.forward(x, c.gates, c.groups, c.y, c.ffn);
-  }
+  void forward(CMatRef<T> x, Cache& c) const { run(x, c, true); }
+  /// The same for inference (FfnExperts::infer: equal to rounding); c cannot be used for backward.
+  void infer(CMatRef<T> x, Cache& c) const { run(x, c, false); }
   void add_to(MatRef<T> y, const Cache& c) const {
     if (!empty()) y += c.y;
   }
@@ -124,6 +113,24 @@ class SharedExperts {
   }
 
  private:
+  void run(CMatRef<T> x, Cache& c, bool training) const {
+    if (empty()) return;
+    const Index b = x.rows();
+    c.gates.resize(b, 1);
+    if (gated_) {
+      gemm(c.gates, x, gate_.transpose(), false);
+      kernels::activate<Arch>(kernels::Activation::sigmoid, c.gates.data(), c.gates.data(), static_cast<std::size_t>(b));
+    } else {
+      c.gates.setOnes();
+    }
+    c.groups.build(c.gates);
+    c.y.resize(b, ffn_.d_out());
+    if (training)
+      ffn_.forward(x, c.gates, c.groups, c.y, c.ffn);
+    else
+      ffn_.infer(x, c.gates, c.groups, c.y, c.ffn);
+  }
+
   Index count_ = 0;
   bool gated_ = false;
   FfnExperts<T, Arch> ffn_;

@@ -303,12 +303,18 @@ class MoE {
     const CMatRef<T> x = training ? CMatRef<T>(c.x) : x_in;
     batch_statistics(c);
     find_probes(c, training);
-    shared_.forward(x, c.shared);  // before y is written: y may be x
+    if (training)
+      shared_.forward(x, c.shared);  // before y is written: y may be x
+    else
+      shared_.infer(x, c.shared);
     if constexpr (Dispatch::kSharded) {
       dispatch_.moe_forward(experts_, x, c.router.gates, c.probe, c.dispatch, y, c.experts);
     } else {
       c.groups.build(c.router.gates, c.probe);  // a probe's gate is 0: it adds nothing to y
-      experts_.forward(x, c.router.gates, c.groups, y, c.experts);
+      if (training)
+        experts_.forward(x, c.router.gates, c.groups, y, c.experts);
+      else
+        experts_.infer(x, c.router.gates, c.groups, y, c.experts);
     }
     shared_.add_to(y, c.shared);
     dispatch_.collective(kName, [&] {
