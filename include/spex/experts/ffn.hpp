@@ -171,7 +171,7 @@ class FfnExperts {
   /// or more runs feature-major: its tokens are gathered as the columns of xᵀ and the products
   /// hᵀ = W1 xᵀ, yᵀ = W2 aᵀ take the weights as they are stored, without the per-call packed copy
   /// of W1 and W2 that x W1ᵀ costs (1.5-2x the GEMM rate at 16-512 tokens: docs/performance.md,
-  /// "MoE experts"). Fewer tokens run as in forward (batch-1 latency unchanged).
+  /// "MoE experts: what was tried"). Fewer tokens (a batch of one among them) run as in forward.
   void infer(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
     check_forward_args(x, gates, y);
     const Index n_e = Index(groups.offsets.size()) - 1;
