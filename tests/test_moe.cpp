@@ -153,8 +153,8 @@ TEST_CASE("MoE forward equals a per-token reference for both routers and both ex
 }
 
 TEST_CASE("MoE inference runs experts with many tokens feature-major: the reference's y, whatever the threads", "[remoe]") {
-  // 70 tokens over 4 experts: groups of kFeatureMajorTokens or more run feature-major, the
-  // others token-major; the shared expert (all 70 tokens) feature-major.
+  // 70 tokens over 4 experts: groups of kFeatureMajorTokens or more run feature-major (all
+  // below a GEMM tile), the others token-major; the shared expert (all 70 tokens) feature-major.
   using Ffn = FfnExperts<double>;
   for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu}) {
     CAPTURE(to_string(ffn));
@@ -171,7 +171,7 @@ TEST_CASE("MoE inference runs experts with many tokens feature-major: the refere
       moe.infer(x, y, cache);
       Index feature_major = 0, token_major = 0;
       for (Index e = 0; e < moe.n_experts(); ++e)
-        (cache.groups.count(e) >= Ffn::kFeatureMajorTokens ? feature_major : token_major) += cache.groups.count(e) > 0;
+        (Ffn::runs_feature_major(cache.groups.count(e)) ? feature_major : token_major) += cache.groups.count(e) > 0;
       CHECK(feature_major > 0);
       CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-10);
       return std::make_pair(y, token_major);

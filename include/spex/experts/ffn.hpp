@@ -79,6 +79,14 @@ class FfnExperts {
   };
   /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
   static constexpr Index kFeatureMajorTokens = 16;
+  /// Whether infer runs an expert of n tokens feature-major: from kFeatureMajorTokens on, and
+  /// where a CBLAS with AVX-512 kernels serves the large products (gemm_cblas_serves_large),
+  /// below a whole GEMM tile only: from kGemmTileRows tokens on its packed copy of the weights
+  /// pays for itself (docs/performance.md, "MoE experts: what was tried"). Decided from the
+  /// shape, the CPU and the environment, never from timings.
+  static bool runs_feature_major(Index n) {
+    return n >= kFeatureMajorTokens && (n < kGemmTileRows || !gemm_cblas_serves_large());
+  }
   /// Dense gradients of W1 and W2; backward accumulates until zero().
   struct Grads {
     RowMat<T> w1, w2;
@@ -167,11 +175,11 @@ class FfnExperts {
   }
 
   /// The same y for inference: equal to forward's to rounding (other GEMM engines serve the
-  /// products), and `c` cannot be used for backward. An expert with kFeatureMajorTokens tokens
-  /// or more runs feature-major: its tokens are gathered as the columns of xᵀ and the products
-  /// hᵀ = W1 xᵀ, yᵀ = W2 aᵀ take the weights as they are stored, without the per-call packed copy
-  /// of W1 and W2 that x W1ᵀ costs (1.5-2x the GEMM rate at 16-512 tokens: docs/performance.md,
-  /// "MoE experts: what was tried"). Fewer tokens (a batch of one among them) run as in forward.
+  /// products), and `c` cannot be used for backward. An expert with enough tokens
+  /// (runs_feature_major) runs feature-major: its tokens are gathered as the columns of xᵀ and
+  /// the products hᵀ = W1 xᵀ, yᵀ = W2 aᵀ take the weights as they are stored, without the per-call
+  /// packed copy of W1 and W2 that x W1ᵀ costs (docs/performance.md, "MoE experts: what was
+  /// tried"). The others (a batch of one among them) run as in forward.
   void infer(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
     check_forward_args(x, gates, y);
     const Index n_e = Index(groups.offsets.size()) - 1;
@@ -180,7 +188,7 @@ class FfnExperts {
     c.fm_stride.assign(static_cast<std::size_t>(n_e), 0);
     for (Index e = 0; e < n_e; ++e) {
       const Index n = groups.count(e);
-      if (n < kFeatureMajorTokens) {
+      if (!runs_feature_major(n)) {
         token_major += n;
         continue;
       }
@@ -198,7 +206,7 @@ class FfnExperts {
     c.at.resize(fm_cols * hidden_);
     c.yt.resize(fm_cols * d_out_);
     for_each_expert(groups, [&](Index e) {
-      if (groups.count(e) >= kFeatureMajorTokens)
+      if (runs_feature_major(groups.count(e)))
         run_feature_major(x, groups, e, c);
       else
         run_token_major(x, groups, e, c);
