@@ -73,9 +73,10 @@ class FfnExperts {
     RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
     RowMat<T> dyg, da, dh, dxg;
     // infer's feature-major blocks, one per expert with many tokens: xg, h, a, yg transposed (a
-    // column per token), expert e's block from column fm_col[e] on, fm_stride[e] apart.
+    // column per token), expert e's block from column fm_col[e] on (-1: e runs token-major), its
+    // rows feature_major_stride(count) apart.
     Vec<T> xt, ht, at, yt;
-    std::vector<Index> fm_col, fm_stride;
+    std::vector<Index> fm_col;
   };
   /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
   static constexpr Index kFeatureMajorTokens = 16;
@@ -185,7 +186,6 @@ class FfnExperts {
     const Index n_e = Index(groups.offsets.size()) - 1;
     Index token_major = 0, fm_cols = 0;  // token-major rows; feature-major columns (strides included)
     c.fm_col.assign(static_cast<std::size_t>(n_e), -1);
-    c.fm_stride.assign(static_cast<std::size_t>(n_e), 0);
     for (Index e = 0; e < n_e; ++e) {
       const Index n = groups.count(e);
       if (!runs_feature_major(n)) {
@@ -193,8 +193,7 @@ class FfnExperts {
         continue;
       }
       c.fm_col[e] = fm_cols;
-      c.fm_stride[e] = feature_major_stride(n);
-      fm_cols += c.fm_stride[e];
+      fm_cols += feature_major_stride(n);
     }
     const Index rows = groups.rows();
     c.yg.resize(rows, d_out_);
@@ -206,7 +205,7 @@ class FfnExperts {
     c.at.resize(fm_cols * hidden_);
     c.yt.resize(fm_cols * d_out_);
     for_each_expert(groups, [&](Index e) {
-      if (runs_feature_major(groups.count(e)))
+      if (c.fm_col[e] >= 0)
         run_feature_major(x, groups, e, c);
       else
         run_token_major(x, groups, e, c);
@@ -295,7 +294,8 @@ class FfnExperts {
     auto h = c.h.middleRows(r0, n);
     auto a = c.a.middleRows(r0, n);
     gemm(h, c.xg.middleRows(r0, n), w1_.middleRows(e * h1(), h1()).transpose(), false);
-    parallel_for(n, [&](Index r, int) { activate(&h(r, 0), h.row(r).data() + hidden_, &a(r, 0), hidden_); });  // SwiGLU: h_b follows h_a
+    const bool glu = kind_ == FfnKind::swiglu;  // h_b follows h_a in a row
+    parallel_for(n, [&](Index r, int) { activate(&h(r, 0), glu ? &h(r, hidden_) : nullptr, &a(r, 0), hidden_); });
     gemm(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
   }
 
@@ -312,12 +312,14 @@ class FfnExperts {
   /// Expert e's rows of c.yg, feature-major: its tokens gathered as the columns of its block of
   /// c.xt, hᵀ = W1 xᵀ, aᵀ = act(hᵀ), yᵀ = W2 aᵀ, then yᵀ's columns copied to the rows of c.yg.
   void run_feature_major(CMatRef<T> x, const ExpertGroups& groups, Index e, Cache& c) const {
-    using Block = Eigen::Map<RowMat<T>, 0, Eigen::OuterStride<>>;
-    const Index r0 = groups.offsets[e], n = groups.count(e), col = c.fm_col[e], stride = c.fm_stride[e];
-    Block xt(c.xt.data() + col * d_, d_, n, Eigen::OuterStride<>(stride));
-    Block ht(c.ht.data() + col * h1(), h1(), n, Eigen::OuterStride<>(stride));
-    Block at(c.at.data() + col * hidden_, hidden_, n, Eigen::OuterStride<>(stride));
-    Block yt(c.yt.data() + col * d_out_, d_out_, n, Eigen::OuterStride<>(stride));
+    const Index r0 = groups.offsets[e], n = groups.count(e), col = c.fm_col[e], stride = feature_major_stride(n);
+    auto block = [&](Vec<T>& buffer, Index rows) {  // expert e's rows x n block of a feature-major buffer
+      return Eigen::Map<RowMat<T>, 0, Eigen::OuterStride<>>(buffer.data() + col * rows, rows, n, Eigen::OuterStride<>(stride));
+    };
+    auto xt = block(c.xt, d_);
+    auto ht = block(c.ht, h1());
+    auto at = block(c.at, hidden_);
+    auto yt = block(c.yt, d_out_);
     constexpr Index kBlock = 16;  // tokens per gather task: 16 source rows read side by side
     parallel_for((n + kBlock - 1) / kBlock, [&](Index b, int) {
       const Index j0 = b * kBlock, j1 = std::min(n, j0 + kBlock);
