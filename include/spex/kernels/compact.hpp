@@ -89,7 +89,7 @@ template <class Arch, class S, class Load, class Scale>
 inline void widened_gather_dot(const S* table, std::size_t ld, const std::int64_t* ids, std::size_t m, const float* x,
                                std::size_t d, float* out, Load load, float (*one)(S), Scale scale) {
   for (std::size_t r = 0; r < m; ++r) {
-    prefetch_row(table, ld, ids, r + kPrefetchAhead, m, d);
+    prefetch_row(table, ld, ids, r + kPrefetchAhead, m, d, RowLines::all);
     const std::size_t id = static_cast<std::size_t>(ids[r]);
     out[r] = scale(id) * widened_dot<Arch>(table + id * ld, x, d, load, one);
   }
@@ -127,7 +127,7 @@ inline void widened_gather_axpy(const S* table, std::size_t ld, const std::int64
       B acc[K];
       for (std::size_t k = 0; k < K; ++k) acc[k] = B::load_unaligned(y + c0 + k * W);
       for (std::size_t r = 0; r < n; ++r) {
-        if (c0 == 0) prefetch_row(table, ld, ids, r0 + r + kPrefetchAhead, m, d);
+        if (c0 == 0) prefetch_row(table, ld, ids, r0 + r + kPrefetchAhead, m, d, RowLines::all);
         const B a(c[r]);
         for (std::size_t k = 0; k < K; ++k) acc[k] = xsimd::fma(a, load(rows[r] + c0 + k * W), acc[k]);
       }
@@ -136,7 +136,7 @@ inline void widened_gather_axpy(const S* table, std::size_t ld, const std::int64
     for (; c0 + W <= d; c0 += W) {  // the remaining batches, one at a time
       B acc = B::load_unaligned(y + c0);
       for (std::size_t r = 0; r < n; ++r) {
-        if (c0 == 0) prefetch_row(table, ld, ids, r0 + r + kPrefetchAhead, m, d);
+        if (c0 == 0) prefetch_row(table, ld, ids, r0 + r + kPrefetchAhead, m, d, RowLines::all);
         acc = xsimd::fma(B(c[r]), load(rows[r] + c0), acc);
       }
       acc.store_unaligned(y + c0);

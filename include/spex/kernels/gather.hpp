@@ -1,8 +1,9 @@
 #pragma once
 // Row gathers over a table of rows (expert tables: row i is expert i, contiguous). The rows
 // are read in place and never copied out: this is the memory-bound step of PEER and PKM, so
-// each kernel prefetches the rows it will read next and walks four rows at a time to share the
-// loads of x (gather_dot) or of y (gather_axpy).
+// each kernel prefetches the rows it will read next (on AMD CPUs the float kernels only their
+// first line: prefetch_first_line_only) and walks four rows at a time to share the loads of x
+// (gather_dot) or of y (gather_axpy).
 // Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
 #include "scalar/gather.hpp"
 #include "simd.hpp"
@@ -29,18 +30,34 @@ constexpr std::size_t kPrefetchAhead = 8;
 // second without them, the compact ones 20-45%), so they are made on Intel CPUs only.
 constexpr std::size_t kTouchAhead = 16;
 
-/// Whether the gathers touch rows ahead (Intel CPUs: see kTouchAhead).
-inline bool touch_rows_ahead() {
+/// The CPU's vendor, read once (x86 with GCC or Clang; `other` elsewhere).
+enum class CpuVendor { intel, amd, other };
+inline CpuVendor cpu_vendor() {
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-  static const bool intel = [] {
+  static const CpuVendor vendor = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
+    if (__builtin_cpu_is("intel")) return CpuVendor::intel;
+    if (__builtin_cpu_is("amd")) return CpuVendor::amd;
+    return CpuVendor::other;
   }();
-  return intel;
+  return vendor;
 #else
-  return false;
+  return CpuVendor::other;
 #endif
 }
+
+/// Whether the gathers touch rows ahead (Intel CPUs: see kTouchAhead).
+inline bool touch_rows_ahead() { return cpu_vendor() == CpuVendor::intel; }
+
+/// Whether the float gathers prefetch only the first line of a row ahead (AMD CPUs) and leave
+/// the rest of the row to the hardware's stream prefetcher. Measured on a 2-core AMD EPYC VM
+/// (family 26, huge pages, 2 threads) over random 2 KiB rows of a 2 GiB table: a plain read of
+/// the rows ran at 35-41 GB/s with the first line prefetched 8 rows ahead, 33-38 with 2 to 8
+/// lines, 16-19 with every line; PEER's expert step ran 1.5-2x and its forward + backward 2x as
+/// fast (docs/performance.md). The compact rows (kernels/compact.hpp) keep every line: with the
+/// first only they were slower. scatter_axpy (rows written, not measured) keeps every line too,
+/// and other CPUs keep the prefetches measured on a Xeon VM (every line, with kTouchAhead).
+inline bool prefetch_first_line_only() { return cpu_vendor() == CpuVendor::amd; }
 
 /// Loads one value of `p` (the row's page gets walked and its first line fetched).
 template <class T>
@@ -53,12 +70,16 @@ inline void touch(const T* p) {
 }  // namespace detail
 
 namespace detail {
+/// Which lines of a row prefetch_row fetches: all of them, or (AMD) the first only.
+enum class RowLines { all, first_on_amd };
+
 /// Prefetches the row at position r of the id list and (Intel) touches the one kTouchAhead -
 /// kPrefetchAhead further, if any. Kernels call it with r = their position + kPrefetchAhead.
 template <class T>
 inline void prefetch_row(const T* table, std::size_t ld, const std::int64_t* ids, std::size_t r, std::size_t m,
-                         std::size_t d) {
-  if (r < m) prefetch_lines(table + static_cast<std::size_t>(ids[r]) * ld, static_cast<int>((d * sizeof(T) + 63) / 64));
+                         std::size_t d, RowLines lines) {
+  const bool first = lines == RowLines::first_on_amd && prefetch_first_line_only();
+  if (r < m) prefetch_lines(table + static_cast<std::size_t>(ids[r]) * ld, first ? 1 : static_cast<int>((d * sizeof(T) + 63) / 64));
   if (!touch_rows_ahead()) return;
   const std::size_t far = r + (kTouchAhead - kPrefetchAhead);
   if (far < m) touch(table + static_cast<std::size_t>(ids[far]) * ld);
@@ -96,7 +117,7 @@ void gather_dot(const T* table, std::size_t ld, const std::int64_t* ids, std::si
   constexpr std::size_t W = B::size;
   std::size_t r = 0;
   for (; r + 4 <= m; r += 4) {
-    for (std::size_t q = 0; q < 4; ++q) detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + q, m, d);
+    for (std::size_t q = 0; q < 4; ++q) detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + q, m, d, detail::RowLines::first_on_amd);
     const T* r0 = table + static_cast<std::size_t>(ids[r]) * ld;
     const T* r1 = table + static_cast<std::size_t>(ids[r + 1]) * ld;
     const T* r2 = table + static_cast<std::size_t>(ids[r + 2]) * ld;
@@ -134,7 +155,7 @@ void gather_dot(const T* table, std::size_t ld, const std::int64_t* ids, std::si
     out[r + 3] = s3;
   }
   for (; r < m; ++r) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
+    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d, detail::RowLines::first_on_amd);
     out[r] = detail::row_dot<Arch>(table + static_cast<std::size_t>(ids[r]) * ld, x, d);
   }
 #else
@@ -151,7 +172,7 @@ void gather_axpy(const T* table, std::size_t ld, const std::int64_t* ids, const 
   constexpr std::size_t W = B::size;
   std::size_t r = 0;
   for (; r + 4 <= m; r += 4) {
-    for (std::size_t q = 0; q < 4; ++q) detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + q, m, d);
+    for (std::size_t q = 0; q < 4; ++q) detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + q, m, d, detail::RowLines::first_on_amd);
     const T* r0 = table + static_cast<std::size_t>(ids[r]) * ld;
     const T* r1 = table + static_cast<std::size_t>(ids[r + 1]) * ld;
     const T* r2 = table + static_cast<std::size_t>(ids[r + 2]) * ld;
@@ -167,7 +188,7 @@ void gather_axpy(const T* table, std::size_t ld, const std::int64_t* ids, const 
     for (; i < d; ++i) y[i] = std::fma(alpha[r + 3], r3[i], std::fma(alpha[r + 2], r2[i], std::fma(alpha[r + 1], r1[i], std::fma(alpha[r], r0[i], y[i]))));
   }
   for (; r < m; ++r) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d);
+    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d, detail::RowLines::first_on_amd);
     axpy<Arch>(alpha[r], table + static_cast<std::size_t>(ids[r]) * ld, y, d);
   }
 #else
@@ -181,7 +202,7 @@ void scatter_axpy(T* table, std::size_t ld, const std::int64_t* ids, const T* al
                   std::size_t d) {
 #if SPEX_SIMD
   for (std::size_t r = 0; r < m; ++r) {
-    detail::prefetch_row(static_cast<const T*>(table), ld, ids, r + detail::kPrefetchAhead, m, d);
+    detail::prefetch_row(static_cast<const T*>(table), ld, ids, r + detail::kPrefetchAhead, m, d, detail::RowLines::all);
     axpy<Arch>(alpha[r], x, table + static_cast<std::size_t>(ids[r]) * ld, d);
   }
 #else
