@@ -134,7 +134,7 @@ def main():
     row("product-key top-k N 1024², d_key 256, k 16, batch 256", "BM_ProductKeyTopK/1048576/256/16/real_time",
         "queries/s", "product_keys/1048576/256/16", "queries_per_s", faiss + " MultiIndexQuantizer", ">= 5x")
     row("exhaustive top-k, same", "BM_ExhaustiveTopK/1048576/256/16/real_time", "queries/s",
-        "exhaustive/1048576/256/16", "queries_per_s", faiss + " IndexFlatIP", ">= 1.3x")
+        "exhaustive/1048576/256/16", "queries_per_s", faiss + " IndexFlatIP", ">= 1.6x")
     w("")
 
     # MoE against spex's dense FFN of the same active size (hidden 1024 = 8 x 128 = 1 x 1024).
