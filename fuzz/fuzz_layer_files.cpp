@@ -22,12 +22,14 @@
 #include <string>
 #include <vector>
 
-#include "fuzz_util.hpp"
+#include "layer_loads.hpp"
 
 namespace {
 
-using ReMoEf = spex::MoE<float, spex::ReluRouter<float>>;
-using TopKf = spex::MoE<float, spex::TopKRouter<float>>;
+using layer_loads::moe_config;
+using layer_loads::pk_config;
+using layer_loads::ReMoEf;
+using layer_loads::TopKf;
 
 // One file as the mutations see it: tensors with raw little-endian bytes, and metadata.
 struct Tensor {
@@ -39,23 +41,6 @@ struct Model {
   std::vector<Tensor> tensors;
   nlohmann::json metadata = nlohmann::json::object();
 };
-
-spex::ProductKeyLayerConfig pk_config(spex::TableStorage s = spex::TableStorage::native) {
-  spex::ProductKeyLayerConfig c = fuzz_util::small_pk_config(2, 4);
-  c.learn_keys = true;
-  c.storage = s;
-  c.expert_ids = spex::ExpertIds::shells;
-  return c;
-}
-
-spex::MoEConfig moe_config() {
-  spex::MoEConfig c;
-  c.d_in = 4;
-  c.n_experts = 3;
-  c.hidden = 6;
-  c.experts_per_token = 2;
-  return c;
-}
 
 // A layer's file, as bytes (written once to a temporary file and read back).
 template <class L>
@@ -275,58 +260,6 @@ std::vector<unsigned char> serialize(const Model& m) {
   return out;
 }
 
-using fuzz_util::spex_error_or_success;
-
-// A loaded layer computes: inference on a small batch, and for native tables a training step.
-template <class L>
-void exercise(L& layer) {
-  using T = typename L::Scalar;
-  spex::RowMat<T> x = spex::RowMat<T>::Ones(3, layer.d_in()), y(3, layer.d_out());
-  x(1, 0) = T(-2);
-  spex_error_or_success([&] { layer.infer(x, y); });
-  spex_error_or_success([&] {
-    auto g = layer.make_grads();
-    spex::Adam<T> adam(layer.parameters(g), spex::AdamConfig{});
-    typename L::Cache c;
-    layer.forward(x, y, c);
-    layer.backward(spex::RowMat<T>::Ones(3, layer.d_out()), c, g);
-    adam.step();
-  });
-}
-
-template <class L>
-void load_every_way(const spex::SafetensorsFile& file, L&& existing) {
-  using Layer = std::decay_t<L>;
-  spex::LoadOptions plain, mapped, lenient;
-  mapped.map = true;
-  lenient.strict = false;
-  lenient.map = true;
-  for (const spex::LoadOptions* o : {&plain, &mapped, &lenient})
-    spex_error_or_success([&] {
-      Layer loaded = spex::load_layer<Layer>(file, "", *o);
-      exercise(loaded);
-    });
-  if constexpr (std::is_same<typename Layer::Config, spex::ProductKeyLayerConfig>::value && std::is_same<typename Layer::Scalar, float>::value)
-    for (spex::TableStorage s : {spex::TableStorage::bf16, spex::TableStorage::int8}) {
-      spex::LoadOptions as;
-      as.storage = s;
-      spex_error_or_success([&] {
-        Layer loaded = spex::load_layer<Layer>(file, "", as);
-        exercise(loaded);
-      });
-    }
-  // Into an existing layer with a live optimizer: a failed load leaves it usable.
-  auto g = existing.make_grads();
-  spex::Adam<typename Layer::Scalar> adam(existing.parameters(g), spex::AdamConfig{});
-  for (const spex::LoadOptions* o : {&plain, &mapped, &lenient}) spex_error_or_success([&] {
-      spex::SafetensorsLoader ld(file);
-      ld.layer(existing, "", *o);
-      ld.commit();
-    });
-  spex_error_or_success([&] { adam.step(); });
-  exercise(existing);
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -344,9 +277,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } catch (const spex::Error&) {
     return 0;
   }
-  load_every_way(*file, spex::Peer<float>(pk_config(), 11));
-  load_every_way(*file, spex::Pkm<double>(pk_config(), 12));
-  load_every_way(*file, ReMoEf(moe_config(), 13));
-  load_every_way(*file, TopKf(moe_config(), 14));
+  layer_loads::product_key_layers(*file);
+  layer_loads::moe_layers(*file);
   return 0;
 }
