@@ -75,7 +75,7 @@ inline float widened_dot(const S* row, const float* x, std::size_t d, Load load,
   }
   for (; i + W <= d; i += W) a0 = xsimd::fma(load(row + i), B::load_unaligned(x + i), a0);
   float s = xsimd::hadd(a0 + a1);
-  for (; i < d; ++i) s += one(row[i]) * x[i];
+  for (; i < d; ++i) s = madd(one(row[i]), x[i], s);
   return s;
 }
 
@@ -142,7 +142,7 @@ inline void widened_gather_axpy(const S* table, std::size_t ld, const std::int64
       acc.store_unaligned(y + c0);
     }
     for (std::size_t i = c0; i < d; ++i)  // the last d mod W values
-      for (std::size_t r = 0; r < n; ++r) y[i] += c[r] * one(rows[r][i]);
+      for (std::size_t r = 0; r < n; ++r) y[i] = madd(c[r], one(rows[r][i]), y[i]);
   }
 }
 

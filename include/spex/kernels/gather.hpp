@@ -101,7 +101,7 @@ inline T row_dot(const T* row, const T* x, std::size_t d) {
   }
   for (; i + W <= d; i += W) a0 = xsimd::fma(B::load_unaligned(row + i), B::load_unaligned(x + i), a0);
   T s = xsimd::hadd(a0 + a1);
-  for (; i < d; ++i) s += row[i] * x[i];
+  for (; i < d; ++i) s = madd(row[i], x[i], s);
   return s;
 }
 #endif
@@ -144,10 +144,10 @@ void gather_dot(const T* table, std::size_t ld, const std::int64_t* ids, std::si
     }
     T s0 = xsimd::hadd(a0 + a1), s1 = xsimd::hadd(b0 + b1), s2 = xsimd::hadd(c0 + c1), s3 = xsimd::hadd(e0 + e1);
     for (; i < d; ++i) {
-      s0 += r0[i] * x[i];
-      s1 += r1[i] * x[i];
-      s2 += r2[i] * x[i];
-      s3 += r3[i] * x[i];
+      s0 = madd(r0[i], x[i], s0);
+      s1 = madd(r1[i], x[i], s1);
+      s2 = madd(r2[i], x[i], s2);
+      s3 = madd(r3[i], x[i], s3);
     }
     out[r] = s0;
     out[r + 1] = s1;
@@ -185,7 +185,7 @@ void gather_axpy(const T* table, std::size_t ld, const std::int64_t* ids, const 
       acc = xsimd::fma(c2, B::load_unaligned(r2 + i), acc);
       xsimd::fma(c3, B::load_unaligned(r3 + i), acc).store_unaligned(y + i);
     }
-    for (; i < d; ++i) y[i] = std::fma(alpha[r + 3], r3[i], std::fma(alpha[r + 2], r2[i], std::fma(alpha[r + 1], r1[i], std::fma(alpha[r], r0[i], y[i]))));
+    for (; i < d; ++i) y[i] = madd(alpha[r + 3], r3[i], madd(alpha[r + 2], r2[i], madd(alpha[r + 1], r1[i], madd(alpha[r], r0[i], y[i]))));
   }
   for (; r < m; ++r) {
     detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d, detail::RowLines::first_on_amd);

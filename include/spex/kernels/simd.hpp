@@ -3,6 +3,7 @@
 // translation unit's compiler flags enable); there is no runtime dispatch, because xsimd 8.1
 // cannot instantiate an ISA's batch in a TU compiled without that ISA's flags.
 // Kernels work on pointers and lengths only and never include Eigen.
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -49,6 +50,20 @@ constexpr std::size_t simd_width() {
   return xsimd::batch<T, Arch>::size;
 #else
   return 1;
+#endif
+}
+
+/// a * b + c for the kernels' scalar tails: rounded once where the target has fast FMA (as the
+/// SIMD bodies' xsimd::fma is) and twice elsewhere, whatever the compiler makes of the code around
+/// it. Written as `s += a * b`, the compiler fuses it or not depending on inlining and
+/// vectorization, so two paths meant to give the same bits (gather_dot's four-row pass and its
+/// one-row tail) differed in the last bit when a test file was compiled with others.
+template <class T>
+inline T madd(T a, T b, T c) {
+#if defined(__FP_FAST_FMA) && defined(__FP_FAST_FMAF)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
 #endif
 }
 

@@ -24,7 +24,7 @@ T dot(const T* x, const T* y, std::size_t n) {
   }
   for (; i + W <= n; i += W) a0 = xsimd::fma(B::load_unaligned(x + i), B::load_unaligned(y + i), a0);
   T s = xsimd::hadd((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += x[i] * y[i];
+  for (; i < n; ++i) s = madd(x[i], y[i], s);
   return s;
 #else
   return scalar::dot(x, y, n);
@@ -45,7 +45,7 @@ void axpy(T a, const T* x, T* y, std::size_t n) {
     xsimd::fma(va, B::load_unaligned(x + i + W), B::load_unaligned(y + i + W)).store_unaligned(y + i + W);
   }
   for (; i + W <= n; i += W) xsimd::fma(va, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i < n; ++i) y[i] = madd(a, x[i], y[i]);
 #else
   scalar::axpy(a, x, y, n);
 #endif
