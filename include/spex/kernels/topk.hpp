@@ -15,10 +15,28 @@ namespace spex::kernels {
 
 namespace detail {
 #if SPEX_SIMD
-/// Bit l set iff lane l of `m` is true (xsimd 8.1 has no batch_bool::mask()): select the
-/// lane weights 2^l and add them up; exact, since W <= 16 keeps the sum below 2^24.
+/// Bit l set iff lane l of `m` is true. xsimd 8.1 has no batch_bool::mask(): the x86 ISAs read
+/// the compare's mask in one instruction (AVX-512 compares yield it); other ISAs select the lane
+/// weights 2^l and add them up, exact since W <= 16 keeps the sum below 2^24.
 template <class Arch, class T>
 std::uint32_t lane_bits(const xsimd::batch_bool<T, Arch>& m) {
+  constexpr bool is_float = std::is_same<T, float>::value;
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) return static_cast<std::uint32_t>(m.data);
+#endif
+#if defined(__AVX__)
+  if constexpr (std::is_base_of<xsimd::avx, Arch>::value) {
+    if constexpr (is_float) return static_cast<std::uint32_t>(_mm256_movemask_ps(m));
+    else return static_cast<std::uint32_t>(_mm256_movemask_pd(m));
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
+    if constexpr (is_float) return static_cast<std::uint32_t>(_mm_movemask_ps(m));
+    else return static_cast<std::uint32_t>(_mm_movemask_pd(m));
+  }
+#endif
+  (void)is_float;
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
   static_assert(W <= 16, "lane_bits packs at most 16 lanes");
