@@ -245,7 +245,10 @@ std::string config_hints(const ProductKeyLayerConfig& config, Rows rows) {
   if (c.glu != has("experts.down_linear") && (has("experts.down") || has("experts.down_linear")))
     hint("glu", c.glu ? "false (no experts.down_linear)" : "true (experts.down_linear)", c.glu ? "true" : "false");
   const std::int64_t table = has("experts.up") ? rows("experts.up") : rows("experts.values");
-  if (c.heads > 1 && table == (c.per_head_tables ? c.n_experts : c.heads * c.n_experts))
+  // table == heads * n_experts, without forming the product: a hostile file's config can hold
+  // values whose product overflows.
+  const bool heads_times_experts = c.n_experts > 0 && table >= 0 && table % c.n_experts == 0 && table / c.n_experts == c.heads;
+  if (c.heads > 1 && (c.per_head_tables ? table == c.n_experts : heads_times_experts))
     hint("per_head_tables", c.per_head_tables ? "false (expert tables of n_experts = " + std::to_string(table) + " rows)"
                                               : "true (expert tables of heads * n_experts = " + std::to_string(table) + " rows)",
          c.per_head_tables ? "true" : "false");
