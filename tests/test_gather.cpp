@@ -2,6 +2,7 @@
 
 #include <spex/kernels/compact.hpp>
 #include <spex/kernels/gather.hpp>
+#include <spex/kernels/transpose.hpp>
 
 #include "test_util.hpp"
 
@@ -167,4 +168,28 @@ TEST_CASE("bfloat16 widening is exact and int8 rows read only their own scale", 
   CHECK(out[0] == 39.f * d);
   CHECK(out[1] == 0.f);
   CHECK(out[2] == 17.f * d);
+}
+
+TEMPLATE_TEST_CASE("transpose_rows writes each row as a column, leaving the rest of dst alone", "[kernels]", float, double) {
+  using T = TestType;
+  // Whole 16 x 16 tiles, their edges in either direction, and one row or one column.
+  for (std::size_t n : {0, 1, 15, 16, 17, 40})
+    for (std::size_t m : {0, 1, 16, 31, 48, 513}) {
+      CAPTURE(n, m);
+      const std::size_t rows_ld = m + 5, ld_dst = n + 3;
+      const auto source = randn<T>(n * rows_ld + 1, 3 + n + m);
+      // Rows in a scrambled order, as the tokens of an expert are.
+      auto row = [&](std::size_t j) { return source.data() + ((j * 7) % (n == 0 ? 1 : n)) * rows_ld + (n % 2); };
+      std::vector<T> dst(m * ld_dst, T(-7));
+      kernels::transpose_rows(row, n, m, dst.data(), ld_dst);
+      std::size_t wrong = 0, touched = 0;
+      for (std::size_t i = 0; i < m; ++i)
+        for (std::size_t c = 0; c < ld_dst; ++c) {
+          const T got = dst[i * ld_dst + c];
+          if (c < n) wrong += got != row(c)[i];
+          else touched += got != T(-7);
+        }
+      CHECK(wrong == 0);
+      CHECK(touched == 0);
+    }
 }

@@ -17,6 +17,7 @@
 #include "../core/random.hpp"
 #include "../core/types.hpp"
 #include "../kernels/activation.hpp"
+#include "../kernels/transpose.hpp"
 #include "../metrics/flops.hpp"
 
 namespace spex {
@@ -201,7 +202,9 @@ class FfnExperts {
     c.h.resize(token_major > 0 ? rows : 0, h1());
     c.a.resize(token_major > 0 ? rows : 0, hidden_);
     c.xt.resize(fm_cols * d_);
-    c.ht.resize(fm_cols * h1());
+    // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
+    // zeroed, and after that they hold what earlier products wrote there.
+    if (c.ht.size() != fm_cols * h1()) c.ht.setZero(fm_cols * h1());
     c.at.resize(fm_cols * hidden_);
     c.yt.resize(fm_cols * d_out_);
     for_each_expert(groups, [&](Index e) {
@@ -320,21 +323,26 @@ class FfnExperts {
     auto ht = block(c.ht, h1());
     auto at = block(c.at, hidden_);
     auto yt = block(c.yt, d_out_);
-    constexpr Index kBlock = 16;  // tokens per gather task: 16 source rows read side by side
-    parallel_for((n + kBlock - 1) / kBlock, [&](Index b, int) {
-      const Index j0 = b * kBlock, j1 = std::min(n, j0 + kBlock);
-      const T* src[kBlock];
-      for (Index j = j0; j < j1; ++j) src[j - j0] = x.row(groups.token[r0 + j]).data();
-      for (Index i = 0; i < d_; ++i) {
-        T* dst = &xt(i, j0);
-        for (Index j = 0; j < j1 - j0; ++j) dst[j] = src[j][i];
-      }
+    constexpr Index kBlock = 16;  // tokens per task, a whole tile of kernels::transpose_rows
+    const Index blocks = (n + kBlock - 1) / kBlock;
+    auto u = [](Index i) { return static_cast<std::size_t>(i); };
+    parallel_for(blocks, [&](Index b, int) {
+      const Index j0 = b * kBlock, count = std::min(n - j0, kBlock);
+      kernels::transpose_rows<Arch>([&](std::size_t j) { return x.row(groups.token[r0 + j0 + Index(j)]).data(); }, u(count),
+                                    u(d_), &xt(0, j0), u(stride));
     });
     gemm(ht, w1_.middleRows(e * h1(), h1()), xt, false);
+    // Whole rows of the block, padding included (zeros, or what an earlier call's product wrote
+    // there: see infer), so the activation runs without a scalar tail; nothing reads the padding
+    // of aᵀ (the GEMM below takes the first n columns).
     const bool glu = kind_ == FfnKind::swiglu;
-    parallel_for(hidden_, [&](Index i, int) { activate(&ht(i, 0), glu ? &ht(hidden_ + i, 0) : nullptr, &at(i, 0), n); });
+    parallel_for(hidden_, [&](Index i, int) { activate(&ht(i, 0), glu ? &ht(hidden_ + i, 0) : nullptr, &at(i, 0), stride); });
     gemm(yt, w2_.middleRows(e * d_out_, d_out_), at, false);
-    parallel_for(n, [&](Index r, int) { c.yg.row(r0 + r) = yt.col(r).transpose(); });
+    parallel_for(blocks, [&](Index b, int) {
+      const Index t0 = b * kBlock, count = std::min(n - t0, kBlock);
+      kernels::transpose_rows<Arch>([&](std::size_t j) { return &yt(Index(j), t0); }, u(d_out_), u(count), &c.yg(r0 + t0, 0),
+                                    u(c.yg.cols()));
+    });
   }
 
   /// y (assigned) = the gate-weighted sum of each token's rows of c.yg, in expert order.

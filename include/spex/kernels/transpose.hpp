@@ -1,0 +1,72 @@
+#pragma once
+// Rows written as columns: the MoE experts' feature-major blocks (experts/ffn.hpp) gather an
+// expert's tokens as the columns of xᵀ, and copy the columns of yᵀ back to token rows.
+// On AVX-512, float: whole 16 x 16 tiles are transposed in registers (16 loads, 64 shuffles, 16
+// stores). Measured on a 2-core AMD EPYC VM (AVX-512), one thread, 4096 rows of 512 floats
+// from a 512-row matrix into 512 columns: 0.30-0.35 ms per pass against 0.70-0.81 ms for the
+// scalar loop (its twin); hardware gathers (one vgatherdps per 16 values) took 0.89-0.96 ms.
+// Other ISAs and types, and the edges of a tile, run the scalar twin's loop. Only copies: the
+// result is the same bits on every path.
+#include "scalar/transpose.hpp"
+#include "simd.hpp"
+
+namespace spex::kernels {
+
+namespace detail {
+#if SPEX_SIMD && defined(__AVX512F__)
+/// r[0..16) (16 rows of 16 floats) transposed in place: r[c] becomes column c.
+inline void transpose_16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int k = 0; k < 8; ++k) {  // pairs of rows interleaved: (a0 b0 a1 b1 ...), (a2 b2 a3 b3 ...) per 128-bit lane
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k)  // four rows: one column of four per 128-bit lane
+    for (int h = 0; h < 2; ++h) {
+      const __m512d a = _mm512_castps_pd(t[4 * k + h]), b = _mm512_castps_pd(t[4 * k + 2 + h]);
+      r[4 * k + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[4 * k + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int k = 0; k < 2; ++k)  // eight rows: 128-bit lanes regrouped
+    for (int h = 0; h < 4; ++h) {
+      t[8 * k + h] = _mm512_shuffle_f32x4(r[8 * k + h], r[8 * k + 4 + h], 0x88);
+      t[8 * k + 4 + h] = _mm512_shuffle_f32x4(r[8 * k + h], r[8 * k + 4 + h], 0xdd);
+    }
+  for (int h = 0; h < 8; ++h) {  // sixteen rows
+    r[h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0x88);
+    r[8 + h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0xdd);
+  }
+}
+#endif
+}  // namespace detail
+
+/// dst[i * ld_dst + j] = row(j)[i] for i < m, j < n: the n rows row(0), ..., row(n - 1) (each at
+/// least m long; `row` maps an index to a pointer) written as the columns of dst (m rows, ld_dst
+/// apart). dst must not overlap the rows.
+template <class Arch = default_arch, class T, class RowOf>
+void transpose_rows(RowOf&& row, std::size_t n, std::size_t m, T* dst, std::size_t ld_dst) {
+#if SPEX_SIMD && defined(__AVX512F__)
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
+    constexpr std::size_t kTile = 16;
+    const std::size_t full_n = n / kTile * kTile, full_m = m / kTile * kTile;
+    for (std::size_t j0 = 0; j0 < full_n; j0 += kTile) {
+      const float* src[kTile];
+      for (std::size_t j = 0; j < kTile; ++j) src[j] = row(j0 + j);
+      for (std::size_t i0 = 0; i0 < full_m; i0 += kTile) {
+        __m512 r[kTile];
+        for (std::size_t j = 0; j < kTile; ++j) r[j] = _mm512_loadu_ps(src[j] + i0);
+        detail::transpose_16x16(r);
+        for (std::size_t c = 0; c < kTile; ++c) _mm512_storeu_ps(dst + (i0 + c) * ld_dst + j0, r[c]);
+      }
+      // the last m % 16 columns of these rows
+      scalar::transpose_rows([&](std::size_t j) { return src[j] + full_m; }, kTile, m - full_m, dst + full_m * ld_dst + j0, ld_dst);
+    }
+    // the last n % 16 rows
+    scalar::transpose_rows([&](std::size_t j) { return row(full_n + j); }, n - full_n, m, dst + full_n, ld_dst);
+    return;
+  }
+#endif
+  scalar::transpose_rows(row, n, m, dst, ld_dst);
+}
+
+}  // namespace spex::kernels
