@@ -7,7 +7,7 @@
 #   nlohmann-json3-dev      JSON for safetensors headers and configs  spex::io
 #   libopenblas-openmp-dev  OpenBLAS, the GEMM engine                 spex::engines
 #   libxsmm-dev             libxsmm, JIT kernels for small products   spex::engines
-# and the packages given as arguments (scripts/test.sh adds clang, BLIS, PyTorch, Open MPI).
+# and the packages given as arguments (scripts/test.sh adds Ninja, clang, BLIS, PyTorch, Open MPI).
 # Usage: scripts/deps.sh [extra-package ...]
 # As root it runs apt-get itself; otherwise through sudo when there is one, and without sudo
 # it prints the command to run as root and stops.
