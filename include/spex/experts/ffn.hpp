@@ -323,13 +323,16 @@ class FfnExperts {
     auto ht = block(c.ht, h1());
     auto at = block(c.at, hidden_);
     auto yt = block(c.yt, d_out_);
-    constexpr Index kBlock = 16;  // tokens per task, a whole tile of kernels::transpose_rows
-    const Index blocks = (n + kBlock - 1) / kBlock;
+    // copy(t0, count) for the expert's tokens in blocks of 16 (a whole tile of
+    // kernels::transpose_rows), the blocks spread over the threads.
+    auto by_token_blocks = [&](auto&& copy) {
+      constexpr Index kBlock = 16;
+      parallel_for((n + kBlock - 1) / kBlock, [&](Index b, int) { copy(b * kBlock, std::min(n - b * kBlock, kBlock)); });
+    };
     auto u = [](Index i) { return static_cast<std::size_t>(i); };
-    parallel_for(blocks, [&](Index b, int) {
-      const Index j0 = b * kBlock, count = std::min(n - j0, kBlock);
-      kernels::transpose_rows<Arch>([&](std::size_t j) { return x.row(groups.token[r0 + j0 + Index(j)]).data(); }, u(count),
-                                    u(d_), &xt(0, j0), u(stride));
+    by_token_blocks([&](Index t0, Index count) {
+      kernels::transpose_rows<Arch>([&](std::size_t j) { return x.row(groups.token[r0 + t0 + Index(j)]).data(); }, u(count),
+                                    u(d_), &xt(0, t0), u(stride));
     });
     gemm(ht, w1_.middleRows(e * h1(), h1()), xt, false);
     // Whole rows of the block, padding included (zeros, or what an earlier call's product wrote
@@ -338,8 +341,7 @@ class FfnExperts {
     const bool glu = kind_ == FfnKind::swiglu;
     parallel_for(hidden_, [&](Index i, int) { activate(&ht(i, 0), glu ? &ht(hidden_ + i, 0) : nullptr, &at(i, 0), stride); });
     gemm(yt, w2_.middleRows(e * d_out_, d_out_), at, false);
-    parallel_for(blocks, [&](Index b, int) {
-      const Index t0 = b * kBlock, count = std::min(n - t0, kBlock);
+    by_token_blocks([&](Index t0, Index count) {
       kernels::transpose_rows<Arch>([&](std::size_t j) { return &yt(Index(j), t0); }, u(d_out_), u(count), &c.yg(r0 + t0, 0),
                                     u(c.yg.cols()));
     });
