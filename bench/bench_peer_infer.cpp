@@ -4,6 +4,9 @@
 //   BM_PeerInfer_<f32|bf16|int8>/<config>       whole infer at the config's batch, tokens/s
 //   BM_PeerExpertStep_<f32|bf16|int8>/<config>  the expert step alone on a real retrieval:
 //                                                table bytes read per second (rows + scales)
+//   BM_PeerRowRead_<f32|bf16|int8>/<config>     the same rows only read (each 64-byte line
+//                                                loaded, nothing computed): the step's ceiling
+//                                                on this machine with this access pattern
 //   BM_PeerLatency_<f32|bf16|int8>              one token through infer at config 1
 //                                                (N = 1024^2, d = 512): what an interactive user waits
 //   BM_PeerLatencyPart_<query|scores|topk>      that token's query projection, sub-key scores,
@@ -11,6 +14,10 @@
 //   BM_PeerLatencyExperts_<f32|bf16|int8>       that token's expert step
 // with BM_StreamCopy in the same binary. Threads from OMP_NUM_THREADS (run with 1 and 2).
 //   build/bench/bench/bench_peer_infer --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
 #include "peer_layers.hpp"
 
 namespace {
@@ -70,6 +77,81 @@ void BM_PeerExpertStep(benchmark::State& state) {
   }
   state.counters["bytes/s"] =
       benchmark::Counter(double(s.batch) * expert_bytes_per_token(S, s.d), benchmark::Counter::kIsIterationInvariantRate);
+  spex_bench::tokens_counter(state, s.batch);
+}
+
+/// The expert tables' bytes and row length in bytes, whatever their storage.
+struct RawTables {
+  const char* down;
+  const char* up;
+  std::size_t row_bytes;
+};
+RawTables raw_tables(const spex::Peer<float>& peer, TableStorage storage, Index d) {
+  const auto& e = peer.experts();
+  switch (storage) {
+    case TableStorage::bf16:
+      return {reinterpret_cast<const char*>(e.compact_down().bf16()), reinterpret_cast<const char*>(e.compact_up().bf16()),
+              std::size_t(d) * 2};
+    case TableStorage::int8:
+      return {reinterpret_cast<const char*>(e.compact_down().i8()), reinterpret_cast<const char*>(e.compact_up().i8()),
+              std::size_t(d)};
+    default:
+      return {reinterpret_cast<const char*>(e.down().data()), reinterpret_cast<const char*>(e.up().data()), std::size_t(d) * 4};
+  }
+}
+
+/// Loads one 8-byte word of every 64-byte line of the rows ids[0, m) (4 rows per pass, the first
+/// line of each row prefetched 8 rows ahead: the fastest plain read of random rows measured
+/// here) and returns their sum, so that nothing is optimized away.
+std::uint64_t read_rows(const char* table, std::size_t row_bytes, const Index* ids, std::size_t m) {
+  std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  std::size_t r = 0;
+  for (; r + 4 <= m; r += 4) {
+    for (std::size_t q = 0; q < 4 && r + 8 + q < m; ++q) spex::kernels::prefetch_lines(table + std::size_t(ids[r + 8 + q]) * row_bytes, 1);
+    const char* a = table + std::size_t(ids[r]) * row_bytes;
+    const char* b = table + std::size_t(ids[r + 1]) * row_bytes;
+    const char* c = table + std::size_t(ids[r + 2]) * row_bytes;
+    const char* e = table + std::size_t(ids[r + 3]) * row_bytes;
+    for (std::size_t i = 0; i < row_bytes; i += 64) {
+      std::uint64_t w[4];
+      std::memcpy(&w[0], a + i, 8);
+      std::memcpy(&w[1], b + i, 8);
+      std::memcpy(&w[2], c + i, 8);
+      std::memcpy(&w[3], e + i, 8);
+      s0 += w[0];
+      s1 += w[1];
+      s2 += w[2];
+      s3 += w[3];
+    }
+  }
+  for (; r < m; ++r)
+    for (std::size_t i = 0; i < row_bytes; i += 64) {
+      std::uint64_t w;
+      std::memcpy(&w, table + std::size_t(ids[r]) * row_bytes + i, 8);
+      s0 += w;
+    }
+  return s0 + s1 + s2 + s3;
+}
+
+template <TableStorage S>
+void BM_PeerRowRead(benchmark::State& state) {
+  const int config = int(state.range(0));
+  const auto s = kPeerShapes[config];
+  const RawTables t = raw_tables(spex_bench::peer_layer(config, S), S, s.d);
+  const auto& caches = retrievals(config);
+  std::vector<std::uint64_t> sums(std::size_t(s.batch));
+  int i = 0;
+  for (auto _ : state) {
+    const auto& ids = caches[i++ % kPeerBatches].retrieval.ids;
+    const std::size_t m = std::size_t(ids.cols());
+    spex::parallel_for(s.batch, [&](Index tok, int) {
+      const Index* row = &ids(tok, 0);
+      sums[std::size_t(tok)] = read_rows(t.down, t.row_bytes, row, m) + read_rows(t.up, t.row_bytes, row, m);
+    });
+    benchmark::DoNotOptimize(sums.data());
+  }
+  state.counters["bytes/s"] = benchmark::Counter(double(s.batch) * 2.0 * 8 * 16 * double(t.row_bytes),
+                                                 benchmark::Counter::kIsIterationInvariantRate);
   spex_bench::tokens_counter(state, s.batch);
 }
 
@@ -191,6 +273,9 @@ SPEX_BENCH_MACHINE_LIMITS();
 SPEX_PER_STORAGE(BM_PeerExpertStep, "f32", TableStorage::native, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerExpertStep, "bf16", TableStorage::bf16, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerExpertStep, "int8", TableStorage::int8, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerRowRead, "f32", TableStorage::native, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerRowRead, "bf16", TableStorage::bf16, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerRowRead, "int8", TableStorage::int8, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerInfer, "f32", TableStorage::native, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerInfer, "bf16", TableStorage::bf16, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerInfer, "int8", TableStorage::int8, SPEX_CONFIGS);

@@ -64,6 +64,35 @@ TEMPLATE_TEST_CASE("gather_dot gives a row the same bits wherever it stands in t
   }
 }
 
+TEST_CASE("bfloat16 and int8 dots give a row the same bits wherever it stands in the list", "[kernels]") {
+  // As for float: four rows per pass, the tail one by one, each row summed in one order.
+  const std::size_t rows = 9, d = 77;
+  spex::Rng rng(23);
+  std::vector<std::uint16_t> bf(rows * d);
+  std::vector<std::int8_t> q(rows * d);
+  std::vector<float> scale(rows);
+  for (std::size_t i = 0; i < rows * d; ++i) {
+    bf[i] = std::uint16_t(0x3c00 + rng.below(0x0800)) ^ std::uint16_t(rng.below(2) << 15);
+    q[i] = std::int8_t(int(rng.below(255)) - 127);
+  }
+  for (std::size_t r = 0; r < rows; ++r) scale[r] = float(0.02 + 0.001 * double(r));
+  const auto x = randn<float>(d, 24);
+  for (std::size_t m = 1; m <= 9; ++m) {
+    std::vector<std::int64_t> ids(m);
+    for (std::size_t r = 0; r < m; ++r) ids[r] = static_cast<std::int64_t>(rows - 1 - r);
+    std::vector<float> out_bf(m), out_q(m), alone(1);
+    kernels::gather_dot_bf16(bf.data(), d, ids.data(), m, x.data(), d, out_bf.data());
+    kernels::gather_dot_i8(q.data(), d, scale.data(), ids.data(), m, x.data(), d, out_q.data());
+    for (std::size_t r = 0; r < m; ++r) {
+      CAPTURE(m, r);
+      kernels::gather_dot_bf16(bf.data(), d, ids.data() + r, 1, x.data(), d, alone.data());
+      CHECK(out_bf[r] == alone[0]);
+      kernels::gather_dot_i8(q.data(), d, scale.data(), ids.data() + r, 1, x.data(), d, alone.data());
+      CHECK(out_q[r] == alone[0]);
+    }
+  }
+}
+
 TEST_CASE("gather_dot reads exactly the listed rows", "[kernels]") {
   // Row i of the table is all i: the dot with a vector of ones is i * d.
   const std::size_t rows = 50, d = 37;
