@@ -71,6 +71,7 @@ template <class T = float, class Arch = default_arch>
 class FfnExperts {
  public:
   struct Cache {
+    // Rows and columns as the call needs them or more: the buffers only grow (see infer).
     RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
     RowMat<T> dyg, da, dh, dxg;
     // infer's feature-major blocks, one per expert with many tokens: xg, h, a, yg transposed (a
@@ -167,11 +168,11 @@ class FfnExperts {
   /// each expert's GEMMs single-threaded.
   void forward(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
     check_forward_args(x, gates, y);
-    const Index rows = groups.rows();
-    c.xg.resize(rows, d_);
-    c.h.resize(rows, h1());
-    c.a.resize(rows, hidden_);
-    c.yg.resize(rows, d_out_);
+    const Index rows = groups.rows();  // the buffers only grow (see infer)
+    grow_rows(c.xg, rows, d_);
+    grow_rows(c.h, rows, h1());
+    grow_rows(c.a, rows, hidden_);
+    grow_rows(c.yg, rows, d_out_);
     for_each_expert(groups, [&](Index e) { run_token_major(x, groups, e, c); });
     combine(gates, groups, y, c);
   }
@@ -196,17 +197,22 @@ class FfnExperts {
       c.fm_col[e] = fm_cols;
       fm_cols += feature_major_stride(n);
     }
+    // The buffers only grow: the routed rows and the feature-major columns change from batch to
+    // batch, and resizing them to each batch reallocated them on most calls. The kernels address
+    // them by row and offset, never by their sizes.
     const Index rows = groups.rows();
-    c.yg.resize(rows, d_out_);
-    c.xg.resize(token_major > 0 ? rows : 0, d_);
-    c.h.resize(token_major > 0 ? rows : 0, h1());
-    c.a.resize(token_major > 0 ? rows : 0, hidden_);
-    c.xt.resize(fm_cols * d_);
+    grow_rows(c.yg, rows, d_out_);
+    if (token_major > 0) {
+      grow_rows(c.xg, rows, d_);
+      grow_rows(c.h, rows, h1());
+      grow_rows(c.a, rows, hidden_);
+    }
+    grow(c.xt, fm_cols * d_);
     // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
     // zeroed, and after that they hold what earlier products wrote there.
-    if (c.ht.size() != fm_cols * h1()) c.ht.setZero(fm_cols * h1());
-    c.at.resize(fm_cols * hidden_);
-    c.yt.resize(fm_cols * d_out_);
+    if (c.ht.size() < fm_cols * h1()) c.ht.setZero(fm_cols * h1() + fm_cols * h1() / 8);
+    grow(c.at, fm_cols * hidden_);
+    grow(c.yt, fm_cols * d_out_);
     for_each_expert(groups, [&](Index e) {
       if (c.fm_col[e] >= 0)
         run_feature_major(x, groups, e, c);
@@ -224,10 +230,10 @@ class FfnExperts {
     check_shape(dgates, x.rows(), n_experts_, "dgates");
     check_grads(g, "grads");
     const Index rows = groups.rows();
-    c.dyg.resize(rows, d_out_);
-    c.da.resize(rows, hidden_);
-    c.dh.resize(rows, h1());
-    c.dxg.resize(rows, d_);
+    grow_rows(c.dyg, rows, d_out_);
+    grow_rows(c.da, rows, hidden_);
+    grow_rows(c.dh, rows, h1());
+    grow_rows(c.dxg, rows, d_);
     parallel_for(x.rows(), [&](Index t, int) {
       for (Index e = 0; e < n_experts_; ++e) {
         const Index r = groups.row_of(t, e);
@@ -281,6 +287,16 @@ class FfnExperts {
       for (Index e = 0; e < n_e; ++e)
         if (groups.count(e) > 0) body(e);
     }
+  }
+
+  /// At least `rows` rows of `cols` columns in m, an eighth more when it grows (row counts
+  /// wander from batch to batch); its contents are unspecified after a change.
+  static void grow_rows(RowMat<T>& m, Index rows, Index cols) {
+    if (m.rows() < rows || m.cols() != cols) m.resize(rows + rows / 8, cols);
+  }
+  /// At least n values in v, an eighth more when it grows; contents unspecified after a change.
+  static void grow(Vec<T>& v, Index n) {
+    if (v.size() < n) v.resize(n + n / 8);
   }
 
   void check_forward_args(CMatRef<T> x, CMatRef<T> gates, MatRef<T> y) const {
