@@ -88,21 +88,141 @@ inline void prefetch_row(const T* table, std::size_t ld, const std::int64_t* ids
 
 namespace detail {
 #if SPEX_SIMD
-/// row . x with two accumulators over alternate batches (the order every float gather sums in).
+// The row gathers below serve float rows here and compact rows (kernels/compact.hpp) alike. A
+// Rows policy says how a row of its storage S reads as T: `batch` W values at p, `one` a single
+// value, and `lines`, which lines of a row are prefetched. A Scale policy gives a row's dot
+// (`dot`) and axpy coefficient (`coef`) their per-row scale and prefetches it (`prefetch`).
+
+/// Rows of T read as they are stored; on AMD CPUs only their first line is prefetched.
 template <class Arch, class T>
-inline T row_dot(const T* row, const T* x, std::size_t d) {
+struct PlainRows {
+  static xsimd::batch<T, Arch> batch(const T* p) { return xsimd::batch<T, Arch>::load_unaligned(p); }
+  static T one(T v) { return v; }
+  static constexpr RowLines lines = RowLines::first_on_amd;
+};
+
+/// Rows without a scale.
+struct NoScale {
+  template <class T>
+  T dot(std::size_t, T s) const { return s; }
+  template <class T>
+  T coef(std::size_t, T alpha) const { return alpha; }
+  void prefetch(std::size_t) const {}
+};
+
+/// Prefetches row r of the id list (and its scale) when r < m.
+template <class Rows, class S, class Scale>
+inline void prefetch_pick(const S* table, std::size_t ld, const std::int64_t* ids, std::size_t r, std::size_t m, std::size_t d,
+                          const Scale& scale) {
+  prefetch_row(table, ld, ids, r, m, d, Rows::lines);
+  if (r < m) scale.prefetch(static_cast<std::size_t>(ids[r]));
+}
+
+/// row . x with two accumulators over alternate batches, then the last d mod W values (the
+/// order every row gather sums a row in).
+template <class Arch, class Rows, class S, class T>
+inline T row_dot(const S* row, const T* x, std::size_t d) {
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
   B a0(T(0)), a1(T(0));
   std::size_t i = 0;
   for (; i + 2 * W <= d; i += 2 * W) {
-    a0 = xsimd::fma(B::load_unaligned(row + i), B::load_unaligned(x + i), a0);
-    a1 = xsimd::fma(B::load_unaligned(row + i + W), B::load_unaligned(x + i + W), a1);
+    a0 = xsimd::fma(Rows::batch(row + i), B::load_unaligned(x + i), a0);
+    a1 = xsimd::fma(Rows::batch(row + i + W), B::load_unaligned(x + i + W), a1);
   }
-  for (; i + W <= d; i += W) a0 = xsimd::fma(B::load_unaligned(row + i), B::load_unaligned(x + i), a0);
+  for (; i + W <= d; i += W) a0 = xsimd::fma(Rows::batch(row + i), B::load_unaligned(x + i), a0);
   T s = xsimd::hadd(a0 + a1);
-  for (; i < d; ++i) s = madd(row[i], x[i], s);
+  for (; i < d; ++i) s = madd(Rows::one(row[i]), x[i], s);
   return s;
+}
+
+/// out[r] = scale.dot(ids[r], row ids[r] . x) for r < m: four rows per pass (the loads of x
+/// shared), each row summed as row_dot sums it, the rest one by one.
+template <class Arch, class Rows, class S, class T, class Scale>
+inline void rows_gather_dot(const S* table, std::size_t ld, const std::int64_t* ids, std::size_t m, const T* x,
+                            std::size_t d, T* out, const Scale& scale) {
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  std::size_t r = 0;
+  for (; r + 4 <= m; r += 4) {
+    for (std::size_t q = 0; q < 4; ++q) prefetch_pick<Rows>(table, ld, ids, r + kPrefetchAhead + q, m, d, scale);
+    const std::size_t i0 = static_cast<std::size_t>(ids[r]), i1 = static_cast<std::size_t>(ids[r + 1]),
+                      i2 = static_cast<std::size_t>(ids[r + 2]), i3 = static_cast<std::size_t>(ids[r + 3]);
+    const S *r0 = table + i0 * ld, *r1 = table + i1 * ld, *r2 = table + i2 * ld, *r3 = table + i3 * ld;
+    B a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0)), c0(T(0)), c1(T(0)), e0(T(0)), e1(T(0));
+    std::size_t i = 0;
+    for (; i + 2 * W <= d; i += 2 * W) {
+      const B x0 = B::load_unaligned(x + i), x1 = B::load_unaligned(x + i + W);
+      a0 = xsimd::fma(Rows::batch(r0 + i), x0, a0);
+      b0 = xsimd::fma(Rows::batch(r1 + i), x0, b0);
+      c0 = xsimd::fma(Rows::batch(r2 + i), x0, c0);
+      e0 = xsimd::fma(Rows::batch(r3 + i), x0, e0);
+      a1 = xsimd::fma(Rows::batch(r0 + i + W), x1, a1);
+      b1 = xsimd::fma(Rows::batch(r1 + i + W), x1, b1);
+      c1 = xsimd::fma(Rows::batch(r2 + i + W), x1, c1);
+      e1 = xsimd::fma(Rows::batch(r3 + i + W), x1, e1);
+    }
+    for (; i + W <= d; i += W) {
+      const B x0 = B::load_unaligned(x + i);
+      a0 = xsimd::fma(Rows::batch(r0 + i), x0, a0);
+      b0 = xsimd::fma(Rows::batch(r1 + i), x0, b0);
+      c0 = xsimd::fma(Rows::batch(r2 + i), x0, c0);
+      e0 = xsimd::fma(Rows::batch(r3 + i), x0, e0);
+    }
+    T s0 = xsimd::hadd(a0 + a1), s1 = xsimd::hadd(b0 + b1), s2 = xsimd::hadd(c0 + c1), s3 = xsimd::hadd(e0 + e1);
+    for (; i < d; ++i) {
+      s0 = madd(Rows::one(r0[i]), x[i], s0);
+      s1 = madd(Rows::one(r1[i]), x[i], s1);
+      s2 = madd(Rows::one(r2[i]), x[i], s2);
+      s3 = madd(Rows::one(r3[i]), x[i], s3);
+    }
+    out[r] = scale.dot(i0, s0);
+    out[r + 1] = scale.dot(i1, s1);
+    out[r + 2] = scale.dot(i2, s2);
+    out[r + 3] = scale.dot(i3, s3);
+  }
+  for (; r < m; ++r) {
+    prefetch_pick<Rows>(table, ld, ids, r + kPrefetchAhead, m, d, scale);
+    const std::size_t id = static_cast<std::size_t>(ids[r]);
+    out[r] = scale.dot(id, row_dot<Arch, Rows>(table + id * ld, x, d));
+  }
+}
+
+/// y += sum_r scale.coef(ids[r], alpha[r]) row ids[r], added row after row: four rows per pass
+/// over y (its loads and stores shared), the rest one by one.
+template <class Arch, class Rows, class S, class T, class Scale>
+inline void rows_gather_axpy(const S* table, std::size_t ld, const std::int64_t* ids, const T* alpha, std::size_t m, T* y,
+                             std::size_t d, const Scale& scale) {
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  std::size_t r = 0;
+  for (; r + 4 <= m; r += 4) {
+    for (std::size_t q = 0; q < 4; ++q) prefetch_pick<Rows>(table, ld, ids, r + kPrefetchAhead + q, m, d, scale);
+    const std::size_t i0 = static_cast<std::size_t>(ids[r]), i1 = static_cast<std::size_t>(ids[r + 1]),
+                      i2 = static_cast<std::size_t>(ids[r + 2]), i3 = static_cast<std::size_t>(ids[r + 3]);
+    const S *r0 = table + i0 * ld, *r1 = table + i1 * ld, *r2 = table + i2 * ld, *r3 = table + i3 * ld;
+    const T k0 = scale.coef(i0, alpha[r]), k1 = scale.coef(i1, alpha[r + 1]), k2 = scale.coef(i2, alpha[r + 2]),
+            k3 = scale.coef(i3, alpha[r + 3]);
+    const B c0(k0), c1(k1), c2(k2), c3(k3);
+    std::size_t i = 0;
+    for (; i + W <= d; i += W) {
+      B acc = xsimd::fma(c0, Rows::batch(r0 + i), B::load_unaligned(y + i));
+      acc = xsimd::fma(c1, Rows::batch(r1 + i), acc);
+      acc = xsimd::fma(c2, Rows::batch(r2 + i), acc);
+      xsimd::fma(c3, Rows::batch(r3 + i), acc).store_unaligned(y + i);
+    }
+    for (; i < d; ++i) y[i] = madd(k3, Rows::one(r3[i]), madd(k2, Rows::one(r2[i]), madd(k1, Rows::one(r1[i]), madd(k0, Rows::one(r0[i]), y[i]))));
+  }
+  for (; r < m; ++r) {
+    prefetch_pick<Rows>(table, ld, ids, r + kPrefetchAhead, m, d, scale);
+    const std::size_t id = static_cast<std::size_t>(ids[r]);
+    const T k = scale.coef(id, alpha[r]);
+    const S* row = table + id * ld;
+    const B c(k);
+    std::size_t i = 0;
+    for (; i + W <= d; i += W) xsimd::fma(c, Rows::batch(row + i), B::load_unaligned(y + i)).store_unaligned(y + i);
+    for (; i < d; ++i) y[i] = madd(k, Rows::one(row[i]), y[i]);
+  }
 }
 #endif
 }  // namespace detail
@@ -113,51 +233,7 @@ template <class Arch = default_arch, class T>
 void gather_dot(const T* table, std::size_t ld, const std::int64_t* ids, std::size_t m, const T* x,
                 std::size_t d, T* out) {
 #if SPEX_SIMD
-  using B = xsimd::batch<T, Arch>;
-  constexpr std::size_t W = B::size;
-  std::size_t r = 0;
-  for (; r + 4 <= m; r += 4) {
-    for (std::size_t q = 0; q < 4; ++q) detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + q, m, d, detail::RowLines::first_on_amd);
-    const T* r0 = table + static_cast<std::size_t>(ids[r]) * ld;
-    const T* r1 = table + static_cast<std::size_t>(ids[r + 1]) * ld;
-    const T* r2 = table + static_cast<std::size_t>(ids[r + 2]) * ld;
-    const T* r3 = table + static_cast<std::size_t>(ids[r + 3]) * ld;
-    B a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0)), c0(T(0)), c1(T(0)), e0(T(0)), e1(T(0));
-    std::size_t i = 0;
-    for (; i + 2 * W <= d; i += 2 * W) {
-      const B x0 = B::load_unaligned(x + i), x1 = B::load_unaligned(x + i + W);
-      a0 = xsimd::fma(B::load_unaligned(r0 + i), x0, a0);
-      b0 = xsimd::fma(B::load_unaligned(r1 + i), x0, b0);
-      c0 = xsimd::fma(B::load_unaligned(r2 + i), x0, c0);
-      e0 = xsimd::fma(B::load_unaligned(r3 + i), x0, e0);
-      a1 = xsimd::fma(B::load_unaligned(r0 + i + W), x1, a1);
-      b1 = xsimd::fma(B::load_unaligned(r1 + i + W), x1, b1);
-      c1 = xsimd::fma(B::load_unaligned(r2 + i + W), x1, c1);
-      e1 = xsimd::fma(B::load_unaligned(r3 + i + W), x1, e1);
-    }
-    for (; i + W <= d; i += W) {
-      const B x0 = B::load_unaligned(x + i);
-      a0 = xsimd::fma(B::load_unaligned(r0 + i), x0, a0);
-      b0 = xsimd::fma(B::load_unaligned(r1 + i), x0, b0);
-      c0 = xsimd::fma(B::load_unaligned(r2 + i), x0, c0);
-      e0 = xsimd::fma(B::load_unaligned(r3 + i), x0, e0);
-    }
-    T s0 = xsimd::hadd(a0 + a1), s1 = xsimd::hadd(b0 + b1), s2 = xsimd::hadd(c0 + c1), s3 = xsimd::hadd(e0 + e1);
-    for (; i < d; ++i) {
-      s0 = madd(r0[i], x[i], s0);
-      s1 = madd(r1[i], x[i], s1);
-      s2 = madd(r2[i], x[i], s2);
-      s3 = madd(r3[i], x[i], s3);
-    }
-    out[r] = s0;
-    out[r + 1] = s1;
-    out[r + 2] = s2;
-    out[r + 3] = s3;
-  }
-  for (; r < m; ++r) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d, detail::RowLines::first_on_amd);
-    out[r] = detail::row_dot<Arch>(table + static_cast<std::size_t>(ids[r]) * ld, x, d);
-  }
+  detail::rows_gather_dot<Arch, detail::PlainRows<Arch, T>>(table, ld, ids, m, x, d, out, detail::NoScale{});
 #else
   scalar::gather_dot(table, ld, ids, m, x, d, out);
 #endif
@@ -168,29 +244,7 @@ template <class Arch = default_arch, class T>
 void gather_axpy(const T* table, std::size_t ld, const std::int64_t* ids, const T* alpha, std::size_t m,
                  T* y, std::size_t d) {
 #if SPEX_SIMD
-  using B = xsimd::batch<T, Arch>;
-  constexpr std::size_t W = B::size;
-  std::size_t r = 0;
-  for (; r + 4 <= m; r += 4) {
-    for (std::size_t q = 0; q < 4; ++q) detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead + q, m, d, detail::RowLines::first_on_amd);
-    const T* r0 = table + static_cast<std::size_t>(ids[r]) * ld;
-    const T* r1 = table + static_cast<std::size_t>(ids[r + 1]) * ld;
-    const T* r2 = table + static_cast<std::size_t>(ids[r + 2]) * ld;
-    const T* r3 = table + static_cast<std::size_t>(ids[r + 3]) * ld;
-    const B c0(alpha[r]), c1(alpha[r + 1]), c2(alpha[r + 2]), c3(alpha[r + 3]);
-    std::size_t i = 0;
-    for (; i + W <= d; i += W) {
-      B acc = xsimd::fma(c0, B::load_unaligned(r0 + i), B::load_unaligned(y + i));
-      acc = xsimd::fma(c1, B::load_unaligned(r1 + i), acc);
-      acc = xsimd::fma(c2, B::load_unaligned(r2 + i), acc);
-      xsimd::fma(c3, B::load_unaligned(r3 + i), acc).store_unaligned(y + i);
-    }
-    for (; i < d; ++i) y[i] = madd(alpha[r + 3], r3[i], madd(alpha[r + 2], r2[i], madd(alpha[r + 1], r1[i], madd(alpha[r], r0[i], y[i]))));
-  }
-  for (; r < m; ++r) {
-    detail::prefetch_row(table, ld, ids, r + detail::kPrefetchAhead, m, d, detail::RowLines::first_on_amd);
-    axpy<Arch>(alpha[r], table + static_cast<std::size_t>(ids[r]) * ld, y, d);
-  }
+  detail::rows_gather_axpy<Arch, detail::PlainRows<Arch, T>>(table, ld, ids, alpha, m, y, d, detail::NoScale{});
 #else
   scalar::gather_axpy(table, ld, ids, alpha, m, y, d);
 #endif
