@@ -71,12 +71,16 @@ struct Bf16Rows {
   static xsimd::batch<float, Arch> batch(const std::uint16_t* p) { return load_bf16<Arch>(p); }
   static float one(std::uint16_t v) { return scalar::bf16_to_float(v); }
   static constexpr RowLines lines = RowLines::all;
+  static constexpr std::size_t rows_per_pass = 4;  // eight: no faster (in one program)
 };
 template <class Arch>
 struct I8Rows {
   static xsimd::batch<float, Arch> batch(const std::int8_t* p) { return load_i8<Arch>(p); }
   static float one(std::int8_t v) { return float(v); }
   static constexpr RowLines lines = RowLines::all;
+  // Eight rows per pass where the 32 AVX-512 registers hold their 16 accumulators: the int8 step
+  // ran 1.5x as fast as with four (docs/performance.md); four elsewhere (16 registers).
+  static constexpr std::size_t rows_per_pass = std::is_base_of<xsimd::avx512f, Arch>::value ? 8 : 4;
 };
 
 // The compact gathers walk four rows per pass, as the float gathers do (they are the same
