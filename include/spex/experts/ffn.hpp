@@ -210,7 +210,7 @@ class FfnExperts {
     grow(c.xt, fm_cols * d_);
     // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
     // zeroed, and after that they hold what earlier products wrote there.
-    if (c.ht.size() < fm_cols * h1()) c.ht.setZero(fm_cols * h1() + fm_cols * h1() / 8);
+    grow(c.ht, fm_cols * h1(), Fill::zeros);
     grow(c.at, fm_cols * hidden_);
     grow(c.yt, fm_cols * d_out_);
     for_each_expert(groups, [&](Index e) {
@@ -294,9 +294,15 @@ class FfnExperts {
   static void grow_rows(RowMat<T>& m, Index rows, Index cols) {
     if (m.rows() < rows || m.cols() != cols) m.resize(rows + rows / 8, cols);
   }
-  /// At least n values in v, an eighth more when it grows; contents unspecified after a change.
-  static void grow(Vec<T>& v, Index n) {
-    if (v.size() < n) v.resize(n + n / 8);
+  enum class Fill { unspecified, zeros };
+  /// At least n values in v, an eighth more when it grows; after a change its contents are
+  /// unspecified or zeros, as `fill` says.
+  static void grow(Vec<T>& v, Index n, Fill fill = Fill::unspecified) {
+    if (v.size() >= n) return;
+    if (fill == Fill::zeros)
+      v.setZero(n + n / 8);
+    else
+      v.resize(n + n / 8);
   }
 
   void check_forward_args(CMatRef<T> x, CMatRef<T> gates, MatRef<T> y) const {

@@ -6,7 +6,8 @@
 // code (kernels/gather.hpp: the same passes of four rows, prefetches and, on Intel CPUs, touches
 // ahead) with the rows widened.
 // Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
-#include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -98,7 +99,7 @@ struct RowScale {
   const float* scale;
   float dot(std::size_t id, float s) const { return scale[id] * s; }
   float coef(std::size_t id, float alpha) const { return alpha * scale[id]; }
-  void prefetch(std::size_t id) const { __builtin_prefetch(scale + id, 0, 3); }
+  void prefetch(std::size_t id) const { prefetch_lines(scale + id, 1); }
 };
 #endif
 }  // namespace detail

@@ -121,6 +121,15 @@ inline void prefetch_pick(const S* table, std::size_t ld, const std::int64_t* id
   if (r < m) scale.prefetch(static_cast<std::size_t>(ids[r]));
 }
 
+/// Starts the pass over rows r .. r + Rows::rows_per_pass of the id list: prefetches the rows
+/// kPrefetchAhead further on and points row[q] at row r + q.
+template <class Rows, class S, class Scale>
+inline void start_pass(const S* table, std::size_t ld, const std::int64_t* ids, std::size_t r, std::size_t m,
+                       std::size_t d, const Scale& scale, const S* (&row)[Rows::rows_per_pass]) {
+  for (std::size_t q = 0; q < Rows::rows_per_pass; ++q) prefetch_pick<Rows>(table, ld, ids, r + kPrefetchAhead + q, m, d, scale);
+  for (std::size_t q = 0; q < Rows::rows_per_pass; ++q) row[q] = table + static_cast<std::size_t>(ids[r + q]) * ld;
+}
+
 /// row . x with two accumulators over alternate batches, then the last d mod W values (the
 /// order every row gather sums a row in).
 template <class Arch, class Rows, class S, class T>
@@ -148,9 +157,8 @@ inline void rows_gather_dot(const S* table, std::size_t ld, const std::int64_t* 
   constexpr std::size_t W = B::size, N = Rows::rows_per_pass;
   std::size_t r = 0;
   for (; r + N <= m; r += N) {
-    for (std::size_t q = 0; q < N; ++q) prefetch_pick<Rows>(table, ld, ids, r + kPrefetchAhead + q, m, d, scale);
     const S* row[N];
-    for (std::size_t q = 0; q < N; ++q) row[q] = table + static_cast<std::size_t>(ids[r + q]) * ld;
+    start_pass<Rows>(table, ld, ids, r, m, d, scale, row);
     B a0[N], a1[N];
     for (std::size_t q = 0; q < N; ++q) a0[q] = a1[q] = B(T(0));
     std::size_t i = 0;
@@ -185,14 +193,10 @@ inline void rows_gather_axpy(const S* table, std::size_t ld, const std::int64_t*
   constexpr std::size_t W = B::size, N = Rows::rows_per_pass;
   std::size_t r = 0;
   for (; r + N <= m; r += N) {
-    for (std::size_t q = 0; q < N; ++q) prefetch_pick<Rows>(table, ld, ids, r + kPrefetchAhead + q, m, d, scale);
     const S* row[N];
+    start_pass<Rows>(table, ld, ids, r, m, d, scale, row);
     T k[N];
-    for (std::size_t q = 0; q < N; ++q) {
-      const std::size_t id = static_cast<std::size_t>(ids[r + q]);
-      row[q] = table + id * ld;
-      k[q] = scale.coef(id, alpha[r + q]);
-    }
+    for (std::size_t q = 0; q < N; ++q) k[q] = scale.coef(static_cast<std::size_t>(ids[r + q]), alpha[r + q]);
     std::size_t i = 0;
     for (; i + W <= d; i += W) {
       B acc = B::load_unaligned(y + i);
