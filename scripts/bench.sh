@@ -32,15 +32,16 @@ done
 
 export OMP_NUM_THREADS=$threads
 # OpenBLAS picks its kernels from the CPU when it loads; a CPU newer than the OpenBLAS release
-# (Zen 5 with Debian's 0.3.21) gets the AVX2 ones although it has AVX-512. Then everyone
-# (spex and the peers, which use the same OpenBLAS) runs with its AVX-512 kernels. A value the
-# caller set is kept (and reported).
+# gets older ones although it has AVX-512 (with Debian's 0.3.21: the AVX2 ones on Zen 5, the
+# SSE3 ones, Prescott, on an Intel Xeon of model 207). Then everyone (spex and the peers, which
+# use the same OpenBLAS) runs with its AVX-512 kernels. A value the caller set is kept (and
+# reported).
 kernel=$(build/bench-engines/bench/bench_gemm --benchmark_filter='BM_GemmEngine/1/0/' --benchmark_min_time=0.01 \
            --benchmark_format=json 2>/dev/null | sed -n 's/.*"label": ".*, \([A-Za-z0-9]*\)".*/\1/p' | head -1)
 coretype="" note=""
-if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx512f /proc/cpuinfo && [[ "$kernel" =~ ^(Haswell|Zen|SandyBridge)$ ]]; then
+if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx512f /proc/cpuinfo && ! [[ "$kernel" =~ ^(SkylakeX|Cooperlake|SapphireRapids)$ ]]; then
   export OPENBLAS_CORETYPE=SkylakeX
-  coretype=SkylakeX note="OpenBLAS detected $kernel (AVX2 kernels) on this AVX-512 CPU."
+  coretype=SkylakeX note="OpenBLAS detected $kernel (no AVX-512 kernels) on this AVX-512 CPU."
 elif [ -n "${OPENBLAS_CORETYPE:-}" ]; then
   coretype=$OPENBLAS_CORETYPE note="set by the caller."
 fi

@@ -74,8 +74,9 @@ inline const char* gemm_cblas_kernel() {
 }
 
 /// Whether the CBLAS serves the large products. Eigen is compiled into the caller with its ISA:
-/// where that has AVX-512 and OpenBLAS picked an AVX2 kernel family (a CPU newer than the
-/// OpenBLAS release, such as Zen 5 with Debian's 0.3.21), Eigen is faster (docs/api.md, "GEMM
+/// where that has AVX-512 and OpenBLAS picked a family without AVX-512 kernels (a CPU newer
+/// than the OpenBLAS release: Debian's 0.3.21 picks Haswell's AVX2 kernels on Zen 5 and
+/// Prescott's SSE3 ones on an Intel Xeon of model 207), Eigen is faster (docs/api.md, "GEMM
 /// engines") and serves them; set OPENBLAS_CORETYPE=SkylakeX there to get OpenBLAS's
 /// AVX-512 kernels, faster than both. Decided once per process from the CPU and environment,
 /// never from timings, so a process's results are reproducible.
