@@ -202,6 +202,38 @@ TEST_CASE("MoE inference runs experts with many tokens feature-major: the refere
   }
 }
 
+TEST_CASE("MoE inference over experts run side by side reuses one cache: the reference's y, the same bits on 1 and 2 threads",
+          "[remoe]") {
+  // 8 experts, 2 per token: every expert has tens of tokens and runs feature-major, and with two
+  // threads the experts run over the threads, each in its thread's scratch. The cache serves a
+  // bigger batch first, so the smaller one's blocks sit in scratch that earlier experts wrote.
+  using Ffn = FfnExperts<double>;
+  MoEConfig cfg = small_config(FfnKind::gelu);
+  cfg.d_in = 12;
+  cfg.hidden = 20;
+  cfg.n_experts = 8;
+  cfg.experts_per_token = 2;
+  const TopKMoE moe(cfg, 6);
+  const int threads_before = max_threads();
+  RowMat<double> y_small[2];
+  for (int threads : {1, 2}) {
+    CAPTURE(threads);
+    set_num_threads(threads);
+    TopKMoE::Cache cache;
+    for (Index batch : {400, 230}) {
+      const RowMat<double> x = randn_mat(batch, cfg.d_in, 9 + batch);
+      RowMat<double> gates_ref, y(batch, cfg.d_in);
+      const RowMat<double> y_ref = reference_forward(moe, x, gates_ref);
+      moe.infer(x, y, cache);
+      for (Index e = 0; e < moe.n_experts(); ++e) CHECK(Ffn::runs_feature_major(cache.groups.count(e)));
+      CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-10);
+      y_small[threads - 1] = y;
+    }
+  }
+  set_num_threads(threads_before);
+  CHECK(y_small[0] == y_small[1]);
+}
+
 TEST_CASE("MoE gradients match finite differences: ReLU router with every penalty", "[remoe][gradcheck]") {
   for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu})
     for (Penalty p : {Penalty::none, Penalty::l1, Penalty::l1_lb, Penalty::l1_lb_spare_top}) {

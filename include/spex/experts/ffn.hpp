@@ -74,11 +74,12 @@ class FfnExperts {
     // Rows and columns as the call needs them or more: the buffers only grow (see infer).
     RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
     RowMat<T> dyg, da, dh, dxg;
-    // infer's feature-major blocks, one per expert with many tokens: xg, h, a, yg transposed (a
-    // column per token), expert e's block from column fm_col[e] on (-1: e runs token-major), its
-    // rows feature_major_stride(count) apart.
-    Vec<T> xt, ht, at, yt;
-    std::vector<Index> fm_col;
+    // infer's feature-major scratch, one slot per thread that runs experts: an expert's xg, h, a
+    // and yg transposed (a column per token, rows feature_major_stride(count) apart), reused
+    // expert after expert so that it stays in the thread's cache (see FeatureMajorSlot).
+    Vec<T> fm_scratch;
+    Index fm_slot_stride = 0;  // the widest feature-major block of the call: slots' size in columns
+    std::vector<char> feature_major;  // per expert: 1 when it runs feature-major
   };
   /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
   static constexpr Index kFeatureMajorTokens = 16;
@@ -173,7 +174,7 @@ class FfnExperts {
     grow_rows(c.h, rows, h1());
     grow_rows(c.a, rows, hidden_);
     grow_rows(c.yg, rows, d_out_);
-    for_each_expert(groups, [&](Index e) { run_token_major(x, groups, e, c); });
+    for_each_expert(groups, [&](Index e, int) { run_token_major(x, groups, e, c); });
     combine(gates, groups, y, c);
   }
 
@@ -186,16 +187,16 @@ class FfnExperts {
   void infer(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
     check_forward_args(x, gates, y);
     const Index n_e = Index(groups.offsets.size()) - 1;
-    Index token_major = 0, fm_cols = 0;  // token-major rows; feature-major columns (strides included)
-    c.fm_col.assign(static_cast<std::size_t>(n_e), -1);
+    Index token_major = 0, widest = 0;  // token-major rows; the widest feature-major block's stride
+    c.feature_major.assign(static_cast<std::size_t>(n_e), 0);
     for (Index e = 0; e < n_e; ++e) {
       const Index n = groups.count(e);
       if (!runs_feature_major(n)) {
         token_major += n;
         continue;
       }
-      c.fm_col[e] = fm_cols;
-      fm_cols += feature_major_stride(n);
+      c.feature_major[static_cast<std::size_t>(e)] = 1;
+      widest = std::max(widest, feature_major_stride(n));
     }
     // The buffers only grow: the routed rows and the feature-major columns change from batch to
     // batch, and resizing them to each batch reallocated them on most calls. The kernels address
@@ -207,15 +208,14 @@ class FfnExperts {
       grow_rows(c.h, rows, h1());
       grow_rows(c.a, rows, hidden_);
     }
-    grow(c.xt, fm_cols * d_);
+    if (widest > c.fm_slot_stride) c.fm_slot_stride = feature_major_stride(widest + widest / 8);
+    const Index slots = widest == 0 ? 0 : experts_in_parallel(groups) ? Index(max_threads()) : 1;
     // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
     // zeroed, and after that they hold what earlier products wrote there.
-    grow(c.ht, fm_cols * h1(), Fill::zeros);
-    grow(c.at, fm_cols * hidden_);
-    grow(c.yt, fm_cols * d_out_);
-    for_each_expert(groups, [&](Index e) {
-      if (c.fm_col[e] >= 0)
-        run_feature_major(x, groups, e, c);
+    grow(c.fm_scratch, slots * fm_slot_size(c), Fill::zeros);
+    for_each_expert(groups, [&](Index e, int slot) {
+      if (c.feature_major[static_cast<std::size_t>(e)])
+        run_feature_major(x, groups, e, FeatureMajorSlot{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride}, c);
       else
         run_token_major(x, groups, e, c);
     });
@@ -245,7 +245,7 @@ class FfnExperts {
         c.dyg.row(r) = gates(t, e) * dy.row(t);
       }
     });
-    for_each_expert(groups, [&](Index e) {
+    for_each_expert(groups, [&](Index e, int) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
       auto gw1 = g.w1.middleRows(e * h1(), h1());
       auto gw2 = g.w2.middleRows(e * d_out_, d_out_);
@@ -270,22 +270,29 @@ class FfnExperts {
   }
 
  private:
-  /// Runs body(e) for every expert with tokens: over the threads one expert each when there are
-  /// enough of them to keep the threads busy, otherwise one after the other with each expert's
-  /// products and activations spread over the threads (a dense FFN is one expert). The results
-  /// are the same either way: gemm's tiles and the row loops do not depend on who runs them.
-  template <class F>
-  static void for_each_expert(const ExpertGroups& groups, F&& body) {
+  /// Whether for_each_expert runs the experts over the threads, one expert each: when there are
+  /// enough experts with tokens to keep the threads busy.
+  static bool experts_in_parallel(const ExpertGroups& groups) {
     const Index n_e = Index(groups.offsets.size()) - 1;
     Index active = 0;
     for (Index e = 0; e < n_e; ++e) active += groups.count(e) > 0;
-    if (active >= 2 * Index(max_threads())) {
-      parallel_for_dynamic(n_e, [&](Index e, int) {
-        if (groups.count(e) > 0) body(e);
+    return active >= 2 * Index(max_threads());
+  }
+  /// Runs body(e, slot) for every expert with tokens: over the threads one expert each
+  /// (experts_in_parallel; slot is the thread's number), otherwise one after the other with each
+  /// expert's products and activations spread over the threads (slot 0; a dense FFN is one
+  /// expert). The results are the same either way: gemm's tiles and the row loops do not depend
+  /// on who runs them.
+  template <class F>
+  static void for_each_expert(const ExpertGroups& groups, F&& body) {
+    const Index n_e = Index(groups.offsets.size()) - 1;
+    if (experts_in_parallel(groups)) {
+      parallel_for_dynamic(n_e, [&](Index e, int thread) {
+        if (groups.count(e) > 0) body(e, thread);
       });
     } else {
       for (Index e = 0; e < n_e; ++e)
-        if (groups.count(e) > 0) body(e);
+        if (groups.count(e) > 0) body(e, 0);
     }
   }
 
@@ -334,17 +341,32 @@ class FfnExperts {
     return stride;
   }
 
-  /// Expert e's rows of c.yg, feature-major: its tokens gathered as the columns of its block of
-  /// c.xt, hᵀ = W1 xᵀ, aᵀ = act(hᵀ), yᵀ = W2 aᵀ, then yᵀ's columns copied to the rows of c.yg.
-  void run_feature_major(CMatRef<T> x, const ExpertGroups& groups, Index e, Cache& c) const {
-    const Index r0 = groups.offsets[e], n = groups.count(e), col = c.fm_col[e], stride = feature_major_stride(n);
-    auto block = [&](Vec<T>& buffer, Index rows) {  // expert e's rows x n block of a feature-major buffer
-      return Eigen::Map<RowMat<T>, 0, Eigen::OuterStride<>>(buffer.data() + col * rows, rows, n, Eigen::OuterStride<>(stride));
+  /// One thread's feature-major scratch: xᵀ, hᵀ, aᵀ and yᵀ one after the other, each of
+  /// `columns` columns (the widest block's stride).
+  struct FeatureMajorSlot {
+    T* data;
+    Index columns;
+  };
+  /// Values in one FeatureMajorSlot of c.
+  Index fm_slot_size(const Cache& c) const { return c.fm_slot_stride * (d_ + h1() + hidden_ + d_out_); }
+
+  /// Expert e's rows of c.yg, feature-major: its tokens gathered as the columns of xᵀ in the
+  /// slot, hᵀ = W1 xᵀ, aᵀ = act(hᵀ), yᵀ = W2 aᵀ, then yᵀ's columns copied to the rows of c.yg.
+  /// The slot is the calling thread's (or the one all threads share when the experts run one
+  /// after the other), reused by its next expert: the blocks stay in cache between the steps,
+  /// where one block per expert over the whole batch went to memory (tens of MB at 512 tokens).
+  void run_feature_major(CMatRef<T> x, const ExpertGroups& groups, Index e, FeatureMajorSlot slot, Cache& c) const {
+    const Index r0 = groups.offsets[e], n = groups.count(e), stride = feature_major_stride(n);
+    T* next = slot.data;
+    auto block = [&](Index rows) {  // the next rows x n block of the slot
+      Eigen::Map<RowMat<T>, 0, Eigen::OuterStride<>> b(next, rows, n, Eigen::OuterStride<>(stride));
+      next += rows * slot.columns;
+      return b;
     };
-    auto xt = block(c.xt, d_);
-    auto ht = block(c.ht, h1());
-    auto at = block(c.at, hidden_);
-    auto yt = block(c.yt, d_out_);
+    auto xt = block(d_);
+    auto ht = block(h1());
+    auto at = block(hidden_);
+    auto yt = block(d_out_);
     // copy(t0, count) for the expert's tokens in blocks of 16 (a whole tile of
     // kernels::transpose_rows), the blocks spread over the threads.
     auto by_token_blocks = [&](auto&& copy) {
