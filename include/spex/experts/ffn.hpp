@@ -33,6 +33,10 @@ struct ExpertGroups {
   std::vector<Index> offsets;  // E + 1
   std::vector<Index> token;    // per row
   RowMat<Index> row_of;        // B x E
+  // The experts with tokens, most tokens first (ties: the lower index first): the order in which
+  // threads that share the experts take them, the longest jobs first, so that no thread is left
+  // with a big expert while the others wait.
+  std::vector<Index> by_size;
 
   Index rows() const { return offsets.empty() ? 0 : offsets.back(); }
   Index count(Index e) const { return offsets[e + 1] - offsets[e]; }
@@ -58,6 +62,10 @@ struct ExpertGroups {
           row_of(t, e) = -1;
         }
       }
+    by_size.clear();
+    for (Index e = 0; e < n_e; ++e)
+      if (count(e) > 0) by_size.push_back(e);
+    std::sort(by_size.begin(), by_size.end(), [&](Index a, Index b) { return count(a) != count(b) ? count(a) > count(b) : a < b; });
   }
 
  private:
@@ -272,27 +280,19 @@ class FfnExperts {
  private:
   /// Whether for_each_expert runs the experts over the threads, one expert each: when there are
   /// enough experts with tokens to keep the threads busy.
-  static bool experts_in_parallel(const ExpertGroups& groups) {
-    const Index n_e = Index(groups.offsets.size()) - 1;
-    Index active = 0;
-    for (Index e = 0; e < n_e; ++e) active += groups.count(e) > 0;
-    return active >= 2 * Index(max_threads());
-  }
-  /// Runs body(e, slot) for every expert with tokens: over the threads one expert each
-  /// (experts_in_parallel; slot is the thread's number), otherwise one after the other with each
-  /// expert's products and activations spread over the threads (slot 0; a dense FFN is one
-  /// expert). The results are the same either way: gemm's tiles and the row loops do not depend
-  /// on who runs them.
+  static bool experts_in_parallel(const ExpertGroups& groups) { return Index(groups.by_size.size()) >= 2 * Index(max_threads()); }
+  /// Runs body(e, slot) for every expert with tokens: over the threads one expert each, the
+  /// biggest first (experts_in_parallel; slot is the thread's number), otherwise one after the
+  /// other with each expert's products and activations spread over the threads (slot 0; a dense
+  /// FFN is one expert). The results are the same either way: gemm's tiles and the row loops do
+  /// not depend on who runs them.
   template <class F>
   static void for_each_expert(const ExpertGroups& groups, F&& body) {
-    const Index n_e = Index(groups.offsets.size()) - 1;
     if (experts_in_parallel(groups)) {
-      parallel_for_dynamic(n_e, [&](Index e, int thread) {
-        if (groups.count(e) > 0) body(e, thread);
-      });
+      parallel_for_dynamic(Index(groups.by_size.size()),
+                           [&](Index i, int thread) { body(groups.by_size[static_cast<std::size_t>(i)], thread); });
     } else {
-      for (Index e = 0; e < n_e; ++e)
-        if (groups.count(e) > 0) body(e, 0);
+      for (Index e : groups.by_size) body(e, 0);
     }
   }
 
