@@ -86,7 +86,7 @@ class FfnExperts {
     // and yg transposed (a column per token, rows feature_major_stride(count) apart), reused
     // expert after expert so that it stays in the thread's cache (see FeatureMajorSlot).
     Vec<T> fm_scratch;
-    Index fm_slot_stride = 0;  // the widest feature-major block of the call: slots' size in columns
+    Index fm_slot_stride = 0;  // a slot's columns: the widest block's stride so far and more (only grows)
     std::vector<char> feature_major;  // per expert: 1 when it runs feature-major
   };
   /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
