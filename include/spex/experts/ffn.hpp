@@ -87,7 +87,6 @@ class FfnExperts {
     // expert after expert so that it stays in the thread's cache (see FeatureMajorSlot).
     Vec<T> fm_scratch;
     Index fm_slot_stride = 0;  // a slot's columns: the widest block's stride so far and more (only grows)
-    std::vector<char> feature_major;  // per expert: 1 when it runs feature-major
   };
   /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
   static constexpr Index kFeatureMajorTokens = 16;
@@ -196,14 +195,12 @@ class FfnExperts {
     check_forward_args(x, gates, y);
     const Index n_e = Index(groups.offsets.size()) - 1;
     Index token_major = 0, widest = 0;  // token-major rows; the widest feature-major block's stride
-    c.feature_major.assign(static_cast<std::size_t>(n_e), 0);
     for (Index e = 0; e < n_e; ++e) {
       const Index n = groups.count(e);
       if (!runs_feature_major(n)) {
         token_major += n;
         continue;
       }
-      c.feature_major[static_cast<std::size_t>(e)] = 1;
       widest = std::max(widest, feature_major_stride(n));
     }
     // The buffers only grow: the routed rows and the feature-major columns change from batch to
@@ -222,7 +219,7 @@ class FfnExperts {
     // zeroed, and after that they hold what earlier products wrote there.
     grow(c.fm_scratch, slots * fm_slot_size(c), Fill::zeros);
     for_each_expert(groups, [&](Index e, int slot) {
-      if (c.feature_major[static_cast<std::size_t>(e)])
+      if (runs_feature_major(groups.count(e)))
         run_feature_major(x, groups, e, FeatureMajorSlot{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride}, c);
       else
         run_token_major(x, groups, e, c);

@@ -3,8 +3,8 @@
 // (symmetric, per-row absmax quantization). Rows are widened to float in registers, W lanes at a
 // time, and accumulated in float; x, y and the results stay float. These are the compact twins
 // of gather_dot / gather_axpy for inference over half or a quarter of the bytes, and run their
-// code (kernels/gather.hpp: the same passes of four rows, prefetches and, on Intel CPUs, touches
-// ahead) with the rows widened.
+// code (kernels/gather.hpp: the same passes of several rows, prefetches and, on Intel CPUs,
+// touches ahead) with the rows widened.
 // Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
 #include <cstddef>
 #include <cstdint>
@@ -84,9 +84,10 @@ struct I8Rows {
   static constexpr std::size_t rows_per_pass = std::is_base_of<xsimd::avx512f, Arch>::value ? 8 : 4;
 };
 
-// The compact gathers walk four rows per pass, as the float gathers do (they are the same
-// code): four rows are read at once and share the loads of x (dot) or of y (axpy); every line
-// of a row is prefetched 8 rows ahead, and an int8 row's scale with it. On a 2-core AMD EPYC VM
+// The compact gathers walk several rows per pass, as the float gathers do (they are the same
+// code; four rows, eight int8 rows on AVX-512): the rows of a pass share the loads of x (dot) or
+// of y (axpy); every line of a row is prefetched 8 rows ahead, and an int8 row's scale with it.
+// Four rows per pass, on a 2-core AMD EPYC VM
 // (PEER's expert step, 256 tokens x 128 picks over 2^20 rows of 512, `BM_PeerExpertStep_*/1`)
 // this took the bf16 step from 1.6x the float step's time to 1.0x and the int8 step from 1.0x
 // to 0.7x, against one row per pass (dot) and y's columns held in registers over 64 rows

@@ -91,8 +91,9 @@ namespace detail {
 // The row gathers below serve float rows here and compact rows (kernels/compact.hpp) alike. A
 // Rows policy says how a row of its storage S reads as T: `batch` W values at p, `one` a single
 // value, `lines`, which lines of a row are prefetched, and `rows_per_pass`, how many rows a pass
-// reads at once (each row is summed in the same order whatever the pass). A Scale policy gives a row's dot
-// (`dot`) and axpy coefficient (`coef`) their per-row scale and prefetches it (`prefetch`).
+// reads at once (each row is summed in the same order whatever the pass). A Scale policy gives
+// a row's dot (`dot`) and axpy coefficient (`coef`) their per-row scale and prefetches it
+// (`prefetch`).
 
 /// Rows of T read as they are stored; on AMD CPUs only their first line is prefetched.
 template <class Arch, class T>
@@ -223,8 +224,8 @@ inline void rows_gather_axpy(const S* table, std::size_t ld, const std::int64_t*
 #endif
 }  // namespace detail
 
-/// out[r] = table[ids[r]] . x for r < m; rows are d long, ld apart. Four rows at a time (the
-/// loads of x shared), each summed as detail::row_dot sums it.
+/// out[r] = table[ids[r]] . x for r < m; rows are d long, ld apart. Several rows at a time (the
+/// loads of x shared: detail::PlainRows), each summed as detail::row_dot sums it.
 template <class Arch = default_arch, class T>
 void gather_dot(const T* table, std::size_t ld, const std::int64_t* ids, std::size_t m, const T* x,
                 std::size_t d, T* out) {
@@ -235,7 +236,7 @@ void gather_dot(const T* table, std::size_t ld, const std::int64_t* ids, std::si
 #endif
 }
 
-/// y += sum_r alpha[r] * table[ids[r]], added row after row (four rows per pass over y).
+/// y += sum_r alpha[r] * table[ids[r]], added row after row (several rows per pass over y).
 template <class Arch = default_arch, class T>
 void gather_axpy(const T* table, std::size_t ld, const std::int64_t* ids, const T* alpha, std::size_t m,
                  T* y, std::size_t d) {
