@@ -191,7 +191,7 @@ class ExpertParallel {
       s.received_gates(s.exchange.request_tokens()[q], s.exchange.request_rows()[q]) = s.exchange.request_gates()[q];
       s.received_pairs(s.exchange.request_tokens()[q], s.exchange.request_rows()[q]) = 1;
     }
-    s.groups.build(s.received_pairs);
+    s.groups.build(s.received_pairs, s.received_gates);
     s.partial.resize(received, y.cols());
     experts.forward(s.received_x, s.received_gates, s.groups, s.partial, ec);
     s.exchange.to_sources(s.partial, y);

@@ -27,8 +27,9 @@ enum class FfnKind { gelu, swiglu };
 inline const char* to_string(FfnKind k) { return k == FfnKind::gelu ? "gelu" : "swiglu"; }
 
 /// Token groups of a B x E gate matrix: the active (token, expert) pairs (gate != 0, and the
-/// probes: per token one expert run with its gate 0, or -1), sorted by expert then token. Pair
-/// p = rows [offsets[e], offsets[e+1]) of expert e; row_of(t, e) is the pair's row or -1.
+/// probes: per token one expert run with its gate 0, or -1), grouped by expert. Pair p = rows
+/// [offsets[e], offsets[e+1]) of expert e: first its gated pairs (gate != 0) in token order,
+/// then its pairs of gate 0 (probes) in token order; row_of(t, e) is the pair's row or -1.
 struct ExpertGroups {
   std::vector<Index> offsets;  // E + 1
   std::vector<Index> token;    // per row
@@ -40,24 +41,47 @@ struct ExpertGroups {
 
   Index rows() const { return offsets.empty() ? 0 : offsets.back(); }
   Index count(Index e) const { return offsets[e + 1] - offsets[e]; }
+  /// Expert e's gated pairs, rows [offsets[e], offsets[e] + gated(e)): the others have gate 0 and
+  /// get no gradient (backward skips them).
+  Index gated(Index e) const { return gated_[static_cast<std::size_t>(e)]; }
 
+  /// Groups the pairs of `gates` (gate != 0) and the probes.
   template <class Derived>
   void build(const Eigen::MatrixBase<Derived>& gates, const std::vector<Index>& probes = {}) {
-    const Index b = gates.rows(), n_e = gates.cols();
-    auto active = [&](Index t, Index e) { return gates(t, e) != 0 || (!probes.empty() && probes[static_cast<std::size_t>(t)] == e); };
-    offsets.assign(static_cast<std::size_t>(n_e + 1), 0);
+    build(gates, gates, probes);
+  }
+  /// Groups the pairs where `pairs` is not 0 and the probes; `gates` (the same shape) says which
+  /// of them are gated (an expert-parallel owner's received pairs, whose probes have gate 0).
+  template <class DerivedP, class DerivedG>
+  void build(const Eigen::MatrixBase<DerivedP>& pairs, const Eigen::MatrixBase<DerivedG>& gates,
+             const std::vector<Index>& probes = {}) {
+    const Index b = pairs.rows(), n_e = pairs.cols();
+    auto active = [&](Index t, Index e) { return pairs(t, e) != 0 || (!probes.empty() && probes[static_cast<std::size_t>(t)] == e); };
+    auto u = [](Index i) { return static_cast<std::size_t>(i); };
+    offsets.assign(u(n_e + 1), 0);
+    gated_.assign(u(n_e), 0);
     for (Index t = 0; t < b; ++t)
-      for (Index e = 0; e < n_e; ++e) offsets[e + 1] += active(t, e);
-    for (Index e = 0; e < n_e; ++e) offsets[e + 1] += offsets[e];
-    token.resize(static_cast<std::size_t>(offsets[n_e]));
+      for (Index e = 0; e < n_e; ++e)
+        if (active(t, e)) {
+          ++offsets[u(e + 1)];
+          gated_[u(e)] += gates(t, e) != 0;
+        }
+    for (Index e = 0; e < n_e; ++e) offsets[u(e + 1)] += offsets[u(e)];
+    token.resize(u(offsets[u(n_e)]));
     row_of.resize(b, n_e);
+    // Per expert two cursors: its gated pairs from offsets[e] on, the others after them.
     std::vector<Index>& next = cursor_;
-    next.assign(offsets.begin(), offsets.end() - 1);
+    next.resize(u(2 * n_e));
+    for (Index e = 0; e < n_e; ++e) {
+      next[u(2 * e)] = offsets[u(e)];
+      next[u(2 * e + 1)] = offsets[u(e)] + gated_[u(e)];
+    }
     for (Index t = 0; t < b; ++t)
       for (Index e = 0; e < n_e; ++e) {
         if (active(t, e)) {
-          row_of(t, e) = next[e];
-          token[next[e]++] = t;
+          Index& row = next[u(2 * e + (gates(t, e) != 0 ? 0 : 1))];
+          row_of(t, e) = row;
+          token[u(row++)] = t;
         } else {
           row_of(t, e) = -1;
         }
@@ -69,7 +93,8 @@ struct ExpertGroups {
   }
 
  private:
-  std::vector<Index> cursor_;
+  std::vector<Index> gated_;   // per expert
+  std::vector<Index> cursor_;  // build's scratch
 };
 
 /// Thread safety: const methods; one cache and grads per concurrent caller.
@@ -228,7 +253,8 @@ class FfnExperts {
   }
 
   /// From dy (B x d_out): dgates (B x E, assigned; zero off the active pairs), grads accumulate,
-  /// *dx (B x d) += the input gradient when given.
+  /// *dx (B x d) += the input gradient when given. A pair of gate 0 (a probe) gets its dgate and
+  /// nothing else: its rows would add zeros to the gradients, so the products skip them.
   void backward(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, CMatRef<T> dy, MatRef<T> dgates,
                 MatRef<T>* dx, Grads& g, Cache& c) const {
     check_shape(dy, x.rows(), d_out_, "dy");
@@ -239,6 +265,7 @@ class FfnExperts {
     grow_rows(c.da, rows, hidden_);
     grow_rows(c.dh, rows, h1());
     grow_rows(c.dxg, rows, d_);
+    auto gated_row = [&](Index e, Index r) { return r - groups.offsets[e] < groups.gated(e); };
     parallel_for(x.rows(), [&](Index t, int) {
       for (Index e = 0; e < n_experts_; ++e) {
         const Index r = groups.row_of(t, e);
@@ -247,11 +274,12 @@ class FfnExperts {
           continue;
         }
         dgates(t, e) = dy.row(t).dot(c.yg.row(r));
-        c.dyg.row(r) = gates(t, e) * dy.row(t);
+        if (gated_row(e, r)) c.dyg.row(r) = gates(t, e) * dy.row(t);
       }
     });
     for_each_expert(groups, [&](Index e, int) {
-      const Index r0 = groups.offsets[e], n = groups.count(e);
+      const Index r0 = groups.offsets[e], n = groups.gated(e);
+      if (n == 0) return;
       auto gw1 = g.w1.middleRows(e * h1(), h1());
       auto gw2 = g.w2.middleRows(e * d_out_, d_out_);
       auto w1e = w1_.middleRows(e * h1(), h1());
@@ -269,7 +297,7 @@ class FfnExperts {
     parallel_for(x.rows(), [&](Index t, int) {
       for (Index e = 0; e < n_experts_; ++e) {
         const Index r = groups.row_of(t, e);
-        if (r >= 0) dx->row(t) += c.dxg.row(r);
+        if (r >= 0 && gated_row(e, r)) dx->row(t) += c.dxg.row(r);
       }
     });
   }
@@ -332,11 +360,13 @@ class FfnExperts {
   /// an odd number of lines, so that the block's rows spread over the cache sets (a stride of a
   /// power of two put them on a few sets: 5x slower at 4096 tokens).
   static Index feature_major_stride(Index n) {
-    constexpr Index kLine = Index(64 / sizeof(T));
-    Index stride = (n + kLine - 1) / kLine * kLine;
-    if ((stride / kLine) % 2 == 0) stride += kLine;
+    Index stride = round_up_to_lines(n);
+    if ((stride / kLineValues) % 2 == 0) stride += kLineValues;
     return stride;
   }
+  /// n values rounded up to whole 64-byte lines.
+  static constexpr Index kLineValues = Index(64 / sizeof(T));
+  static Index round_up_to_lines(Index n) { return (n + kLineValues - 1) / kLineValues * kLineValues; }
 
   /// One thread's feature-major scratch: xᵀ, hᵀ, aᵀ and yᵀ one after the other, each of
   /// `columns` columns (the widest block's stride).
@@ -376,11 +406,13 @@ class FfnExperts {
                                     u(d_), &xt(0, t0), u(stride));
     });
     gemm(ht, w1_.middleRows(e * h1(), h1()), xt, false);
-    // Whole rows of the block, padding included (zeros, or what an earlier call's product wrote
-    // there: see infer), so the activation runs without a scalar tail; nothing reads the padding
-    // of aᵀ (the GEMM below takes the first n columns).
+    // The rows' first n values rounded up to whole cache lines (a multiple of every SIMD width),
+    // padding included (zeros, or what an earlier call's product wrote there: see infer), so the
+    // activation runs without a scalar tail and not over the stride's extra line; nothing reads
+    // the padding of aᵀ (the GEMM below takes the first n columns).
     const bool glu = kind_ == FfnKind::swiglu;
-    parallel_for(hidden_, [&](Index i, int) { activate(&ht(i, 0), glu ? &ht(hidden_ + i, 0) : nullptr, &at(i, 0), stride); });
+    const Index width = round_up_to_lines(n);
+    parallel_for(hidden_, [&](Index i, int) { activate(&ht(i, 0), glu ? &ht(hidden_ + i, 0) : nullptr, &at(i, 0), width); });
     gemm(yt, w2_.middleRows(e * d_out_, d_out_), at, false);
     by_token_blocks([&](Index t0, Index count) {
       kernels::transpose_rows<Arch>([&](std::size_t j) { return &yt(Index(j), t0); }, u(d_out_), u(count), &c.yg(r0 + t0, 0),
