@@ -3,8 +3,8 @@
 // (symmetric, per-row absmax quantization). Rows are widened to float in registers, W lanes at a
 // time, and accumulated in float; x, y and the results stay float. These are the compact twins
 // of gather_dot / gather_axpy for inference over half or a quarter of the bytes, and run their
-// code (kernels/gather.hpp: the same passes of several rows, prefetches and, on Intel CPUs,
-// touches ahead) with the rows widened.
+// code (kernels/gather.hpp: the same passes of several rows and prefetches; no touch loads)
+// with the rows widened.
 // Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
 #include <cstddef>
 #include <cstdint>
@@ -66,12 +66,15 @@ inline xsimd::batch<float, Arch> load_i8(const std::int8_t* p) {
 
 /// Compact rows for the row gathers (kernels/gather.hpp, detail::rows_gather_dot and _axpy):
 /// widened to float W values at a time (`batch`) or one (`one`), every line prefetched (with the
-/// first line only, bf16 rows were read more slowly: docs/performance.md).
+/// first line only, bf16 rows were read more slowly: docs/performance.md), never touched ahead
+/// (on an Intel Xeon VM the step without the touch loads ran 1.08-1.09x (int8) and 0.99-1.23x
+/// (bf16) as fast, in two sets of alternations; on AMD CPUs there are none).
 template <class Arch>
 struct Bf16Rows {
   static xsimd::batch<float, Arch> batch(const std::uint16_t* p) { return load_bf16<Arch>(p); }
   static float one(std::uint16_t v) { return scalar::bf16_to_float(v); }
   static constexpr RowLines lines = RowLines::all;
+  static constexpr bool touch_ahead = false;
   static constexpr std::size_t rows_per_pass = 4;  // eight: no faster (in one program)
 };
 template <class Arch>
@@ -79,6 +82,7 @@ struct I8Rows {
   static xsimd::batch<float, Arch> batch(const std::int8_t* p) { return load_i8<Arch>(p); }
   static float one(std::int8_t v) { return float(v); }
   static constexpr RowLines lines = RowLines::all;
+  static constexpr bool touch_ahead = false;
   // Eight rows per pass where the 32 AVX-512 registers hold their 16 accumulators: the int8 step
   // ran 1.5x as fast as with four (docs/performance.md); four elsewhere (16 registers).
   static constexpr std::size_t rows_per_pass = std::is_base_of<xsimd::avx512f, Arch>::value ? 8 : 4;

@@ -27,7 +27,9 @@ constexpr std::size_t kPrefetchAhead = 8;
 // walk the page table, early, without stalling (nothing waits for its value): over 2^20 rows of
 // 512, one thread gathered 19% (float) to 84% (int8) more rows per second with loads 16 ahead.
 // On the AMD EPYC VM these loads cost instead (the float kernels gathered 12-15% more rows per
-// second without them, the compact ones 20-45%), so they are made on Intel CPUs only.
+// second without them, the compact ones 20-45%), so they are made on Intel CPUs only, and for
+// float rows only: the compact kernels, now several rows per pass, were no faster with them on
+// an Intel Xeon VM either (kernels/compact.hpp).
 constexpr std::size_t kTouchAhead = 16;
 
 /// The CPU's vendor, read once (x86 with GCC or Clang; `other` elsewhere).
@@ -73,14 +75,15 @@ namespace detail {
 /// Which lines of a row prefetch_row fetches: all of them, or (AMD) the first only.
 enum class RowLines { all, first_on_amd };
 
-/// Prefetches the row at position r of the id list and (Intel) touches the one kTouchAhead -
-/// kPrefetchAhead further, if any. Kernels call it with r = their position + kPrefetchAhead.
+/// Prefetches the row at position r of the id list and (Intel, when `touch_ahead`) touches the one
+/// kTouchAhead - kPrefetchAhead further, if any. Kernels call it with r = their position +
+/// kPrefetchAhead.
 template <class T>
 inline void prefetch_row(const T* table, std::size_t ld, const std::int64_t* ids, std::size_t r, std::size_t m,
-                         std::size_t d, RowLines lines) {
+                         std::size_t d, RowLines lines, bool touch_ahead = true) {
   const bool first = lines == RowLines::first_on_amd && prefetch_first_line_only();
   if (r < m) prefetch_lines(table + static_cast<std::size_t>(ids[r]) * ld, first ? 1 : static_cast<int>((d * sizeof(T) + 63) / 64));
-  if (!touch_rows_ahead()) return;
+  if (!touch_ahead || !touch_rows_ahead()) return;
   const std::size_t far = r + (kTouchAhead - kPrefetchAhead);
   if (far < m) touch(table + static_cast<std::size_t>(ids[far]) * ld);
 }
@@ -90,8 +93,9 @@ namespace detail {
 #if SPEX_SIMD
 // The row gathers below serve float rows here and compact rows (kernels/compact.hpp) alike. A
 // Rows policy says how a row of its storage S reads as T: `batch` W values at p, `one` a single
-// value, `lines`, which lines of a row are prefetched, and `rows_per_pass`, how many rows a pass
-// reads at once (each row is summed in the same order whatever the pass). A Scale policy gives
+// value, `lines`, which lines of a row are prefetched, `touch_ahead`, whether rows are touched
+// ahead on Intel CPUs (kTouchAhead), and `rows_per_pass`, how many rows a pass reads at once
+// (each row is summed in the same order whatever the pass). A Scale policy gives
 // a row's dot (`dot`) and axpy coefficient (`coef`) their per-row scale and prefetches it
 // (`prefetch`).
 
@@ -101,6 +105,7 @@ struct PlainRows {
   static xsimd::batch<T, Arch> batch(const T* p) { return xsimd::batch<T, Arch>::load_unaligned(p); }
   static T one(T v) { return v; }
   static constexpr RowLines lines = RowLines::first_on_amd;
+  static constexpr bool touch_ahead = true;
   // Eight float rows per pass were 7% slower than four on a 2-core AMD EPYC VM (in one program).
   static constexpr std::size_t rows_per_pass = 4;
 };
@@ -118,7 +123,7 @@ struct NoScale {
 template <class Rows, class S, class Scale>
 inline void prefetch_pick(const S* table, std::size_t ld, const std::int64_t* ids, std::size_t r, std::size_t m, std::size_t d,
                           const Scale& scale) {
-  prefetch_row(table, ld, ids, r, m, d, Rows::lines);
+  prefetch_row(table, ld, ids, r, m, d, Rows::lines, Rows::touch_ahead);
   if (r < m) scale.prefetch(static_cast<std::size_t>(ids[r]));
 }
 
