@@ -44,6 +44,8 @@ struct ExpertGroups {
   /// Expert e's gated pairs, rows [offsets[e], offsets[e] + gated(e)): the others have gate 0 and
   /// get no gradient (backward skips them).
   Index gated(Index e) const { return gated_[static_cast<std::size_t>(e)]; }
+  /// Whether row r (one of expert e's) is a gated pair.
+  bool gated_row(Index e, Index r) const { return r - offsets[static_cast<std::size_t>(e)] < gated(e); }
 
   /// Groups the pairs of `gates` (gate != 0) and the probes.
   template <class Derived>
@@ -265,7 +267,6 @@ class FfnExperts {
     grow_rows(c.da, rows, hidden_);
     grow_rows(c.dh, rows, h1());
     grow_rows(c.dxg, rows, d_);
-    auto gated_row = [&](Index e, Index r) { return r - groups.offsets[e] < groups.gated(e); };
     parallel_for(x.rows(), [&](Index t, int) {
       for (Index e = 0; e < n_experts_; ++e) {
         const Index r = groups.row_of(t, e);
@@ -274,7 +275,7 @@ class FfnExperts {
           continue;
         }
         dgates(t, e) = dy.row(t).dot(c.yg.row(r));
-        if (gated_row(e, r)) c.dyg.row(r) = gates(t, e) * dy.row(t);
+        if (groups.gated_row(e, r)) c.dyg.row(r) = gates(t, e) * dy.row(t);
       }
     });
     for_each_expert(groups, [&](Index e, int) {
@@ -297,7 +298,7 @@ class FfnExperts {
     parallel_for(x.rows(), [&](Index t, int) {
       for (Index e = 0; e < n_experts_; ++e) {
         const Index r = groups.row_of(t, e);
-        if (r >= 0 && gated_row(e, r)) dx->row(t) += c.dxg.row(r);
+        if (r >= 0 && groups.gated_row(e, r)) dx->row(t) += c.dxg.row(r);
       }
     });
   }
