@@ -7,6 +7,11 @@
 //   BM_PeerRowRead_<f32|bf16|int8>/<config>     the same rows only read (each 64-byte line
 //                                                loaded, nothing computed): the step's ceiling
 //                                                on this machine with this access pattern
+//   BM_PeerExpertCompute_<f32|bf16|int8>/<config> the step's work with its rows in cache (the
+//                                                picks folded onto the first kCachedRows rows):
+//                                                its time without memory. A step slower than
+//                                                this and its row read together does not
+//                                                overlap the two
 //   BM_PeerLatency_<f32|bf16|int8>              one token through infer at config 1
 //                                                (N = 1024^2, d = 512): what an interactive user waits
 //   BM_PeerLatencyPart_<query|scores|topk>      that token's query projection, sub-key scores,
@@ -77,6 +82,36 @@ void BM_PeerExpertStep(benchmark::State& state) {
   }
   state.counters["bytes/s"] =
       benchmark::Counter(double(s.batch) * expert_bytes_per_token(S, s.d), benchmark::Counter::kIsIterationInvariantRate);
+  spex_bench::tokens_counter(state, s.batch);
+}
+
+/// Rows the compute-only step's picks are folded onto: 64 rows of u and of v, 64 KiB of float
+/// rows at d 512, in the core's L2 cache.
+constexpr Index kCachedRows = 64;
+
+/// The retrievals' picks folded onto the first kCachedRows rows (gates unchanged).
+const std::vector<spex::IndexMat>& cached_picks(int config) {
+  static std::vector<spex::IndexMat> picks[2];
+  auto& p = picks[config];
+  if (p.empty())
+    for (const auto& c : retrievals(config)) p.push_back(c.retrieval.ids.unaryExpr([](Index id) { return id % kCachedRows; }));
+  return p;
+}
+
+template <TableStorage S>
+void BM_PeerExpertCompute(benchmark::State& state) {
+  const int config = int(state.range(0));
+  const auto& peer = spex_bench::peer_layer(config, S);
+  const auto s = kPeerShapes[config];
+  const auto& caches = retrievals(config);
+  const auto& picks = cached_picks(config);
+  spex::RowMat<float> y(s.batch, s.d), pre;
+  int i = 0;
+  for (auto _ : state) {
+    const int b = i++ % kPeerBatches;
+    peer.experts().forward(spex_bench::peer_input(config, b), picks[std::size_t(b)], caches[std::size_t(b)].retrieval.gates, y, pre);
+    benchmark::DoNotOptimize(y.data());
+  }
   spex_bench::tokens_counter(state, s.batch);
 }
 
@@ -273,6 +308,9 @@ SPEX_BENCH_MACHINE_LIMITS();
 SPEX_PER_STORAGE(BM_PeerExpertStep, "f32", TableStorage::native, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerExpertStep, "bf16", TableStorage::bf16, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerExpertStep, "int8", TableStorage::int8, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerExpertCompute, "f32", TableStorage::native, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerExpertCompute, "bf16", TableStorage::bf16, SPEX_CONFIGS);
+SPEX_PER_STORAGE(BM_PeerExpertCompute, "int8", TableStorage::int8, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerRowRead, "f32", TableStorage::native, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerRowRead, "bf16", TableStorage::bf16, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerRowRead, "int8", TableStorage::int8, SPEX_CONFIGS);

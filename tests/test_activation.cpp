@@ -14,7 +14,7 @@ const Activation kAll[] = {Activation::identity, Activation::relu, Activation::g
                            Activation::gelu_erf, Activation::silu, Activation::sigmoid};
 }
 
-TEMPLATE_TEST_CASE("SIMD activations and derivatives match the scalar twins", "[kernels]", float, double) {
+TEMPLATE_TEST_CASE("SIMD activations, derivatives and backward match the scalar twins", "[kernels]", float, double) {
   using T = TestType;
   for (Activation a : kAll)
     for (std::size_t off : {0, 1})
@@ -23,14 +23,16 @@ TEMPLATE_TEST_CASE("SIMD activations and derivatives match the scalar twins", "[
         auto x = randn<T>(n, 10 + n, off);
         for (auto& v : x) v *= T(3);  // cover the tails of erf, tanh and exp
         const auto dy = randn<T>(n, 20 + n, off);
-        std::vector<T> y(n + off), y_ref(n + off), dx(n + off), dx_ref(n + off);
+        std::vector<T> y(n + off), y_ref(n + off), dx(n + off), dx_ref(n + off), d(n + off);
         kernels::activate(a, x.data() + off, y.data() + off, n);
+        kernels::derivative(a, x.data() + off, d.data() + off, n);
         kernels::scalar::activate(a, x.data() + off, y_ref.data() + off, n);
         kernels::activate_backward(a, x.data() + off, dy.data() + off, dx.data() + off, n);
         kernels::scalar::activate_backward(a, x.data() + off, dy.data() + off, dx_ref.data() + off, n);
         for (std::size_t i = off; i < n + off; ++i) {
           CHECK(y[i] == Approx(y_ref[i]).epsilon(1e-5).margin(1e-6));
           CHECK(dx[i] == Approx(dx_ref[i]).epsilon(1e-5).margin(1e-6));
+          CHECK(d[i] == Approx(kernels::scalar::derivative(a, x[i])).epsilon(1e-5).margin(1e-6));
         }
       }
 }
@@ -43,8 +45,9 @@ TEMPLATE_TEST_CASE("activations and derivatives stay finite and reach their limi
   const T big = std::numeric_limits<T>::max(), inf = std::numeric_limits<T>::infinity();
   const std::vector<T> xs{T(-1e3), T(-1e10), T(-5e19), T(-1e30), -big, -inf, T(1e3), T(1e10), T(5e19), T(1e30), big, inf};
   for (Activation a : kAll) {
-    std::vector<T> y(xs.size()), dy(xs.size(), T(1)), dx(xs.size()), ys(xs.size()), dxs(xs.size());
+    std::vector<T> y(xs.size()), dy(xs.size(), T(1)), dx(xs.size()), ys(xs.size()), dxs(xs.size()), d(xs.size());
     kernels::activate(a, xs.data(), y.data(), xs.size());
+    kernels::derivative(a, xs.data(), d.data(), xs.size());
     kernels::activate_backward(a, xs.data(), dy.data(), dx.data(), xs.size());
     kernels::scalar::activate(a, xs.data(), ys.data(), xs.size());
     kernels::scalar::activate_backward(a, xs.data(), dy.data(), dxs.data(), xs.size());
@@ -59,6 +62,7 @@ TEMPLATE_TEST_CASE("activations and derivatives stay finite and reach their limi
       CHECK(y[i] == want_y);
       CHECK(dxs[i] == want_d);
       CHECK(dx[i] == want_d);
+      CHECK(d[i] == want_d);
     }
     // NaN stays NaN.
     const T nan = std::numeric_limits<T>::quiet_NaN();

@@ -308,6 +308,9 @@ class NeuronExperts {
   }
 
  private:
+  /// Picks whose activations a token's forward and backward hold on the stack at a time.
+  static constexpr std::size_t kChunk = 64;
+
   /// One token's forward: pre (m) = u . x over its picks (GLU: lin (m) = w . x), y (d_out,
   /// assigned) = sum_j gates_j act(pre_j) (lin_j) v_{ids_j}.
   void forward_token(const Index* ids, const T* gates, std::size_t m, const T* x, T* pre, T* lin, T* y) const {
@@ -320,11 +323,11 @@ class NeuronExperts {
     }
     // Gate-scaled activations in chunks on the stack, then one gather-axpy of the v rows.
     for (std::size_t i = 0; i < dout; ++i) y[i] = T(0);
-    constexpr std::size_t kChunk = 64;
     T c[kChunk];
     for (std::size_t j0 = 0; j0 < m; j0 += kChunk) {
       const std::size_t len = std::min(kChunk, m - j0);
-      for (std::size_t j = 0; j < len; ++j) c[j] = gates[j0 + j] * kernels::scalar::activate(act_, pre[j0 + j]);
+      kernels::activate<Arch>(act_, pre + j0, c, len);
+      for (std::size_t j = 0; j < len; ++j) c[j] *= gates[j0 + j];
       if (lin)
         for (std::size_t j = 0; j < len; ++j) c[j] *= lin[j0 + j];
       if (compact()) rows_axpy(cup_, ids + j0, c, len, y);
@@ -340,12 +343,20 @@ class NeuronExperts {
     const std::size_t din = static_cast<std::size_t>(d_in()), dout = static_cast<std::size_t>(d_out());
     T* tv = dgates;  // first v . dy, then overwritten by dgates
     kernels::gather_dot<Arch>(up_.data(), dout, ids, m, dy, dout, tv);
-    for (std::size_t j = 0; j < m; ++j) {
-      const T a = pre[j], z = kernels::scalar::activate(act_, a), vdy = tv[j], l = lin ? lin[j] : T(1);
-      coef_up[j] = gates[j] * z * l;                                             // dv += g z l dy
-      coef_down[j] = gates[j] * vdy * kernels::scalar::derivative(act_, a) * l;  // du += g (v.dy) act'(a) l x
-      if (lin) coef_linear[j] = gates[j] * vdy * z;                              // dw += g (v.dy) z x
-      tv[j] = z * l * vdy;                                                       // dL/dg
+    // The activations and their derivatives in chunks on the stack (forward_token's values).
+    T z[kChunk], dz[kChunk];
+    for (std::size_t j0 = 0; j0 < m; j0 += kChunk) {
+      const std::size_t len = std::min(kChunk, m - j0);
+      kernels::activate<Arch>(act_, pre + j0, z, len);
+      kernels::derivative<Arch>(act_, pre + j0, dz, len);
+      for (std::size_t i = 0; i < len; ++i) {
+        const std::size_t j = j0 + i;
+        const T vdy = tv[j], l = lin ? lin[j] : T(1);
+        coef_up[j] = gates[j] * z[i] * l;               // dv += g z l dy
+        coef_down[j] = gates[j] * vdy * dz[i] * l;      // du += g (v.dy) act'(a) l x
+        if (lin) coef_linear[j] = gates[j] * vdy * z[i];  // dw += g (v.dy) z x
+        tv[j] = z[i] * l * vdy;                         // dL/dg
+      }
     }
     if (dx) {
       kernels::gather_axpy<Arch>(down_.data(), din, ids, coef_down, m, dx, din);

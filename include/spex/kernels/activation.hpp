@@ -121,6 +121,18 @@ void activate(Activation a, const T* x, T* y, std::size_t n) {
 #endif
 }
 
+/// y = f'(x) element-wise (y may alias x); relu'(0) = 0.
+template <class Arch = default_arch, class T>
+void derivative(Activation a, const T* x, T* y, std::size_t n) {
+#if SPEX_SIMD
+  using B = xsimd::batch<T, Arch>;
+  detail::map1<Arch>(x, y, n, [a](const B& v) { return detail::derivative_batch(a, v); },
+                     [a](T v) { return scalar::derivative(a, v); });
+#else
+  for (std::size_t i = 0; i < n; ++i) y[i] = scalar::derivative(a, x[i]);
+#endif
+}
+
 /// dx = dy * f'(x) element-wise (dx may alias dy); relu'(0) = 0.
 template <class Arch = default_arch, class T>
 void activate_backward(Activation a, const T* x, const T* dy, T* dx, std::size_t n) {
