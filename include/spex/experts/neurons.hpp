@@ -352,10 +352,10 @@ class NeuronExperts {
       for (std::size_t i = 0; i < len; ++i) {
         const std::size_t j = j0 + i;
         const T vdy = tv[j], l = lin ? lin[j] : T(1);
-        coef_up[j] = gates[j] * z[i] * l;               // dv += g z l dy
-        coef_down[j] = gates[j] * vdy * dz[i] * l;      // du += g (v.dy) act'(a) l x
+        coef_up[j] = gates[j] * z[i] * l;                 // dv += g z l dy
+        coef_down[j] = gates[j] * vdy * dz[i] * l;        // du += g (v.dy) act'(a) l x
         if (lin) coef_linear[j] = gates[j] * vdy * z[i];  // dw += g (v.dy) z x
-        tv[j] = z[i] * l * vdy;                         // dL/dg
+        tv[j] = z[i] * l * vdy;                           // dL/dg
       }
     }
     if (dx) {
