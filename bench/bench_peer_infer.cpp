@@ -66,27 +66,8 @@ const std::vector<spex::Peer<float>::Cache>& retrievals(int config) {
 /// Expert-table bytes one token reads: h k rows of u and of v (and their int8 scales).
 double expert_bytes_per_token(TableStorage storage, Index d) { return 2.0 * 8 * 16 * double(spex::row_bytes(storage, d, sizeof(float))); }
 
-template <TableStorage S>
-void BM_PeerExpertStep(benchmark::State& state) {
-  const int config = int(state.range(0));
-  const auto& peer = spex_bench::peer_layer(config, S);
-  const auto s = kPeerShapes[config];
-  const auto& caches = retrievals(config);
-  spex::RowMat<float> y(s.batch, s.d), pre;
-  int i = 0;
-  for (auto _ : state) {
-    const auto& c = caches[i % kPeerBatches];
-    peer.experts().forward(spex_bench::peer_input(config, i % kPeerBatches), c.retrieval.ids, c.retrieval.gates, y, pre);
-    ++i;
-    benchmark::DoNotOptimize(y.data());
-  }
-  state.counters["bytes/s"] =
-      benchmark::Counter(double(s.batch) * expert_bytes_per_token(S, s.d), benchmark::Counter::kIsIterationInvariantRate);
-  spex_bench::tokens_counter(state, s.batch);
-}
-
-/// Rows the compute-only step's picks are folded onto: 64 rows of u and of v, 64 KiB of float
-/// rows at d 512, in the core's L2 cache.
+/// Rows the compute-only step's picks are folded onto: 64 rows of u and of v, 256 KiB of float
+/// rows at d 512, within a core's L2 cache.
 constexpr Index kCachedRows = 64;
 
 /// The retrievals' picks folded onto the first kCachedRows rows (gates unchanged).
@@ -98,22 +79,35 @@ const std::vector<spex::IndexMat>& cached_picks(int config) {
   return p;
 }
 
+/// Which rows the expert step reads: the retrievals' picks, or the same folded into cache.
+enum class StepRows { retrieved, cached };
+
+/// The expert step over the config's retrievals (their gates), on the rows `rows` says.
 template <TableStorage S>
-void BM_PeerExpertCompute(benchmark::State& state) {
+void run_expert_step(benchmark::State& state, StepRows rows) {
   const int config = int(state.range(0));
   const auto& peer = spex_bench::peer_layer(config, S);
   const auto s = kPeerShapes[config];
   const auto& caches = retrievals(config);
-  const auto& picks = cached_picks(config);
+  const std::vector<spex::IndexMat>* folded = rows == StepRows::cached ? &cached_picks(config) : nullptr;
   spex::RowMat<float> y(s.batch, s.d), pre;
   int i = 0;
   for (auto _ : state) {
-    const int b = i++ % kPeerBatches;
-    peer.experts().forward(spex_bench::peer_input(config, b), picks[std::size_t(b)], caches[std::size_t(b)].retrieval.gates, y, pre);
+    const std::size_t b = std::size_t(i++ % kPeerBatches);
+    const auto& r = caches[b].retrieval;
+    peer.experts().forward(spex_bench::peer_input(config, int(b)), folded ? (*folded)[b] : r.ids, r.gates, y, pre);
     benchmark::DoNotOptimize(y.data());
   }
+  if (rows == StepRows::retrieved)
+    state.counters["bytes/s"] =
+        benchmark::Counter(double(s.batch) * expert_bytes_per_token(S, s.d), benchmark::Counter::kIsIterationInvariantRate);
   spex_bench::tokens_counter(state, s.batch);
 }
+
+template <TableStorage S>
+void BM_PeerExpertStep(benchmark::State& state) { run_expert_step<S>(state, StepRows::retrieved); }
+template <TableStorage S>
+void BM_PeerExpertCompute(benchmark::State& state) { run_expert_step<S>(state, StepRows::cached); }
 
 /// The expert tables' bytes and row length in bytes, whatever their storage.
 struct RawTables {
