@@ -12,6 +12,10 @@
 //                                                its time without memory. A step slower than
 //                                                this and its row read together does not
 //                                                overlap the two
+//   BM_RowBurst_<f32|bf16|int8>/<rows>          one thread reading the step's rows in bursts
+//                                                of <rows> rows, every line prefetched, then
+//                                                loaded: one core's bytes/s against the rows
+//                                                it has requested at once
 //   BM_PeerLatency_<f32|bf16|int8>              one token through infer at config 1
 //                                                (N = 1024^2, d = 512): what an interactive user waits
 //   BM_PeerLatencyPart_<query|scores|topk>      that token's query projection, sub-key scores,
@@ -184,6 +188,46 @@ void BM_PeerRowRead(benchmark::State& state) {
   spex_bench::tokens_counter(state, s.batch);
 }
 
+/// Reads the down table's rows of config 1's retrievals (token after token) on the calling
+/// thread alone, in bursts of `rows` rows: every line of a burst's rows prefetched, then one word
+/// of each line loaded, the next burst only after that. Bytes per second against the burst: what
+/// one core reads with that many rows requested at once and nothing overlapping the bursts (the
+/// expert step requests the rows of its next pass, eight rows ahead, while it computes).
+template <TableStorage S>
+void BM_RowBurst(benchmark::State& state) {
+  const int config = 1;
+  const auto s = kPeerShapes[config];
+  const RawTables t = raw_tables(spex_bench::peer_layer(config, S), S, s.d);
+  const std::size_t rows = std::size_t(state.range(0)), lines = (t.row_bytes + 63) / 64;
+  const auto& caches = retrievals(config);
+  std::size_t picks = 0;
+  std::uint64_t sum = 0, zero = 0;
+  asm volatile("" : "+r"(zero));  // a zero the compiler cannot see, so that sum & zero waits for sum
+  int i = 0;
+  for (auto _ : state) {
+    const auto& ids = caches[i++ % kPeerBatches].retrieval.ids;  // row-major: token after token
+    const std::size_t m = std::size_t(ids.size()) / rows * rows;
+    for (std::size_t r = 0; r < m; r += rows) {
+      // The burst's addresses depend on every word the burst before loaded (times zero), so
+      // the core cannot start a burst before the one before has arrived.
+      const char* table = t.down + (sum & zero);
+      for (std::size_t q = 0; q < rows; ++q) spex::kernels::prefetch_lines(table + std::size_t(ids.data()[r + q]) * t.row_bytes, int(lines));
+      for (std::size_t q = 0; q < rows; ++q) {
+        const char* row = table + std::size_t(ids.data()[r + q]) * t.row_bytes;
+        for (std::size_t l = 0; l < lines; ++l) {
+          std::uint64_t w;
+          std::memcpy(&w, row + 64 * l, 8);
+          sum += w;
+        }
+      }
+    }
+    picks = m;
+  }
+  benchmark::DoNotOptimize(sum);
+  state.counters["bytes/s"] = benchmark::Counter(double(picks) * double(t.row_bytes), benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel("1 thread");
+}
+
 // One token at a time, cycling through the tokens of the input batches: each token's expert
 // rows come from memory, as they do for a user's next token.
 const spex::RowMat<float>& latency_tokens() { return spex_bench::peer_input(kLatencyConfig, 0); }
@@ -308,6 +352,10 @@ SPEX_PER_STORAGE(BM_PeerExpertCompute, "int8", TableStorage::int8, SPEX_CONFIGS)
 SPEX_PER_STORAGE(BM_PeerRowRead, "f32", TableStorage::native, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerRowRead, "bf16", TableStorage::bf16, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerRowRead, "int8", TableStorage::int8, SPEX_CONFIGS);
+#define SPEX_BURSTS ->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Arg(16)->Arg(32)
+SPEX_PER_STORAGE(BM_RowBurst, "f32", TableStorage::native, SPEX_BURSTS);
+SPEX_PER_STORAGE(BM_RowBurst, "bf16", TableStorage::bf16, SPEX_BURSTS);
+SPEX_PER_STORAGE(BM_RowBurst, "int8", TableStorage::int8, SPEX_BURSTS);
 SPEX_PER_STORAGE(BM_PeerInfer, "f32", TableStorage::native, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerInfer, "bf16", TableStorage::bf16, SPEX_CONFIGS);
 SPEX_PER_STORAGE(BM_PeerInfer, "int8", TableStorage::int8, SPEX_CONFIGS);
