@@ -1,5 +1,6 @@
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include <spex/kernels/activation.hpp>
 
@@ -16,6 +17,10 @@ const Activation kAll[] = {Activation::identity, Activation::relu, Activation::g
 
 TEMPLATE_TEST_CASE("SIMD activations, derivatives and backward match the scalar twins", "[kernels]", float, double) {
   using T = TestType;
+  // The SIMD functions (xsimd's erf, tanh, exp) round differently from the scalar ones (std::);
+  // in double they agree to 2.4e-8 relative at worst (GELU-erf, over 2^20 N(0, 9) values).
+  const bool is_double = std::is_same<T, double>::value;
+  const double kRel = is_double ? 1e-7 : 1e-5, kAbs = is_double ? 1e-12 : 1e-6;
   for (Activation a : kAll)
     for (std::size_t off : {0, 1})
       for (std::size_t n : spex_test::kernel_lengths<T>()) {
@@ -30,9 +35,9 @@ TEMPLATE_TEST_CASE("SIMD activations, derivatives and backward match the scalar 
         kernels::activate_backward(a, x.data() + off, dy.data() + off, dx.data() + off, n);
         kernels::scalar::activate_backward(a, x.data() + off, dy.data() + off, dx_ref.data() + off, n);
         for (std::size_t i = off; i < n + off; ++i) {
-          CHECK(y[i] == Approx(y_ref[i]).epsilon(1e-5).margin(1e-6));
-          CHECK(dx[i] == Approx(dx_ref[i]).epsilon(1e-5).margin(1e-6));
-          CHECK(d[i] == Approx(kernels::scalar::derivative(a, x[i])).epsilon(1e-5).margin(1e-6));
+          CHECK(y[i] == Approx(y_ref[i]).epsilon(kRel).margin(kAbs));
+          CHECK(dx[i] == Approx(dx_ref[i]).epsilon(kRel).margin(kAbs));
+          CHECK(d[i] == Approx(kernels::scalar::derivative(a, x[i])).epsilon(kRel).margin(kAbs));
         }
       }
 }
