@@ -19,8 +19,8 @@ TEMPLATE_TEST_CASE("SIMD activations, derivatives and backward match the scalar 
   using T = TestType;
   // The SIMD functions (xsimd's erf, tanh, exp) round differently from the scalar ones (std::);
   // in double they agree to 2.4e-8 relative at worst (GELU-erf, over 2^20 N(0, 9) values).
-  const bool is_double = std::is_same<T, double>::value;
-  const double kRel = is_double ? 1e-7 : 1e-5, kAbs = is_double ? 1e-12 : 1e-6;
+  constexpr bool kDouble = std::is_same<T, double>::value;
+  constexpr double kRel = kDouble ? 1e-7 : 1e-5, kAbs = kDouble ? 1e-12 : 1e-6;
   for (Activation a : kAll)
     for (std::size_t off : {0, 1})
       for (std::size_t n : spex_test::kernel_lengths<T>()) {
