@@ -110,8 +110,8 @@ void BM_PeerPartSubkeyScores(benchmark::State& state) {
   spex::RowMat<float> c1t, c2t;
   for (auto _ : state) {
     if (transposed_copy) {
-      c1t = keys.sub_keys(0).transpose();
-      c2t = keys.sub_keys(1).transpose();
+      keys.copy_transposed(0, c1t);
+      keys.copy_transposed(1, c2t);
     }
     spex::parallel_for(blocks, [&](spex::Index blk, int t) {
       const spex::Index r = std::min(qb, rows - blk * qb);

@@ -63,6 +63,29 @@ TEST_CASE("product-key top-k of a large batch (sub-keys copied transposed) equal
   }
 }
 
+TEST_CASE("product keys' transposed copy equals the tables transposed, edge tiles and any thread count",
+          "[retrieval]") {
+  Rng rng(5);
+  // 16 x 16 register tiles over blocks of 256 rows per thread: shapes with partial tiles and
+  // blocks, and one whole block, by 1 and 2 threads; the copy's old contents must not survive.
+  const int threads_before = max_threads();
+  for (Index n : {1, 17, 256, 300})
+    for (Index half : {1, 15, 16, 37})
+      for (int threads : {1, 2}) {
+        CAPTURE(n, half, threads);
+        set_num_threads(threads);
+        ProductKeys<float> pk(small_ints(n, half, 1000, rng), small_ints(n, half, 1000, rng));
+        RowMat<float> out = RowMat<float>::Constant(half, n, 7.f);
+        for (int h = 0; h < 2; ++h) {
+          pk.copy_transposed(h, out);
+          REQUIRE(out.rows() == half);
+          REQUIRE(out.cols() == n);
+          CHECK(out == pk.sub_keys(h).transpose());
+        }
+      }
+  set_num_threads(threads_before);
+}
+
 TEST_CASE("product-key top-k on random keys finds the exhaustive ids", "[retrieval]") {
   Rng rng(2);
   for (Index n : {32, 100})

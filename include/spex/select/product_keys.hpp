@@ -17,6 +17,7 @@
 #include "../core/types.hpp"
 #include "../kernels/product_topk.hpp"
 #include "../kernels/topk.hpp"
+#include "../kernels/transpose.hpp"
 
 namespace spex {
 
@@ -85,9 +86,9 @@ class ProductKeys {
   using Workspace = ProductKeysWorkspace<T>;
   /// Queries per GEMM block: the two score tiles (2 x 64 x n) stay in L2 for n <= 4096.
   static constexpr Index kQueryBlock = 64;
-  /// From this many queries on, search() copies the sub-keys transposed for its score GEMMs.
-  /// The copy costs about as much as 1000 queries save (measured at n = 1024, d_key = 256: a
-  /// batch of 256 was 16% slower with it, PEER's 2048 head queries 7% faster).
+  /// From this many queries on, search() copies the sub-keys transposed for its score GEMMs
+  /// (copy_transposed). Measured at n = 1024, d_key = 256 (docs/performance.md, "Top-k"): a
+  /// batch of 256 was no faster with the copy, PEER's 2048 head queries faster.
   static constexpr Index kTransposedKeysMinQueries = 1024;
 
   /// n rows per half (N = n^2 keys) of d_key / 2 each (d_key even), initialized
@@ -149,6 +150,21 @@ class ProductKeys {
     return kernels::ProductTopK::heap;
   }
 
+  /// out (d_key/2 x n) = sub_keys(half) transposed, the copy search() makes for large batches:
+  /// 16 x 16 tiles in registers (kernels::transpose_rows), blocks of rows over the threads.
+  /// Only copies (the same bits as any transpose); out is resized when its shape differs.
+  void copy_transposed(int half, RowMat<T>& out) const {
+    const RowMat<T>& src = sub_keys(half);
+    out.resize(src.cols(), src.rows());
+    constexpr Index kRowsPerTask = 256;
+    const auto u = [](Index i) { return static_cast<std::size_t>(i); };
+    parallel_for((src.rows() + kRowsPerTask - 1) / kRowsPerTask, [&](Index task, int) {
+      const Index j0 = task * kRowsPerTask, rows = std::min(kRowsPerTask, src.rows() - j0);
+      kernels::transpose_rows<Arch>([&](std::size_t j) { return src.row(j0 + Index(j)).data(); }, u(rows), u(src.cols()),
+                                    out.data() + j0, u(out.cols()));
+    });
+  }
+
   /// Exact top-k over the N keys for each query (row of `queries`, B x d_key): scores and ids
   /// (B x k), best first, ties to the smaller id; identical to ExhaustiveTopK over
   /// full_keys() up to the rounding of q1.c + q2.c' versus one d_key-long dot.
@@ -177,8 +193,8 @@ class ProductKeys {
     // keep the copy-free product.
     const bool transposed_copy = batch >= kTransposedKeysMinQueries;
     if (transposed_copy) {
-      ws.c1t = c1_.transpose();
-      ws.c2t = c2_.transpose();
+      copy_transposed(0, ws.c1t);
+      copy_transposed(1, ws.c2t);
     }
     parallel_for(n_blocks, [&](Index blk, int thread) {
       auto& w = ws.threads[thread];
