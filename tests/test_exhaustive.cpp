@@ -58,6 +58,34 @@ TEST_CASE("exhaustive top-k equals the reference exactly on integer data with ti
       }
 }
 
+TEST_CASE("exhaustive top-k splits the keys over the threads with the same results, ties across the runs",
+          "[retrieval]") {
+  // A batch of one query block reads the keys in one run per thread and merges the runs' lists:
+  // integer data with many ties, keys over several key blocks (with a partial last one), by 1 to
+  // 4 threads; each must equal the reference exactly, ties to the smaller id across the runs.
+  const int threads_before = max_threads();
+  for (Index n_keys : {600, 1300, 2049})
+    for (Index k : {1, 16, 70})
+      for (Index batch : {1, 5, 257}) {
+        const RowMat<float> keys = small_ints(n_keys, 6, 3, n_keys);
+        const RowMat<float> q = small_ints(batch, 6, 3, batch + k);
+        RowMat<float> s_ref;
+        IndexMat ids_ref;
+        reference_search(keys, q, k, s_ref, ids_ref);
+        ExhaustiveTopK<float> search;  // reused as the thread count changes
+        for (int threads : {1, 2, 3, 4}) {
+          CAPTURE(n_keys, k, batch, threads);
+          set_num_threads(threads);
+          RowMat<float> s(batch, k);
+          IndexMat ids(batch, k);
+          search.search(keys, q, k, s, ids);
+          CHECK(ids == ids_ref);
+          CHECK(s == s_ref);
+        }
+      }
+  set_num_threads(threads_before);
+}
+
 TEST_CASE("exhaustive top-k on random data, reused and with strided views", "[retrieval]") {
   RowMat<double> keys(3000, 16), big(50, 40);
   Rng rng(5);

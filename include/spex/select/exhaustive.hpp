@@ -3,7 +3,8 @@
 // measured against. Done the faiss way (exhaustive_inner_product_blas): a GEMM of a block of
 // queries against a block of keys into a small score tile that stays in L2, then each query's
 // row of the tile streams through that query's top-k heap (kernels/topk.hpp). The B x N score
-// matrix is never materialized and nothing is sorted in full.
+// matrix is never materialized and nothing is sorted in full. Few blocks of queries (a batch of
+// up to 256 is one) split the keys over the threads and merge their top-k lists.
 #include <algorithm>
 #include <vector>
 
@@ -16,8 +17,8 @@
 namespace spex {
 
 namespace detail {
-constexpr Index kExhaustiveQueryBlock = 128;
-constexpr Index kExhaustiveKeyBlock = 1024;
+constexpr Index kExhaustiveQueryBlock = kGemmTileRows;
+constexpr Index kExhaustiveKeyBlock = kGemmTileCols;
 }  // namespace detail
 
 /// Exhaustive top-k search. The object holds only scratch (one score tile per thread), which
@@ -42,36 +43,80 @@ class ExhaustiveTopK {
     if (batch == 0) return;
 
     const int threads = max_threads();
-    // Fixed query blocks, as in ProductKeys::search: results depend on the batch only.
+    // Fixed query and key blocks (one GEMM tile each), as in ProductKeys::search: every score's
+    // last bits depend on the batch only.
     const Index qb = std::min<Index>(detail::kExhaustiveQueryBlock, batch);
     const Index kb = std::min<Index>(detail::kExhaustiveKeyBlock, n_keys);
+    const Index q_blocks = (batch + qb - 1) / qb, k_blocks = (n_keys + kb - 1) / kb;
+    // Each block of queries reads the keys in `ranges` contiguous runs of key blocks, one task
+    // each, so that the threads share the keys (read and packed by the GEMM once per block of
+    // queries) instead of each reading all of them. The split is free to follow the thread
+    // count: every run keeps the exact top-k of its keys, and merging them keeps the exact
+    // top-k of their union in the total order "larger score, then smaller id", the same
+    // entries for any split.
+    const Index ranges = std::clamp<Index>(threads / q_blocks, 1, k_blocks);
     if (static_cast<int>(tiles_.size()) < threads) tiles_.resize(threads);
     for (auto& t : tiles_)
       if (t.rows() < qb || t.cols() < kb) t.resize(std::max<Index>(qb, t.rows()), std::max<Index>(kb, t.cols()));
-    if (static_cast<Index>(heap_sizes_.size()) < batch) heap_sizes_.resize(batch);
-
-    const Index n_blocks = (batch + qb - 1) / qb;
-    parallel_for(n_blocks, [&](Index blk, int thread) {
+    const std::size_t ks = static_cast<std::size_t>(k);
+    const std::size_t parts = ranges > 1 ? static_cast<std::size_t>(ranges * batch) : 0;  // (range, query) heaps
+    if (part_vals_.size() < parts * ks) {
+      part_vals_.resize(parts * ks);
+      part_ids_.resize(parts * ks);
+    }
+    if (heap_sizes_.size() < std::max(parts, static_cast<std::size_t>(batch))) heap_sizes_.resize(std::max(parts, static_cast<std::size_t>(batch)));
+    parallel_for(q_blocks * ranges, [&](Index task, int thread) {
+      const Index blk = task / ranges, range = task % ranges;
       const Index q0 = blk * qb, rows = std::min(qb, batch - q0);
-      RowMat<T>& tile = tiles_[thread];
-      for (Index q = q0; q < q0 + rows; ++q) heap_sizes_[q] = 0;
-      for (Index k0 = 0; k0 < n_keys; k0 += kb) {
-        const Index cols = std::min(kb, n_keys - k0);
-        gemm(tile.topLeftCorner(rows, cols), queries.middleRows(q0, rows),
-             keys.middleRows(k0, cols).transpose(), false);
-        for (Index r = 0; r < rows; ++r)
-          kernels::topk_push_block<Arch>(&tile(r, 0), static_cast<std::size_t>(cols), k0,
-                                         static_cast<std::size_t>(k), &scores(q0 + r, 0), &ids(q0 + r, 0),
-                                         heap_sizes_[q0 + r]);
+      // Query q's heap: its result row when one run covers the keys, else its run's own.
+      auto heap = [&](Index q, T*& v, std::int64_t*& id, std::size_t*& size) {
+        if (ranges == 1) {
+          v = &scores(q, 0);
+          id = &ids(q, 0);
+          size = &heap_sizes_[static_cast<std::size_t>(q)];
+        } else {
+          const std::size_t p = static_cast<std::size_t>(range * batch + q);
+          v = &part_vals_[p * ks];
+          id = &part_ids_[p * ks];
+          size = &heap_sizes_[p];
+        }
+      };
+      T* v;
+      std::int64_t* id;
+      std::size_t* size;
+      for (Index q = q0; q < q0 + rows; ++q) {
+        heap(q, v, id, size);
+        *size = 0;
       }
-      for (Index r = 0; r < rows; ++r)
-        kernels::topk_finish(static_cast<std::size_t>(k), &scores(q0 + r, 0), &ids(q0 + r, 0), heap_sizes_[q0 + r]);
+      RowMat<T>& tile = tiles_[thread];
+      for (Index kblk = range * k_blocks / ranges; kblk < (range + 1) * k_blocks / ranges; ++kblk) {
+        const Index k0 = kblk * kb, cols = std::min(kb, n_keys - k0);
+        gemm(tile.topLeftCorner(rows, cols), queries.middleRows(q0, rows), keys.middleRows(k0, cols).transpose(), false);
+        for (Index r = 0; r < rows; ++r) {
+          heap(q0 + r, v, id, size);
+          kernels::topk_push_block<Arch>(&tile(r, 0), static_cast<std::size_t>(cols), k0, ks, v, id, *size);
+        }
+      }
+      if (ranges == 1)
+        for (Index r = 0; r < rows; ++r) kernels::topk_finish(ks, &scores(q0 + r, 0), &ids(q0 + r, 0), heap_sizes_[static_cast<std::size_t>(q0 + r)]);
+    });
+    if (ranges == 1) return;
+    parallel_for(batch, [&](Index q, int) {
+      std::size_t size = 0;
+      for (Index range = 0; range < ranges; ++range) {
+        const std::size_t p = static_cast<std::size_t>(range * batch + q);
+        for (std::size_t j = 0; j < heap_sizes_[p]; ++j)
+          kernels::heap::offer(&scores(q, 0), &ids(q, 0), size, ks, part_vals_[p * ks + j], part_ids_[p * ks + j]);
+      }
+      kernels::topk_finish(ks, &scores(q, 0), &ids(q, 0), size);
     });
   }
 
  private:
   std::vector<RowMat<T>> tiles_;
-  std::vector<std::size_t> heap_sizes_;
+  std::vector<std::size_t> heap_sizes_;   // per query, or per (run of key blocks, query)
+  std::vector<T> part_vals_;              // the runs' heaps, k entries per (run, query)
+  std::vector<std::int64_t> part_ids_;
 };
 
 }  // namespace spex
