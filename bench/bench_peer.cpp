@@ -99,31 +99,28 @@ const spex::RowMat<float>& head_queries(int config) {
 }
 
 // Step 2: sub-key scores, both halves of all B h head queries against the n sub-keys, in the
-// query blocks of ProductKeys::search, from the transposed copy it makes for such batches.
+// tasks of ProductKeys::search (a block of queries against one half each), from the transposed
+// copy it makes for such batches.
 void BM_PeerPartSubkeyScores(benchmark::State& state) {
   const int config = int(state.range(0));
   const auto& keys = layer(config).retrieval().keys(0);
   const auto& q = head_queries(config);
   const spex::Index rows = q.rows(), half = q.cols() / 2, qb = keys.kQueryBlock, blocks = (rows + qb - 1) / qb;
   const bool transposed_copy = rows >= keys.kTransposedKeysMinQueries;
-  std::vector<spex::RowMat<float>> s1(spex::max_threads(), spex::RowMat<float>(qb, keys.n())), s2 = s1;
-  spex::RowMat<float> c1t, c2t;
+  std::vector<spex::RowMat<float>> s(spex::max_threads(), spex::RowMat<float>(qb, keys.n()));
+  spex::RowMat<float> ct[2];
   for (auto _ : state) {
-    if (transposed_copy) {
-      keys.copy_transposed(0, c1t);
-      keys.copy_transposed(1, c2t);
-    }
-    spex::parallel_for(blocks, [&](spex::Index blk, int t) {
-      const spex::Index r = std::min(qb, rows - blk * qb);
-      if (transposed_copy) {
-        spex::gemm(s1[t].topRows(r), q.block(blk * qb, 0, r, half), c1t, false);
-        spex::gemm(s2[t].topRows(r), q.block(blk * qb, half, r, half), c2t, false);
-      } else {
-        spex::gemm(s1[t].topRows(r), q.block(blk * qb, 0, r, half), keys.sub_keys(0).transpose(), false);
-        spex::gemm(s2[t].topRows(r), q.block(blk * qb, half, r, half), keys.sub_keys(1).transpose(), false);
-      }
+    if (transposed_copy)
+      for (int h = 0; h < 2; ++h) keys.copy_transposed(h, ct[h]);
+    spex::parallel_for(2 * blocks, [&](spex::Index task, int t) {
+      const int h = int(task % 2);
+      const spex::Index q0 = (task / 2) * qb, r = std::min(qb, rows - q0);
+      if (transposed_copy)
+        spex::gemm(s[t].topRows(r), q.block(q0, h * half, r, half), ct[h], false);
+      else
+        spex::gemm(s[t].topRows(r), q.block(q0, h * half, r, half), keys.sub_keys(h).transpose(), false);
     });
-    benchmark::DoNotOptimize(s1[0].data());
+    benchmark::DoNotOptimize(s[0].data());
   }
   tokens_counter(state, kShapes[config].batch);
 }

@@ -66,26 +66,30 @@ inline void expert_pair(ExpertIds s, Index id, Index n, Index& i1, Index& i2) {
   }
 }
 
-/// Scratch for ProductKeys::search, one set per thread. Reused across calls, it stops
-/// allocating once it has seen the largest batch and k. One workspace per concurrent caller.
+/// Scratch for ProductKeys::search: a score block per thread, the halves' top-k lists of the
+/// batch, the transposed copies. Reused across calls, it stops allocating once it has seen the
+/// largest batch and k. One workspace per concurrent caller.
 template <class T>
 struct ProductKeysWorkspace {
   struct PerThread {
-    RowMat<T> s1, s2;                 // sub-key scores of a block of queries, rows x n
-    std::vector<T> a, b;              // top-k of each half
-    std::vector<std::int64_t> ia, ib;
+    RowMat<T> scores;                 // a block of queries' sub-key scores against one half, rows x n
     kernels::ProductTopKScratch<T> scratch;
   };
   std::vector<PerThread> threads;
   RowMat<T> c1t, c2t;                 // the sub-key tables transposed (d_key/2 x n), per call
+  std::vector<T> list_v;              // each query's top-k of each half: (half, query) x k
+  std::vector<std::int64_t> list_i;
 };
 
 template <class T = float, class Arch = default_arch>
 class ProductKeys {
  public:
   using Workspace = ProductKeysWorkspace<T>;
-  /// Queries per GEMM block: the two score tiles (2 x 64 x n) stay in L2 for n <= 4096.
-  static constexpr Index kQueryBlock = 64;
+  /// Queries per block of sub-key scores; search() runs one task per block and half, whose
+  /// scores (128 x n) stay in L2 for n <= 4096. An engine that copies (packs) the sub-keys at
+  /// every call copies them once per 128 queries (docs/performance.md, "Top-k"); the tasks are
+  /// never fewer than 64-query blocks with both halves made.
+  static constexpr Index kQueryBlock = 128;
   /// From this many queries on, search() copies the sub-keys transposed for its score GEMMs
   /// (copy_transposed). Measured at n = 1024, d_key = 256 (docs/performance.md, "Top-k"): a
   /// batch of 256 was no faster with the copy, PEER's 2048 head queries faster.
@@ -180,12 +184,7 @@ class ProductKeys {
     check_finite(queries, "queries");
     if (batch == 0) return;
 
-    const int threads = max_threads();
-    // Fixed query blocks (never sized by the thread count): the engine and shape of each
-    // sub-key GEMM, hence every score's last bits, depend on the batch only.
-    const Index qb = std::min<Index>(kQueryBlock, batch);
-    reserve(ws, threads, qb, k);
-    const Index n_blocks = (batch + qb - 1) / qb;
+    reserve(ws, batch, k);
     const std::size_t ks = static_cast<std::size_t>(k), ns = static_cast<std::size_t>(n());
     // Large batches read the sub-keys transposed (copied once per call, 2 n d_key/2 values):
     // Q C1ᵀ becomes a product with an untransposed operand, which libxsmm's kernels run ~1.25x
@@ -196,25 +195,34 @@ class ProductKeys {
       copy_transposed(0, ws.c1t);
       copy_transposed(1, ws.c2t);
     }
-    parallel_for(n_blocks, [&](Index blk, int thread) {
-      auto& w = ws.threads[thread];
-      const Index q0 = blk * qb, rows = std::min(qb, batch - q0);
-      if (transposed_copy) {
-        gemm(w.s1.topRows(rows), queries.block(q0, 0, rows, h), ws.c1t, false);
-        gemm(w.s2.topRows(rows), queries.block(q0, h, rows, h), ws.c2t, false);
-      } else {
-        gemm(w.s1.topRows(rows), queries.block(q0, 0, rows, h), c1_.transpose(), false);
-        gemm(w.s2.topRows(rows), queries.block(q0, h, rows, h), c2_.transpose(), false);
-      }
+    // One task per (block of queries, half): the block's scores against that half's sub-keys
+    // and each row's top-k of them, in the thread's cache. Fixed blocks (never sized by the
+    // thread count): the engine and shape of each sub-key GEMM, hence every score's last bits,
+    // depend on the batch only.
+    const Index qb = std::min<Index>(kQueryBlock, batch);
+    auto list = [&](int half, Index r) { return static_cast<std::size_t>(half * batch + r) * ks; };
+    parallel_for(2 * ((batch + qb - 1) / qb), [&](Index task, int thread) {
+      const int half = static_cast<int>(task % 2);
+      const Index q0 = (task / 2) * qb, rows = std::min(qb, batch - q0);
+      auto s = ws.threads[static_cast<std::size_t>(thread)].scores.topRows(rows);
+      const auto q = queries.block(q0, half * h, rows, h);
+      if (transposed_copy)
+        gemm(s, q, half == 0 ? ws.c1t : ws.c2t, false);
+      else
+        gemm(s, q, sub_keys(half).transpose(), false);
       for (Index r = 0; r < rows; ++r) {
-        kernels::topk<Arch>(&w.s1(r, 0), ns, ks, w.a.data(), w.ia.data());
-        kernels::topk<Arch>(&w.s2(r, 0), ns, ks, w.b.data(), w.ib.data());
-        kernels::product_topk(method, w.a.data(), w.ia.data(), ks, w.b.data(), w.ib.data(), ks, n(), ks,
-                              &scores(q0 + r, 0), &ids(q0 + r, 0), w.scratch);
-        if (ids_ == ExpertIds::shells)  // ids -1 (fewer finite scores than k) stay -1
-          for (Index j = 0; j < k; ++j)
-            if (const Index id = ids(q0 + r, j); id >= 0) ids(q0 + r, j) = expert_id(ids_, id / n(), id % n(), n());
+        const std::size_t l = list(half, q0 + r);
+        kernels::topk<Arch>(&s(r, 0), ns, ks, &ws.list_v[l], &ws.list_i[l]);
       }
+    });
+    // Each row's k best of the k x k sums of its halves' lists.
+    parallel_for(batch, [&](Index r, int thread) {
+      const std::size_t l1 = list(0, r), l2 = list(1, r);
+      kernels::product_topk(method, &ws.list_v[l1], &ws.list_i[l1], ks, &ws.list_v[l2], &ws.list_i[l2], ks, n(), ks,
+                            &scores(r, 0), &ids(r, 0), ws.threads[static_cast<std::size_t>(thread)].scratch);
+      if (ids_ == ExpertIds::shells)  // ids -1 (fewer finite scores than k) stay -1
+        for (Index j = 0; j < k; ++j)
+          if (const Index id = ids(r, j); id >= 0) ids(r, j) = expert_id(ids_, id / n(), id % n(), n());
     });
   }
 
@@ -243,20 +251,18 @@ class ProductKeys {
     fill_uniform(new2, -bound, bound, r2);
   }
 
-  void reserve(Workspace& ws, int threads, Index qb, Index k) const {
-    if (static_cast<int>(ws.threads.size()) < threads) ws.threads.resize(threads);
+  void reserve(Workspace& ws, Index batch, Index k) const {
+    const std::size_t threads = static_cast<std::size_t>(max_threads());
+    const Index qb = std::min<Index>(kQueryBlock, batch);
+    if (ws.threads.size() < threads) ws.threads.resize(threads);
     for (auto& w : ws.threads) {
-      if (w.s1.rows() < qb || w.s1.cols() != n()) {
-        w.s1.resize(qb, n());
-        w.s2.resize(qb, n());
-      }
-      if (static_cast<Index>(w.a.size()) < k) {
-        w.a.resize(k);
-        w.b.resize(k);
-        w.ia.resize(k);
-        w.ib.resize(k);
-      }
+      if (w.scores.rows() < qb || w.scores.cols() != n()) w.scores.resize(qb, n());
       w.scratch.reserve(static_cast<std::size_t>(k));
+    }
+    const std::size_t lists = static_cast<std::size_t>(2 * batch * k);
+    if (ws.list_v.size() < lists) {
+      ws.list_v.resize(lists);
+      ws.list_i.resize(lists);
     }
   }
 
