@@ -16,7 +16,7 @@ struct Shape {
 constexpr Shape kShapes[] = {
     {"projection tile x Wt", 256, 512, 512, false, true},
     {"projection 64 rows x Wt", 64, 512, 512, false, true},
-    {"sub-key scores 64 x 1024 keys", 64, 512, 128, false, true},
+    {"sub-key scores 128 x 1024 keys", 128, 512, 128, false, true},
     {"expert block x W1t (E 64)", 64, 128, 512, false, true},
     {"expert block x W2t (E 64)", 64, 512, 128, false, true},
     {"backward dy x W", 64, 512, 512, false, false},

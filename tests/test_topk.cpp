@@ -34,7 +34,7 @@ TEMPLATE_TEST_CASE("topk equals a full stable sort on random rows", "[kernels]",
 TEMPLATE_TEST_CASE("topk breaks ties to the smaller index", "[kernels]", float, double) {
   using T = TestType;
   spex::Rng rng(3);
-  for (std::size_t n : {5, 31, 64, 257, 1024})
+  for (std::size_t n : {5, 31, 64, 256, 257, 1024})  // 256 and 257 equal values: the capacity of topk_by_rank, and one over it
     for (std::size_t k : {1, 4, 16}) {
       if (k > n) continue;
       CAPTURE(n, k);

@@ -141,6 +141,47 @@ T topk_floor(const T* scores, std::size_t n, std::size_t k) {
 
 namespace detail {
 #if SPEX_SIMD
+/// Appends the scores >= floor among the whole vectors of scores[0, n), and their indices, to
+/// (cv, ci) at c in index order, until more than `capacity` have passed (c then exceeds it).
+/// cv and ci must hold capacity + W entries. Returns where it stopped: the end of the whole
+/// vectors, or the vector that went over. AVX-512 floats compress each vector's passing lanes
+/// into place with no branch: the vectors that hold a candidate come at random, and a branch
+/// on each cost 1.4x the whole top-k of a row of 1024 (docs/performance.md, "Top-k"); other
+/// ISAs and types visit the passing lanes.
+template <class Arch, class T, std::size_t capacity>
+std::size_t collect_vectors(const T* scores, std::size_t n, T floor, T* cv, std::int32_t* ci, std::size_t& c) {
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  std::size_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
+    const __m512 thr = _mm512_set1_ps(floor);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; i + 16 <= n && c <= capacity; i += 16) {
+      const __m512 v = _mm512_loadu_ps(scores + i);
+      const __mmask16 pass = _mm512_cmp_ps_mask(v, thr, _CMP_GE_OQ);  // NaN never passes
+      _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(pass, v));
+      _mm512_storeu_si512(ci + c, _mm512_maskz_compress_epi32(pass, index));
+      c += static_cast<std::size_t>(__builtin_popcount(pass));
+      index = _mm512_add_epi32(index, step);
+    }
+    return i;
+  }
+#endif
+  const B thr(floor);
+  for (; i + W <= n && c <= capacity; i += W) {
+    const auto pass = B::load_unaligned(scores + i) >= thr;
+    if (!xsimd::any(pass)) continue;
+    for (std::uint32_t bits = lane_bits<Arch, T>(pass); bits != 0; bits &= bits - 1) {
+      const std::size_t j = i + static_cast<std::size_t>(__builtin_ctz(bits));
+      cv[c] = scores[j];
+      ci[c++] = static_cast<std::int32_t>(j);
+    }
+  }
+  return i;
+}
+
 /// Top-k of the scores >= floor by rank: the candidates (about 2k once the floor is tight) are
 /// copied out in index order and ranked with rank_block; rank r goes to slot r. Branch-free,
 /// unlike heap sifts. False when more than kCapacity candidates pass (heavy ties): the caller
@@ -151,20 +192,10 @@ bool topk_by_rank(const T* scores, std::size_t n, std::size_t k, T floor, T* val
   constexpr std::size_t W = B::size;
   constexpr std::size_t kCapacity = 256;
   alignas(Arch::alignment()) T cv[kCapacity + W];
-  std::int32_t ci[kCapacity];
+  std::int32_t ci[kCapacity + W];
   std::size_t c = 0;
-  const B thr(floor);
-  std::size_t i = 0;
-  for (; i + W <= n; i += W) {
-    const auto pass = B::load_unaligned(scores + i) >= thr;
-    if (!xsimd::any(pass)) continue;
-    for (std::uint32_t bits = lane_bits<Arch, T>(pass); bits != 0; bits &= bits - 1) {
-      if (c == kCapacity) return false;
-      const std::size_t j = i + static_cast<std::size_t>(__builtin_ctz(bits));
-      cv[c] = scores[j];
-      ci[c++] = static_cast<std::int32_t>(j);
-    }
-  }
+  std::size_t i = collect_vectors<Arch, T, kCapacity>(scores, n, floor, cv, ci, c);
+  if (c > kCapacity) return false;
   for (; i < n; ++i)
     if (scores[i] >= floor) {
       if (c == kCapacity) return false;
