@@ -14,8 +14,9 @@ template <class Arch, class T, class FB, class FS>
 void map1(const T* x, T* y, std::size_t n, FB fb, FS fs) {
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
+  const std::size_t whole = n - n % W;  // the values of the whole batches
   std::size_t i = 0;
-  for (; i + W <= n; i += W) fb(B::load_unaligned(x + i)).store_unaligned(y + i);
+  for (; i < whole; i += W) fb(B::load_unaligned(x + i)).store_unaligned(y + i);
   for (; i < n; ++i) y[i] = fs(x[i]);
 }
 
@@ -24,8 +25,9 @@ template <class Arch, class T, class FB, class FS>
 void map2(const T* x, const T* y, T* z, std::size_t n, FB fb, FS fs) {
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
+  const std::size_t whole = n - n % W;
   std::size_t i = 0;
-  for (; i + W <= n; i += W) fb(B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(z + i);
+  for (; i < whole; i += W) fb(B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(z + i);
   for (; i < n; ++i) z[i] = fs(x[i], y[i]);
 }
 
