@@ -64,49 +64,45 @@ class ExhaustiveTopK {
       part_vals_.resize(parts * ks);
       part_ids_.resize(parts * ks);
     }
-    if (heap_sizes_.size() < std::max(parts, static_cast<std::size_t>(batch))) heap_sizes_.resize(std::max(parts, static_cast<std::size_t>(batch)));
+    const std::size_t heaps = std::max(parts, static_cast<std::size_t>(batch));
+    if (heap_sizes_.size() < heaps) heap_sizes_.resize(heaps);
+    // Query q's top-k heap in run `range`: its result row when one run covers the keys, else
+    // the run's own.
+    struct Heap {
+      T* v;
+      std::int64_t* id;
+      std::size_t& size;
+    };
+    auto heap = [&](Index range, Index q) -> Heap {
+      if (ranges == 1) return {&scores(q, 0), &ids(q, 0), heap_sizes_[static_cast<std::size_t>(q)]};
+      const std::size_t p = static_cast<std::size_t>(range * batch + q);
+      return {&part_vals_[p * ks], &part_ids_[p * ks], heap_sizes_[p]};
+    };
     parallel_for(q_blocks * ranges, [&](Index task, int thread) {
       const Index blk = task / ranges, range = task % ranges;
       const Index q0 = blk * qb, rows = std::min(qb, batch - q0);
-      // Query q's heap: its result row when one run covers the keys, else its run's own.
-      auto heap = [&](Index q, T*& v, std::int64_t*& id, std::size_t*& size) {
-        if (ranges == 1) {
-          v = &scores(q, 0);
-          id = &ids(q, 0);
-          size = &heap_sizes_[static_cast<std::size_t>(q)];
-        } else {
-          const std::size_t p = static_cast<std::size_t>(range * batch + q);
-          v = &part_vals_[p * ks];
-          id = &part_ids_[p * ks];
-          size = &heap_sizes_[p];
-        }
-      };
-      T* v;
-      std::int64_t* id;
-      std::size_t* size;
-      for (Index q = q0; q < q0 + rows; ++q) {
-        heap(q, v, id, size);
-        *size = 0;
-      }
+      for (Index q = q0; q < q0 + rows; ++q) heap(range, q).size = 0;
       RowMat<T>& tile = tiles_[thread];
       for (Index kblk = range * k_blocks / ranges; kblk < (range + 1) * k_blocks / ranges; ++kblk) {
         const Index k0 = kblk * kb, cols = std::min(kb, n_keys - k0);
         gemm(tile.topLeftCorner(rows, cols), queries.middleRows(q0, rows), keys.middleRows(k0, cols).transpose(), false);
         for (Index r = 0; r < rows; ++r) {
-          heap(q0 + r, v, id, size);
-          kernels::topk_push_block<Arch>(&tile(r, 0), static_cast<std::size_t>(cols), k0, ks, v, id, *size);
+          const Heap h = heap(range, q0 + r);
+          kernels::topk_push_block<Arch>(&tile(r, 0), static_cast<std::size_t>(cols), k0, ks, h.v, h.id, h.size);
         }
       }
       if (ranges == 1)
-        for (Index r = 0; r < rows; ++r) kernels::topk_finish(ks, &scores(q0 + r, 0), &ids(q0 + r, 0), heap_sizes_[static_cast<std::size_t>(q0 + r)]);
+        for (Index q = q0; q < q0 + rows; ++q) {
+          const Heap h = heap(0, q);
+          kernels::topk_finish(ks, h.v, h.id, h.size);
+        }
     });
     if (ranges == 1) return;
     parallel_for(batch, [&](Index q, int) {
       std::size_t size = 0;
       for (Index range = 0; range < ranges; ++range) {
-        const std::size_t p = static_cast<std::size_t>(range * batch + q);
-        for (std::size_t j = 0; j < heap_sizes_[p]; ++j)
-          kernels::heap::offer(&scores(q, 0), &ids(q, 0), size, ks, part_vals_[p * ks + j], part_ids_[p * ks + j]);
+        const Heap h = heap(range, q);
+        for (std::size_t j = 0; j < h.size; ++j) kernels::heap::offer(&scores(q, 0), &ids(q, 0), size, ks, h.v[j], h.id[j]);
       }
       kernels::topk_finish(ks, &scores(q, 0), &ids(q, 0), size);
     });

@@ -184,7 +184,8 @@ class ProductKeys {
     check_finite(queries, "queries");
     if (batch == 0) return;
 
-    reserve(ws, batch, k);
+    const Index qb = std::min<Index>(kQueryBlock, batch);
+    reserve(ws, batch, qb, k);
     const std::size_t ks = static_cast<std::size_t>(k), ns = static_cast<std::size_t>(n());
     // Large batches read the sub-keys transposed (copied once per call, 2 n d_key/2 values):
     // Q C1ᵀ becomes a product with an untransposed operand, which libxsmm's kernels run ~1.25x
@@ -199,7 +200,6 @@ class ProductKeys {
     // and each row's top-k of them, in the thread's cache. Fixed blocks (never sized by the
     // thread count): the engine and shape of each sub-key GEMM, hence every score's last bits,
     // depend on the batch only.
-    const Index qb = std::min<Index>(kQueryBlock, batch);
     auto list = [&](int half, Index r) { return static_cast<std::size_t>(half * batch + r) * ks; };
     parallel_for(2 * ((batch + qb - 1) / qb), [&](Index task, int thread) {
       const int half = static_cast<int>(task % 2);
@@ -251,9 +251,8 @@ class ProductKeys {
     fill_uniform(new2, -bound, bound, r2);
   }
 
-  void reserve(Workspace& ws, Index batch, Index k) const {
+  void reserve(Workspace& ws, Index batch, Index qb, Index k) const {
     const std::size_t threads = static_cast<std::size_t>(max_threads());
-    const Index qb = std::min<Index>(kQueryBlock, batch);
     if (ws.threads.size() < threads) ws.threads.resize(threads);
     for (auto& w : ws.threads) {
       if (w.scores.rows() < qb || w.scores.cols() != n()) w.scores.resize(qb, n());
