@@ -147,6 +147,38 @@ TEST_CASE("gemm: results do not depend on the thread count", "[gemm][determinism
   set_num_threads(saved);
 }
 
+TEST_CASE("gemm: a large product of few tiles gets narrower ones, with the same results on any thread count", "[gemm]") {
+  // Small work or many tiles: the full tiles.
+  CHECK(gemm_tiles(256, 512, 64).rows == kGemmTileRows);
+  CHECK(gemm_tiles(256, 512, 64).cols == kGemmTileCols);
+  CHECK(gemm_tiles(1024, 1024, 2048).cols == kGemmTileCols);
+  // dy W of a batch of 256 over k = 2048: one tile becomes four of 256 x 128 (columns first).
+  CHECK(gemm_tiles(256, 512, 2048).rows == 256);
+  CHECK(gemm_tiles(256, 512, 2048).cols == 128);
+  // Columns halve down to 128 while that adds tiles, then rows down to 64.
+  CHECK(gemm_tiles(256, 128, 8192).rows == 64);  // 128 columns are one tile already
+  CHECK(gemm_tiles(256, 1024, 1024).cols == 256);
+  CHECK(gemm_tiles(64, 100, 1 << 16).rows == 256);
+  CHECK(gemm_tiles(64, 100, 1 << 16).cols == 512);
+  // A product at the split threshold (128 x 512 over 2048: four tiles of 128 x 128) against the
+  // long-double reference, bit for bit the same with 1, 2 and 3 threads.
+  const Index m = 128, n = 512, k = 2048;
+  REQUIRE(double(m) * n * k >= kGemmSplitWork);
+  const RowMat<float> a = randn_mat(m, k, 21).cast<float>(), b = randn_mat(k, n, 22).cast<float>();
+  const RowMat<double> expected = reference(a, false, b, false);
+  const int saved = max_threads();
+  std::vector<RowMat<float>> c;
+  for (int threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    c.emplace_back(m, n);
+    gemm(c.back(), a, b, false);
+  }
+  set_num_threads(saved);
+  CHECK(c[0] == c[1]);
+  CHECK(c[0] == c[2]);
+  CHECK((c[0].cast<double>() - expected).cwiseAbs().maxCoeff() < tolerance<float>(k) * expected.cwiseAbs().maxCoeff());
+}
+
 TEST_CASE("gemm: shape mismatches and non-contiguous operands are errors", "[gemm]") {
   RowMat<float> a(4, 5), b(6, 3), c(4, 3);
   CHECK_THROWS_WITH(gemm(c, a, b, false), Catch::Contains("C (4 x 3) = A (4 x 5) B (6 x 3)"));
@@ -173,6 +205,11 @@ TEST_CASE("gemm: the engine for each shape class", "[gemm]") {
     CHECK(gemm_engine_for(128, 512, 64, true, false) == GemmEngine::xsmm);   // an expert's weight gradient
     CHECK(gemm_engine_for(64, 128, 512, false, true) != GemmEngine::xsmm);   // no JIT kernel for Bᵀ
     CHECK(gemm_engine_for(256, 512, 512, true, false) != GemmEngine::xsmm);  // Aᵀ over a long k
+    // B's rows must span at most kXsmmMaxBBytes: k x n, or k rows of a wider B's stride.
+    CHECK(gemm_engine_for(256, 128, 2048, false, false) == GemmEngine::xsmm);
+    CHECK(gemm_engine_for(256, 512, 2048, false, false) != GemmEngine::xsmm);
+    CHECK(gemm_engine_for(256, 128, 2048, false, false, sizeof(float), 512) != GemmEngine::xsmm);
+    CHECK(gemm_engine_for(256, 128, 2048, false, false, sizeof(double)) != GemmEngine::xsmm);
   }
   if (!gemm_engine_available(GemmEngine::cblas) && !gemm_engine_available(GemmEngine::xsmm))
     CHECK(gemm_engine_for(256, 512, 512, false, true) == GemmEngine::eigen);

@@ -52,3 +52,55 @@ TEST_CASE("accumulate_rows sums colliding occurrences like a plain loop", "[core
   std::set<Index> uniq(ids.data(), ids.data() + ids.size());
   CHECK(Index(uniq.size()) == g.nnz_rows());
 }
+
+TEMPLATE_TEST_CASE("accumulate_rows streams large new gradients with the same values, any thread count", "[core]", float,
+                   double) {
+  using T = TestType;
+  // Enough new rows for kStreamGradientBytes: a row picked once is streamed; row 11, held before
+  // the call and picked many times, is summed as before. An odd width starts most rows off a
+  // vector boundary (the kernel's unaligned head).
+  const Index w = 257, b = 64, m = Index(kStreamGradientBytes / (w * sizeof(T))) / b + 8, n = 2 * b * m + 2;
+  IndexMat ids(b, m);
+  for (Index t = 0; t < b; ++t)
+    for (Index j = 0; j < m; ++j) ids(t, j) = 2 * (t * m + j) + 2;  // even: never row 11
+  for (Index j = 0; j < m; j += 5) ids(3, j) = 11;
+  Index picked_once = 0;
+  for (Index i = 0; i < ids.size(); ++i) picked_once += ids.data()[i] != 11;
+  REQUIRE(double(picked_once) * double(w) * sizeof(T) >= double(kStreamGradientBytes));
+  Rng rng(2);
+  RowMat<T> coef(b, m), src(b, w);
+  fill_normal(coef, 1.0, rng);
+  fill_normal(src, 1.0, rng);
+  const std::vector<T> held(static_cast<std::size_t>(w), T(0.5));
+  std::vector<RowMat<T>> values;
+  std::vector<std::vector<Index>> rows;
+  const int saved = max_threads();
+  for (int threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    SparseRowGrad<T> g(n, w);
+    RowScatterPlan plan;
+    g.add_row(11, held.data());
+    accumulate_rows(ids, coef, src, g, plan);
+    values.push_back(g.values());
+    rows.push_back(g.rows());
+  }
+  set_num_threads(saved);
+  CHECK(values[0] == values[1]);
+  CHECK(values[0] == values[2]);
+  REQUIRE(rows[0].size() == std::size_t(picked_once + 1));
+  // Row 11 first (held), then the new rows in the order of their first pick.
+  RowMat<double> row11 = RowMat<double>::Constant(1, w, 0.5);
+  for (Index j = 0; j < m; j += 5) row11 += double(coef(3, j)) * src.row(3).template cast<double>();
+  CHECK(rows[0][0] == 11);
+  CHECK((values[0].row(0).template cast<double>() - row11).cwiseAbs().maxCoeff() < 1e-5);
+  Index s = 1, exact = 0;
+  for (Index t = 0; t < b; ++t)
+    for (Index j = 0; j < m; ++j) {
+      if (ids(t, j) == 11) continue;
+      REQUIRE(rows[0][static_cast<std::size_t>(s)] == ids(t, j));
+      const RowMat<T> expect = coef(t, j) * src.row(t);  // a row picked once is a * x exactly
+      exact += values[0].row(s) == expect;
+      ++s;
+    }
+  CHECK(exact == picked_once);
+}

@@ -58,3 +58,17 @@ TEMPLATE_TEST_CASE("scale_to matches the scalar twin", "[kernels]", float, doubl
       CHECK(y == y_ref);
     }
 }
+
+TEMPLATE_TEST_CASE("scale_to_stream writes scale_to's values at every alignment", "[kernels]", float, double) {
+  using T = TestType;
+  for (std::size_t off : {0, 1, 3})
+    for (std::size_t n : spex_test::kernel_lengths<T>()) {
+      CAPTURE(n, off);
+      const auto x = randn<T>(n, 6 + n, off);
+      std::vector<T> y(n + off + 1, T(7)), y_ref(n + off + 1, T(7));
+      kernels::scale_to_stream(T(-0.75), x.data() + off, y.data() + off, n);
+      kernels::stream_fence();
+      kernels::scalar::scale_to(T(-0.75), x.data() + off, y_ref.data() + off, n);
+      CHECK(y == y_ref);  // and nothing outside [off, off + n) written
+    }
+}

@@ -17,6 +17,7 @@
 // calling thread, so spex's pool is the only one (DESIGN.md, Threading).
 #include <algorithm>
 #include <climits>
+#include <cstddef>
 #include <string>
 
 #include <Eigen/Core>
@@ -98,16 +99,28 @@ inline GemmEngine gemm_engine_for_large() {
   return gemm_cblas_serves_large() ? GemmEngine::cblas : GemmEngine::eigen;
 }
 
+/// The most memory B's rows may span (k rows of its row stride, in bytes) for libxsmm to serve
+/// the product. Its kernels do not block k, so B is read from the core's caches on every pass
+/// over A's rows: one thread measured 170 GFLOP/s at k x n = 2048 x 128 (1 MiB of floats) and
+/// 77-100 at 2048 x 256 or 1024 x 512, where OpenBLAS kept 144-148; and 128 columns of a B with
+/// rows of 512 (the column tiles of a wider product) ran at half OpenBLAS's rate (docs/api.md,
+/// "GEMM engines").
+constexpr std::size_t kXsmmMaxBBytes = std::size_t(1) << 20;
+
 /// The engine for one product of C (m x n) = op(A) (m x k) op(B), A and B used transposed or
-/// not: the shape classes of the table measured in docs/api.md, "GEMM engines".
+/// not, of elements of `element_bytes` bytes, B's rows `b_stride` elements apart (0: n): the
+/// shape classes of the table measured in docs/api.md, "GEMM engines".
 ///  - thin (a token or two, or up to 8 rows against a transposed B): Eigen's GEMV-like path;
-///  - B not transposed, up to 512 columns (backward products, the experts' weight gradients),
-///    unless A is transposed over a long k (a Linear's weight gradient over a whole batch):
-///    libxsmm's JIT kernels;
+///  - B not transposed, up to 512 columns, its rows spanning at most kXsmmMaxBBytes (backward
+///    products, the experts' weight gradients), unless A is transposed over a long k (a Linear's
+///    weight gradient over a whole batch): libxsmm's JIT kernels;
 ///  - everything else: gemm_engine_for_large().
-inline GemmEngine gemm_engine_for(Index m, Index n, Index k, bool a_transposed, bool b_transposed) {
+inline GemmEngine gemm_engine_for(Index m, Index n, Index k, bool a_transposed, bool b_transposed,
+                                  std::size_t element_bytes = sizeof(float), Index b_stride = 0) {
   if (m <= 2 || (m <= 8 && b_transposed)) return GemmEngine::eigen;
-  if (gemm_engine_available(GemmEngine::xsmm) && !b_transposed && n <= 512 && !(a_transposed && k > 256))
+  const double b_span = double(k) * double(std::max(n, b_stride)) * double(element_bytes);
+  const bool b_fits = b_span <= double(kXsmmMaxBBytes);
+  if (gemm_engine_available(GemmEngine::xsmm) && !b_transposed && n <= 512 && b_fits && !(a_transposed && k > 256))
     return GemmEngine::xsmm;
   return gemm_engine_for_large();
 }
@@ -288,6 +301,29 @@ void check_gemm_shapes(const MC& c, const MA& a, const MB& b) {
 /// keep a CBLAS near its single-core peak (64-row blocks lost 20%: docs/api.md, "GEMM engines").
 constexpr Index kGemmTileRows = 256;
 constexpr Index kGemmTileCols = 512;
+/// A product of at least kGemmSplitWork multiply-adds that would make fewer than kGemmMinTiles
+/// tiles gets narrower ones (gemm_tiles), so that its work spreads over the threads: a batch's
+/// input gradient dy W (256 x 512 over k = 2048) was one tile, one thread's work.
+constexpr Index kGemmMinTiles = 4;
+constexpr double kGemmSplitWork = double(Index(1) << 27);
+
+/// Rows and columns of gemm()'s tiles.
+struct GemmTiles {
+  Index rows, cols;
+};
+
+/// The tiles gemm() splits an m x n C over k into: kGemmTileRows x kGemmTileCols, or for a
+/// large product with fewer than kGemmMinTiles of those, columns halved down to 128, then rows
+/// down to 64 (one thread measured 256 x 256 tiles at 96% of a 256 x 512 tile's rate, 256 x 128
+/// at 92%, 128 x 512 at 88%). The shape alone decides, so results stay independent of threads.
+inline GemmTiles gemm_tiles(Index m, Index n, Index k) {
+  GemmTiles t{kGemmTileRows, kGemmTileCols};
+  if (double(m) * double(n) * double(k) < kGemmSplitWork) return t;
+  const auto count = [&] { return ((m + t.rows - 1) / t.rows) * ((n + t.cols - 1) / t.cols); };
+  while (count() < kGemmMinTiles && t.cols > 128 && n > t.cols / 2) t.cols /= 2;
+  while (count() < kGemmMinTiles && t.rows > 64 && m > t.rows / 2) t.rows /= 2;
+  return t;
+}
 
 /// C = A * B (accumulate: C += A * B), tiles of C over spex's threads, each tile one
 /// single-threaded engine call. A is m x k, B is k x n, C is m x n; each a row-major matrix,
@@ -307,13 +343,15 @@ void gemm(MC&& c, const MA& a, const MB& b, bool accumulate) {
   SPEX_CHECK(!detail::operands_overlap(co, ao) && !detail::operands_overlap(co, bo),
              "gemm: C shares memory with " << (detail::operands_overlap(co, ao) ? "A" : "B")
                                            << "; C must not alias A or B (write into another matrix)");
-  const Index row_tiles = (m + kGemmTileRows - 1) / kGemmTileRows;
-  const Index col_tiles = (n + kGemmTileCols - 1) / kGemmTileCols;
+  const GemmTiles tiles = gemm_tiles(m, n, k);
+  const Index row_tiles = (m + tiles.rows - 1) / tiles.rows;
+  const Index col_tiles = (n + tiles.cols - 1) / tiles.cols;
   parallel_for(row_tiles * col_tiles, [&](Index tile, int) {
-    const Index r0 = (tile / col_tiles) * kGemmTileRows, c0 = (tile % col_tiles) * kGemmTileCols;
-    const Index rows = std::min(kGemmTileRows, m - r0), cols = std::min(kGemmTileCols, n - c0);
-    detail::gemm_block(gemm_engine_for(rows, cols, k, ao.transposed, bo.transposed), ao.middle_rows(r0, rows),
-                       bo.middle_cols(c0, cols), cd + r0 * ldc + c0, ldc, rows, cols, accumulate);
+    const Index r0 = (tile / col_tiles) * tiles.rows, c0 = (tile % col_tiles) * tiles.cols;
+    const Index rows = std::min(tiles.rows, m - r0), cols = std::min(tiles.cols, n - c0);
+    detail::gemm_block(gemm_engine_for(rows, cols, k, ao.transposed, bo.transposed, sizeof(*cd), bo.stride),
+                       ao.middle_rows(r0, rows), bo.middle_cols(c0, cols), cd + r0 * ldc + c0, ldc, rows, cols,
+                       accumulate);
   });
 }
 
