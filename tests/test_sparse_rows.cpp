@@ -51,6 +51,16 @@ TEST_CASE("accumulate_rows sums colliding occurrences like a plain loop", "[core
   CHECK((g.to_dense() - expect).cwiseAbs().maxCoeff() < 1e-12);
   std::set<Index> uniq(ids.data(), ids.data() + ids.size());
   CHECK(Index(uniq.size()) == g.nnz_rows());
+  // ids and coef as blocks of wider matrices (rows not contiguous): the same gradient.
+  IndexMat wide_ids = IndexMat::Constant(b, m + 3, -1);
+  RowMat<double> wide_coef = RowMat<double>::Zero(b, m + 3);
+  wide_ids.middleCols(1, m) = ids;
+  wide_coef.middleCols(1, m) = coef;
+  SparseRowGrad<double> g2(n, w);
+  accumulate_rows(wide_ids.middleCols(1, m), wide_coef.middleCols(1, m), src, g2, plan);
+  accumulate_rows(wide_ids.middleCols(1, m), wide_coef.middleCols(1, m), src, g2, plan);
+  CHECK(g2.rows() == g.rows());
+  CHECK(g2.values() == g.values());
 }
 
 TEMPLATE_TEST_CASE("accumulate_rows streams large new gradients with the same values, any thread count", "[core]", float,

@@ -268,9 +268,17 @@ void accumulate_rows(no_deduce<CIndexMatRef> ids, no_deduce<CMatRef<T>> coef, no
   const Index batch = ids.rows(), m = ids.cols();
   check_shape(coef, batch, m, "coef");
   check_shape(src, batch, grad.width(), "src");
+  const auto token_of = [m](Index o) { return o / m; };
+  if (ids.outerStride() == m && coef.outerStride() == m) {  // contiguous: no division per lookup
+    const Index* id = ids.data();
+    const T* c = coef.data();
+    detail::accumulate_occurrences<Arch, T>(
+        batch * m, [id](Index o) { return id[o]; }, [c](Index o) { return c[o]; }, token_of, src, grad, plan);
+    return;
+  }
   detail::accumulate_occurrences<Arch, T>(
-      batch * m, [&](Index o) { return ids(o / m, o % m); }, [&](Index o) { return coef(o / m, o % m); },
-      [&](Index o) { return o / m; }, src, grad, plan);
+      batch * m, [&](Index o) { return ids(o / m, o % m); }, [&](Index o) { return coef(o / m, o % m); }, token_of,
+      src, grad, plan);
 }
 
 /// The same for occurrences listed one by one: grad.row(ids[o]) += coef[o] * src.row(token[o])
