@@ -4,12 +4,14 @@
 // then a scalar tail.
 #include <algorithm>
 #include <cstdint>
-#if defined(__SSE__)
-#include <immintrin.h>  // _mm_sfence, the streamed stores
-#endif
 
 #include "scalar/vector.hpp"
-#include "simd.hpp"
+#include "simd.hpp"  // first: it includes the intrinsics with GCC 12's spurious warnings off
+#if defined(__SSE__)
+#include "detail/intrinsics_warnings_off.hpp"
+#include <immintrin.h>  // _mm_sfence, the streamed stores
+#include "detail/intrinsics_warnings_on.hpp"
+#endif
 
 namespace spex::kernels {
 
