@@ -110,8 +110,11 @@ class SparseRowGrad {
     return s;
   }
 
+  /// How many lookups ahead a caller looking up many random rows asks for them (prefetch_slot):
+  /// the lookup entries of a large table sit on random lines.
+  static constexpr Index kLookupsAhead = 16;
   /// Hints the cache to fetch the lookup entry of `row` (any value): a caller about to look up
-  /// many random rows (accumulate_rows) asks for them ahead.
+  /// many random rows (accumulate_rows, zero) asks for them kLookupsAhead ahead.
   void prefetch_slot(Index row) const {
     if (row >= 0 && row < n_rows_) __builtin_prefetch(&slot_of_row_[static_cast<std::size_t>(row)], 1, 3);
   }
@@ -137,11 +140,10 @@ class SparseRowGrad {
 
   /// Clears the gradient (keeps the memory).
   void zero() {
-    constexpr std::size_t kLookAhead = 16;
-    const std::size_t n = rows_.size();
-    for (std::size_t i = 0; i < n; ++i) {
-      if (i + kLookAhead < n) prefetch_slot(rows_[i + kLookAhead]);
-      slot_of_row_[static_cast<std::size_t>(rows_[i])] = -1;
+    const Index n = nnz_rows();
+    for (Index i = 0; i < n; ++i) {
+      if (i + kLookupsAhead < n) prefetch_slot(rows_[static_cast<std::size_t>(i + kLookupsAhead)]);
+      slot_of_row_[static_cast<std::size_t>(rows_[static_cast<std::size_t>(i)])] = -1;
     }
     rows_.clear();
   }
@@ -224,9 +226,9 @@ void accumulate_occurrences(Index occ, IdOf id_of, CoefOf coef_of, TokenOf token
   plan.slot.resize(static_cast<std::size_t>(occ));
   grad.reserve(grad.nnz_rows() + occ);
   const Index first_new = grad.nnz_rows();
-  constexpr Index kLookAhead = 16;  // the lookups hit random lines of the n_rows-entry table
+  constexpr Index ahead = SparseRowGrad<T>::kLookupsAhead;
   for (Index o = 0; o < occ; ++o) {
-    if (o + kLookAhead < occ) grad.prefetch_slot(id_of(o + kLookAhead));
+    if (o + ahead < occ) grad.prefetch_slot(id_of(o + ahead));
     const Index id = id_of(o);
     plan.slot[o] = id < 0 || grad.frozen(id) ? -1 : grad.slot_unset(id);
   }
