@@ -40,9 +40,11 @@ template <class B>
 B exp_in_range(const B& x) {
   using T = typename B::value_type;
   const B limit(T(sizeof(T) == 4 ? 110 : 750));
-  const auto nan = x != x;
+  // x == x is false for NaN alone (xsimd 8.1's x != x compares ordered on AVX and AVX-512,
+  // false for NaN there too).
+  const auto number = x == x;
   const B clamped = xsimd::select(x < -limit, -limit, xsimd::select(x > limit, limit, x));
-  return xsimd::select(nan, x, xsimd::exp(xsimd::select(nan, B(T(0)), clamped)));
+  return xsimd::select(number, xsimd::exp(xsimd::select(number, clamped, B(T(0)))), x);
 }
 
 template <class B>

@@ -100,6 +100,30 @@ xsimd::batch<T, Arch> rank_block(const T* v, std::size_t c, std::size_t a0) {
 #endif
 }  // namespace detail
 
+/// The k-th largest of v[0..c) (1 <= k <= c, no NaN), ranked as rank_block ranks: branch-free,
+/// O(c^2 / W), for the short lists it serves. v must be readable up to c rounded up to whole
+/// vectors (the lanes past c are read and ignored).
+template <class Arch = default_arch, class T>
+T kth_largest(const T* v, std::size_t c, std::size_t k) {
+#if SPEX_SIMD
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  alignas(Arch::alignment()) T ranks[W];
+  for (std::size_t a0 = 0; a0 < c; a0 += W) {
+    detail::rank_block<Arch>(v, c, a0).store_aligned(ranks);
+    for (std::size_t l = 0; l < W && a0 + l < c; ++l)
+      if (ranks[l] == static_cast<T>(k - 1)) return v[a0 + l];
+  }
+#else
+  for (std::size_t a = 0; a < c; ++a) {
+    std::size_t rank = 0;
+    for (std::size_t j = 0; j < c; ++j) rank += v[j] > v[a] || (v[j] == v[a] && j < a);
+    if (rank == k - 1) return v[a];
+  }
+#endif
+  return v[0];  // not reached for 1 <= k <= c
+}
+
 /// A lower bound on the k-th best of scores[0..n): the k-th best of the maxima of G >= 2k
 /// disjoint groups (element i is in group i mod G). Those maxima are distinct elements, so at
 /// least k elements are >= the bound; with 2k groups only about 2k elements pass it on random
@@ -123,14 +147,10 @@ T topk_floor(const T* scores, std::size_t n, std::size_t k) {
     }
   alignas(Arch::alignment()) T maxima[kMaxAcc * W];
   const B neg_inf(-std::numeric_limits<T>::infinity());
-  for (std::size_t a = 0; a < acc; ++a) xsimd::select(m[a] != m[a], neg_inf, m[a]).store_aligned(maxima + a * W);
-  const std::size_t g = acc * W;
-  alignas(Arch::alignment()) T ranks[W];
-  for (std::size_t a0 = 0; a0 < g; a0 += W) {
-    detail::rank_block<Arch>(maxima, g, a0).store_aligned(ranks);
-    for (std::size_t l = 0; l < W; ++l)
-      if (ranks[l] == static_cast<T>(k - 1)) return maxima[a0 + l];
-  }
+  // A lane that never held a number (NaN) becomes -inf. (x == x, false for NaN: xsimd 8.1's !=
+  // compares ordered on AVX-512, so x != x is false for NaN there too.)
+  for (std::size_t a = 0; a < acc; ++a) xsimd::select(m[a] == m[a], m[a], neg_inf).store_aligned(maxima + a * W);
+  return kth_largest<Arch>(maxima, acc * W, k);
 #else
   (void)scores;
   (void)n;

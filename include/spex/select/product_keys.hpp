@@ -6,6 +6,9 @@
 // each half (the k best keys can only use rows among their half's k best) and an exact top-k
 // of the k x k candidate sums (kernels/product_topk.hpp). Cost per query: n * d_key MACs of
 // GEMM, two top-k over n scores, and ~k ln k candidate sums, instead of N * d_key MACs.
+// On CPUs with AMX bf16 tiles (kernels/bf16_tiles.hpp) large float batches score the sub-keys
+// in bf16 first and rescore exactly the few rows that may rank (kernels/refined_topk.hpp):
+// the same exact top-k, its scores float dots of the query half and the sub-key.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -15,8 +18,12 @@
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../core/types.hpp"
+#include "../kernels/bf16_tiles.hpp"
+#include "../kernels/gather.hpp"
 #include "../kernels/product_topk.hpp"
+#include "../kernels/refined_topk.hpp"
 #include "../kernels/topk.hpp"
+#include "../kernels/vector.hpp"
 #include "../kernels/transpose.hpp"
 
 namespace spex {
@@ -74,9 +81,14 @@ struct ProductKeysWorkspace {
   struct PerThread {
     RowMat<T> scores;                 // a block of queries' sub-key scores against one half, rows x n
     kernels::ProductTopKScratch<T> scratch;
+    std::vector<std::uint16_t> queries_bf16;  // the block's query halves in bf16 (tile path)
+    std::vector<float> approx;                // tile scores of 32 of them, 32 x n32
+    kernels::RefinedTopKScratch refined;
   };
   std::vector<PerThread> threads;
   RowMat<T> c1t, c2t;                 // the sub-key tables transposed (d_key/2 x n), per call
+  std::vector<std::uint16_t> keys_bf16[2];  // each half's sub-keys as a bf16 tile panel, per call
+  std::vector<float> key_norm_max;          // per block of sub-keys and half: the largest row norm
   std::vector<T> list_v;              // each query's top-k of each half: (half, query) x k
   std::vector<std::int64_t> list_i;
 };
@@ -94,6 +106,10 @@ class ProductKeys {
   /// (copy_transposed). Measured at n = 1024, d_key = 256 (docs/performance.md, "Top-k"): a
   /// batch of 256 was no faster with the copy, PEER's 2048 head queries faster.
   static constexpr Index kTransposedKeysMinQueries = 1024;
+  /// From this many queries on, float searches score the sub-keys with AMX bf16 tiles and
+  /// rescore exactly the rows that may rank (kernels/bf16_tiles.hpp), on CPUs that have them
+  /// and builds that target them; each call then packs the sub-keys into bf16 tile panels.
+  static constexpr Index kBf16TilesMinQueries = 64;
 
   /// n rows per half (N = n^2 keys) of d_key / 2 each (d_key even), initialized
   /// U(-1/sqrt(d_key/2), 1/sqrt(d_key/2)) as the PKM reference does, from `seed`; ids as `ids`.
@@ -114,6 +130,12 @@ class ProductKeys {
   }
 
   Index n() const { return c1_.rows(); }
+  /// Whether searches may score the sub-keys with bf16 tiles first (on by default; it acts only
+  /// where bf16_tiles_ready() and from kBf16TilesMinQueries queries on). Off, every search runs
+  /// the float GEMM path (its scores the GEMM's rather than float dots: the same top-k up to
+  /// the last bits of near-ties). Not thread-safe against concurrent searches.
+  void allow_bf16_tiles(bool on) { bf16_tiles_ = on; }
+  bool allows_bf16_tiles() const { return bf16_tiles_; }
   /// How pairs of sub-key rows are numbered (ExpertIds).
   ExpertIds ids() const { return ids_; }
 
@@ -185,36 +207,39 @@ class ProductKeys {
     if (batch == 0) return;
 
     const Index qb = std::min<Index>(kQueryBlock, batch);
-    reserve(ws, batch, qb, k);
+    const bool tiles = bf16_tiles_for(batch);
+    reserve(ws, batch, qb, k, tiles);
     const std::size_t ks = static_cast<std::size_t>(k), ns = static_cast<std::size_t>(n());
-    // Large batches read the sub-keys transposed (copied once per call, 2 n d_key/2 values):
-    // Q C1ᵀ becomes a product with an untransposed operand, which libxsmm's kernels run ~1.25x
-    // faster than any engine runs the transposed one (docs/api.md, "GEMM engines"). Smaller batches
-    // keep the copy-free product.
-    const bool transposed_copy = batch >= kTransposedKeysMinQueries;
-    if (transposed_copy) {
-      copy_transposed(0, ws.c1t);
-      copy_transposed(1, ws.c2t);
-    }
-    // One task per (block of queries, half): the block's scores against that half's sub-keys
-    // and each row's top-k of them, in the thread's cache. Fixed blocks (never sized by the
-    // thread count): the engine and shape of each sub-key GEMM, hence every score's last bits,
-    // depend on the batch only.
-    auto list = [&](int half, Index r) { return static_cast<std::size_t>(half * batch + r) * ks; };
-    parallel_for(2 * ((batch + qb - 1) / qb), [&](Index task, int thread) {
-      const int half = static_cast<int>(task % 2);
-      const Index q0 = (task / 2) * qb, rows = std::min(qb, batch - q0);
-      auto s = ws.threads[static_cast<std::size_t>(thread)].scores.topRows(rows);
-      const auto q = queries.block(q0, half * h, rows, h);
-      if (transposed_copy)
-        gemm(s, q, half == 0 ? ws.c1t : ws.c2t, false);
-      else
-        gemm(s, q, sub_keys(half).transpose(), false);
-      for (Index r = 0; r < rows; ++r) {
-        const std::size_t l = list(half, q0 + r);
-        kernels::topk<Arch>(&s(r, 0), ns, ks, &ws.list_v[l], &ws.list_i[l]);
+    auto list = [&](int half, Index r) { return list_offset(half, r, batch, ks); };
+    if (!tiles || !halves_topk_bf16(queries, k, ws)) {
+      // Large batches read the sub-keys transposed (copied once per call, 2 n d_key/2 values):
+      // Q C1ᵀ becomes a product with an untransposed operand, which libxsmm's kernels run ~1.25x
+      // faster than any engine runs the transposed one (docs/api.md, "GEMM engines"). Smaller
+      // batches keep the copy-free product.
+      const bool transposed_copy = batch >= kTransposedKeysMinQueries;
+      if (transposed_copy) {
+        copy_transposed(0, ws.c1t);
+        copy_transposed(1, ws.c2t);
       }
-    });
+      // One task per (block of queries, half): the block's scores against that half's sub-keys
+      // and each row's top-k of them, in the thread's cache. Fixed blocks (never sized by the
+      // thread count): the engine and shape of each sub-key GEMM, hence every score's last bits,
+      // depend on the batch only.
+      parallel_for(2 * ((batch + qb - 1) / qb), [&](Index task, int thread) {
+        const int half = static_cast<int>(task % 2);
+        const Index q0 = (task / 2) * qb, rows = std::min(qb, batch - q0);
+        auto s = ws.threads[static_cast<std::size_t>(thread)].scores.topRows(rows);
+        const auto q = queries.block(q0, half * h, rows, h);
+        if (transposed_copy)
+          gemm(s, q, half == 0 ? ws.c1t : ws.c2t, false);
+        else
+          gemm(s, q, sub_keys(half).transpose(), false);
+        for (Index r = 0; r < rows; ++r) {
+          const std::size_t l = list(half, q0 + r);
+          kernels::topk<Arch>(&s(r, 0), ns, ks, &ws.list_v[l], &ws.list_i[l]);
+        }
+      });
+    }
     // Each row's k best of the k x k sums of its halves' lists.
     parallel_for(batch, [&](Index r, int thread) {
       const std::size_t l1 = list(0, r), l2 = list(1, r);
@@ -231,6 +256,103 @@ class ProductKeys {
   }
 
  private:
+  static std::size_t round_up32(Index x) { return (static_cast<std::size_t>(x) + 31) / 32 * 32; }
+  static constexpr Index kKeysPerPackTask = 256;
+  Index key_blocks() const { return (n() + kKeysPerPackTask - 1) / kKeysPerPackTask; }
+
+  /// Whether a search of `batch` queries scores its sub-keys with bf16 tiles.
+  bool bf16_tiles_for(Index batch) const {
+    return std::is_same<T, float>::value && bf16_tiles_ && batch >= kBf16TilesMinQueries && kernels::bf16_tiles_ready();
+  }
+
+  // Norms above this are left to the float GEMM: the bf16 scores and their bound stay finite
+  // (|q| |c| (1 + 2^-6) < 2^128) below it.
+  static constexpr double kBf16MaxNorm = 0x1p60;
+
+  // Euclidean norm of x[0..h), rounded up (so that bounds built on it hold): the float dot of
+  // x with itself errs by at most h 2^-24 of it, the square root and the product by an ulp each.
+  // Infinite when above kBf16MaxNorm or not finite.
+  static float norm_up(const T* x, Index h) {
+    const float r = std::sqrt(kernels::dot<Arch>(x, x, static_cast<std::size_t>(h)) * (1 + float(h + 4) * 0x1p-23f)) * (1 + 0x1p-21f);
+    return r <= float(kBf16MaxNorm) ? r : std::numeric_limits<float>::infinity();
+  }
+
+  // Each query half's top-k into ws.list_v / list_i as the GEMM path makes them, from bf16
+  // tile scores rescored exactly (float dots). False, with nothing written, when a sub-key is
+  // not finite or its norm exceeds kBf16MaxNorm (the caller then runs the GEMM path).
+  bool halves_topk_bf16(CMatRef<T> queries, Index k, Workspace& ws) const {
+    if constexpr (!std::is_same<T, float>::value) {
+      (void)queries, (void)k, (void)ws;
+      return false;
+    } else {
+      const Index batch = queries.rows(), h = c1_.cols(), n = this->n(), blocks = key_blocks();
+      const std::size_t hs = static_cast<std::size_t>(h), n32 = round_up32(n), ks = static_cast<std::size_t>(k),
+                        ns = static_cast<std::size_t>(n);
+      // The panels of both halves, blocks of 256 sub-keys over the threads, and each block's
+      // largest norm.
+      parallel_for(2 * blocks, [&](Index task, int) {
+        const int half = static_cast<int>(task % 2);
+        const Index j0 = (task / 2) * kKeysPerPackTask, rows = std::min(kKeysPerPackTask, n - j0);
+        const RowMat<T>& c = sub_keys(half);
+        float largest = 0;
+        for (Index j = j0; j < j0 + rows; ++j) largest = std::max(largest, norm_up(c.row(j).data(), h));
+        ws.key_norm_max[static_cast<std::size_t>(task)] = largest;
+        std::uint16_t* panel = ws.keys_bf16[half].data();
+        kernels::pack_keys_bf16(c.data(), hs, static_cast<std::size_t>(j0), static_cast<std::size_t>(rows), hs, panel);
+        if (j0 + rows == n) {  // whole blocks of zero keys up to n32
+          const std::size_t packed = (ns + kernels::kTileRows - 1) / kernels::kTileRows * kernels::kTileRows;
+          std::fill(panel + packed * kernels::bf16_row_length(hs), panel + n32 * kernels::bf16_row_length(hs), std::uint16_t(0));
+        }
+      });
+      float key_norm[2] = {0, 0};
+      for (Index b = 0; b < 2 * blocks; ++b) key_norm[b % 2] = std::max(key_norm[b % 2], ws.key_norm_max[static_cast<std::size_t>(b)]);
+      if (!(key_norm[0] <= float(kBf16MaxNorm)) || !(key_norm[1] <= float(kBf16MaxNorm))) return false;  // NaN too
+
+      const Index qb = std::min<Index>(kQueryBlock, batch);
+      const std::size_t hp = kernels::bf16_row_length(hs), stride = static_cast<std::size_t>(queries.outerStride());
+      parallel_for(2 * ((batch + qb - 1) / qb), [&](Index task, int thread) {
+        const int half = static_cast<int>(task % 2);
+        const Index q0 = (task / 2) * qb, rows = std::min(qb, batch - q0);
+        auto& w = ws.threads[static_cast<std::size_t>(thread)];
+        const std::size_t rows32 = round_up32(rows);
+        const T* q = queries.data() + static_cast<std::size_t>(q0) * stride + static_cast<std::size_t>(half * h);
+        kernels::pack_rows_bf16(q, stride, static_cast<std::size_t>(rows), hs, w.queries_bf16.data());
+        std::fill(w.queries_bf16.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(rows) * hp),
+                  w.queries_bf16.begin() + static_cast<std::ptrdiff_t>(rows32 * hp), std::uint16_t(0));
+        const RowMat<T>& c = sub_keys(half);
+        for (Index r = 0; r < rows; ++r) {
+          // Tile scores 32 rows at a time: their 128 KiB (n = 1024) stay in L2 beside the half's
+          // sub-keys, which the exact scores read.
+          if (r % 32 == 0)
+            kernels::scores_bf16_tiles(w.queries_bf16.data() + static_cast<std::size_t>(r) * hp, 32, ws.keys_bf16[half].data(),
+                                       n32, hs, w.approx.data(), n32);
+          const T* qr = q + static_cast<std::size_t>(r) * stride;
+          // Exact scores: float dots as kernels::gather_dot sums each row.
+          const auto exact = [&](const std::int64_t* rows_j, std::size_t m, float* out) {
+            kernels::gather_dot<Arch>(c.data(), hs, rows_j, m, qr, hs, out);
+          };
+          float* approx = &w.approx[static_cast<std::size_t>(r % 32) * n32];
+          const float nq = norm_up(qr, h);
+          float slack = 0;
+          if (nq <= float(kBf16MaxNorm)) {
+            slack = kernels::bf16_score_error(hs, nq, key_norm[half]);
+          } else {  // a huge query: its bf16 scores may overflow, so this row is scored exactly
+            for (std::size_t j = 0; j < ns; ++j) w.refined.ids[j] = static_cast<std::int64_t>(j);
+            exact(w.refined.ids.data(), ns, approx);
+          }
+          const std::size_t l = list_offset(half, q0 + r, batch, ks);
+          kernels::topk_refined<Arch>(approx, ns, ks, slack, exact, &ws.list_v[l], &ws.list_i[l], w.refined);
+        }
+      });
+      return true;
+    }
+  }
+
+  // Where query r's top-k list of `half` starts in ws.list_v / list_i.
+  static std::size_t list_offset(int half, Index r, Index batch, std::size_t k) {
+    return static_cast<std::size_t>(half * batch + r) * k;
+  }
+
   static ExpertIds checked(ExpertIds s) {
     SPEX_CHECK(s == ExpertIds::row_major || s == ExpertIds::shells, "expert ids = " << int(s) << " is not an ExpertIds");
     return s;
@@ -251,12 +373,24 @@ class ProductKeys {
     fill_uniform(new2, -bound, bound, r2);
   }
 
-  void reserve(Workspace& ws, Index batch, Index qb, Index k) const {
+  void reserve(Workspace& ws, Index batch, Index qb, Index k, bool tiles) const {
     const std::size_t threads = static_cast<std::size_t>(max_threads());
     if (ws.threads.size() < threads) ws.threads.resize(threads);
     for (auto& w : ws.threads) {
       if (w.scores.rows() < qb || w.scores.cols() != n()) w.scores.resize(qb, n());
       w.scratch.reserve(static_cast<std::size_t>(k));
+      if (tiles) {
+        const std::size_t rows32 = round_up32(qb), n32 = round_up32(n()), h = static_cast<std::size_t>(c1_.cols());
+        if (w.queries_bf16.size() < rows32 * kernels::bf16_row_length(h)) w.queries_bf16.resize(rows32 * kernels::bf16_row_length(h));
+        if (w.approx.size() < 32 * n32) w.approx.resize(32 * n32);
+        w.refined.reserve(static_cast<std::size_t>(n()), static_cast<std::size_t>(k));
+      }
+    }
+    if (tiles) {
+      const std::size_t panel = kernels::bf16_key_panel_size(static_cast<std::size_t>(n()), static_cast<std::size_t>(c1_.cols()));
+      for (auto& p : ws.keys_bf16)
+        if (p.size() != panel) p.resize(panel);
+      ws.key_norm_max.resize(static_cast<std::size_t>(2 * key_blocks()));
     }
     const std::size_t lists = static_cast<std::size_t>(2 * batch * k);
     if (ws.list_v.size() < lists) {
@@ -266,6 +400,7 @@ class ProductKeys {
   }
 
   ExpertIds ids_ = ExpertIds::row_major;
+  bool bf16_tiles_ = true;
   RowMat<T> c1_, c2_;
 };
 

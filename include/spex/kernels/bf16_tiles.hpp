@@ -1,0 +1,200 @@
+#pragma once
+// Approximate inner products of float rows through Intel AMX bf16 tiles (TDPBF16PS): both
+// operands rounded to bf16, products summed in float. The scores are within a known bound of the
+// exact ones (bf16_score_error below), so a caller can keep every row that may rank in its exact
+// top-k and score those exactly (kernels/refined_topk.hpp): an exact search whose bulk runs at
+// the tiles' rate (about five times the float FMA rate of one core).
+//
+// Compiled in when the build targets AMX (__AMX_TILE__ and __AMX_BF16__, e.g. -march=native on
+// a Sapphire Rapids or newer Xeon); at run time the process must be granted the tile state
+// (Linux, arch_prctl): bf16_tiles_ready() asks once and says whether the kernels may run.
+// Elsewhere they compile to nothing and bf16_tiles_ready() is false.
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "simd.hpp"  // first: it includes the intrinsics with GCC 12's spurious warnings off
+#include "transpose.hpp"
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define SPEX_AMX_BF16 1
+#include "detail/intrinsics_warnings_off.hpp"
+#include <immintrin.h>
+#include "detail/intrinsics_warnings_on.hpp"
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define SPEX_AMX_BF16 0
+#endif
+
+namespace spex::kernels {
+
+/// Rows and columns of one tile: 16 rows of 32 bf16 (64 bytes) per operand, 16 x 16 floats out.
+inline constexpr std::size_t kTileRows = 16, kTileDepth = 32;
+
+/// Bound on |tile score - exact score| for rows q and c of h values (Euclidean norms nq, nc),
+/// where "exact" is any float dot of q and c (kernels::dot): rounding each value to bf16 (8-bit
+/// significand, to nearest) errs by at most 2^-8 of it, so each product by at most
+/// (2^-7 + 2^-16) |q_i c_i|; summing h products in float, in any order and rounding or
+/// truncating, adds at most h 2^-23 sum |q_i c_i|, the exact dot's own rounding h 2^-24 of it;
+/// and sum |q_i c_i| <= nq nc. 1% over 2^-7 covers 2^-16 and the float arithmetic of the bound;
+/// the last term the tiles' flushing of values and sums below 2^-126 to zero.
+inline float bf16_score_error(std::size_t h, float nq, float nc) {
+  const float relative = 0.0078125f * 1.01f + static_cast<float>(h) * 0x1p-22f;
+  return relative * nq * nc + 0x1p-100f * (1.0f + nq) * (1.0f + nc);
+}
+
+/// x rounded to the nearest bf16 (ties to even), as its 16 bits. x must be finite.
+inline std::uint16_t to_bf16(float x) {
+  std::uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return static_cast<std::uint16_t>(b >> 16);
+}
+
+#if SPEX_AMX_BF16 && defined(__AVX512BF16__)
+// The lanes of the 16 values from i on that lie below h.
+inline __mmask16 lanes(std::size_t h, std::size_t i) {
+  return i >= h ? __mmask16(0) : h - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (h - i)) - 1);
+}
+#endif
+
+/// Length of a packed row of h values: h rounded up to whole tile depths (zeros beyond h).
+inline std::size_t bf16_row_length(std::size_t h) { return (h + kTileDepth - 1) / kTileDepth * kTileDepth; }
+
+/// Rows r0 .. r0 + rows of a float matrix (row r at src + r * stride) as bf16 rows of
+/// bf16_row_length(h) values, row-major, the padding zero: the "A" operand of scores_bf16_tiles.
+inline void pack_rows_bf16(const float* src, std::size_t stride, std::size_t rows, std::size_t h, std::uint16_t* out) {
+  const std::size_t hp = bf16_row_length(h);
+#if SPEX_AMX_BF16 && defined(__AVX512BF16__)
+  // VCVTNE2PS2BF16 rounds to nearest even as to_bf16 does (and flushes denormals to zero, which
+  // the tiles would do anyway).
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t i = 0; i < hp; i += kTileDepth) {
+      const float* x = src + r * stride + i;
+      _mm512_storeu_si512(out + r * hp + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(lanes(h, i + 16), x + 16),
+                                                                        _mm512_maskz_loadu_ps(lanes(h, i), x)));
+    }
+  return;
+#endif
+  for (std::size_t r = 0; r < rows; ++r) {
+    const float* x = src + r * stride;
+    std::uint16_t* o = out + r * hp;
+    for (std::size_t i = 0; i < h; ++i) o[i] = to_bf16(x[i]);
+    for (std::size_t i = h; i < hp; ++i) o[i] = 0;
+  }
+}
+
+/// Values a key panel of n rows of h takes (pack_keys_bf16): n rounded up to 32 rows.
+inline std::size_t bf16_key_panel_size(std::size_t n, std::size_t h) {
+  return (n + 2 * kTileRows - 1) / (2 * kTileRows) * (2 * kTileRows) * bf16_row_length(h);
+}
+
+/// Key rows j0 .. j0 + rows (row j at src + j * stride; j0 a multiple of 16) into the key panel
+/// `panel` of scores_bf16_tiles: for each block of 16 keys and each tile depth of 32 values,
+/// 16 lines of 64 bytes, line p holding values 2p and 2p + 1 of each of the 16 keys (the
+/// pairs TDPBF16PS multiplies). The lanes of the last block past j0 + rows are written as zero
+/// keys; whole blocks past the table up to the panel's 32-key multiple are the caller's to zero.
+inline void pack_keys_bf16(const float* src, std::size_t stride, std::size_t j0, std::size_t rows, std::size_t h,
+                           std::uint16_t* panel) {
+  const std::size_t hp = bf16_row_length(h), depths = hp / kTileDepth, end = j0 + rows;
+  // One 32-bit word per pair: word (block, depth, pair, lane) of the panel.
+  std::uint32_t* words = reinterpret_cast<std::uint32_t*>(panel);
+  for (std::size_t b0 = j0; b0 < end; b0 += kTileRows) {
+    std::uint32_t* block = words + (b0 / kTileRows) * depths * kTileRows * kTileRows;
+#if SPEX_AMX_BF16 && defined(__AVX512BF16__)
+    // Each key's 32 values of a depth convert to the 16 words of one row, and the 16 x 16
+    // words are transposed in registers: row p is then line p of the panel.
+    for (std::size_t d = 0; d < depths; ++d) {
+      const std::size_t i = d * kTileDepth;
+      __m512 r[kTileRows];
+      for (std::size_t l = 0; l < kTileRows; ++l) {
+        const float* x = src + (b0 + l) * stride + i;
+        r[l] = b0 + l < end ? (__m512)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(lanes(h, i + 16), x + 16),
+                                                          _mm512_maskz_loadu_ps(lanes(h, i), x))
+                            : _mm512_setzero_ps();
+      }
+      detail::transpose_16x16(r);
+      for (std::size_t p = 0; p < kTileRows; ++p) _mm512_storeu_ps(block + (d * kTileRows + p) * kTileRows, r[p]);
+    }
+#else
+    for (std::size_t l = 0; l < kTileRows; ++l) {
+      const float* x = b0 + l < end ? src + (b0 + l) * stride : nullptr;
+      for (std::size_t pair = 0; pair < hp / 2; ++pair) {  // word (depth, pair % 16, lane) = pair * 16 + lane
+        const std::size_t i = 2 * pair;
+        const std::uint32_t lo = x && i < h ? to_bf16(x[i]) : 0u, hi = x && i + 1 < h ? to_bf16(x[i + 1]) : 0u;
+        block[pair * kTileRows + l] = lo | hi << 16;
+      }
+    }
+#endif
+  }
+}
+
+/// True when scores_bf16_tiles may run: the build targets AMX bf16 and the OS granted this
+/// process the tile state (asked once, thread-safe).
+inline bool bf16_tiles_ready() {
+#if SPEX_AMX_BF16
+  static const bool granted = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // <asm/prctl.h>, Linux 5.16+
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+#else
+  return false;
+#endif
+}
+
+/// out (rows32 x n32 floats, row stride ld >= n32) = the bf16 inner products of the packed
+/// query rows `q` (rows32 rows of bf16_row_length(h), pack_rows_bf16; rows32 a multiple of 32)
+/// with the n32 keys of `panel` (pack_keys_bf16; n32 a multiple of 32). Only when
+/// bf16_tiles_ready(); it configures the calling thread's tiles and releases them on return.
+inline void scores_bf16_tiles(const std::uint16_t* q, std::size_t rows32, const std::uint16_t* panel, std::size_t n32,
+                              std::size_t h, float* out, std::size_t ld) {
+#if SPEX_AMX_BF16
+  // Tiles 0-3: a 32 x 32 block of scores (2 x 2 tiles of 16 x 16 floats); 4, 5: 16 query rows
+  // each; 6, 7: 16 keys each. Each TDPBF16PS adds one tile depth (32 values) to one 16 x 16 tile.
+  struct alignas(64) TileConfig {
+    std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    std::uint16_t bytes_per_row[16] = {};
+    std::uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+  const std::size_t hp = bf16_row_length(h), depths = hp / kTileDepth, q_stride = hp * 2, out_stride = ld * 4;
+  const std::size_t key_block = depths * kTileRows * kTileDepth;  // values per 16 keys
+  for (std::size_t r0 = 0; r0 < rows32; r0 += 32) {
+    const std::uint16_t* qa = q + r0 * hp;
+    const std::uint16_t* qb = qa + kTileRows * hp;
+    for (std::size_t j0 = 0; j0 < n32; j0 += 32) {
+      const std::uint16_t* ka = panel + (j0 / kTileRows) * key_block;
+      const std::uint16_t* kb = ka + key_block;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (std::size_t d = 0; d < depths; ++d) {
+        _tile_loadd(4, qa + d * kTileDepth, q_stride);
+        _tile_loadd(5, qb + d * kTileDepth, q_stride);
+        _tile_loadd(6, ka + d * kTileRows * kTileDepth, 64);
+        _tile_loadd(7, kb + d * kTileRows * kTileDepth, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      float* o = out + r0 * ld + j0;
+      _tile_stored(0, o, out_stride);
+      _tile_stored(1, o + kTileRows, out_stride);
+      _tile_stored(2, o + kTileRows * ld, out_stride);
+      _tile_stored(3, o + kTileRows * ld + kTileRows, out_stride);
+    }
+  }
+  _tile_release();
+#else
+  (void)q, (void)rows32, (void)panel, (void)n32, (void)h, (void)out, (void)ld;
+#endif
+}
+
+}  // namespace spex::kernels
