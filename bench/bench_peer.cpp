@@ -28,6 +28,15 @@ void BM_PeerForward(benchmark::State& state) {
   tokens_counter(state, s.batch);
 }
 
+// The forward with the sub-keys scored by the float GEMM only (bf16 tiles not used; the same
+// as BM_PeerForward where the CPU or build has no AMX): the tiles' effect in one binary.
+void BM_PeerForward_gemm(benchmark::State& state) {
+  auto& retrieval = layer(int(state.range(0))).retrieval();
+  for (spex::Index h = 0; h < 8; ++h) retrieval.keys(h).set_bf16_tiles(spex::Bf16Tiles::never);
+  BM_PeerForward(state);
+  for (spex::Index h = 0; h < 8; ++h) retrieval.keys(h).set_bf16_tiles(spex::Bf16Tiles::automatic);
+}
+
 void BM_PeerForwardBackward(benchmark::State& state) {
   const int config = int(state.range(0));
   auto& peer = layer(config);
@@ -169,4 +178,5 @@ BENCHMARK(BM_PeerPartTopK)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRe
 BENCHMARK(BM_PeerPartProductStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerExpertStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerForward)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_PeerForward_gemm)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerForwardBackward)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();

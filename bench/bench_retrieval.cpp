@@ -2,6 +2,7 @@
 // N = n^2 virtual keys, batch 256, arguments N / d_key / k. Thread count from OMP_NUM_THREADS.
 //   build/bench/bench_retrieval --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <cmath>
+#include <tuple>
 
 #include "bench_common.hpp"
 
@@ -10,10 +11,14 @@ namespace {
 constexpr spex::Index kBatch = 256;
 using spex::kernels::ProductTopK;
 
-const spex::ProductKeys<float>& product_keys(spex::Index n, spex::Index d_key) {
-  static std::map<std::pair<spex::Index, spex::Index>, std::unique_ptr<spex::ProductKeys<float>>> cache;
-  auto& slot = cache[{n, d_key}];
-  if (!slot) slot = std::make_unique<spex::ProductKeys<float>>(n, d_key, 1);
+// `tiles`: whether the search may score the sub-keys with bf16 tiles (AMX CPUs and builds).
+const spex::ProductKeys<float>& product_keys(spex::Index n, spex::Index d_key, bool tiles = true) {
+  static std::map<std::tuple<spex::Index, spex::Index, bool>, std::unique_ptr<spex::ProductKeys<float>>> cache;
+  auto& slot = cache[{n, d_key, tiles}];
+  if (!slot) {
+    slot = std::make_unique<spex::ProductKeys<float>>(n, d_key, 1);
+    slot->set_bf16_tiles(tiles ? spex::Bf16Tiles::automatic : spex::Bf16Tiles::never);
+  }
   return *slot;
 }
 
@@ -44,10 +49,10 @@ void BM_ExhaustiveTopK(benchmark::State& state) {
   set_counters(state);
 }
 
-void product_key_topk(benchmark::State& state, ProductTopK method) {
+void product_key_topk(benchmark::State& state, ProductTopK method, bool tiles = true) {
   const spex::Index N = state.range(0), d = state.range(1), k = state.range(2);
   const spex::Index n = spex::Index(std::llround(std::sqrt(double(N))));
-  const auto& pk = product_keys(n, d);
+  const auto& pk = product_keys(n, d, tiles);
   const auto& q = spex_bench::random_matrix(kBatch, d, 7);
   spex::RowMat<float> s(kBatch, k);
   spex::IndexMat ids(kBatch, k);
@@ -61,6 +66,10 @@ void product_key_topk(benchmark::State& state, ProductTopK method) {
 
 void BM_ProductKeyTopK(benchmark::State& state) {
   product_key_topk(state, spex::ProductKeys<float>::default_method(state.range(2)));
+}
+// The same with every sub-key scored by the float GEMM (the bf16 tiles not used).
+void BM_ProductKeyTopK_gemm(benchmark::State& state) {
+  product_key_topk(state, spex::ProductKeys<float>::default_method(state.range(2)), false);
 }
 void BM_ProductKeyTopK_full(benchmark::State& state) { product_key_topk(state, ProductTopK::full); }
 void BM_ProductKeyTopK_pruned(benchmark::State& state) { product_key_topk(state, ProductTopK::pruned); }
@@ -98,6 +107,7 @@ void retrieval_args(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_ProductKeyTopK)->Apply(retrieval_args);
+BENCHMARK(BM_ProductKeyTopK_gemm)->Apply(retrieval_args);
 BENCHMARK(BM_ProductKeyTopK_full)->Apply(retrieval_args);
 BENCHMARK(BM_ProductKeyTopK_pruned)->Apply(retrieval_args);
 BENCHMARK(BM_ProductKeyTopK_heap)->Apply(retrieval_args);

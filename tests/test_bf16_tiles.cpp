@@ -156,16 +156,16 @@ TEST_CASE("topk_refined equals the exact top-k for any approximation within the 
 }
 
 namespace {
-// Product-key search with the bf16 tiles allowed against the float GEMM path and, for small
+// Product-key search with the bf16 tiles on any shape (where the build and CPU have them) against the float GEMM path and, for small
 // tables, exhaustive search over the explicit keys; 1 and 2 threads.
 void check_tiles_against_gemm(ProductKeys<float>& pk, const RowMat<float>& q, Index k, bool exhaustive) {
   const Index b = q.rows();
   RowMat<float> s_gemm(b, k), s(b, k);
   IndexMat ids_gemm(b, k), ids(b, k);
   ProductKeys<float>::Workspace ws;
-  pk.allow_bf16_tiles(false);
+  pk.set_bf16_tiles(Bf16Tiles::never);
   pk.search(q, k, s_gemm, ids_gemm, ws);
-  pk.allow_bf16_tiles(true);
+  pk.set_bf16_tiles(Bf16Tiles::always);
   const int threads_before = max_threads();
   RowMat<float> s_first;
   for (int threads : {1, 2}) {
@@ -188,7 +188,7 @@ void check_tiles_against_gemm(ProductKeys<float>& pk, const RowMat<float>& q, In
 }  // namespace
 
 TEST_CASE("product-key search through bf16 tiles finds the exact top-k", "[retrieval]") {
-  const Index batch = ProductKeys<float>::kBf16TilesMinQueries + 37;
+  const Index batch = 101;
   Rng rng(31);
   SECTION("integer keys and queries: exact ties everywhere") {
     for (Index n : {5, 40})
@@ -223,4 +223,10 @@ TEST_CASE("product-key search through bf16 tiles finds the exact top-k", "[retri
     fill_normal(q, 1.0, rng);
     check_tiles_against_gemm(pk, q, 8, false);
   }
+}
+
+TEST_CASE("product keys name a bad Bf16Tiles value", "[retrieval]") {
+  ProductKeys<float> pk(4, 8, 1);
+  CHECK_THROWS_WITH(pk.set_bf16_tiles(static_cast<Bf16Tiles>(7)), Catch::Matchers::Contains("is not a Bf16Tiles"));
+  CHECK(pk.bf16_tiles() == Bf16Tiles::automatic);
 }

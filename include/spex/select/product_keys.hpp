@@ -73,6 +73,9 @@ inline void expert_pair(ExpertIds s, Index id, Index n, Index& i1, Index& i2) {
   }
 }
 
+/// When ProductKeys::search scores sub-keys with bf16 tiles (ProductKeys::set_bf16_tiles).
+enum class Bf16Tiles { automatic, always, never };
+
 /// Scratch for ProductKeys::search: a score block per thread, the halves' top-k lists of the
 /// batch, the transposed copies. Reused across calls, it stops allocating once it has seen the
 /// largest batch and k. One workspace per concurrent caller.
@@ -106,10 +109,14 @@ class ProductKeys {
   /// (copy_transposed). Measured at n = 1024, d_key = 256 (docs/performance.md, "Top-k"): a
   /// batch of 256 was no faster with the copy, PEER's 2048 head queries faster.
   static constexpr Index kTransposedKeysMinQueries = 1024;
-  /// From this many queries on, float searches score the sub-keys with AMX bf16 tiles and
-  /// rescore exactly the rows that may rank (kernels/bf16_tiles.hpp), on CPUs that have them
-  /// and builds that target them; each call then packs the sub-keys into bf16 tile panels.
-  static constexpr Index kBf16TilesMinQueries = 64;
+  /// Under Bf16Tiles::automatic, float searches of at least kBf16TilesMinQueries queries over tables of at least
+  /// kBf16TilesMinKeys rows of at least kBf16TilesMinHalf values score the sub-keys with AMX bf16
+  /// tiles and rescore exactly the rows that may rank (kernels/bf16_tiles.hpp), on CPUs that
+  /// have them and builds that target them; each call then packs the sub-keys into bf16 tile
+  /// panels. Measured on an Intel Xeon (docs/performance.md, "Top-k"): 1.3-1.4x faster at
+  /// n = 1024 and 2048 with halves of 128 and 256, slower with fewer rows or shorter halves,
+  /// where the exact rescoring of ~2k rows per query half costs more than the GEMM saves.
+  static constexpr Index kBf16TilesMinQueries = 64, kBf16TilesMinKeys = 1024, kBf16TilesMinHalf = 128;
 
   /// n rows per half (N = n^2 keys) of d_key / 2 each (d_key even), initialized
   /// U(-1/sqrt(d_key/2), 1/sqrt(d_key/2)) as the PKM reference does, from `seed`; ids as `ids`.
@@ -130,12 +137,17 @@ class ProductKeys {
   }
 
   Index n() const { return c1_.rows(); }
-  /// Whether searches may score the sub-keys with bf16 tiles first (on by default; it acts only
-  /// where bf16_tiles_ready() and from kBf16TilesMinQueries queries on). Off, every search runs
-  /// the float GEMM path (its scores the GEMM's rather than float dots: the same top-k up to
-  /// the last bits of near-ties). Not thread-safe against concurrent searches.
-  void allow_bf16_tiles(bool on) { bf16_tiles_ = on; }
-  bool allows_bf16_tiles() const { return bf16_tiles_; }
+  /// When searches score the sub-keys with bf16 tiles first (kernels/bf16_tiles.hpp; only
+  /// where bf16_tiles_ready(), for float): `automatic` (the default) on the shapes measured
+  /// faster (kBf16TilesMin*), `always` on any batch and table, `never`. Without the tiles every
+  /// search runs the float GEMM path: the same top-k, its scores the GEMM's rather than float dots
+  /// (the last bits). Not thread-safe against concurrent searches.
+  void set_bf16_tiles(Bf16Tiles use) {
+    SPEX_CHECK(use == Bf16Tiles::automatic || use == Bf16Tiles::always || use == Bf16Tiles::never,
+               "set_bf16_tiles: " << int(use) << " is not a Bf16Tiles (automatic, always, never)");
+    bf16_tiles_ = use;
+  }
+  Bf16Tiles bf16_tiles() const { return bf16_tiles_; }
   /// How pairs of sub-key rows are numbered (ExpertIds).
   ExpertIds ids() const { return ids_; }
 
@@ -262,7 +274,9 @@ class ProductKeys {
 
   /// Whether a search of `batch` queries scores its sub-keys with bf16 tiles.
   bool bf16_tiles_for(Index batch) const {
-    return std::is_same<T, float>::value && bf16_tiles_ && batch >= kBf16TilesMinQueries && kernels::bf16_tiles_ready();
+    if (!std::is_same<T, float>::value || bf16_tiles_ == Bf16Tiles::never || !kernels::bf16_tiles_ready()) return false;
+    return bf16_tiles_ == Bf16Tiles::always ||
+           (batch >= kBf16TilesMinQueries && n() >= kBf16TilesMinKeys && c1_.cols() >= kBf16TilesMinHalf);
   }
 
   // Norms above this are left to the float GEMM: the bf16 scores and their bound stay finite
@@ -310,9 +324,12 @@ class ProductKeys {
 
       const Index qb = std::min<Index>(kQueryBlock, batch);
       const std::size_t hp = kernels::bf16_row_length(hs), stride = static_cast<std::size_t>(queries.outerStride());
-      parallel_for(2 * ((batch + qb - 1) / qb), [&](Index task, int thread) {
-        const int half = static_cast<int>(task % 2);
-        const Index q0 = (task / 2) * qb, rows = std::min(qb, batch - q0);
+      // Half-major tasks: a thread's consecutive tasks (static partition) score one half, whose
+      // sub-keys (512 KiB at n = 1024, d_key = 256) and panel then stay in its L2.
+      const Index blocks_q = (batch + qb - 1) / qb;
+      parallel_for(2 * blocks_q, [&](Index task, int thread) {
+        const int half = static_cast<int>(task / blocks_q);
+        const Index q0 = (task % blocks_q) * qb, rows = std::min(qb, batch - q0);
         auto& w = ws.threads[static_cast<std::size_t>(thread)];
         const std::size_t rows32 = round_up32(rows);
         const T* q = queries.data() + static_cast<std::size_t>(q0) * stride + static_cast<std::size_t>(half * h);
@@ -400,7 +417,7 @@ class ProductKeys {
   }
 
   ExpertIds ids_ = ExpertIds::row_major;
-  bool bf16_tiles_ = true;
+  Bf16Tiles bf16_tiles_ = Bf16Tiles::automatic;
   RowMat<T> c1_, c2_;
 };
 
