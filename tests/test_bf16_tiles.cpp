@@ -14,13 +14,6 @@
 using namespace spex;
 
 namespace {
-float from_bf16(std::uint16_t b) {
-  const std::uint32_t bits = std::uint32_t(b) << 16;
-  float x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-}
-
 std::vector<float> random_values(std::size_t n, std::uint64_t seed, double scale) {
   Rng rng(seed);
   std::vector<float> v(n);
@@ -28,19 +21,6 @@ std::vector<float> random_values(std::size_t n, std::uint64_t seed, double scale
   return v;
 }
 }  // namespace
-
-TEST_CASE("to_bf16 rounds to the nearest bf16, ties to even", "[kernels]") {
-  CHECK(kernels::to_bf16(1.0f) == 0x3f80);
-  CHECK(kernels::to_bf16(1.0f + 0x1p-8f) == 0x3f80);               // halfway: down to the even 0x3f80
-  CHECK(kernels::to_bf16(1.0f + 3 * 0x1p-8f) == 0x3f82);           // halfway: up to the even 0x3f82
-  CHECK(kernels::to_bf16(1.0f + 0x1p-8f + 0x1p-20f) == 0x3f81);    // above halfway
-  CHECK(kernels::to_bf16(-2.5f) == 0xc020);
-  Rng rng(4);
-  for (int i = 0; i < 1000; ++i) {
-    const float x = float(rng.normal() * 100);
-    CHECK(std::abs(from_bf16(kernels::to_bf16(x)) - x) <= std::abs(x) * 0x1p-8f);
-  }
-}
 
 TEST_CASE("bf16 key panels hold each key's value pairs in tile lines, zeros past the keys and values", "[kernels]") {
   for (std::size_t n : {1, 16, 37, 64})
@@ -60,14 +40,14 @@ TEST_CASE("bf16 key panels hold each key's value pairs in tile lines, zeros past
       for (std::size_t j = 0; j < n32; ++j)
         for (std::size_t i = 0; i < hp; ++i) {
           const std::size_t at = ((j / 16 * (hp / 32) + i / 32) * 16 + (i % 32) / 2) * 32 + 2 * (j % 16) + i % 2;
-          const std::uint16_t expected = j < n && i < h ? kernels::to_bf16(c[j * stride + i]) : 0;
+          const std::uint16_t expected = j < n && i < h ? kernels::scalar::float_to_bf16(c[j * stride + i]) : 0;
           if (panel[at] != expected) FAIL_CHECK("key " << j << ", value " << i);
         }
       const auto q = random_values(3 * stride, 9, 1.0);
       std::vector<std::uint16_t> rows(3 * hp, 0xffff);
       kernels::pack_rows_bf16(q.data(), stride, 3, h, rows.data());
       for (std::size_t r = 0; r < 3; ++r)
-        for (std::size_t i = 0; i < hp; ++i) CHECK(rows[r * hp + i] == (i < h ? kernels::to_bf16(q[r * stride + i]) : 0));
+        for (std::size_t i = 0; i < hp; ++i) CHECK(rows[r * hp + i] == (i < h ? kernels::scalar::float_to_bf16(q[r * stride + i]) : 0));
     }
 }
 
@@ -103,7 +83,7 @@ TEST_CASE("bf16 tile scores lie within bf16_score_error of the float dots", "[ke
           const float nq = std::sqrt(kernels::scalar::dot(x, x, h)), nc = std::sqrt(kernels::scalar::dot(y, y, h));
           double bf16_sum = 0, magnitude = 0;  // the products of the rounded values, summed in double
           for (std::size_t i = 0; i < h; ++i) {
-            const double p = double(from_bf16(kernels::to_bf16(x[i]))) * from_bf16(kernels::to_bf16(y[i]));
+            const double p = double(kernels::scalar::bf16_to_float(kernels::scalar::float_to_bf16(x[i]))) * kernels::scalar::bf16_to_float(kernels::scalar::float_to_bf16(y[i]));
             bf16_sum += p;
             magnitude += std::abs(p);
           }

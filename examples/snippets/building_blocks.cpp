@@ -16,6 +16,12 @@ int main() {
   keys.search(q, 8, scores, ids, ws);
   spex::ExhaustiveTopK<float> exact;
   exact.search(keys.full_keys(), q, 8, scores_ref, ids_ref);
+  // On CPUs with AMX bf16 tiles (and builds that target them), scores in bf16 first, the rows
+  // that may rank rescored exactly: the same ids. `always` takes them on any shape.
+  keys.set_bf16_tiles(spex::Bf16Tiles::always);
+  spex::IndexMat ids_tiles(4, 8);
+  keys.search(q, 8, scores, ids_tiles, ws);
+  std::printf("bf16 tiles %s on this machine\n", spex::kernels::bf16_tiles_ready() ? "available" : "not available");
 
   // Linear and Norm: backward assigns dx, like every layer (and takes dy, dx, cache, grads).
   spex::Linear<float> proj(16, 8, /*bias=*/true, rng);
@@ -65,5 +71,5 @@ int main() {
   usage.add(cache.retrieval.ids, cache.retrieval.gates);
   std::printf("usage %.1f%%, SIMD: %s\n", usage.summary().usage_percent, spex::simd_arch_name());
   const bool gemm_ok = out.isApprox(spex::RowMat<float>(q * w.transpose()), 1e-5f);
-  return ids == ids_ref && table(42, 0) == -0.1f && gemm_ok && proj.weight() == proj_before ? 0 : 1;
+  return ids == ids_ref && ids_tiles == ids_ref && table(42, 0) == -0.1f && gemm_ok && proj.weight() == proj_before ? 0 : 1;
 }

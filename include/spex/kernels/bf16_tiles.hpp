@@ -11,8 +11,8 @@
 // Elsewhere they compile to nothing and bf16_tiles_ready() is false.
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 
+#include "scalar/compact.hpp"
 #include "simd.hpp"  // first: it includes the intrinsics with GCC 12's spurious warnings off
 #include "transpose.hpp"
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
@@ -43,14 +43,6 @@ inline float bf16_score_error(std::size_t h, float nq, float nc) {
   return relative * nq * nc + 0x1p-100f * (1.0f + nq) * (1.0f + nc);
 }
 
-/// x rounded to the nearest bf16 (ties to even), as its 16 bits. x must be finite.
-inline std::uint16_t to_bf16(float x) {
-  std::uint32_t b;
-  std::memcpy(&b, &x, sizeof b);
-  b += 0x7fffu + ((b >> 16) & 1u);
-  return static_cast<std::uint16_t>(b >> 16);
-}
-
 #if SPEX_AMX_BF16 && defined(__AVX512BF16__)
 // The lanes of the 16 values from i on that lie below h.
 inline __mmask16 lanes(std::size_t h, std::size_t i) {
@@ -66,7 +58,7 @@ inline std::size_t bf16_row_length(std::size_t h) { return (h + kTileDepth - 1) 
 inline void pack_rows_bf16(const float* src, std::size_t stride, std::size_t rows, std::size_t h, std::uint16_t* out) {
   const std::size_t hp = bf16_row_length(h);
 #if SPEX_AMX_BF16 && defined(__AVX512BF16__)
-  // VCVTNE2PS2BF16 rounds to nearest even as to_bf16 does (and flushes denormals to zero, which
+  // VCVTNE2PS2BF16 rounds to nearest even as scalar::float_to_bf16 does (and flushes denormals to zero, which
   // the tiles would do anyway).
   for (std::size_t r = 0; r < rows; ++r)
     for (std::size_t i = 0; i < hp; i += kTileDepth) {
@@ -74,14 +66,14 @@ inline void pack_rows_bf16(const float* src, std::size_t stride, std::size_t row
       _mm512_storeu_si512(out + r * hp + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(lanes(h, i + 16), x + 16),
                                                                         _mm512_maskz_loadu_ps(lanes(h, i), x)));
     }
-  return;
-#endif
+#else
   for (std::size_t r = 0; r < rows; ++r) {
     const float* x = src + r * stride;
     std::uint16_t* o = out + r * hp;
-    for (std::size_t i = 0; i < h; ++i) o[i] = to_bf16(x[i]);
+    for (std::size_t i = 0; i < h; ++i) o[i] = scalar::float_to_bf16(x[i]);
     for (std::size_t i = h; i < hp; ++i) o[i] = 0;
   }
+#endif
 }
 
 /// Values a key panel of n rows of h takes (pack_keys_bf16): n rounded up to 32 rows.
@@ -121,7 +113,7 @@ inline void pack_keys_bf16(const float* src, std::size_t stride, std::size_t j0,
       const float* x = b0 + l < end ? src + (b0 + l) * stride : nullptr;
       for (std::size_t pair = 0; pair < hp / 2; ++pair) {  // word (depth, pair % 16, lane) = pair * 16 + lane
         const std::size_t i = 2 * pair;
-        const std::uint32_t lo = x && i < h ? to_bf16(x[i]) : 0u, hi = x && i + 1 < h ? to_bf16(x[i + 1]) : 0u;
+        const std::uint32_t lo = x && i < h ? scalar::float_to_bf16(x[i]) : 0u, hi = x && i + 1 < h ? scalar::float_to_bf16(x[i + 1]) : 0u;
         block[pair * kTileRows + l] = lo | hi << 16;
       }
     }
