@@ -207,6 +207,74 @@ TEST_CASE("product-key search through bf16 tiles finds the exact top-k", "[retri
 
 TEST_CASE("product keys name a bad Bf16Tiles value", "[retrieval]") {
   ProductKeys<float> pk(4, 8, 1);
-  CHECK_THROWS_WITH(pk.set_bf16_tiles(static_cast<Bf16Tiles>(7)), Catch::Matchers::Contains("is not a Bf16Tiles"));
+  CHECK_THROWS_WITH(pk.set_bf16_tiles(static_cast<Bf16Tiles>(7)), Catch::Matchers::Contains("ProductKeys::set_bf16_tiles: 7 is not a Bf16Tiles"));
   CHECK(pk.bf16_tiles() == Bf16Tiles::automatic);
+}
+
+namespace {
+// Exhaustive search with the bf16 tiles on any shape (where the build and CPU have them)
+// against the float GEMM path: the same ids, scores within float rounding, the same bits on 1, 2
+// and 3 threads (which split the keys into 1, 2 or 3 runs).
+void check_exhaustive_tiles(const RowMat<float>& keys, const RowMat<float>& q, Index k, bool exact_scores) {
+  const Index b = q.rows();
+  RowMat<float> s_gemm(b, k), s(b, k), s_first;
+  IndexMat ids_gemm(b, k), ids(b, k);
+  ExhaustiveTopK<float> search;
+  search.set_bf16_tiles(Bf16Tiles::never);
+  search.search(keys, q, k, s_gemm, ids_gemm);
+  search.set_bf16_tiles(Bf16Tiles::always);
+  const int threads_before = max_threads();
+  for (int threads : {1, 2, 3}) {
+    CAPTURE(threads);
+    set_num_threads(threads);
+    search.search(keys, q, k, s, ids);
+    if (threads == 1) s_first = s;
+    CHECK(ids == ids_gemm);
+    if (exact_scores)
+      CHECK(s == s_gemm);
+    else
+      CHECK(s == s_first);
+    const auto finite = s_gemm.array().isFinite();
+    CHECK((finite == s.array().isFinite()).all());
+    CHECK((finite.select(s - s_gemm, 0.0f)).cwiseAbs().maxCoeff() <= 1e-4f * (1 + finite.select(s_gemm, 0.0f).cwiseAbs().maxCoeff()));
+  }
+  set_num_threads(threads_before);
+}
+}  // namespace
+
+TEST_CASE("exhaustive search through bf16 tiles finds the exact top-k", "[retrieval]") {
+  Rng rng(41);
+  SECTION("integer keys and queries: exact ties everywhere, several key blocks and query blocks") {
+    for (Index n_keys : {37, 1500})
+      for (Index d : {8, 130}) {
+        CAPTURE(n_keys, d);
+        RowMat<float> keys(n_keys, d), q(300, d);
+        for (auto* m : {&keys, &q})
+          for (Index i = 0; i < m->size(); ++i) m->data()[i] = float(int(rng.below(3)) - 1);
+        check_exhaustive_tiles(keys, q, std::min<Index>(n_keys, 20), true);
+      }
+  }
+  SECTION("random keys over many blocks") {
+    RowMat<float> keys(5000, 128), q(70, 128);
+    fill_normal(keys, 1.0, rng);
+    fill_normal(q, 1.0, rng);
+    check_exhaustive_tiles(keys, q, 16, false);
+  }
+  SECTION("a NaN key is never selected, a key and a query too large for bf16 are scored exactly") {
+    RowMat<float> keys(1200, 64), q(70, 64);
+    fill_normal(keys, 1.0, rng);
+    fill_normal(q, 1.0, rng);
+    keys(700, 3) = std::numeric_limits<float>::quiet_NaN();
+    keys.row(5) *= 2e18f;  // norm above 2^60: its block is scored exactly
+    keys.row(900) *= 1e10f;  // large, within the tiles' range
+    q.row(2) *= 2e18f;
+    check_exhaustive_tiles(keys, q, 8, false);
+  }
+  SECTION("fewer finite scores than k pad with -inf and id -1") {
+    RowMat<float> keys = RowMat<float>::Constant(40, 32, std::numeric_limits<float>::quiet_NaN()), q(65, 32);
+    fill_normal(q, 1.0, rng);
+    keys.row(3).setOnes();
+    keys.row(30).setConstant(2.0f);
+    check_exhaustive_tiles(keys, q, 4, false);
+  }
 }

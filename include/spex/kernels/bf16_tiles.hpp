@@ -9,12 +9,15 @@
 // a Sapphire Rapids or newer Xeon); at run time the process must be granted the tile state
 // (Linux, arch_prctl): bf16_tiles_ready() asks once and says whether the kernels may run.
 // Elsewhere they compile to nothing and bf16_tiles_ready() is false.
+#include <cmath>
 #include <cstddef>
+#include <limits>
 #include <cstdint>
 
 #include "scalar/compact.hpp"
 #include "simd.hpp"  // first: it includes the intrinsics with GCC 12's spurious warnings off
 #include "transpose.hpp"
+#include "vector.hpp"
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define SPEX_AMX_BF16 1
 #include "detail/intrinsics_warnings_off.hpp"
@@ -119,6 +122,19 @@ inline void pack_keys_bf16(const float* src, std::size_t stride, std::size_t j0,
     }
 #endif
   }
+}
+
+/// Rows (and queries) whose norm exceeds this are scored in float: below it the bf16 scores and
+/// their bound stay finite (|q| |c| (1 + 2^-6) < 2^128).
+inline constexpr float kBf16MaxNorm = 0x1p60f;
+
+/// An upper bound on the Euclidean norm of x[0..h): the float dot of x with itself errs by at
+/// most h 2^-24 of it, the square root and the product by an ulp each. Infinite when above
+/// kBf16MaxNorm or not finite (callers then take the float path).
+template <class Arch = default_arch>
+float norm_bound(const float* x, std::size_t h) {
+  const float r = std::sqrt(dot<Arch>(x, x, h) * (1 + float(h + 4) * 0x1p-23f)) * (1 + 0x1p-21f);
+  return r <= kBf16MaxNorm ? r : std::numeric_limits<float>::infinity();
 }
 
 /// True when scores_bf16_tiles may run: the build targets AMX bf16 and the OS granted this

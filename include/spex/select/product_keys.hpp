@@ -24,6 +24,7 @@
 #include "../kernels/refined_topk.hpp"
 #include "../kernels/topk.hpp"
 #include "../kernels/vector.hpp"
+#include "bf16_tiles.hpp"
 #include "../kernels/transpose.hpp"
 
 namespace spex {
@@ -72,9 +73,6 @@ inline void expert_pair(ExpertIds s, Index id, Index n, Index& i1, Index& i2) {
     i2 = m;
   }
 }
-
-/// When ProductKeys::search scores sub-keys with bf16 tiles (ProductKeys::set_bf16_tiles).
-enum class Bf16Tiles { automatic, always, never };
 
 /// Scratch for ProductKeys::search: a score block per thread, the halves' top-k lists of the
 /// batch, the transposed copies. Reused across calls, it stops allocating once it has seen the
@@ -142,11 +140,7 @@ class ProductKeys {
   /// faster (kBf16TilesMin*), `always` on any batch and table, `never`. Without the tiles every
   /// search runs the float GEMM path: the same top-k, its scores the GEMM's rather than float dots
   /// (the last bits). Not thread-safe against concurrent searches.
-  void set_bf16_tiles(Bf16Tiles use) {
-    SPEX_CHECK(use == Bf16Tiles::automatic || use == Bf16Tiles::always || use == Bf16Tiles::never,
-               "set_bf16_tiles: " << int(use) << " is not a Bf16Tiles (automatic, always, never)");
-    bf16_tiles_ = use;
-  }
+  void set_bf16_tiles(Bf16Tiles use) { bf16_tiles_ = spex::checked(use, "ProductKeys::set_bf16_tiles"); }
   Bf16Tiles bf16_tiles() const { return bf16_tiles_; }
   /// How pairs of sub-key rows are numbered (ExpertIds).
   ExpertIds ids() const { return ids_; }
@@ -279,18 +273,6 @@ class ProductKeys {
            (batch >= kBf16TilesMinQueries && n() >= kBf16TilesMinKeys && c1_.cols() >= kBf16TilesMinHalf);
   }
 
-  // Norms above this are left to the float GEMM: the bf16 scores and their bound stay finite
-  // (|q| |c| (1 + 2^-6) < 2^128) below it.
-  static constexpr double kBf16MaxNorm = 0x1p60;
-
-  // Euclidean norm of x[0..h), rounded up (so that bounds built on it hold): the float dot of
-  // x with itself errs by at most h 2^-24 of it, the square root and the product by an ulp each.
-  // Infinite when above kBf16MaxNorm or not finite.
-  static float norm_up(const T* x, Index h) {
-    const float r = std::sqrt(kernels::dot<Arch>(x, x, static_cast<std::size_t>(h)) * (1 + float(h + 4) * 0x1p-23f)) * (1 + 0x1p-21f);
-    return r <= float(kBf16MaxNorm) ? r : std::numeric_limits<float>::infinity();
-  }
-
   // Each query half's top-k into ws.list_v / list_i as the GEMM path makes them, from bf16
   // tile scores rescored exactly (float dots). False, with nothing written, when a sub-key is
   // not finite or its norm exceeds kBf16MaxNorm (the caller then runs the GEMM path).
@@ -309,7 +291,7 @@ class ProductKeys {
         const Index j0 = (task / 2) * kKeysPerPackTask, rows = std::min(kKeysPerPackTask, n - j0);
         const RowMat<T>& c = sub_keys(half);
         float largest = 0;
-        for (Index j = j0; j < j0 + rows; ++j) largest = std::max(largest, norm_up(c.row(j).data(), h));
+        for (Index j = j0; j < j0 + rows; ++j) largest = std::max(largest, kernels::norm_bound<Arch>(c.row(j).data(), hs));
         ws.key_norm_max[static_cast<std::size_t>(task)] = largest;
         std::uint16_t* panel = ws.keys_bf16[half].data();
         kernels::pack_keys_bf16(c.data(), hs, static_cast<std::size_t>(j0), static_cast<std::size_t>(rows), hs, panel);
@@ -320,7 +302,7 @@ class ProductKeys {
       });
       float key_norm[2] = {0, 0};
       for (Index b = 0; b < 2 * blocks; ++b) key_norm[b % 2] = std::max(key_norm[b % 2], ws.key_norm_max[static_cast<std::size_t>(b)]);
-      if (!(key_norm[0] <= float(kBf16MaxNorm)) || !(key_norm[1] <= float(kBf16MaxNorm))) return false;  // NaN too
+      if (!(key_norm[0] <= kernels::kBf16MaxNorm) || !(key_norm[1] <= kernels::kBf16MaxNorm)) return false;  // NaN too
 
       const Index qb = std::min<Index>(kQueryBlock, batch);
       const std::size_t hp = kernels::bf16_row_length(hs), stride = static_cast<std::size_t>(queries.outerStride());
@@ -349,9 +331,9 @@ class ProductKeys {
             kernels::gather_dot<Arch>(c.data(), hs, rows_j, m, qr, hs, out);
           };
           float* approx = &w.approx[static_cast<std::size_t>(r % 32) * n32];
-          const float nq = norm_up(qr, h);
+          const float nq = kernels::norm_bound<Arch>(qr, hs);
           float slack = 0;
-          if (nq <= float(kBf16MaxNorm)) {
+          if (nq <= kernels::kBf16MaxNorm) {
             slack = kernels::bf16_score_error(hs, nq, key_norm[half]);
           } else {  // a huge query: its bf16 scores may overflow, so this row is scored exactly
             for (std::size_t j = 0; j < ns; ++j) w.refined.ids[j] = static_cast<std::int64_t>(j);
