@@ -15,7 +15,8 @@ namespace spex_bench {
 
 /// "avx512bw, 2 threads": runs are only comparable with the same ISA and thread count.
 inline std::string label() {
-  return std::string(spex::default_arch::name()) + ", " + std::to_string(spex::max_threads()) + " threads";
+  return std::string(spex::default_arch::name()) + ", " + std::to_string(spex::max_threads()) + " threads" +
+         (spex::kernels::bf16_tiles_ready() ? ", bf16 tiles" : "");
 }
 
 /// Random N(0, 1) matrix, made once per (rows, cols, seed) for the whole run.

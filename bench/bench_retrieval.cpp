@@ -34,7 +34,7 @@ void set_counters(benchmark::State& state) {
   state.SetLabel(spex_bench::label());
 }
 
-void BM_ExhaustiveTopK(benchmark::State& state) {
+void exhaustive_topk(benchmark::State& state, spex::Bf16Tiles tiles) {
   const spex::Index N = state.range(0), d = state.range(1), k = state.range(2);
   const spex::Index n = spex::Index(std::llround(std::sqrt(double(N))));
   const auto& keys = full_keys(n, d);
@@ -42,12 +42,17 @@ void BM_ExhaustiveTopK(benchmark::State& state) {
   spex::RowMat<float> s(kBatch, k);
   spex::IndexMat ids(kBatch, k);
   spex::ExhaustiveTopK<float> search;
+  search.set_bf16_tiles(tiles);
   for (auto _ : state) {
     search.search(keys, q, k, s, ids);
     benchmark::DoNotOptimize(ids.data());
   }
   set_counters(state);
 }
+
+void BM_ExhaustiveTopK(benchmark::State& state) { exhaustive_topk(state, spex::Bf16Tiles::automatic); }
+// The same with every score from the float GEMM (the bf16 tiles not used).
+void BM_ExhaustiveTopK_gemm(benchmark::State& state) { exhaustive_topk(state, spex::Bf16Tiles::never); }
 
 void product_key_topk(benchmark::State& state, ProductTopK method, bool tiles = true) {
   const spex::Index N = state.range(0), d = state.range(1), k = state.range(2);
@@ -112,6 +117,7 @@ BENCHMARK(BM_ProductKeyTopK_full)->Apply(retrieval_args);
 BENCHMARK(BM_ProductKeyTopK_pruned)->Apply(retrieval_args);
 BENCHMARK(BM_ProductKeyTopK_heap)->Apply(retrieval_args);
 BENCHMARK(BM_ExhaustiveTopK)->Apply(retrieval_args)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ExhaustiveTopK_gemm)->Apply(retrieval_args)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ProductStep_full)->Arg(8)->Arg(16)->Arg(32)->Arg(64);
 BENCHMARK(BM_ProductStep_pruned)->Arg(8)->Arg(16)->Arg(32)->Arg(64);
 BENCHMARK(BM_ProductStep_heap)->Arg(8)->Arg(16)->Arg(32)->Arg(64);

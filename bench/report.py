@@ -153,6 +153,15 @@ def main():
                     "within it" if target <= ceiling else "beyond it"))
         if parts:
             w("Top-k ceilings over FAISS in this run, from the score GEMM alone: " + "; ".join(parts) + ".")
+            retrieval = per_binary.get(("bench_retrieval", "engines"), {})
+            if any("bf16 tiles" in b.get("label", "") for b in retrieval.values()):
+                w("These ceilings bound the float GEMM path. This build scores in AMX bf16 tiles and rescores "
+                  "exactly the keys that may rank (docs/product_keys.md), which is not bound by them; "
+                  "the float GEMM path of the same binary: " + "; ".join(
+                      "%s %s queries/s" % (what, fmt_rate(retrieval[name]["queries/s"]))
+                      for what, name in (("product keys", "BM_ProductKeyTopK_gemm/1048576/256/16/real_time"),
+                                         ("exhaustive", "BM_ExhaustiveTopK_gemm/1048576/256/16/real_time"))
+                      if name in retrieval) + ".")
             w("")
 
     # MoE against spex's dense FFN of the same active size (hidden 1024 = 8 x 128 = 1 x 1024).

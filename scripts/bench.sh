@@ -71,7 +71,7 @@ for variant in engines eigen; do
     > "$out/bench_moe-$variant.json"
   "$bin/bench_peer" "${args[@]}" --benchmark_filter='BM_(Peer|GemmPeak|StreamCopy)' > "$out/bench_peer-$variant.json"
   "$bin/bench_retrieval" "${args[@]}" \
-    --benchmark_filter='BM_(ProductKeyTopK|ExhaustiveTopK)/1048576/256/16/|BM_GemmPeak' > "$out/bench_retrieval-$variant.json"
+    --benchmark_filter='BM_(ProductKeyTopK|ExhaustiveTopK)(_gemm)?/1048576/256/16/|BM_GemmPeak' > "$out/bench_retrieval-$variant.json"
 done
 OMP_NUM_THREADS=1 build/bench-engines/bench/bench_gemm "${args[@]}" --benchmark_filter='BM_GemmEngine' \
   > "$out/bench_gemm-engines.json"
