@@ -204,6 +204,15 @@ def main():
                 total_parts += t
                 split.append("%s %.2f ms" % (label, t * 1e3))
         split.append("the rest %.2f ms" % ((measured - total_parts) * 1e3))
+        peer_bench = per_binary.get(("bench_peer", "engines"), {})
+        tiles = config == 1 and any("bf16 tiles" in b.get("label", "") for b in peer_bench.values())
+        if tiles:  # the parts' sub-key scores and top-k are the float GEMM path's
+            gemm_fwd = peer_bench.get("BM_PeerForward_gemm/1/real_time")
+            split.append("(the sub-key scores and top-k parts time the float GEMM path; this build's forward "
+                         "scores the sub-keys in bf16 tiles%s)" % (
+                             ": %.2f ms with the GEMM path" % (gemm_fwd["real_time"] * {"ns": 1e-6, "us": 1e-3, "ms": 1.0,
+                                                                                    "s": 1e3}[gemm_fwd["time_unit"]])
+                             if gemm_fwd else ""))
         target = " (target >= 70%%: %s)" % ("reached" if roof / measured >= 0.7 else "missed") if config == 1 else ""
         w("PEER %s forward: %.2f ms per batch of %d, roofline %.2f ms (GEMMs %.2f ms at %.0f GFLOP/s + expert rows "
           "%.1f MB at %.1f GB/s = %.2f ms): **%.0f%% of the roofline**%s. Split: %s."

@@ -2,9 +2,9 @@
 // Exact top-k from approximate scores: given approx[j] within `slack` of the exact score of
 // every j, only the j with approx[j] >= L - 2 slack can rank in the exact top-k, for any L at
 // most the k-th largest approx: k rows have approx >= L, so exact scores >= L - slack, and
-// every other j scores at most approx[j] + slack, below that. Those candidates (about k plus the rows within
-// 2 slack of the k-th; all of them when the scores tie) are scored exactly, and their top-k is
-// the top-k of the exact scores of all n, best first and ties to the smaller index, as
+// every other j scores at most approx[j] + slack, below that. Those candidates (about k plus
+// the rows within 2 slack of L; all of them when the scores tie) are scored exactly, and their
+// top-k is the top-k of the exact scores of all n, best first and ties to the smaller index, as
 // kernels::topk gives it.
 #include <algorithm>
 #include <cstdint>
