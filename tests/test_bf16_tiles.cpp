@@ -51,6 +51,23 @@ TEST_CASE("bf16 key panels hold each key's value pairs in tile lines, zeros past
     }
 }
 
+TEST_CASE("bf16_rounding_bound bounds the norm of a row's rounding to bf16, closely", "[kernels]") {
+  for (std::size_t h : {1, 7, 16, 40, 128, 257}) {
+    CAPTURE(h);
+    const auto x = random_values(h, 50 + h, 3.0);
+    double sum = 0;
+    for (float v : x) {
+      const double d = double(kernels::scalar::bf16_to_float(kernels::scalar::float_to_bf16(v))) - v;
+      sum += d * d;
+    }
+    const double exact = std::sqrt(sum);
+    const float bound = kernels::bf16_rounding_bound(x.data(), h);
+    CHECK(bound >= exact);
+    CHECK(bound <= exact * (1 + 1e-4) + 1e-30);
+    CHECK(bound <= 0x1p-8 * std::sqrt(kernels::scalar::dot(x.data(), x.data(), h)) * (1 + 1e-4));
+  }
+}
+
 TEST_CASE("bf16 tile scores lie within bf16_score_error of the float dots", "[kernels]") {
   if (!kernels::bf16_tiles_ready()) {
     WARN("bf16 tiles not available in this build or on this CPU: the tile kernel is not run");
@@ -88,7 +105,8 @@ TEST_CASE("bf16 tile scores lie within bf16_score_error of the float dots", "[ke
             magnitude += std::abs(p);
           }
           const float approx = out[r * n32 + j];
-          CHECK(std::abs(approx - exact) <= kernels::bf16_score_error(h, nq, nc));
+          CHECK(std::abs(approx - exact) <= kernels::bf16_score_error(h, nq, nc, kernels::bf16_rounding_bound(x, h),
+                                                                       kernels::bf16_rounding_bound(y, h)));
           CHECK(std::abs(approx - bf16_sum) <= double(h) * 0x1p-23 * magnitude + 1e-30);
         }
     }

@@ -34,16 +34,17 @@ namespace spex::kernels {
 /// Rows and columns of one tile: 16 rows of 32 bf16 (64 bytes) per operand, 16 x 16 floats out.
 inline constexpr std::size_t kTileRows = 16, kTileDepth = 32;
 
-/// Bound on |tile score - exact score| for rows q and c of h values (Euclidean norms nq, nc),
-/// where "exact" is any float dot of q and c (kernels::dot): rounding each value to bf16 (8-bit
-/// significand, to nearest) errs by at most 2^-8 of it, so each product by at most
-/// (2^-7 + 2^-16) |q_i c_i|; summing h products in float, in any order and rounding or
-/// truncating, adds at most h 2^-23 sum |q_i c_i|, the exact dot's own rounding h 2^-24 of it;
-/// and sum |q_i c_i| <= nq nc. 1% over 2^-7 covers 2^-16 and the float arithmetic of the bound;
-/// the last term the tiles' flushing of values and sums below 2^-126 to zero.
-inline float bf16_score_error(std::size_t h, float nq, float nc) {
-  const float relative = 0.0078125f * 1.01f + static_cast<float>(h) * 0x1p-22f;
-  return relative * nq * nc + 0x1p-100f * (1.0f + nq) * (1.0f + nc);
+/// Bound on |tile score - exact score| for rows q and c of h values, where "exact" is any float
+/// dot of q and c (kernels::dot, gather_dot): nq, nc bound their Euclidean norms and eq, ec the
+/// norms of their rounding to bf16, |bf16(q) - q| and |bf16(c) - c| (bf16_rounding_bound; at
+/// most 2^-8 nq and 2^-8 nc). With q~ = bf16(q): |q~ . c~ - q . c| = |q~ . (c~ - c) + (q~ - q) . c|
+/// <= |q~| ec + eq nc (Cauchy-Schwarz) and |q~| <= nq (1 + 2^-8); summing h products in float,
+/// in any order and rounding or truncating, errs by at most h 2^-23 |q~| |c~|, the exact dot by
+/// h 2^-24 nq nc. The 8 extra 2^-22 nq nc cover the float arithmetic of the bound and of the
+/// callers' thresholds; the last term the tiles' flushing of values and sums below 2^-126.
+inline float bf16_score_error(std::size_t h, float nq, float nc, float eq, float ec) {
+  return (1 + 0x1p-7f) * (nq * ec + eq * nc) + static_cast<float>(h + 8) * 0x1p-22f * nq * nc +
+         0x1p-100f * (1.0f + nq) * (1.0f + nc);
 }
 
 #if SPEX_AMX_BF16 && defined(__AVX512BF16__)
@@ -135,6 +136,34 @@ template <class Arch = default_arch>
 float norm_bound(const float* x, std::size_t h) {
   const float r = std::sqrt(dot<Arch>(x, x, h) * (1 + float(h + 4) * 0x1p-23f)) * (1 + 0x1p-21f);
   return r <= kBf16MaxNorm ? r : std::numeric_limits<float>::infinity();
+}
+
+/// An upper bound on |bf16(x) - x| over x[0..h) (rounded to nearest even, as the packing does):
+/// each difference is exact in float, their squares sum with at most h 2^-24 relative error.
+/// x must be finite (callers check norm_bound first).
+template <class Arch = default_arch>
+float bf16_rounding_bound(const float* x, std::size_t h) {
+  float sum = 0;
+  std::size_t i = 0;
+#if SPEX_SIMD
+  using B = xsimd::batch<float, Arch>;
+  using U = xsimd::batch<std::uint32_t, Arch>;
+  constexpr std::size_t W = B::size;
+  B acc(0.0f);
+  for (; i + W <= h; i += W) {
+    const B v = B::load_unaligned(x + i);
+    U b = xsimd::bitwise_cast<U>(v);
+    b = (b + (U(0x7fffu) + ((b >> 16) & U(1u)))) & U(0xffff0000u);
+    const B d = xsimd::bitwise_cast<B>(b) - v;
+    acc = xsimd::fma(d, d, acc);
+  }
+  sum = xsimd::hadd(acc);
+#endif
+  for (; i < h; ++i) {
+    const float d = scalar::bf16_to_float(scalar::float_to_bf16(x[i])) - x[i];
+    sum += d * d;
+  }
+  return std::sqrt(sum * (1 + float(h + 4) * 0x1p-23f)) * (1 + 0x1p-21f);
 }
 
 /// True when scores_bf16_tiles may run: the build targets AMX bf16 and the OS granted this

@@ -142,7 +142,7 @@ class ExhaustiveTopK {
   // Per thread: a block of queries and a block of keys in bf16, the tile scores, a row's bounds.
   struct TileScratch {
     std::vector<std::uint16_t> queries, keys;
-    std::vector<float> approx, lower, query_norm;
+    std::vector<float> approx, lower, query_norm, query_rounding;
     std::vector<float> cand_v;
     std::vector<std::int32_t> cand_i;
     std::vector<std::int64_t> rows;
@@ -168,7 +168,10 @@ class ExhaustiveTopK {
       if (w.keys.size() < k32 * hp) w.keys.resize(k32 * hp);
       if (w.approx.size() < q32 * k32) w.approx.resize(q32 * k32);
       if (w.lower.size() < k32) w.lower.resize(k32);
-      if (w.query_norm.size() < q32) w.query_norm.resize(q32);
+      if (w.query_norm.size() < q32) {
+        w.query_norm.resize(q32);
+        w.query_rounding.resize(q32);
+      }
       if (w.cand_v.size() < k32 + 64) {
         w.cand_v.resize(k32 + 64);
         w.cand_i.resize(k32 + 64);
@@ -203,7 +206,10 @@ class ExhaustiveTopK {
     std::size_t* lower_size = w.heap_size.data();
     for (Index r = 0; r < rows; ++r) {
       lower_size[r] = 0;
-      w.query_norm[static_cast<std::size_t>(r)] = kernels::norm_bound<Arch>(q_data + static_cast<std::size_t>(r) * q_stride, ds);
+      const T* qr = q_data + static_cast<std::size_t>(r) * q_stride;
+      w.query_norm[static_cast<std::size_t>(r)] = kernels::norm_bound<Arch>(qr, ds);
+      if (w.query_norm[static_cast<std::size_t>(r)] <= kernels::kBf16MaxNorm)
+        w.query_rounding[static_cast<std::size_t>(r)] = kernels::bf16_rounding_bound<Arch>(qr, ds);
       Candidates& c = candidates_[run0 + static_cast<std::size_t>(q0 + r)];
       c.upper.clear();
       c.ids.clear();
@@ -212,8 +218,12 @@ class ExhaustiveTopK {
       const Index k0 = kblk * kb, cols = std::min(kb, n_keys - k0);
       const std::size_t cs = static_cast<std::size_t>(cols), c32 = (cs + 31) / 32 * 32;
       const T* k_data = keys.data() + static_cast<std::size_t>(k0) * k_stride;
-      float key_norm = 0;
-      for (std::size_t j = 0; j < cs; ++j) key_norm = std::max(key_norm, kernels::norm_bound<Arch>(k_data + j * k_stride, ds));
+      float key_norm = 0, key_rounding = 0;
+      for (std::size_t j = 0; j < cs; ++j) {
+        const float norm = kernels::norm_bound<Arch>(k_data + j * k_stride, ds);
+        key_norm = std::max(key_norm, norm);
+        if (norm <= kernels::kBf16MaxNorm) key_rounding = std::max(key_rounding, kernels::bf16_rounding_bound<Arch>(k_data + j * k_stride, ds));
+      }
       const bool block_exact = !(key_norm <= kernels::kBf16MaxNorm);  // a key not finite or too large
       if (!block_exact) {
         kernels::pack_keys_bf16(k_data, k_stride, 0, cs, ds, w.keys.data());
@@ -231,7 +241,7 @@ class ExhaustiveTopK {
           for (std::size_t j = 0; j < cs; ++j) w.block_ids[j] = k0 + static_cast<std::int64_t>(j);
           kernels::gather_dot<Arch>(keys.data(), k_stride, w.block_ids.data(), cs, qr, ds, approx);
         } else {
-          slack = kernels::bf16_score_error(ds, w.query_norm[rs], key_norm);
+          slack = kernels::bf16_score_error(ds, w.query_norm[rs], key_norm, w.query_rounding[rs], key_rounding);
         }
         // The row's lower bounds into the query's heap, then the keys whose upper bound reaches
         // its root (every key while it holds fewer than k).

@@ -89,7 +89,7 @@ struct ProductKeysWorkspace {
   std::vector<PerThread> threads;
   RowMat<T> c1t, c2t;                 // the sub-key tables transposed (d_key/2 x n), per call
   std::vector<std::uint16_t> keys_bf16[2];  // each half's sub-keys as a bf16 tile panel, per call
-  std::vector<float> key_norm_max;          // per block of sub-keys and half: the largest row norm
+  std::vector<float> key_norm_max;          // per block of sub-keys and half: the largest row norm and rounding
   std::vector<T> list_v;              // each query's top-k of each half: (half, query) x k
   std::vector<std::int64_t> list_i;
 };
@@ -290,9 +290,14 @@ class ProductKeys {
         const int half = static_cast<int>(task % 2);
         const Index j0 = (task / 2) * kKeysPerPackTask, rows = std::min(kKeysPerPackTask, n - j0);
         const RowMat<T>& c = sub_keys(half);
-        float largest = 0;
-        for (Index j = j0; j < j0 + rows; ++j) largest = std::max(largest, kernels::norm_bound<Arch>(c.row(j).data(), hs));
-        ws.key_norm_max[static_cast<std::size_t>(task)] = largest;
+        float largest = 0, rounding = 0;
+        for (Index j = j0; j < j0 + rows; ++j) {
+          const float norm = kernels::norm_bound<Arch>(c.row(j).data(), hs);
+          largest = std::max(largest, norm);
+          if (norm <= kernels::kBf16MaxNorm) rounding = std::max(rounding, kernels::bf16_rounding_bound<Arch>(c.row(j).data(), hs));
+        }
+        ws.key_norm_max[static_cast<std::size_t>(2 * task)] = largest;
+        ws.key_norm_max[static_cast<std::size_t>(2 * task + 1)] = rounding;
         std::uint16_t* panel = ws.keys_bf16[half].data();
         kernels::pack_keys_bf16(c.data(), hs, static_cast<std::size_t>(j0), static_cast<std::size_t>(rows), hs, panel);
         if (j0 + rows == n) {  // whole blocks of zero keys up to n32
@@ -300,8 +305,11 @@ class ProductKeys {
           std::fill(panel + packed * kernels::bf16_row_length(hs), panel + n32 * kernels::bf16_row_length(hs), std::uint16_t(0));
         }
       });
-      float key_norm[2] = {0, 0};
-      for (Index b = 0; b < 2 * blocks; ++b) key_norm[b % 2] = std::max(key_norm[b % 2], ws.key_norm_max[static_cast<std::size_t>(b)]);
+      float key_norm[2] = {0, 0}, key_rounding[2] = {0, 0};
+      for (Index b = 0; b < 2 * blocks; ++b) {
+        key_norm[b % 2] = std::max(key_norm[b % 2], ws.key_norm_max[static_cast<std::size_t>(2 * b)]);
+        key_rounding[b % 2] = std::max(key_rounding[b % 2], ws.key_norm_max[static_cast<std::size_t>(2 * b + 1)]);
+      }
       if (!(key_norm[0] <= kernels::kBf16MaxNorm) || !(key_norm[1] <= kernels::kBf16MaxNorm)) return false;  // NaN too
 
       const Index qb = std::min<Index>(kQueryBlock, batch);
@@ -334,7 +342,7 @@ class ProductKeys {
           const float nq = kernels::norm_bound<Arch>(qr, hs);
           float slack = 0;
           if (nq <= kernels::kBf16MaxNorm) {
-            slack = kernels::bf16_score_error(hs, nq, key_norm[half]);
+            slack = kernels::bf16_score_error(hs, nq, key_norm[half], kernels::bf16_rounding_bound<Arch>(qr, hs), key_rounding[half]);
           } else {  // a huge query: its bf16 scores may overflow, so this row is scored exactly
             for (std::size_t j = 0; j < ns; ++j) w.refined.ids[j] = static_cast<std::int64_t>(j);
             exact(w.refined.ids.data(), ns, approx);
@@ -389,7 +397,7 @@ class ProductKeys {
       const std::size_t panel = kernels::bf16_key_panel_size(static_cast<std::size_t>(n()), static_cast<std::size_t>(c1_.cols()));
       for (auto& p : ws.keys_bf16)
         if (p.size() != panel) p.resize(panel);
-      ws.key_norm_max.resize(static_cast<std::size_t>(2 * key_blocks()));
+      ws.key_norm_max.resize(static_cast<std::size_t>(4 * key_blocks()));
     }
     const std::size_t lists = static_cast<std::size_t>(2 * batch * k);
     if (ws.list_v.size() < lists) {
