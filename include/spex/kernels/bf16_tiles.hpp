@@ -9,6 +9,7 @@
 // a Sapphire Rapids or newer Xeon); at run time the process must be granted the tile state
 // (Linux, arch_prctl): bf16_tiles_ready() asks once and says whether the kernels may run.
 // Elsewhere they compile to nothing and bf16_tiles_ready() is false.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -164,6 +165,13 @@ float bf16_rounding_bound(const float* x, std::size_t h) {
     sum += d * d;
   }
   return std::sqrt(sum * (1 + float(h + 4) * 0x1p-23f)) * (1 + 0x1p-21f);
+}
+
+/// Zeroes the whole blocks of a key panel of n keys past its last packed block, up to the
+/// panel's 32-key multiple (the zero keys scores_bf16_tiles reads there).
+inline void zero_key_panel_tail(std::uint16_t* panel, std::size_t n, std::size_t h) {
+  const std::size_t hp = bf16_row_length(h), packed = (n + kTileRows - 1) / kTileRows * kTileRows;
+  std::fill(panel + packed * hp, panel + bf16_key_panel_size(n, h), std::uint16_t(0));
 }
 
 /// True when scores_bf16_tiles may run: the build targets AMX bf16 and the OS granted this

@@ -227,9 +227,7 @@ class ExhaustiveTopK {
       const bool block_exact = !(key_norm <= kernels::kBf16MaxNorm);  // a key not finite or too large
       if (!block_exact) {
         kernels::pack_keys_bf16(k_data, k_stride, 0, cs, ds, w.keys.data());
-        const std::size_t packed = (cs + 15) / 16 * 16;
-        std::fill(w.keys.begin() + static_cast<std::ptrdiff_t>(packed * hp), w.keys.begin() + static_cast<std::ptrdiff_t>(c32 * hp),
-                  std::uint16_t(0));
+        kernels::zero_key_panel_tail(w.keys.data(), cs, ds);
         kernels::scores_bf16_tiles(w.queries.data(), rows32, w.keys.data(), c32, ds, w.approx.data(), c32);
       }
       for (Index r = 0; r < rows; ++r) {
@@ -249,7 +247,8 @@ class ExhaustiveTopK {
         float* hv = &w.heap_v[rs * ks];
         std::int64_t* hi = &w.heap_i[rs * ks];
         kernels::topk_push_block<Arch>(w.lower.data(), cs, k0, ks, hv, hi, lower_size[rs]);
-        const float floor = lower_size[rs] < ks ? -std::numeric_limits<float>::infinity() : hv[0] - slack;
+        const float root = lower_size[rs] < ks ? -std::numeric_limits<float>::infinity() : hv[0];
+        const float floor = root - slack;
         Candidates& c = candidates_[run0 + static_cast<std::size_t>(q0 + r)];
         std::size_t m = 0, i = 0;
 #if SPEX_SIMD
@@ -260,9 +259,8 @@ class ExhaustiveTopK {
             w.cand_v[m] = approx[i];
             w.cand_i[m++] = static_cast<std::int32_t>(i);
           }
-        const float root = lower_size[rs] < ks ? -std::numeric_limits<float>::infinity() : hv[0];
         // Candidates kept earlier whose upper bound the root has passed can no longer rank.
-        if (c.ids.size() > 4 * ks + 256) prune(c, root);
+        if (c.ids.size() > 4 * ks + kPruneSlack) prune(c, root);
         for (std::size_t p = 0; p < m; ++p) {
           c.upper.push_back(w.cand_v[p] + slack);
           c.ids.push_back(k0 + w.cand_i[p]);
@@ -290,6 +288,10 @@ class ExhaustiveTopK {
       h.size = found;
     }
   }
+
+  // A query's candidate list is pruned once it holds more than 4k plus this many entries (a
+  // pass over it then drops a good share of them).
+  static constexpr std::size_t kPruneSlack = 256;
 
   static void prune(Candidates& c, float root) {
     std::size_t kept = 0;

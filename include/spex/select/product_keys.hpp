@@ -300,10 +300,7 @@ class ProductKeys {
         ws.key_norm_max[static_cast<std::size_t>(2 * task + 1)] = rounding;
         std::uint16_t* panel = ws.keys_bf16[half].data();
         kernels::pack_keys_bf16(c.data(), hs, static_cast<std::size_t>(j0), static_cast<std::size_t>(rows), hs, panel);
-        if (j0 + rows == n) {  // whole blocks of zero keys up to n32
-          const std::size_t packed = (ns + kernels::kTileRows - 1) / kernels::kTileRows * kernels::kTileRows;
-          std::fill(panel + packed * kernels::bf16_row_length(hs), panel + n32 * kernels::bf16_row_length(hs), std::uint16_t(0));
-        }
+        if (j0 + rows == n) kernels::zero_key_panel_tail(panel, ns, hs);
       });
       float key_norm[2] = {0, 0}, key_rounding[2] = {0, 0};
       for (Index b = 0; b < 2 * blocks; ++b) {
