@@ -87,3 +87,42 @@ TEST_CASE("topk_push_block over blocks equals one pass over the whole row", "[ke
     CHECK(v == v_ref);
   }
 }
+
+TEMPLATE_TEST_CASE("kth_largest is the k-th of a descending sort; topk_floor is at most it and k values reach it", "[kernels]",
+                   float, double) {
+  using T = TestType;
+  const T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
+  spex::Rng rng(11);
+  for (std::size_t c : {1, 2, 5, 16, 17, 31, 32, 33, 64, 100}) {
+    for (int data = 0; data < 3; ++data) {
+      // Padding past c: the kernel reads whole vectors and must ignore those lanes.
+      std::vector<T> v = spex_test::randn<T>(c + 64, 40 + c + std::size_t(data));
+      if (data == 1)
+        for (std::size_t i = 0; i < c; ++i) v[i] = T(rng.below(3));  // heavy ties
+      if (data == 2)
+        for (std::size_t i = 0; i < c; i += 3) v[i] = -inf;
+      for (std::size_t i = c; i < v.size(); ++i) v[i] = i % 2 ? nan : T(1e30);
+      std::vector<T> sorted(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(c));
+      std::sort(sorted.begin(), sorted.end(), std::greater<T>());
+      for (std::size_t k = 1; k <= c; ++k) {
+        CAPTURE(c, data, k);
+        CHECK(kernels::kth_largest(v.data(), c, k) == sorted[k - 1]);
+      }
+    }
+  }
+  for (std::size_t n : {16, 64, 65, 1000, 1024, 4099})
+    for (std::size_t k : {1, 4, 16, 32}) {
+      CAPTURE(n, k);
+      std::vector<T> s = spex_test::randn<T>(n, 70 + n + k);
+      for (std::size_t i = 0; i < n; i += 5) s[i] = nan;  // ignored: never a maximum
+      std::vector<T> finite;
+      for (T x : s)
+        if (x == x) finite.push_back(x);
+      std::sort(finite.begin(), finite.end(), std::greater<T>());
+      const T floor = kernels::topk_floor(s.data(), n, k);
+      CHECK(!(floor != floor));
+      if (floor == -inf) continue;  // too short a row: no bound
+      CHECK(floor <= finite[k - 1]);
+      CHECK(static_cast<std::size_t>(std::count_if(finite.begin(), finite.end(), [&](T x) { return x >= floor; })) >= k);
+    }
+}

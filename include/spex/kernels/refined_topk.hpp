@@ -20,16 +20,17 @@ namespace spex::kernels {
 struct RefinedTopKScratch {
   std::vector<float> values, exact;
   std::vector<std::int32_t> index;
-  std::vector<std::int64_t> ids, picks;
+  std::vector<std::int64_t> ids, picks;  // the candidates' rows; their ranked slots
   void reserve(std::size_t n, std::size_t k) {
+    (void)k;  // k <= n
     constexpr std::size_t kSlackLanes = 64;  // whole vectors are read and written past a count
     if (values.size() < n + kSlackLanes) {
       values.resize(n + kSlackLanes);
       exact.resize(n + kSlackLanes);
       index.resize(n + kSlackLanes);
       ids.resize(n + kSlackLanes);
+      picks.resize(n + kSlackLanes);
     }
-    if (picks.size() < k) picks.resize(k);
   }
 };
 
@@ -60,17 +61,7 @@ std::size_t topk_refined(const float* approx, std::size_t n, std::size_t k, floa
 #if SPEX_SIMD
   // The candidates ranked as topk_by_rank ranks them (larger first, ties to the smaller index,
   // which is the smaller row: they were collected in increasing order).
-  using B = xsimd::batch<float, Arch>;
-  constexpr std::size_t W = B::size;
-  alignas(Arch::alignment()) float ranks[W];
-  for (std::size_t a0 = 0; a0 < m; a0 += W) {
-    detail::rank_block<Arch>(ev, m, a0).store_aligned(ranks);
-    for (std::size_t l = 0; l < W && a0 + l < m; ++l)
-      if (const std::size_t r = static_cast<std::size_t>(ranks[l]); r < k) {
-        vals[r] = ev[a0 + l];
-        ids[r] = rows[a0 + l];
-      }
-  }
+  detail::place_by_rank<Arch>(ev, rows, m, k, scratch.values.data(), scratch.picks.data(), vals, ids);
 #else
   topk<Arch>(ev, m, k, vals, scratch.picks.data());
   for (std::size_t r = 0; r < k; ++r) ids[r] = rows[scratch.picks[r]];

@@ -81,21 +81,49 @@ namespace detail {
 #if SPEX_SIMD
 /// Ranks of the values v[a0 .. a0+W) among v[0..c): rank(a) = #{j : v[j] > v[a], or v[j] == v[a]
 /// and j < a}, i.e. their positions in the order "larger first, ties to the smaller index".
-/// Distinct for distinct a. v must be readable up to a0 + W. Branch-free: one broadcast and
-/// two compares per j, for W candidates at once.
+/// Distinct for distinct a. v must be readable up to a0 + W. Branch-free: one compare and one
+/// add per j for W candidates at once; only the j inside the block compare indices (every j
+/// before it is below every a, every j after it above).
 template <class Arch, class T>
 xsimd::batch<T, Arch> rank_block(const T* v, std::size_t c, std::size_t a0) {
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
   alignas(Arch::alignment()) T lane_index[W];
   for (std::size_t l = 0; l < W; ++l) lane_index[l] = static_cast<T>(a0 + l);
-  const B va = B::load_unaligned(v + a0), ia = B::load_aligned(lane_index), one(T(1)), zero(T(0));
-  B count = zero;
-  for (std::size_t j = 0; j < c; ++j) {
+  const B va = B::load_unaligned(v + a0), ia = B::load_aligned(lane_index), one(T(1));
+  B count(T(0));
+  const std::size_t block_end = std::min(a0 + W, c);
+  std::size_t j = 0;
+  for (; j < a0; ++j) count = xsimd::select(B(v[j]) >= va, count + one, count);
+  for (; j < block_end; ++j) {
     const B vj(v[j]);
-    count += xsimd::select((vj > va) | ((vj == va) & (B(static_cast<T>(j)) < ia)), one, zero);
+    count = xsimd::select((vj > va) | ((vj == va) & (B(static_cast<T>(j)) < ia)), count + one, count);
   }
+  for (; j < c; ++j) count = xsimd::select(B(v[j]) > va, count + one, count);
   return count;
+}
+
+/// Writes the c values cv (and their ids ci) to the slots of their ranks (rank_block's) below
+/// k: vals[r], ids[r]. Ranks are distinct, so every value is first written to `slot_v`,
+/// `slot_i` (c entries each) at its rank, with no branch on it, and the first min(k, c) copied.
+template <class Arch, class T, class Id>
+void place_by_rank(const T* cv, const Id* ci, std::size_t c, std::size_t k, T* slot_v, std::int64_t* slot_i, T* vals,
+                   std::int64_t* ids) {
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  alignas(Arch::alignment()) T ranks[W];
+  for (std::size_t a0 = 0; a0 < c; a0 += W) {
+    rank_block<Arch>(cv, c, a0).store_aligned(ranks);
+    const std::size_t lanes = std::min(W, c - a0);
+    for (std::size_t l = 0; l < lanes; ++l) {
+      const std::size_t r = static_cast<std::size_t>(ranks[l]);
+      slot_v[r] = cv[a0 + l];
+      slot_i[r] = static_cast<std::int64_t>(ci[a0 + l]);
+    }
+  }
+  const std::size_t placed = std::min(k, c);
+  std::copy(slot_v, slot_v + placed, vals);
+  std::copy(slot_i, slot_i + placed, ids);
 }
 #endif
 }  // namespace detail
@@ -106,22 +134,32 @@ xsimd::batch<T, Arch> rank_block(const T* v, std::size_t c, std::size_t a0) {
 template <class Arch = default_arch, class T>
 T kth_largest(const T* v, std::size_t c, std::size_t k) {
 #if SPEX_SIMD
+  // The k-th largest is the largest v[a] that at least k values reach: count them for W
+  // values at once (one compare and one add per j) and keep the largest that qualifies.
   using B = xsimd::batch<T, Arch>;
   constexpr std::size_t W = B::size;
-  alignas(Arch::alignment()) T ranks[W];
+  alignas(Arch::alignment()) T lane_index[W];
+  for (std::size_t l = 0; l < W; ++l) lane_index[l] = static_cast<T>(l);
+  const B index = B::load_aligned(lane_index), one(T(1)), needed(static_cast<T>(k));
+  B best(-std::numeric_limits<T>::infinity());
   for (std::size_t a0 = 0; a0 < c; a0 += W) {
-    detail::rank_block<Arch>(v, c, a0).store_aligned(ranks);
-    for (std::size_t l = 0; l < W && a0 + l < c; ++l)
-      if (ranks[l] == static_cast<T>(k - 1)) return v[a0 + l];
+    const B va = B::load_unaligned(v + a0);
+    B reach(T(0));
+    for (std::size_t j = 0; j < c; ++j) reach = xsimd::select(B(v[j]) >= va, reach + one, reach);
+    const auto qualifies = (reach >= needed) & (index < B(static_cast<T>(c - a0))) & (va > best);
+    best = xsimd::select(qualifies, va, best);
   }
+  alignas(Arch::alignment()) T lanes[W];
+  best.store_aligned(lanes);
+  return *std::max_element(lanes, lanes + W);
 #else
   for (std::size_t a = 0; a < c; ++a) {
     std::size_t rank = 0;
     for (std::size_t j = 0; j < c; ++j) rank += v[j] > v[a] || (v[j] == v[a] && j < a);
     if (rank == k - 1) return v[a];
   }
-#endif
   return v[0];  // not reached for 1 <= k <= c
+#endif
 }
 
 /// A lower bound on the k-th best of scores[0..n): the k-th best of the maxima of G >= 2k
@@ -137,19 +175,27 @@ T topk_floor(const T* scores, std::size_t n, std::size_t k) {
   constexpr std::size_t kMaxAcc = 16;
   const std::size_t acc = (2 * k + W - 1) / W;
   if (k == 0 || acc > kMaxAcc || n < 2 * acc * W) return floor;
-  B m[kMaxAcc];
-  for (std::size_t a = 0; a < acc; ++a) m[a] = B::load_unaligned(scores + a * W);
-  std::size_t i = acc * W;
-  for (; i + acc * W <= n; i += acc * W)
+  // Group maxima of element i in group i mod (acc W), two copies of each accumulator so that
+  // the compares of consecutive steps do not wait on each other; both start at -inf, and a NaN
+  // never replaces a maximum (v > m is false), so no group's maximum is NaN.
+  const B neg_inf(-std::numeric_limits<T>::infinity());
+  B m[kMaxAcc], m2[kMaxAcc];
+  for (std::size_t a = 0; a < acc; ++a) m[a] = m2[a] = neg_inf;
+  const std::size_t step = acc * W;
+  std::size_t i = 0;
+  for (; i + 2 * step <= n; i += 2 * step)
+    for (std::size_t a = 0; a < acc; ++a) {
+      const B v = B::load_unaligned(scores + i + a * W), v2 = B::load_unaligned(scores + i + step + a * W);
+      m[a] = xsimd::select(v > m[a], v, m[a]);
+      m2[a] = xsimd::select(v2 > m2[a], v2, m2[a]);
+    }
+  for (; i + step <= n; i += step)
     for (std::size_t a = 0; a < acc; ++a) {
       const B v = B::load_unaligned(scores + i + a * W);
-      m[a] = xsimd::select(v > m[a], v, m[a]);  // a NaN lane never replaces the maximum
+      m[a] = xsimd::select(v > m[a], v, m[a]);
     }
   alignas(Arch::alignment()) T maxima[kMaxAcc * W];
-  const B neg_inf(-std::numeric_limits<T>::infinity());
-  // A lane that never held a number (NaN) becomes -inf. (x == x, false for NaN: xsimd 8.1's !=
-  // compares ordered on AVX-512, so x != x is false for NaN there too.)
-  for (std::size_t a = 0; a < acc; ++a) xsimd::select(m[a] == m[a], m[a], neg_inf).store_aligned(maxima + a * W);
+  for (std::size_t a = 0; a < acc; ++a) xsimd::select(m2[a] > m[a], m2[a], m[a]).store_aligned(maxima + a * W);
   return kth_largest<Arch>(maxima, acc * W, k);
 #else
   (void)scores;
@@ -223,17 +269,9 @@ bool topk_by_rank(const T* scores, std::size_t n, std::size_t k, T floor, T* val
       ci[c++] = static_cast<std::int32_t>(i);
     }
   for (std::size_t p = c; p < c + W; ++p) cv[p] = -std::numeric_limits<T>::infinity();  // lanes past c
-  alignas(Arch::alignment()) T ranks[W];
-  for (std::size_t a0 = 0; a0 < c; a0 += W) {
-    rank_block<Arch>(cv, c, a0).store_aligned(ranks);
-    for (std::size_t l = 0; l < W && a0 + l < c; ++l) {
-      const std::size_t r = static_cast<std::size_t>(ranks[l]);
-      if (r < k) {
-        vals[r] = cv[a0 + l];
-        ids[r] = ci[a0 + l];
-      }
-    }
-  }
+  T slot_v[kCapacity];
+  std::int64_t slot_i[kCapacity];
+  place_by_rank<Arch>(cv, ci, c, k, slot_v, slot_i, vals, ids);
   for (std::size_t r = c; r < k; ++r) {
     vals[r] = -std::numeric_limits<T>::infinity();
     ids[r] = -1;
