@@ -18,9 +18,9 @@ namespace spex::kernels {
 /// Buffers of topk_refined for rows of up to n scores and k picks; reserve() once, then no
 /// call allocates.
 struct RefinedTopKScratch {
-  std::vector<float> values, exact;
-  std::vector<std::int32_t> index;
-  std::vector<std::int64_t> ids, picks;  // the candidates' rows; their ranked slots
+  std::vector<float> exact, values;        // the candidates' exact scores; by rank
+  std::vector<std::int32_t> index;         // the candidates' rows, as collected
+  std::vector<std::int64_t> ids, picks;    // the same rows; by rank
   void reserve(std::size_t n, std::size_t k) {
     (void)k;  // k <= n
     constexpr std::size_t kSlackLanes = 64;  // whole vectors are read and written past a count
@@ -50,7 +50,7 @@ std::size_t topk_refined(const float* approx, std::size_t n, std::size_t k, floa
   std::int32_t* ci = scratch.index.data();
   std::size_t m = 0, i = 0;
 #if SPEX_SIMD
-  i = detail::collect_vectors<Arch, float, std::size_t(-1) / 2>(approx, n, floor, scratch.values.data(), ci, m);
+  i = detail::collect_vectors<Arch, float, std::size_t(-1) / 2, false>(approx, n, floor, nullptr, ci, m);
 #endif
   for (; i < n; ++i)
     if (approx[i] >= floor) ci[m++] = static_cast<std::int32_t>(i);

@@ -264,6 +264,9 @@ class ProductKeys {
  private:
   static std::size_t round_up32(Index x) { return (static_cast<std::size_t>(x) + 31) / 32 * 32; }
   static constexpr Index kKeysPerPackTask = 256;
+  // The largest sub-key half whose exact rescoring reads it without prefetches
+  // (kernels::gather_dot_cached): such a half stays in the L2 of CPUs with AMX (2 MiB).
+  static constexpr std::size_t kCachedSubKeyBytes = std::size_t(1) << 20;
   Index key_blocks() const { return (n() + kKeysPerPackTask - 1) / kKeysPerPackTask; }
 
   /// Whether a search of `batch` queries scores its sub-keys with bf16 tiles.
@@ -310,6 +313,9 @@ class ProductKeys {
       if (!(key_norm[0] <= kernels::kBf16MaxNorm) || !(key_norm[1] <= kernels::kBf16MaxNorm)) return false;  // NaN too
 
       const Index qb = std::min<Index>(kQueryBlock, batch);
+      // A half's sub-keys stay in L2 while its tasks rescore rows (512 KiB at n = 1024,
+      // d_key = 256), where the gather's prefetches cost more than they save.
+      const bool keys_cached = ns * hs * sizeof(float) <= kCachedSubKeyBytes;
       const std::size_t hp = kernels::bf16_row_length(hs), stride = static_cast<std::size_t>(queries.outerStride());
       // Half-major tasks: a thread's consecutive tasks (static partition) score one half, whose
       // sub-keys (512 KiB at n = 1024, d_key = 256) and panel then stay in its L2.
@@ -333,7 +339,10 @@ class ProductKeys {
           const T* qr = q + static_cast<std::size_t>(r) * stride;
           // Exact scores: float dots as kernels::gather_dot sums each row.
           const auto exact = [&](const std::int64_t* rows_j, std::size_t m, float* out) {
-            kernels::gather_dot<Arch>(c.data(), hs, rows_j, m, qr, hs, out);
+            if (keys_cached)
+              kernels::gather_dot_cached<Arch>(c.data(), hs, rows_j, m, qr, hs, out);
+            else
+              kernels::gather_dot<Arch>(c.data(), hs, rows_j, m, qr, hs, out);
           };
           float* approx = &w.approx[static_cast<std::size_t>(r % 32) * n32];
           const float nq = kernels::norm_bound<Arch>(qr, hs);
