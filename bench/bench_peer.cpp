@@ -169,6 +169,24 @@ void peer_part_topk(benchmark::State& state) {
 void BM_PeerPartTopK(benchmark::State& state) { peer_part_topk<false>(state); }
 void BM_PeerPartProductStep(benchmark::State& state) { peer_part_topk<true>(state); }
 
+// Steps 2 to 4 as the layer runs them: one ProductKeys::search over the B h head queries (the
+// bench layers share their sub-keys), on the path the forward takes (bf16 tiles where the
+// build and CPU have them, then the parts above time the float path the forward skips).
+void BM_PeerPartRetrieval(benchmark::State& state) {
+  const int config = int(state.range(0));
+  const auto& keys = layer(config).retrieval().keys(0);
+  const auto& q = head_queries(config);
+  const spex::Index k = 16;
+  spex::RowMat<float> scores(q.rows(), k);
+  spex::IndexMat ids(q.rows(), k);
+  spex::ProductKeys<float>::Workspace ws;
+  for (auto _ : state) {
+    keys.search(q, k, scores, ids, ws);
+    benchmark::DoNotOptimize(ids.data());
+  }
+  tokens_counter(state, kShapes[config].batch);
+}
+
 }  // namespace
 
 SPEX_BENCH_MACHINE_LIMITS();
@@ -176,6 +194,7 @@ BENCHMARK(BM_PeerPartQuery)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseR
 BENCHMARK(BM_PeerPartSubkeyScores)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerPartTopK)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerPartProductStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_PeerPartRetrieval)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerExpertStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerForward)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerForward_gemm)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();

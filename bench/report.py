@@ -195,24 +195,28 @@ def main():
         measured = fwd * scale
         split = []
         total_parts = 0.0
-        for label, name in (("query GEMM", "BM_PeerPartQuery"), ("sub-key scores", "BM_PeerPartSubkeyScores"),
-                            ("top-k", "BM_PeerPartTopK"), ("k² step", "BM_PeerPartProductStep"),
-                            ("expert step", "BM_PeerExpertStep")):
-            b = per_binary.get(("bench_peer", "engines"), {}).get("%s/%d/real_time" % (name, config))
-            if b:
-                t = b["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]]
+        peer_bench = per_binary.get(("bench_peer", "engines"), {})
+        tiles = config == 1 and any("bf16 tiles" in b.get("label", "") for b in peer_bench.values())
+
+        def part_time(name):
+            b = peer_bench.get("%s/%d/real_time" % (name, config))
+            return b["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]] if b else None
+
+        float_parts = (("sub-key scores", "BM_PeerPartSubkeyScores"), ("top-k", "BM_PeerPartTopK"),
+                       ("k² step", "BM_PeerPartProductStep"))
+        # With bf16 tiles the forward's retrieval is one search that the float parts do not time.
+        retrieval = (("retrieval (bf16 tiles, exact rescoring, k² step)", "BM_PeerPartRetrieval"),) if tiles else float_parts
+        for label, name in (("query GEMM", "BM_PeerPartQuery"),) + retrieval + (("expert step", "BM_PeerExpertStep"),):
+            t = part_time(name)
+            if t is not None:
                 total_parts += t
                 split.append("%s %.2f ms" % (label, t * 1e3))
         split.append("the rest %.2f ms" % ((measured - total_parts) * 1e3))
-        peer_bench = per_binary.get(("bench_peer", "engines"), {})
-        tiles = config == 1 and any("bf16 tiles" in b.get("label", "") for b in peer_bench.values())
-        if tiles:  # the parts' sub-key scores and top-k are the float GEMM path's
-            gemm_fwd = peer_bench.get("BM_PeerForward_gemm/1/real_time")
-            split.append("(the sub-key scores and top-k parts time the float GEMM path; this build's forward "
-                         "scores the sub-keys in bf16 tiles%s)" % (
-                             ": %.2f ms with the GEMM path" % (gemm_fwd["real_time"] * {"ns": 1e-6, "us": 1e-3, "ms": 1.0,
-                                                                                    "s": 1e3}[gemm_fwd["time_unit"]])
-                             if gemm_fwd else ""))
+        if tiles:
+            floats = ["%s %.2f ms" % (label, part_time(name) * 1e3) for label, name in float_parts if part_time(name) is not None]
+            gemm_fwd = part_time("BM_PeerForward_gemm")
+            split.append("(the float GEMM path of the same binary: %s%s)" % (
+                ", ".join(floats), "; the forward with it %.2f ms" % (gemm_fwd * 1e3) if gemm_fwd else ""))
         target = " (target >= 70%%: %s)" % ("reached" if roof / measured >= 0.7 else "missed") if config == 1 else ""
         w("PEER %s forward: %.2f ms per batch of %d, roofline %.2f ms (GEMMs %.2f ms at %.0f GFLOP/s + expert rows "
           "%.1f MB at %.1f GB/s = %.2f ms): **%.0f%% of the roofline**%s. Split: %s."
