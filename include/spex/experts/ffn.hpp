@@ -114,6 +114,9 @@ class FfnExperts {
     // expert after expert so that it stays in the thread's cache (see FeatureMajorSlot).
     Vec<T> fm_scratch;
     Index fm_slot_stride = 0;  // a slot's columns: the widest block's stride so far and more (only grows)
+    // infer's token-major scratch, one slot per thread that runs experts: an expert's xg, h and
+    // a (its yg goes to the rows of yg that combine reads), reused expert after expert.
+    Vec<T> tm_scratch;
   };
   /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
   static constexpr Index kFeatureMajorTokens = 16;
@@ -208,7 +211,10 @@ class FfnExperts {
     grow_rows(c.h, rows, h1());
     grow_rows(c.a, rows, hidden_);
     grow_rows(c.yg, rows, d_out_);
-    for_each_expert(groups, [&](Index e, int) { run_token_major(x, groups, e, c); });
+    for_each_expert(groups, [&](Index e, int) {
+      const Index r0 = groups.offsets[e], n = groups.count(e);
+      run_token_major(x, groups, e, c.xg.middleRows(r0, n), c.h.middleRows(r0, n), c.a.middleRows(r0, n), c);
+    });
     combine(gates, groups, y, c);
   }
 
@@ -221,11 +227,11 @@ class FfnExperts {
   void infer(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
     check_forward_args(x, gates, y);
     const Index n_e = Index(groups.offsets.size()) - 1;
-    Index token_major = 0, widest = 0;  // token-major rows; the widest feature-major block's stride
+    Index token_major = 0, widest = 0;  // the most tokens of a token-major expert; the widest feature-major block's stride
     for (Index e = 0; e < n_e; ++e) {
       const Index n = groups.count(e);
       if (!runs_feature_major(n)) {
-        token_major += n;
+        token_major = std::max(token_major, n);
         continue;
       }
       widest = std::max(widest, feature_major_stride(n));
@@ -233,23 +239,32 @@ class FfnExperts {
     // The buffers only grow: the routed rows and the feature-major columns change from batch to
     // batch, and resizing them to each batch reallocated them on most calls. The kernels address
     // them by row and offset, never by their sizes.
-    const Index rows = groups.rows();
-    grow_rows(c.yg, rows, d_out_);
-    if (token_major > 0) {
-      grow_rows(c.xg, rows, d_);
-      grow_rows(c.h, rows, h1());
-      grow_rows(c.a, rows, hidden_);
-    }
+    grow_rows(c.yg, groups.rows(), d_out_);
+    const Index threads = experts_in_parallel(groups) ? Index(max_threads()) : 1;
     if (widest > c.fm_slot_stride) c.fm_slot_stride = feature_major_stride(widest + widest / 8);
-    const Index slots = widest == 0 ? 0 : experts_in_parallel(groups) ? Index(max_threads()) : 1;
     // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
     // zeroed, and after that they hold what earlier products wrote there.
-    grow(c.fm_scratch, slots * fm_slot_size(c), Fill::zeros);
+    grow(c.fm_scratch, (widest == 0 ? 0 : threads) * fm_slot_size(c), Fill::zeros);
+    // A token-major expert's xg, h and a in its thread's slot, which stays in cache from expert
+    // to expert, where whole-batch buffers (forward's, kept for backward) went to memory and back.
+    const Index tm_slot = token_major * (d_ + h1() + hidden_);
+    grow(c.tm_scratch, threads * tm_slot);
     for_each_expert(groups, [&](Index e, int slot) {
-      if (runs_feature_major(groups.count(e)))
+      const Index n = groups.count(e);
+      if (runs_feature_major(n)) {
         run_feature_major(x, groups, e, FeatureMajorSlot{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride}, c);
-      else
-        run_token_major(x, groups, e, c);
+        return;
+      }
+      T* next = c.tm_scratch.data() + slot * tm_slot;
+      auto block = [&](Index cols) {  // the next n x cols block of the slot
+        Eigen::Map<RowMat<T>> b(next, n, cols);
+        next += n * cols;
+        return b;
+      };
+      auto xg = block(d_);
+      auto h = block(h1());
+      auto a = block(hidden_);
+      run_token_major(x, groups, e, xg, h, a, c);
     });
     combine(gates, groups, y, c);
   }
@@ -344,14 +359,14 @@ class FfnExperts {
     check_shape(y, x.rows(), d_out_, "y");
   }
 
-  /// Expert e's rows of c.yg, token-major: its tokens gathered as rows of c.xg, h = x W1ᵀ,
-  /// a = act(h), yg = a W2ᵀ (what backward reads).
-  void run_token_major(CMatRef<T> x, const ExpertGroups& groups, Index e, Cache& c) const {
+  /// Expert e's rows of c.yg, token-major: its tokens gathered as the rows of xg, h = x W1ᵀ,
+  /// a = act(h), yg = a W2ᵀ (xg, h and a: forward's rows of c, which backward reads, or infer's
+  /// scratch; n rows each).
+  void run_token_major(CMatRef<T> x, const ExpertGroups& groups, Index e, MatRef<T> xg, MatRef<T> h, MatRef<T> a,
+                       Cache& c) const {
     const Index r0 = groups.offsets[e], n = groups.count(e);
-    parallel_for(n, [&](Index r, int) { c.xg.row(r0 + r) = x.row(groups.token[r0 + r]); });
-    auto h = c.h.middleRows(r0, n);
-    auto a = c.a.middleRows(r0, n);
-    gemm(h, c.xg.middleRows(r0, n), w1_.middleRows(e * h1(), h1()).transpose(), false);
+    parallel_for(n, [&](Index r, int) { xg.row(r) = x.row(groups.token[r0 + r]); });
+    gemm(h, xg, w1_.middleRows(e * h1(), h1()).transpose(), false);
     const bool glu = kind_ == FfnKind::swiglu;  // h_b follows h_a in a row
     parallel_for(n, [&](Index r, int) { activate(&h(r, 0), glu ? &h(r, hidden_) : nullptr, &a(r, 0), hidden_); });
     gemm(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
