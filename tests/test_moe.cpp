@@ -202,74 +202,54 @@ TEST_CASE("MoE inference runs experts with many tokens feature-major: the refere
   }
 }
 
-TEST_CASE("MoE inference over experts run side by side reuses one cache: the reference's y, the same bits on 1 and 2 threads",
-          "[remoe]") {
-  // 8 experts, 2 per token: every expert has tens of tokens and runs feature-major, and with two
-  // threads the experts run over the threads, each in its thread's scratch. The cache serves a
-  // bigger batch first, so the smaller one's blocks sit in scratch that earlier experts wrote.
+namespace {
+// Inference of `moe` over the batches in turn with one cache, on 1 and 2 threads: each batch's y
+// equals the reference's, every expert runs feature-major (or token-major: !feature_major), and
+// the last batch's y has the same bits on both thread counts. The cache serves a bigger batch
+// first, so the smaller one's blocks sit in scratch that earlier experts wrote.
+void check_infer_side_by_side(const TopKMoE& moe, std::initializer_list<Index> batches, bool feature_major) {
   using Ffn = FfnExperts<double>;
-  MoEConfig cfg = small_config(FfnKind::gelu);
-  cfg.d_in = 12;
-  cfg.hidden = 20;
-  cfg.n_experts = 8;
-  cfg.experts_per_token = 2;
-  const TopKMoE moe(cfg, 6);
   const int threads_before = max_threads();
-  RowMat<double> y_small[2];
+  RowMat<double> y_last[2];
   for (int threads : {1, 2}) {
     CAPTURE(threads);
     set_num_threads(threads);
     TopKMoE::Cache cache;
-    for (Index batch : {400, 230}) {
-      const RowMat<double> x = randn_mat(batch, cfg.d_in, 9 + batch);
-      RowMat<double> gates_ref, y(batch, cfg.d_in);
-      const RowMat<double> y_ref = reference_forward(moe, x, gates_ref);
-      moe.infer(x, y, cache);
-      for (Index e = 0; e < moe.n_experts(); ++e) CHECK(Ffn::runs_feature_major(cache.groups.count(e)));
-      CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-10);
-      y_small[threads - 1] = y;
-    }
-  }
-  set_num_threads(threads_before);
-  CHECK(y_small[0] == y_small[1]);
-}
-
-TEST_CASE("MoE inference runs token-major experts side by side in per-thread scratch: the reference's y, the same bits on 1 and 2 threads",
-          "[remoe]") {
-  // 8 experts, one per token, a few tokens each: every expert runs token-major, with two threads
-  // over the threads, its gathered rows, pre-activations and activations in its thread's slot.
-  // The cache serves a bigger batch first, so the smaller one's rows sit in scratch that earlier
-  // experts wrote.
-  using Ffn = FfnExperts<double>;
-  MoEConfig cfg = small_config(FfnKind::swiglu);
-  cfg.d_in = 12;
-  cfg.hidden = 20;
-  cfg.n_experts = 8;
-  cfg.experts_per_token = 1;
-  const TopKMoE moe(cfg, 7);
-  const int threads_before = max_threads();
-  RowMat<double> y_small[2];
-  for (int threads : {1, 2}) {
-    CAPTURE(threads);
-    set_num_threads(threads);
-    TopKMoE::Cache cache;
-    for (Index batch : {50, 31}) {
-      const RowMat<double> x = randn_mat(batch, cfg.d_in, 19 + batch);
-      RowMat<double> gates_ref, y(batch, cfg.d_in);
+    for (Index batch : batches) {
+      const RowMat<double> x = randn_mat(batch, moe.config().d_in, 9 + batch);
+      RowMat<double> gates_ref, y(batch, moe.config().d_in);
       const RowMat<double> y_ref = reference_forward(moe, x, gates_ref);
       moe.infer(x, y, cache);
       Index experts = 0;
       for (Index e = 0; e < moe.n_experts(); ++e) {
-        CHECK(!Ffn::runs_feature_major(cache.groups.count(e)));
+        if (cache.groups.count(e) > 0) CHECK(Ffn::runs_feature_major(cache.groups.count(e)) == feature_major);
         experts += cache.groups.count(e) > 0;
       }
       CHECK(experts >= 4);  // enough to run over the threads
       CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-10);
-      y_small[threads - 1] = y;
+      y_last[threads - 1] = y;
     }
   }
   set_num_threads(threads_before);
-  CHECK(y_small[0] == y_small[1]);
+  CHECK(y_last[0] == y_last[1]);
+}
+}  // namespace
+
+TEST_CASE("MoE inference over experts run side by side reuses one cache: the reference's y, the same bits on 1 and 2 threads",
+          "[remoe]") {
+  MoEConfig cfg = small_config(FfnKind::gelu);
+  cfg.d_in = 12;
+  cfg.hidden = 20;
+  cfg.n_experts = 8;
+  SECTION("feature-major: 2 experts per token, tens of tokens each, each expert in its thread's slot of transposed blocks") {
+    cfg.experts_per_token = 2;
+    check_infer_side_by_side(TopKMoE(cfg, 6), {400, 230}, true);
+  }
+  SECTION("token-major: 1 expert per token, a few tokens each, its gathered rows, pre-activations and activations in its thread's slot") {
+    cfg.ffn = FfnKind::swiglu;
+    cfg.experts_per_token = 1;
+    check_infer_side_by_side(TopKMoE(cfg, 7), {50, 31}, false);
+  }
 }
 
 TEST_CASE("MoE gradients match finite differences: ReLU router with every penalty", "[remoe][gradcheck]") {
