@@ -88,7 +88,7 @@ TEST_CASE("topk_push_block over blocks equals one pass over the whole row", "[ke
   }
 }
 
-TEMPLATE_TEST_CASE("kth_largest is the k-th of a descending sort; topk_floor is at most it and k values reach it", "[kernels]",
+TEMPLATE_TEST_CASE("kth_largest is the k-th of a descending sort, topk_floor at most it with k values reaching it", "[kernels]",
                    float, double) {
   using T = TestType;
   const T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
