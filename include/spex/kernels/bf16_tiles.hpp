@@ -167,6 +167,25 @@ float bf16_rounding_bound(const float* x, std::size_t h) {
   return std::sqrt(sum * (1 + float(h + 4) * 0x1p-23f)) * (1 + 0x1p-21f);
 }
 
+/// The largest norm_bound and bf16_rounding_bound over `rows` rows of h values (row r at
+/// x + r * stride): what bf16_score_error takes for a table or block of rows (or one query).
+/// The norm is infinite when a row is not finite or above kBf16MaxNorm (the rounding is then
+/// left out for that row: callers take the float path).
+struct Bf16RowsBound {
+  float norm = 0, rounding = 0;
+};
+template <class Arch = default_arch>
+Bf16RowsBound bf16_rows_bound(const float* x, std::size_t stride, std::size_t rows, std::size_t h) {
+  Bf16RowsBound b;
+  for (std::size_t r = 0; r < rows; ++r) {
+    const float* row = x + r * stride;
+    const float norm = norm_bound<Arch>(row, h);
+    b.norm = std::max(b.norm, norm);
+    if (norm <= kBf16MaxNorm) b.rounding = std::max(b.rounding, bf16_rounding_bound<Arch>(row, h));
+  }
+  return b;
+}
+
 /// Zeroes the whole blocks of a key panel of n keys past its last packed block, up to the
 /// panel's 32-key multiple (the zero keys scores_bf16_tiles reads there).
 inline void zero_key_panel_tail(std::uint16_t* panel, std::size_t n, std::size_t h) {

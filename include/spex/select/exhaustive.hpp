@@ -207,9 +207,9 @@ class ExhaustiveTopK {
     for (Index r = 0; r < rows; ++r) {
       lower_size[r] = 0;
       const T* qr = q_data + static_cast<std::size_t>(r) * q_stride;
-      w.query_norm[static_cast<std::size_t>(r)] = kernels::norm_bound<Arch>(qr, ds);
-      if (w.query_norm[static_cast<std::size_t>(r)] <= kernels::kBf16MaxNorm)
-        w.query_rounding[static_cast<std::size_t>(r)] = kernels::bf16_rounding_bound<Arch>(qr, ds);
+      const auto query = kernels::bf16_rows_bound<Arch>(qr, ds, 1, ds);
+      w.query_norm[static_cast<std::size_t>(r)] = query.norm;
+      w.query_rounding[static_cast<std::size_t>(r)] = query.rounding;
       Candidates& c = candidates_[run0 + static_cast<std::size_t>(q0 + r)];
       c.upper.clear();
       c.ids.clear();
@@ -218,12 +218,8 @@ class ExhaustiveTopK {
       const Index k0 = kblk * kb, cols = std::min(kb, n_keys - k0);
       const std::size_t cs = static_cast<std::size_t>(cols), c32 = (cs + 31) / 32 * 32;
       const T* k_data = keys.data() + static_cast<std::size_t>(k0) * k_stride;
-      float key_norm = 0, key_rounding = 0;
-      for (std::size_t j = 0; j < cs; ++j) {
-        const float norm = kernels::norm_bound<Arch>(k_data + j * k_stride, ds);
-        key_norm = std::max(key_norm, norm);
-        if (norm <= kernels::kBf16MaxNorm) key_rounding = std::max(key_rounding, kernels::bf16_rounding_bound<Arch>(k_data + j * k_stride, ds));
-      }
+      const auto key_bound = kernels::bf16_rows_bound<Arch>(k_data, k_stride, cs, ds);
+      const float key_norm = key_bound.norm, key_rounding = key_bound.rounding;
       const bool block_exact = !(key_norm <= kernels::kBf16MaxNorm);  // a key not finite or too large
       if (!block_exact) {
         kernels::pack_keys_bf16(k_data, k_stride, 0, cs, ds, w.keys.data());

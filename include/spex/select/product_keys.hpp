@@ -293,14 +293,9 @@ class ProductKeys {
         const int half = static_cast<int>(task % 2);
         const Index j0 = (task / 2) * kKeysPerPackTask, rows = std::min(kKeysPerPackTask, n - j0);
         const RowMat<T>& c = sub_keys(half);
-        float largest = 0, rounding = 0;
-        for (Index j = j0; j < j0 + rows; ++j) {
-          const float norm = kernels::norm_bound<Arch>(c.row(j).data(), hs);
-          largest = std::max(largest, norm);
-          if (norm <= kernels::kBf16MaxNorm) rounding = std::max(rounding, kernels::bf16_rounding_bound<Arch>(c.row(j).data(), hs));
-        }
-        ws.key_norm_max[static_cast<std::size_t>(2 * task)] = largest;
-        ws.key_norm_max[static_cast<std::size_t>(2 * task + 1)] = rounding;
+        const auto bound = kernels::bf16_rows_bound<Arch>(c.row(j0).data(), hs, static_cast<std::size_t>(rows), hs);
+        ws.key_norm_max[static_cast<std::size_t>(2 * task)] = bound.norm;
+        ws.key_norm_max[static_cast<std::size_t>(2 * task + 1)] = bound.rounding;
         std::uint16_t* panel = ws.keys_bf16[half].data();
         kernels::pack_keys_bf16(c.data(), hs, static_cast<std::size_t>(j0), static_cast<std::size_t>(rows), hs, panel);
         if (j0 + rows == n) kernels::zero_key_panel_tail(panel, ns, hs);
@@ -345,10 +340,10 @@ class ProductKeys {
               kernels::gather_dot<Arch>(c.data(), hs, rows_j, m, qr, hs, out);
           };
           float* approx = &w.approx[static_cast<std::size_t>(r % 32) * n32];
-          const float nq = kernels::norm_bound<Arch>(qr, hs);
+          const auto query = kernels::bf16_rows_bound<Arch>(qr, hs, 1, hs);
           float slack = 0;
-          if (nq <= kernels::kBf16MaxNorm) {
-            slack = kernels::bf16_score_error(hs, nq, key_norm[half], kernels::bf16_rounding_bound<Arch>(qr, hs), key_rounding[half]);
+          if (query.norm <= kernels::kBf16MaxNorm) {
+            slack = kernels::bf16_score_error(hs, query.norm, key_norm[half], query.rounding, key_rounding[half]);
           } else {  // a huge query: its bf16 scores may overflow, so this row is scored exactly
             for (std::size_t j = 0; j < ns; ++j) w.refined.ids[j] = static_cast<std::int64_t>(j);
             exact(w.refined.ids.data(), ns, approx);
