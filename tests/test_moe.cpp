@@ -204,10 +204,12 @@ TEST_CASE("MoE inference runs experts with many tokens feature-major: the refere
 
 namespace {
 // Inference of `moe` over the batches in turn with one cache, on 1 and 2 threads: each batch's y
-// equals the reference's, every expert runs feature-major (or token-major: !feature_major), and
-// the last batch's y has the same bits on both thread counts. The cache serves a bigger batch
-// first, so the smaller one's blocks sit in scratch that earlier experts wrote.
-void check_infer_side_by_side(const TopKMoE& moe, std::initializer_list<Index> batches, bool feature_major) {
+// equals the reference's, every expert runs feature-major (or token-major: !feature_major), the
+// biggest expert of each batch in at least `min_blocks` feature-major blocks, and the last
+// batch's y has the same bits on both thread counts. The cache serves a bigger batch first, so
+// the smaller one's blocks sit in scratch that earlier experts wrote.
+void check_infer_side_by_side(const TopKMoE& moe, std::initializer_list<Index> batches, bool feature_major,
+                              Index min_blocks = 1) {
   using Ffn = FfnExperts<double>;
   const int threads_before = max_threads();
   RowMat<double> y_last[2];
@@ -220,12 +222,14 @@ void check_infer_side_by_side(const TopKMoE& moe, std::initializer_list<Index> b
       RowMat<double> gates_ref, y(batch, moe.config().d_in);
       const RowMat<double> y_ref = reference_forward(moe, x, gates_ref);
       moe.infer(x, y, cache);
-      Index experts = 0;
+      Index experts = 0, most = 0;
       for (Index e = 0; e < moe.n_experts(); ++e) {
         if (cache.groups.count(e) > 0) CHECK(Ffn::runs_feature_major(cache.groups.count(e)) == feature_major);
         experts += cache.groups.count(e) > 0;
+        most = std::max(most, cache.groups.count(e));
       }
       CHECK(experts >= 4);  // enough to run over the threads
+      CHECK(Ffn::feature_major_blocks(most) >= min_blocks);
       CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-10);
       y_last[threads - 1] = y;
     }
@@ -244,6 +248,15 @@ TEST_CASE("MoE inference over experts run side by side reuses one cache: the ref
   SECTION("feature-major: 2 experts per token, tens of tokens each, each expert in its thread's slot of transposed blocks") {
     cfg.experts_per_token = 2;
     check_infer_side_by_side(TopKMoE(cfg, 6), {400, 230}, true);
+  }
+  SECTION("feature-major in blocks: 1 expert per token, hundreds of tokens each, run 128 to 255 tokens at a time") {
+    // Blocks of uneven sizes (an expert's n is rarely a multiple of its block count), the
+    // smaller batch's in scratch the bigger one's wrote. Where the build runs experts of 256
+    // tokens token-major (a CBLAS with AVX-512 kernels, no libxsmm), they are checked as such.
+    cfg.experts_per_token = 1;
+    using Ffn = FfnExperts<double>;
+    const bool blocks = Ffn::runs_feature_major(2 * Ffn::kFeatureMajorBlockTokens);
+    check_infer_side_by_side(TopKMoE(cfg, 8), {3000, 2200}, blocks, blocks ? 2 : 1);
   }
   SECTION("token-major: 1 expert per token, a few tokens each, its gathered rows, pre-activations and activations in its thread's slot") {
     cfg.ffn = FfnKind::swiglu;

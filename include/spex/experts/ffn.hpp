@@ -5,7 +5,8 @@
 // the a half, then the b half) and W2 is (E * d_out) x hidden; expert e owns a block of rows
 // of each. Tokens are grouped per expert (a counting sort), gathered into one contiguous
 // block per expert and run through that expert as two GEMMs: never one GEMV per token.
-// Inference runs an expert with many tokens feature-major (FfnExperts::infer).
+// Inference runs an expert with many tokens feature-major, in blocks of 128 to 255 tokens
+// (FfnExperts::infer).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -120,14 +121,24 @@ class FfnExperts {
   };
   /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
   static constexpr Index kFeatureMajorTokens = 16;
-  /// Whether infer runs an expert of n tokens feature-major: from kFeatureMajorTokens on, and
-  /// where a CBLAS with AVX-512 kernels serves the large products (gemm_cblas_serves_large),
-  /// below a whole GEMM tile only: from kGemmTileRows tokens on its packed copy of the weights
-  /// pays for itself (docs/performance.md, "MoE experts: what was tried"). Decided from the
-  /// shape, the CPU and the environment, never from timings.
+  /// Whether infer runs an expert of n tokens feature-major: from kFeatureMajorTokens on, except
+  /// where a CBLAS with AVX-512 kernels serves the products and libxsmm does not: there from
+  /// kGemmTileRows tokens on x W1ᵀ's packed copy of the weights pays for itself (docs/performance.md,
+  /// "MoE experts: what was tried"). Decided from the shape, the build, the CPU and the
+  /// environment, never from timings.
   static bool runs_feature_major(Index n) {
-    return n >= kFeatureMajorTokens && (n < kGemmTileRows || !gemm_cblas_serves_large());
+    return n >= kFeatureMajorTokens &&
+           (n < kGemmTileRows || gemm_engine_available(GemmEngine::xsmm) || !gemm_cblas_serves_large());
   }
+  /// A feature-major expert runs in blocks of kFeatureMajorBlockTokens to twice that many tokens
+  /// less one: blocks whose transposes, pre-activations and outputs stay in the thread's cache
+  /// while the expert's weights are read once per block (one block of a whole expert of 512 or
+  /// 4096 tokens spilled them: docs/performance.md).
+  static constexpr Index kFeatureMajorBlockTokens = 128;
+  /// The blocks an expert of n feature-major tokens runs in: n / kFeatureMajorBlockTokens (at
+  /// least one), of n / blocks tokens each (the first n % blocks one more). From n alone, so the
+  /// threads never change them.
+  static Index feature_major_blocks(Index n) { return std::max<Index>(1, n / kFeatureMajorBlockTokens); }
   /// Dense gradients of W1 and W2; backward accumulates until zero().
   struct Grads {
     RowMat<T> w1, w2;
@@ -234,7 +245,7 @@ class FfnExperts {
         token_major = std::max(token_major, n);
         continue;
       }
-      widest = std::max(widest, feature_major_stride(n));
+      widest = std::max(widest, feature_major_stride(block_tokens(n, feature_major_blocks(n), 0)));
     }
     // The buffers only grow: the routed rows and the feature-major columns change from batch to
     // batch, and resizing them to each batch reallocated them on most calls. The kernels address
@@ -252,7 +263,10 @@ class FfnExperts {
     for_each_expert(groups, [&](Index e, int slot) {
       const Index n = groups.count(e);
       if (runs_feature_major(n)) {
-        run_feature_major(x, groups, e, FeatureMajorSlot{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride}, c);
+        const FeatureMajorSlot fm{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride};
+        const Index blocks = feature_major_blocks(n);
+        for (Index b = 0, first = 0; b < blocks; first += block_tokens(n, blocks, b), ++b)
+          run_feature_major(x, groups, e, first, block_tokens(n, blocks, b), fm, c);
         return;
       }
       T* next = c.tm_scratch.data() + slot * tm_slot;
@@ -372,6 +386,9 @@ class FfnExperts {
     gemm(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
   }
 
+  /// Tokens in block b of the `blocks` an expert of n tokens runs in (feature_major_blocks).
+  static Index block_tokens(Index n, Index blocks, Index b) { return n / blocks + (b < n % blocks ? 1 : 0); }
+
   /// The row stride of a feature-major block of n tokens: n rounded up to whole cache lines, and
   /// an odd number of lines, so that the block's rows spread over the cache sets (a stride of a
   /// power of two put them on a few sets: 5x slower at 4096 tokens).
@@ -393,13 +410,15 @@ class FfnExperts {
   /// Values in one FeatureMajorSlot of c.
   Index fm_slot_size(const Cache& c) const { return c.fm_slot_stride * (d_ + h1() + hidden_ + d_out_); }
 
-  /// Expert e's rows of c.yg, feature-major: its tokens gathered as the columns of xᵀ in the
-  /// slot, hᵀ = W1 xᵀ, aᵀ = act(hᵀ), yᵀ = W2 aᵀ, then yᵀ's columns copied to the rows of c.yg.
+  /// Rows [first, first + n) of expert e's rows of c.yg, feature-major: those tokens gathered as
+  /// the columns of xᵀ in the slot, hᵀ = W1 xᵀ, aᵀ = act(hᵀ), yᵀ = W2 aᵀ, then yᵀ's columns copied
+  /// to the rows of c.yg.
   /// The slot is the calling thread's (or the one all threads share when the experts run one
   /// after the other), reused by its next expert: the blocks stay in cache between the steps,
   /// where one block per expert over the whole batch went to memory (tens of MB at 512 tokens).
-  void run_feature_major(CMatRef<T> x, const ExpertGroups& groups, Index e, FeatureMajorSlot slot, Cache& c) const {
-    const Index r0 = groups.offsets[e], n = groups.count(e), stride = feature_major_stride(n);
+  void run_feature_major(CMatRef<T> x, const ExpertGroups& groups, Index e, Index first, Index n, FeatureMajorSlot slot,
+                         Cache& c) const {
+    const Index r0 = groups.offsets[e] + first, stride = feature_major_stride(n);
     T* next = slot.data;
     auto block = [&](Index rows) {  // the next rows x n block of the slot
       Eigen::Map<RowMat<T>, 0, Eigen::OuterStride<>> b(next, rows, n, Eigen::OuterStride<>(stride));
