@@ -1,3 +1,4 @@
+#include <cstring>
 #include <limits>
 
 #include <spex/kernels/compact.hpp>
@@ -223,5 +224,32 @@ TEMPLATE_TEST_CASE("transpose_rows writes each row as a column, leaving the rest
         }
       CHECK(wrong == 0);
       CHECK(touched == 0);
+    }
+}
+
+TEMPLATE_TEST_CASE("transpose_rows_axpy adds each scaled column to its own row with the bits of axpy", "[kernels]", float, double) {
+  using T = TestType;
+  for (std::size_t n : {0, 1, 15, 16, 17, 40, 513})
+    for (std::size_t m : {0, 1, 16, 31, 48, 130}) {
+      CAPTURE(n, m);
+      const std::size_t rows_ld = m + 5, out_ld = n + 3;
+      const auto source = randn<T>(n * rows_ld + 1, 5 + n + m);
+      const auto scales = randn<T>(m, 6 + n);
+      auto row = [&](std::size_t j) { return source.data() + ((j * 7) % (n == 0 ? 1 : n)) * rows_ld + (n % 2); };
+      // Output rows in a scrambled order, as an expert's tokens' rows of y are, with a border
+      // that must stay as it was.
+      std::vector<T> out = randn<T>(m * out_ld + 1, 7 + n + m), expected = out;
+      // (7 and every m here are coprime: distinct rows, as the kernel asks.)
+      auto out_row = [&](std::vector<T>& v, std::size_t i) { return v.data() + ((i * 7) % (m == 0 ? 1 : m)) * out_ld + 1; };
+      std::vector<T> column(n);
+      for (std::size_t i = 0; i < m; ++i) {
+        for (std::size_t j = 0; j < n; ++j) column[j] = row(j)[i];
+        kernels::axpy(scales[i], column.data(), out_row(expected, i), n);
+      }
+      kernels::transpose_rows_axpy<default_arch, T>(row, n, m, [&](std::size_t i) { return scales[i]; },
+                                                    [&](std::size_t i) { return out_row(out, i); });
+      std::size_t wrong = 0;
+      for (std::size_t k = 0; k < out.size(); ++k) wrong += std::memcmp(&out[k], &expected[k], sizeof(T)) != 0;
+      CHECK(wrong == 0);
     }
 }

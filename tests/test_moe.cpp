@@ -203,17 +203,20 @@ TEST_CASE("MoE inference runs experts with many tokens feature-major: the refere
 }
 
 namespace {
-// Inference of `moe` over the batches in turn with one cache, on 1 and 2 threads: each batch's y
-// equals the reference's, every expert runs feature-major (or token-major: !feature_major), the
+// Inference of `moe` over the batches in turn with one cache, on 1, 2 and 3 threads: each batch's
+// y equals the reference's, every expert runs feature-major (or token-major: !feature_major), the
 // biggest expert of each batch in at least `min_blocks` feature-major blocks, and the last
-// batch's y has the same bits on both thread counts. The cache serves a bigger batch first, so
-// the smaller one's blocks sit in scratch that earlier experts wrote.
-void check_infer_side_by_side(const TopKMoE& moe, std::initializer_list<Index> batches, bool feature_major,
-                              Index min_blocks = 1) {
+// batch's y has the same bits on every thread count, whether its blocks were added to y in expert
+// order or combined after (adds_in_expert_order); returns on how many of the three the last
+// batch's were added in expert order. The cache serves a bigger batch first, so the smaller
+// one's blocks sit in scratch that earlier experts wrote.
+int check_infer_side_by_side(const TopKMoE& moe, std::initializer_list<Index> batches, bool feature_major,
+                             Index min_blocks = 1) {
   using Ffn = FfnExperts<double>;
   const int threads_before = max_threads();
-  RowMat<double> y_last[2];
-  for (int threads : {1, 2}) {
+  RowMat<double> y_last[3];
+  int in_expert_order = 0;
+  for (int threads : {1, 2, 3}) {
     CAPTURE(threads);
     set_num_threads(threads);
     TopKMoE::Cache cache;
@@ -233,9 +236,12 @@ void check_infer_side_by_side(const TopKMoE& moe, std::initializer_list<Index> b
       CHECK((y - y_ref).cwiseAbs().maxCoeff() < 1e-10);
       y_last[threads - 1] = y;
     }
+    in_expert_order += Ffn::adds_in_expert_order(cache.groups, threads);
   }
   set_num_threads(threads_before);
   CHECK(y_last[0] == y_last[1]);
+  CHECK(y_last[0] == y_last[2]);
+  return in_expert_order;
 }
 }  // namespace
 
@@ -247,7 +253,8 @@ TEST_CASE("MoE inference over experts run side by side reuses one cache: the ref
   cfg.n_experts = 8;
   SECTION("feature-major: 2 experts per token, tens of tokens each, each expert in its thread's slot of transposed blocks") {
     cfg.experts_per_token = 2;
-    check_infer_side_by_side(TopKMoE(cfg, 6), {400, 230}, true);
+    // Experts under 128 tokens: added in expert order on one thread only, so both ways ran.
+    CHECK(check_infer_side_by_side(TopKMoE(cfg, 6), {400, 230}, true) == 1);
   }
   SECTION("feature-major in blocks: 1 expert per token, hundreds of tokens each, run 128 to 255 tokens at a time") {
     // Blocks of uneven sizes (an expert's n is rarely a multiple of its block count), the
@@ -256,7 +263,24 @@ TEST_CASE("MoE inference over experts run side by side reuses one cache: the ref
     cfg.experts_per_token = 1;
     using Ffn = FfnExperts<double>;
     const bool blocks = Ffn::runs_feature_major(2 * Ffn::kFeatureMajorBlockTokens);
-    check_infer_side_by_side(TopKMoE(cfg, 8), {3000, 2200}, blocks, blocks ? 2 : 1);
+    const int in_expert_order = check_infer_side_by_side(TopKMoE(cfg, 8), {3000, 2200}, blocks, blocks ? 2 : 1);
+    if (blocks) CHECK(in_expert_order == 3);
+  }
+  SECTION("y in x's memory: the outputs combined after the experts ran, the bits of y in a matrix of its own") {
+    // On one thread y in its own matrix takes each block's outputs in expert order; in x it
+    // cannot (x is read until the last expert ran).
+    cfg.experts_per_token = 2;
+    const TopKMoE moe(cfg, 9);
+    const RowMat<double> x = randn_mat(300, cfg.d_in, 10);
+    const int threads_before = max_threads();
+    set_num_threads(1);
+    TopKMoE::Cache cache;
+    RowMat<double> y(x.rows(), x.cols()), in_place = x;
+    moe.infer(x, y, cache);
+    CHECK(FfnExperts<double>::adds_in_expert_order(cache.groups, 1));
+    moe.infer(in_place, in_place, cache);
+    set_num_threads(threads_before);
+    CHECK(in_place == y);
   }
   SECTION("token-major: 1 expert per token, a few tokens each, its gathered rows, pre-activations and activations in its thread's slot") {
     cfg.ffn = FfnKind::swiglu;

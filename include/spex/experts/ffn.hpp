@@ -8,7 +8,10 @@
 // Inference runs an expert with many tokens feature-major, in blocks of 128 to 255 tokens
 // (FfnExperts::infer).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <optional>
+#include <thread>
 #include <vector>
 
 #include "../core/check.hpp"
@@ -19,6 +22,7 @@
 #include "../core/types.hpp"
 #include "../kernels/activation.hpp"
 #include "../kernels/transpose.hpp"
+#include "../kernels/vector.hpp"
 #include "../metrics/flops.hpp"
 
 namespace spex {
@@ -106,6 +110,12 @@ struct ExpertGroups {
 template <class T = float, class Arch = default_arch>
 class FfnExperts {
  public:
+  /// The blocks of one feature-major expert's tokens, as infer's adds in expert order take them.
+  struct BlockTask {
+    Index expert, first, tokens;
+    Index before;  // the blocks of the experts before this one
+  };
+
   struct Cache {
     // Rows and columns as the call needs them or more: the buffers only grow (see infer).
     RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
@@ -118,6 +128,8 @@ class FfnExperts {
     // infer's token-major scratch, one slot per thread that runs experts: an expert's xg, h and
     // a (its yg goes to the rows of yg that combine reads), reused expert after expert.
     Vec<T> tm_scratch;
+    // infer's blocks in expert order (adds_in_expert_order).
+    std::vector<BlockTask> blocks;
   };
   /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
   static constexpr Index kFeatureMajorTokens = 16;
@@ -139,6 +151,24 @@ class FfnExperts {
   /// least one), of n / blocks tokens each (the first n % blocks one more). From n alone, so the
   /// threads never change them.
   static Index feature_major_blocks(Index n) { return std::max<Index>(1, n / kFeatureMajorBlockTokens); }
+  /// Whether infer on `threads` threads adds each feature-major block's outputs to y as soon as
+  /// the blocks of the experts before its own have added theirs (the blocks handed to the threads
+  /// in expert order), rather than running the experts side by side, writing their output rows
+  /// and combining those after (which wrote and read back 8 rows per token at 8 experts per
+  /// token: docs/performance.md, "MoE experts: what was tried"). When every expert with tokens
+  /// runs feature-major, on one thread, or on more where every expert fills whole blocks
+  /// (kFeatureMajorBlockTokens or more): blocks of 128 to 255 tokens take about the same time, so
+  /// a thread seldom waits long for the expert before; smaller experts of uneven sizes made it
+  /// wait (and y must not share x's memory: infer checks). Both ways add each token's outputs in
+  /// expert order with the same roundings, so y has the same bits either way.
+  static bool adds_in_expert_order(const ExpertGroups& groups, int threads) {
+    if (groups.by_size.empty()) return false;
+    for (Index e : groups.by_size) {
+      const Index n = groups.count(e);
+      if (!runs_feature_major(n) || (threads > 1 && n < kFeatureMajorBlockTokens)) return false;
+    }
+    return true;
+  }
   /// Dense gradients of W1 and W2; backward accumulates until zero().
   struct Grads {
     RowMat<T> w1, w2;
@@ -234,7 +264,10 @@ class FfnExperts {
   /// (runs_feature_major) runs feature-major: its tokens are gathered as the columns of xᵀ and
   /// the products hᵀ = W1 xᵀ, yᵀ = W2 aᵀ take the weights as they are stored, without the per-call
   /// packed copy of W1 and W2 that x W1ᵀ costs (docs/performance.md, "MoE experts: what was
-  /// tried"). The others (a batch of one among them) run as in forward.
+  /// tried"), 128 to 255 tokens at a time (feature_major_blocks); where adds_in_expert_order
+  /// says so, each block's outputs go straight to y. The others (a batch of one among them) run
+  /// as in forward. y may be x itself (then the outputs are combined after all experts ran); y
+  /// has the same bits on any number of threads.
   void infer(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
     check_forward_args(x, gates, y);
     const Index n_e = Index(groups.offsets.size()) - 1;
@@ -247,11 +280,12 @@ class FfnExperts {
       }
       widest = std::max(widest, feature_major_stride(block_tokens(n, feature_major_blocks(n), 0)));
     }
+    const bool in_expert_order = adds_in_expert_order(groups, max_threads()) && !shares_memory(x, y);
     // The buffers only grow: the routed rows and the feature-major columns change from batch to
     // batch, and resizing them to each batch reallocated them on most calls. The kernels address
     // them by row and offset, never by their sizes.
-    grow_rows(c.yg, groups.rows(), d_out_);
-    const Index threads = experts_in_parallel(groups) ? Index(max_threads()) : 1;
+    if (!in_expert_order) grow_rows(c.yg, groups.rows(), d_out_);
+    const Index threads = in_expert_order || experts_in_parallel(groups) ? Index(max_threads()) : 1;
     if (widest > c.fm_slot_stride) c.fm_slot_stride = feature_major_stride(widest + widest / 8);
     // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
     // zeroed, and after that they hold what earlier products wrote there.
@@ -260,13 +294,17 @@ class FfnExperts {
     // to expert, where whole-batch buffers (forward's, kept for backward) went to memory and back.
     const Index tm_slot = token_major * (d_ + h1() + hidden_);
     grow(c.tm_scratch, threads * tm_slot);
+    auto fm_slot = [&](int slot) { return FeatureMajorSlot{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride}; };
+    if (in_expert_order) {
+      add_blocks_in_expert_order(x, gates, groups, y, threads, fm_slot, c);
+      return;
+    }
     for_each_expert(groups, [&](Index e, int slot) {
       const Index n = groups.count(e);
       if (runs_feature_major(n)) {
-        const FeatureMajorSlot fm{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride};
         const Index blocks = feature_major_blocks(n);
-        for (Index b = 0, first = 0; b < blocks; first += block_tokens(n, blocks, b), ++b)
-          run_feature_major(x, groups, e, first, block_tokens(n, blocks, b), fm, c);
+        for (Index b = 0; b < blocks; ++b)
+          run_feature_major(x, groups, e, block_first(n, blocks, b), block_tokens(n, blocks, b), fm_slot(slot), c);
         return;
       }
       T* next = c.tm_scratch.data() + slot * tm_slot;
@@ -386,8 +424,61 @@ class FfnExperts {
     gemm(c.yg.middleRows(r0, n), a, w2_.middleRows(e * d_out_, d_out_).transpose(), false);
   }
 
-  /// Tokens in block b of the `blocks` an expert of n tokens runs in (feature_major_blocks).
+  /// Tokens in block b of the `blocks` an expert of n tokens runs in (feature_major_blocks), and
+  /// the first of them (counted from the expert's first).
   static Index block_tokens(Index n, Index blocks, Index b) { return n / blocks + (b < n % blocks ? 1 : 0); }
+  static Index block_first(Index n, Index blocks, Index b) { return b * (n / blocks) + std::min(b, n % blocks); }
+
+  /// Whether two matrices' memory ranges (first to last element, strides included) intersect.
+  static bool shares_memory(CMatRef<T> a, CMatRef<T> b) {
+    if (a.size() == 0 || b.size() == 0) return false;
+    const T* a_end = a.data() + (a.rows() - 1) * a.outerStride() + a.cols();
+    const T* b_end = b.data() + (b.rows() - 1) * b.outerStride() + b.cols();
+    return a.data() < b_end && b.data() < a_end;
+  }
+
+  /// Where run_feature_major adds its outputs: y's token rows, each output scaled by its gate,
+  /// once `*added` (the blocks added so far) reaches `before` (the blocks of the experts before
+  /// this one), unless `*failed` (another block threw) says to give up.
+  struct AddTo {
+    CMatRef<T> gates;
+    MatRef<T> y;
+    const std::atomic<Index>* added;
+    Index before;
+    const std::atomic<bool>* failed;
+  };
+
+  /// y (assigned) from every expert's feature-major blocks (adds_in_expert_order): the blocks
+  /// handed to the threads one at a time in expert order, each added to y when the experts
+  /// before its own are. A thread waits only for blocks that threads already run, which wait
+  /// only for earlier ones, so the first unfinished block always runs on.
+  template <class SlotOf>
+  void add_blocks_in_expert_order(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Index threads,
+                                  SlotOf&& slot_of, Cache& c) const {
+    parallel_for(y.rows(), [&](Index t, int) { y.row(t).setZero(); });
+    c.blocks.clear();
+    Index before = 0;
+    for (Index e = 0; e + 1 < Index(groups.offsets.size()); ++e) {
+      const Index n = groups.count(e), blocks = n == 0 ? 0 : feature_major_blocks(n);
+      for (Index b = 0; b < blocks; ++b) c.blocks.push_back({e, block_first(n, blocks, b), block_tokens(n, blocks, b), before});
+      before += blocks;
+    }
+    std::atomic<Index> next{0}, added{0};
+    std::atomic<bool> failed{false};
+    parallel_for(threads, [&](Index, int slot) {
+      for (Index i = next++; i < Index(c.blocks.size()) && !failed; i = next++) {
+        const BlockTask& task = c.blocks[static_cast<std::size_t>(i)];
+        try {
+          run_feature_major(x, groups, task.expert, task.first, task.tokens, slot_of(slot), c,
+                            AddTo{gates, y, &added, task.before, &failed});
+        } catch (...) {
+          failed = true;
+          throw;
+        }
+        added.fetch_add(1, std::memory_order_release);
+      }
+    });
+  }
 
   /// The row stride of a feature-major block of n tokens: n rounded up to whole cache lines, and
   /// an odd number of lines, so that the block's rows spread over the cache sets (a stride of a
@@ -412,12 +503,12 @@ class FfnExperts {
 
   /// Rows [first, first + n) of expert e's rows of c.yg, feature-major: those tokens gathered as
   /// the columns of xᵀ in the slot, hᵀ = W1 xᵀ, aᵀ = act(hᵀ), yᵀ = W2 aᵀ, then yᵀ's columns copied
-  /// to the rows of c.yg.
+  /// to the rows of c.yg, or with `add` each column times its gate added to its token's row of y.
   /// The slot is the calling thread's (or the one all threads share when the experts run one
   /// after the other), reused by its next expert: the blocks stay in cache between the steps,
   /// where one block per expert over the whole batch went to memory (tens of MB at 512 tokens).
   void run_feature_major(CMatRef<T> x, const ExpertGroups& groups, Index e, Index first, Index n, FeatureMajorSlot slot,
-                         Cache& c) const {
+                         Cache& c, std::optional<AddTo> add = std::nullopt) const {
     const Index r0 = groups.offsets[e] + first, stride = feature_major_stride(n);
     T* next = slot.data;
     auto block = [&](Index rows) {  // the next rows x n block of the slot
@@ -449,19 +540,31 @@ class FfnExperts {
     const Index width = round_up_to_lines(n);
     parallel_for(hidden_, [&](Index i, int) { activate(&ht(i, 0), glu ? &ht(hidden_ + i, 0) : nullptr, &at(i, 0), width); });
     gemm(yt, w2_.middleRows(e * d_out_, d_out_), at, false);
+    if (add)  // wait for the experts before this one
+      while (add->added->load(std::memory_order_acquire) < add->before) {
+        if (add->failed->load()) return;
+        std::this_thread::yield();
+      }
     by_token_blocks([&](Index t0, Index count) {
-      kernels::transpose_rows<Arch>([&](std::size_t j) { return &yt(Index(j), t0); }, u(d_out_), u(count), &c.yg(r0 + t0, 0),
-                                    u(c.yg.cols()));
+      auto column = [&](std::size_t j) { return &yt(Index(j), t0); };
+      if (!add) {
+        kernels::transpose_rows<Arch>(column, u(d_out_), u(count), &c.yg(r0 + t0, 0), u(c.yg.cols()));
+        return;
+      }
+      auto token = [&](std::size_t i) { return groups.token[r0 + t0 + Index(i)]; };
+      kernels::transpose_rows_axpy<Arch, T>(column, u(d_out_), u(count), [&](std::size_t i) { return add->gates(token(i), e); },
+                                            [&](std::size_t i) { return &add->y(token(i), 0); });
     });
   }
 
-  /// y (assigned) = the gate-weighted sum of each token's rows of c.yg, in expert order.
+  /// y (assigned) = the gate-weighted sum of each token's rows of c.yg, in expert order, each
+  /// added by kernels::axpy (the roundings infer's adds in expert order make).
   void combine(CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, const Cache& c) const {
     parallel_for(y.rows(), [&](Index t, int) {
       y.row(t).setZero();
       for (Index e = 0; e < n_experts_; ++e) {
         const Index r = groups.row_of(t, e);
-        if (r >= 0) y.row(t) += gates(t, e) * c.yg.row(r);
+        if (r >= 0) kernels::axpy<Arch>(gates(t, e), &c.yg(r, 0), &y(t, 0), static_cast<std::size_t>(d_out_));
       }
     });
   }
