@@ -46,6 +46,36 @@ inline void transpose_16x16(__m512 r[16]) {
 #endif
 }  // namespace detail
 
+#if SPEX_SIMD && defined(__AVX512F__)
+namespace detail {
+/// The n rows row(0), ..., row(n - 1) of m floats read in 16 x 16 tiles and transposed in
+/// registers: store(i0, j0, rows, cols, r) gets tile (i0, j0) with r[c] holding the values
+/// row(j0 + j)[i0 + c] for j < rows, c < cols. A tile at an edge (an expert's last tokens) is
+/// read through masks (a masked lane neither reads nor faults), its missing rows as zeros.
+template <class RowOf, class Store>
+void for_each_transposed_tile(RowOf&& row, std::size_t n, std::size_t m, Store&& store) {
+  constexpr std::size_t kTile = 16;
+  for (std::size_t j0 = 0; j0 < n; j0 += kTile) {
+    const std::size_t rows = std::min(kTile, n - j0);
+    const float* src[kTile];
+    for (std::size_t j = 0; j < rows; ++j) src[j] = row(j0 + j);
+    for (std::size_t i0 = 0; i0 < m; i0 += kTile) {
+      const std::size_t cols = std::min(kTile, m - i0);
+      __m512 r[kTile];
+      if (rows == kTile && cols == kTile) {
+        for (std::size_t j = 0; j < kTile; ++j) r[j] = _mm512_loadu_ps(src[j] + i0);
+      } else {
+        const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
+        for (std::size_t j = 0; j < kTile; ++j) r[j] = j < rows ? _mm512_maskz_loadu_ps(col_mask, src[j] + i0) : _mm512_setzero_ps();
+      }
+      transpose_16x16(r);
+      store(i0, j0, rows, cols, r);
+    }
+  }
+}
+}  // namespace detail
+#endif
+
 /// dst[i * ld_dst + j] = row(j)[i] for i < m, j < n: the n rows row(0), ..., row(n - 1) (each at
 /// least m long; `row` maps an index to a pointer) written as the columns of dst (m rows, ld_dst
 /// apart). dst must not overlap the rows.
@@ -53,28 +83,14 @@ template <class Arch = default_arch, class T, class RowOf>
 void transpose_rows(RowOf&& row, std::size_t n, std::size_t m, T* dst, std::size_t ld_dst) {
 #if SPEX_SIMD && defined(__AVX512F__)
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
-    constexpr std::size_t kTile = 16;
-    for (std::size_t j0 = 0; j0 < n; j0 += kTile) {
-      const std::size_t rows = std::min(kTile, n - j0);
-      const float* src[kTile];
-      for (std::size_t j = 0; j < rows; ++j) src[j] = row(j0 + j);
-      for (std::size_t i0 = 0; i0 < m; i0 += kTile) {
-        const std::size_t cols = std::min(kTile, m - i0);
-        __m512 r[kTile];
-        if (rows == kTile && cols == kTile) {
-          for (std::size_t j = 0; j < kTile; ++j) r[j] = _mm512_loadu_ps(src[j] + i0);
-          detail::transpose_16x16(r);
-          for (std::size_t c = 0; c < kTile; ++c) _mm512_storeu_ps(dst + (i0 + c) * ld_dst + j0, r[c]);
-          continue;
-        }
-        // A tile at an edge: masked loads and stores touch only its rows x cols values (a masked
-        // lane neither reads nor faults), the missing rows read as zeros.
-        const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1), row_mask = static_cast<__mmask16>((1u << rows) - 1);
-        for (std::size_t j = 0; j < kTile; ++j) r[j] = j < rows ? _mm512_maskz_loadu_ps(col_mask, src[j] + i0) : _mm512_setzero_ps();
-        detail::transpose_16x16(r);
-        for (std::size_t c = 0; c < cols; ++c) _mm512_mask_storeu_ps(dst + (i0 + c) * ld_dst + j0, row_mask, r[c]);
+    detail::for_each_transposed_tile(row, n, m, [&](std::size_t i0, std::size_t j0, std::size_t rows, std::size_t cols, const __m512* r) {
+      if (rows == 16 && cols == 16) {
+        for (std::size_t c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (i0 + c) * ld_dst + j0, r[c]);
+        return;
       }
-    }
+      const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);  // only the tile's rows x cols values
+      for (std::size_t c = 0; c < cols; ++c) _mm512_mask_storeu_ps(dst + (i0 + c) * ld_dst + j0, row_mask, r[c]);
+    });
     return;
   }
 #endif
@@ -91,29 +107,17 @@ template <class Arch = default_arch, class T, class RowOf, class ScaleOf, class 
 void transpose_rows_axpy(RowOf&& row, std::size_t n, std::size_t m, ScaleOf&& scale, OutOf&& out) {
 #if SPEX_SIMD && defined(__AVX512F__)
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
-    constexpr std::size_t kTile = 16;
-    for (std::size_t j0 = 0; j0 < n; j0 += kTile) {
-      const std::size_t rows = std::min(kTile, n - j0);
-      const float* src[kTile];
-      for (std::size_t j = 0; j < rows; ++j) src[j] = row(j0 + j);
+    detail::for_each_transposed_tile(row, n, m, [&](std::size_t i0, std::size_t j0, std::size_t rows, std::size_t cols, const __m512* r) {
       const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
-      for (std::size_t i0 = 0; i0 < m; i0 += kTile) {
-        const std::size_t cols = std::min(kTile, m - i0);
-        const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
-        __m512 r[kTile];
-        for (std::size_t j = 0; j < kTile; ++j)
-          r[j] = j >= rows ? _mm512_setzero_ps() : cols == kTile ? _mm512_loadu_ps(src[j] + i0) : _mm512_maskz_loadu_ps(col_mask, src[j] + i0);
-        detail::transpose_16x16(r);
-        for (std::size_t c = 0; c < cols; ++c) {
-          float* o = out(i0 + c) + j0;
-          const __m512 a = _mm512_set1_ps(scale(i0 + c));
-          if (rows == kTile)
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(a, r[c], _mm512_loadu_ps(o)));
-          else
-            _mm512_mask_storeu_ps(o, row_mask, _mm512_fmadd_ps(a, r[c], _mm512_maskz_loadu_ps(row_mask, o)));
-        }
+      for (std::size_t c = 0; c < cols; ++c) {
+        float* o = out(i0 + c) + j0;
+        const __m512 a = _mm512_set1_ps(scale(i0 + c));
+        if (rows == 16)
+          _mm512_storeu_ps(o, _mm512_fmadd_ps(a, r[c], _mm512_loadu_ps(o)));
+        else
+          _mm512_mask_storeu_ps(o, row_mask, _mm512_fmadd_ps(a, r[c], _mm512_maskz_loadu_ps(row_mask, o)));
       }
-    }
+    });
     return;
   }
 #endif
