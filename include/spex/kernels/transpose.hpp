@@ -107,15 +107,19 @@ template <class Arch = default_arch, class T, class RowOf, class ScaleOf, class 
 void transpose_rows_axpy(RowOf&& row, std::size_t n, std::size_t m, ScaleOf&& scale, OutOf&& out) {
 #if SPEX_SIMD && defined(__AVX512F__)
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
+    // The sums as axpy rounds them: a whole tile's 16 values of a row as its vector body does
+    // (xsimd::fma, which the compiler fuses when it optimizes and not otherwise), the values of
+    // a tile at the row's end as its scalar tail does (madd: fused, the target has FMA).
+    using B = xsimd::batch<float, Arch>;
     detail::for_each_transposed_tile(row, n, m, [&](std::size_t i0, std::size_t j0, std::size_t rows, std::size_t cols, const __m512* r) {
       const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
       for (std::size_t c = 0; c < cols; ++c) {
         float* o = out(i0 + c) + j0;
-        const __m512 a = _mm512_set1_ps(scale(i0 + c));
+        const float a = scale(i0 + c);
         if (rows == 16)
-          _mm512_storeu_ps(o, _mm512_fmadd_ps(a, r[c], _mm512_loadu_ps(o)));
+          xsimd::fma(B(a), B(r[c]), B::load_unaligned(o)).store_unaligned(o);
         else
-          _mm512_mask_storeu_ps(o, row_mask, _mm512_fmadd_ps(a, r[c], _mm512_maskz_loadu_ps(row_mask, o)));
+          _mm512_mask_storeu_ps(o, row_mask, _mm512_fmadd_ps(_mm512_set1_ps(a), r[c], _mm512_maskz_loadu_ps(row_mask, o)));
       }
     });
     return;
