@@ -54,8 +54,9 @@ constexpr std::size_t simd_width() {
 }
 
 /// a * b + c for the kernels' scalar tails: rounded once where the target has fast FMA (as the
-/// SIMD bodies' xsimd::fma is) and twice elsewhere, whatever the compiler makes of the code around
-/// it. Written as `s += a * b`, the compiler fuses it or not depending on inlining and
+/// SIMD bodies' xsimd::fma is in optimized code: xsimd 8 writes AVX-512's fma as x * y + z, which
+/// the compiler fuses when it optimizes, so unoptimized builds round those twice) and twice
+/// elsewhere, whatever the compiler makes of the code around it. Written as `s += a * b`, the compiler fuses it or not depending on inlining and
 /// vectorization, so two paths meant to give the same bits (gather_dot's four-row pass and its
 /// one-row tail) differed in the last bit when a test file was compiled with others.
 template <class T>
