@@ -280,7 +280,8 @@ class FfnExperts {
       }
       widest = std::max(widest, feature_major_stride(block_tokens(n, feature_major_blocks(n), 0)));
     }
-    const bool in_expert_order = adds_in_expert_order(groups, max_threads()) && !shares_memory(x, y);
+    const bool in_expert_order = adds_in_expert_order(groups, max_threads()) &&
+                                 !detail::operands_overlap(detail::gemm_operand(x), detail::gemm_operand(y));
     // The buffers only grow: the routed rows and the feature-major columns change from batch to
     // batch, and resizing them to each batch reallocated them on most calls. The kernels address
     // them by row and offset, never by their sizes.
@@ -428,14 +429,6 @@ class FfnExperts {
   /// the first of them (counted from the expert's first).
   static Index block_tokens(Index n, Index blocks, Index b) { return n / blocks + (b < n % blocks ? 1 : 0); }
   static Index block_first(Index n, Index blocks, Index b) { return b * (n / blocks) + std::min(b, n % blocks); }
-
-  /// Whether two matrices' memory ranges (first to last element, strides included) intersect.
-  static bool shares_memory(CMatRef<T> a, CMatRef<T> b) {
-    if (a.size() == 0 || b.size() == 0) return false;
-    const T* a_end = a.data() + (a.rows() - 1) * a.outerStride() + a.cols();
-    const T* b_end = b.data() + (b.rows() - 1) * b.outerStride() + b.cols();
-    return a.data() < b_end && b.data() < a_end;
-  }
 
   /// Where run_feature_major adds its outputs: y's token rows, each output scaled by its gate,
   /// once `*added` (the blocks added so far) reaches `before` (the blocks of the experts before
