@@ -1,14 +1,17 @@
 #pragma once
-// Approximate inner products of float rows through Intel AMX bf16 tiles (TDPBF16PS): both
-// operands rounded to bf16, products summed in float. The scores are within a known bound of the
-// exact ones (bf16_score_error below), so a caller can keep every row that may rank in its exact
-// top-k and score those exactly (kernels/refined_topk.hpp): an exact search whose bulk runs at
-// the tiles' rate (about five times the float FMA rate of one core).
+// Approximate inner products of float rows in bf16: both operands rounded to bf16, products
+// summed in float, through Intel AMX bf16 tiles (TDPBF16PS) or, on CPUs with AVX512_BF16 and no
+// AMX (AMD Zen 4 and newer, Intel Cooper Lake), its vector form VDPBF16PS over the same packed
+// operands. The scores are within a known bound of the exact ones (bf16_score_error below), so a
+// caller can keep every row that may rank in its exact top-k and score those exactly
+// (kernels/refined_topk.hpp): an exact search whose bulk runs at the bf16 rate (about five
+// times the float FMA rate of one core with the tiles, twice it with VDPBF16PS).
 //
-// Compiled in when the build targets AMX (__AMX_TILE__ and __AMX_BF16__, e.g. -march=native on
-// a Sapphire Rapids or newer Xeon); at run time the process must be granted the tile state
-// (Linux, arch_prctl): bf16_tiles_ready() asks once and says whether the kernels may run.
-// Elsewhere they compile to nothing and bf16_tiles_ready() is false.
+// The tiles compile in when the build targets AMX (__AMX_TILE__ and __AMX_BF16__, e.g.
+// -march=native on a Sapphire Rapids or newer Xeon); at run time the process must be granted the
+// tile state (Linux, arch_prctl): bf16_tiles_ready() asks once and says whether the kernels may
+// run. VDPBF16PS compiles in when the build targets AVX512_BF16 (__AVX512BF16__) and not AMX.
+// Elsewhere the kernels compile to nothing and bf16_tiles_ready() is false.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -19,6 +22,14 @@
 #include "simd.hpp"  // first: it includes the intrinsics with GCC 12's spurious warnings off
 #include "transpose.hpp"
 #include "vector.hpp"
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define SPEX_AVX512_BF16 1
+#include "detail/intrinsics_warnings_off.hpp"
+#include <immintrin.h>
+#include "detail/intrinsics_warnings_on.hpp"
+#else
+#define SPEX_AVX512_BF16 0
+#endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define SPEX_AMX_BF16 1
 #include "detail/intrinsics_warnings_off.hpp"
@@ -48,7 +59,7 @@ inline float bf16_score_error(std::size_t h, float nq, float nc, float eq, float
          0x1p-100f * (1.0f + nq) * (1.0f + nc);
 }
 
-#if SPEX_AMX_BF16 && defined(__AVX512BF16__)
+#if SPEX_AVX512_BF16
 // The lanes of the 16 values from i on that lie below h.
 inline __mmask16 lanes(std::size_t h, std::size_t i) {
   return i >= h ? __mmask16(0) : h - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (h - i)) - 1);
@@ -62,7 +73,7 @@ inline std::size_t bf16_row_length(std::size_t h) { return (h + kTileDepth - 1) 
 /// bf16_row_length(h) values, row-major, the padding zero: the "A" operand of scores_bf16_tiles.
 inline void pack_rows_bf16(const float* src, std::size_t stride, std::size_t rows, std::size_t h, std::uint16_t* out) {
   const std::size_t hp = bf16_row_length(h);
-#if SPEX_AMX_BF16 && defined(__AVX512BF16__)
+#if SPEX_AVX512_BF16
   // VCVTNE2PS2BF16 rounds to nearest even as scalar::float_to_bf16 does (and flushes denormals to zero, which
   // the tiles would do anyway).
   for (std::size_t r = 0; r < rows; ++r)
@@ -98,7 +109,7 @@ inline void pack_keys_bf16(const float* src, std::size_t stride, std::size_t j0,
   std::uint32_t* words = reinterpret_cast<std::uint32_t*>(panel);
   for (std::size_t b0 = j0; b0 < end; b0 += kTileRows) {
     std::uint32_t* block = words + (b0 / kTileRows) * depths * kTileRows * kTileRows;
-#if SPEX_AMX_BF16 && defined(__AVX512BF16__)
+#if SPEX_AVX512_BF16
     // Each key's 32 values of a depth convert to the 16 words of one row, and the 16 x 16
     // words are transposed in registers: row p is then line p of the panel.
     for (std::size_t d = 0; d < depths; ++d) {
@@ -193,8 +204,14 @@ inline void zero_key_panel_tail(std::uint16_t* panel, std::size_t n, std::size_t
   std::fill(panel + packed * hp, panel + bf16_key_panel_size(n, h), std::uint16_t(0));
 }
 
+/// What scores_bf16_tiles runs on in this build: AMX tiles, VDPBF16PS (AVX512_BF16 without
+/// AMX), or nothing.
+enum class Bf16Scores { none, vector_dot, amx_tiles };
+inline constexpr Bf16Scores kBf16Scores =
+    SPEX_AMX_BF16 ? Bf16Scores::amx_tiles : SPEX_AVX512_BF16 ? Bf16Scores::vector_dot : Bf16Scores::none;
+
 /// True when scores_bf16_tiles may run: the build targets AMX bf16 and the OS granted this
-/// process the tile state (asked once, thread-safe).
+/// process the tile state (asked once, thread-safe), or the build targets AVX512_BF16.
 inline bool bf16_tiles_ready() {
 #if SPEX_AMX_BF16
   static const bool granted = [] {
@@ -203,14 +220,15 @@ inline bool bf16_tiles_ready() {
   }();
   return granted;
 #else
-  return false;
+  return SPEX_AVX512_BF16;
 #endif
 }
 
 /// out (rows32 x n32 floats, row stride ld >= n32) = the bf16 inner products of the packed
 /// query rows `q` (rows32 rows of bf16_row_length(h), pack_rows_bf16; rows32 a multiple of 32)
 /// with the n32 keys of `panel` (pack_keys_bf16; n32 a multiple of 32). Only when
-/// bf16_tiles_ready(); it configures the calling thread's tiles and releases them on return.
+/// bf16_tiles_ready(); with AMX it configures the calling thread's tiles and releases them on
+/// return.
 inline void scores_bf16_tiles(const std::uint16_t* q, std::size_t rows32, const std::uint16_t* panel, std::size_t n32,
                               std::size_t h, float* out, std::size_t ld) {
 #if SPEX_AMX_BF16
@@ -256,6 +274,37 @@ inline void scores_bf16_tiles(const std::uint16_t* q, std::size_t rows32, const 
     }
   }
   _tile_release();
+#elif SPEX_AVX512_BF16
+  // VDPBF16PS adds the products of one value pair of a query (broadcast) and of 16 keys (line p
+  // of a key block) to 16 float sums: 8 query rows x 32 keys of scores in 16 registers, each key
+  // line loaded once for the 8 rows. Keys outer: a 32-key block (32 x h bf16) stays in L1 while
+  // the query rows go by.
+  constexpr std::size_t kRows = 8;
+  const std::size_t pairs = bf16_row_length(h) / 2, block_words = pairs * kTileRows;  // words of 16 keys
+  const auto* q_words = reinterpret_cast<const std::uint32_t*>(q);
+  const auto* key_words = reinterpret_cast<const std::uint32_t*>(panel);
+  for (std::size_t j0 = 0; j0 < n32; j0 += 2 * kTileRows) {
+    const std::uint32_t* ka = key_words + (j0 / kTileRows) * block_words;
+    const std::uint32_t* kb = ka + block_words;
+    for (std::size_t r0 = 0; r0 < rows32; r0 += kRows) {
+      const std::uint32_t* qr = q_words + r0 * pairs;
+      __m512 sa[kRows], sb[kRows];
+      for (std::size_t r = 0; r < kRows; ++r) sa[r] = sb[r] = _mm512_setzero_ps();
+      for (std::size_t p = 0; p < pairs; ++p) {
+        const __m512bh a = (__m512bh)_mm512_loadu_si512(ka + p * kTileRows);
+        const __m512bh b = (__m512bh)_mm512_loadu_si512(kb + p * kTileRows);
+        for (std::size_t r = 0; r < kRows; ++r) {
+          const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(qr[r * pairs + p]));
+          sa[r] = _mm512_dpbf16_ps(sa[r], x, a);
+          sb[r] = _mm512_dpbf16_ps(sb[r], x, b);
+        }
+      }
+      for (std::size_t r = 0; r < kRows; ++r) {
+        _mm512_storeu_ps(out + (r0 + r) * ld + j0, sa[r]);
+        _mm512_storeu_ps(out + (r0 + r) * ld + j0 + kTileRows, sb[r]);
+      }
+    }
+  }
 #else
   (void)q, (void)rows32, (void)panel, (void)n32, (void)h, (void)out, (void)ld;
 #endif

@@ -126,11 +126,15 @@ class ExhaustiveTopK {
   /// for batches of kBf16TilesMinQueries queries and more over kBf16TilesMinKeys keys of
   /// kBf16TilesMinDim values and more, `always`, `never`. The ids are the same either way; the
   /// scores are then float dots (kernels::gather_dot's), not the GEMM's (the last bits).
-  /// Measured on an Intel Xeon, 2 threads (docs/performance.md, "Top-k"): 1.2-2.2x faster from
-  /// 16 queries and 16384 keys of 32 values on; slower for batches of 4 or 1 and small tables.
+  /// Measured, 2 threads (docs/performance.md, "Top-k"): with AMX tiles on an Intel Xeon,
+  /// 1.2-2.2x faster from 16 queries and 16384 keys of 32 values on, slower for batches of 4 or 1
+  /// and small tables; with VDPBF16PS (AVX512_BF16 without AMX) on an AMD EPYC (Zen 5), 1.1-1.6x
+  /// faster from 64 queries and 16384 keys of 128 values on, slower with shorter keys.
   void set_bf16_tiles(Bf16Tiles use) { bf16_tiles_ = checked(use, "ExhaustiveTopK::set_bf16_tiles"); }
   Bf16Tiles bf16_tiles() const { return bf16_tiles_; }
-  static constexpr Index kBf16TilesMinQueries = 16, kBf16TilesMinKeys = Index(1) << 14, kBf16TilesMinDim = 32;
+  static constexpr bool kBf16Vector = kernels::kBf16Scores == kernels::Bf16Scores::vector_dot;
+  static constexpr Index kBf16TilesMinQueries = kBf16Vector ? 64 : 16, kBf16TilesMinKeys = Index(1) << 14,
+                         kBf16TilesMinDim = kBf16Vector ? 128 : 32;
 
  private:
   bool bf16_tiles_for(Index batch, Index n_keys, Index d) const {

@@ -108,13 +108,17 @@ class ProductKeys {
   /// batch of 256 was no faster with the copy, PEER's 2048 head queries faster.
   static constexpr Index kTransposedKeysMinQueries = 1024;
   /// Under Bf16Tiles::automatic, float searches of at least kBf16TilesMinQueries queries over tables of at least
-  /// kBf16TilesMinKeys rows of at least kBf16TilesMinHalf values score the sub-keys with AMX bf16
-  /// tiles and rescore exactly the rows that may rank (kernels/bf16_tiles.hpp), on CPUs that
-  /// have them and builds that target them; each call then packs the sub-keys into bf16 tile
-  /// panels. Measured on an Intel Xeon (docs/performance.md, "Top-k"): 1.3-1.4x faster at
-  /// n = 1024 and 2048 with halves of 128 and 256, slower with fewer rows or shorter halves,
-  /// where the exact rescoring of ~2k rows per query half costs more than the GEMM saves.
-  static constexpr Index kBf16TilesMinQueries = 64, kBf16TilesMinKeys = 1024, kBf16TilesMinHalf = 128;
+  /// kBf16TilesMinKeys rows of at least kBf16TilesMinHalf values score the sub-keys in bf16 (AMX
+  /// tiles, or VDPBF16PS where the build targets AVX512_BF16 and not AMX) and rescore exactly
+  /// the rows that may rank (kernels/bf16_tiles.hpp); each call then packs the sub-keys into bf16
+  /// tile panels. Measured (docs/performance.md, "Top-k"): with the tiles, on an Intel Xeon,
+  /// 1.3-1.4x faster at n = 1024 and 2048 with halves of 128 and 256, slower with fewer rows or
+  /// shorter halves, where the exact rescoring of ~2k rows per query half costs more than the
+  /// GEMM saves; with VDPBF16PS, on an AMD EPYC (Zen 5), 1.1-1.6x faster at n = 1024 and 2048
+  /// with halves of 64 to 256 from 192 queries on, slower at n = 512 or under 128 queries.
+  static constexpr bool kBf16Vector = kernels::kBf16Scores == kernels::Bf16Scores::vector_dot;
+  static constexpr Index kBf16TilesMinQueries = kBf16Vector ? 192 : 64, kBf16TilesMinKeys = 1024,
+                         kBf16TilesMinHalf = kBf16Vector ? 64 : 128;
 
   /// n rows per half (N = n^2 keys) of d_key / 2 each (d_key even), initialized
   /// U(-1/sqrt(d_key/2), 1/sqrt(d_key/2)) as the PKM reference does, from `seed`; ids as `ids`.
@@ -265,7 +269,8 @@ class ProductKeys {
   static std::size_t round_up32(Index x) { return (static_cast<std::size_t>(x) + 31) / 32 * 32; }
   static constexpr Index kKeysPerPackTask = 256;
   // The largest sub-key half whose exact rescoring reads it without prefetches
-  // (kernels::gather_dot_cached): such a half stays in the L2 of CPUs with AMX (2 MiB).
+  // (kernels::gather_dot_cached): such a half stays in the L2 of CPUs with AMX (2 MiB) and of
+  // AMD's Zen 4 and 5 (1 MiB; the exact dots read a few of its rows while the scores stream).
   static constexpr std::size_t kCachedSubKeyBytes = std::size_t(1) << 20;
   Index key_blocks() const { return (n() + kKeysPerPackTask - 1) / kKeysPerPackTask; }
 
