@@ -13,10 +13,12 @@
 
 namespace spex_bench {
 
-/// "avx512bw, 2 threads": runs are only comparable with the same ISA and thread count.
+/// "avx512bw, 2 threads": runs are only comparable with the same ISA and thread count; where the
+/// searches may score in bf16 first, ", bf16 scores (AMX tiles)" or ", bf16 scores (VDPBF16PS)".
 inline std::string label() {
+  const bool tiles = spex::kernels::kBf16Scores == spex::kernels::Bf16Scores::amx_tiles;
   return std::string(spex::default_arch::name()) + ", " + std::to_string(spex::max_threads()) + " threads" +
-         (spex::kernels::bf16_tiles_ready() ? ", bf16 tiles" : "");
+         (spex::kernels::bf16_tiles_ready() ? (tiles ? ", bf16 scores (AMX tiles)" : ", bf16 scores (VDPBF16PS)") : "");
 }
 
 /// Random N(0, 1) matrix, made once per (rows, cols, seed) for the whole run.

@@ -55,6 +55,16 @@ def fmt_ratio(v):
     return "-" if v is None else "%.2fx" % v
 
 
+def bf16_kernel(benchmarks):
+    """The kernel the searches score bf16 in ("AMX tiles", "VDPBF16PS"), from the benchmarks'
+    labels (bench_common.hpp), or None."""
+    for b in benchmarks:
+        m = re.search(r"bf16 scores \(([^)]*)\)", b.get("label", ""))
+        if m:
+            return m.group(1)
+    return None
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -154,8 +164,9 @@ def main():
         if parts:
             w("Top-k ceilings over FAISS in this run, from the score GEMM alone: " + "; ".join(parts) + ".")
             retrieval = per_binary.get(("bench_retrieval", "engines"), {})
-            if any("bf16 tiles" in b.get("label", "") for b in retrieval.values()):
-                w("These ceilings bound the float GEMM path. This build scores in AMX bf16 tiles and rescores "
+            bf16 = bf16_kernel(retrieval.values())
+            if bf16:
+                w("These ceilings bound the float GEMM path. This build scores in bf16 (" + bf16 + ") and rescores "
                   "exactly the keys that may rank (docs/product_keys.md), which is not bound by them; "
                   "the float GEMM path of the same binary: " + "; ".join(
                       "%s %s queries/s" % (what, fmt_rate(retrieval[name]["queries/s"]))
@@ -196,7 +207,8 @@ def main():
         split = []
         total_parts = 0.0
         peer_bench = per_binary.get(("bench_peer", "engines"), {})
-        tiles = config == 1 and any("bf16 tiles" in b.get("label", "") for b in peer_bench.values())
+        bf16 = bf16_kernel(peer_bench.values())
+        tiles = config == 1 and bool(bf16)
 
         def part_time(name):
             b = peer_bench.get("%s/%d/real_time" % (name, config))
@@ -204,8 +216,8 @@ def main():
 
         float_parts = (("sub-key scores", "BM_PeerPartSubkeyScores"), ("top-k", "BM_PeerPartTopK"),
                        ("k² step", "BM_PeerPartProductStep"))
-        # With bf16 tiles the forward's retrieval is one search that the float parts do not time.
-        retrieval = (("retrieval (bf16 tiles, exact rescoring, k² step)", "BM_PeerPartRetrieval"),) if tiles else float_parts
+        # With bf16 scores the forward's retrieval is one search that the float parts do not time.
+        retrieval = (("retrieval (bf16 scores in %s, exact rescoring, k² step)" % bf16, "BM_PeerPartRetrieval"),) if tiles else float_parts
         for label, name in (("query GEMM", "BM_PeerPartQuery"),) + retrieval + (("expert step", "BM_PeerExpertStep"),):
             t = part_time(name)
             if t is not None:

@@ -16,7 +16,7 @@ int main() {
   keys.search(q, 8, scores, ids, ws);
   spex::ExhaustiveTopK<float> exact;
   exact.search(keys.full_keys(), q, 8, scores_ref, ids_ref);
-  // On CPUs with AMX bf16 tiles (and builds that target them), scores in bf16 first, the rows
+  // On CPUs with AMX bf16 tiles or AVX512_BF16 (and builds that target them), scores in bf16 first, the rows
   // that may rank rescored exactly: the same ids. `always` takes them on any shape.
   keys.set_bf16_tiles(spex::Bf16Tiles::always);
   spex::IndexMat ids_tiles(4, 8);

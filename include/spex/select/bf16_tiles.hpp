@@ -6,7 +6,7 @@
 namespace spex {
 
 /// `automatic`: on the shapes measured faster (each search names them); `always`: on any shape
-/// (where the build and CPU have the tiles); `never`: the float GEMM path only.
+/// (where the build and CPU have AMX tiles or AVX512_BF16); `never`: the float GEMM path only.
 enum class Bf16Tiles { automatic, always, never };
 
 /// `use` if it is a Bf16Tiles, else spex::Error naming `where`.

@@ -5,7 +5,7 @@
 // row of the tile streams through that query's top-k heap (kernels/topk.hpp). The B x N score
 // matrix is never materialized and nothing is sorted in full. Few blocks of queries (a batch of
 // up to 256 is one) split the keys over the threads and merge their top-k lists.
-// On CPUs with AMX bf16 tiles, large float searches score in bf16 first and rescore exactly the
+// On CPUs with AMX bf16 tiles or AVX512_BF16, large float searches score in bf16 first and rescore exactly the
 // keys that may rank (as ProductKeys does; docs/product_keys.md): the same exact top-k.
 #include <algorithm>
 #include <vector>

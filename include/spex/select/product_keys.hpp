@@ -6,7 +6,7 @@
 // each half (the k best keys can only use rows among their half's k best) and an exact top-k
 // of the k x k candidate sums (kernels/product_topk.hpp). Cost per query: n * d_key MACs of
 // GEMM, two top-k over n scores, and ~k ln k candidate sums, instead of N * d_key MACs.
-// On CPUs with AMX bf16 tiles (kernels/bf16_tiles.hpp) large float batches score the sub-keys
+// On CPUs with AMX bf16 tiles or AVX512_BF16 (kernels/bf16_tiles.hpp) large float batches score the sub-keys
 // in bf16 first and rescore exactly the few rows that may rank (kernels/refined_topk.hpp):
 // the same exact top-k, its scores float dots of the query half and the sub-key.
 #include <algorithm>
