@@ -65,17 +65,24 @@ inline xsimd::batch<float, Arch> load_i8(const std::int8_t* p) {
 }
 
 /// Compact rows for the row gathers (kernels/gather.hpp, detail::rows_gather_dot and _axpy):
-/// widened to float W values at a time (`batch`) or one (`one`), every line prefetched (with the
-/// first line only, bf16 rows were read more slowly: docs/performance.md), never touched ahead
-/// (on an Intel Xeon VM the step without the touch loads ran 1.08-1.09x (int8) and 0.99-1.23x
-/// (bf16) as fast, in two sets of alternations; on AMD CPUs there are none).
+/// widened to float W values at a time (`batch`) or one (`one`), never touched ahead (on an
+/// Intel Xeon VM the step without the touch loads ran 1.08-1.09x (int8) and 0.99-1.23x (bf16) as
+/// fast, in two sets of alternations; on AMD CPUs there are none). Eight rows per pass where the
+/// 32 AVX-512 registers hold their 16 accumulators, four elsewhere (16 registers). bf16 rows on
+/// AMD CPUs have only their first line prefetched, as float rows (prefetch_first_line_only);
+/// int8 rows, and bf16 rows elsewhere, every line. Measured (docs/performance.md, "Gather
+/// kernels"): on an AMD EPYC of family 26 (Zen 5), eight bf16 rows per pass with the first line
+/// took PEER's bf16 step from 0.88x to 0.76x the float step's time (medians of three processes;
+/// 1.36x as fast in one program over uniform picks), where the int8 step with the first line
+/// only was 1.6x slower in the layer (1.2x faster over uniform picks); on an Intel Xeon eight
+/// int8 rows per pass ran 1.5x as fast as four, eight bf16 rows as fast as four.
 template <class Arch>
 struct Bf16Rows {
   static xsimd::batch<float, Arch> batch(const std::uint16_t* p) { return load_bf16<Arch>(p); }
   static float one(std::uint16_t v) { return scalar::bf16_to_float(v); }
-  static constexpr RowLines lines = RowLines::all;
+  static constexpr RowLines lines = RowLines::first_on_amd;
   static constexpr bool touch_ahead = false;
-  static constexpr std::size_t rows_per_pass = 4;  // eight: no faster (in one program)
+  static constexpr std::size_t rows_per_pass = std::is_base_of<xsimd::avx512f, Arch>::value ? 8 : 4;
 };
 template <class Arch>
 struct I8Rows {
@@ -83,21 +90,18 @@ struct I8Rows {
   static float one(std::int8_t v) { return float(v); }
   static constexpr RowLines lines = RowLines::all;
   static constexpr bool touch_ahead = false;
-  // Eight rows per pass where the 32 AVX-512 registers hold their 16 accumulators: the int8 step
-  // ran 1.5x as fast as with four (docs/performance.md); four elsewhere (16 registers).
   static constexpr std::size_t rows_per_pass = std::is_base_of<xsimd::avx512f, Arch>::value ? 8 : 4;
 };
 
 // The compact gathers walk several rows per pass, as the float gathers do (they are the same
-// code; four rows, eight int8 rows on AVX-512): the rows of a pass share the loads of x (dot) or
-// of y (axpy); every line of a row is prefetched 8 rows ahead, and an int8 row's scale with it.
-// Four rows per pass, on a 2-core AMD EPYC VM
-// (PEER's expert step, 256 tokens x 128 picks over 2^20 rows of 512, `BM_PeerExpertStep_*/1`)
-// this took the bf16 step from 1.6x the float step's time to 1.0x and the int8 step from 1.0x
-// to 0.7x, against one row per pass (dot) and y's columns held in registers over 64 rows
-// (axpy). The compact step's time moved up to 2x between processes, so the comparison is with
-// the float step in the same process (docs/performance.md). A Xeon VM had measured two compact
-// rows per pass 15-35% slower than one; not measured there again.
+// code; eight rows per pass on AVX-512, four elsewhere): the rows of a pass share the loads of x
+// (dot) or of y (axpy); the rows 8 ahead are prefetched (every line, or for bf16 rows on AMD
+// CPUs the first), and an int8 row's scale with them. Several rows per pass, on a 2-core AMD EPYC VM (PEER's
+// expert step, 256 tokens x 128 picks over 2^20 rows of 512, `BM_PeerExpertStep_*/1`), took the
+// bf16 step from 1.6x the float step's time to 1.0x and the int8 step from 1.0x to 0.7x, against
+// one row per pass (dot) and y's columns held in registers over 64 rows (axpy). The compact
+// step's time moved up to 2x between processes, so kernels are compared in one process
+// (docs/performance.md).
 
 /// int8 rows' float scales, one per row.
 struct RowScale {

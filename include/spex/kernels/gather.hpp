@@ -1,8 +1,8 @@
 #pragma once
 // Row gathers over a table of rows (expert tables: row i is expert i, contiguous). The rows
 // are read in place and never copied out: this is the memory-bound step of PEER and PKM, so
-// each kernel prefetches the rows it will read next (on AMD CPUs the float kernels only their
-// first line: prefetch_first_line_only) and walks four rows at a time to share the loads of x
+// each kernel prefetches the rows it will read next (on AMD CPUs the float and bf16 kernels only
+// their first line: prefetch_first_line_only) and walks four rows at a time to share the loads of x
 // (gather_dot) or of y (gather_axpy).
 // Preconditions (checked by the callers, not here): 0 <= ids[r] < rows of the table.
 #include "scalar/gather.hpp"
@@ -51,14 +51,16 @@ inline CpuVendor cpu_vendor() {
 /// Whether the gathers touch rows ahead (Intel CPUs: see kTouchAhead).
 inline bool touch_rows_ahead() { return cpu_vendor() == CpuVendor::intel; }
 
-/// Whether the float gathers prefetch only the first line of a row ahead (AMD CPUs) and leave
-/// the rest of the row to the hardware's stream prefetcher. Measured on a 2-core AMD EPYC VM
-/// (family 26, huge pages, 2 threads) over random 2 KiB rows of a 2 GiB table: a plain read of
-/// the rows ran at 35-41 GB/s with the first line prefetched 8 rows ahead, 33-38 with 2 to 8
-/// lines, 16-19 with every line; PEER's expert step ran 1.5-2x and its forward + backward 2x as
-/// fast (docs/performance.md). The compact rows (kernels/compact.hpp) keep every line: with the
-/// first only they were slower. scatter_axpy (rows written, not measured) keeps every line too,
-/// and other CPUs keep the prefetches measured on a Xeon VM (every line, with kTouchAhead).
+/// Whether the gathers prefetch only the first line of a row ahead (AMD CPUs) and leave the rest
+/// of the row to the hardware's stream prefetcher. Measured on a 2-core AMD EPYC VM (family 26,
+/// huge pages, 2 threads) over random 2 KiB rows of a 2 GiB table: a plain read of the rows ran
+/// at 35-41 GB/s with the first line prefetched 8 rows ahead, 33-38 with 2 to 8 lines, 16-19
+/// with every line; PEER's expert step ran 1.5-2x and its forward + backward 2x as fast
+/// (docs/performance.md). bf16 rows (kernels/compact.hpp) do the same since they pass eight rows
+/// at a time on AVX-512 (with four, the first line alone had been slower); int8 rows keep every
+/// line (with the first only their step was slower in the layer). scatter_axpy
+/// (rows written, not measured) keeps every line, and other CPUs keep the prefetches measured on
+/// a Xeon VM (every line, with kTouchAhead for float rows).
 inline bool prefetch_first_line_only() { return cpu_vendor() == CpuVendor::amd; }
 
 /// Loads one value of `p` (the row's page gets walked and its first line fetched).
