@@ -20,6 +20,7 @@
 
 #include "scalar/compact.hpp"
 #include "simd.hpp"  // first: it includes the intrinsics with GCC 12's spurious warnings off
+#include "gather.hpp"     // detail::cpu_vendor
 #include "transpose.hpp"
 #include "vector.hpp"
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -222,6 +223,15 @@ inline bool bf16_tiles_ready() {
 #else
   return SPEX_AVX512_BF16;
 #endif
+}
+
+/// Whether the searches' `automatic` choice may take the bf16 scores on this CPU (within the
+/// shapes each search names): with AMX tiles, yes; with VDPBF16PS, on AMD CPUs only, where it was
+/// measured (Zen 5: twice the float FMA rate). On an Intel Xeon (Sapphire Rapids) VDPBF16PS ran
+/// at half the float FMA rate (docs/performance.md, "Top-k"), so Intel CPUs without AMX keep
+/// the float GEMM unless a search asks for `always`.
+inline bool bf16_scores_by_default() {
+  return bf16_tiles_ready() && (SPEX_AMX_BF16 || detail::cpu_vendor() == detail::CpuVendor::amd);
 }
 
 /// out (rows32 x n32 floats, row stride ld >= n32) = the bf16 inner products of the packed

@@ -128,7 +128,8 @@ class ExhaustiveTopK {
   /// scores are then float dots (kernels::gather_dot's), not the GEMM's (the last bits).
   /// Measured, 2 threads (docs/performance.md, "Top-k"): with AMX tiles on an Intel Xeon,
   /// 1.2-2.2x faster from 16 queries and 16384 keys of 32 values on, slower for batches of 4 or 1
-  /// and small tables; with VDPBF16PS (AVX512_BF16 without AMX) on an AMD EPYC (Zen 5), 1.1-1.6x
+  /// and small tables; with VDPBF16PS (AVX512_BF16 without AMX; `automatic` takes it on AMD
+  /// CPUs only: kernels::bf16_scores_by_default) on an AMD EPYC (Zen 5), 1.1-1.6x
   /// faster from 64 queries and 16384 keys of 128 values on, slower with shorter keys.
   void set_bf16_tiles(Bf16Tiles use) { bf16_tiles_ = checked(use, "ExhaustiveTopK::set_bf16_tiles"); }
   Bf16Tiles bf16_tiles() const { return bf16_tiles_; }
@@ -140,7 +141,8 @@ class ExhaustiveTopK {
   bool bf16_tiles_for(Index batch, Index n_keys, Index d) const {
     if (!std::is_same<T, float>::value || bf16_tiles_ == Bf16Tiles::never || !kernels::bf16_tiles_ready()) return false;
     return bf16_tiles_ == Bf16Tiles::always ||
-           (batch >= kBf16TilesMinQueries && n_keys >= kBf16TilesMinKeys && d >= kBf16TilesMinDim);
+           (kernels::bf16_scores_by_default() && batch >= kBf16TilesMinQueries && n_keys >= kBf16TilesMinKeys &&
+            d >= kBf16TilesMinDim);
   }
 
   // Per thread: a block of queries and a block of keys in bf16, the tile scores, a row's bounds.

@@ -109,7 +109,8 @@ class ProductKeys {
   static constexpr Index kTransposedKeysMinQueries = 1024;
   /// Under Bf16Tiles::automatic, float searches of at least kBf16TilesMinQueries queries over tables of at least
   /// kBf16TilesMinKeys rows of at least kBf16TilesMinHalf values score the sub-keys in bf16 (AMX
-  /// tiles, or VDPBF16PS where the build targets AVX512_BF16 and not AMX) and rescore exactly
+  /// tiles, or VDPBF16PS on AMD CPUs where the build targets AVX512_BF16 and not AMX:
+  /// kernels::bf16_scores_by_default) and rescore exactly
   /// the rows that may rank (kernels/bf16_tiles.hpp); each call then packs the sub-keys into bf16
   /// tile panels. Measured (docs/performance.md, "Top-k"): with the tiles, on an Intel Xeon,
   /// 1.3-1.4x faster at n = 1024 and 2048 with halves of 128 and 256, slower with fewer rows or
@@ -278,7 +279,8 @@ class ProductKeys {
   bool bf16_tiles_for(Index batch) const {
     if (!std::is_same<T, float>::value || bf16_tiles_ == Bf16Tiles::never || !kernels::bf16_tiles_ready()) return false;
     return bf16_tiles_ == Bf16Tiles::always ||
-           (batch >= kBf16TilesMinQueries && n() >= kBf16TilesMinKeys && c1_.cols() >= kBf16TilesMinHalf);
+           (kernels::bf16_scores_by_default() && batch >= kBf16TilesMinQueries && n() >= kBf16TilesMinKeys &&
+            c1_.cols() >= kBf16TilesMinHalf);
   }
 
   // Each query half's top-k into ws.list_v / list_i as the GEMM path makes them, from bf16
