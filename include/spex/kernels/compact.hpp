@@ -96,12 +96,12 @@ struct I8Rows {
 // The compact gathers walk several rows per pass, as the float gathers do (they are the same
 // code; eight rows per pass on AVX-512, four elsewhere): the rows of a pass share the loads of x
 // (dot) or of y (axpy); the rows 8 ahead are prefetched (every line, or for bf16 rows on AMD
-// CPUs the first), and an int8 row's scale with them. Several rows per pass, on a 2-core AMD EPYC VM (PEER's
-// expert step, 256 tokens x 128 picks over 2^20 rows of 512, `BM_PeerExpertStep_*/1`), took the
-// bf16 step from 1.6x the float step's time to 1.0x and the int8 step from 1.0x to 0.7x, against
-// one row per pass (dot) and y's columns held in registers over 64 rows (axpy). The compact
-// step's time moved up to 2x between processes, so kernels are compared in one process
-// (docs/performance.md).
+// CPUs the first), and an int8 row's scale with them. Several rows per pass, on a 2-core AMD
+// EPYC VM (PEER's expert step, 256 tokens x 128 picks over 2^20 rows of 512,
+// `BM_PeerExpertStep_*/1`), took the bf16 step from 1.6x the float step's time to 1.0x and the
+// int8 step from 1.0x to 0.7x, against one row per pass (dot) and y's columns held in registers
+// over 64 rows (axpy). The compact step's time moved up to 2x between processes, so kernels are
+// compared in one process (docs/performance.md).
 
 /// int8 rows' float scales, one per row.
 struct RowScale {

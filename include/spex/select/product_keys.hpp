@@ -270,8 +270,8 @@ class ProductKeys {
   static std::size_t round_up32(Index x) { return (static_cast<std::size_t>(x) + 31) / 32 * 32; }
   static constexpr Index kKeysPerPackTask = 256;
   // The largest sub-key half whose exact rescoring reads it without prefetches
-  // (kernels::gather_dot_cached): such a half stays in the L2 of CPUs with AMX (2 MiB) and of
-  // AMD's Zen 4 and 5 (1 MiB; the exact dots read a few of its rows while the scores stream).
+  // (kernels::gather_dot_cached): such a half stays in the L2 of CPUs with AMX (2 MiB). AMD's
+  // Zen 4 and 5 have 1 MiB of L2; the rule was not measured apart there.
   static constexpr std::size_t kCachedSubKeyBytes = std::size_t(1) << 20;
   Index key_blocks() const { return (n() + kKeysPerPackTask - 1) / kKeysPerPackTask; }
 
