@@ -205,6 +205,20 @@ TEST_CASE("product-key search through bf16 tiles finds the exact top-k", "[retri
     fill_normal(q, 1.0, rng);
     check_tiles_against_gemm(pk, q, 16, false);
   }
+  SECTION("each half's bound comes from its own rows when the tables span several packing blocks") {
+    // Half 1's first block holds a key whose bf16 rounding drops 2^-8 - 2^-16 (it rounds to
+    // 1): it ranks first exactly and second in bf16, so only a bound taken from that block's
+    // rounding keeps it a candidate. Every other row (half 0, half 1's second block) is zero.
+    const Index n = 300;
+    RowMat<float> c1 = RowMat<float>::Zero(n, 2), c2 = RowMat<float>::Zero(n, 2);
+    c2(0, 0) = 1 + 0x1p-8f - 0x1p-16f;
+    c2(1, 0) = 1;
+    c2(1, 1) = 0x1p-8f - 0x1p-14f;
+    ProductKeys<float> pk(c1, c2);
+    RowMat<float> q = RowMat<float>::Zero(batch, 4);
+    q.rightCols(2).setOnes();
+    check_tiles_against_gemm(pk, q, 1, true);
+  }
   SECTION("a query too large for bf16 scores is scored exactly") {
     ProductKeys<float> pk(32, 16, 6);
     RowMat<float> q(batch, 16);

@@ -295,10 +295,13 @@ class ProductKeys {
       const std::size_t hs = static_cast<std::size_t>(h), n32 = round_up32(n), ks = static_cast<std::size_t>(k),
                         ns = static_cast<std::size_t>(n);
       // The panels of both halves, blocks of 256 sub-keys over the threads, and each block's
-      // largest norm.
+      // largest norm. Half-major tasks, as the scoring's below: under the static partition the
+      // thread that scores a half has packed most of its panel and read its sub-keys (with 2
+      // threads, all of it), instead of a panel written by one core and read by another
+      // (docs/performance.md, "Top-k").
       parallel_for(2 * blocks, [&](Index task, int) {
-        const int half = static_cast<int>(task % 2);
-        const Index j0 = (task / 2) * kKeysPerPackTask, rows = std::min(kKeysPerPackTask, n - j0);
+        const int half = static_cast<int>(task / blocks);
+        const Index j0 = (task % blocks) * kKeysPerPackTask, rows = std::min(kKeysPerPackTask, n - j0);
         const RowMat<T>& c = sub_keys(half);
         const auto bound = kernels::bf16_rows_bound<Arch>(c.row(j0).data(), hs, static_cast<std::size_t>(rows), hs);
         ws.key_norm_max[static_cast<std::size_t>(2 * task)] = bound.norm;
@@ -309,8 +312,9 @@ class ProductKeys {
       });
       float key_norm[2] = {0, 0}, key_rounding[2] = {0, 0};
       for (Index b = 0; b < 2 * blocks; ++b) {
-        key_norm[b % 2] = std::max(key_norm[b % 2], ws.key_norm_max[static_cast<std::size_t>(2 * b)]);
-        key_rounding[b % 2] = std::max(key_rounding[b % 2], ws.key_norm_max[static_cast<std::size_t>(2 * b + 1)]);
+        const Index half = b / blocks;
+        key_norm[half] = std::max(key_norm[half], ws.key_norm_max[static_cast<std::size_t>(2 * b)]);
+        key_rounding[half] = std::max(key_rounding[half], ws.key_norm_max[static_cast<std::size_t>(2 * b + 1)]);
       }
       if (!(key_norm[0] <= kernels::kBf16MaxNorm) || !(key_norm[1] <= kernels::kBf16MaxNorm)) return false;  // NaN too
 
