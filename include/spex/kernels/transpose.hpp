@@ -8,7 +8,7 @@
 // scalar loop (its twin); hardware gathers (one vgatherdps per 16 values) took 0.89-0.96 ms.
 // The tiles at the edges (an expert's last tokens) load and store through masks. Other ISAs
 // and types run the scalar twin's loop. transpose_rows only copies, and transpose_rows_axpy
-// rounds each sum as kernels::axpy does (one FMA on AVX-512): the same bits on every path.
+// adds with kernels::axpy itself: the same bits on every path.
 #include <algorithm>
 #include <cstddef>
 
@@ -100,28 +100,29 @@ void transpose_rows(RowOf&& row, std::size_t n, std::size_t m, T* dst, std::size
 /// out(i)[j] = fma(scale(i), row(j)[i], out(i)[j]) for i < m, j < n: the n rows row(0), ...,
 /// row(n - 1) (each at least m long) as columns, column i scaled by scale(i) and added to the row
 /// out(i) (n long; `out` maps an index to a pointer, `scale` to a factor). Each sum is rounded
-/// as kernels::axpy rounds it, so adding a column here gives the bits axpy(scale(i), column,
+/// as kernels::axpy rounds it: adding a column here gives the bits axpy(scale(i), column,
 /// out(i)) gives.
 /// The out(i) must be distinct rows that overlap neither each other nor the rows read.
 template <class Arch = default_arch, class T, class RowOf, class ScaleOf, class OutOf>
 void transpose_rows_axpy(RowOf&& row, std::size_t n, std::size_t m, ScaleOf&& scale, OutOf&& out) {
 #if SPEX_SIMD && defined(__AVX512F__)
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
-    // The sums as axpy rounds them: a whole tile's 16 values of a row as its vector body does
-    // (xsimd::fma, which the compiler fuses when it optimizes and not otherwise), the values of
-    // a tile at the row's end as its scalar tail does (madd: fused, the target has FMA).
-    using B = xsimd::batch<float, Arch>;
-    detail::for_each_transposed_tile(row, n, m, [&](std::size_t i0, std::size_t j0, std::size_t rows, std::size_t cols, const __m512* r) {
-      const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
-      for (std::size_t c = 0; c < cols; ++c) {
-        float* o = out(i0 + c) + j0;
-        const float a = scale(i0 + c);
-        if (rows == 16)
-          xsimd::fma(B(a), B(r[c]), B::load_unaligned(o)).store_unaligned(o);
-        else
-          _mm512_mask_storeu_ps(o, row_mask, _mm512_fmadd_ps(_mm512_set1_ps(a), r[c], _mm512_maskz_loadu_ps(row_mask, o)));
+    // 16 columns at a time transposed into rows of a buffer on the stack (L1), each then added
+    // to its out row by axpy itself, so the adds run along whole rows. Adding each 16 x 16 tile
+    // as it left the registers touched one line of 16 rows at a time: over rows out of cache
+    // (an MoE's output rows at 4096 tokens) 1.05-1.10x slower (docs/performance.md, "MoE
+    // experts"). The first lines of the 16 rows are prefetched before the transpose.
+    constexpr std::size_t kCols = 16, kChunk = 512;
+    alignas(64) float buf[kCols * kChunk];
+    for (std::size_t i0 = 0; i0 < m; i0 += kCols) {
+      const std::size_t cols = std::min(kCols, m - i0);
+      for (std::size_t j0 = 0; j0 < n; j0 += kChunk) {
+        const std::size_t count = std::min(kChunk, n - j0);
+        for (std::size_t i = 0; i < cols; ++i) prefetch_lines(out(i0 + i) + j0, 4);
+        transpose_rows<Arch>([&](std::size_t j) { return row(j0 + j) + i0; }, count, cols, buf, kChunk);
+        for (std::size_t i = 0; i < cols; ++i) axpy<Arch>(scale(i0 + i), buf + i * kChunk, out(i0 + i) + j0, count);
       }
-    });
+    }
     return;
   }
 #endif
