@@ -109,9 +109,10 @@ void transpose_rows_axpy(RowOf&& row, std::size_t n, std::size_t m, ScaleOf&& sc
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
     // 16 columns at a time transposed into rows of a buffer on the stack (L1), each then added
     // to its out row by axpy itself, so the adds run along whole rows. Adding each 16 x 16 tile
-    // as it left the registers touched one line of 16 rows at a time: over rows out of cache
-    // (an MoE's output rows at 4096 tokens) 1.05-1.10x slower (docs/performance.md, "MoE
-    // experts"). The first lines of the 16 rows are prefetched before the transpose.
+    // as it left the registers touched one line of 16 rows at a time, which over rows out of
+    // cache made an MoE forward at 4096 tokens take 1.05-1.10x its time with this buffer
+    // (docs/performance.md, "MoE experts"). The first lines of the 16 rows are prefetched
+    // before the transpose.
     constexpr std::size_t kCols = 16, kChunk = 512;
     alignas(64) float buf[kCols * kChunk];
     for (std::size_t i0 = 0; i0 < m; i0 += kCols) {
