@@ -64,25 +64,30 @@ inline xsimd::batch<float, Arch> load_i8(const std::int8_t* p) {
   return xsimd::batch_cast<float>(xsimd::load_as<std::int32_t, Arch>(p, xsimd::unaligned_mode()));
 }
 
+/// Rows per pass of both compact kinds: eight where the 32 AVX-512 registers hold their 16
+/// accumulators, four elsewhere (16 registers).
+template <class Arch>
+inline constexpr std::size_t kCompactRowsPerPass = std::is_base_of<xsimd::avx512f, Arch>::value ? 8 : 4;
+
 /// Compact rows for the row gathers (kernels/gather.hpp, detail::rows_gather_dot and _axpy):
 /// widened to float W values at a time (`batch`) or one (`one`), never touched ahead (on an
 /// Intel Xeon VM the step without the touch loads ran 1.08-1.09x (int8) and 0.99-1.23x (bf16) as
-/// fast, in two sets of alternations; on AMD CPUs there are none). Eight rows per pass where the
-/// 32 AVX-512 registers hold their 16 accumulators, four elsewhere (16 registers). bf16 rows on
-/// AMD CPUs have only their first line prefetched, as float rows (prefetch_first_line_only);
-/// int8 rows, and bf16 rows elsewhere, every line. Measured (docs/performance.md, "Gather
-/// kernels"): on an AMD EPYC of family 26 (Zen 5), eight bf16 rows per pass with the first line
-/// took PEER's bf16 step from 0.88x to 0.76x the float step's time (medians of three processes;
-/// 1.36x as fast in one program over uniform picks), where the int8 step with the first line
-/// only was 1.6x slower in the layer (1.2x faster over uniform picks); on an Intel Xeon eight
-/// int8 rows per pass ran 1.5x as fast as four, eight bf16 rows as fast as four.
+/// fast, in two sets of alternations; on AMD CPUs there are none), kCompactRowsPerPass rows per
+/// pass. bf16 rows on AMD CPUs have only their first line prefetched, as float rows
+/// (prefetch_first_line_only); int8 rows, and bf16 rows elsewhere, every line. Measured
+/// (docs/performance.md, "Gather kernels"): on an AMD EPYC of family 26 (Zen 5), eight bf16 rows
+/// per pass with the first line took PEER's bf16 step from 0.88x to 0.76x the float step's time
+/// (medians of three processes; 1.36x as fast in one program over uniform picks), where the int8
+/// step with the first line only was 1.6x slower in the layer (1.2x faster over uniform picks);
+/// on an Intel Xeon eight int8 rows per pass ran 1.5x as fast as four, eight bf16 rows as fast
+/// as four.
 template <class Arch>
 struct Bf16Rows {
   static xsimd::batch<float, Arch> batch(const std::uint16_t* p) { return load_bf16<Arch>(p); }
   static float one(std::uint16_t v) { return scalar::bf16_to_float(v); }
   static constexpr RowLines lines = RowLines::first_on_amd;
   static constexpr bool touch_ahead = false;
-  static constexpr std::size_t rows_per_pass = std::is_base_of<xsimd::avx512f, Arch>::value ? 8 : 4;
+  static constexpr std::size_t rows_per_pass = kCompactRowsPerPass<Arch>;
 };
 template <class Arch>
 struct I8Rows {
@@ -90,7 +95,7 @@ struct I8Rows {
   static float one(std::int8_t v) { return float(v); }
   static constexpr RowLines lines = RowLines::all;
   static constexpr bool touch_ahead = false;
-  static constexpr std::size_t rows_per_pass = std::is_base_of<xsimd::avx512f, Arch>::value ? 8 : 4;
+  static constexpr std::size_t rows_per_pass = kCompactRowsPerPass<Arch>;
 };
 
 // The compact gathers walk several rows per pass, as the float gathers do (they are the same

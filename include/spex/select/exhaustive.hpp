@@ -139,10 +139,8 @@ class ExhaustiveTopK {
 
  private:
   bool bf16_tiles_for(Index batch, Index n_keys, Index d) const {
-    if (!std::is_same<T, float>::value || bf16_tiles_ == Bf16Tiles::never || !kernels::bf16_tiles_ready()) return false;
-    return bf16_tiles_ == Bf16Tiles::always ||
-           (kernels::bf16_scores_by_default() && batch >= kBf16TilesMinQueries && n_keys >= kBf16TilesMinKeys &&
-            d >= kBf16TilesMinDim);
+    return scores_in_bf16<T>(bf16_tiles_,
+                             batch >= kBf16TilesMinQueries && n_keys >= kBf16TilesMinKeys && d >= kBf16TilesMinDim);
   }
 
   // Per thread: a block of queries and a block of keys in bf16, the tile scores, a row's bounds.

@@ -277,10 +277,8 @@ class ProductKeys {
 
   /// Whether a search of `batch` queries scores its sub-keys with bf16 tiles.
   bool bf16_tiles_for(Index batch) const {
-    if (!std::is_same<T, float>::value || bf16_tiles_ == Bf16Tiles::never || !kernels::bf16_tiles_ready()) return false;
-    return bf16_tiles_ == Bf16Tiles::always ||
-           (kernels::bf16_scores_by_default() && batch >= kBf16TilesMinQueries && n() >= kBf16TilesMinKeys &&
-            c1_.cols() >= kBf16TilesMinHalf);
+    return scores_in_bf16<T>(bf16_tiles_,
+                             batch >= kBf16TilesMinQueries && n() >= kBf16TilesMinKeys && c1_.cols() >= kBf16TilesMinHalf);
   }
 
   // Each query half's top-k into ws.list_v / list_i as the GEMM path makes them, from bf16
