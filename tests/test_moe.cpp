@@ -289,6 +289,77 @@ TEST_CASE("MoE inference over experts run side by side reuses one cache: the ref
   }
 }
 
+TEST_CASE("MoE training runs experts with many tokens feature-major: y and every gradient those of token-major sub-batches",
+          "[remoe]") {
+  // The whole batch gives experts kFeatureMajorTokens or more tokens (at 90 tokens some, the
+  // others run token-major beside them; at 1100 all, the biggest in two blocks or more where the
+  // build runs such experts feature-major), sub-batches of 8 tokens fewer: forward then runs
+  // them token-major. Backward accumulates, so the sub-batches' gradients
+  // add up to the batch's (no batch-level loss term: lambda 0, no aux loss).
+  using Ffn = FfnExperts<double>;
+  for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu})
+    for (Index batch : {Index(90), Index(1100)}) {
+      CAPTURE(to_string(ffn), batch);
+      MoEConfig cfg = small_config(ffn);
+      cfg.d_in = 9;
+      cfg.hidden = 20;
+      cfg.experts_per_token = 1;
+      cfg.aux_coeff = 0;
+      const RowMat<double> x = randn_mat(batch, cfg.d_in, 11), dy = randn_mat(batch, cfg.d_in, 12);
+      auto check = [&](auto&& moe) {
+        using Layer = std::decay_t<decltype(moe)>;
+        const int threads_before = max_threads();
+        RowMat<double> y[2], dx[2];
+        std::vector<typename Layer::Grads> grads;
+        for (int threads : {1, 2}) {
+          set_num_threads(threads);
+          typename Layer::Cache cache;
+          grads.push_back(moe.make_grads());
+          y[threads - 1].resize(batch, cfg.d_in);
+          dx[threads - 1].resize(batch, cfg.d_in);
+          moe.forward(x, y[threads - 1], cache);
+          moe.backward(dy, dx[threads - 1], cache, grads.back());
+          Index most = 0, feature_major = 0;
+          for (Index e = 0; e < moe.n_experts(); ++e) {
+            feature_major += Ffn::runs_feature_major(cache.groups.count(e));
+            most = std::max(most, cache.groups.count(e));
+          }
+          CHECK(feature_major >= (batch > 1000 ? moe.n_experts() : 1));
+          if (Ffn::runs_feature_major(2 * Ffn::kFeatureMajorBlockTokens) && batch > 1000) CHECK(Ffn::feature_major_blocks(most) >= 2);
+        }
+        set_num_threads(threads_before);
+        CHECK(y[0] == y[1]);  // the same bits on any number of threads
+        CHECK(dx[0] == dx[1]);
+        CHECK(grads[0].experts.w1 == grads[1].experts.w1);
+        CHECK(grads[0].experts.w2 == grads[1].experts.w2);
+
+        auto sub = moe.make_grads();
+        typename Layer::Cache cache;
+        for (Index t0 = 0; t0 < batch; t0 += 8) {
+          const Index n = std::min<Index>(8, batch - t0);
+          RowMat<double> ys(n, cfg.d_in), dxs(n, cfg.d_in);
+          moe.forward(x.middleRows(t0, n), ys, cache);
+          for (Index e = 0; e < moe.n_experts(); ++e) REQUIRE(!Ffn::runs_feature_major(cache.groups.count(e)));
+          moe.backward(dy.middleRows(t0, n), dxs, cache, sub);
+          CHECK((ys - y[0].middleRows(t0, n)).cwiseAbs().maxCoeff() < 1e-12);
+          CHECK((dxs - dx[0].middleRows(t0, n)).cwiseAbs().maxCoeff() < 1e-12);
+        }
+        const auto whole = moe.parameters(grads[0]), parts = moe.parameters(sub);
+        REQUIRE(whole.size() == parts.size());
+        for (std::size_t i = 0; i < whole.size(); ++i) {
+          CAPTURE(whole[i].name);
+          const double scale = std::max(1.0, whole[i].grad_map().cwiseAbs().maxCoeff());
+          CHECK((whole[i].grad_map() - parts[i].grad_map()).cwiseAbs().maxCoeff() < 1e-12 * scale);
+          CHECK(whole[i].grad_map().cwiseAbs().maxCoeff() > 0);
+        }
+      };
+      ReMoE relu(cfg, 21);
+      relu.set_lambda(0);
+      check(relu);
+      check(TopKMoE(cfg, 22));
+    }
+}
+
 TEST_CASE("MoE gradients match finite differences: ReLU router with every penalty", "[remoe][gradcheck]") {
   for (FfnKind ffn : {FfnKind::gelu, FfnKind::swiglu})
     for (Penalty p : {Penalty::none, Penalty::l1, Penalty::l1_lb, Penalty::l1_lb_spare_top}) {

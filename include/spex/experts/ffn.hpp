@@ -5,8 +5,8 @@
 // the a half, then the b half) and W2 is (E * d_out) x hidden; expert e owns a block of rows
 // of each. Tokens are grouped per expert (a counting sort), gathered into one contiguous
 // block per expert and run through that expert as two GEMMs: never one GEMV per token.
-// Inference runs an expert with many tokens feature-major, in blocks of 128 to 255 tokens
-// (FfnExperts::infer).
+// An expert with many tokens runs feature-major, in blocks of 128 to 255 tokens (FfnExperts::infer;
+// forward too, keeping its rows for backward).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -120,9 +120,10 @@ class FfnExperts {
     // Rows and columns as the call needs them or more: the buffers only grow (see infer).
     RowMat<T> xg, h, a, yg;  // per routed row: gathered input, pre-activations, activations, output
     RowMat<T> dyg, da, dh, dxg;
-    // infer's feature-major scratch, one slot per thread that runs experts: an expert's xg, h, a
-    // and yg transposed (a column per token, rows feature_major_stride(count) apart), reused
-    // expert after expert so that it stays in the thread's cache (see FeatureMajorSlot).
+    // forward's and infer's feature-major scratch, one slot per thread that runs experts: an
+    // expert's xg, h, a and yg transposed (a column per token, rows feature_major_stride(count)
+    // apart), reused expert after expert so that it stays in the thread's cache (see
+    // FeatureMajorSlot).
     Vec<T> fm_scratch;
     Index fm_slot_stride = 0;  // a slot's columns: the widest block's stride so far and more (only grows)
     // infer's token-major scratch, one slot per thread that runs experts: an expert's xg, h and
@@ -131,9 +132,9 @@ class FfnExperts {
     // infer's blocks in expert order (adds_in_expert_order).
     std::vector<BlockTask> blocks;
   };
-  /// infer runs an expert feature-major from this many tokens on (fewer: as forward does).
+  /// forward and infer run an expert feature-major from this many tokens on (fewer: token-major).
   static constexpr Index kFeatureMajorTokens = 16;
-  /// Whether infer runs an expert of n tokens feature-major: from kFeatureMajorTokens on, except
+  /// Whether forward and infer run an expert of n tokens feature-major: from kFeatureMajorTokens on, except
   /// where a CBLAS with AVX-512 kernels serves the products and libxsmm does not: there from
   /// kGemmTileRows tokens on x W1ᵀ's packed copy of the weights pays for itself (docs/performance.md,
   /// "MoE experts: what was tried"). Decided from the shape, the build, the CPU and the
@@ -243,8 +244,12 @@ class FfnExperts {
   }
 
   /// y (B x d_out, assigned) = sum_e gates(t, e) FFN_e(x_t) over the active pairs of `groups`
-  /// (built from the same gates), keeping in `c` what backward needs. Parallel over experts;
-  /// each expert's GEMMs single-threaded.
+  /// (built from the same gates), keeping in `c` what backward needs: each pair's rows of xg, h,
+  /// a and yg. Parallel over experts; each expert's GEMMs single-threaded. An expert with enough
+  /// tokens (runs_feature_major) runs feature-major as in infer, its rows then copied from the
+  /// transposed blocks: its products take the weights as stored, where x W1ᵀ and a W2ᵀ packed a
+  /// copy of them per call (1.16x faster at E 64 and 1.25x at E 8, 512 tokens: docs/performance.md,
+  /// "MoE experts: what was tried"). y has the same bits on any number of threads.
   void forward(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
     check_forward_args(x, gates, y);
     const Index rows = groups.rows();  // the buffers only grow (see infer)
@@ -252,8 +257,17 @@ class FfnExperts {
     grow_rows(c.h, rows, h1());
     grow_rows(c.a, rows, hidden_);
     grow_rows(c.yg, rows, d_out_);
-    for_each_expert(groups, [&](Index e, int) {
+    const Index slots = experts_in_parallel(groups) ? Index(max_threads()) : 1;
+    grow_feature_major_slots(groups, slots, c);
+    for_each_expert(groups, [&](Index e, int slot) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
+      if (runs_feature_major(n)) {
+        const Index blocks = feature_major_blocks(n);
+        for (Index b = 0; b < blocks; ++b)
+          run_feature_major(x, groups, e, block_first(n, blocks, b), block_tokens(n, blocks, b), feature_major_slot(c, slot), c,
+                            std::nullopt, /*token_rows=*/true);
+        return;
+      }
       run_token_major(x, groups, e, c.xg.middleRows(r0, n), c.h.middleRows(r0, n), c.a.middleRows(r0, n), c);
     });
     combine(gates, groups, y, c);
@@ -271,15 +285,9 @@ class FfnExperts {
   void infer(CMatRef<T> x, CMatRef<T> gates, const ExpertGroups& groups, MatRef<T> y, Cache& c) const {
     check_forward_args(x, gates, y);
     const Index n_e = Index(groups.offsets.size()) - 1;
-    Index token_major = 0, widest = 0;  // the most tokens of a token-major expert; the widest feature-major block's stride
-    for (Index e = 0; e < n_e; ++e) {
-      const Index n = groups.count(e);
-      if (!runs_feature_major(n)) {
-        token_major = std::max(token_major, n);
-        continue;
-      }
-      widest = std::max(widest, feature_major_stride(block_tokens(n, feature_major_blocks(n), 0)));
-    }
+    Index token_major = 0;  // the most tokens of a token-major expert
+    for (Index e = 0; e < n_e; ++e)
+      if (!runs_feature_major(groups.count(e))) token_major = std::max(token_major, groups.count(e));
     const bool in_expert_order = adds_in_expert_order(groups, max_threads()) &&
                                  !detail::operands_overlap(detail::gemm_operand(x), detail::gemm_operand(y));
     // The buffers only grow: the routed rows and the feature-major columns change from batch to
@@ -287,15 +295,12 @@ class FfnExperts {
     // them by row and offset, never by their sizes.
     if (!in_expert_order) grow_rows(c.yg, groups.rows(), d_out_);
     const Index threads = in_expert_order || experts_in_parallel(groups) ? Index(max_threads()) : 1;
-    if (widest > c.fm_slot_stride) c.fm_slot_stride = feature_major_stride(widest + widest / 8);
-    // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
-    // zeroed, and after that they hold what earlier products wrote there.
-    grow(c.fm_scratch, (widest == 0 ? 0 : threads) * fm_slot_size(c), Fill::zeros);
+    grow_feature_major_slots(groups, threads, c);
     // A token-major expert's xg, h and a in its thread's slot, which stays in cache from expert
     // to expert, where whole-batch buffers (forward's, kept for backward) went to memory and back.
     const Index tm_slot = token_major * (d_ + h1() + hidden_);
     grow(c.tm_scratch, threads * tm_slot);
-    auto fm_slot = [&](int slot) { return FeatureMajorSlot{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride}; };
+    auto fm_slot = [&](int slot) { return feature_major_slot(c, slot); };
     if (in_expert_order) {
       add_blocks_in_expert_order(x, gates, groups, y, threads, fm_slot, c);
       return;
@@ -493,15 +498,33 @@ class FfnExperts {
   };
   /// Values in one FeatureMajorSlot of c.
   Index fm_slot_size(const Cache& c) const { return c.fm_slot_stride * (d_ + h1() + hidden_ + d_out_); }
+  /// Thread `slot`'s FeatureMajorSlot of c.
+  FeatureMajorSlot feature_major_slot(Cache& c, int slot) const {
+    return FeatureMajorSlot{c.fm_scratch.data() + slot * fm_slot_size(c), c.fm_slot_stride};
+  }
+  /// `slots` feature-major slots in c wide enough for the blocks of every expert of `groups` that
+  /// runs feature-major (none when no expert does).
+  void grow_feature_major_slots(const ExpertGroups& groups, Index slots, Cache& c) const {
+    Index widest = 0;  // the widest block's stride
+    for (Index e : groups.by_size)
+      if (const Index n = groups.count(e); runs_feature_major(n))
+        widest = std::max(widest, feature_major_stride(block_tokens(n, feature_major_blocks(n), 0)));
+    if (widest > c.fm_slot_stride) c.fm_slot_stride = feature_major_stride(widest + widest / 8);
+    // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
+    // zeroed, and after that they hold what earlier products wrote there.
+    grow(c.fm_scratch, (widest == 0 ? 0 : slots) * fm_slot_size(c), Fill::zeros);
+  }
 
   /// Rows [first, first + n) of expert e's rows of c.yg, feature-major: those tokens gathered as
   /// the columns of xᵀ in the slot, hᵀ = W1 xᵀ, aᵀ = act(hᵀ), yᵀ = W2 aᵀ, then yᵀ's columns copied
   /// to the rows of c.yg, or with `add` each column times its gate added to its token's row of y.
+  /// With `token_rows` (forward) the same rows of c.xg, c.h and c.a get the gathered inputs,
+  /// pre-activations and activations, which backward reads.
   /// The slot is the calling thread's (or the one all threads share when the experts run one
   /// after the other), reused by its next expert: the blocks stay in cache between the steps,
   /// where one block per expert over the whole batch went to memory (tens of MB at 512 tokens).
   void run_feature_major(CMatRef<T> x, const ExpertGroups& groups, Index e, Index first, Index n, FeatureMajorSlot slot,
-                         Cache& c, std::optional<AddTo> add = std::nullopt) const {
+                         Cache& c, std::optional<AddTo> add = std::nullopt, bool token_rows = false) const {
     const Index r0 = groups.offsets[e] + first, stride = feature_major_stride(n);
     T* next = slot.data;
     auto block = [&](Index rows) {  // the next rows x n block of the slot
@@ -521,6 +544,12 @@ class FfnExperts {
     };
     auto u = [](Index i) { return static_cast<std::size_t>(i); };
     by_token_blocks([&](Index t0, Index count) {
+      if (token_rows) {  // backward reads xg: the rows copied, then transposed from there
+        for (Index j = 0; j < count; ++j) c.xg.row(r0 + t0 + j) = x.row(groups.token[r0 + t0 + j]);
+        kernels::transpose_rows<Arch>([&](std::size_t j) { return &c.xg(r0 + t0 + Index(j), 0); }, u(count), u(d_),
+                                      &xt(0, t0), u(stride));
+        return;
+      }
       kernels::transpose_rows<Arch>([&](std::size_t j) { return x.row(groups.token[r0 + t0 + Index(j)]).data(); }, u(count),
                                     u(d_), &xt(0, t0), u(stride));
     });
@@ -532,6 +561,13 @@ class FfnExperts {
     const bool glu = kind_ == FfnKind::swiglu;
     const Index width = round_up_to_lines(n);
     parallel_for(hidden_, [&](Index i, int) { activate(&ht(i, 0), glu ? &ht(hidden_ + i, 0) : nullptr, &at(i, 0), width); });
+    if (token_rows)  // backward reads h and a by rows
+      by_token_blocks([&](Index t0, Index count) {
+        kernels::transpose_rows<Arch>([&](std::size_t j) { return &ht(Index(j), t0); }, u(h1()), u(count), &c.h(r0 + t0, 0),
+                                      u(c.h.cols()));
+        kernels::transpose_rows<Arch>([&](std::size_t j) { return &at(Index(j), t0); }, u(hidden_), u(count), &c.a(r0 + t0, 0),
+                                      u(c.a.cols()));
+      });
     gemm(yt, w2_.middleRows(e * d_out_, d_out_), at, false);
     if (add)  // wait for the experts before this one
       while (add->added->load(std::memory_order_acquire) < add->before) {
