@@ -491,45 +491,58 @@ TEST_CASE("a token with no active expert probes its largest logit: y unchanged, 
 
 TEST_CASE("ExpertGroups: per expert its gated pairs in token order, then its pairs of gate 0, row_of and token agreeing",
           "[remoe]") {
-  const Index b = 40, e_n = 6;
-  RowMat<double> gates = randn_mat(b, e_n, 31).cwiseMax(0.0);  // about half the pairs active
-  std::vector<Index> probes(static_cast<std::size_t>(b), -1);
-  for (Index t = 0; t < b; t += 3) {
-    gates.row(t).setZero();  // a token with no active expert probes one
-    probes[static_cast<std::size_t>(t)] = (t * 5) % e_n;
-  }
-  // An expert-parallel owner's form: the pairs apart from their gates (probes: a pair of gate 0).
-  RowMat<unsigned char> pairs(b, e_n);
-  for (Index t = 0; t < b; ++t)
-    for (Index e = 0; e < e_n; ++e) pairs(t, e) = gates(t, e) != 0 || probes[static_cast<std::size_t>(t)] == e;
-  ExpertGroups from_gates, from_pairs;
-  from_gates.build(gates, probes);
-  from_pairs.build(pairs, gates);
-  for (const ExpertGroups* g : {&from_gates, &from_pairs}) {
-    Index rows = 0;
-    for (Index e = 0; e < e_n; ++e) {
-      CAPTURE(e);
-      std::vector<Index> want_gated, want_zero;
-      for (Index t = 0; t < b; ++t) {
-        if (gates(t, e) != 0) want_gated.push_back(t);
-        else if (probes[static_cast<std::size_t>(t)] == e) want_zero.push_back(t);
-      }
-      REQUIRE(g->count(e) == Index(want_gated.size() + want_zero.size()));
-      REQUIRE(g->gated(e) == Index(want_gated.size()));
-      std::vector<Index> want = want_gated;
-      want.insert(want.end(), want_zero.begin(), want_zero.end());
-      for (Index i = 0; i < g->count(e); ++i) {
-        const Index r = g->offsets[static_cast<std::size_t>(e)] + i, t = want[static_cast<std::size_t>(i)];
-        CHECK(g->token[static_cast<std::size_t>(r)] == t);
-        CHECK(g->row_of(t, e) == r);
-      }
-      rows += g->count(e);
+  // Expert counts below one SIMD vector, of whole vectors, of one 64-bit mask word and of several
+  // (build reads each token's row into masks of 64 experts).
+  for (Index e_n : {6, 16, 64, 70, 131}) {
+    CAPTURE(e_n);
+    const Index b = 40;
+    RowMat<double> gates = randn_mat(b, e_n, 31).cwiseMax(0.0);  // about half the pairs active
+    std::vector<Index> probes(static_cast<std::size_t>(b), -1);
+    for (Index t = 0; t < b; t += 3) {
+      gates.row(t).setZero();  // a token with no active expert probes one
+      probes[static_cast<std::size_t>(t)] = (t * 5 + t / 3 * 61) % e_n;
     }
-    CHECK(g->rows() == rows);
-    CHECK((g->row_of.array() >= 0).count() == rows);  // every other entry is -1
-    CHECK(g->row_of.minCoeff() >= -1);
+    // An expert-parallel owner's form: the pairs apart from their gates (probes: a pair of gate 0).
+    RowMat<unsigned char> pairs(b, e_n);
+    for (Index t = 0; t < b; ++t)
+      for (Index e = 0; e < e_n; ++e) pairs(t, e) = gates(t, e) != 0 || probes[static_cast<std::size_t>(t)] == e;
+    ExpertGroups from_gates, from_pairs, from_float, from_col_major;
+    from_gates.build(gates, probes);
+    from_pairs.build(pairs, gates);
+    from_float.build(RowMat<float>(gates.cast<float>()), probes);                    // float rows: the SIMD masks
+    from_col_major.build(Eigen::MatrixXd(gates), probes);                            // no contiguous rows: entry by entry
+    for (const ExpertGroups* g : {&from_gates, &from_pairs}) {
+      Index rows = 0;
+      for (Index e = 0; e < e_n; ++e) {
+        CAPTURE(e);
+        std::vector<Index> want_gated, want_zero;
+        for (Index t = 0; t < b; ++t) {
+          if (gates(t, e) != 0) want_gated.push_back(t);
+          else if (probes[static_cast<std::size_t>(t)] == e) want_zero.push_back(t);
+        }
+        REQUIRE(g->count(e) == Index(want_gated.size() + want_zero.size()));
+        REQUIRE(g->gated(e) == Index(want_gated.size()));
+        std::vector<Index> want = want_gated;
+        want.insert(want.end(), want_zero.begin(), want_zero.end());
+        for (Index i = 0; i < g->count(e); ++i) {
+          const Index r = g->offsets[static_cast<std::size_t>(e)] + i, t = want[static_cast<std::size_t>(i)];
+          CHECK(g->token[static_cast<std::size_t>(r)] == t);
+          CHECK(g->row_of(t, e) == r);
+        }
+        rows += g->count(e);
+      }
+      CHECK(g->rows() == rows);
+      CHECK((g->row_of.array() >= 0).count() == rows);  // every other entry is -1
+      CHECK(g->row_of.minCoeff() >= -1);
+    }
+    for (const ExpertGroups* g : {&from_pairs, &from_float, &from_col_major}) {
+      CHECK(g->row_of == from_gates.row_of);
+      CHECK(g->token == from_gates.token);
+      CHECK(g->offsets == from_gates.offsets);
+      CHECK(g->by_size == from_gates.by_size);
+      for (Index e = 0; e < e_n; ++e) CHECK(g->gated(e) == from_gates.gated(e));
+    }
   }
-  CHECK(from_pairs.row_of == from_gates.row_of);
 }
 
 TEST_CASE("the load-balanced penalty is the Switch formula with P := R, and f = 1 when balanced", "[remoe]") {

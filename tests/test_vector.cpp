@@ -46,6 +46,27 @@ TEST_CASE("max skips NaN and is -inf on an empty range", "[kernels]") {
   CHECK(kernels::max(v.data(), 0) == -std::numeric_limits<float>::infinity());
 }
 
+TEMPLATE_TEST_CASE("nonzero_bits sets the bit of every entry that is not 0, NaN included, on every length to 64", "[kernels]", float,
+                   double) {
+  using T = TestType;
+  std::vector<T> x(65);
+  for (std::size_t off : {0, 1})
+    for (std::size_t n = 0; n <= 64; ++n) {
+      CAPTURE(n, off);
+      // Zeros (+0 and -0), values, a NaN and an infinity, in a pattern that moves with n.
+      std::uint64_t want = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::size_t kind = (i * 7 + n) % 6;
+        T& v = x[off + i];
+        v = kind == 0 ? T(0) : kind == 1 ? -T(0) : kind == 2 ? std::numeric_limits<T>::quiet_NaN()
+            : kind == 3 ? std::numeric_limits<T>::infinity() : kind == 4 ? T(1e-30) : T(-2.5);
+        if (kind >= 2) want |= std::uint64_t(1) << i;
+      }
+      CHECK(kernels::nonzero_bits(x.data() + off, n) == want);
+      CHECK(kernels::scalar::nonzero_bits(x.data() + off, n) == want);
+    }
+}
+
 TEMPLATE_TEST_CASE("scale_to matches the scalar twin", "[kernels]", float, double) {
   using T = TestType;
   for (std::size_t off : {0, 1})

@@ -59,20 +59,30 @@ struct ExpertGroups {
   }
   /// Groups the pairs where `pairs` is not 0 and the probes; `gates` (the same shape) says which
   /// of them are gated (an expert-parallel owner's received pairs, whose probes have gate 0).
+  /// Each token's row is read once into bit masks (its active and gated experts), and the
+  /// counting and placing then visit only the set bits: a scan of every (token, expert) entry
+  /// with a branch each took 1.1 ms at 4096 tokens x 64 experts, serial inside the forward.
   template <class DerivedP, class DerivedG>
   void build(const Eigen::MatrixBase<DerivedP>& pairs, const Eigen::MatrixBase<DerivedG>& gates,
              const std::vector<Index>& probes = {}) {
-    const Index b = pairs.rows(), n_e = pairs.cols();
-    auto active = [&](Index t, Index e) { return pairs(t, e) != 0 || (!probes.empty() && probes[static_cast<std::size_t>(t)] == e); };
+    const Index b = pairs.rows(), n_e = pairs.cols(), words = (n_e + 63) / 64;
     auto u = [](Index i) { return static_cast<std::size_t>(i); };
     offsets.assign(u(n_e + 1), 0);
     gated_.assign(u(n_e), 0);
-    for (Index t = 0; t < b; ++t)
-      for (Index e = 0; e < n_e; ++e)
-        if (active(t, e)) {
-          ++offsets[u(e + 1)];
-          gated_[u(e)] += gates(t, e) != 0;
-        }
+    active_bits_.resize(u(b * words));
+    gated_bits_.resize(u(b * words));
+    for (Index t = 0; t < b; ++t) {
+      const Index probe = probes.empty() ? -1 : probes[u(t)];
+      for (Index w = 0; w < words; ++w) {
+        const Index e0 = 64 * w, m = std::min<Index>(64, n_e - e0);
+        const std::uint64_t probe_bit = probe >= e0 && probe < e0 + m ? std::uint64_t(1) << (probe - e0) : 0;
+        const std::uint64_t active = nonzero_bits(pairs, t, e0, m) | probe_bit, gated = active & nonzero_bits(gates, t, e0, m);
+        active_bits_[u(t * words + w)] = active;
+        gated_bits_[u(t * words + w)] = gated;
+        for_each_bit(active, [&](Index j) { ++offsets[u(e0 + j + 1)]; });
+        for_each_bit(gated, [&](Index j) { ++gated_[u(e0 + j)]; });
+      }
+    }
     for (Index e = 0; e < n_e; ++e) offsets[u(e + 1)] += offsets[u(e)];
     token.resize(u(offsets[u(n_e)]));
     row_of.resize(b, n_e);
@@ -83,16 +93,18 @@ struct ExpertGroups {
       next[u(2 * e)] = offsets[u(e)];
       next[u(2 * e + 1)] = offsets[u(e)] + gated_[u(e)];
     }
-    for (Index t = 0; t < b; ++t)
-      for (Index e = 0; e < n_e; ++e) {
-        if (active(t, e)) {
-          Index& row = next[u(2 * e + (gates(t, e) != 0 ? 0 : 1))];
+    for (Index t = 0; t < b; ++t) {
+      row_of.row(t).setConstant(-1);
+      for (Index w = 0; w < words; ++w) {
+        const std::uint64_t gated = gated_bits_[u(t * words + w)];
+        for_each_bit(active_bits_[u(t * words + w)], [&](Index j) {
+          const Index e = 64 * w + j;
+          Index& row = next[u(2 * e + ((gated >> j) & 1 ? 0 : 1))];
           row_of(t, e) = row;
           token[u(row++)] = t;
-        } else {
-          row_of(t, e) = -1;
-        }
+        });
       }
+    }
     by_size.clear();
     for (Index e = 0; e < n_e; ++e)
       if (count(e) > 0) by_size.push_back(e);
@@ -100,8 +112,29 @@ struct ExpertGroups {
   }
 
  private:
+  /// Bit j set iff m(t, e0 + j) != 0, for j < count <= 64: one SIMD compare per vector where
+  /// the row is contiguous floats or doubles (a gate matrix), one entry at a time otherwise.
+  template <class Derived>
+  static std::uint64_t nonzero_bits(const Eigen::MatrixBase<Derived>& m, Index t, Index e0, Index count) {
+    using S = typename Derived::Scalar;
+    constexpr bool direct_rows = (int(Derived::Flags) & Eigen::DirectAccessBit) && (int(Derived::Flags) & Eigen::RowMajorBit);
+    if constexpr (kernels::is_simd_scalar_v<S> && direct_rows) {
+      if (m.innerStride() == 1)
+        return kernels::nonzero_bits(m.derived().data() + t * m.outerStride() + e0, static_cast<std::size_t>(count));
+    }
+    std::uint64_t bits = 0;
+    for (Index j = 0; j < count; ++j) bits |= std::uint64_t(m(t, e0 + j) != S(0)) << j;
+    return bits;
+  }
+  /// f(j) for every set bit j of `bits`, lowest first.
+  template <class F>
+  static void for_each_bit(std::uint64_t bits, F&& f) {
+    for (; bits != 0; bits &= bits - 1) f(Index(__builtin_ctzll(bits)));
+  }
+
   std::vector<Index> gated_;   // per expert
   std::vector<Index> cursor_;  // build's scratch
+  std::vector<std::uint64_t> active_bits_, gated_bits_;  // build's scratch: per token and 64 experts, who is active / gated
 };
 
 /// Thread safety: const methods; one cache and grads per concurrent caller.

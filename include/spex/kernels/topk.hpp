@@ -13,40 +13,6 @@
 
 namespace spex::kernels {
 
-namespace detail {
-#if SPEX_SIMD
-/// Bit l set iff lane l of `m` is true. xsimd 8.1 has no batch_bool::mask(): the x86 ISAs read
-/// the compare's mask in one instruction (AVX-512 compares yield it); other ISAs select the lane
-/// weights 2^l and add them up, exact since W <= 16 keeps the sum below 2^24.
-template <class Arch, class T>
-std::uint32_t lane_bits(const xsimd::batch_bool<T, Arch>& m) {
-  constexpr bool is_float = std::is_same<T, float>::value;
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) return static_cast<std::uint32_t>(m.data);
-#endif
-#if defined(__AVX__)
-  if constexpr (std::is_base_of<xsimd::avx, Arch>::value) {
-    if constexpr (is_float) return static_cast<std::uint32_t>(_mm256_movemask_ps(m));
-    else return static_cast<std::uint32_t>(_mm256_movemask_pd(m));
-  }
-#endif
-#if defined(__SSE2__)
-  if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
-    if constexpr (is_float) return static_cast<std::uint32_t>(_mm_movemask_ps(m));
-    else return static_cast<std::uint32_t>(_mm_movemask_pd(m));
-  }
-#endif
-  (void)is_float;
-  using B = xsimd::batch<T, Arch>;
-  constexpr std::size_t W = B::size;
-  static_assert(W <= 16, "lane_bits packs at most 16 lanes");
-  alignas(Arch::alignment()) T w[W];
-  for (std::size_t l = 0; l < W; ++l) w[l] = static_cast<T>(1u << l);
-  return static_cast<std::uint32_t>(xsimd::hadd(xsimd::select(m, B::load_aligned(w), B(T(0)))));
-}
-#endif
-}  // namespace detail
-
 /// Offers scores[0..n) with ids first_id + i to the top-k heap (vals, ids, size) of
 /// capacity k. Successive calls for one heap must pass increasing ids (blocks in order).
 /// Scores below `floor` are skipped: pass a value known to be <= the k-th best score of the

@@ -176,6 +176,26 @@ T sum(const T* x, std::size_t n) {
 #endif
 }
 
+/// Bit i set iff x[i] != 0 (NaN included), for n <= 64: which of a token's (up to 64) experts
+/// a row of gates routes it to, one compare per vector.
+template <class Arch = default_arch, class T>
+std::uint64_t nonzero_bits(const T* x, std::size_t n) {
+#if SPEX_SIMD
+  static_assert(is_simd_scalar_v<T>, "spex kernels take float or double");
+  using B = xsimd::batch<T, Arch>;
+  constexpr std::size_t W = B::size;
+  constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
+  std::uint64_t bits = 0;
+  std::size_t i = 0;
+  // Not "== 0" rather than "!= 0": xsimd's != is an ordered compare, false for NaN.
+  for (; i + W <= n; i += W) bits |= (~std::uint64_t(detail::lane_bits<Arch, T>(B::load_unaligned(x + i) == B(T(0)))) & kLanes) << i;
+  if (i < n) bits |= scalar::nonzero_bits(x + i, n - i) << i;
+  return bits;
+#else
+  return scalar::nonzero_bits(x, n);
+#endif
+}
+
 /// Largest element; -inf for n == 0. NaN elements are skipped.
 template <class Arch = default_arch, class T>
 T max(const T* x, std::size_t n) {

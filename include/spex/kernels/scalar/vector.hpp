@@ -1,6 +1,7 @@
 #pragma once
 // Scalar twins of kernels/vector.hpp: the plain reference the SIMD kernels are tested against.
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 
 namespace spex::kernels::scalar {
@@ -44,6 +45,14 @@ T max(const T* x, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i)
     if (x[i] > m) m = x[i];
   return m;
+}
+
+/// Bit i set iff x[i] != 0 (NaN included), for n <= 64.
+template <class T>
+std::uint64_t nonzero_bits(const T* x, std::size_t n) {
+  std::uint64_t bits = 0;
+  for (std::size_t i = 0; i < n; ++i) bits |= std::uint64_t(x[i] != T(0)) << i;
+  return bits;
 }
 
 }  // namespace spex::kernels::scalar
