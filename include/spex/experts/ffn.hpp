@@ -295,10 +295,7 @@ class FfnExperts {
     for_each_expert(groups, [&](Index e, int slot) {
       const Index r0 = groups.offsets[e], n = groups.count(e);
       if (runs_feature_major(n)) {
-        const Index blocks = feature_major_blocks(n);
-        for (Index b = 0; b < blocks; ++b)
-          run_feature_major(x, groups, e, block_first(n, blocks, b), block_tokens(n, blocks, b), feature_major_slot(c, slot), c,
-                            std::nullopt, /*token_rows=*/true);
+        run_feature_major_blocks(x, groups, e, feature_major_slot(c, slot), c, /*token_rows=*/true);
         return;
       }
       run_token_major(x, groups, e, c.xg.middleRows(r0, n), c.h.middleRows(r0, n), c.a.middleRows(r0, n), c);
@@ -341,9 +338,7 @@ class FfnExperts {
     for_each_expert(groups, [&](Index e, int slot) {
       const Index n = groups.count(e);
       if (runs_feature_major(n)) {
-        const Index blocks = feature_major_blocks(n);
-        for (Index b = 0; b < blocks; ++b)
-          run_feature_major(x, groups, e, block_first(n, blocks, b), block_tokens(n, blocks, b), fm_slot(slot), c);
+        run_feature_major_blocks(x, groups, e, fm_slot(slot), c, /*token_rows=*/false);
         return;
       }
       T* next = c.tm_scratch.data() + slot * tm_slot;
@@ -546,6 +541,15 @@ class FfnExperts {
     // The activation reads the padding columns of hᵀ too (run_feature_major): new storage is
     // zeroed, and after that they hold what earlier products wrote there.
     grow(c.fm_scratch, (widest == 0 ? 0 : slots) * fm_slot_size(c), Fill::zeros);
+  }
+
+  /// Expert e's feature-major blocks (feature_major_blocks) one after the other in `slot`, each
+  /// by run_feature_major, its outputs to c.yg, with `token_rows` as there.
+  void run_feature_major_blocks(CMatRef<T> x, const ExpertGroups& groups, Index e, FeatureMajorSlot slot, Cache& c,
+                                bool token_rows) const {
+    const Index n = groups.count(e), blocks = feature_major_blocks(n);
+    for (Index b = 0; b < blocks; ++b)
+      run_feature_major(x, groups, e, block_first(n, blocks, b), block_tokens(n, blocks, b), slot, c, std::nullopt, token_rows);
   }
 
   /// Rows [first, first + n) of expert e's rows of c.yg, feature-major: those tokens gathered as

@@ -187,7 +187,7 @@ std::uint64_t nonzero_bits(const T* x, std::size_t n) {
   constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
   std::uint64_t bits = 0;
   std::size_t i = 0;
-  // Not "== 0" rather than "!= 0": xsimd's != is an ordered compare, false for NaN.
+  // The lanes equal to 0, inverted: xsimd's != is an ordered compare, false for NaN.
   for (; i + W <= n; i += W) bits |= (~std::uint64_t(detail::lane_bits<Arch, T>(B::load_unaligned(x + i) == B(T(0)))) & kLanes) << i;
   if (i < n) bits |= scalar::nonzero_bits(x + i, n - i) << i;
   return bits;
