@@ -51,14 +51,28 @@ TEST_CASE("Rng is deterministic and its normals have the right moments", "[core]
   CHECK(u_max > 2.99);
 }
 
-TEST_CASE("parallel_for visits every index once and rethrows the first error", "[core]") {
-  std::vector<std::atomic<int>> hits(1000);
-  parallel_for(1000, [&](Index i, int thread) {
-    CHECK(thread >= 0);
-    CHECK(thread < max_threads());
-    hits[i]++;
-  });
-  for (auto& h : hits) CHECK(h.load() == 1);
-  CHECK_THROWS_AS(parallel_for(100, [](Index i, int) { SPEX_CHECK(i != 57, "bad index " << i); }), Error);
-  parallel_for(0, [](Index, int) { FAIL("called for an empty range"); });
+TEST_CASE("parallel_for, parallel_for_dynamic and parallel_for_balanced visit every index once and rethrow the first error",
+          "[core]") {
+  auto check = [](auto&& loop) {
+    for (const Index n : {Index(1), Index(7), Index(63), Index(64), Index(1000), Index(4099)}) {
+      std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+      std::atomic<int> bad_thread{0};
+      loop(n, [&](Index i, int thread) {
+        if (thread < 0 || thread >= max_threads()) ++bad_thread;
+        hits[static_cast<std::size_t>(i)]++;
+      });
+      CHECK(bad_thread.load() == 0);
+      for (auto& h : hits) CHECK(h.load() == 1);
+    }
+    CHECK_THROWS_AS(loop(100, [](Index i, int) { SPEX_CHECK(i != 57, "bad index " << i); }), Error);
+    loop(0, [](Index, int) { FAIL("called for an empty range"); });
+  };
+  const int threads_before = max_threads();
+  for (const int threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    check([](Index n, auto&& f) { parallel_for(n, f); });
+    check([](Index n, auto&& f) { parallel_for_dynamic(n, f); });
+    check([](Index n, auto&& f) { parallel_for_balanced(n, f); });
+  }
+  set_num_threads(threads_before);
 }

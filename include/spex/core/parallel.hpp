@@ -2,6 +2,7 @@
 // One thread pool for all of spex: OpenMP when the build has it, serial otherwise.
 // Parallelize at one level only (DESIGN.md, Threading): inside parallel_for, Eigen's GEMMs see
 // an active parallel region and run single-threaded, so the two pools never nest.
+#include <algorithm>
 #include <exception>
 #include <mutex>
 #include <utility>
@@ -36,8 +37,14 @@ inline void set_num_threads(int n) {
 #endif
 }
 
+/// Chunks per thread of parallel_for_balanced: a thread that finishes last is at most one chunk,
+/// 1/32 of its share, behind; a loop of cheap iterations hands out only 64 chunks on 2 threads.
+inline constexpr Index kChunksPerThread = 32;
+
 namespace detail {
-template <bool kDynamic, class F>
+enum class Schedule { fixed, one_at_a_time, chunks };
+
+template <Schedule kSchedule, class F>
 void parallel_for_impl(Index n, F&& f) {
   if (n <= 0) return;
 #if defined(_OPENMP)
@@ -52,8 +59,12 @@ void parallel_for_impl(Index n, F&& f) {
         if (!error) error = std::current_exception();
       }
     };
-    if (kDynamic) {
+    if (kSchedule == Schedule::one_at_a_time) {
 #pragma omp parallel for schedule(dynamic, 1)
+      for (Index i = 0; i < n; ++i) guarded(i);
+    } else if (kSchedule == Schedule::chunks) {
+      const Index chunk = std::max<Index>(1, n / (kChunksPerThread * max_threads()));
+#pragma omp parallel for schedule(dynamic, chunk)
       for (Index i = 0; i < n; ++i) guarded(i);
     } else {
 #pragma omp parallel for schedule(static)
@@ -72,14 +83,25 @@ void parallel_for_impl(Index n, F&& f) {
 /// The first exception thrown by any f is rethrown on the calling thread after all finish.
 template <class F>
 void parallel_for(Index n, F&& f) {
-  detail::parallel_for_impl<false>(n, std::forward<F>(f));
+  detail::parallel_for_impl<detail::Schedule::fixed>(n, std::forward<F>(f));
 }
 
 /// As parallel_for, handing out one index at a time: for few tasks of uneven size (experts
 /// with different token counts).
 template <class F>
 void parallel_for_dynamic(Index n, F&& f) {
-  detail::parallel_for_impl<true>(n, std::forward<F>(f));
+  detail::parallel_for_impl<detail::Schedule::one_at_a_time>(n, std::forward<F>(f));
+}
+
+/// As parallel_for, the threads taking chunks of consecutive indices (a thread's share cut into
+/// about kChunksPerThread) as they finish: for loops whose iterations read memory at random, so
+/// that which thread runs an index does not matter to the caches. A core slowed by other work
+/// (a busy neighbour of a VM's core, the slower cores of a hybrid CPU) then no longer holds the
+/// others up at the loop's end (docs/performance.md, "PEER training"). Which thread runs an
+/// index changes from call to call: f may use `thread` for scratch only.
+template <class F>
+void parallel_for_balanced(Index n, F&& f) {
+  detail::parallel_for_impl<detail::Schedule::chunks>(n, std::forward<F>(f));
 }
 
 }  // namespace spex
