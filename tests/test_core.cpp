@@ -1,5 +1,7 @@
 #include <atomic>
+#include <chrono>
 #include <set>
+#include <thread>
 
 #include <spex/core/check.hpp>
 #include <spex/core/parallel.hpp>
@@ -51,7 +53,27 @@ TEST_CASE("Rng is deterministic and its normals have the right moments", "[core]
   CHECK(u_max > 2.99);
 }
 
-TEST_CASE("parallel_for, parallel_for_dynamic and parallel_for_balanced visit every index once and rethrow the first error",
+TEST_CASE("parallel_for: a thread done with its own range takes the unclaimed indices of a slower one", "[core]") {
+  const int threads_before = max_threads();
+  set_num_threads(2);
+  // Thread 0 is slowed (2 ms an index); its range is [0, 32). Without stealing, thread 0 would
+  // run all of it and thread 1 none.
+  std::vector<std::atomic<int>> runner(64);
+  for (auto& r : runner) r = -1;
+  parallel_for(64, [&](Index i, int thread) {
+    runner[static_cast<std::size_t>(i)] = thread;
+    if (thread == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  });
+  int taken_from_thread0 = 0;
+  for (Index i = 0; i < 64; ++i) {
+    CHECK(runner[static_cast<std::size_t>(i)] >= 0);
+    if (i < 32 && runner[static_cast<std::size_t>(i)] == 1) ++taken_from_thread0;
+  }
+  if (max_threads() == 2) CHECK(taken_from_thread0 > 0);
+  set_num_threads(threads_before);
+}
+
+TEST_CASE("parallel_for and parallel_for_dynamic visit every index once and rethrow the first error",
           "[core]") {
   auto check = [](auto&& loop) {
     for (const Index n : {Index(1), Index(7), Index(63), Index(64), Index(1000), Index(4099)}) {
@@ -72,7 +94,6 @@ TEST_CASE("parallel_for, parallel_for_dynamic and parallel_for_balanced visit ev
     set_num_threads(threads);
     check([](Index n, auto&& f) { parallel_for(n, f); });
     check([](Index n, auto&& f) { parallel_for_dynamic(n, f); });
-    check([](Index n, auto&& f) { parallel_for_balanced(n, f); });
   }
   set_num_threads(threads_before);
 }

@@ -3,6 +3,7 @@
 // Parallelize at one level only (DESIGN.md, Threading): inside parallel_for, Eigen's GEMMs see
 // an active parallel region and run single-threaded, so the two pools never nest.
 #include <algorithm>
+#include <atomic>
 #include <exception>
 #include <mutex>
 #include <utility>
@@ -37,12 +38,20 @@ inline void set_num_threads(int n) {
 #endif
 }
 
-/// Chunks per thread of parallel_for_balanced: a thread that finishes last is at most one chunk,
-/// 1/32 of its share, behind; a loop of cheap iterations hands out only 64 chunks on 2 threads.
-inline constexpr Index kChunksPerThread = 32;
-
 namespace detail {
-enum class Schedule { fixed, one_at_a_time, chunks };
+/// Chunks of a thread's own range in parallel_for: a thread that finishes last is at most one
+/// chunk, 1/32 of its range, behind the others; a loop of cheap iterations claims only 64
+/// chunks on 2 threads.
+inline constexpr Index kChunksPerRange = 32;
+/// Ranges parallel_for plans at most (teams of more threads share them).
+inline constexpr int kMaxRanges = 128;
+
+/// The next unclaimed index of one thread's range, alone on its cache line.
+struct alignas(64) RangeCursor {
+  std::atomic<Index> next;
+};
+
+enum class Schedule { own_ranges_then_steal, one_at_a_time };
 
 template <Schedule kSchedule, class F>
 void parallel_for_impl(Index n, F&& f) {
@@ -62,13 +71,25 @@ void parallel_for_impl(Index n, F&& f) {
     if (kSchedule == Schedule::one_at_a_time) {
 #pragma omp parallel for schedule(dynamic, 1)
       for (Index i = 0; i < n; ++i) guarded(i);
-    } else if (kSchedule == Schedule::chunks) {
-      const Index chunk = std::max<Index>(1, n / (kChunksPerThread * max_threads()));
-#pragma omp parallel for schedule(dynamic, chunk)
-      for (Index i = 0; i < n; ++i) guarded(i);
     } else {
-#pragma omp parallel for schedule(static)
-      for (Index i = 0; i < n; ++i) guarded(i);
+      // Range r is [n r / ranges, n (r + 1) / ranges); thread t claims chunks of range t front
+      // to back, then of ranges t + 1, t + 2, ... (wrapping), so every index runs once whatever
+      // the team's size.
+      const int ranges = std::min(max_threads(), kMaxRanges);
+      RangeCursor cursor[kMaxRanges];
+      for (int r = 0; r < ranges; ++r) cursor[r].next.store(n * r / ranges, std::memory_order_relaxed);
+      const Index chunk = std::max<Index>(1, n / (Index(ranges) * kChunksPerRange));
+#pragma omp parallel
+      {
+        const int t = omp_get_thread_num();
+        for (int v = 0; v < ranges; ++v) {
+          const int r = (t + v) % ranges;
+          const Index end = n * (r + 1) / ranges;
+          for (Index i = cursor[r].next.fetch_add(chunk, std::memory_order_relaxed); i < end;
+               i = cursor[r].next.fetch_add(chunk, std::memory_order_relaxed))
+            for (Index j = i; j < std::min(i + chunk, end); ++j) guarded(j);
+        }
+      }
     }
     if (error) std::rethrow_exception(error);
     return;
@@ -78,30 +99,25 @@ void parallel_for_impl(Index n, F&& f) {
 }
 }  // namespace detail
 
-/// Runs f(i, thread) for i in [0, n), statically partitioned over at most max_threads()
-/// threads; `thread` is in [0, max_threads()) and picks the caller's per-thread scratch.
+/// Runs f(i, thread) for i in [0, n) over at most max_threads() threads; `thread` is in
+/// [0, max_threads()) and picks the caller's per-thread scratch. Each thread starts on its own
+/// contiguous share of [0, n), as a static partition, so that consecutive indices (a half's
+/// sub-keys, a block of rows) stay in one core's cache; a thread done with its share takes the
+/// unclaimed chunks of the others', so a core slowed by other work (a busy neighbour of a VM's
+/// core, the slower cores of a hybrid CPU) does not hold the rest up at the loop's end
+/// (docs/performance.md, "PEER training"). Which thread runs an index may change from call to
+/// call: f may use `thread` for scratch only.
 /// The first exception thrown by any f is rethrown on the calling thread after all finish.
 template <class F>
 void parallel_for(Index n, F&& f) {
-  detail::parallel_for_impl<detail::Schedule::fixed>(n, std::forward<F>(f));
+  detail::parallel_for_impl<detail::Schedule::own_ranges_then_steal>(n, std::forward<F>(f));
 }
 
-/// As parallel_for, handing out one index at a time: for few tasks of uneven size (experts
-/// with different token counts).
+/// As parallel_for, handing out one index at a time in order: for few tasks of uneven size
+/// (experts with different token counts, largest first).
 template <class F>
 void parallel_for_dynamic(Index n, F&& f) {
   detail::parallel_for_impl<detail::Schedule::one_at_a_time>(n, std::forward<F>(f));
-}
-
-/// As parallel_for, the threads taking chunks of consecutive indices (a thread's share cut into
-/// about kChunksPerThread) as they finish: for loops whose iterations read memory at random, so
-/// that which thread runs an index does not matter to the caches. A core slowed by other work
-/// (a busy neighbour of a VM's core, the slower cores of a hybrid CPU) then no longer holds the
-/// others up at the loop's end (docs/performance.md, "PEER training"). Which thread runs an
-/// index changes from call to call: f may use `thread` for scratch only.
-template <class F>
-void parallel_for_balanced(Index n, F&& f) {
-  detail::parallel_for_impl<detail::Schedule::chunks>(n, std::forward<F>(f));
 }
 
 }  // namespace spex

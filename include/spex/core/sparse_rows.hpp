@@ -240,7 +240,7 @@ void accumulate_occurrences(Index occ, IdOf id_of, CoefOf coef_of, TokenOf token
   // A row new in this call with one occurrence is written once and read next by the optimizer.
   const bool stream = double(n_slots - first_new) * double(w) * sizeof(T) >= double(kStreamGradientBytes);
   constexpr Index kRowsPerTask = 64;
-  parallel_for_balanced((n_slots + kRowsPerTask - 1) / kRowsPerTask, [&](Index task, int) {
+  parallel_for((n_slots + kRowsPerTask - 1) / kRowsPerTask, [&](Index task, int) {
     for (Index s = task * kRowsPerTask; s < std::min(n_slots, (task + 1) * kRowsPerTask); ++s) {
       T* row = values.row(s).data();
       Index p = plan.offsets[s];

@@ -233,7 +233,7 @@ class NeuronExperts {
     check_inputs(x, ids, gates);
     check_shape(y, b, d_out(), "y");
     pre.resize(b, glu_ ? 2 * m : m);
-    parallel_for_balanced(b, [&](Index t, int) {
+    parallel_for(b, [&](Index t, int) {
       forward_token(row_ptr(ids, t), row_ptr(gates, t), static_cast<std::size_t>(m), row_ptr(x, t), &pre(t, 0),
                     glu_ ? &pre(t, m) : nullptr, &y(t, 0));
     });
@@ -251,7 +251,7 @@ class NeuronExperts {
     check_pick_lists(b, begin, ids, n_experts());
     const Index picks = begin[b];
     pre.resize(static_cast<std::size_t>(glu_ ? 2 * picks : picks));
-    parallel_for_balanced(b, [&](Index t, int) {
+    parallel_for(b, [&](Index t, int) {
       forward_token(ids + begin[t], gates + begin[t], static_cast<std::size_t>(begin[t + 1] - begin[t]), row_ptr(x, t),
                     pre.data() + begin[t], glu_ ? pre.data() + picks + begin[t] : nullptr, &y(t, 0));
     });
@@ -271,7 +271,7 @@ class NeuronExperts {
     c.coef_down.resize(b, m);
     c.coef_up.resize(b, m);
     if (glu_) c.coef_linear.resize(b, m);
-    parallel_for_balanced(b, [&](Index t, int) {
+    parallel_for(b, [&](Index t, int) {
       backward_token(row_ptr(ids, t), row_ptr(gates, t), &pre(t, 0), glu_ ? &pre(t, m) : nullptr, static_cast<std::size_t>(m),
                      row_ptr(dy, t), &dgates(t, 0), &c.coef_up(t, 0), &c.coef_down(t, 0), glu_ ? &c.coef_linear(t, 0) : nullptr,
                      dx ? &(*dx)(t, 0) : nullptr);
@@ -296,7 +296,7 @@ class NeuronExperts {
     c.coef_down.resize(1, picks);
     c.coef_up.resize(1, picks);
     if (glu_) c.coef_linear.resize(1, picks);
-    parallel_for_balanced(b, [&](Index t, int) {
+    parallel_for(b, [&](Index t, int) {
       const Index p = begin[t];
       backward_token(ids + p, gates + p, pre.data() + p, glu_ ? pre.data() + picks + p : nullptr,
                      static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), dgates + p, c.coef_up.data() + p,

@@ -230,7 +230,7 @@ class ValueExperts {
     check_inputs(ids, gates);
     check_shape(y, ids.rows(), d_out(), "y");
     const std::size_t m = static_cast<std::size_t>(ids.cols()), d = static_cast<std::size_t>(d_out());
-    parallel_for_balanced(ids.rows(), [&](Index t, int) {
+    parallel_for(ids.rows(), [&](Index t, int) {
       y.row(t).setZero();
       if (compact()) rows_axpy(row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0));
       else kernels::gather_axpy<Arch>(table().data(), d, row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0), d);
@@ -244,7 +244,7 @@ class ValueExperts {
     check_shape(dy, ids.rows(), d_out(), "dy");
     check_shape(dgates, ids.rows(), ids.cols(), "dgates");
     const std::size_t m = static_cast<std::size_t>(ids.cols()), d = static_cast<std::size_t>(d_out());
-    parallel_for_balanced(ids.rows(), [&](Index t, int) {
+    parallel_for(ids.rows(), [&](Index t, int) {
       kernels::gather_dot<Arch>(table().data(), d, row_ptr(ids, t), m, row_ptr(dy, t), d, &dgates(t, 0));
     });
     accumulate_rows<Arch>(ids, gates, dy, g.target(), c.plan);
@@ -257,7 +257,7 @@ class ValueExperts {
     check_shape(y, b, d_out(), "y");
     check_pick_lists(b, begin, ids, n_experts());
     const std::size_t d = static_cast<std::size_t>(d_out());
-    parallel_for_balanced(b, [&](Index t, int) {
+    parallel_for(b, [&](Index t, int) {
       const Index p = begin[t];
       const std::size_t m = static_cast<std::size_t>(begin[t + 1] - p);
       y.row(t).setZero();
@@ -274,7 +274,7 @@ class ValueExperts {
     check_shape(dy, b, d_out(), "dy");
     check_pick_lists(b, begin, ids, n_experts());
     const std::size_t d = static_cast<std::size_t>(d_out());
-    parallel_for_balanced(b, [&](Index t, int) {
+    parallel_for(b, [&](Index t, int) {
       const Index p = begin[t];
       kernels::gather_dot<Arch>(table().data(), d, ids + p, static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), d,
                                 dgates + p);
