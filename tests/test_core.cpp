@@ -4,6 +4,7 @@
 #include <thread>
 
 #include <spex/core/check.hpp>
+#include <spex/core/finite.hpp>
 #include <spex/core/parallel.hpp>
 #include <spex/core/random.hpp>
 #include <spex/core/types.hpp>

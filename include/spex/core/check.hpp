@@ -38,27 +38,6 @@ namespace detail {
 
 namespace spex {
 
-/// (row, col) of the first NaN or Inf in `m`, or (-1, -1): one vectorized pass when all is
-/// finite (x * 0 is 0 for finite x and NaN for NaN and Inf; Eigen's sum() is vectorized,
-/// allFinite() is not); the search only runs to name the culprit.
-template <class Mat>
-std::pair<Index, Index> find_non_finite(const Mat& m) {
-  using S = typename Mat::Scalar;
-  if (!std::isnan(static_cast<double>((m.array() * S(0)).sum()))) return {-1, -1};
-  for (Eigen::Index r = 0; r < m.rows(); ++r)
-    for (Eigen::Index c = 0; c < m.cols(); ++c)
-      if (!std::isfinite(m(r, c))) return {Index(r), Index(c)};
-  return {-1, -1};
-}
-
-/// Throws naming `what` and the first (row, col) holding NaN or Inf.
-template <class Mat>
-void check_finite(const Mat& m, const char* what) {
-  const auto at = find_non_finite(m);
-  SPEX_CHECK(at.first < 0, what << " holds a non-finite value " << m(at.first, at.second) << " at (" << at.first << ", "
-                                << at.second << ")");
-}
-
 /// Throws unless `m` is rows x cols, naming `what`.
 template <class Mat>
 void check_shape(const Mat& m, Eigen::Index rows, Eigen::Index cols, const char* what) {

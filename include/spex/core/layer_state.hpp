@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "check.hpp"
+#include "finite.hpp"
 #include "types.hpp"
 
 namespace spex::detail {

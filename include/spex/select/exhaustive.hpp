@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../core/finite.hpp"
 #include "../core/gemm.hpp"
 #include "../core/parallel.hpp"
 #include "../core/types.hpp"

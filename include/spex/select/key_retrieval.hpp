@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../core/finite.hpp"
 #include "../core/parallel.hpp"
 #include "../core/parameter.hpp"
 #include "../core/sparse_rows.hpp"

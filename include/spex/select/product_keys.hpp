@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../core/check.hpp"
+#include "../core/finite.hpp"
 #include "../core/gemm.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "../core/check.hpp"
+#include "../core/finite.hpp"
 #include "../core/types.hpp"
 #include "score_fn.hpp"
 

@@ -21,6 +21,7 @@
 
 #include "../core/batch_reduction.hpp"
 #include "../core/check.hpp"
+#include "../core/finite.hpp"
 #include "../core/parallel.hpp"
 #include "../core/random.hpp"
 #include "../kernels/activation.hpp"
