@@ -28,6 +28,29 @@ TEST_CASE("check_finite and check_shape name the argument", "[core]") {
   CHECK_THROWS_WITH(check_shape(m, 3, 5, "scores"), Catch::Contains("scores is 3 x 4, expected 3 x 5"));
 }
 
+TEST_CASE("find_non_finite finds the first NaN or Inf in matrices checked in blocks over the threads", "[core]") {
+  // 300 x 512 (153,600 values) is checked as 5 blocks of 64 rows, 1 x 200,000 as one block and
+  // 20,000 x 3 as 2 blocks of 10,922 rows: a non-finite value late in the last block is found,
+  // and the first one when there are two.
+  const int threads_before = max_threads();
+  for (const int threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    for (const auto& shape : {std::pair<Index, Index>{300, 512}, {1, 200000}, {20000, 3}}) {
+      RowMat<float> m = RowMat<float>::Ones(shape.first, shape.second);
+      CHECK(find_non_finite(m) == std::pair<Index, Index>{-1, -1});
+      const Index last_row = shape.first - 1, last_col = shape.second - 1;
+      m(last_row, last_col) = std::numeric_limits<float>::quiet_NaN();
+      CHECK(find_non_finite(m) == std::pair<Index, Index>{last_row, last_col});
+      const Index r = shape.first / 3, c = shape.second / 2;
+      m(r, c) = -std::numeric_limits<float>::infinity();
+      CHECK(find_non_finite(m) == std::pair<Index, Index>{r, c});
+      const Eigen::Map<const RowMat<float>> view(m.data(), shape.first, shape.second);
+      CHECK(find_non_finite(view.bottomRows(shape.first - r)) == std::pair<Index, Index>{0, c});
+    }
+  }
+  set_num_threads(threads_before);
+}
+
 TEST_CASE("Rng is deterministic and its normals have the right moments", "[core]") {
   Rng a(42), b(42), c(43);
   for (int i = 0; i < 10; ++i) CHECK(a.next_u64() == b.next_u64());
