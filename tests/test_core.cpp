@@ -80,13 +80,14 @@ TEST_CASE("Rng is deterministic and its normals have the right moments", "[core]
 TEST_CASE("parallel_for: a thread done with its own range takes the unclaimed indices of a slower one", "[core]") {
   const int threads_before = max_threads();
   set_num_threads(2);
-  // Thread 0 is slowed (2 ms an index); its range is [0, 32). Without stealing, thread 0 would
-  // run all of it and thread 1 none.
+  // Thread 0 is slowed: 5 ms an index, 160 ms for its range [0, 32), so that thread 1 gets a core
+  // in time even on a busy machine. Without stealing, thread 0 would run all of it and thread 1
+  // none.
   std::vector<std::atomic<int>> runner(64);
   for (auto& r : runner) r = -1;
   parallel_for(64, [&](Index i, int thread) {
     runner[static_cast<std::size_t>(i)] = thread;
-    if (thread == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    if (thread == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   });
   int taken_from_thread0 = 0;
   for (Index i = 0; i < 64; ++i) {
