@@ -113,38 +113,40 @@ void BM_PeerExpertStep(benchmark::State& state) { run_expert_step<S>(state, Step
 template <TableStorage S>
 void BM_PeerExpertCompute(benchmark::State& state) { run_expert_step<S>(state, StepRows::cached); }
 
-/// The expert tables' bytes and row length in bytes, whatever their storage.
+/// The expert tables' bytes, row length and distance between rows in bytes, whatever their
+/// storage (compact tables lie side by side: the stride is both rows').
 struct RawTables {
   const char* down;
   const char* up;
-  std::size_t row_bytes;
+  std::size_t row_bytes, stride;
 };
 RawTables raw_tables(const spex::Peer<float>& peer, TableStorage storage, Index d) {
   const auto& e = peer.experts();
   switch (storage) {
     case TableStorage::bf16:
       return {reinterpret_cast<const char*>(e.compact_down().bf16()), reinterpret_cast<const char*>(e.compact_up().bf16()),
-              std::size_t(d) * 2};
+              std::size_t(d) * 2, std::size_t(e.compact_down().ld()) * 2};
     case TableStorage::int8:
       return {reinterpret_cast<const char*>(e.compact_down().i8()), reinterpret_cast<const char*>(e.compact_up().i8()),
-              std::size_t(d)};
+              std::size_t(d), std::size_t(e.compact_down().ld())};
     default:
-      return {reinterpret_cast<const char*>(e.down().data()), reinterpret_cast<const char*>(e.up().data()), std::size_t(d) * 4};
+      return {reinterpret_cast<const char*>(e.down().data()), reinterpret_cast<const char*>(e.up().data()), std::size_t(d) * 4,
+              std::size_t(d) * 4};
   }
 }
 
 /// Loads one 8-byte word of every 64-byte line of the rows ids[0, m) (4 rows per pass, the first
 /// line of each row prefetched 8 rows ahead: the fastest plain read of random rows measured
 /// here) and returns their sum, so that nothing is optimized away.
-std::uint64_t read_rows(const char* table, std::size_t row_bytes, const Index* ids, std::size_t m) {
+std::uint64_t read_rows(const char* table, std::size_t row_bytes, std::size_t stride, const Index* ids, std::size_t m) {
   std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   std::size_t r = 0;
   for (; r + 4 <= m; r += 4) {
-    for (std::size_t q = 0; q < 4 && r + 8 + q < m; ++q) spex::kernels::prefetch_lines(table + std::size_t(ids[r + 8 + q]) * row_bytes, 1);
-    const char* a = table + std::size_t(ids[r]) * row_bytes;
-    const char* b = table + std::size_t(ids[r + 1]) * row_bytes;
-    const char* c = table + std::size_t(ids[r + 2]) * row_bytes;
-    const char* e = table + std::size_t(ids[r + 3]) * row_bytes;
+    for (std::size_t q = 0; q < 4 && r + 8 + q < m; ++q) spex::kernels::prefetch_lines(table + std::size_t(ids[r + 8 + q]) * stride, 1);
+    const char* a = table + std::size_t(ids[r]) * stride;
+    const char* b = table + std::size_t(ids[r + 1]) * stride;
+    const char* c = table + std::size_t(ids[r + 2]) * stride;
+    const char* e = table + std::size_t(ids[r + 3]) * stride;
     for (std::size_t i = 0; i < row_bytes; i += 64) {
       std::uint64_t w[4];
       std::memcpy(&w[0], a + i, 8);
@@ -160,7 +162,7 @@ std::uint64_t read_rows(const char* table, std::size_t row_bytes, const Index* i
   for (; r < m; ++r)
     for (std::size_t i = 0; i < row_bytes; i += 64) {
       std::uint64_t w;
-      std::memcpy(&w, table + std::size_t(ids[r]) * row_bytes + i, 8);
+      std::memcpy(&w, table + std::size_t(ids[r]) * stride + i, 8);
       s0 += w;
     }
   return s0 + s1 + s2 + s3;
@@ -179,7 +181,7 @@ void BM_PeerRowRead(benchmark::State& state) {
     const std::size_t m = std::size_t(ids.cols());
     spex::parallel_for(s.batch, [&](Index tok, int) {
       const Index* row = &ids(tok, 0);
-      sums[std::size_t(tok)] = read_rows(t.down, t.row_bytes, row, m) + read_rows(t.up, t.row_bytes, row, m);
+      sums[std::size_t(tok)] = read_rows(t.down, t.row_bytes, t.stride, row, m) + read_rows(t.up, t.row_bytes, t.stride, row, m);
     });
     benchmark::DoNotOptimize(sums.data());
   }
@@ -210,9 +212,9 @@ void BM_RowBurst(benchmark::State& state) {
       // The burst's addresses depend on every word the burst before loaded (times zero), so
       // the core cannot start a burst before the one before has arrived.
       const char* table = t.down + (sum & zero);
-      for (std::size_t q = 0; q < rows; ++q) spex::kernels::prefetch_lines(table + std::size_t(ids.data()[r + q]) * t.row_bytes, int(lines));
+      for (std::size_t q = 0; q < rows; ++q) spex::kernels::prefetch_lines(table + std::size_t(ids.data()[r + q]) * t.stride, int(lines));
       for (std::size_t q = 0; q < rows; ++q) {
-        const char* row = table + std::size_t(ids.data()[r + q]) * t.row_bytes;
+        const char* row = table + std::size_t(ids.data()[r + q]) * t.stride;
         for (std::size_t l = 0; l < lines; ++l) {
           std::uint64_t w;
           std::memcpy(&w, row + 64 * l, 8);

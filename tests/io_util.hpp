@@ -28,6 +28,21 @@ inline spex::ProductKeyLayerConfig io_pk_config() {
   return cfg;
 }
 
+/// The rows of compact table `t` (row r at r * ld(): tables side by side) as contiguous bytes,
+/// followed by the int8 scales: what a file holds for it.
+inline std::vector<unsigned char> compact_bytes(const spex::CompactTable& t) {
+  const bool bf16 = t.storage() == spex::TableStorage::bf16;
+  const std::size_t size = bf16 ? 2 : 1, row = size * std::size_t(t.cols()), stride = size * std::size_t(t.ld());
+  const auto* rows = static_cast<const unsigned char*>(bf16 ? static_cast<const void*>(t.bf16()) : static_cast<const void*>(t.i8()));
+  std::vector<unsigned char> out;
+  for (spex::Index r = 0; r < t.rows(); ++r) out.insert(out.end(), rows + std::size_t(r) * stride, rows + std::size_t(r) * stride + row);
+  if (!bf16) {
+    const auto* s = reinterpret_cast<const unsigned char*>(t.scales());
+    out.insert(out.end(), s, s + 4 * std::size_t(t.rows()));
+  }
+  return out;
+}
+
 inline spex::MoEConfig io_moe_config() {
   spex::MoEConfig cfg;
   cfg.d_in = 8;

@@ -9,6 +9,7 @@
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
 
+#include "io_util.hpp"
 #include "test_util.hpp"
 
 using namespace spex;
@@ -132,6 +133,133 @@ TEST_CASE("CompactTable: rows in and out, non-finite rows named, views copied be
   }
   CHECK_THROWS_WITH(CompactTable(TableStorage::native, 2, 2), Catch::Contains("not native"));
   CHECK_THROWS_WITH(CompactTable(TableStorage::bf16, 0, 2), Catch::Contains("positive"));
+}
+
+TEST_CASE("CompactTable::side_by_side: rows of each table its own, read by the gathers as tables apart", "[compact]") {
+  for (TableStorage s : {TableStorage::bf16, TableStorage::int8}) {
+    INFO(to_string(s));
+    const Index n = 9;
+    const auto va = spex_test::randn<float>(n * 7, 21), vb = spex_test::randn<float>(n * 5, 22), vc = spex_test::randn<float>(n * 7, 25);
+    std::vector<CompactTable> t = CompactTable::side_by_side(s, n, {7, 5});
+    REQUIRE(t.size() == 2);
+    CHECK(t[0].ld() == 12);
+    CHECK(t[1].ld() == 12);
+    CHECK(t[1].cols() == 5);
+    CHECK(t[0].bytes() + t[1].bytes() == CompactTable(s, n, 12).bytes() + (s == TableStorage::int8 ? 4u * n : 0u));
+    t[0].set_rows(0, n, va.data());
+    t[1].set_rows(0, n, vb.data());
+    CompactTable a(s, n, 7), b(s, n, 5);  // the same values, tables apart
+    a.set_rows(0, n, va.data());
+    b.set_rows(0, n, vb.data());
+    CHECK(a.ld() == 7);
+    auto same_rows = [](const CompactTable& x, const CompactTable& y) {
+      std::vector<float> rx(static_cast<std::size_t>(x.cols())), ry(rx.size());
+      for (Index r = 0; r < x.rows(); ++r) {
+        x.get_row(r, rx.data());
+        y.get_row(r, ry.data());
+        if (rx != ry) return false;
+      }
+      return true;
+    };
+    CHECK(same_rows(t[0], a));
+    CHECK(same_rows(t[1], b));
+    CHECK(spex_test::compact_bytes(t[1]) == spex_test::compact_bytes(b));
+    // The gathers read the rows at ld(): the same bits as over the tables apart.
+    const std::vector<Index> ids{8, 0, 3, 3, 5, 1, 7, 2, 6, 4, 8, 1};
+    const auto x7 = spex_test::randn<float>(7, 23), alpha = spex_test::randn<float>(ids.size(), 24);
+    std::vector<float> dot_side(ids.size()), dot_apart(ids.size()), y_side(5, 0.5f), y_apart(5, 0.5f);
+    gather_dot(t[0], ids.data(), ids.size(), x7.data(), dot_side.data());
+    gather_dot(a, ids.data(), ids.size(), x7.data(), dot_apart.data());
+    CHECK(dot_side == dot_apart);
+    gather_axpy(t[1], ids.data(), alpha.data(), ids.size(), y_side.data());
+    gather_axpy(b, ids.data(), alpha.data(), ids.size(), y_apart.data());
+    CHECK(y_side == y_apart);
+    // Writing one table leaves the rows beside it alone.
+    t[0].set_rows(0, n, vc.data());
+    CHECK_FALSE(same_rows(t[0], a));
+    CHECK(same_rows(t[1], b));
+    // A copy is a table of its own; copy_side_by_side keeps tables side by side, bit for bit.
+    CompactTable c = t[1];
+    CHECK(c.ld() == 5);
+    CHECK(same_rows(c, b));
+    std::vector<CompactTable> again = copy_side_by_side({&a, &b});
+    CHECK(again[0].ld() == 12);
+    CHECK(spex_test::compact_bytes(again[0]) == spex_test::compact_bytes(a));
+    CHECK(spex_test::compact_bytes(again[1]) == spex_test::compact_bytes(b));
+    t[1].set_rows(0, n, vc.data());
+    CHECK(same_rows(c, b));
+    // A view reads its rows contiguous; the table beside it keeps its own.
+    auto owner = std::make_shared<CompactTable>(b);
+    t[1].adopt_view(s == TableStorage::bf16 ? static_cast<const void*>(owner->bf16()) : owner->i8(),
+                    s == TableStorage::int8 ? owner->scales() : nullptr, owner);
+    CHECK(t[1].ld() == 5);
+    CHECK(same_rows(t[1], b));
+    CHECK(t[0].ld() == 12);
+    t[0].set_rows(0, n, va.data());
+    CHECK(same_rows(t[0], a));
+    CHECK_THROWS_WITH(CompactTable::side_by_side(s, n, {}), Catch::Contains("at least one table"));
+    CHECK_THROWS_WITH(CompactTable::side_by_side(s, n, {3, 0}), Catch::Contains("columns 0"));
+    CompactTable shorter(s, n - 1, 7);
+    CHECK_THROWS_WITH(copy_side_by_side({&a, &shorter}), Catch::Contains("one storage and one number of rows"));
+  }
+  CHECK_THROWS_WITH(CompactTable::side_by_side(TableStorage::native, 2, {2, 2}), Catch::Contains("not native"));
+  CompactTable small(TableStorage::int8, 3, 4), other(TableStorage::bf16, 3, 4);
+  CHECK_THROWS_WITH(copy_side_by_side({&small, &other}), Catch::Contains("one storage and one number of rows"));
+}
+
+TEST_CASE("compact Peer: u and v rows side by side, kept by copies, the same output as tables apart", "[compact]") {
+  for (TableStorage s : {TableStorage::bf16, TableStorage::int8}) {
+    for (bool glu : {false, true}) {
+      INFO(to_string(s) << (glu ? " GLU" : ""));
+      ProductKeyLayerConfig cfg = compact_config();
+      cfg.glu = glu;
+      Peer<float> native(cfg, 5);
+      cfg.storage = s;
+      Peer<float> built(cfg, 5);
+      Peer<float> converted = native;
+      converted.set_storage(s);
+      const Index side = cfg.d_in * (glu ? 2 : 1) + built.d_out();
+      for (const Peer<float>* p : {&built, &converted}) {
+        CHECK(p->experts().compact_down().ld() == side);
+        CHECK(p->experts().compact_up().ld() == side);
+        if (glu) CHECK(p->experts().compact_down_linear().ld() == side);
+      }
+      // The up table's rows follow the down table's (and GLU's linear ones) in one allocation.
+      const std::size_t es = s == TableStorage::bf16 ? 2 : 1;
+      const auto* down = reinterpret_cast<const unsigned char*>(s == TableStorage::bf16 ? static_cast<const void*>(built.experts().compact_down().bf16())
+                                                                                       : built.experts().compact_down().i8());
+      const auto* up = reinterpret_cast<const unsigned char*>(s == TableStorage::bf16 ? static_cast<const void*>(built.experts().compact_up().bf16())
+                                                                                     : built.experts().compact_up().i8());
+      CHECK(up == down + es * std::size_t(cfg.d_in * (glu ? 2 : 1)));
+      const RowMat<float> x = batch(48, 9);
+      Peer<float>::Cache c;
+      const RowMat<float> y = infer(built, x, c);
+      CHECK(infer(converted, x, c) == y);
+      Peer<float> copy = built;
+      CHECK(copy.experts().compact_up().ld() == side);
+      auto rows_at = [s](const CompactTable& t) { return s == TableStorage::bf16 ? static_cast<const void*>(t.bf16()) : static_cast<const void*>(t.i8()); };
+      CHECK(rows_at(copy.experts().compact_up()) != rows_at(built.experts().compact_up()));  // its own allocation
+      CHECK(infer(copy, x, c) == y);
+      // The same tables apart (copies of their own): the same bits.
+      for (auto& [name, t] : copy.compact_tables()) *t = CompactTable(*t);
+      CHECK(copy.experts().compact_up().ld() == built.d_out());
+      CHECK(infer(copy, x, c) == y);
+    }
+  }
+}
+
+TEST_CASE("set_storage is all-or-nothing: a value the storage cannot hold leaves every table as it was", "[compact]") {
+  Peer<float> layer(compact_config(), 3);
+  for (auto& p : layer.parameters())
+    if (p.name == "experts.up") p.value[2 * p.cols + 1] = 3.397e38f;  // finite; above the midpoint of bfloat16's largest value and infinity
+  const RowMat<float> down = layer.experts().down().matrix(), up = layer.experts().up().matrix();
+  CHECK_THROWS_WITH(layer.set_storage(TableStorage::bf16), Catch::Contains("experts.up: row 2") && Catch::Contains("column 1"));
+  CHECK(layer.storage() == TableStorage::native);
+  CHECK(layer.experts().down().matrix() == down);
+  CHECK(layer.experts().up().matrix() == up);
+  layer.set_storage(TableStorage::int8);  // int8 holds it (scaled)
+  CHECK(layer.storage() == TableStorage::int8);
+  CHECK(layer.experts().compact_up().ld() == 48 + layer.d_out());
 }
 
 TEST_CASE("compact Peer and Pkm: same ids, the outputs of float tables holding the compact values", "[compact]") {

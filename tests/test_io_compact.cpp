@@ -32,20 +32,7 @@ RowMat<float> probe_output(const L& layer) {
 }
 
 /// The compact rows and scales, as bytes.
-std::vector<unsigned char> bytes_of(const CompactTable& t) {
-  const std::size_t n = static_cast<std::size_t>(t.rows() * t.cols());
-  std::vector<unsigned char> out;
-  if (t.storage() == TableStorage::bf16) {
-    const auto* p = reinterpret_cast<const unsigned char*>(t.bf16());
-    out.assign(p, p + 2 * n);
-  } else {
-    const auto* p = reinterpret_cast<const unsigned char*>(t.i8());
-    out.assign(p, p + n);
-    const auto* s = reinterpret_cast<const unsigned char*>(t.scales());
-    out.insert(out.end(), s, s + 4 * static_cast<std::size_t>(t.rows()));
-  }
-  return out;
-}
+std::vector<unsigned char> bytes_of(const CompactTable& t) { return spex_test::compact_bytes(t); }
 
 template <class L>
 std::vector<std::vector<unsigned char>> tables_of(L& layer) {
@@ -158,9 +145,9 @@ TEST_CASE("malformed compact files are rejected before anything is written", "[i
     return dir.path(name);
   };
   const auto& up = src.experts().compact_up();
-  const TensorSource up_rows{"experts.up", DType::I8, {n, up.cols()}, up.i8(), DType::I8};
+  const TensorSource up_rows{"experts.up", DType::I8, {n, up.cols()}, up.i8(), DType::I8, up.ld()};
   const TensorSource up_scale{"experts.up.scale", DType::F32, {n}, up.scales(), DType::F32};
-  const TensorSource down_rows{"experts.down", DType::I8, {n, d}, down.i8(), DType::I8};
+  const TensorSource down_rows{"experts.down", DType::I8, {n, d}, down.i8(), DType::I8, down.ld()};
   std::vector<float> bad_scale(down.scales(), down.scales() + n);
   bad_scale[3] = -1.f;
   Peer<float> target(config(TableStorage::int8), 7);
@@ -173,7 +160,7 @@ TEST_CASE("malformed compact files are rejected before anything is written", "[i
   rejects(write({up_rows, up_scale, down_rows, TensorSource{"experts.down.scale", DType::F32, {n}, bad_scale.data(), DType::F32}},
                 "neg_scale.safetensors"),
           "holds the scale -1 at row 3; a scale must be in [0, FLT_MAX / 127");
-  rejects(write({up_rows, up_scale, TensorSource{"experts.down", DType::I8, {n, d - 1}, down.i8(), DType::I8},
+  rejects(write({up_rows, up_scale, TensorSource{"experts.down", DType::I8, {n, d - 1}, down.i8(), DType::I8, down.ld()},
                  TensorSource{"experts.down.scale", DType::F32, {n}, down.scales(), DType::F32}},
                 "shape.safetensors"),
           "has shape");

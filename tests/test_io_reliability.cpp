@@ -43,11 +43,8 @@ std::vector<unsigned char> bytes_of(const L& layer) {
   };
   for (const auto& p : layer.parameters()) add(p.value, sizeof(*p.value) * std::size_t(p.size()));
   for (const auto& [name, t] : layer.compact_tables()) {
-    if (t->storage() == TableStorage::bf16) add(t->bf16(), 2 * std::size_t(t->rows() * t->cols()));
-    else {
-      add(t->i8(), std::size_t(t->rows() * t->cols()));
-      add(t->scales(), 4 * std::size_t(t->rows()));
-    }
+    const auto b = spex_test::compact_bytes(*t);
+    add(b.data(), b.size());
   }
   return out;
 }
@@ -117,9 +114,9 @@ TEST_CASE("int8 scales whose 127-fold overflows float are refused by every load"
   huge[4] = 1e38f;  // finite, but 127 * 1e38 is not
   SafetensorsWriter w;
   w.add(src.parameters());
-  w.add_tensor({"experts.down", DType::I8, {n, down.cols()}, down.i8(), DType::I8});
+  w.add_tensor({"experts.down", DType::I8, {n, down.cols()}, down.i8(), DType::I8, down.ld()});
   w.add_tensor({"experts.down.scale", DType::F32, {n}, huge.data(), DType::F32});
-  w.add_tensor({"experts.up", DType::I8, {n, up.cols()}, up.i8(), DType::I8});
+  w.add_tensor({"experts.up", DType::I8, {n, up.cols()}, up.i8(), DType::I8, up.ld()});
   w.add_tensor({"experts.up.scale", DType::F32, {n}, up.scales(), DType::F32});
   w.write(dir.path("huge.safetensors"));
   const char* message = "'experts.down.scale' holds the scale 1e+38 at row 4";
@@ -144,7 +141,8 @@ TEST_CASE("a checkpoint whose last part fails leaves every object bit-identical,
   const auto& down = src.experts().compact_down();
   const auto& up = src.experts().compact_up();
   const Index n = down.rows();
-  std::vector<std::int8_t> rows(down.i8(), down.i8() + n * down.cols());
+  const auto down_bytes = spex_test::compact_bytes(down);  // the rows, then the scales
+  std::vector<std::int8_t> rows(down_bytes.begin(), down_bytes.begin() + n * down.cols());
   std::vector<float> scales(down.scales(), down.scales() + n);
   rows[std::size_t(n - 1) * std::size_t(down.cols())] = 127;
   scales[n - 1] = 2.675e36f;  // within FLT_MAX / 127; 127 times it is 3.397e38, beyond bf16's 3.390e38
@@ -154,7 +152,7 @@ TEST_CASE("a checkpoint whose last part fails leaves every object bit-identical,
   w.add(src.parameters());
   w.add_tensor({"experts.down", DType::I8, {n, down.cols()}, rows.data(), DType::I8});
   w.add_tensor({"experts.down.scale", DType::F32, {n}, scales.data(), DType::F32});
-  w.add_tensor({"experts.up", DType::I8, {n, up.cols()}, up.i8(), DType::I8});
+  w.add_tensor({"experts.up", DType::I8, {n, up.cols()}, up.i8(), DType::I8, up.ld()});
   w.add_tensor({"experts.up.scale", DType::F32, {n}, up.scales(), DType::F32});
   w.add_state("rng", rng_saved);
   w.write(dir.path("ckpt.safetensors"));
@@ -210,6 +208,21 @@ TEST_CASE("saving refuses finite values the stored dtype cannot hold", "[io]") {
   CHECK_THROWS_WITH(save_layer(dir.path("f16.safetensors"), a, "", DType::F16), Catch::Contains("beyond the range of F16"));
   CHECK_NOTHROW(save_layer(dir.path("bf16.safetensors"), a, "", DType::BF16));
   CHECK(dir.files() == std::vector<std::string>{"bf16.safetensors"});  // no file left from the refused writes
+}
+
+TEST_CASE("a tensor of rows a stride apart is written contiguous, and a stride shorter than a row or with a conversion is refused", "[io]") {
+  TempDir dir;
+  const float v[] = {0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23};  // 3 rows of 4: the tensor is the middle two columns
+  write_safetensors(dir.path("s.safetensors"), {TensorSource{"t", DType::F32, {3, 2}, v + 1, DType::F32, 4}});
+  SafetensorsFile f(dir.path("s.safetensors"));
+  std::vector<float> got(6);
+  std::memcpy(got.data(), f.data(f.at("t")), sizeof(float) * 6);
+  CHECK(got == std::vector<float>{1, 2, 11, 12, 21, 22});
+  CHECK_THROWS_WITH(write_safetensors(dir.path("short.safetensors"), {TensorSource{"t", DType::F32, {3, 2}, v, DType::F32, 1}}),
+                    Catch::Contains("row_stride 1") && Catch::Contains("2 values"));
+  CHECK_THROWS_WITH(write_safetensors(dir.path("f16.safetensors"), {TensorSource{"t", DType::F16, {3, 2}, v, DType::F32, 4}}),
+                    Catch::Contains("row_stride 4 needs rows stored as they are"));
+  CHECK(dir.files() == std::vector<std::string>{"s.safetensors"});
 }
 
 TEST_CASE("a config that needs more values than the file holds is refused before anything is allocated", "[io]") {

@@ -77,10 +77,10 @@ class NeuronExperts {
     if (storage == TableStorage::native) {
       draw_native(n_experts, d_in, d_out, r1, r2, r3, RowStride{});
     } else {
-      cdown_ = make_compact(storage, n_experts, d_in, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r1), "experts.down");
-      cup_ = make_compact(storage, n_experts, d_out, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r2), "experts.up");
-      if (glu_)
-        clinear_ = make_compact(storage, n_experts, d_in, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r3), "experts.down_linear");
+      allocate_compact(storage, n_experts, d_in, d_out);
+      fill_compact(cdown_, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r1), "experts.down");
+      fill_compact(cup_, normal_rows(d_out, 1.0 / std::sqrt(double(d_out)), r2), "experts.up");
+      if (glu_) fill_compact(clinear_, normal_rows(d_in, 1.0 / std::sqrt(double(d_in)), r3), "experts.down_linear");
     }
   }
   /// The shard `rows` of the N experts the constructor above draws from `rng` (row i is expert
@@ -101,11 +101,29 @@ class NeuronExperts {
       up_ = Table<T>(n_experts, d_out);
       if (glu_) linear_ = Table<T>(n_experts, d_in);
     } else {
-      cdown_ = CompactTable(storage, n_experts, d_in);
-      cup_ = CompactTable(storage, n_experts, d_out);
-      if (glu_) clinear_ = CompactTable(storage, n_experts, d_in);
+      allocate_compact(storage, n_experts, d_in, d_out);
     }
   }
+  /// A copy; compact tables of their own are copied side by side, as the original's are.
+  NeuronExperts(const NeuronExperts& o)
+      : down_(o.down_), up_(o.up_), linear_(o.linear_), act_(o.act_), glu_(o.glu_), storage_(o.storage_) {
+    if (!o.compact()) return;
+    if (o.cdown_.is_view() || o.cup_.is_view() || o.clinear_.is_view()) {  // views stay views of the same memory
+      cdown_ = o.cdown_;
+      cup_ = o.cup_;
+      clinear_ = o.clinear_;
+      return;
+    }
+    std::vector<CompactTable> t = copy_side_by_side(glu_ ? std::vector<const CompactTable*>{&o.cdown_, &o.clinear_, &o.cup_}
+                                                         : std::vector<const CompactTable*>{&o.cdown_, &o.cup_});
+    take_compact(t);
+  }
+  NeuronExperts& operator=(const NeuronExperts& o) {
+    if (this != &o) *this = NeuronExperts(o);
+    return *this;
+  }
+  NeuronExperts(NeuronExperts&&) noexcept = default;
+  NeuronExperts& operator=(NeuronExperts&&) noexcept = default;
 
   /// Grows to n_new experts (at least n_experts()): rows 0 .. N - 1 stay, the new rows are drawn
   /// as at construction (rng's splits 11, 12 and 14). Each table is copied once. Native tables only.
@@ -136,15 +154,36 @@ class NeuronExperts {
 
   /// How the tables are stored: native (T, trainable) or compact (bf16, int8; inference).
   TableStorage storage() const { return storage_; }
-  /// Converts the tables to storage `s` in place, one table at a time (the peak is one table
-  /// in both forms). native -> compact rounds (bf16) or quantizes (int8); compact -> native
-  /// gives the values the compact table computes with (exact); bf16 <-> int8 goes through them.
+  /// Converts the tables to storage `s` in place. native -> compact rounds (bf16) or quantizes
+  /// (int8); compact -> native gives the values the compact tables compute with (exact); bf16
+  /// <-> int8 goes through them. Compact tables are stored side by side (a pick's rows of every
+  /// table in one run of bytes: CompactTable::side_by_side). Every new table is made before any
+  /// is replaced (the peak is the tables in both forms), so a failure (a value the storage
+  /// cannot hold, memory) changes nothing.
   void set_storage(TableStorage s) {
     checked_storage<T>(s);
     if (s == storage_) return;
-    convert(down_, cdown_, s, "experts.down");
-    convert(up_, cup_, s, "experts.up");
-    if (glu_) convert(linear_, clinear_, s, "experts.down_linear");
+    if constexpr (std::is_same<T, float>::value) {
+      if (s == TableStorage::native) {
+        Table<T> down = native_copy(cdown_), up = native_copy(cup_), linear = glu_ ? native_copy(clinear_) : Table<T>();
+        down_ = std::move(down);
+        up_ = std::move(up);
+        linear_ = std::move(linear);
+        cdown_ = CompactTable();
+        cup_ = CompactTable();
+        clinear_ = CompactTable();
+      } else {
+        const Index n = n_experts(), din = d_in(), dout = d_out();
+        std::vector<CompactTable> t = compact_side_by_side(s, n, din, dout);
+        fill_compact(t[0], rows_of(down_, cdown_), "experts.down");
+        if (glu_) fill_compact(t[1], rows_of(linear_, clinear_), "experts.down_linear");
+        fill_compact(t.back(), rows_of(up_, cup_), "experts.up");
+        take_compact(t);
+        down_ = Table<T>();
+        up_ = Table<T>();
+        linear_ = Table<T>();
+      }
+    }
     storage_ = s;
   }
   /// The compact tables (empty while stored native).
@@ -392,8 +431,19 @@ class NeuronExperts {
   }
 
 
-  void convert(Table<T>& native, CompactTable& small, TableStorage to, const char* what) {
-    if constexpr (std::is_same<T, float>::value) convert_table(native, small, to, what);
+  /// Compact tables side by side, values unspecified (see set_storage): down, (GLU: linear,) up.
+  std::vector<CompactTable> compact_side_by_side(TableStorage s, Index n_experts, Index d_in, Index d_out) const {
+    return CompactTable::side_by_side(s, n_experts, glu_ ? std::vector<Index>{d_in, d_in, d_out} : std::vector<Index>{d_in, d_out});
+  }
+  void allocate_compact(TableStorage s, Index n_experts, Index d_in, Index d_out) {
+    std::vector<CompactTable> t = compact_side_by_side(s, n_experts, d_in, d_out);
+    take_compact(t);
+  }
+  /// The compact tables from `t`: down, (GLU: linear,) up.
+  void take_compact(std::vector<CompactTable>& t) {
+    cdown_ = std::move(t[0]);
+    if (glu_) clinear_ = std::move(t[1]);
+    cup_ = std::move(t.back());
   }
 
   static void rows_dot(const CompactTable& t, const Index* ids, std::size_t m, const T* x, T* out) {

@@ -6,7 +6,9 @@
 //
 // Loading into a compact table, per tensor:
 //   stored as the table's storage (BF16 for bf16, I8 + scales for int8): read in place from the
-//     mapped file with LoadOptions::map (nothing copied, pages from the page cache), else copied;
+//     mapped file with LoadOptions::map (nothing copied, pages from the page cache; the rows then
+//     keep the file's layout, one table after the other, not side by side as PEER's tables are
+//     in memory: its expert step reads them more slowly, docs/performance.md), else copied;
 //   any other floating dtype (F64, F32, F16, BF16) or I8: quantized on load, block by block
 //     (the float table never exists in memory). The values are checked finite first, whatever
 //     check_finite says: a quantization cannot fail half way.
@@ -29,9 +31,9 @@ inline std::vector<TensorSource> tensor_sources(const ConstCompactTableList& tab
   for (const auto& [name, t] : tables) {
     const std::vector<std::int64_t> shape{t->rows(), t->cols()};
     if (t->storage() == TableStorage::bf16) {
-      out.push_back(TensorSource{prefix + name, DType::BF16, shape, t->bf16(), DType::BF16});
+      out.push_back(TensorSource{prefix + name, DType::BF16, shape, t->bf16(), DType::BF16, t->ld()});
     } else {
-      out.push_back(TensorSource{prefix + name, DType::I8, shape, t->i8(), DType::I8});
+      out.push_back(TensorSource{prefix + name, DType::I8, shape, t->i8(), DType::I8, t->ld()});
       out.push_back(TensorSource{prefix + name + ".scale", DType::F32, {t->rows()}, t->scales(), DType::F32});
     }
   }
@@ -105,9 +107,11 @@ class CompactTableLoad {
         table.adopt_view(file_.data(*it.t), scales, keep_alive_);
       } else if (it.mode == Mode::copy) {
         auto* rows = static_cast<unsigned char*>(table.mutable_rows());
+        const std::size_t size = dtype_size(it.t->dtype), row = static_cast<std::size_t>(table.cols()) * size,
+                          stride = static_cast<std::size_t>(table.ld()) * size;  // tables side by side: ld() > cols()
         for_each_block(it, [&](Index first, Index n, const unsigned char* src) {
-          const std::size_t row = static_cast<std::size_t>(table.cols()) * dtype_size(it.t->dtype);
-          std::memcpy(rows + static_cast<std::size_t>(first) * row, src, static_cast<std::size_t>(n) * row);
+          for (Index r = 0; r < n; ++r)
+            std::memcpy(rows + static_cast<std::size_t>(first + r) * stride, src + static_cast<std::size_t>(r) * row, row);
         });
         if (it.scale) std::memcpy(table.mutable_scales(), file_.data(*it.scale), sizeof(float) * static_cast<std::size_t>(table.rows()));
       } else {

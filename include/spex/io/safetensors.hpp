@@ -371,13 +371,17 @@ class SafetensorsFile {
 };
 
 /// One tensor to write: `count` values at `data` of type `data_type`, stored as `dtype` (the
-/// same, or both floating: converted with round-to-nearest-even) with `shape`.
+/// same, or both floating: converted with round-to-nearest-even) with `shape`. `row_stride`
+/// (values, 0: the rows are contiguous) is the distance between the starts of the rows of
+/// `data`, a row being everything after the first dimension: rows of a table that lies side by
+/// side with others in memory (CompactTable::ld()); stored as they are (dtype == data_type).
 struct TensorSource {
   std::string name;
   DType dtype = DType::F32;
   std::vector<std::int64_t> shape;
   const void* data = nullptr;
   DType data_type = DType::F32;
+  std::int64_t row_stride = 0;
 };
 
 struct WriteOptions {
@@ -462,6 +466,20 @@ inline void write_all(int fd, const void* p, std::size_t n, const std::string& p
   }
 }
 
+/// Writes `rows` rows of `row` values of `size` bytes each, `stride` values apart at `data`,
+/// as contiguous rows (gathered into a buffer of about 1 MiB between writes).
+inline void write_rows(int fd, const void* data, std::size_t rows, std::size_t row, std::size_t stride, std::size_t size,
+                       const std::string& path) {
+  const std::size_t row_bytes = row * size, per_write = std::max<std::size_t>(1, (std::size_t(1) << 20) / std::max<std::size_t>(row_bytes, 1));
+  std::vector<unsigned char> buf(std::min(rows, per_write) * row_bytes);
+  const auto* src = static_cast<const unsigned char*>(data);
+  for (std::size_t r0 = 0; r0 < rows; r0 += per_write) {
+    const std::size_t n = std::min(per_write, rows - r0);
+    for (std::size_t r = 0; r < n; ++r) std::memcpy(buf.data() + r * row_bytes, src + (r0 + r) * stride * size, row_bytes);
+    write_all(fd, buf.data(), n * row_bytes, path);
+  }
+}
+
 /// Writes n values of T converted to `dtype`. A finite value the conversion would make an
 /// infinity (beyond F16's 65504 or BF16's 3.39e38) is an error naming the tensor and the index.
 template <class T>
@@ -502,6 +520,13 @@ inline void write_safetensors(const std::string& path, std::vector<TensorSource>
     SPEX_CHECK(t.dtype == t.data_type || (is_float_dtype(t.dtype) && (t.data_type == DType::F32 || t.data_type == DType::F64)),
                path << ": tensor '" << printable(t.name) << "': cannot store " << to_string(t.data_type) << " data as " << to_string(t.dtype));
     for (auto s : t.shape) SPEX_CHECK(s >= 0, path << ": tensor '" << printable(t.name) << "' has a negative dimension");
+    if (t.row_stride != 0) {
+      std::int64_t row = 1;
+      for (std::size_t i = 1; i < t.shape.size(); ++i) row *= t.shape[i];
+      SPEX_CHECK(!t.shape.empty() && t.row_stride >= row && t.dtype == t.data_type,
+                 path << ": tensor '" << printable(t.name) << "': row_stride " << t.row_stride
+                      << " needs rows stored as they are and at least the row's " << row << " values");
+    }
   }
   std::stable_sort(tensors.begin(), tensors.end(),
                    [](const TensorSource& a, const TensorSource& b) { return dtype_size(a.dtype) > dtype_size(b.dtype); });
@@ -532,7 +557,10 @@ inline void write_safetensors(const std::string& path, std::vector<TensorSource>
     detail::write_all(fd, json.data(), json.size(), path);
     for (std::size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
-      if (t.dtype == t.data_type) {
+      if (t.row_stride != 0 && counts[i] > 0) {
+        detail::write_rows(fd, t.data, std::size_t(t.shape[0]), counts[i] / std::uint64_t(t.shape[0]), std::size_t(t.row_stride),
+                           dtype_size(t.dtype), path);
+      } else if (t.dtype == t.data_type) {
         detail::write_all(fd, t.data, counts[i] * dtype_size(t.dtype), path);
       } else if (t.data_type == DType::F32) {
         detail::write_converted(fd, static_cast<const float*>(t.data), counts[i], t.dtype, path, t.name);

@@ -190,8 +190,10 @@ class ProductKeyLayer {
   /// How the expert tables are stored (config().storage).
   TableStorage storage() const { return cfg_.storage; }
   /// Converts the expert tables to storage `s` in place: compact (bf16, int8) for inference
-  /// after training, native again to train on (with the compact values). One table is held in
-  /// both forms at a time. Not thread-safe: no call on the layer may run meanwhile.
+  /// after training, native again to train on (with the compact values). PEER's compact tables
+  /// lie side by side (CompactTable::side_by_side); its tables are held in both forms until all
+  /// are converted, so that a failure changes nothing. Not thread-safe: no call on the layer may
+  /// run meanwhile.
   void set_storage(TableStorage s) {
     if (s == cfg_.storage) return;
     SPEX_CHECK(!Dispatch::kSharded, Layer::kName << "::set_storage: storage " << to_string(s)
