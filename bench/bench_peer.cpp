@@ -1,8 +1,9 @@
 // PEER layer: forward and forward+backward (row-sparse expert grads) in tokens/s at the two
-// reference configurations, the expert step alone as bytes gathered per second, and a
-// streaming copy in the same binary for the bandwidth ratio. Threads from OMP_NUM_THREADS.
+// reference configurations, the expert step alone as bytes gathered per second, the same rows
+// only read (BM_PeerRowRead: the step's ceiling with its access pattern), and a streaming copy
+// in the same binary for the bandwidth ratio. Threads from OMP_NUM_THREADS.
 //   build/bench/bench_peer --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-#include "peer_layers.hpp"
+#include "peer_row_read.hpp"
 
 namespace {
 
@@ -201,6 +202,13 @@ BENCHMARK(BM_PeerPartTopK)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRe
 BENCHMARK(BM_PeerPartProductStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerPartRetrieval)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerExpertStep)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+using spex_bench::BM_PeerRowRead;
+BENCHMARK_TEMPLATE(BM_PeerRowRead, spex::TableStorage::native)
+    ->Name("BM_PeerRowRead")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_PeerForward)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerForward_gemm)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PeerForwardBackward)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();

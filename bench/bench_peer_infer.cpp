@@ -27,7 +27,7 @@
 #include <cstring>
 #include <vector>
 
-#include "peer_layers.hpp"
+#include "peer_row_read.hpp"
 
 namespace {
 
@@ -54,19 +54,6 @@ void BM_PeerInfer(benchmark::State& state) {
   state.counters["table GiB"] = double(peer.table_bytes()) / double(1u << 30);
 }
 
-/// Retrievals of the config's input batches (the same for every storage), made once.
-const std::vector<spex::Peer<float>::Cache>& retrievals(int config) {
-  static std::vector<spex::Peer<float>::Cache> caches[2];
-  auto& c = caches[config];
-  if (c.empty()) {
-    c.resize(kPeerBatches);
-    const auto s = kPeerShapes[config];
-    spex::RowMat<float> y(s.batch, s.d);
-    for (int i = 0; i < kPeerBatches; ++i) spex_bench::peer_layer(config).infer(spex_bench::peer_input(config, i), y, c[i]);
-  }
-  return c;
-}
-
 /// Expert-table bytes one token reads: h k rows of u and of v (and their int8 scales).
 double expert_bytes_per_token(TableStorage storage, Index d) { return 2.0 * 8 * 16 * double(spex::row_bytes(storage, d, sizeof(float))); }
 
@@ -79,7 +66,7 @@ const std::vector<spex::IndexMat>& cached_picks(int config) {
   static std::vector<spex::IndexMat> picks[2];
   auto& p = picks[config];
   if (p.empty())
-    for (const auto& c : retrievals(config)) p.push_back(c.retrieval.ids.unaryExpr([](Index id) { return id % kCachedRows; }));
+    for (const auto& c : spex_bench::peer_retrievals(config)) p.push_back(c.retrieval.ids.unaryExpr([](Index id) { return id % kCachedRows; }));
   return p;
 }
 
@@ -92,7 +79,7 @@ void run_expert_step(benchmark::State& state, StepRows rows) {
   const int config = int(state.range(0));
   const auto& peer = spex_bench::peer_layer(config, S);
   const auto s = kPeerShapes[config];
-  const auto& caches = retrievals(config);
+  const auto& caches = spex_bench::peer_retrievals(config);
   const std::vector<spex::IndexMat>* folded = rows == StepRows::cached ? &cached_picks(config) : nullptr;
   spex::RowMat<float> y(s.batch, s.d), pre;
   int i = 0;
@@ -113,83 +100,6 @@ void BM_PeerExpertStep(benchmark::State& state) { run_expert_step<S>(state, Step
 template <TableStorage S>
 void BM_PeerExpertCompute(benchmark::State& state) { run_expert_step<S>(state, StepRows::cached); }
 
-/// The expert tables' bytes, row length and distance between rows in bytes, whatever their
-/// storage (compact tables lie side by side: the stride is both rows').
-struct RawTables {
-  const char* down;
-  const char* up;
-  std::size_t row_bytes, stride;
-};
-RawTables raw_tables(const spex::Peer<float>& peer, TableStorage storage, Index d) {
-  const auto& e = peer.experts();
-  switch (storage) {
-    case TableStorage::bf16:
-      return {reinterpret_cast<const char*>(e.compact_down().bf16()), reinterpret_cast<const char*>(e.compact_up().bf16()),
-              std::size_t(d) * 2, std::size_t(e.compact_down().ld()) * 2};
-    case TableStorage::int8:
-      return {reinterpret_cast<const char*>(e.compact_down().i8()), reinterpret_cast<const char*>(e.compact_up().i8()),
-              std::size_t(d), std::size_t(e.compact_down().ld())};
-    default:
-      return {reinterpret_cast<const char*>(e.down().data()), reinterpret_cast<const char*>(e.up().data()), std::size_t(d) * 4,
-              std::size_t(d) * 4};
-  }
-}
-
-/// Loads one 8-byte word of every 64-byte line of the rows ids[0, m) (4 rows per pass, the first
-/// line of each row prefetched 8 rows ahead: the fastest plain read of random rows measured
-/// here) and returns their sum, so that nothing is optimized away.
-std::uint64_t read_rows(const char* table, std::size_t row_bytes, std::size_t stride, const Index* ids, std::size_t m) {
-  std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  std::size_t r = 0;
-  for (; r + 4 <= m; r += 4) {
-    for (std::size_t q = 0; q < 4 && r + 8 + q < m; ++q) spex::kernels::prefetch_lines(table + std::size_t(ids[r + 8 + q]) * stride, 1);
-    const char* a = table + std::size_t(ids[r]) * stride;
-    const char* b = table + std::size_t(ids[r + 1]) * stride;
-    const char* c = table + std::size_t(ids[r + 2]) * stride;
-    const char* e = table + std::size_t(ids[r + 3]) * stride;
-    for (std::size_t i = 0; i < row_bytes; i += 64) {
-      std::uint64_t w[4];
-      std::memcpy(&w[0], a + i, 8);
-      std::memcpy(&w[1], b + i, 8);
-      std::memcpy(&w[2], c + i, 8);
-      std::memcpy(&w[3], e + i, 8);
-      s0 += w[0];
-      s1 += w[1];
-      s2 += w[2];
-      s3 += w[3];
-    }
-  }
-  for (; r < m; ++r)
-    for (std::size_t i = 0; i < row_bytes; i += 64) {
-      std::uint64_t w;
-      std::memcpy(&w, table + std::size_t(ids[r]) * stride + i, 8);
-      s0 += w;
-    }
-  return s0 + s1 + s2 + s3;
-}
-
-template <TableStorage S>
-void BM_PeerRowRead(benchmark::State& state) {
-  const int config = int(state.range(0));
-  const auto s = kPeerShapes[config];
-  const RawTables t = raw_tables(spex_bench::peer_layer(config, S), S, s.d);
-  const auto& caches = retrievals(config);
-  std::vector<std::uint64_t> sums(std::size_t(s.batch));
-  int i = 0;
-  for (auto _ : state) {
-    const auto& ids = caches[i++ % kPeerBatches].retrieval.ids;
-    const std::size_t m = std::size_t(ids.cols());
-    spex::parallel_for(s.batch, [&](Index tok, int) {
-      const Index* row = &ids(tok, 0);
-      sums[std::size_t(tok)] = read_rows(t.down, t.row_bytes, t.stride, row, m) + read_rows(t.up, t.row_bytes, t.stride, row, m);
-    });
-    benchmark::DoNotOptimize(sums.data());
-  }
-  state.counters["bytes/s"] = benchmark::Counter(double(s.batch) * 2.0 * 8 * 16 * double(t.row_bytes),
-                                                 benchmark::Counter::kIsIterationInvariantRate);
-  spex_bench::tokens_counter(state, s.batch);
-}
-
 /// Reads the down table's rows of config 1's retrievals (token after token) on the calling
 /// thread alone, in bursts of `rows` rows: every line of a burst's rows prefetched, then one word
 /// of each line loaded, the next burst only after that. Bytes per second against the burst: what
@@ -199,9 +109,9 @@ template <TableStorage S>
 void BM_RowBurst(benchmark::State& state) {
   const int config = 1;
   const auto s = kPeerShapes[config];
-  const RawTables t = raw_tables(spex_bench::peer_layer(config, S), S, s.d);
+  const spex_bench::RawTables t = spex_bench::raw_tables(spex_bench::peer_layer(config, S), S, s.d);
   const std::size_t rows = std::size_t(state.range(0)), lines = (t.row_bytes + 63) / 64;
-  const auto& caches = retrievals(config);
+  const auto& caches = spex_bench::peer_retrievals(config);
   const std::size_t m = std::size_t(caches[0].retrieval.ids.size()) / rows * rows;  // picks per batch, whole bursts
   std::uint64_t sum = 0, zero = 0;
   asm volatile("" : "+r"(zero));  // a zero the compiler cannot see, so that sum & zero waits for sum
@@ -250,7 +160,7 @@ template <TableStorage S>
 void BM_PeerLatencyExperts(benchmark::State& state) {
   const auto& peer = spex_bench::peer_layer(kLatencyConfig, S);
   const auto& x = latency_tokens();
-  const auto& c = retrievals(kLatencyConfig)[0];  // the retrieval of these tokens
+  const auto& c = spex_bench::peer_retrievals(kLatencyConfig)[0];  // the retrieval of these tokens
   spex::RowMat<float> y(1, x.cols()), pre;
   Index t = 0;
   for (auto _ : state) {
@@ -339,6 +249,7 @@ void BM_PeerLatencyPart_topk(benchmark::State& state) {
 }  // namespace
 
 SPEX_BENCH_MACHINE_LIMITS();
+using spex_bench::BM_PeerRowRead;
 #define SPEX_PER_STORAGE(name, suffix, S, args)                                                             \
   BENCHMARK_TEMPLATE(name, S)->Name(#name "_" suffix) args->Unit(benchmark::kMicrosecond)->UseRealTime()
 #define SPEX_CONFIGS ->Arg(0)->Arg(1)

@@ -230,10 +230,17 @@ def main():
             split.append("(the float GEMM path of the same binary: %s%s)" % (
                 ", ".join(floats), "; the forward with it %.2f ms" % (gemm_fwd * 1e3) if gemm_fwd else ""))
         target = " (target >= 70%%: %s)" % ("reached" if roof / measured >= 0.7 else "missed") if config == 1 else ""
+        # The measured limit of the row term: the same rows read in the step's order with nothing
+        # computed (BM_PeerRowRead, the same binary). Random rows cost more than their bytes.
+        read = limit("engines", "BM_PeerRowRead/%d/real_time" % config, "bytes/s")
+        read_roof = ("; with the expert rows at the rate this binary reads them in the step's order with nothing "
+                     "computed (`BM_PeerRowRead/%d`: %.1f GB/s, %.0f%% of the copy) the roofline is %.2f ms, %.0f%% of it"
+                     % (config, read / 1e9, 100 * read / copy_p, (t_gemm + expert_bytes / read) * 1e3,
+                        100 * (t_gemm + expert_bytes / read) / measured)) if read else ""
         w("PEER %s forward: %.2f ms per batch of %d, roofline %.2f ms (GEMMs %.2f ms at %.0f GFLOP/s + expert rows "
-          "%.1f MB at %.1f GB/s = %.2f ms): **%.0f%% of the roofline**%s. Split: %s."
+          "%.1f MB at %.1f GB/s = %.2f ms): **%.0f%% of the roofline**%s%s. Split: %s."
           % (desc, measured * 1e3, batch, roof * 1e3, t_gemm * 1e3, gemm_p, expert_bytes / 1e6, copy_p / 1e9,
-             t_rows * 1e3, 100 * roof / measured, target, ", ".join(split)))
+             t_rows * 1e3, 100 * roof / measured, target, read_roof, ", ".join(split)))
         w("")
 
     # GEMM engines, one thread, per shape class.
