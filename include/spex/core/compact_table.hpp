@@ -114,16 +114,11 @@ class CompactTable {
   /// A copy of `other`'s rows and scales in a table of its own (rows contiguous); a view stays
   /// a view of the same memory.
   CompactTable(const CompactTable& other)
-      : storage_(other.storage_), rows_(other.rows_), cols_(other.cols_), ld_(other.cols_), scale_(other.scale_),
-        view_rows_(other.view_rows_), view_scale_(other.view_scale_), keep_alive_(other.keep_alive_) {
-    if (other.view_rows_ || other.rows_ == 0) {
-      ld_ = other.ld_;
-      return;
-    }
-    block_ = allocate(storage_, rows_, cols_);
-    rows_at_ = block_.get();
-    const std::size_t row = element_size() * static_cast<std::size_t>(cols_);
-    for (Index r = 0; r < rows_; ++r) std::memcpy(rows_at_ + static_cast<std::size_t>(r) * row, other.row_bytes_at(r), row);
+      : storage_(other.storage_), rows_(other.rows_), cols_(other.cols_), ld_(other.ld_), view_rows_(other.view_rows_),
+        view_scale_(other.view_scale_), keep_alive_(other.keep_alive_) {
+    if (other.view_rows_ || other.rows_ == 0) return;
+    *this = CompactTable(storage_, rows_, cols_);
+    copy_rows_from(other);
   }
   CompactTable& operator=(const CompactTable& other) {
     if (this != &other) *this = CompactTable(other);
@@ -247,16 +242,23 @@ class CompactTable {
   std::size_t element_size() const { return storage_ == TableStorage::bf16 ? 2 : 1; }
   std::size_t row_stride() const { return element_size() * static_cast<std::size_t>(ld_); }
   const void* raw_rows() const { return view_rows_ ? view_rows_ : static_cast<const void*>(rows_at_); }
-  const unsigned char* row_bytes_at(Index r) const {
-    return static_cast<const unsigned char*>(raw_rows()) + static_cast<std::size_t>(r) * row_stride();
+
+  /// The rows and scales of `src` (owned or a view; this table's storage and shape) into this
+  /// owned table, bit for bit, each row at its table's ld().
+  void copy_rows_from(const CompactTable& src) {
+    const std::size_t row = element_size() * static_cast<std::size_t>(cols_);
+    const auto* from = static_cast<const unsigned char*>(src.raw_rows());
+    for (Index r = 0; r < rows_; ++r)
+      std::memcpy(rows_at_ + static_cast<std::size_t>(r) * row_stride(), from + static_cast<std::size_t>(r) * src.row_stride(), row);
+    if (storage_ == TableStorage::int8) std::copy(src.scales(), src.scales() + rows_, scale_.data());
   }
+  friend std::vector<CompactTable> copy_side_by_side(const std::vector<const CompactTable*>& tables);
 
   // A view becomes an owned copy (rows contiguous) before anything writes.
   void own() {
     if (!view_rows_) return;
     CompactTable copy(storage_, rows_, cols_);
-    std::memcpy(copy.rows_at_, view_rows_, element_size() * static_cast<std::size_t>(rows_ * cols_));
-    if (storage_ == TableStorage::int8) std::memcpy(copy.scale_.data(), view_scale_, sizeof(float) * static_cast<std::size_t>(rows_));
+    copy.copy_rows_from(*this);
     *this = std::move(copy);
   }
 
@@ -322,16 +324,7 @@ inline std::vector<CompactTable> copy_side_by_side(const std::vector<const Compa
     cols.push_back(t->cols());
   }
   std::vector<CompactTable> out = CompactTable::side_by_side(s, rows, cols);
-  const std::size_t es = s == TableStorage::bf16 ? 2 : 1;
-  for (std::size_t i = 0; i < tables.size(); ++i) {
-    const CompactTable& src = *tables[i];
-    const auto* from = s == TableStorage::bf16 ? static_cast<const void*>(src.bf16()) : static_cast<const void*>(src.i8());
-    auto* to = static_cast<unsigned char*>(out[i].mutable_rows());
-    const std::size_t row = es * static_cast<std::size_t>(src.cols());
-    for (Index r = 0; r < rows; ++r)
-      std::memcpy(to + es * static_cast<std::size_t>(r * out[i].ld()), static_cast<const unsigned char*>(from) + es * static_cast<std::size_t>(r * src.ld()), row);
-    if (s == TableStorage::int8) std::copy(src.scales(), src.scales() + rows, out[i].mutable_scales());
-  }
+  for (std::size_t i = 0; i < tables.size(); ++i) out[i].copy_rows_from(*tables[i]);
   return out;
 }
 
