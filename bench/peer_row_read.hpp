@@ -27,7 +27,7 @@ inline const std::vector<spex::Peer<float>::Cache>& peer_retrievals(int config) 
 }
 
 /// The expert tables' bytes, row length and distance between rows in bytes, whatever their
-/// storage (compact tables lie side by side: the stride is both rows').
+/// storage (the tables lie side by side: the stride is both rows').
 struct RawTables {
   const char* down;
   const char* up;
@@ -44,7 +44,7 @@ inline RawTables raw_tables(const spex::Peer<float>& peer, spex::TableStorage st
               std::size_t(d), std::size_t(e.compact_down().ld())};
     default:
       return {reinterpret_cast<const char*>(e.down().data()), reinterpret_cast<const char*>(e.up().data()), std::size_t(d) * 4,
-              std::size_t(d) * 4};
+              std::size_t(e.down_table().ld()) * 4};
   }
 }
 

@@ -16,6 +16,16 @@
 
 namespace spex_test {
 
+/// A parameter's values row after row, as V (its rows may lie ld apart in memory: expert
+/// tables side by side).
+template <class V, class P>
+std::vector<V> row_major_values(const P& p) {
+  std::vector<V> out;
+  out.reserve(static_cast<std::size_t>(p.size()));
+  for (spex::Index r = 0; r < p.rows; ++r) out.insert(out.end(), p.row(r), p.row(r) + p.cols);
+  return out;
+}
+
 /// Small layer configs the io tests save, load and train.
 inline spex::ProductKeyLayerConfig io_pk_config() {
   spex::ProductKeyLayerConfig cfg;

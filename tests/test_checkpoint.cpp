@@ -107,7 +107,7 @@ struct Run {
   }
   std::vector<std::vector<float>> values() const {
     std::vector<std::vector<float>> out;
-    for (const auto& p : std::as_const(layer).parameters()) out.emplace_back(p.value, p.value + p.size());
+    for (const auto& p : std::as_const(layer).parameters()) out.push_back(spex_test::row_major_values<float>(p));
     for (const auto& p : opt.state()) out.emplace_back(p.value, p.value + p.size());
     return out;
   }

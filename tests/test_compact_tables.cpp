@@ -8,6 +8,7 @@
 #include <spex/io/dtype.hpp>
 #include <spex/layers/peer.hpp>
 #include <spex/layers/pkm.hpp>
+#include <spex/optim/adam.hpp>
 
 #include "io_util.hpp"
 #include "test_util.hpp"
@@ -37,13 +38,15 @@ RowMat<float> infer(const L& layer, const RowMat<float>& x, typename L::Cache& c
 }
 
 /// Every row of the compact table equals the float row rounded (bf16) or quantized (int8).
-void check_rows_are_compact_of(const CompactTable& t, const float* native) {
+// `native`: the float rows (an Eigen row-major map, rows possibly apart in memory).
+template <class M>
+void check_rows_are_compact_of(const CompactTable& t, const M& native) {
   std::vector<float> row(static_cast<std::size_t>(t.cols()));
   CompactTable one(t.storage(), 1, t.cols());
   std::vector<float> expect(row.size());
   for (Index r = 0; r < t.rows(); ++r) {
     t.get_row(r, row.data());
-    one.set_rows(0, 1, native + r * t.cols());
+    one.set_rows(0, 1, &native(r, 0));
     one.get_row(0, expect.data());
     REQUIRE(std::memcmp(row.data(), expect.data(), sizeof(float) * row.size()) == 0);
   }
@@ -133,6 +136,42 @@ TEST_CASE("CompactTable: rows in and out, non-finite rows named, views copied be
   }
   CHECK_THROWS_WITH(CompactTable(TableStorage::native, 2, 2), Catch::Contains("not native"));
   CHECK_THROWS_WITH(CompactTable(TableStorage::bf16, 0, 2), Catch::Contains("positive"));
+}
+
+TEST_CASE("Table::side_by_side: one allocation, rows ld apart, and its copies, views and moves", "[compact]") {
+  std::vector<Table<double>> t = Table<double>::side_by_side(5, {3, 2});
+  REQUIRE(t.size() == 2);
+  CHECK(t[0].ld() == 5);
+  CHECK(t[1].ld() == 5);
+  CHECK(t[1].data() == t[0].data() + 3);  // row r of table 1 follows row r of table 0
+  for (Index r = 0; r < 5; ++r) {
+    for (Index c = 0; c < 3; ++c) t[0].mutable_matrix()(r, c) = 10.0 * r + c;
+    for (Index c = 0; c < 2; ++c) t[1].mutable_matrix()(r, c) = -10.0 * r - c;
+  }
+  CHECK(t[0].data()[5] == 10.0);  // row 1, column 0, one ld on
+  CHECK(t[0].data()[3] == -0.0);  // table 1's row 0 between table 0's rows 0 and 1
+  CHECK(t[0].data()[4] == -1.0);
+  // A copy has rows of its own, contiguous; a grown table too.
+  const Table<double> copy = t[1];
+  CHECK(copy.ld() == 2);
+  CHECK(RowMat<double>(copy.matrix()) == RowMat<double>(t[1].matrix()));
+  const Table<double> grown = t[0].grown(7);
+  CHECK(grown.ld() == 3);
+  CHECK(RowMat<double>(grown.matrix().topRows(5)) == RowMat<double>(t[0].matrix()));
+  // A view reads its memory contiguous; table 1 keeps the shared allocation alive.
+  auto file = std::make_shared<std::vector<double>>(15, 1.5);
+  t[0].adopt_view(file->data(), 5, 3, file);
+  CHECK(t[0].ld() == 3);
+  CHECK(t[1].matrix()(4, 1) == -41.0);
+  CHECK(t[0].mutable_data() != file->data());  // written: an owned, contiguous copy
+  CHECK(t[0].ld() == 3);
+  CHECK(RowMat<double>(t[0].matrix()) == RowMat<double>::Constant(5, 3, 1.5));
+  // A move leaves the source empty.
+  Table<double> moved = std::move(t[1]);
+  CHECK(moved.matrix()(2, 0) == -20.0);
+  CHECK(t[1].rows() == 0);
+  CHECK(t[1].data() == nullptr);
+  CHECK_THROWS_WITH(Table<double>::side_by_side(2, {3, 0}), Catch::Contains("columns 0"));
 }
 
 TEST_CASE("CompactTable::side_by_side: rows of each table its own, read by the gathers as tables apart", "[compact]") {
@@ -248,10 +287,75 @@ TEST_CASE("compact Peer: u and v rows side by side, kept by copies, the same out
   }
 }
 
+TEST_CASE("native Peer: u, w and v rows side by side, kept by copies, growth and conversion, trained as tables apart", "[compact]") {
+  for (bool glu : {false, true}) {
+    INFO((glu ? "GLU" : "plain"));
+    ProductKeyLayerConfig cfg = compact_config();
+    cfg.glu = glu;
+    cfg.expert_ids = ExpertIds::shells;
+    Peer<float> built(cfg, 5);
+    const Index side = cfg.d_in * (glu ? 2 : 1) + built.d_out();
+    auto check_layout = [&](const Peer<float>& p) {
+      const auto& e = p.experts();
+      CHECK(e.down_table().ld() == side);
+      CHECK(e.up_table().ld() == side);
+      CHECK(e.up().data() == e.down().data() + cfg.d_in * (glu ? 2 : 1));  // expert i's v row follows its u (and w) row
+      if (glu) CHECK(e.down_linear().data() == e.down().data() + cfg.d_in);
+    };
+    check_layout(built);
+    const RowMat<float> x = batch(cfg.d_in, 9);
+    Peer<float>::Cache c;
+    const RowMat<float> y = infer(built, x, c);
+    // A copy: its own allocation, side by side, the same values.
+    Peer<float> copy = built;
+    check_layout(copy);
+    CHECK(copy.experts().down().data() != built.experts().down().data());
+    CHECK(infer(copy, x, c) == y);
+    // Back from compact storage: side by side again.
+    Peer<float> round_trip = built;
+    round_trip.set_storage(TableStorage::bf16);
+    round_trip.set_storage(TableStorage::native);
+    check_layout(round_trip);
+    // Grown: the old rows kept, the new ones side by side too.
+    Peer<float> grown = built;
+    grown.grow(cfg.n_keys + 3, 17);
+    check_layout(grown);
+    CHECK(RowMat<float>(grown.experts().up().topRows(built.experts().n_experts())) == RowMat<float>(built.experts().up()));
+    // The same tables apart (copies of their own): the same output and, trained alike with
+    // Adam (row-sparse steps at each table's ld), the same parameters bit for bit.
+    Peer<float> apart = built;
+    for (auto& p : apart.parameters())
+      if (p.table) *p.table = Table<float>(*p.table);
+    CHECK(apart.experts().up_table().ld() == built.d_out());
+    CHECK(infer(apart, x, c) == y);
+    Peer<float> together = built;
+    for (Peer<float>* layer : {&together, &apart}) {
+      auto g = layer->make_grads();
+      const ParameterList<float> params = layer->parameters(g);
+      Adam<float> opt(params, AdamConfig{1e-2});
+      Peer<float>::Cache tc;
+      RowMat<float> out(x.rows(), layer->d_out());
+      for (int step = 0; step < 2; ++step) {
+        layer->forward(x, out, tc);
+        zero_grads(params);
+        layer->backward(RowMat<float>(out - x), tc, g);
+        opt.step();
+      }
+    }
+    const auto pt = together.parameters(), pa = apart.parameters();
+    REQUIRE(pt.size() == pa.size());
+    for (std::size_t i = 0; i < pt.size(); ++i) {
+      INFO(pt[i].name);
+      CHECK(RowMat<float>(pt[i].value_map()) == RowMat<float>(pa[i].value_map()));
+    }
+    CHECK(RowMat<float>(together.experts().up()) != RowMat<float>(built.experts().up()));  // it trained
+  }
+}
+
 TEST_CASE("set_storage is all-or-nothing: a value the storage cannot hold leaves every table as it was", "[compact]") {
   Peer<float> layer(compact_config(), 3);
   for (auto& p : layer.parameters())
-    if (p.name == "experts.up") p.value[2 * p.cols + 1] = 3.397e38f;  // finite; above the midpoint of bfloat16's largest value and infinity
+    if (p.name == "experts.up") p.row(2)[1] = 3.397e38f;  // finite; above the midpoint of bfloat16's largest value and infinity
   const RowMat<float> down = layer.experts().down().matrix(), up = layer.experts().up().matrix();
   CHECK_THROWS_WITH(layer.set_storage(TableStorage::bf16), Catch::Contains("experts.up: row 2") && Catch::Contains("column 1"));
   CHECK(layer.storage() == TableStorage::native);
@@ -275,10 +379,10 @@ TEST_CASE("compact Peer and Pkm: same ids, the outputs of float tables holding t
         ids_native = c1.retrieval.ids;
         // Constructed compact: the native layer's draws, rounded or quantized.
         if constexpr (std::is_same<std::decay_t<decltype(native)>, Peer<float>>::value) {
-          check_rows_are_compact_of(built_compact.experts().compact_down(), native.experts().down().data());
-          check_rows_are_compact_of(built_compact.experts().compact_up(), native.experts().up().data());
+          check_rows_are_compact_of(built_compact.experts().compact_down(), native.experts().down());
+          check_rows_are_compact_of(built_compact.experts().compact_up(), native.experts().up());
         } else {
-          check_rows_are_compact_of(built_compact.experts().compact_values(), native.experts().values().data());
+          check_rows_are_compact_of(built_compact.experts().compact_values(), native.experts().values());
         }
         auto converted = native;
         converted.set_storage(s);

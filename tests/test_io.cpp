@@ -28,7 +28,7 @@ MoEConfig moe_config() { return spex_test::io_moe_config(); }
 template <class L>
 std::vector<std::vector<double>> values_of(const L& layer) {
   std::vector<std::vector<double>> out;
-  for (const auto& p : layer.parameters()) out.emplace_back(p.value, p.value + p.size());
+  for (const auto& p : layer.parameters()) out.push_back(spex_test::row_major_values<double>(p));
   return out;
 }
 
@@ -203,9 +203,9 @@ TEST_CASE("stored as F64, F16 or BF16, weights load into float layers rounded to
     const auto pb = b.parameters();
     for (std::size_t i = 0; i < pa.size(); ++i)
       for (Index j = 0; j < pa[i].size(); ++j) {
-        const double v = pa[i].value[j];
+        const double v = pa[i].row(j / pa[i].cols)[j % pa[i].cols];
         const double expect = t == DType::F16 ? from_f16(to_f16(v)) : t == DType::BF16 ? from_bf16(to_bf16(v)) : double(float(v));
-        REQUIRE(double(pb[i].value[j]) == float(expect));
+        REQUIRE(double(pb[i].row(j / pb[i].cols)[j % pb[i].cols]) == float(expect));
       }
   }
 }

@@ -41,7 +41,8 @@ std::vector<unsigned char> bytes_of(const L& layer) {
     const auto* c = static_cast<const unsigned char*>(p);
     out.insert(out.end(), c, c + n);
   };
-  for (const auto& p : layer.parameters()) add(p.value, sizeof(*p.value) * std::size_t(p.size()));
+  for (const auto& p : layer.parameters())
+    for (Index r = 0; r < p.rows; ++r) add(p.row(r), sizeof(*p.value) * std::size_t(p.cols));
   for (const auto& [name, t] : layer.compact_tables()) {
     const auto b = spex_test::compact_bytes(*t);
     add(b.data(), b.size());
@@ -210,7 +211,7 @@ TEST_CASE("saving refuses finite values the stored dtype cannot hold", "[io]") {
   CHECK(dir.files() == std::vector<std::string>{"bf16.safetensors"});  // no file left from the refused writes
 }
 
-TEST_CASE("a tensor of rows a stride apart is written contiguous, and a stride shorter than a row or with a conversion is refused", "[io]") {
+TEST_CASE("a tensor of rows a stride apart is written contiguous, converted or not, and a stride shorter than a row is refused", "[io]") {
   TempDir dir;
   const float v[] = {0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23};  // 3 rows of 4: the tensor is the middle two columns
   write_safetensors(dir.path("s.safetensors"), {TensorSource{"t", DType::F32, {3, 2}, v + 1, DType::F32, 4}});
@@ -220,9 +221,18 @@ TEST_CASE("a tensor of rows a stride apart is written contiguous, and a stride s
   CHECK(got == std::vector<float>{1, 2, 11, 12, 21, 22});
   CHECK_THROWS_WITH(write_safetensors(dir.path("short.safetensors"), {TensorSource{"t", DType::F32, {3, 2}, v, DType::F32, 1}}),
                     Catch::Contains("row_stride 1") && Catch::Contains("2 values"));
-  CHECK_THROWS_WITH(write_safetensors(dir.path("f16.safetensors"), {TensorSource{"t", DType::F16, {3, 2}, v, DType::F32, 4}}),
-                    Catch::Contains("row_stride 4 needs rows stored as they are"));
-  CHECK(dir.files() == std::vector<std::string>{"s.safetensors"});
+  // Converted: the rows gathered, then rounded; an overflow names its index in the tensor.
+  write_safetensors(dir.path("f16.safetensors"), {TensorSource{"t", DType::F16, {3, 2}, v + 1, DType::F32, 4}});
+  SafetensorsFile h(dir.path("f16.safetensors"));
+  std::vector<float> half(6);
+  convert_from_bytes(h.data(h.at("t")), DType::F16, half.data(), 6);
+  CHECK(half == std::vector<float>{1, 2, 11, 12, 21, 22});
+  float big[12];
+  std::copy(v, v + 12, big);
+  big[10] = 1e6f;  // row 2, column 1 of the tensor at v + 1: flat index 5, beyond F16's 65504
+  CHECK_THROWS_WITH(write_safetensors(dir.path("big.safetensors"), {TensorSource{"t", DType::F16, {3, 2}, big + 1, DType::F32, 4}}),
+                    Catch::Contains("at flat index 5") && Catch::Contains("F16"));
+  CHECK(dir.files() == std::vector<std::string>{"f16.safetensors", "s.safetensors"});
 }
 
 TEST_CASE("a config that needs more values than the file holds is refused before anything is allocated", "[io]") {

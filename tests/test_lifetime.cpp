@@ -39,7 +39,10 @@ void backward_once(L& layer, typename L::Grads& g, std::uint64_t seed) {
 template <class T>
 std::vector<double> values_of(const ParameterList<T>& list) {
   std::vector<double> out;
-  for (const auto& p : list) out.insert(out.end(), p.value, p.value + p.size());
+  for (const auto& p : list) {
+    const auto v = spex_test::row_major_values<double>(p);
+    out.insert(out.end(), v.begin(), v.end());
+  }
   return out;
 }
 

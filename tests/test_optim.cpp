@@ -1,3 +1,5 @@
+#include <memory>
+
 #include <spex/optim/adam.hpp>
 #include <spex/optim/sgd.hpp>
 
@@ -18,8 +20,8 @@ struct Toy {
     fill_normal(table, 1.0, rng);
   }
   ParameterList<double> params() {
-    return {Parameter<double>{"w", w.data(), 3, 4, gw.data(), nullptr, nullptr, 0, {}},
-            Parameter<double>{"table", table.data(), 10, 3, nullptr, &gt, nullptr, 0, {}}};
+    return {Parameter<double>{"w", w.data(), 3, 4, 4, gw.data(), nullptr, nullptr, 0, {}},
+            Parameter<double>{"table", table.data(), 10, 3, 3, nullptr, &gt, nullptr, 0, {}}};
   }
   void set_grads(int step) {
     Rng rng(100 + step);
@@ -198,4 +200,47 @@ TEST_CASE("global-norm clipping covers dense and row-sparse gradients", "[optim]
   CHECK(grad_norm(params) == Approx(0.5).epsilon(1e-5));
   toy.gw(0, 0) = std::numeric_limits<double>::quiet_NaN();
   CHECK_THROWS_WITH(clip_grad_norm(params, 1.0), Catch::Contains("NaN"));
+}
+
+TEST_CASE("Adam and SGD step values whose rows lie apart (ld > cols) exactly as the same rows contiguous", "[optim]") {
+  // The toy's parameters, and the same values as columns 2..5 and 1..3 of wider rows (the
+  // other columns must stay untouched).
+  Toy contiguous, apart;
+  RowMat<double> wide_w = RowMat<double>::Constant(3, 9, 7.0), wide_t = RowMat<double>::Constant(10, 5, 7.0);
+  wide_w.middleCols(2, 4) = apart.w;
+  wide_t.middleCols(1, 3) = apart.table;
+  ParameterList<double> strided{Parameter<double>{"w", &wide_w(0, 2), 3, 4, 9, apart.gw.data(), nullptr, nullptr, 1, {}},
+                                Parameter<double>{"table", &wide_t(0, 1), 10, 3, 5, nullptr, &apart.gt, nullptr, 0, {}}};
+  ParameterList<double> plain = contiguous.params();
+  plain[0].frozen_rows = 1;  // the dense one's first row frozen in both
+  for (int kind = 0; kind < 2; ++kind) {
+    INFO((kind == 0 ? "Adam" : "SGD"));
+    std::unique_ptr<Adam<double>> adam_a, adam_b;
+    std::unique_ptr<Sgd<double>> sgd_a, sgd_b;
+    if (kind == 0) {
+      adam_a = std::make_unique<Adam<double>>(plain, AdamConfig{0.01, 0.9, 0.99, 1e-8, 0.1, true});
+      adam_b = std::make_unique<Adam<double>>(strided, AdamConfig{0.01, 0.9, 0.99, 1e-8, 0.1, true});
+    } else {
+      sgd_a = std::make_unique<Sgd<double>>(plain, SgdConfig{0.1, 0.9, 0.01, false});
+      sgd_b = std::make_unique<Sgd<double>>(strided, SgdConfig{0.1, 0.9, 0.01, false});
+    }
+    for (int step = 0; step < 3; ++step) {
+      contiguous.set_grads(step);
+      apart.set_grads(step);
+      if (kind == 0) {
+        adam_a->step();
+        adam_b->step();
+      } else {
+        sgd_a->step();
+        sgd_b->step();
+      }
+      CHECK(RowMat<double>(wide_w.middleCols(2, 4)) == contiguous.w);
+      CHECK(RowMat<double>(wide_t.middleCols(1, 3)) == contiguous.table);
+    }
+    CHECK(RowMat<double>(wide_w.leftCols(2)) == RowMat<double>::Constant(3, 2, 7.0));
+    CHECK(RowMat<double>(wide_w.rightCols(3)) == RowMat<double>::Constant(3, 3, 7.0));
+    CHECK(wide_t.col(0) == Vec<double>::Constant(10, 7.0));
+    CHECK(RowMat<double>(wide_t.rightCols(1)) == RowMat<double>::Constant(10, 1, 7.0));
+    CHECK(wide_w.row(0).segment(2, 4) == apart.w.row(0));  // frozen row unchanged
+  }
 }

@@ -345,16 +345,27 @@ inline auto normal_rows(Index cols, double stddev, Rng& rng) {
 inline auto rows_of(const Table<float>& native, const CompactTable& small) {
   return [&native, &small](Index first, Index n, float* buf) {
     const Index cols = small.empty() ? native.cols() : small.cols();
-    if (small.empty()) std::copy(native.data() + first * cols, native.data() + (first + n) * cols, buf);
-    else for (Index r = 0; r < n; ++r) small.get_row(first + r, buf + static_cast<std::size_t>(r * cols));
+    for (Index r = 0; r < n; ++r) {
+      float* to = buf + static_cast<std::size_t>(r * cols);
+      if (small.empty()) std::copy(native.data() + (first + r) * native.ld(), native.data() + (first + r) * native.ld() + cols, to);
+      else small.get_row(first + r, to);
+    }
   };
+}
+
+/// The values compact table `from` computes with into the owned native table `to` of its shape
+/// (exact), each row at to.ld().
+inline void copy_native(const CompactTable& from, Table<float>& to) {
+  SPEX_CHECK(to.rows() == from.rows() && to.cols() == from.cols(), "copy_native: a " << from.rows() << " x " << from.cols()
+                                                                                    << " table into " << to.rows() << " x " << to.cols());
+  float* rows = to.mutable_data();
+  for (Index r = 0; r < from.rows(); ++r) from.get_row(r, rows + static_cast<std::size_t>(r * to.ld()));
 }
 
 /// The values compact table `t` computes with, as a native table (exact).
 inline Table<float> native_copy(const CompactTable& t) {
   Table<float> out(t.rows(), t.cols());
-  float* rows = out.mutable_data();
-  for (Index r = 0; r < t.rows(); ++r) t.get_row(r, rows + static_cast<std::size_t>(r * t.cols()));
+  copy_native(t, out);
   return out;
 }
 

@@ -48,10 +48,12 @@ inline void check_current(const std::string& name, const ParameterStamps& stamps
                                                  "(the optimizer, then load its state; the loader or writer)");
 }
 
-/// One parameter: `rows x cols` row-major values at `value`; its gradient is dense (`grad`,
-/// same shape), row-sparse (`sparse_grad`), or absent (both null: a buffer such as BatchNorm's
-/// running statistics, listed for saving, never stepped). `Parameter<const T>` is the
-/// read-only form a const layer hands out (never with gradients).
+/// One parameter: `rows x cols` row-major values at `value`, row r at `value + r * ld` (ld ==
+/// cols but for an expert table that lies side by side with others in memory: Table::ld());
+/// its gradient is dense (`grad`, same shape, contiguous), row-sparse (`sparse_grad`), or
+/// absent (both null: a buffer such as BatchNorm's running statistics, listed for saving, never
+/// stepped). `Parameter<const T>` is the read-only form a const layer hands out (never with
+/// gradients). Walk the values by row (row(), value_map()), never as one flat array.
 ///
 /// Frozen rows: rows [0, frozen_rows) are left unchanged by training (a grown product-key
 /// layer's old experts and sub-key rows): backward writes no gradient for them (a row-sparse
@@ -60,11 +62,13 @@ inline void check_current(const std::string& name, const ParameterStamps& stamps
 template <class T>
 struct Parameter {
   using Scalar = std::remove_const_t<T>;
-  using ValueMap = Eigen::Map<std::conditional_t<std::is_const<T>::value, const RowMat<Scalar>, RowMat<Scalar>>>;
+  using ValueMap = Eigen::Map<std::conditional_t<std::is_const<T>::value, const RowMat<Scalar>, RowMat<Scalar>>, 0, Eigen::OuterStride<>>;
 
   std::string name;
   T* value = nullptr;
   Index rows = 0, cols = 0;
+  /// The distance between the starts of two rows of value, in values (>= cols).
+  Index ld = 0;
   Scalar* grad = nullptr;
   SparseRowGrad<Scalar>* sparse_grad = nullptr;
   /// The table storage behind `value` when it can read a mapped file in place (expert tables;
@@ -76,10 +80,15 @@ struct Parameter {
   /// The epochs of the storage behind value, table, grad and sparse_grad (Lifetime, above).
   ParameterStamps stamps;
 
-  ValueMap value_map() const { return ValueMap(value, rows, cols); }
+  ValueMap value_map() const { return ValueMap(value, rows, cols, Eigen::OuterStride<>(ld)); }
+  /// Row r of the values.
+  T* row(Index r) const { return value + r * ld; }
+  /// Whether the values are one contiguous array (ld == cols).
+  bool contiguous() const { return ld == cols || rows <= 1; }
   Eigen::Map<RowMat<Scalar>> grad_map() const { return Eigen::Map<RowMat<Scalar>>(grad, rows, cols); }
   bool trainable() const { return grad != nullptr || sparse_grad != nullptr; }
-  /// Entries of the trainable rows [frozen_rows, rows), which start at value + frozen_entries().
+  /// Entries of the trainable rows [frozen_rows, rows); contiguous values (a dense parameter's)
+  /// start them at value + frozen_entries().
   Index trainable_entries() const { return (rows - frozen_rows) * cols; }
   Index frozen_entries() const { return frozen_rows * cols; }
   Index size() const { return rows * cols; }
@@ -95,7 +104,7 @@ Parameter<T> dense_parameter(std::string name, M& value, std::remove_const_t<M>*
   if (grad) check_shape(*grad, value.rows(), value.cols(), "gradient of a dense parameter");
   SPEX_CHECK(frozen_rows >= 0 && frozen_rows <= Index(value.rows()),
              "frozen rows = " << frozen_rows << " of '" << name << "' must be in [0, " << value.rows() << "]");
-  return Parameter<T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()),
+  return Parameter<T>{std::move(name), value.data(), Index(value.rows()), Index(value.cols()), Index(value.cols()),
                       grad ? grad->data() : nullptr, nullptr, nullptr, frozen_rows, {}};
 }
 
@@ -107,15 +116,21 @@ Parameter<T> sparse_parameter(std::string name, RowMat<T>& table, SparseRowGrad<
     SPEX_CHECK(grad->n_rows() == table.rows() && grad->width() == table.cols(),
                "the row-sparse gradient of '" << name << "' is for a " << grad->n_rows() << " x " << grad->width()
                                               << " table, the table is " << table.rows() << " x " << table.cols());
-  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), nullptr, grad, nullptr,
+  return Parameter<T>{std::move(name), table.data(), table.rows(), table.cols(), table.cols(), nullptr, grad, nullptr,
                       grad ? grad->frozen_rows() : 0, {}};
 }
 
 /// A Table (core/table.hpp) with its row-sparse gradient (or none). A mapped table is copied
-/// into owned memory first: the list hands out writable values.
+/// into owned memory first: the list hands out writable values (rows table.ld() apart).
 template <class T>
 Parameter<T> sparse_parameter(std::string name, Table<T>& table, SparseRowGrad<T>* grad) {
-  Parameter<T> p = sparse_parameter<T>(std::move(name), table.mutable_matrix(), grad);
+  if (grad)
+    SPEX_CHECK(grad->n_rows() == table.rows() && grad->width() == table.cols(),
+               "the row-sparse gradient of '" << name << "' is for a " << grad->n_rows() << " x " << grad->width()
+                                              << " table, the table is " << table.rows() << " x " << table.cols());
+  T* value = table.mutable_data();
+  Parameter<T> p{std::move(name), value, table.rows(), table.cols(), table.ld(), nullptr, grad, nullptr,
+                 grad ? grad->frozen_rows() : 0, {}};
   p.table = &table;
   p.stamps.table = table.stamp();
   return p;
@@ -124,7 +139,7 @@ Parameter<T> sparse_parameter(std::string name, Table<T>& table, SparseRowGrad<T
 /// The read-only form of a Table (never copies a mapped one).
 template <class T>
 Parameter<const T> table_parameter(std::string name, const Table<T>& table) {
-  Parameter<const T> p{std::move(name), table.data(), table.rows(), table.cols(), nullptr, nullptr, nullptr, 0, {}};
+  Parameter<const T> p{std::move(name), table.data(), table.rows(), table.cols(), table.ld(), nullptr, nullptr, nullptr, 0, {}};
   p.stamps.table = table.stamp();
   return p;
 }
@@ -168,7 +183,7 @@ ParameterList<const T> read_only(const ParameterList<T>& list) {
   ParameterList<const T> out;
   out.reserve(list.size());
   for (const auto& p : list) {
-    out.push_back(Parameter<const T>{p.name, p.value, p.rows, p.cols, nullptr, nullptr, nullptr, 0,
+    out.push_back(Parameter<const T>{p.name, p.value, p.rows, p.cols, p.ld, nullptr, nullptr, nullptr, 0,
                                      ParameterStamps{p.stamps.layer, p.stamps.table, StorageStamp()}});
   }
   return out;

@@ -282,7 +282,9 @@ class ShardedCheckpointLoader {
     if (opt.check_finite)
       for (std::size_t k = 0; k < staged->size(); ++k)
         SPEX_CHECK(std::isfinite(double((*staged)[k])), p.name << ": a non-finite value in the old shards");
-    resharded_.push_back([p, staged] { std::copy(staged->begin(), staged->end(), p.value); });
+    resharded_.push_back([p, staged] {
+      for (Index r = 0; r < p.rows; ++r) std::copy(staged->begin() + r * p.cols, staged->begin() + (r + 1) * p.cols, p.row(r));
+    });
     resharded_names_.push_back(p.name);
     resharded_stamps_.emplace_back(p.name, p.stamps);
   }

@@ -5,8 +5,10 @@
 // a third row w_i (down_linear, d_in): e_i(x) = act(u_i . x) (w_i . x) v_i. Per token this is one fused pass: gather-dot of
 // the u rows, the activation and the gate on m scalars, gather-axpy of the v rows. The
 // gathered rows are never copied out (PEER-pytorch's einsum materializes them: 512 MiB per
-// call at its sizes). For inference the tables may be stored compact (bf16, or int8 with a
-// scale per row: core/compact_table.hpp); training needs them as T.
+// call at its sizes). The tables lie side by side in one allocation (expert i's u row, its w
+// row, then its v row: Table::side_by_side), so a pick's rows are one run of bytes. For
+// inference the tables may be stored compact (bf16, or int8 with a scale per row:
+// core/compact_table.hpp), side by side too; training needs them as T.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -97,17 +99,29 @@ class NeuronExperts {
       : act_(act), glu_(glu), storage_(checked_storage<T>(storage)) {
     checked_size(n_experts, d_in, d_out);
     if (storage == TableStorage::native) {
-      down_ = Table<T>(n_experts, d_in);
-      up_ = Table<T>(n_experts, d_out);
-      if (glu_) linear_ = Table<T>(n_experts, d_in);
+      std::vector<Table<T>> t = native_side_by_side(n_experts, d_in, d_out);
+      take_native(t);
     } else {
       allocate_compact(storage, n_experts, d_in, d_out);
     }
   }
-  /// A copy; compact tables of their own are copied side by side, as the original's are.
-  NeuronExperts(const NeuronExperts& o)
-      : down_(o.down_), up_(o.up_), linear_(o.linear_), act_(o.act_), glu_(o.glu_), storage_(o.storage_) {
-    if (!o.compact()) return;
+  /// A copy; tables of their own are copied side by side, as the original's are (views stay
+  /// views of the same memory).
+  NeuronExperts(const NeuronExperts& o) : act_(o.act_), glu_(o.glu_), storage_(o.storage_) {
+    if (!o.compact()) {
+      if (o.down_.is_view() || o.up_.is_view() || o.linear_.is_view()) {
+        down_ = o.down_;
+        up_ = o.up_;
+        linear_ = o.linear_;
+        return;
+      }
+      std::vector<Table<T>> t = native_side_by_side(o.down_.rows(), o.down_.cols(), o.up_.cols());
+      t[0].copy_rows_from(o.down_, o.down_.rows());
+      if (glu_) t[1].copy_rows_from(o.linear_, o.linear_.rows());
+      t.back().copy_rows_from(o.up_, o.up_.rows());
+      take_native(t);
+      return;
+    }
     if (o.cdown_.is_view() || o.cup_.is_view() || o.clinear_.is_view()) {  // views stay views of the same memory
       cdown_ = o.cdown_;
       cup_ = o.cup_;
@@ -137,27 +151,31 @@ class NeuronExperts {
     SPEX_CHECK(n_new >= n_old, "NeuronExperts::grow(" << n_new << ") below the " << n_old << " experts it has");
     Rng r1 = rng.split(11), r2 = rng.split(12), r3 = rng.split(14);
     const Index local = rows.rows_of(n_new), added = local - n_experts();
-    // Every table grown before any is replaced: a failed allocation changes nothing.
-    Table<T> down = down_.grown(local), up = up_.grown(local), linear = glu_ ? linear_.grown(local) : Table<T>();
-    auto new_down = down.mutable_matrix().bottomRows(added);
-    auto new_up = up.mutable_matrix().bottomRows(added);
+    // Every table grown (side by side) before any is replaced: a failed allocation changes nothing.
+    std::vector<Table<T>> t = native_side_by_side(local, d_in(), d_out());
+    Table<T>&down = t[0], &up = t.back();
+    down.copy_rows_from(down_, n_experts());
+    up.copy_rows_from(up_, n_experts());
+    auto down_rows = down.mutable_matrix(), up_rows = up.mutable_matrix();
+    auto new_down = down_rows.bottomRows(added);
+    auto new_up = up_rows.bottomRows(added);
     fill_normal(new_down, 1.0 / std::sqrt(double(d_in())), r1, n_new - n_old, rows.from(n_old));
     fill_normal(new_up, 1.0 / std::sqrt(double(d_out())), r2, n_new - n_old, rows.from(n_old));
     if (glu_) {
-      auto new_linear = linear.mutable_matrix().bottomRows(added);
+      t[1].copy_rows_from(linear_, n_experts());
+      auto linear_rows = t[1].mutable_matrix();
+      auto new_linear = linear_rows.bottomRows(added);
       fill_normal(new_linear, 1.0 / std::sqrt(double(d_in())), r3, n_new - n_old, rows.from(n_old));
     }
-    down_ = std::move(down);
-    up_ = std::move(up);
-    linear_ = std::move(linear);
+    take_native(t);
   }
 
   /// How the tables are stored: native (T, trainable) or compact (bf16, int8; inference).
   TableStorage storage() const { return storage_; }
   /// Converts the tables to storage `s` in place. native -> compact rounds (bf16) or quantizes
   /// (int8); compact -> native gives the values the compact tables compute with (exact); bf16
-  /// <-> int8 goes through them. Compact tables are stored side by side (a pick's rows of every
-  /// table in one run of bytes: CompactTable::side_by_side). Every new table is made before any
+  /// <-> int8 goes through them. The new tables are stored side by side (a pick's rows of every
+  /// table in one run of bytes: CompactTable::side_by_side, Table::side_by_side). Every new table is made before any
   /// is replaced (the peak is the tables in both forms), so a failure (a value the storage
   /// cannot hold, memory) changes nothing.
   void set_storage(TableStorage s) {
@@ -165,10 +183,11 @@ class NeuronExperts {
     if (s == storage_) return;
     if constexpr (std::is_same<T, float>::value) {
       if (s == TableStorage::native) {
-        Table<T> down = native_copy(cdown_), up = native_copy(cup_), linear = glu_ ? native_copy(clinear_) : Table<T>();
-        down_ = std::move(down);
-        up_ = std::move(up);
-        linear_ = std::move(linear);
+        std::vector<Table<T>> t = native_side_by_side(cdown_.rows(), cdown_.cols(), cup_.cols());
+        copy_native(cdown_, t[0]);
+        if (glu_) copy_native(clinear_, t[1]);
+        copy_native(cup_, t.back());
+        take_native(t);
         cdown_ = CompactTable();
         cup_ = CompactTable();
         clinear_ = CompactTable();
@@ -212,18 +231,18 @@ class NeuronExperts {
   kernels::Activation activation() const { return act_; }
   /// Whether the experts are GLU: act(u . x) (w . x) v.
   bool glu() const { return glu_; }
-  /// The native tables (N x d_in and N x d_out, row i = expert i). Reading never copies; the
-  /// writable forms copy a memory-mapped table into owned memory first (core/table.hpp).
-  /// Compact tables are compact_down() / compact_up().
+  /// The native tables (N x d_in and N x d_out, row i = expert i; rows ld() apart, the tables
+  /// side by side). Reading never copies; the writable forms copy a memory-mapped table into
+  /// owned memory first (core/table.hpp). Compact tables are compact_down() / compact_up().
   typename Table<T>::ConstMap down() const { return native_table(down_).matrix(); }
   typename Table<T>::ConstMap up() const { return native_table(up_).matrix(); }
-  RowMat<T>& down() { return native_table(down_).mutable_matrix(); }
-  RowMat<T>& up() { return native_table(up_).mutable_matrix(); }
+  typename Table<T>::Map down() { return native_table(down_).mutable_matrix(); }
+  typename Table<T>::Map up() { return native_table(up_).mutable_matrix(); }
   const Table<T>& down_table() const { return native_table(down_); }
   const Table<T>& up_table() const { return native_table(up_); }
   /// GLU experts' w table (N x d_in; empty otherwise).
   typename Table<T>::ConstMap down_linear() const { return native_table(linear_).matrix(); }
-  RowMat<T>& down_linear() { return native_table(linear_).mutable_matrix(); }
+  typename Table<T>::Map down_linear() { return native_table(linear_).mutable_matrix(); }
   const CompactTable& compact_down_linear() const { return clinear_; }
 
   /// "<prefix>down" and "<prefix>up" with their row-sparse gradients in g (or none); nothing
@@ -355,10 +374,10 @@ class NeuronExperts {
   void forward_token(const Index* ids, const T* gates, std::size_t m, const T* x, T* pre, T* lin, T* y) const {
     const std::size_t din = static_cast<std::size_t>(d_in()), dout = static_cast<std::size_t>(d_out());
     if (compact()) rows_dot(cdown_, ids, m, x, pre);
-    else kernels::gather_dot<Arch>(down_.data(), din, ids, m, x, din, pre);
+    else kernels::gather_dot<Arch>(down_.data(), ld(down_), ids, m, x, din, pre);
     if (lin) {
       if (compact()) rows_dot(clinear_, ids, m, x, lin);
-      else kernels::gather_dot<Arch>(linear_.data(), din, ids, m, x, din, lin);
+      else kernels::gather_dot<Arch>(linear_.data(), ld(linear_), ids, m, x, din, lin);
     }
     // Gate-scaled activations in chunks on the stack, then one gather-axpy of the v rows.
     for (std::size_t i = 0; i < dout; ++i) y[i] = T(0);
@@ -370,7 +389,7 @@ class NeuronExperts {
       if (lin)
         for (std::size_t j = 0; j < len; ++j) c[j] *= lin[j0 + j];
       if (compact()) rows_axpy(cup_, ids + j0, c, len, y);
-      else kernels::gather_axpy<Arch>(up_.data(), dout, ids + j0, c, len, y, dout);
+      else kernels::gather_axpy<Arch>(up_.data(), ld(up_), ids + j0, c, len, y, dout);
     }
   }
 
@@ -381,7 +400,7 @@ class NeuronExperts {
                       T* coef_up, T* coef_down, T* coef_linear, T* dx) const {
     const std::size_t din = static_cast<std::size_t>(d_in()), dout = static_cast<std::size_t>(d_out());
     T* tv = dgates;  // first v . dy, then overwritten by dgates
-    kernels::gather_dot<Arch>(up_.data(), dout, ids, m, dy, dout, tv);
+    kernels::gather_dot<Arch>(up_.data(), ld(up_), ids, m, dy, dout, tv);
     // The activations and their derivatives in chunks on the stack (forward_token's values).
     T z[kChunk], dz[kChunk];
     for (std::size_t j0 = 0; j0 < m; j0 += kChunk) {
@@ -398,23 +417,36 @@ class NeuronExperts {
       }
     }
     if (dx) {
-      kernels::gather_axpy<Arch>(down_.data(), din, ids, coef_down, m, dx, din);
-      if (lin) kernels::gather_axpy<Arch>(linear_.data(), din, ids, coef_linear, m, dx, din);
+      kernels::gather_axpy<Arch>(down_.data(), ld(down_), ids, coef_down, m, dx, din);
+      if (lin) kernels::gather_axpy<Arch>(linear_.data(), ld(linear_), ids, coef_linear, m, dx, din);
     }
   }
 
   bool compact() const { return storage_ != TableStorage::native; }
+  static std::size_t ld(const Table<T>& t) { return static_cast<std::size_t>(t.ld()); }
+
+  /// Native tables side by side, values unspecified: down, (GLU: linear,) up.
+  std::vector<Table<T>> native_side_by_side(Index n_experts, Index d_in, Index d_out) const {
+    return Table<T>::side_by_side(n_experts, glu_ ? std::vector<Index>{d_in, d_in, d_out} : std::vector<Index>{d_in, d_out});
+  }
+  /// The native tables from `t`: down, (GLU: linear,) up.
+  void take_native(std::vector<Table<T>>& t) {
+    down_ = std::move(t[0]);
+    if (glu_) linear_ = std::move(t[1]);
+    up_ = std::move(t.back());
+  }
 
   /// Native tables holding the rows `rows` of N experts, drawn as N(0, 1/d_in) and N(0, 1/d_out).
   void draw_native(Index n_experts, Index d_in, Index d_out, Rng& r1, Rng& r2, Rng& r3, RowStride rows) {
-    down_ = Table<T>(rows.rows_of(n_experts), d_in);
-    up_ = Table<T>(rows.rows_of(n_experts), d_out);
-    fill_normal(down_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1, n_experts, rows);
-    fill_normal(up_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2, n_experts, rows);
+    std::vector<Table<T>> t = native_side_by_side(rows.rows_of(n_experts), d_in, d_out);
+    auto down = t[0].mutable_matrix(), up = t.back().mutable_matrix();
+    fill_normal(down, 1.0 / std::sqrt(double(d_in)), r1, n_experts, rows);
+    fill_normal(up, 1.0 / std::sqrt(double(d_out)), r2, n_experts, rows);
     if (glu_) {
-      linear_ = Table<T>(rows.rows_of(n_experts), d_in);
-      fill_normal(linear_.mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r3, n_experts, rows);
+      auto linear = t[1].mutable_matrix();
+      fill_normal(linear, 1.0 / std::sqrt(double(d_in)), r3, n_experts, rows);
     }
+    take_native(t);
   }
 
   void require_native(const char* what) const {

@@ -44,7 +44,8 @@ class ValuePool {
                                              << " slots needs block 1 and 0 <= first < min(step, n_slots)");
     table_ = Table<T>(rows.rows_of(n_slots), d_value);
     Rng rng(seed);
-    fill_normal(table_.mutable_matrix(), 1.0 / std::sqrt(double(d_value)), rng, n_slots, rows);
+    auto values = table_.mutable_matrix();
+    fill_normal(values, 1.0 / std::sqrt(double(d_value)), rng, n_slots, rows);
     grad_ = SparseRowGrad<T>(table_.rows(), d_value);
   }
   /// The slots of the whole pool (of every shard).
@@ -55,7 +56,7 @@ class ValuePool {
   /// This process's rows (rows().rows_of(n_slots()) x d_value).
   const Table<T>& table() const { return table_; }
   /// The values (this process's rows), writable (loading weights).
-  RowMat<T>& values() { return table_.mutable_matrix(); }
+  typename Table<T>::Map values() { return table_.mutable_matrix(); }
   /// The gradient every layer reading the pool adds to (of this process's rows).
   SparseRowGrad<T>& grad() { return grad_; }
   const SparseRowGrad<T>& grad() const { return grad_; }
@@ -157,7 +158,8 @@ class ValueExperts {
     Rng r = rng.split(13);
     const Index local = rows.rows_of(n_new);
     Table<T> grown = values_.grown(local);
-    auto fresh = grown.mutable_matrix().bottomRows(local - n_experts());
+    auto rows_of_grown = grown.mutable_matrix();
+    auto fresh = rows_of_grown.bottomRows(local - n_experts());
     fill_normal(fresh, 1.0 / std::sqrt(double(d_out())), r, n_new - n_old, rows.from(n_old));
     values_ = std::move(grown);
   }
@@ -200,7 +202,7 @@ class ValueExperts {
   /// table into owned memory first (core/table.hpp).
   /// Compact storage: compact_values().
   typename Table<T>::ConstMap values() const { return native_table().matrix(); }
-  RowMat<T>& values() {
+  typename Table<T>::Map values() {
     require_native("values()");
     return pool_ ? pool_->values() : values_.mutable_matrix();
   }
@@ -233,7 +235,7 @@ class ValueExperts {
     parallel_for(ids.rows(), [&](Index t, int) {
       y.row(t).setZero();
       if (compact()) rows_axpy(row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0));
-      else kernels::gather_axpy<Arch>(table().data(), d, row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0), d);
+      else kernels::gather_axpy<Arch>(table().data(), static_cast<std::size_t>(table().ld()), row_ptr(ids, t), row_ptr(gates, t), m, &y(t, 0), d);
     });
   }
 
@@ -245,7 +247,7 @@ class ValueExperts {
     check_shape(dgates, ids.rows(), ids.cols(), "dgates");
     const std::size_t m = static_cast<std::size_t>(ids.cols()), d = static_cast<std::size_t>(d_out());
     parallel_for(ids.rows(), [&](Index t, int) {
-      kernels::gather_dot<Arch>(table().data(), d, row_ptr(ids, t), m, row_ptr(dy, t), d, &dgates(t, 0));
+      kernels::gather_dot<Arch>(table().data(), static_cast<std::size_t>(table().ld()), row_ptr(ids, t), m, row_ptr(dy, t), d, &dgates(t, 0));
     });
     accumulate_rows<Arch>(ids, gates, dy, g.target(), c.plan);
   }
@@ -262,7 +264,7 @@ class ValueExperts {
       const std::size_t m = static_cast<std::size_t>(begin[t + 1] - p);
       y.row(t).setZero();
       if (compact()) rows_axpy(ids + p, gates + p, m, &y(t, 0));
-      else kernels::gather_axpy<Arch>(table().data(), d, ids + p, gates + p, m, &y(t, 0), d);
+      else kernels::gather_axpy<Arch>(table().data(), static_cast<std::size_t>(table().ld()), ids + p, gates + p, m, &y(t, 0), d);
     });
   }
 
@@ -276,7 +278,7 @@ class ValueExperts {
     const std::size_t d = static_cast<std::size_t>(d_out());
     parallel_for(b, [&](Index t, int) {
       const Index p = begin[t];
-      kernels::gather_dot<Arch>(table().data(), d, ids + p, static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), d,
+      kernels::gather_dot<Arch>(table().data(), static_cast<std::size_t>(table().ld()), ids + p, static_cast<std::size_t>(begin[t + 1] - p), row_ptr(dy, t), d,
                                 dgates + p);
     });
     accumulate_rows<Arch>(ids, gates, token, begin[b], dy, g.target(), c.plan);
@@ -288,7 +290,8 @@ class ValueExperts {
   /// A native table holding the rows `rows` of N slots, drawn as N(0, 1/d_out).
   void draw_native(Index n_slots, Index d_out, Rng& r, RowStride rows) {
     values_ = Table<T>(rows.rows_of(n_slots), d_out);
-    fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r, n_slots, rows);
+    auto values = values_.mutable_matrix();
+    fill_normal(values, 1.0 / std::sqrt(double(d_out)), r, n_slots, rows);
   }
 
   void require_native(const char* what) const {

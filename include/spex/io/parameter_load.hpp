@@ -221,10 +221,15 @@ class ParameterLoad {
         it.p.table->adopt_view(reinterpret_cast<const T*>(file_.data(t)), it.p.rows, it.p.cols, keep_alive_);
         continue;
       }
+      const std::size_t size = dtype_size(t.dtype);
       for_each_chunk(t, [&](std::uint64_t first, std::uint64_t n, const unsigned char* src) {
-        if (it.scale) detail::dequantize_i8(src, file_.data(*it.scale), first, n, static_cast<std::uint64_t>(it.p.cols), it.p.value + first);
-        else if (t.dtype == dtype_of<T>()) std::memcpy(it.p.value + first, src, n * sizeof(T));
-        else convert_from_bytes(src, t.dtype, it.p.value + first, n);
+        // The file's flat run [first, first + n) in pieces within one row each (rows ld apart).
+        for_each_row_piece(it.p, first, n, [&](std::uint64_t at, std::uint64_t len, T* dst) {
+          const unsigned char* from = src + (at - first) * size;
+          if (it.scale) detail::dequantize_i8(from, file_.data(*it.scale), at, len, static_cast<std::uint64_t>(it.p.cols), dst);
+          else if (t.dtype == dtype_of<T>()) std::memcpy(dst, from, len * sizeof(T));
+          else convert_from_bytes(from, t.dtype, dst, len);
+        });
       });
     }
     items_.clear();
@@ -251,6 +256,22 @@ class ParameterLoad {
     }
   }
 
+  // Calls f(flat index, count, destination) over the flat run [first, first + n) of p's values:
+  // one call when p's rows are contiguous, else one per row the run touches.
+  template <class F>
+  static void for_each_row_piece(const Parameter<T>& p, std::uint64_t first, std::uint64_t n, F&& f) {
+    if (p.contiguous()) {
+      f(first, n, p.value + first);
+      return;
+    }
+    const std::uint64_t cols = static_cast<std::uint64_t>(p.cols);
+    for (std::uint64_t at = first, end = first + n; at < end;) {
+      const std::uint64_t r = at / cols, c = at % cols, len = std::min(cols - c, end - at);
+      f(at, len, p.row(Index(r)) + c);
+      at += len;
+    }
+  }
+
   struct Item {
     Parameter<T> p;
     const TensorInfo* t;
@@ -272,7 +293,8 @@ std::vector<TensorSource> tensor_sources(const ParameterList<P>& params, const s
   check_unique_names(params);
   std::vector<TensorSource> out;
   for (const auto& p : params)
-    out.push_back(TensorSource{prefix + p.name, dtype, parameter_shape(p.rows, p.cols), p.value, dtype_of<std::remove_const_t<P>>()});
+    out.push_back(TensorSource{prefix + p.name, dtype, parameter_shape(p.rows, p.cols), p.value, dtype_of<std::remove_const_t<P>>(),
+                               p.contiguous() ? 0 : std::int64_t(p.ld)});
   return out;
 }
 

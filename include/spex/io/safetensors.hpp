@@ -374,7 +374,7 @@ class SafetensorsFile {
 /// same, or both floating: converted with round-to-nearest-even) with `shape`. `row_stride`
 /// (values, 0: the rows are contiguous) is the distance between the starts of the rows of
 /// `data`, a row being everything after the first dimension: rows of a table that lies side by
-/// side with others in memory (CompactTable::ld()); stored as they are (dtype == data_type).
+/// side with others in memory (Table::ld(), CompactTable::ld()); written contiguous.
 struct TensorSource {
   std::string name;
   DType dtype = DType::F32;
@@ -482,8 +482,10 @@ inline void write_rows(int fd, const void* data, std::size_t rows, std::size_t r
 
 /// Writes n values of T converted to `dtype`. A finite value the conversion would make an
 /// infinity (beyond F16's 65504 or BF16's 3.39e38) is an error naming the tensor and the index.
+/// `base`: the flat index of src[0] in its tensor (for the message).
 template <class T>
-void write_converted(int fd, const T* src, std::size_t n, DType dtype, const std::string& path, const std::string& name) {
+void write_converted(int fd, const T* src, std::size_t n, DType dtype, const std::string& path, const std::string& name,
+                     std::size_t base = 0) {
   constexpr std::size_t kChunk = std::size_t(1) << 20;
   std::vector<unsigned char> buf(std::min(n, kChunk) * dtype_size(dtype));
   std::vector<double> back(std::min(n, kChunk));
@@ -493,9 +495,23 @@ void write_converted(int fd, const T* src, std::size_t n, DType dtype, const std
     convert_from_bytes(buf.data(), dtype, back.data(), len);
     for (std::size_t j = 0; j < len; ++j)
       SPEX_CHECK(std::isfinite(back[j]) || !std::isfinite(src[i + j]),
-                 path << ": tensor '" << printable(name) << "' holds " << src[i + j] << " at flat index " << i + j
+                 path << ": tensor '" << printable(name) << "' holds " << src[i + j] << " at flat index " << base + i + j
                       << ", beyond the range of " << to_string(dtype) << "; store it as F32 or F64");
     write_all(fd, buf.data(), len * dtype_size(dtype), path);
+  }
+}
+
+/// Writes `rows` rows of `row` values of T, `stride` values apart at `data`, converted to
+/// `dtype` as contiguous rows (gathered into a buffer of about 1 MiB values between writes).
+template <class T>
+void write_rows_converted(int fd, const T* data, std::size_t rows, std::size_t row, std::size_t stride, DType dtype,
+                          const std::string& path, const std::string& name) {
+  const std::size_t per_write = std::max<std::size_t>(1, (std::size_t(1) << 20) / std::max<std::size_t>(row, 1));
+  std::vector<T> buf(std::min(rows, per_write) * row);
+  for (std::size_t r0 = 0; r0 < rows; r0 += per_write) {
+    const std::size_t n = std::min(per_write, rows - r0);
+    for (std::size_t r = 0; r < n; ++r) std::copy(data + (r0 + r) * stride, data + (r0 + r) * stride + row, buf.data() + r * row);
+    write_converted(fd, buf.data(), n * row, dtype, path, name, r0 * row);
   }
 }
 
@@ -523,9 +539,9 @@ inline void write_safetensors(const std::string& path, std::vector<TensorSource>
     if (t.row_stride != 0) {
       std::int64_t row = 1;
       for (std::size_t i = 1; i < t.shape.size(); ++i) row *= t.shape[i];
-      SPEX_CHECK(!t.shape.empty() && t.row_stride >= row && t.dtype == t.data_type,
-                 path << ": tensor '" << printable(t.name) << "': row_stride " << t.row_stride
-                      << " needs rows stored as they are and at least the row's " << row << " values");
+      SPEX_CHECK(!t.shape.empty() && t.row_stride >= row,
+                 path << ": tensor '" << printable(t.name) << "': row_stride " << t.row_stride << " needs at least the row's "
+                      << row << " values");
     }
   }
   std::stable_sort(tensors.begin(), tensors.end(),
@@ -557,9 +573,13 @@ inline void write_safetensors(const std::string& path, std::vector<TensorSource>
     detail::write_all(fd, json.data(), json.size(), path);
     for (std::size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
-      if (t.row_stride != 0 && counts[i] > 0) {
-        detail::write_rows(fd, t.data, std::size_t(t.shape[0]), counts[i] / std::uint64_t(t.shape[0]), std::size_t(t.row_stride),
-                           dtype_size(t.dtype), path);
+      const std::size_t rows = t.shape.empty() ? 0 : std::size_t(t.shape[0]), row = rows ? counts[i] / rows : 0;
+      if (t.row_stride != 0 && counts[i] > 0 && t.dtype == t.data_type) {
+        detail::write_rows(fd, t.data, rows, row, std::size_t(t.row_stride), dtype_size(t.dtype), path);
+      } else if (t.row_stride != 0 && counts[i] > 0 && t.data_type == DType::F32) {
+        detail::write_rows_converted(fd, static_cast<const float*>(t.data), rows, row, std::size_t(t.row_stride), t.dtype, path, t.name);
+      } else if (t.row_stride != 0 && counts[i] > 0) {
+        detail::write_rows_converted(fd, static_cast<const double*>(t.data), rows, row, std::size_t(t.row_stride), t.dtype, path, t.name);
       } else if (t.dtype == t.data_type) {
         detail::write_all(fd, t.data, counts[i] * dtype_size(t.dtype), path);
       } else if (t.data_type == DType::F32) {

@@ -112,12 +112,19 @@ class Adam {
         RowMat<T>& m = m_[i];
         RowMat<T>& v = v_[i];
         ++i;
-        if (p.grad) {  // dense: the rows not frozen, contiguous, in chunks over the threads
+        if (p.grad && p.contiguous()) {  // dense: the rows not frozen, contiguous, in chunks over the threads
           const Index n = p.trainable_entries(), base = p.frozen_entries(), chunks = (n + kChunk - 1) / kChunk;
           parallel_for(chunks, [&](Index c, int) {
             const Index off = base + c * kChunk, len = std::min(kChunk, base + n - off);
             kernels::adam_update<Arch>(p.value + off, p.grad + off, m.data() + off, v.data() + off,
                                        static_cast<std::size_t>(len), dense);
+          });
+        } else if (p.grad) {  // dense over values whose rows lie apart: row by row
+          const std::size_t w = static_cast<std::size_t>(p.cols);
+          parallel_for(p.rows - p.frozen_rows, [&](Index i, int) {
+            const Index r = p.frozen_rows + i;
+            const std::size_t off = static_cast<std::size_t>(r) * w;
+            kernels::adam_update<Arch>(p.row(r), p.grad + off, m.data() + off, v.data() + off, w, dense);
           });
         }
         if (p.sparse_grad) {  // lazy: the rows the gradient holds (random rows: memory-bound)
@@ -128,7 +135,7 @@ class Adam {
           parallel_for((n_rows + per - 1) / per, [&](Index c, int) {
             for (Index s = c * per; s < std::min(n_rows, (c + 1) * per); ++s) {
               const std::size_t off = static_cast<std::size_t>(rows[s]) * w;
-              kernels::adam_update<Arch>(p.value + off, &vals(s, 0), m.data() + off, v.data() + off, w, sparse);
+              kernels::adam_update<Arch>(p.row(rows[s]), &vals(s, 0), m.data() + off, v.data() + off, w, sparse);
             }
           });
         }
