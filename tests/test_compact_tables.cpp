@@ -172,6 +172,13 @@ TEST_CASE("Table::side_by_side: one allocation, rows ld apart, and its copies, v
   CHECK(t[1].rows() == 0);
   CHECK(t[1].data() == nullptr);
   CHECK_THROWS_WITH(Table<double>::side_by_side(2, {3, 0}), Catch::Contains("columns 0"));
+  // A table's rows fill through its map (a temporary), the rows of the table beside untouched.
+  std::vector<Table<double>> u = Table<double>::side_by_side(4, {2, 3});
+  u[1].mutable_matrix().setConstant(9.0);
+  Rng rng(3);
+  fill_normal(u[0].mutable_matrix(), 1.0, rng);
+  CHECK(RowMat<double>(u[1].matrix()) == RowMat<double>::Constant(4, 3, 9.0));
+  CHECK(u[0].matrix()(3, 1) != 9.0);
 }
 
 TEST_CASE("CompactTable::side_by_side: rows of each table its own, read by the gathers as tables apart", "[compact]") {

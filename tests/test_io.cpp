@@ -240,7 +240,7 @@ TEST_CASE("several layers in one file, each built from its prefix", "[io]") {
   CHECK_THROWS_WITH(load_layer<TopKf>(f, "b1."), Catch::Contains("kind 'Pkm'"));
 }
 
-TEST_CASE("mapped loading reads expert tables in place, training copies them once", "[io]") {
+TEST_CASE("mapped loading reads expert tables in place, training copies them once, side by side", "[io]") {
   TempDir dir;
   const std::string path = dir.path("peer.safetensors");
   const Peer<float> a(pk_config(), 1);
@@ -251,6 +251,7 @@ TEST_CASE("mapped loading reads expert tables in place, training copies them onc
   Peer<float> b = load_layer<Peer<float>>(path, "", mapped, &r);
   CHECK(r.mapped == std::vector<std::string>{"experts.down", "experts.up"});
   REQUIRE(std::as_const(b).experts().down_table().is_view());
+  CHECK(std::as_const(b).experts().down_table().ld() == b.experts().d_in());  // the file's layout: tables apart
   {
     SafetensorsFile f(path);  // the same pages: the table points into the file's data
     const auto* first = reinterpret_cast<const float*>(f.data(f.at("experts.down")));
@@ -266,6 +267,8 @@ TEST_CASE("mapped loading reads expert tables in place, training copies them onc
   Peer<float> c = b;
   auto params = b.parameters();
   CHECK_FALSE(std::as_const(b).experts().down_table().is_view());
+  CHECK_FALSE(std::as_const(b).experts().up_table().is_view());
+  CHECK(std::as_const(b).experts().up().data() == std::as_const(b).experts().down().data() + b.experts().d_in());  // side by side
   CHECK(std::as_const(c).experts().down_table().is_view());
   CHECK(infer(b) == y);
   CHECK(infer(c) == y);

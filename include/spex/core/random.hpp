@@ -70,6 +70,11 @@ void fill_uniform(Eigen::DenseBase<Derived>& m, double lo, double hi, Rng& rng) 
       m(r, c) = static_cast<typename Derived::Scalar>(rng.uniform(lo, hi));
 }
 
+template <class Derived>
+void fill_uniform(Eigen::DenseBase<Derived>&& m, double lo, double hi, Rng& rng) {
+  fill_uniform(m, lo, hi, rng);
+}
+
 /// Fills m with N(0, stddev^2).
 template <class Derived>
 void fill_normal(Eigen::DenseBase<Derived>& m, double stddev, Rng& rng) {
@@ -96,6 +101,12 @@ struct RowStride {
   }
 };
 
+/// The same for a writable expression passed by value (a table's rows, Table::Map; a block).
+template <class Derived>
+void fill_normal(Eigen::DenseBase<Derived>&& m, double stddev, Rng& rng) {
+  fill_normal(m, stddev, rng);
+}
+
 /// Fills m with the rows `rows` selects out of what fill_normal would draw for a table of
 /// `total` rows of m.cols() (the other rows are drawn and dropped): a shard of a table equal
 /// to the same rows of the whole one, in 1/step of its memory.
@@ -114,6 +125,10 @@ void fill_normal(Eigen::DenseBase<Derived>& m, double stddev, Rng& rng, Index to
       if (kept) m(local, c) = static_cast<typename Derived::Scalar>(v);
     }
   }
+}
+template <class Derived>
+void fill_normal(Eigen::DenseBase<Derived>&& m, double stddev, Rng& rng, Index total, RowStride rows) {
+  fill_normal(m, stddev, rng, total, rows);
 }
 
 }  // namespace spex

@@ -115,10 +115,7 @@ class NeuronExperts {
         linear_ = o.linear_;
         return;
       }
-      std::vector<Table<T>> t = native_side_by_side(o.down_.rows(), o.down_.cols(), o.up_.cols());
-      t[0].copy_rows_from(o.down_, o.down_.rows());
-      if (glu_) t[1].copy_rows_from(o.linear_, o.linear_.rows());
-      t.back().copy_rows_from(o.up_, o.up_.rows());
+      std::vector<Table<T>> t = native_copies(o);
       take_native(t);
       return;
     }
@@ -232,23 +229,25 @@ class NeuronExperts {
   /// Whether the experts are GLU: act(u . x) (w . x) v.
   bool glu() const { return glu_; }
   /// The native tables (N x d_in and N x d_out, row i = expert i; rows ld() apart, the tables
-  /// side by side). Reading never copies; the writable forms copy a memory-mapped table into
-  /// owned memory first (core/table.hpp). Compact tables are compact_down() / compact_up().
+  /// side by side). Reading never copies; the writable forms (and parameters(prefix, grads))
+  /// first copy memory-mapped tables into owned memory, side by side (own_tables()). Compact
+  /// tables are compact_down() / compact_up().
   typename Table<T>::ConstMap down() const { return native_table(down_).matrix(); }
   typename Table<T>::ConstMap up() const { return native_table(up_).matrix(); }
-  typename Table<T>::Map down() { return native_table(down_).mutable_matrix(); }
-  typename Table<T>::Map up() { return native_table(up_).mutable_matrix(); }
+  typename Table<T>::Map down() { return own_tables().down_.mutable_matrix(); }
+  typename Table<T>::Map up() { return own_tables().up_.mutable_matrix(); }
   const Table<T>& down_table() const { return native_table(down_); }
   const Table<T>& up_table() const { return native_table(up_); }
   /// GLU experts' w table (N x d_in; empty otherwise).
   typename Table<T>::ConstMap down_linear() const { return native_table(linear_).matrix(); }
-  typename Table<T>::Map down_linear() { return native_table(linear_).mutable_matrix(); }
+  typename Table<T>::Map down_linear() { return own_tables().linear_.mutable_matrix(); }
   const CompactTable& compact_down_linear() const { return clinear_; }
 
   /// "<prefix>down" and "<prefix>up" with their row-sparse gradients in g (or none); nothing
   /// while the tables are compact (they are not parameters of T then: compact_tables()).
   ParameterList<T> parameters(const std::string& prefix, Grads* g) {
     if (compact()) return {};
+    own_tables();
     ParameterList<T> out{sparse_parameter<T>(prefix + "down", down_, g ? &g->down : nullptr),
                          sparse_parameter<T>(prefix + "up", up_, g ? &g->up : nullptr)};
     if (glu_) out.push_back(sparse_parameter<T>(prefix + "down_linear", linear_, g ? &g->down_linear : nullptr));
@@ -425,6 +424,25 @@ class NeuronExperts {
   bool compact() const { return storage_ != TableStorage::native; }
   static std::size_t ld(const Table<T>& t) { return static_cast<std::size_t>(t.ld()); }
 
+  /// Native tables that read a mapped file (a mapped load: tables apart) become owned copies
+  /// side by side, all built before any is replaced; nothing happens to owned tables.
+  NeuronExperts& own_tables() {
+    require_native("down()/up()");
+    if (down_.is_view() || up_.is_view() || linear_.is_view()) {
+      std::vector<Table<T>> t = native_copies(*this);
+      take_native(t);
+    }
+    return *this;
+  }
+  /// Copies of o's native tables (owned or views), side by side: down, (GLU: linear,) up.
+  std::vector<Table<T>> native_copies(const NeuronExperts& o) const {
+    std::vector<Table<T>> t = native_side_by_side(o.down_.rows(), o.down_.cols(), o.up_.cols());
+    t[0].copy_rows_from(o.down_, o.down_.rows());
+    if (glu_) t[1].copy_rows_from(o.linear_, o.linear_.rows());
+    t.back().copy_rows_from(o.up_, o.up_.rows());
+    return t;
+  }
+
   /// Native tables side by side, values unspecified: down, (GLU: linear,) up.
   std::vector<Table<T>> native_side_by_side(Index n_experts, Index d_in, Index d_out) const {
     return Table<T>::side_by_side(n_experts, glu_ ? std::vector<Index>{d_in, d_in, d_out} : std::vector<Index>{d_in, d_out});
@@ -454,10 +472,6 @@ class NeuronExperts {
                                               << " (inference only); training needs them as T: set_storage(TableStorage::native)");
   }
   const Table<T>& native_table(const Table<T>& t) const {
-    require_native("down()/up()");
-    return t;
-  }
-  Table<T>& native_table(Table<T>& t) {
     require_native("down()/up()");
     return t;
   }
