@@ -34,10 +34,12 @@ int main() {
   from_disk.infer(x, y2);
   std::printf("mapped bf16 file == bf16 layer: %s\n", y2 == yc ? "yes" : "no");
   if (y2 != yc) return 1;
-  // In memory an expert's u and v rows lie side by side (one run of bytes per pick): row r of a
-  // table starts ld() values after row r - 1. A mapped file keeps its layout, one table after the other.
-  std::printf("u and v rows side by side: ld %ld = d_in + d_out; mapped: ld %ld = d_out\n",
-              long(served.experts().compact_up().ld()), long(from_disk.experts().compact_up().ld()));
+  // In memory an expert's u and v rows lie side by side (one run of bytes per pick), float and
+  // compact alike: row r of a table starts ld() values after row r - 1. A mapped file keeps its
+  // layout, one table after the other.
+  std::printf("u and v rows side by side: ld %ld (float), %ld (bf16) = d_in + d_out; mapped: ld %ld = d_out\n",
+              long(trained.experts().up_table().ld()), long(served.experts().compact_up().ld()),
+              long(from_disk.experts().compact_up().ld()));
 
   spex::save_layer(dir + "/peer-f32.safetensors", trained);
   spex::LoadOptions quantize;
