@@ -243,4 +243,13 @@ TEST_CASE("Adam and SGD step values whose rows lie apart (ld > cols) exactly as 
     CHECK(RowMat<double>(wide_t.rightCols(1)) == RowMat<double>::Constant(10, 1, 7.0));
     CHECK(wide_w.row(0).segment(2, 4) == apart.w.row(0));  // frozen row unchanged
   }
+  // A parameter built by hand without ld: rows cols apart.
+  Parameter<double> by_hand;
+  by_hand.name = "w";
+  by_hand.value = contiguous.w.data();
+  by_hand.rows = 3;
+  by_hand.cols = 4;
+  CHECK(by_hand.row(2) == contiguous.w.data() + 8);
+  CHECK(by_hand.contiguous());
+  CHECK(RowMat<double>(by_hand.value_map()) == contiguous.w);
 }

@@ -67,7 +67,8 @@ struct Parameter {
   std::string name;
   T* value = nullptr;
   Index rows = 0, cols = 0;
-  /// The distance between the starts of two rows of value, in values (>= cols).
+  /// The distance between the starts of two rows of value, in values (>= cols; 0, as in a
+  /// list built by hand without it: cols). Read it through row_stride().
   Index ld = 0;
   Scalar* grad = nullptr;
   SparseRowGrad<Scalar>* sparse_grad = nullptr;
@@ -80,11 +81,13 @@ struct Parameter {
   /// The epochs of the storage behind value, table, grad and sparse_grad (Lifetime, above).
   ParameterStamps stamps;
 
-  ValueMap value_map() const { return ValueMap(value, rows, cols, Eigen::OuterStride<>(ld)); }
+  ValueMap value_map() const { return ValueMap(value, rows, cols, Eigen::OuterStride<>(row_stride())); }
+  /// The distance between the starts of two rows: ld, or cols when ld is 0.
+  Index row_stride() const { return ld > 0 ? ld : cols; }
   /// Row r of the values.
-  T* row(Index r) const { return value + r * ld; }
-  /// Whether the values are one contiguous array (ld == cols).
-  bool contiguous() const { return ld == cols || rows <= 1; }
+  T* row(Index r) const { return value + r * row_stride(); }
+  /// Whether the values are one contiguous array (rows cols apart).
+  bool contiguous() const { return row_stride() == cols || rows <= 1; }
   Eigen::Map<RowMat<Scalar>> grad_map() const { return Eigen::Map<RowMat<Scalar>>(grad, rows, cols); }
   bool trainable() const { return grad != nullptr || sparse_grad != nullptr; }
   /// Entries of the trainable rows [frozen_rows, rows); contiguous values (a dense parameter's)

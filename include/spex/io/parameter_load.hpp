@@ -294,7 +294,7 @@ std::vector<TensorSource> tensor_sources(const ParameterList<P>& params, const s
   std::vector<TensorSource> out;
   for (const auto& p : params)
     out.push_back(TensorSource{prefix + p.name, dtype, parameter_shape(p.rows, p.cols), p.value, dtype_of<std::remove_const_t<P>>(),
-                               p.contiguous() ? 0 : std::int64_t(p.ld)});
+                               p.contiguous() ? 0 : std::int64_t(p.row_stride())});
   return out;
 }
 
