@@ -153,16 +153,11 @@ class NeuronExperts {
     Table<T>&down = t[0], &up = t.back();
     down.copy_rows_from(down_, n_experts());
     up.copy_rows_from(up_, n_experts());
-    auto down_rows = down.mutable_matrix(), up_rows = up.mutable_matrix();
-    auto new_down = down_rows.bottomRows(added);
-    auto new_up = up_rows.bottomRows(added);
-    fill_normal(new_down, 1.0 / std::sqrt(double(d_in())), r1, n_new - n_old, rows.from(n_old));
-    fill_normal(new_up, 1.0 / std::sqrt(double(d_out())), r2, n_new - n_old, rows.from(n_old));
+    fill_normal(down.mutable_matrix().bottomRows(added), 1.0 / std::sqrt(double(d_in())), r1, n_new - n_old, rows.from(n_old));
+    fill_normal(up.mutable_matrix().bottomRows(added), 1.0 / std::sqrt(double(d_out())), r2, n_new - n_old, rows.from(n_old));
     if (glu_) {
       t[1].copy_rows_from(linear_, n_experts());
-      auto linear_rows = t[1].mutable_matrix();
-      auto new_linear = linear_rows.bottomRows(added);
-      fill_normal(new_linear, 1.0 / std::sqrt(double(d_in())), r3, n_new - n_old, rows.from(n_old));
+      fill_normal(t[1].mutable_matrix().bottomRows(added), 1.0 / std::sqrt(double(d_in())), r3, n_new - n_old, rows.from(n_old));
     }
     take_native(t);
   }
@@ -457,13 +452,9 @@ class NeuronExperts {
   /// Native tables holding the rows `rows` of N experts, drawn as N(0, 1/d_in) and N(0, 1/d_out).
   void draw_native(Index n_experts, Index d_in, Index d_out, Rng& r1, Rng& r2, Rng& r3, RowStride rows) {
     std::vector<Table<T>> t = native_side_by_side(rows.rows_of(n_experts), d_in, d_out);
-    auto down = t[0].mutable_matrix(), up = t.back().mutable_matrix();
-    fill_normal(down, 1.0 / std::sqrt(double(d_in)), r1, n_experts, rows);
-    fill_normal(up, 1.0 / std::sqrt(double(d_out)), r2, n_experts, rows);
-    if (glu_) {
-      auto linear = t[1].mutable_matrix();
-      fill_normal(linear, 1.0 / std::sqrt(double(d_in)), r3, n_experts, rows);
-    }
+    fill_normal(t[0].mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r1, n_experts, rows);
+    fill_normal(t.back().mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r2, n_experts, rows);
+    if (glu_) fill_normal(t[1].mutable_matrix(), 1.0 / std::sqrt(double(d_in)), r3, n_experts, rows);
     take_native(t);
   }
 

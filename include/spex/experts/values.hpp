@@ -44,8 +44,7 @@ class ValuePool {
                                              << " slots needs block 1 and 0 <= first < min(step, n_slots)");
     table_ = Table<T>(rows.rows_of(n_slots), d_value);
     Rng rng(seed);
-    auto values = table_.mutable_matrix();
-    fill_normal(values, 1.0 / std::sqrt(double(d_value)), rng, n_slots, rows);
+    fill_normal(table_.mutable_matrix(), 1.0 / std::sqrt(double(d_value)), rng, n_slots, rows);
     grad_ = SparseRowGrad<T>(table_.rows(), d_value);
   }
   /// The slots of the whole pool (of every shard).
@@ -158,9 +157,7 @@ class ValueExperts {
     Rng r = rng.split(13);
     const Index local = rows.rows_of(n_new);
     Table<T> grown = values_.grown(local);
-    auto rows_of_grown = grown.mutable_matrix();
-    auto fresh = rows_of_grown.bottomRows(local - n_experts());
-    fill_normal(fresh, 1.0 / std::sqrt(double(d_out())), r, n_new - n_old, rows.from(n_old));
+    fill_normal(grown.mutable_matrix().bottomRows(local - n_experts()), 1.0 / std::sqrt(double(d_out())), r, n_new - n_old, rows.from(n_old));
     values_ = std::move(grown);
   }
 
@@ -290,8 +287,7 @@ class ValueExperts {
   /// A native table holding the rows `rows` of N slots, drawn as N(0, 1/d_out).
   void draw_native(Index n_slots, Index d_out, Rng& r, RowStride rows) {
     values_ = Table<T>(rows.rows_of(n_slots), d_out);
-    auto values = values_.mutable_matrix();
-    fill_normal(values, 1.0 / std::sqrt(double(d_out)), r, n_slots, rows);
+    fill_normal(values_.mutable_matrix(), 1.0 / std::sqrt(double(d_out)), r, n_slots, rows);
   }
 
   void require_native(const char* what) const {
